@@ -1,0 +1,35 @@
+"""The `gentron` command: one Typer app; each command group registers itself from gentron_cli/commands/."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="gentron",
+    help="GenTron: text-to-image and text-to-video diffusion transformers, from raw data to samples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules under gentron_cli/commands/, in the order a user runs them.
+COMMAND_MODULES = ("quickstart", "prep", "encode", "train", "sample", "info", "stats")
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"gentron_cli.commands.{_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"gentron_cli.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

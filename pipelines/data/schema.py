@@ -1,0 +1,93 @@
+"""The shard schema: every field name a stage writes or reads, and how each is encoded.
+
+WebDataset convention: a tar member `KEY.FIELD`, where KEY has no dots and FIELD may have several
+(`abc_0001.latent_mean.npy` is key `abc_0001`, field `latent_mean.npy`). Stages refer to fields only
+through the names below, so no stage hard-codes another stage's field names.
+The table in docs/data-format.md documents the same schema for users.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+
+from pipelines.errors import BadSample
+
+# prep-videos / prep-images
+VIDEO = "mp4"  # H.264 clip: the selected frames at the clip frame rate
+IMAGE_JPG = "jpg"
+IMAGE_PNG = "png"
+IMAGE_FIELDS = (IMAGE_JPG, IMAGE_PNG)
+CAPTION = "txt"  # UTF-8 caption
+META = "json"  # metadata; each stage adds its own section (prep, latent, text)
+
+# encode-latents: posterior mean and std, already multiplied by the VAE scaling factor, float16,
+# (T, C, h, w) for clips or (C, h, w) for images. Training samples z = mean + std * noise.
+LATENT_MEAN = "latent_mean.npy"
+LATENT_STD = "latent_std.npy"
+LATENT_FLIP_MEAN = "latent_flip_mean.npy"  # optional: the horizontally flipped frames
+LATENT_FLIP_STD = "latent_flip_std.npy"
+
+# encode-text: valid tokens only (padding dropped; TextCondition.collate pads and masks), float16
+CLIP_TOKENS = "clip.npy"  # (n, 768) for CLIP-L
+CLIP_POOLED = "clip_pooled.npy"  # (768,)
+T5_TOKENS = "t5.npy"  # (n, 4096) for T5-XXL
+
+# The empty caption's text embeddings, once per encode-text output folder (for CFG dropout):
+# an .npz holding arrays named like the TextCondition.collate inputs: "clip", "clip_pooled", "t5".
+EMPTY_CAPTION_FILE = "empty_caption.npz"
+TEXT_ARRAY_NAMES = {CLIP_TOKENS: "clip", CLIP_POOLED: "clip_pooled", T5_TOKENS: "t5"}
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def make_key(*parts: str | int) -> str:
+    """A sample key from parts: characters outside [A-Za-z0-9_-] (dots too) become '-'."""
+    text = "_".join(str(p) for p in parts)
+    key = re.sub(r"[^A-Za-z0-9_\-]", "-", text)
+    return key or "_"
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key):
+        raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_' and '-' only (no dots)")
+    return key
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a damaged header
+        raise BadSample("bad_array", str(exc)) from exc
+
+
+def encode_json(obj: dict) -> bytes:
+    """Deterministic JSON: sorted keys, so identical metadata gives identical bytes."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(data: bytes) -> dict:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadSample("bad_metadata", str(exc)) from exc
+
+
+def encode_caption(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def decode_caption(data: bytes) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise BadSample("caption_not_utf8", f"byte {exc.start} is not UTF-8") from exc

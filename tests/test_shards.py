@@ -1,0 +1,156 @@
+"""The shard contract: deterministic atomic writing, reading, stats, resume, rank and worker split."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipelines.data import schema
+from pipelines.data.shards import (
+    ShardJob,
+    ShardWriter,
+    iter_shard,
+    list_shards,
+    resolve_rank,
+    run_shard_jobs,
+    shard_name,
+)
+from pipelines.errors import BadSample, GentronError
+
+
+def _samples(n, offset=0):
+    for i in range(offset, offset + n):
+        yield schema.make_key("vid", i), {
+            schema.CAPTION: schema.encode_caption(f"caption {i}"),
+            schema.LATENT_MEAN: schema.encode_npy(np.full((2, 3), i, np.float16)),
+            schema.META: schema.encode_json({"i": i, "b": [1, 2]}),
+        }
+
+
+def _write(path, n):
+    with ShardWriter(path) as w:
+        for key, fields in _samples(n):
+            w.write(key, fields)
+
+
+def test_writer_is_deterministic_and_readable_by_webdataset(tmp_path):
+    _write(tmp_path / "a.tar", 5)
+    _write(tmp_path / "b.tar", 5)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest(tmp_path / "a.tar") == digest(tmp_path / "b.tar")
+    ours = list(iter_shard(tmp_path / "a.tar"))
+    theirs = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
+    assert [k for k, _ in ours] == [s["__key__"] for s in theirs] == [f"vid_{i}" for i in range(5)]
+    for (key, fields), s in zip(ours, theirs):
+        assert fields[schema.LATENT_MEAN] == s[schema.LATENT_MEAN]
+        assert schema.decode_npy(fields[schema.LATENT_MEAN])[0, 0] == int(key.split("_")[1])
+        assert schema.decode_json(fields[schema.META])["i"] == int(key.split("_")[1])
+
+
+def test_failed_writer_leaves_nothing_under_the_final_name(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path / "x.tar") as w:
+            w.write("k0", {"txt": b"a"})
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_with_dots_are_rejected_and_make_key_removes_them(tmp_path):
+    with ShardWriter(tmp_path / "x.tar") as w:
+        with pytest.raises(ValueError):
+            w.write("a.b", {"txt": b"a"})
+        w.write(schema.make_key("my.video", 3), {"txt": b"a"})
+    assert [k for k, _ in iter_shard(tmp_path / "x.tar")] == ["my-video_3"]
+
+
+def test_truncated_shard_yields_what_it_can_then_reports(tmp_path):
+    _write(tmp_path / "a.tar", 6)
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "t.tar").write_bytes(data[: len(data) // 2])
+    seen = []
+    with pytest.raises(BadSample) as err:
+        for key, _ in iter_shard(tmp_path / "t.tar"):
+            seen.append(key)
+    assert err.value.reason == "bad_shard" and "t.tar" in err.value.detail
+    assert 0 < len(seen) < 6
+
+
+def test_caption_and_array_decoding_errors_are_bad_samples():
+    with pytest.raises(BadSample) as e:
+        schema.decode_caption(b"\xff\xfe bad")
+    assert e.value.reason == "caption_not_utf8"
+    with pytest.raises(BadSample):
+        schema.decode_npy(b"not an array")
+
+
+def _job_fn(job, writer, stats, tick):
+    for i in job.payload:
+        stats.samples_in += 1
+        if i % 4 == 3:
+            stats.fail(f"item_{i}", "too_short", "test")
+        else:
+            writer.write(f"item_{i}", {"txt": str(i).encode()})
+        tick(1)
+
+
+def _jobs(n_items=20, per_shard=5):
+    items = list(range(n_items))
+    return [ShardJob(shard_name(k), items[k * per_shard : (k + 1) * per_shard]) for k in range(n_items // per_shard)]
+
+
+def test_stage_stats_summary_and_resume(tmp_path):
+    out = tmp_path / "out"
+    res = run_shard_jobs(_jobs(), out, _job_fn)
+    assert res.done == 4 and res.samples_in == 20 and res.samples_out == 15 and res.failed == 5
+    assert res.summary["failures_by_reason"] == {"too_short": 5}
+    assert json.loads((out / "_summary.json").read_text())["samples_out"] == 15
+    reference = {p.name: p.read_bytes() for p in list_shards(out)}
+    # simulate a run killed after two shards: remove the rest, leave a stale temp file behind
+    for name in ("000002", "000003"):
+        (out / f"{name}.tar").unlink()
+        (out / f"{name}.stats.json").unlink()
+    (out / ".000002.tar.tmp-999").write_bytes(b"half")
+    res2 = run_shard_jobs(_jobs(), out, _job_fn)
+    assert (res2.done, res2.skipped) == (2, 2)
+    assert {p.name: p.read_bytes() for p in list_shards(out)} == reference
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_rank_split_covers_every_shard_once(tmp_path, monkeypatch):
+    for r in range(3):
+        run_shard_jobs(_jobs(40, 5), tmp_path, _job_fn, rank=r, world_size=3)
+    assert [p.stem for p in list_shards(tmp_path)] == [shard_name(k) for k in range(8)]
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert resolve_rank() == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_rank() == (1, 2)  # torchrun's variables win over SLURM's
+    with pytest.raises(GentronError):
+        resolve_rank(3, 2)
+
+
+def test_worker_pool_gives_the_same_shards_as_one_process(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_shard_jobs(_jobs(), a, _job_fn, workers=1)
+    ticks = []
+
+    class Task:
+        def advance(self, n=1, **_):
+            ticks.append(n)
+
+    class Rep:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def task(self, *a, **k):
+            yield Task()
+
+        def log(self, m):
+            pass
+
+    run_shard_jobs(_jobs(), b, _job_fn, workers=2, reporter=Rep())
+    assert sum(ticks) == 20
+    assert [p.read_bytes() for p in list_shards(a)] == [p.read_bytes() for p in list_shards(b)]

@@ -1,0 +1,55 @@
+"""The quickstart dataset is what its captions say, and the probe reads it back correctly."""
+
+import numpy as np
+from PIL import Image
+
+from pipelines.data.media import decode_clip
+from pipelines.toydata import (
+    COLORS,
+    ToyDataConfig,
+    direction_of,
+    make_toy_dataset,
+    parse_caption,
+    probe_image,
+    probe_video,
+)
+
+SMALL = ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0)
+
+
+def test_dataset_matches_its_captions_according_to_the_probe(tmp_path):
+    dirs = make_toy_dataset(tmp_path, SMALL)
+    images = sorted(dirs["images"].glob("*.png"))
+    videos = sorted(dirs["videos"].glob("*.mp4"))
+    assert len(images) == 16 and len(videos) == 16
+    for path in images:
+        caption = path.with_suffix(".txt").read_text()
+        assert probe_image(np.asarray(Image.open(path)), caption) == {"color": True, "place": True}, caption
+    for path in videos:
+        caption = path.with_suffix(".txt").read_text()
+        assert probe_video(decode_clip(path.read_bytes()), caption) == {"color": True, "direction": True}, caption
+
+
+def test_probe_rejects_wrong_content(tmp_path):
+    dirs = make_toy_dataset(tmp_path, SMALL)
+    image = np.asarray(Image.open(dirs["images"] / "red_top_left_0.png"))
+    assert probe_image(image, "a blue square in the top left") == {"color": False, "place": True}
+    assert probe_image(image, "a red square in the bottom right") == {"color": True, "place": False}
+    assert probe_image(np.zeros_like(image), "a red square in the top left") == {"color": False, "place": False}
+    frames = decode_clip((dirs["videos"] / "green_left_0.mp4").read_bytes())
+    assert direction_of(frames) == "left" and direction_of(frames[::-1]) == "right"
+    assert direction_of(np.repeat(frames[:1], 4, axis=0)) is None  # a still video has no direction
+
+
+def test_dataset_is_deterministic(tmp_path):
+    a = make_toy_dataset(tmp_path / "a", SMALL)
+    b = make_toy_dataset(tmp_path / "b", SMALL)
+    for kind in ("images", "videos"):
+        for p in sorted(a[kind].iterdir()):
+            assert p.read_bytes() == (b[kind] / p.name).read_bytes()
+
+
+def test_parse_caption():
+    assert parse_caption("a red square in the top left") == {"color": "red", "place": "top left"}
+    assert parse_caption("a blue square moving up") == {"color": "blue", "direction": "up"}
+    assert set(COLORS) == {"red", "green", "blue", "yellow"}
