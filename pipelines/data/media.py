@@ -34,11 +34,17 @@ def encode_clip(frames: np.ndarray, fps: float, crf: int = 15) -> bytes:
         stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
         stream.codec_context.flags |= Flags.bitexact
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(_yuv420p(frame)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def _yuv420p(frame: np.ndarray) -> av.VideoFrame:
+    """RGB -> yuv420p, converted single-threaded: PyAV's implicit conversion inside encode() runs
+    threaded swscale and gave different bytes for the same frames (30 encodes: 6 different files)."""
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p", threads=1)
 
 
 def decode_clip(data: bytes) -> np.ndarray:

@@ -227,8 +227,9 @@ class ShardJob:
     payload: Any
 
 
-# fn(job, writer, stats, tick) fills the writer; tick(n) reports n finished input items.
-ShardFn = Callable[[ShardJob, ShardWriter, ShardStats, Callable[[int], None]], None]
+# fn(job, writer, stats, tick) fills the writer; tick(n, **fields) reports n finished input items
+# (fields: live figures for the progress bar, e.g. clips=3).
+ShardFn = Callable[[ShardJob, ShardWriter, ShardStats, Callable[..., None]], None]
 
 
 @dataclass
@@ -284,7 +285,7 @@ def _worker_init(q) -> None:
 
 
 def _worker_run(fn: ShardFn, job: ShardJob, output_dir: Path) -> ShardStats:
-    return _run_one(fn, job, output_dir, lambda n=1: _worker_queue.put(n))
+    return _run_one(fn, job, output_dir, lambda n=1, **fields: _worker_queue.put((n, fields)))
 
 
 def run_shard_jobs(
@@ -359,6 +360,7 @@ def _run_pool(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int,
 def _drain(q, task) -> None:
     while True:
         try:
-            task.advance(q.get_nowait())
+            n, fields = q.get_nowait()
+            task.advance(n, **fields)
         except queue_lib.Empty:
             return

@@ -1,0 +1,131 @@
+"""Throughput of encode-latents and encode-text on the tiny encoders, and the share of wall time spent
+outside the model (reading, decoding, cropping, writing), measured in the same run.
+
+    python benchmarks/bench_encode.py [--shards 4 --per-shard 16 --resolution 64 --json out.json]
+
+The model time is the time inside the VAE's / text encoders' encode calls; the wall time is the stage's
+shard loop (model loading and the empty caption excluded). Outside share = 1 - model / wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data import media, schema
+from pipelines.data.shards import ShardWriter
+from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+from pipelines.encode_text import EncodeTextConfig, encode_text
+from pipelines.model.text_encoders import TextEncoders
+from pipelines.model.tiny import build_tiny_encoders
+from pipelines.model.vae import load_vae
+
+CAPTIONS = [
+    "a red car driving along a coastal road at sunset, seen from a drone",
+    "a cat sleeping on a sofa",
+    "waves breaking on dark rocks under a grey sky, slow motion",
+    "two people walking a dog through a snowy park in the evening",
+]
+
+
+class Timed:
+    """Forwards everything to `inner`, adding up the time spent in its `method`."""
+
+    def __init__(self, inner, method: str):
+        self._inner, self._method = inner, method
+        self.seconds, self.calls = 0.0, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        return timed
+
+
+def make_input(folder: Path, shards: int, per_shard: int, size: int, frames: int) -> Path:
+    """Shards of clips (every other sample) and PNG images, with captions, as prep writes them."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0 : size + size // 4]
+    for s in range(shards):
+        with ShardWriter(folder / f"{s:06d}.tar") as writer:
+            for i in range(per_shard):
+                phase = rng.uniform(0, 6.28, 3)
+                waves = [[127 + 100 * np.sin(x / 6 + y / 9 + t / 2 + phase[c]) for c in range(3)] for t in range(frames)]
+                video = np.stack([np.stack(w, -1) for w in waves]).astype(np.uint8)
+                fields = {schema.CAPTION: CAPTIONS[i % len(CAPTIONS)].encode(), schema.META: schema.encode_json({"prep": {"i": i}})}
+                if i % 2 == 0:
+                    fields[schema.VIDEO] = media.encode_clip(video, fps=4)
+                else:
+                    fields[schema.IMAGE_PNG] = media.encode_image(video[0], fmt="png")
+                writer.write(f"s{s}_{i}", fields)
+    return folder
+
+
+def run(shards: int, per_shard: int, resolution: int, frames: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tiny = build_tiny_encoders(root / "tiny", seed=0)
+        (root / "in").mkdir()
+        inp = make_input(root / "in", shards, per_shard, resolution, frames)
+        results = {}
+
+        for name, vae_spec in (("encode-latents tiny VAE", str(tiny["vae"])), ("encode-latents pixel", "pixel")):
+            vae = Timed(load_vae(vae_spec, device="cpu"), "encode")
+            out = root / name.replace(" ", "_")
+            cfg = EncodeLatentsConfig(inp, out, vae=vae_spec, resolution=resolution, batch_size=batch_size, device="cpu")
+            res = encode_latents(cfg, vae=vae)
+            results[name] = _figures(res, vae)
+
+        encoders = Timed(TextEncoders(str(tiny["clip"]), str(tiny["t5"]), device="cpu"), "encode_captions")
+        res = encode_text(EncodeTextConfig(inp, root / "text", batch_size=64), encoders=encoders)
+        results["encode-text tiny CLIP+T5"] = _figures(res, encoders)
+    return results
+
+
+def _figures(res, timed: Timed) -> dict:
+    return {
+        "samples": res.samples_out,
+        "samples_per_s": round(res.samples_out / res.seconds, 1),
+        "model_only_samples_per_s": round(res.samples_out / timed.seconds, 1),
+        "wall_s": round(res.seconds, 3),
+        "model_s": round(timed.seconds, 3),
+        "outside_model_share": round(1 - timed.seconds / res.seconds, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=64, help="clip/image short side and training size")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results = run(args.shards, args.per_shard, args.resolution, args.frames, args.batch_size)
+    print(f"{'stage':28s} {'samples/s':>10s} {'model-only':>11s} {'wall s':>8s} {'model s':>8s} {'outside':>8s}")
+    for name, r in results.items():
+        print(
+            f"{name:28s} {r['samples_per_s']:10.1f} {r['model_only_samples_per_s']:11.1f} "
+            f"{r['wall_s']:8.3f} {r['model_s']:8.3f} {r['outside_model_share']:8.1%}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

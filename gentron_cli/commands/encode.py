@@ -1,0 +1,73 @@
+"""`gentron encode-latents` and `gentron encode-text`: shard folder in, shard folder out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gentron_cli.commands.stats import print_summary
+from gentron_cli.reporting import RichReporter, console, run_command
+from pipelines.data.shards import StageResult
+from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+from pipelines.encode_text import EncodeTextConfig, encode_text
+from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH
+from pipelines.model.vae import DEFAULT_VAE
+
+_DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."
+_DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load in this dtype."
+
+
+def _report(result: StageResult, output: Path) -> None:
+    console.print(
+        f"{result.done} shards done, {result.skipped} already complete; {result.samples_out} of {result.samples_in} samples "
+        f"written, {result.failed} failed; {result.items_per_second:.2f} samples/s",
+        highlight=False,
+    )
+    print_summary(result.summary, f"{output}", console)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("encode-latents")
+    def encode_latents_command(
+        input: Path = typer.Argument(..., help="Folder of shards with mp4 clips and/or jpg/png images."),
+        output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
+        vae: str = typer.Option(DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."),
+        resolution: int = typer.Option(512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."),
+        flip: bool = typer.Option(False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."),
+        batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
+        device: str = typer.Option("auto", help=_DEVICE_HELP),
+        dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+    ) -> None:
+        """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
+
+        def body():
+            cfg = EncodeLatentsConfig(
+                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype
+            )
+            _report(encode_latents(cfg, RichReporter()), output)
+
+        run_command(body)
+
+    @app.command("encode-text")
+    def encode_text_command(
+        input: Path = typer.Argument(..., help="Folder of shards with txt captions."),
+        output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
+        clip: str = typer.Option(DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."),
+        t5: str = typer.Option(DEFAULT_T5, help="T5 encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."),
+        encoders: str = typer.Option("clip,t5", help="Which encoders to run: clip, t5 or clip,t5."),
+        t5_max_length: int = typer.Option(DEFAULT_T5_MAX_LENGTH, help="T5 tokens kept per caption; longer captions are cut and counted."),
+        batch_size: int = typer.Option(64, help="Captions per encoder call."),
+        device: str = typer.Option("auto", help=_DEVICE_HELP),
+        dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 (fp16 overflows)."),
+    ) -> None:
+        """Encode captions with CLIP and/or T5 (valid token states, float16) and write the empty caption once."""
+
+        def body():
+            cfg = EncodeTextConfig(
+                input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
+                batch_size=batch_size, device=device, dtype=dtype,
+            )
+            _report(encode_text(cfg, RichReporter()), output)
+
+        run_command(body)

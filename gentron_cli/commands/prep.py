@@ -1,0 +1,85 @@
+"""`gentron prep-videos` and `gentron prep-images`: raw media + captions -> WebDataset shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gentron_cli.commands.stats import print_summary
+from gentron_cli.reporting import RichReporter, console, run_command
+from pipelines.data.shards import StageResult
+
+
+def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None:
+    print_summary(result.summary, f"{output}", console=console)
+    rate = result.samples_out / result.seconds if result.seconds > 0 else 0.0
+    line = f"this run: {result.samples_in} {noun} -> {result.samples_out} {out_noun}, {result.failed} failed, in {result.seconds:.1f} s ({rate:.2f} {out_noun}/s)"
+    if result.skipped:
+        line += f"; {result.skipped} shards were already complete"
+    console.print(line, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prep-videos")
+    def prep_videos_command(
+        input: Path = typer.Argument(..., help="Folder of videos with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
+        output: Path = typer.Argument(..., help="Output folder for the clip shards (created; rerun to resume)."),
+        short_side: int = typer.Option(512, help="Short side of the clips in pixels (aspect kept, sizes even)."),
+        upscale: bool = typer.Option(False, "--upscale", help="Resize videos smaller than --short-side up (default: keep their size)."),
+        timeline_fps: float = typer.Option(24.0, help="Frame rate of the timeline the frames are picked from."),
+        frames: int = typer.Option(8, help="Frames per clip."),
+        frame_stride: int = typer.Option(6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."),
+        clip_stride: Optional[int] = typer.Option(None, help="Timeline frames between clip starts (default frames x frame-stride: consecutive clips)."),
+        max_clips_per_video: Optional[int] = typer.Option(None, help="At most this many clips from each video (the first ones)."),
+        crf: int = typer.Option(15, help="H.264 quality of the stored clips (lower is better)."),
+        shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
+        workers: int = typer.Option(1, help="Worker processes (each decodes its own shards)."),
+        node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: torchrun/SLURM environment, else 0)."),
+        num_nodes: Optional[int] = typer.Option(None, help="Number of nodes splitting the shards (default: environment, else 1)."),
+        timeout: float = typer.Option(60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."),
+        keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."),
+        path_column: str = typer.Option("path", help="Manifest column with the video paths."),
+        caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
+    ) -> None:
+        """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
+        from pipelines.prep_videos import PrepVideosConfig, prep_videos
+
+        config = PrepVideosConfig(
+            input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
+            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, crf=crf,
+            shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes, timeout=timeout,
+            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column,
+        )  # fmt: skip
+        result = run_command(lambda: prep_videos(config, RichReporter()))
+        _report(result, output, "videos", "clips")
+
+    @app.command("prep-images")
+    def prep_images_command(
+        input: Path = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
+        output: Path = typer.Argument(..., help="Output folder for the image shards (created; rerun to resume)."),
+        size: int = typer.Option(512, help="Short side after resizing; the side of the square crop."),
+        no_crop: bool = typer.Option(False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."),
+        image_format: str = typer.Option("jpg", "--format", help="Stored format: jpg or png."),
+        quality: int = typer.Option(95, help="JPEG quality."),
+        min_size: int = typer.Option(64, help="Skip images whose short side is smaller (reason too_small)."),
+        upscale: bool = typer.Option(False, "--upscale", help="Keep images smaller than --min-size, upscaled to --size."),
+        shard_size: int = typer.Option(1000, help="Source images per shard."),
+        workers: int = typer.Option(1, help="Worker processes."),
+        node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: torchrun/SLURM environment, else 0)."),
+        num_nodes: Optional[int] = typer.Option(None, help="Number of nodes splitting the shards (default: environment, else 1)."),
+        keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."),
+        path_column: str = typer.Option("path", help="Manifest column with the image paths."),
+        caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
+    ) -> None:
+        """Resize and center-crop images (upright RGB) into WebDataset shards."""
+        from pipelines.prep_images import PrepImagesConfig, prep_images
+
+        config = PrepImagesConfig(
+            input=input, output=output, size=size, crop=not no_crop, format=image_format, quality=quality, min_size=min_size,
+            upscale=upscale, shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes,
+            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column,
+        )  # fmt: skip
+        result = run_command(lambda: prep_images(config, RichReporter()))
+        _report(result, output, "images", "images")

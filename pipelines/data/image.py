@@ -1,0 +1,86 @@
+"""Loading images for prep: any PIL-readable file -> upright 8-bit RGB; resize and center crop.
+
+Normalisation: EXIF orientation applied; CMYK/YCbCr/grayscale/1-bit converted; transparency (RGBA,
+LA, palette with transparency) composited onto white; 16-bit and float images scaled to 8 bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipelines.errors import BadSample
+
+
+@dataclass
+class LoadedImage:
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB, upright
+    source_mode: str  # PIL mode of the file (e.g. "CMYK", "P", "I;16")
+    exif_transposed: bool  # an EXIF orientation tag rotated/flipped it
+
+
+def load_image(path: str | Path) -> LoadedImage:
+    """BadSample: "corrupt" (unreadable or truncated), "too_large" (decompression-bomb sized)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadSample("missing_file", f"{path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: truncated data fails here, not later
+                mode = image.mode
+                transposed = _orientation(image) not in (None, 1)
+                upright = ImageOps.exif_transpose(image) if transposed else image
+                return LoadedImage(_to_rgb(upright), mode, transposed)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadSample("too_large", f"{path}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for unknown formats and damaged data
+        raise BadSample("corrupt", f"{path}: {exc}") from exc
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)  # EXIF Orientation
+    except Exception:  # a malformed EXIF block is ignored, as exif_transpose does
+        return None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        # 16-bit, 32-bit integer or float grayscale: scale the type's range to 0..255
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.max() > 255):
+            top = 65535.0
+        elif mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0
+        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if (mode == "P" and "transparency" in image.info) or mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def resize_image(pixels: np.ndarray, size: int, crop: bool) -> tuple[np.ndarray, list[int]]:
+    """Short side -> `size` (bicubic, antialiased), then a centered size x size crop unless `crop` is False.
+
+    Returns the image and the crop box [left, top, right, bottom] in resized coordinates.
+    """
+    height, width = pixels.shape[:2]
+    scale = size / min(width, height)
+    new_w, new_h = (size, max(size, round(height * scale))) if width <= height else (max(size, round(width * scale)), size)
+    resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC)) if (new_w, new_h) != (width, height) else pixels
+    if not crop:
+        return resized, [0, 0, new_w, new_h]
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size]), [left, top, left + size, top + size]

@@ -1,0 +1,413 @@
+"""Reading videos for prep: probing, frame selection by timestamp, decoding, resizing, and a decode timeout.
+
+- `probe_video`: every frame's presentation timestamp from the demuxed packets (no decoding), so
+  selection is exact for 29.97 fps, 25 fps and variable-frame-rate files alike.
+- `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
+  target time the source frame on screen at that time (last frame with pts <= t).
+- `read_clips`: decord's random access (get_batch) when it agrees with the probe, else PyAV
+  (seek + decode to the timestamps). decord is never used for VFR files (it picks wrong frames) nor
+  when its frame count or timestamps disagree with the probe (get_batch can hang past the real end).
+- `IsolatedProcess`: runs a video's work in a child process that is killed when one step takes
+  longer than the timeout, so a decoder stuck in native code costs one video, not the run.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Iterator
+
+import av
+import numpy as np
+
+from pipelines.errors import BadSample
+
+# --------------------------------------------------------------------------------------------
+# Probing
+
+
+@dataclass
+class VideoInfo:
+    """What prep needs to know about a video stream, read without decoding."""
+
+    width: int  # display size: coded width times the sample aspect ratio
+    height: int
+    fps: float  # as the container reports it (average); meaningless for VFR
+    time_base: Fraction
+    pts: np.ndarray  # int64, every frame's presentation timestamp in time_base units, display order
+    declared_frames: int  # frame count the container claims (0 when unknown, e.g. webm)
+
+    @property
+    def times(self) -> np.ndarray:
+        """Presentation times in seconds, display order."""
+        return self.pts * float(self.time_base)
+
+    @property
+    def frame_intervals(self) -> np.ndarray:
+        return np.diff(self.times)
+
+    @property
+    def vfr(self) -> bool:
+        """Variable frame rate: frame intervals differ by more than 10% (or 2 time-base units)."""
+        if len(self.pts) < 3:
+            return False
+        steps = np.diff(self.pts)
+        return bool(steps.max() - steps.min() > max(2, 0.1 * np.median(steps)))
+
+    @property
+    def frame_duration(self) -> float:
+        """How long the last frame stays on screen: the median interval (1/fps for one frame)."""
+        if len(self.pts) >= 2:
+            return float(np.median(self.frame_intervals))
+        return 1.0 / self.fps if self.fps > 0 else 0.0
+
+    @property
+    def end_time(self) -> float:
+        """Seconds (stream clock) at which the last frame stops being displayed."""
+        return float(self.times[-1]) + self.frame_duration
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Timestamps of every frame of the first video stream, from packet pts (no decoding).
+
+    BadSample: "corrupt" (cannot open/demux), "no_video_stream", "empty" (no frames),
+    "truncated" (far fewer packets than the container's index declares).
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadSample("empty", f"{path} is a zero-length file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadSample("no_video_stream", f"{path} has no video stream")
+            stream = container.streams.video[0]
+            pts = [
+                packet.pts if packet.pts is not None else packet.dts
+                for packet in container.demux(stream)
+                if packet.size > 0 and (packet.pts is not None or packet.dts is not None)
+            ]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            sar = stream.sample_aspect_ratio
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            time_base = stream.time_base
+            declared = stream.frames
+    except av.error.FFmpegError as exc:
+        raise BadSample("corrupt", f"{path}: {exc}") from exc
+    if not pts or not width or not height:
+        raise BadSample("empty", f"{path} has a video stream without frames")
+    if declared and len(pts) < 0.95 * declared - 1:
+        raise BadSample("truncated", f"{path}: {len(pts)} of {declared} frames present")
+    if sar and sar.numerator and sar != 1:
+        width = int(round(width * sar))
+    return VideoInfo(
+        width=width, height=height, fps=fps, time_base=time_base, pts=np.unique(np.asarray(pts, np.int64)), declared_frames=declared
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting frames by timestamp
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Where clips come from: a timeline at `timeline_fps`; a clip is `frames` timeline frames `frame_stride` apart.
+
+    Paper defaults: 24 FPS timeline, 8 frames every 6th (4 FPS, 2 s per clip); clips start every
+    `clip_stride` timeline frames (default frames * frame_stride: consecutive, non-overlapping).
+    """
+
+    timeline_fps: float = 24.0
+    frames: int = 8
+    frame_stride: int = 6
+    clip_stride: int | None = None
+    max_clips: int | None = None
+
+    @property
+    def clip_fps(self) -> float:
+        return self.timeline_fps / self.frame_stride
+
+    @property
+    def stride(self) -> int:
+        return self.clip_stride or self.frames * self.frame_stride
+
+    @property
+    def span(self) -> int:
+        """Timeline frames from the first selected frame to the last, inclusive."""
+        return (self.frames - 1) * self.frame_stride + 1
+
+
+@dataclass
+class ClipSelection:
+    index: int  # clip number within the video
+    timeline_times: np.ndarray  # target seconds from the first frame of the video
+    frame_indices: np.ndarray  # display-order frame index shown at each target time
+
+
+def pick_frames(times: np.ndarray, targets: np.ndarray, eps: float) -> np.ndarray:
+    """For each target time, the last frame with presentation time <= target (+ eps for rounded clocks)."""
+    return np.searchsorted(times, targets + eps, side="right") - 1
+
+
+def plan_clips(info: VideoInfo, plan: ClipPlan, start: float | None = None, end: float | None = None) -> list[ClipSelection]:
+    """The clips of one video. Times are seconds from its first frame; `start`/`end` restrict the span."""
+    times = info.times - info.times[0]
+    video_end = info.end_time - info.times[0]
+    first = start or 0.0
+    last = min(video_end, end) if end is not None else video_end
+    n_timeline = int(np.floor((last - first) * plan.timeline_fps - 1e-9)) + 1 if last > first else 0
+    # Timestamps in coarse clocks (webm: 1 ms) are rounded; allow half a unit, never a large part of a frame.
+    eps = min(float(info.time_base), 0.25 * info.frame_duration) if info.frame_duration > 0 else float(info.time_base)
+    selections = []
+    offsets = np.arange(plan.frames) * plan.frame_stride
+    clip_start = 0
+    while clip_start + plan.span <= n_timeline:
+        if plan.max_clips is not None and len(selections) >= plan.max_clips:
+            break
+        targets = first + (clip_start + offsets) / plan.timeline_fps
+        indices = pick_frames(times, targets, eps)
+        if indices[0] < 0:  # start before the first frame cannot happen (t >= 0), kept as a guard
+            break
+        selections.append(ClipSelection(index=len(selections), timeline_times=targets, frame_indices=indices))
+        clip_start += plan.stride
+    return selections
+
+
+def output_size(width: int, height: int, short_side: int, upscale: bool) -> tuple[int, int, bool]:
+    """(width, height, upscaled): short side scaled to `short_side`, aspect kept, both even.
+
+    A source smaller than the target keeps its own size (rounded down to even) unless `upscale`.
+    """
+    source_short = min(width, height)
+    upscaled = source_short < short_side and upscale
+    scale = short_side / source_short if (source_short > short_side or upscaled) else 1.0
+
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2)) * 2) if scale != 1.0 else max(2, int(x) // 2 * 2)
+
+    return even(width * scale), even(height * scale), upscaled
+
+
+def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) with FFmpeg's bicubic swscale (antialiased when shrinking).
+
+    swscale is ~2-3x faster than PIL on these sizes; resizing 8 frames can cost more than decoding 48.
+    """
+    if frames.shape[1:3] == (height, width):
+        return frames
+    out = np.empty((len(frames), height, width, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        source = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        out[i] = source.reformat(width=width, height=height, interpolation="BICUBIC", threads=1).to_ndarray()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding the selected frames
+
+
+def _decord_reader(path: Path, info: VideoInfo):
+    """A decord VideoReader if decord reads this file the way the probe does, else None."""
+    if info.vfr:
+        return None  # decord's seeking picks wrong frames on variable-frame-rate files
+    try:
+        import decord
+    except ImportError:
+        return None
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        if len(reader) != len(info.pts):
+            return None  # get_batch hangs or errors past the real end when the count is too high
+        stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
+        expected = info.times - info.times[0]
+        if np.any(np.diff(stamps) <= 0) or np.abs((stamps - stamps[0]) - expected).max() > 0.5 * info.frame_duration:
+            return None
+        return reader
+    except Exception:  # decord raises its own error types (DECORDError, RuntimeError) for unreadable files
+        return None
+
+
+def _decode_decord(reader, selection: ClipSelection) -> np.ndarray:
+    return reader.get_batch(selection.frame_indices.tolist()).asnumpy()
+
+
+def _decode_pyav(path: Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray]]:
+    """One pass over the stream from a seek before the first needed frame; frames matched by pts."""
+    wanted = sorted({int(i) for s in selections for i in s.frame_indices})
+    index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    pending = list(selections)
+    decoded: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            first_pts = int(info.pts[wanted[0]])
+            if first_pts > info.pts[0]:
+                container.seek(first_pts, stream=stream, backward=True, any_frame=False)
+            wanted_set = set(wanted)
+            for frame in container.decode(stream):
+                index = index_of_pts.get(frame.pts) if frame.pts is not None else None
+                if index is None:
+                    continue
+                if index in wanted_set:
+                    decoded[index] = frame.to_ndarray(format="rgb24")
+                while pending and index >= pending[0].frame_indices.max():
+                    yield _take(pending.pop(0), decoded, path)
+                    if pending:  # overlapping clips share frames: drop only those no later clip needs
+                        needed_from = int(pending[0].frame_indices.min())
+                        for i in [i for i in decoded if i < needed_from]:
+                            del decoded[i]
+                if not pending:
+                    return
+    except av.error.FFmpegError as exc:
+        raise BadSample("corrupt", f"{path}: {exc}") from exc
+    while pending:
+        yield _take(pending.pop(0), decoded, path)
+
+
+def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) -> tuple[ClipSelection, np.ndarray]:
+    missing = [int(i) for i in selection.frame_indices if int(i) not in decoded]
+    if missing:
+        raise BadSample("corrupt", f"{path}: frames {missing[:5]} of clip {selection.index} could not be decoded")
+    return selection, np.stack([decoded[int(i)] for i in selection.frame_indices])
+
+
+def read_clips(path: str | Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray, str]]:
+    """(selection, frames (T, H, W, 3) uint8 at source size, decoder name) for each clip, in order.
+
+    decord when it agrees with the probe; on any decord error, PyAV takes over for the remaining clips.
+    """
+    path = Path(path)
+    reader = _decord_reader(path, info)
+    remaining = list(selections)
+    if reader is not None:
+        try:
+            while remaining:
+                frames = _decode_decord(reader, remaining[0])
+                yield remaining.pop(0), frames, "decord"
+        except BadSample:
+            raise
+        except Exception:  # decord failed mid-file: the rest is read with PyAV
+            pass
+        finally:
+            del reader
+    if remaining:
+        for selection, frames in _decode_pyav(path, info, remaining):
+            yield selection, frames, "pyav"
+
+
+# --------------------------------------------------------------------------------------------
+# A child process per stream of work, killed on timeout
+
+
+def _child_entry(fd: int) -> None:
+    """Entry point of the child process: serve requests on the socket `fd`."""
+    _child_main(Connection(fd))
+
+
+def _child_main(conn) -> None:
+    conn.send(("ready", None))
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        try:
+            for item in fn(*args):
+                conn.send(("item", item))
+            conn.send(("end", None))
+        except BadSample as exc:
+            conn.send(("bad", (exc.reason, exc.detail)))
+        except (BrokenPipeError, EOFError):
+            return
+        except Exception as exc:  # an unexpected decoder failure is one bad video, not a dead run
+            conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}")))
+
+
+class IsolatedProcess:
+    """Runs generator functions in one child process; a step slower than `timeout` seconds kills it.
+
+    `run(fn, *args)` yields what `fn(*args)` yields in the child. A timeout raises BadSample("timeout"),
+    a dead child BadSample("crashed"), a BadSample in the child is re-raised here. A killed child is
+    replaced by a fresh one on the next call. `fn` must be a module-level function.
+    The child is a plain `python -c` process (not multiprocessing's spawn, which would re-import the
+    parent's __main__, e.g. the whole CLI, in every child).
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._process: subprocess.Popen | None = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        code = f"from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
+        self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
+        child_sock.close()
+        self._conn = Connection(parent_sock.detach())
+        # A child that cannot even start is a broken environment, not a bad video: fail loudly.
+        try:
+            ready = self._conn.poll(120) and self._conn.recv()[0] == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self._kill()
+            raise RuntimeError("the decode process failed to start (see its error above)")
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def run(self, fn: Callable[..., Iterator[Any]], *args) -> Iterator[Any]:
+        if not self._alive():
+            self._kill()
+            self._start()
+        finished = False
+        try:
+            self._conn.send((fn, args))
+            while True:
+                if not self._conn.poll(self.timeout):
+                    raise BadSample("timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the decode process was killed")
+                try:
+                    kind, payload = self._conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise BadSample("crashed", f"the decode process died (exit code {self._process.wait()})") from exc
+                if kind == "item":
+                    yield payload
+                elif kind == "end":
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise BadSample(*payload)
+        finally:
+            if not finished:
+                self._kill()  # stopped mid-stream (timeout, crash, consumer gave up): its state is unknown
+
+    def _kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+        if self._conn is not None:
+            self._conn.close()
+        self._process = self._conn = None
+
+    def close(self) -> None:
+        if self._alive():
+            self._conn.close()  # the child sees EOF and exits
+            self._conn = None
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def __enter__(self) -> "IsolatedProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

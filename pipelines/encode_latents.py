@@ -1,0 +1,287 @@
+"""`gentron encode-latents`: clips and images -> VAE posterior mean and std, stored beside every input field.
+
+Each input shard gives an output shard of the same name with the same samples in order, every field
+byte-identical, plus `latent_mean.npy` / `latent_std.npy` (float16, scaled; (T, C, h, w) for clips,
+(C, h, w) for images) and a "latent" section in the json. Frames are resized (short side) and
+center-cropped to a square of `resolution` first. With `flip` the mirrored frames are encoded too,
+since a latent cannot be flipped after encoding. Decoding runs in a thread ahead of the VAE.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from pipelines.data import media, schema
+from pipelines.data.shards import (
+    ShardJob,
+    ShardStats,
+    ShardWriter,
+    StageResult,
+    iter_shard,
+    list_shards,
+    resolve_rank,
+    run_shard_jobs,
+    stats_path,
+)
+from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
+from pipelines.progress import NullReporter, Reporter
+
+
+@dataclass
+class EncodeLatentsConfig:
+    input_dir: Path
+    output_dir: Path
+    vae: str = DEFAULT_VAE  # hub name, folder ("NAME_OR_PATH[:SUBFOLDER]") or "pixel"
+    resolution: int = 512  # square training size; 256 for the first T2I stage
+    flip: bool = False  # also store the latents of the horizontally mirrored frames
+    batch_size: int = 4  # samples per VAE call (a clip brings all its frames)
+    device: str | None = None  # auto: cuda:LOCAL_RANK when available, else cpu
+    dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
+    rank: int | None = None  # default: torchrun's / SLURM's environment
+    world_size: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations, one job each
+
+
+class CenterCropResize:
+    """(T, H, W, 3) uint8 -> (T, S, S, 3) uint8: short side resized to S (antialiased bilinear), then center crop."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, dict]:
+        t, h, w, _ = frames.shape
+        s = self.resolution
+        scale = s / min(h, w)
+        rh, rw = max(s, round(h * scale)), max(s, round(w * scale))
+        if (rh, rw) != (h, w):
+            pixels = rearrange(torch.tensor(frames), "t h w c -> t c h w").float()
+            pixels = F.interpolate(pixels, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+            frames = rearrange(pixels.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy()
+        top, left = (rh - s) // 2, (rw - s) // 2
+        crop = {"mode": "center", "source_size": [h, w], "resized_size": [rh, rw], "top": top, "left": left}
+        return np.ascontiguousarray(frames[:, top : top + s, left : left + s]), crop
+
+
+def decode_media(fields: dict[str, bytes]) -> tuple[np.ndarray, bool]:
+    """A sample's clip or image as (T, H, W, 3) uint8 frames (T = 1 for an image), and whether it is a clip."""
+    if schema.VIDEO in fields:
+        return media.decode_clip(fields[schema.VIDEO]), True
+    for name in schema.IMAGE_FIELDS:
+        if name in fields:
+            return media.decode_image(fields[name])[None], False
+    raise BadSample("no_media", f"no {schema.VIDEO} or {'/'.join(schema.IMAGE_FIELDS)} field")
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `items` in a background thread up to `depth` ahead, so decoding overlaps the model.
+
+    An exception raised by `items` is re-raised here, in order.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((end, exc))
+
+    worker = threading.Thread(target=produce, name="gentron-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            x, exc = q.get()
+            if exc is not None:
+                raise exc
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+        worker.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard
+
+
+@dataclass
+class _Prepared:
+    key: str
+    fields: dict[str, bytes]
+    meta: dict
+    frames: np.ndarray  # (T, S, S, 3) uint8
+    is_clip: bool
+    crop: dict
+
+
+@dataclass
+class _Failed:
+    key: str
+    reason: str
+    detail: str
+
+
+def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _Failed]:
+    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
+    try:
+        for key, fields in iter_shard(path):
+            try:
+                meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
+                frames, is_clip = decode_media(fields)
+                frames, crop_info = crop(frames)
+                yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
+            except BadSample as bad:
+                yield _Failed(key, bad.reason, bad.detail)
+    except BadSample as bad:  # the tar itself is damaged: what was read before is kept
+        yield _Failed(path.name, bad.reason, bad.detail)
+
+
+class LatentShardEncoder:
+    """The per-shard function of the stage (a ShardFn), holding the VAE loaded once for the process."""
+
+    def __init__(self, vae: VAE, cfg: EncodeLatentsConfig):
+        self.vae, self.cfg = vae, cfg
+        self.crop = CenterCropResize(cfg.resolution)
+
+    def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
+        batch: list[_Prepared] = []
+        for item in prefetch(_prepare_shard(job.payload, self.crop), depth=2 * self.cfg.batch_size):
+            if isinstance(item, _Failed):
+                if item.reason != "bad_shard":
+                    stats.samples_in += 1
+                stats.fail(item.key, item.reason, item.detail)
+                tick(1)
+                continue
+            stats.samples_in += 1
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                self._encode_batch(batch, writer, stats, tick)
+                batch = []
+        if batch:
+            self._encode_batch(batch, writer, stats, tick)
+
+    def _encode_batch(self, batch: list[_Prepared], writer: ShardWriter, stats: ShardStats, tick) -> None:
+        frames = np.concatenate([item.frames for item in batch])
+        if self.cfg.flip:
+            frames = np.concatenate([frames, frames[:, :, ::-1]])  # mirror along W
+        mean, std = self.vae.encode(frames)
+        mean, std = mean.numpy().astype(np.float16), std.numpy().astype(np.float16)
+        n = sum(len(item.frames) for item in batch)
+        start = 0
+        for item in batch:
+            rows = slice(start, start + len(item.frames))
+            start += len(item.frames)
+            arrays = {schema.LATENT_MEAN: mean[rows], schema.LATENT_STD: std[rows]}
+            if self.cfg.flip:
+                flipped = slice(rows.start + n, rows.stop + n)
+                arrays |= {schema.LATENT_FLIP_MEAN: mean[flipped], schema.LATENT_FLIP_STD: std[flipped]}
+            if not item.is_clip:
+                arrays = {name: a[0] for name, a in arrays.items()}  # an image is (C, h, w)
+            if not all(np.isfinite(a).all() for a in arrays.values()):
+                stats.fail(item.key, "non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32")
+                tick(1)
+                continue
+            meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, item.crop)}
+            out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
+            out[schema.META] = schema.encode_json(meta)
+            writer.write(item.key, out)
+            tick(1)
+
+    def _latent_meta(self, shape: tuple[int, ...], crop: dict) -> dict:
+        return {
+            "vae": self.vae.name,
+            "scaling_factor": self.vae.scaling_factor,
+            "shift_factor": getattr(self.vae, "shift_factor", 0.0),
+            "shape": list(shape),
+            "channels": self.vae.latent_channels,
+            "downsample": self.vae.downsample,
+            "resolution": self.cfg.resolution,
+            "crop": crop,
+            "flip": self.cfg.flip,
+            "dtype": "float16",
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def stage_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
+    """One job per input shard (same name); errors for a missing/empty input or input == output."""
+    input_dir = require_dir(input_dir, "input folder", "pass a folder of shards written by a gentron stage (prep-*, encode-*)")
+    if Path(output_dir).resolve() == input_dir.resolve():
+        raise GentronError(f"the output folder is the input folder: {input_dir}", "write to a new folder")
+    shards = list_shards(input_dir)
+    if not shards:
+        raise GentronError(f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage")
+    return [ShardJob(path.name[: -len(".tar")], path) for path in shards]
+
+
+def pending_items(jobs: list[ShardJob], input_dir: Path, output_dir: Path, rank: int | None, world_size: int | None) -> int | None:
+    """Samples this rank still has to do, from the input folder's stats files (None when any is missing)."""
+    rank, world_size = resolve_rank(rank, world_size)
+    total = 0
+    for job in jobs[rank::world_size]:
+        if stats_path(Path(output_dir), job.name).exists():
+            continue
+        source = stats_path(Path(input_dir), job.name)
+        if not source.exists():
+            return None
+        total += ShardStats.load(source).samples_out
+    return total
+
+
+def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None) -> StageResult:
+    """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
+    jobs = stage_jobs(cfg.input_dir, cfg.output_dir)
+    if cfg.batch_size < 1:
+        raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 4")
+    if vae is None:
+        vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
+        reporter.log(f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor {vae.scaling_factor}")
+    if cfg.resolution < 1 or cfg.resolution % vae.downsample:
+        raise GentronError(
+            f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
+            f"pass --resolution {max(vae.downsample, cfg.resolution // vae.downsample * vae.downsample)}",
+        )
+    return run_shard_jobs(
+        jobs,
+        cfg.output_dir,
+        LatentShardEncoder(vae, cfg),
+        total_items=pending_items(jobs, Path(cfg.input_dir), Path(cfg.output_dir), cfg.rank, cfg.world_size),
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        description="encode-latents",
+        unit="samples",
+        reporter=reporter,
+    )

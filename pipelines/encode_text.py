@@ -1,0 +1,162 @@
+"""`gentron encode-text`: captions -> CLIP and/or T5 token states (and CLIP's pooled vector).
+
+Each input shard gives an output shard of the same name with the same samples in order, every field
+byte-identical, plus `clip.npy`, `clip_pooled.npy`, `t5.npy` (float16, valid tokens only) and a "text"
+section in the json. The empty caption's embeddings (for classifier-free guidance dropout) are
+written once per output folder to `empty_caption.npz`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data import schema
+from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, _atomic_write_bytes, iter_shard, run_shard_jobs
+from pipelines.encode_latents import pending_items, stage_jobs
+from pipelines.errors import BadSample, GentronError
+from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, TextEncoders, parse_encoders
+from pipelines.progress import NullReporter, Reporter
+
+# TextEncoders' array names -> shard field names
+FIELD_OF_ARRAY = {array: field for field, array in schema.TEXT_ARRAY_NAMES.items()}
+
+
+@dataclass
+class EncodeTextConfig:
+    input_dir: Path
+    output_dir: Path
+    clip: str = DEFAULT_CLIP  # transformers CLIP (hub name / folder) or "open_clip:ARCH:PRETRAINED"
+    t5: str = DEFAULT_T5
+    encoders: str = "clip,t5"  # which of the two to run
+    t5_max_length: int = DEFAULT_T5_MAX_LENGTH
+    batch_size: int = 64  # captions per encoder call
+    device: str | None = None  # auto: cuda:LOCAL_RANK when available, else cpu
+    dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
+    rank: int | None = None  # default: torchrun's / SLURM's environment
+    world_size: int | None = None
+
+
+def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
+    names = parse_encoders(cfg.encoders)
+    return TextEncoders(
+        cfg.clip if "clip" in names else None,
+        cfg.t5 if "t5" in names else None,
+        t5_max_length=cfg.t5_max_length,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+
+
+def _check_finite(arrays: dict[str, np.ndarray]) -> None:
+    if not all(np.isfinite(a).all() for a in arrays.values()):
+        raise BadSample("non_finite_embedding", "the encoder gave inf/nan (in float16); T5 needs --dtype bf16 or fp32")
+
+
+def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
+    """The empty caption's arrays, once per folder (atomic). An existing file must match these encoders."""
+    path = Path(output_dir) / schema.EMPTY_CAPTION_FILE
+    arrays = encoders.encode([""])[0]
+    if path.exists():
+        with np.load(path, allow_pickle=False) as existing:
+            found = {name: existing[name].shape for name in existing.files}
+        if found != {name: a.shape for name, a in arrays.items()}:
+            raise GentronError(
+                f"{path} was written by other text encoders ({found})",
+                "use the encoders of the first run for this folder, or write to a new output folder",
+            )
+        return path
+    _check_finite(arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+@dataclass
+class _Caption:
+    key: str
+    fields: dict[str, bytes]
+    meta: dict
+    text: str
+
+
+class TextShardEncoder:
+    """The per-shard function of the stage (a ShardFn), holding the encoders loaded once for the process."""
+
+    def __init__(self, encoders: TextEncoders, batch_size: int):
+        self.encoders, self.batch_size = encoders, batch_size
+        self.text_meta = encoders.metadata()
+
+    def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
+        batch: list[_Caption] = []
+        try:
+            for key, fields in iter_shard(job.payload):
+                stats.samples_in += 1
+                try:
+                    batch.append(self._read(key, fields))
+                except BadSample as bad:
+                    stats.fail(key, bad.reason, bad.detail)
+                    tick(1)
+                    continue
+                if len(batch) == self.batch_size:
+                    self._encode_batch(batch, writer, stats, tick)
+                    batch = []
+        except BadSample as bad:  # the tar itself is damaged: what was read before is kept
+            stats.fail(Path(job.payload).name, bad.reason, bad.detail)
+        if batch:
+            self._encode_batch(batch, writer, stats, tick)
+
+    @staticmethod
+    def _read(key: str, fields: dict[str, bytes]) -> _Caption:
+        if schema.CAPTION not in fields:
+            raise BadSample("no_caption", f"no {schema.CAPTION} field")
+        text = schema.decode_caption(fields[schema.CAPTION])
+        if not text:
+            raise BadSample("empty_caption", "the caption is empty or only whitespace")
+        meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
+        return _Caption(key, fields, meta, text)
+
+    def _encode_batch(self, batch: list[_Caption], writer: ShardWriter, stats: ShardStats, tick) -> None:
+        for item, encoded in zip(batch, self.encoders.encode_captions([item.text for item in batch])):
+            try:
+                _check_finite(encoded.arrays)
+            except BadSample as bad:
+                stats.fail(item.key, bad.reason, bad.detail)
+                tick(1)
+                continue
+            for name in encoded.truncated:
+                stats.count(f"truncated_{name}")
+            tokens = {name: len(encoded.arrays[name]) for name in self.encoders.encoders}
+            text_meta = self.text_meta | {"tokens": tokens, "truncated": list(encoded.truncated)}
+            out = dict(item.fields) | {FIELD_OF_ARRAY[name]: schema.encode_npy(a) for name, a in encoded.arrays.items()}
+            out[schema.META] = schema.encode_json(item.meta | {"text": text_meta})
+            writer.write(item.key, out)
+            tick(1)
+
+
+def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), encoders: TextEncoders | None = None) -> StageResult:
+    """Encode every pending input shard's captions; finished shards are skipped (resume). `encoders`: already loaded ones."""
+    jobs = stage_jobs(cfg.input_dir, cfg.output_dir)
+    if cfg.batch_size < 1:
+        raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 64")
+    if encoders is None:
+        encoders = load_text_encoders(cfg)
+        names = ", ".join(f"{n} {encoders.names[n]}" for n in encoders.encoders)
+        reporter.log(f"text encoders: {names} on {encoders.device} ({encoders.dtype})")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    write_empty_caption(encoders, Path(cfg.output_dir))
+    return run_shard_jobs(
+        jobs,
+        cfg.output_dir,
+        TextShardEncoder(encoders, cfg.batch_size),
+        total_items=pending_items(jobs, Path(cfg.input_dir), Path(cfg.output_dir), cfg.rank, cfg.world_size),
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        description="encode-text",
+        unit="samples",
+        reporter=reporter,
+    )

@@ -1,0 +1,469 @@
+"""The GenTron transformer: DiT with cross-attention text conditioning, extended to video.
+
+Read top to bottom: embedding helpers, attention, the block, the final layer, the model.
+References: DiT (Peebles & Xie 2023) for adaLN-Zero, patchify and sin-cos positions; GenTron
+(Chen et al. 2024) for text cross-attention, TempSelfAttn and motion-free guidance.
+
+Layout inside the model: tokens of all frames of a sample are kept together as (B, T*N, D).
+Conditioning (timestep + pooled text) and cross-attention are per sample, so they run on that
+layout directly (cross-attention is per query token, so merging frames into the sequence is exact);
+spatial self-attention regroups to (B*T, N, D) and temporal attention to (B*N, T, D).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+from pipelines.errors import GentronError
+from pipelines.model.conditioning import TextCondition
+
+TEXT_CONDITIONINGS = ("cross_attention", "adaln")
+TEXT_ENCODERS = ("clip", "t5", "clip+t5")
+
+
+# --------------------------------------------------------------------------- init helpers
+
+
+def xavier_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A linear layer with DiT's init: xavier-uniform weight, zero bias."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A linear layer initialised to output zero (adaLN-Zero, zero output projections)."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, L, D) shifted and scaled per sample by (B, D) vectors."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- position signals
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(P,) positions -> (P, dim) [sin | cos] embedding with geometric frequencies (as DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim // 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+    """(grid_h * grid_w, dim) fixed 2-D position embedding, rows major; half the channels per axis."""
+    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device).repeat(grid_h)
+    return torch.cat([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], dim=1).float()
+
+
+def rope_cos_sin(num_frames: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (T, head_dim) for frame indices 0..T-1."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.arange(num_frames, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
+    angles = torch.cat([angles, angles], dim=1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, head_dim) queries or keys by their frame index (half-split convention)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar diffusion timestep -> D-dim vector: sinusoidal features then an MLP (as DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+        angles = timestep.float()[:, None] * freqs[None]
+        features = torch.cat([angles.cos(), angles.sin()], dim=1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class TextProjection(nn.Module):
+    """Encoder features (any width) -> model width: Linear, GELU, Linear (PixArt's caption projection)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = xavier_linear(in_features, hidden_size)
+        self.fc2 = xavier_linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) latents -> (B, H/p * W/p, D) tokens by a strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        nn.init.xavier_uniform_(self.proj.weight.view(hidden_size, -1))  # as a linear layer (DiT)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; optional additive bias and rotary positions."""
+
+    def __init__(self, hidden_size: int, num_heads: int, zero_out: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = xavier_linear(hidden_size, 3 * hidden_size)
+        self.proj = zero_linear(hidden_size, hidden_size) if zero_out else xavier_linear(hidden_size, hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to text tokens (keys, values). Output projection starts at zero (PixArt)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = xavier_linear(hidden_size, hidden_size)
+        self.kv = xavier_linear(hidden_size, 2 * hidden_size)
+        self.proj = zero_linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_bias: torch.Tensor) -> torch.Tensor:
+        """text_bias: (B, 1, 1, L) additive attention bias, 0 for real tokens and -inf for padding."""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_bias)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, mlp_dim: int):
+        super().__init__()
+        self.fc1 = xavier_linear(hidden_size, mlp_dim)
+        self.fc2 = xavier_linear(mlp_dim, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# --------------------------------------------------------------------------- block
+
+
+class GenTronBlock(nn.Module):
+    """adaLN-Zero self-attention -> cross-attention to text -> TempSelfAttn (video) -> adaLN-Zero MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_dim: int, cross_attention: bool, temporal: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.cross_norm = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attention else None
+        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
+        # TempSelfAttn: zero output projection, so a T2V model built from T2I weights starts as per-frame T2I.
+        self.temporal_norm = nn.LayerNorm(hidden_size, eps=1e-6) if temporal else None
+        self.temporal_attn = SelfAttention(hidden_size, num_heads, zero_out=True) if temporal else None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_size, mlp_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor | None,
+        text_bias: torch.Tensor | None,
+        temporal_bias: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        num_frames: int,
+    ) -> torch.Tensor:
+        """x: (B, T*N, D); c: (B, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+
+        h = rearrange(modulate(self.norm1(x), shift_msa, scale_msa), "b (t n) d -> (b t) n d", t=num_frames)
+        h = rearrange(self.attn(h), "(b t) n d -> b (t n) d", t=num_frames)
+        x = x + gate_msa.unsqueeze(1) * h
+
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), text, text_bias)
+
+        if self.temporal_attn is not None:
+            h = rearrange(self.temporal_norm(x), "b (t n) d -> (b n) t d", t=num_frames)
+            h = self.temporal_attn(h, bias=temporal_bias, rope=rope)
+            x = x + rearrange(h, "(b n) t d -> b (t n) d", b=x.shape[0])
+
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map to patch pixels; both start at zero (DiT)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = zero_linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class GenTronTransformer(ModelMixin, ConfigMixin):
+    """GenTron for text-to-image (temporal=False) and text-to-video (temporal=True).
+
+    forward(x, timestep, text, motion_free) with x (B, C, H, W) or (B, T, C, H, W); see `forward`.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_dim: int = 4608,
+        learn_sigma: bool = True,
+        text_conditioning: str = "cross_attention",
+        text_encoders: str = "clip+t5",
+        clip_dim: int = 768,
+        clip_pooled_dim: int = 768,
+        t5_dim: int = 4096,
+        temporal: bool = False,
+    ):
+        super().__init__()
+        _check_config(hidden_size, num_heads, text_conditioning, text_encoders)
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.uses_clip = "clip" in text_encoders
+        self.uses_t5 = "t5" in text_encoders
+        cross_attention = text_conditioning == "cross_attention"
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # Pooled text joins the timestep in adaLN: CLIP's pooled vector, or the masked mean of T5 tokens.
+        self.pooled_embedder = TextProjection(clip_pooled_dim if self.uses_clip else t5_dim, hidden_size)
+        self.clip_embedder = TextProjection(clip_dim, hidden_size) if cross_attention and self.uses_clip else None
+        self.t5_embedder = TextProjection(t5_dim, hidden_size) if cross_attention and self.uses_t5 else None
+        self.blocks = nn.ModuleList(
+            GenTronBlock(hidden_size, num_heads, mlp_dim, cross_attention, temporal) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False
+        self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------- inputs
+
+    def position_embedding(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        """(grid_h * grid_w, D) sin-cos embedding for this latent grid, computed once per shape and device."""
+        key = (grid_h, grid_w, str(device))
+        if key not in self._pos_embed_cache:
+            self._pos_embed_cache[key] = sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
+        return self._pos_embed_cache[key]
+
+    def embed_text(self, text: TextCondition) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Text tokens (B, L, D) and mask (B, L) for cross-attention (None in adaLN mode), and the pooled vector (B, D)."""
+        _check_text(text, self.config)
+        tokens, masks = [], []
+        if self.clip_embedder is not None:
+            tokens.append(self.clip_embedder(text.clip_tokens))
+            masks.append(_mask_or_all(text.clip_mask, text.clip_tokens))
+        if self.t5_embedder is not None:
+            tokens.append(self.t5_embedder(text.t5_tokens))
+            masks.append(_mask_or_all(text.t5_mask, text.t5_tokens))
+        if self.uses_clip:
+            pooled = text.clip_pooled
+        else:
+            mask = _mask_or_all(text.t5_mask, text.t5_tokens).unsqueeze(-1).to(text.t5_tokens.dtype)
+            pooled = (text.t5_tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = self.pooled_embedder(pooled)
+        if not tokens:
+            return None, None, pooled
+        return torch.cat(tokens, dim=1), torch.cat(masks, dim=1), pooled
+
+    @staticmethod
+    def cross_attention_inputs(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens and their (B, 1, 1, L) additive bias, built once per forward for all blocks.
+
+        A caption without tokens would give a row of -inf scores (NaN). Its tokens are zeroed and all
+        attended instead, so it reads a fixed learned "no text" value, whatever its padding holds.
+        """
+        has_text = mask.any(dim=1, keepdim=True)
+        tokens = tokens * has_text.unsqueeze(-1).to(tokens.dtype)
+        visible = mask | ~has_text
+        bias = torch.zeros(visible.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~visible, float("-inf"))
+        return tokens, bias[:, None, None, :]
+
+    @staticmethod
+    def temporal_attention_bias(motion_free: torch.Tensor, num_frames: int, num_patches: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B*N, 1, T, T) additive bias: all frames visible, or only the frame itself where motion_free[b]."""
+        eye = torch.eye(num_frames, dtype=torch.bool, device=motion_free.device)
+        visible = eye | ~motion_free.bool()[:, None, None]
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+        return bias.repeat_interleave(num_patches, dim=0).unsqueeze(1)
+
+    # ----------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextCondition,
+        motion_free: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (and variance if learn_sigma) for latents x.
+
+        x: (B, C, H, W) images or (B, T, C, H, W) videos; timestep: (B,); text: one entry per sample;
+        motion_free: (B,) bool, True makes each frame of that sample attend only to itself in
+        TempSelfAttn. Returns x's layout with out_channels channels.
+        """
+        is_video = x.ndim == 5
+        if not is_video:
+            x = x.unsqueeze(1)
+        batch, num_frames, _, height, width = x.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise GentronError(
+                f"latent size {height}x{width} is not divisible by the patch size {p}",
+                f"use an image resolution divisible by {8 * p} (latents are 1/8 of the pixels)",
+            )
+        grid_h, grid_w = height // p, width // p
+
+        tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
+        tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
+        tokens = rearrange(tokens, "(b t) n d -> b (t n) d", b=batch)
+
+        text_tokens, text_mask, pooled = self.embed_text(text)
+        c = self.t_embedder(timestep.expand(batch) if timestep.ndim == 0 else timestep) + pooled
+        text_bias = None
+        if text_tokens is not None:
+            text_tokens, text_bias = self.cross_attention_inputs(text_tokens, text_mask)
+
+        temporal_bias = rope = None
+        if self.config.temporal:
+            rope = rope_cos_sin(num_frames, self.config.hidden_size // self.config.num_heads, x.device)
+            if motion_free is not None:
+                temporal_bias = self.temporal_attention_bias(motion_free, num_frames, grid_h * grid_w, tokens.dtype)
+
+        for block in self.blocks:
+            args = (tokens, c, text_tokens, text_bias, temporal_bias, rope, num_frames)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, *args)
+            else:
+                tokens = block(*args)
+
+        out = self.final_layer(tokens, c)
+        out = rearrange(
+            out, "b (t h w) (p q c) -> b t c (h p) (w q)", t=num_frames, h=grid_h, w=grid_w, p=p, q=p
+        )
+        return out if is_video else out[:, 0]
+
+    # ----------------------------------------------------------------------- T2I -> T2V
+
+    @classmethod
+    def from_t2i(cls, t2i_model_or_path: "GenTronTransformer | str | Path", **overrides) -> "GenTronTransformer":
+        """A T2V model holding every weight of a T2I model; the new temporal layers keep their zero init."""
+        if isinstance(t2i_model_or_path, (str, Path)):
+            t2i = cls.from_pretrained(t2i_model_or_path)
+        else:
+            t2i = t2i_model_or_path
+        config = {k: v for k, v in t2i.config.items() if not k.startswith("_")}
+        config.update(overrides, temporal=True)
+        model = cls(**config).to(device=t2i.device, dtype=t2i.dtype)
+        try:
+            missing, unexpected = model.load_state_dict(t2i.state_dict(), strict=False)
+        except RuntimeError as err:  # shape mismatch: an override changed a shared layer
+            raise GentronError(f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings") from None
+        not_temporal = [k for k in missing if ".temporal_" not in k]
+        if unexpected or not_temporal:
+            raise GentronError(
+                f"T2I weights do not match the T2V model (missing {not_temporal[:3]}, unexpected {unexpected[:3]})",
+                "override only temporal settings",
+            )
+        return model
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _mask_or_all(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return mask.bool()
+
+
+def _check_config(hidden_size: int, num_heads: int, text_conditioning: str, text_encoders: str) -> None:
+    if text_conditioning not in TEXT_CONDITIONINGS:
+        raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")
+    if text_encoders not in TEXT_ENCODERS:
+        raise GentronError(f"unknown text_encoders {text_encoders!r}", f"use one of {TEXT_ENCODERS}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2 or hidden_size % 4:
+        raise GentronError(
+            f"hidden_size {hidden_size} does not suit {num_heads} heads",
+            "hidden_size must be a multiple of 4 and of num_heads, with an even head width",
+        )
+
+
+def _check_text(text: TextCondition, config) -> None:
+    """Fail with a clear message when the text embeddings do not match the encoders the model was built for."""
+    expected = []
+    if "clip" in config.text_encoders:
+        expected += [("clip_pooled", config.clip_pooled_dim)]
+        if config.text_conditioning == "cross_attention":
+            expected += [("clip_tokens", config.clip_dim)]
+    if "t5" in config.text_encoders and (config.text_conditioning == "cross_attention" or "clip" not in config.text_encoders):
+        expected += [("t5_tokens", config.t5_dim)]
+    for name, dim in expected:
+        value = getattr(text, name)
+        if value is None:
+            raise GentronError(
+                f"the model uses text encoders {config.text_encoders!r} but the text has no {name}",
+                "encode the captions with the encoders named in the model's config.json",
+            )
+        if value.shape[-1] != dim:
+            raise GentronError(
+                f"{name} have width {value.shape[-1]} but the model expects {dim}",
+                "encode the captions with the encoders the model was trained with",
+            )

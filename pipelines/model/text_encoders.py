@@ -1,0 +1,359 @@
+"""Text encoders: CLIP (token states + pooled vector) and T5 (token states), through transformers.
+
+`TextEncoders` turns captions into the per-caption arrays a shard stores and `TextCondition.collate`
+batches: {"clip": (n, Dc), "clip_pooled": (Dc,), "t5": (n, Dt)}, float16, valid tokens only.
+Encoders load from a hub name or a local folder ("NAME_OR_PATH[:SUBFOLDER]"); the tiny test encoders of
+`pipelines.model.tiny` load by path through exactly the same code.
+
+This module also holds the loading helpers vae.py shares (`load_pretrained`, `resolve_device`, `resolve_dtype`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from huggingface_hub.errors import EntryNotFoundError
+
+from pipelines.errors import GentronError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_T5 = "google/flan-t5-xxl"
+CLIP_MAX_LENGTH = 77  # CLIP's context length
+DEFAULT_T5_MAX_LENGTH = 120  # as PixArt-alpha
+OPEN_CLIP_PREFIX = "open_clip:"
+ENCODER_NAMES = ("clip", "t5")
+
+T = TypeVar("T")
+# What from_pretrained raises for a missing/unreadable model (hub errors are OSErrors, but for this one)
+_LOAD_ERRORS = (OSError, ValueError, EntryNotFoundError)
+
+# ---------------------------------------------------------------------------------------------
+# Loading (shared with vae.py)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """"auto"/None: cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device in (None, "", "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise GentronError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GentronError(f"device {device!r} requested but CUDA is not available", "use --device cpu")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """"auto"/None: bf16 on GPU, fp32 on CPU. Otherwise one of fp32, bf16, fp16."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise GentronError(f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """"NAME_OR_PATH" or "NAME_OR_PATH:SUBFOLDER" -> (name_or_path, subfolder). An existing path wins."""
+    if Path(spec).expanduser().exists():
+        return spec, None
+    base, sep, subfolder = spec.rpartition(":")
+    if sep and base and subfolder:
+        return base, subfolder
+    return spec, None
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path, not a hub name ("owner/name" has at most one slash and never starts with / . or ~)."""
+    return (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+        or Path(name_or_path).expanduser().exists()
+    )
+
+
+def load_pretrained(
+    load: Callable[..., T],
+    spec: str,
+    what: str,
+    default_subfolder: str | None = None,
+    **kwargs,
+) -> T:
+    """Call a `from_pretrained`-style `load` on a hub name or local folder, turning failures into a GentronError.
+
+    A local-looking spec never reaches the hub. A local folder without config.json but with a
+    `default_subfolder` (e.g. a diffusers model folder's vae/) loads from that subfolder.
+    """
+    name, subfolder = split_model_spec(spec)
+    if looks_local(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise GentronError(f"{what} not found: {folder}", f"pass an existing model folder or a hub name for the {what}")
+        if subfolder is None and default_subfolder and not (folder / "config.json").exists() and (folder / default_subfolder).is_dir():
+            subfolder = default_subfolder
+        where = folder / subfolder if subfolder else folder
+        try:
+            return load(str(folder), local_files_only=True, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+        except _LOAD_ERRORS as exc:
+            raise GentronError(
+                f"cannot load the {what} from {where}: {_first_line(exc)}", f"pass a folder holding a {what} saved with save_pretrained"
+            ) from exc
+    try:
+        return load(name, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+    except _LOAD_ERRORS as exc:
+        raise GentronError(
+            f"{what} {spec!r} not found locally and could not be downloaded: {_first_line(exc)}",
+            "check the name and your network (or HF token), or pass a local folder; with HF_HUB_OFFLINE=1 only the local cache is used",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_model_type(spec: str, what: str, model_type: str, allowed: Sequence[str]) -> None:
+    # transformers would otherwise load, say, a T5 folder into a CLIP model with random weights and a warning.
+    if model_type not in allowed:
+        raise GentronError(f"{spec} holds a {model_type!r} model, not a {what}", f"pass a {what} ({' or '.join(allowed)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# One encoder each. __call__(captions) -> (valid token states per caption, pooled (B, D) or None,
+# truncated flag per caption); states float32 on CPU.
+
+
+@dataclass
+class EncoderOutput:
+    tokens: list[torch.Tensor]  # (n_i, D) valid tokens of caption i
+    pooled: torch.Tensor | None  # (B, D)
+    truncated: list[bool]
+
+
+def _tokenize_checked(tokenizer, captions: list[str], max_length: int, padding: str):
+    """Tokenize with truncation, and tell which captions were cut (their length reaches max_length + 1)."""
+    lengths = tokenizer(captions, truncation=True, max_length=max_length + 1)["input_ids"]
+    batch = tokenizer(captions, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    return batch, [len(ids) > max_length for ids in lengths]
+
+
+class ClipTextEncoder:
+    """CLIP text tower (transformers CLIPTextModel): token states up to and including EOS, and pooler_output."""
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+
+        what = "CLIP text encoder"
+        config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
+        _check_model_type(spec, what, config.model_type, ("clip", "clip_text_model"))
+        self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
+        self.model = load_pretrained(CLIPTextModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.max_length = min(CLIP_MAX_LENGTH, self.model.config.max_position_embeddings)
+        self.dim = self.pooled_dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> EncoderOutput:
+        # Padded to the full context as CLIP was trained. Attention is causal, so the states of the
+        # valid tokens do not depend on the padding after them; the tokenizer's mask counts them.
+        batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "max_length")
+        out = self.model(input_ids=batch["input_ids"].to(self.device))
+        hidden, pooled = out.last_hidden_state.float().cpu(), out.pooler_output.float().cpu()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return EncoderOutput([hidden[i, :n] for i, n in enumerate(lengths)], pooled, truncated)
+
+
+class OpenClipTextEncoder:
+    """CLIP text tower through open_clip ("open_clip:ARCH:PRETRAINED"). Optional extra `gentron[openclip]`.
+
+    Token states are the final layer norm's output; the pooled vector is that output at EOS, before
+    the text projection, as transformers' pooler_output.
+    """
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
+        try:
+            import open_clip
+        except ImportError as exc:
+            raise GentronError(
+                f"{spec!r} needs open_clip, which is not installed",
+                "pip install -c constraints.txt 'gentron[openclip]' (needs torchvision, so a GPU install), "
+                "or use a transformers CLIP such as openai/clip-vit-large-patch14",
+            ) from exc
+        arch, _, pretrained = spec[len(OPEN_CLIP_PREFIX) :].partition(":")
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained or None, device=device, precision=_open_clip_precision(dtype))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise GentronError(
+                f"cannot load open_clip model {spec!r}: {_first_line(exc)}",
+                "check the architecture and pretrained tag (open_clip.list_pretrained())",
+            ) from exc
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.device = device
+        self.max_length = getattr(self.model, "context_length", CLIP_MAX_LENGTH)
+        self.dim = self.pooled_dim = self.model.ln_final.weight.shape[0]
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> EncoderOutput:
+        ids = self.tokenizer(captions, context_length=self.max_length).to(self.device)
+        m = self.model
+        x = m.token_embedding(ids).to(m.positional_embedding.dtype) + m.positional_embedding
+        if not getattr(m.transformer, "batch_first", False):
+            x = x.transpose(0, 1)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        if not getattr(m.transformer, "batch_first", False):
+            x = x.transpose(0, 1)
+        hidden = m.ln_final(x).float().cpu()
+        eos = ids.argmax(dim=-1).cpu()  # EOT has the largest id in CLIP's vocabulary
+        pooled = hidden[torch.arange(len(captions)), eos]
+        # open_clip cuts long captions and puts EOT last; a caption that fills the context exactly counts too.
+        truncated = [int(e) == self.max_length - 1 for e in eos]
+        return EncoderOutput([hidden[i, : int(e) + 1] for i, e in enumerate(eos)], pooled, truncated)
+
+
+def _open_clip_precision(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class T5TextEncoder:
+    """Any T5 encoder (transformers T5EncoderModel): token states of the valid tokens (EOS included)."""
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, max_length: int = DEFAULT_T5_MAX_LENGTH):
+        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
+
+        what = "T5 encoder"
+        config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
+        _check_model_type(spec, what, config.model_type, ("t5", "mt5"))
+        self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
+        self.model = load_pretrained(T5EncoderModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.max_length = max_length
+        self.dim = self.model.config.d_model
+        self.pooled_dim = None
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> EncoderOutput:
+        # Padded to the longest caption of the batch only: the mask keeps padding out of every
+        # valid token's attention, so padding further (PixArt pads to 120) changes nothing but cost.
+        batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "longest")
+        mask = batch["attention_mask"]
+        hidden = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = hidden.float().cpu()
+        return EncoderOutput([hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())], None, truncated)
+
+
+def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
+    """The tokenizer beside the model; in a pipeline folder ("...:text_encoder") the sibling tokenizer/ folder."""
+    name, subfolder = split_model_spec(spec)
+    folder = Path(name).expanduser()
+    if subfolder is None and looks_local(name) and (folder / "tokenizer").is_dir() and not (folder / "tokenizer_config.json").exists():
+        subfolder = "tokenizer"
+    if subfolder and subfolder.startswith("text_encoder"):
+        subfolder = subfolder.replace("text_encoder", "tokenizer", 1)
+    return load_pretrained(load, f"{name}:{subfolder}" if subfolder else name, f"{what} tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# The set of encoders a run uses
+
+
+@dataclass
+class EncodedCaption:
+    arrays: dict[str, np.ndarray]  # "clip" (n, Dc), "clip_pooled" (Dc,), "t5" (n, Dt); float16
+    truncated: tuple[str, ...]  # names of the encoders that cut this caption
+
+
+class TextEncoders:
+    """CLIP and/or T5, loaded once in the dtype they run in. Pass None to leave an encoder out.
+
+    `clip` is a transformers CLIP (hub name or folder, optionally ":SUBFOLDER") or "open_clip:ARCH:PRETRAINED".
+    """
+
+    def __init__(
+        self,
+        clip: str | None = DEFAULT_CLIP,
+        t5: str | None = DEFAULT_T5,
+        *,
+        t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
+        if clip is None and t5 is None:
+            raise GentronError("no text encoder selected", "use --encoders clip, t5 or clip,t5")
+        if t5_max_length < 1:
+            raise GentronError(f"T5 max length must be positive, got {t5_max_length}", "pass --t5-max-length 120")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
+        self.names = {"clip": clip, "t5": t5}
+        self.clip: ClipTextEncoder | OpenClipTextEncoder | None = None
+        self.t5: T5TextEncoder | None = None
+        if clip is not None:
+            cls = OpenClipTextEncoder if clip.startswith(OPEN_CLIP_PREFIX) else ClipTextEncoder
+            self.clip = cls(clip, self.device, self.dtype)
+        if t5 is not None:
+            self.t5 = T5TextEncoder(t5, self.device, self.dtype, t5_max_length)
+
+    @property
+    def encoders(self) -> list[str]:
+        return [name for name in ENCODER_NAMES if getattr(self, name) is not None]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Widths of the arrays produced, named as GenTronTransformer's arguments (clip_dim, clip_pooled_dim, t5_dim)."""
+        dims = {}
+        if self.clip is not None:
+            dims |= {"clip_dim": self.clip.dim, "clip_pooled_dim": self.clip.pooled_dim}
+        if self.t5 is not None:
+            dims["t5_dim"] = self.t5.dim
+        return dims
+
+    def metadata(self) -> dict:
+        """What a shard's "text" section records: encoder names, max lengths, widths, storage dtype."""
+        meta: dict = {"encoders": self.encoders, "dtype": "float16"}
+        if self.clip is not None:
+            clip = self.clip
+            meta["clip"] = {"name": self.names["clip"], "max_length": clip.max_length, "dim": clip.dim, "pooled_dim": clip.pooled_dim}
+        if self.t5 is not None:
+            meta["t5"] = {"name": self.names["t5"], "max_length": self.t5.max_length, "dim": self.t5.dim}
+        return meta
+
+    def encode_captions(self, captions: Sequence[str]) -> list[EncodedCaption]:
+        """Arrays per caption, and which encoders truncated it."""
+        captions = list(captions)
+        arrays: list[dict[str, np.ndarray]] = [{} for _ in captions]
+        truncated: list[list[str]] = [[] for _ in captions]
+        for name in self.encoders:
+            out = getattr(self, name)(captions)
+            for i, tokens in enumerate(out.tokens):
+                arrays[i][name] = tokens.numpy().astype(np.float16)
+                if out.pooled is not None:
+                    arrays[i][f"{name}_pooled"] = out.pooled[i].numpy().astype(np.float16)
+                if out.truncated[i]:
+                    truncated[i].append(name)
+        return [EncodedCaption(a, tuple(t)) for a, t in zip(arrays, truncated)]
+
+    def encode(self, captions: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """{"clip", "clip_pooled", "t5"} per caption (those of the loaded encoders), float16, valid tokens only."""
+        return [e.arrays for e in self.encode_captions(captions)]
+
+
+def parse_encoders(text: str) -> list[str]:
+    """"clip,t5" (or "clip+t5", as model configs write it) -> ["clip", "t5"]."""
+    names = [n.strip() for n in text.replace("+", ",").split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENCODER_NAMES]
+    if not names or unknown:
+        raise GentronError(f"unknown text encoders {text!r}", "use --encoders clip, t5 or clip,t5")
+    return [n for n in ENCODER_NAMES if n in names]

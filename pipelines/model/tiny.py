@@ -1,0 +1,150 @@
+"""Tiny random-initialised encoders and VAE, saved to folders that load exactly like the real ones.
+
+Nothing here downloads: the CLIP tokenizer is a small byte-level BPE trained on a few sentences with
+the `tokenizers` library, the T5 tokenizer is ByT5's (bytes, no vocabulary file). Tests, the
+quickstart and the sampling stage load the saved folders by path through `TextEncoders` and `load_vae`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# Widths match pipelines.model.configs.TINY_TEXT_DIMS, which the "T/2" model size expects.
+TINY_CLIP_DIM = 32
+TINY_T5_DIM = 32
+
+# A few sentences to learn BPE merges from; any caption still tokenizes (byte-level fallback).
+_TOKENIZER_CORPUS = [
+    "a photo of a cat sitting on a red sofa",
+    "a dog running on the beach at sunset",
+    "a red car driving on a street at night",
+    "two people walking in a green park",
+    "a bird flying over the sea under a blue sky",
+    "a close up video of waves breaking on rocks",
+    "a timelapse of clouds moving over mountains",
+    "a cup of coffee on a wooden table",
+]
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        yield
+
+
+def build_tiny_clip(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A CLIP-style BPE tokenizer and a 2-layer, 32-wide CLIPTextModel, saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])  # as CLIP
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    bos_id, eos_id = bpe.token_to_id(bos), bpe.token_to_id(eos)
+    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)])
+    # CLIP pads with its EOS token; the attention mask tells the padding apart.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77
+    )
+    tokenizer.save_pretrained(folder)
+
+    config = CLIPTextConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=TINY_CLIP_DIM,
+        intermediate_size=2 * TINY_CLIP_DIM,
+        projection_dim=TINY_CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,  # pooler_output is the state at the first EOS
+        pad_token_id=eos_id,
+    )
+    with _seeded(seed):
+        CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_t5(folder: str | Path, seed: int = 0) -> Path:
+    """ByT5's byte tokenizer and a 2-layer, 32-wide T5EncoderModel (gated-GELU, as FLAN-T5), saved to `folder`."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    tokenizer = ByT5Tokenizer()
+    tokenizer.save_pretrained(folder)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TINY_T5_DIM,
+        d_kv=8,
+        d_ff=2 * TINY_T5_DIM,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with _seeded(seed):
+        T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_vae(folder: str | Path, seed: int = 0, downsample: int = 8) -> Path:
+    """A tiny AutoencoderKL (4 latent channels) downsampling by `downsample` (a power of two), saved to `folder`.
+
+    AutoencoderKL halves the size once per block after the first: log2(downsample) + 1 blocks.
+    """
+    from diffusers import AutoencoderKL
+
+    blocks = downsample.bit_length()  # 8 -> 4 blocks, 2 -> 2, 1 -> 1
+    if downsample < 1 or 2 ** (blocks - 1) != downsample:
+        raise ValueError(f"downsample must be a power of two, got {downsample}")
+    channels = tuple(min(8 * 2**i, 16) for i in range(blocks))  # (8, 16, 16, 16) for 8x
+    with _seeded(seed):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=channels,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+        )
+    vae.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_encoders(folder: str | Path, seed: int = 0, vae_downsample: int = 8) -> dict[str, Path]:
+    """Tiny CLIP, T5 and VAE in `folder`/clip, /t5, /vae; deterministic for a seed. Returns their paths."""
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte models are noise
+    try:
+        return {
+            "clip": build_tiny_clip(folder / "clip", seed),
+            "t5": build_tiny_t5(folder / "t5", seed + 1),
+            "vae": build_tiny_vae(folder / "vae", seed + 2, vae_downsample),
+        }
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,131 @@
+"""`prep-images`: raw images + captions -> WebDataset shards (key.jpg or key.png, key.txt, key.json).
+
+Each image is made upright 8-bit RGB, its short side resized to `size`, then center-cropped to a
+square (or kept at its aspect with `crop=False`). Images whose short side is below `min_size` are
+skipped ("too_small") unless `upscale`. Shards are formed over the sorted inputs (`shard_size`
+images per shard); a bad image is counted and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipelines.data import schema
+from pipelines.data.image import load_image, resize_image
+from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem, discover_inputs
+from pipelines.data.media import encode_image
+from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs
+from pipelines.errors import BadSample, GentronError
+from pipelines.prep_videos import check_output_options, make_shard_jobs, pending_items
+from pipelines.progress import NullReporter, Reporter
+
+OPTIONS_FILE = "_prep_images.json"
+
+
+@dataclass
+class PrepImagesConfig:
+    input: str | Path  # folder of images with same-stem .txt captions, or a CSV/JSONL/parquet manifest
+    output: str | Path
+    size: int = 512  # short side after resizing (and the square's side when cropping)
+    crop: bool = True  # center-crop to size x size
+    format: str = "jpg"  # "jpg" or "png"
+    quality: int = 95  # JPEG quality
+    min_size: int = 64  # smaller short sides are skipped ("too_small") ...
+    upscale: bool = False  # ... unless this is set
+    shard_size: int = 1000  # source images per shard
+    workers: int = 1
+    node_rank: int | None = None
+    num_nodes: int | None = None
+    keep_uncaptioned: bool = False
+    path_column: str = "path"
+    caption_column: str = "caption"
+
+    def output_options(self) -> dict:
+        skip = ("input", "output", "workers", "node_rank", "num_nodes")
+        return {k: v for k, v in asdict(self).items() if k not in skip} | {"input": str(Path(self.input).resolve())}
+
+
+def _validate(config: PrepImagesConfig) -> None:
+    checks = [
+        (config.size >= 8, "--size must be at least 8"),
+        (config.format in schema.IMAGE_FIELDS, f"--format must be one of {', '.join(schema.IMAGE_FIELDS)}"),
+        (1 <= config.quality <= 100, "--quality must be in [1, 100]"),
+        (config.min_size >= 0, "--min-size must be 0 or more"),
+        (config.shard_size >= 1, "--shard-size must be at least 1"),
+        (config.workers >= 1, "--workers must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise GentronError(f"invalid option: {message}", message)
+
+
+def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
+    config, items = job.payload
+    for item in items:
+        stats.samples_in += 1
+        try:
+            key, fields = _prep_one(item, config, stats)
+            writer.write(key, fields)
+        except BadSample as exc:
+            stats.fail(item.key, exc.reason, exc.detail)
+        tick(1)
+
+
+def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> tuple[str, dict[str, bytes]]:
+    try:
+        caption = item.read_caption()
+    except BadSample as exc:
+        if not (exc.reason == "missing_caption" and config.keep_uncaptioned):
+            raise
+        caption = ""
+        stats.count("uncaptioned_kept")
+    data = item.path.read_bytes() if item.path.is_file() else None
+    if data is None:
+        raise BadSample("missing_file", f"{item.path} does not exist")
+    loaded = load_image(item.path)
+    height, width = loaded.pixels.shape[:2]
+    if min(width, height) < config.min_size and not config.upscale:
+        raise BadSample("too_small", f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (use --upscale to keep it)")
+    pixels, crop_box = resize_image(loaded.pixels, config.size, config.crop)
+    upscaled = min(width, height) < config.size
+    stats.count("upscaled_images", int(upscaled))
+    meta = {
+        "source": item.source,
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "source_size": [width, height],
+        "source_mode": loaded.source_mode,
+        "exif_transposed": loaded.exif_transposed,
+        "size": [int(pixels.shape[1]), int(pixels.shape[0])],
+        "crop_box": crop_box,
+        "upscaled": upscaled,
+    }
+    return item.key, {
+        config.format: encode_image(pixels, config.format, config.quality),
+        schema.CAPTION: schema.encode_caption(caption),
+        schema.META: schema.encode_json({"prep": meta}),
+    }
+
+
+def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -> StageResult:
+    """Prepare every image of `config.input` into image shards under `config.output`."""
+    _validate(config)
+    items = discover_inputs(config.input, IMAGE_EXTENSIONS, path_column=config.path_column, caption_column=config.caption_column, what="images")
+    output = Path(config.output)
+    check_output_options(output, config.output_options(), OPTIONS_FILE)
+    rank, world_size = resolve_rank(config.node_rank, config.num_nodes)
+    jobs = make_shard_jobs(items, config.shard_size, config)
+    reporter.log(f"{len(items)} images in {len(jobs)} shards of up to {config.shard_size} images" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
+    return run_shard_jobs(
+        jobs,
+        output,
+        _prep_shard,
+        total_items=pending_items(jobs, output, rank, world_size),
+        workers=config.workers,
+        rank=rank,
+        world_size=world_size,
+        description="prep-images",
+        unit="image",
+        reporter=reporter,
+    )

@@ -1,0 +1,175 @@
+"""prep-images: normalisation of awkward files (checked on pixel values), crop geometry, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.data import schema
+from pipelines.data.image import load_image, resize_image
+from pipelines.data.media import decode_image
+from pipelines.data.shards import iter_shard, list_shards
+from pipelines.errors import GentronError
+from pipelines.prep_images import PrepImagesConfig, prep_images
+
+
+def _samples(folder):
+    out = {}
+    for shard in list_shards(folder):
+        for key, fields in iter_shard(shard):
+            image_field = next(f for f in fields if f in schema.IMAGE_FIELDS)
+            out[key] = {"pixels": decode_image(fields[image_field]), "field": image_field, "caption": fields[schema.CAPTION].decode()}
+            out[key] |= schema.decode_json(fields[schema.META])["prep"]
+    return out
+
+
+def _failures(folder):
+    out = {}
+    for p in folder.glob("*.stats.json"):
+        out |= {f["key"]: f["reason"] for f in json.loads(p.read_text())["failures"]}
+    return out
+
+
+def _quadrants(width: int, height: int) -> np.ndarray:
+    """Top-left red, top-right green, bottom-left blue, bottom-right white."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    image[height // 2 :, width // 2 :] = (255, 255, 255)
+    return image
+
+
+def _near(pixel, colour, tol=40) -> bool:
+    return bool(np.abs(np.asarray(pixel, int) - np.asarray(colour, int)).max() <= tol)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    src = tmp_path_factory.mktemp("images") / "in"
+    src.mkdir()
+    Image.fromarray(_quadrants(200, 100)).save(src / "wide.png")
+    # EXIF orientation 6 (rotate 90 CW to view): stored 100 wide x 200 tall, viewed 200x100
+    stored = np.rot90(_quadrants(200, 100), k=1)  # what a camera writes before its orientation tag
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(stored)).save(src / "rotated.jpg", exif=exif.tobytes(), quality=98)
+    Image.fromarray(_quadrants(120, 120)).convert("CMYK").save(src / "cmyk.jpg", quality=98)
+    rgba = np.zeros((96, 96, 4), np.uint8)
+    rgba[:, :48] = (255, 0, 0, 255)  # left opaque red, right fully transparent
+    Image.fromarray(rgba, "RGBA").save(src / "transparent.png")
+    palette = Image.fromarray(_quadrants(100, 100)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = palette.getpixel((99, 99))  # the white quadrant's index: stays white
+    palette.save(src / "palette.png", transparency=palette.info["transparency"])
+    gray16 = np.full((80, 80), 65535 // 4, np.uint16)
+    gray16[:, 40:] = 65535
+    Image.fromarray(gray16).save(src / "gray16.png")
+    Image.fromarray(np.full((90, 90), 128, np.uint8), "L").save(src / "gray.png")
+    Image.fromarray(_quadrants(40, 40)).save(src / "tiny.png")
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" + bytes(200))
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (src / "truncated.jpg").write_bytes(buf.getvalue()[:2000])
+    (src / "empty.png").write_bytes(b"")
+    Image.fromarray(_quadrants(100, 100)).save(src / "uncaptioned.png")
+    for p in src.iterdir():
+        if p.stem != "uncaptioned":
+            p.with_suffix(".txt").write_text(f"{p.stem} picture")
+    out = src.parent / "out"
+    result = prep_images(PrepImagesConfig(src, out, size=64, shard_size=5))
+    return src, out, result
+
+
+def test_crop_geometry_and_exif_rotation_on_pixels(prepared):
+    _, out, _ = prepared
+    s = _samples(out)
+    for key in ("wide", "rotated"):
+        image = s[key]["pixels"]
+        assert image.shape == (64, 64, 3) and s[key]["size"] == [64, 64]
+        assert s[key]["source_size"] == [200, 100] and s[key]["crop_box"] == [32, 0, 96, 64]
+        # the centered square of a 128x64 quadrant image: the quadrant boundary is in the middle
+        assert _near(image[8, 8], (255, 0, 0)) and _near(image[8, 56], (0, 255, 0))
+        assert _near(image[56, 8], (0, 0, 255)) and _near(image[56, 56], (255, 255, 255))
+    assert s["rotated"]["exif_transposed"] and not s["wide"]["exif_transposed"]
+    assert s["wide"]["caption"] == "wide picture" and s["wide"]["field"] == "jpg"
+
+
+def test_awkward_modes_become_rgb(prepared):
+    _, out, _ = prepared
+    s = _samples(out)
+    assert s["cmyk"]["source_mode"] == "CMYK" and _near(s["cmyk"]["pixels"][8, 8], (255, 0, 0), 60)
+    t = s["transparent"]["pixels"]
+    assert _near(t[32, 8], (255, 0, 0)) and _near(t[32, 56], (255, 255, 255), 5)  # transparent -> white
+    p = s["palette"]["pixels"]
+    assert s["palette"]["source_mode"] == "P" and _near(p[8, 8], (255, 0, 0)) and _near(p[56, 56], (255, 255, 255), 5)
+    g = s["gray16"]["pixels"]
+    assert s["gray16"]["source_mode"].startswith("I") and _near(g[32, 8], (64, 64, 64), 3) and _near(g[32, 56], (255, 255, 255), 3)
+    assert _near(s["gray"]["pixels"][32, 32], (128, 128, 128), 3)
+    assert s["gray"]["upscaled"] is False and s["wide"]["upscaled"] is False
+
+
+def test_bad_images_are_counted_and_skipped(prepared):
+    _, out, result = prepared
+    assert _failures(out) == {
+        "tiny": "too_small",
+        "corrupt": "corrupt",
+        "truncated": "corrupt",
+        "empty": "corrupt",
+        "uncaptioned": "missing_caption",
+    }
+    assert result.samples_in == 12 and result.samples_out == 7 == len(_samples(out))
+
+
+def test_upscale_no_crop_png_and_keep_uncaptioned(prepared, tmp_path):
+    src, _, _ = prepared
+    prep_images(PrepImagesConfig(src, tmp_path / "o", size=64, crop=False, format="png", upscale=True, keep_uncaptioned=True))
+    s = _samples(tmp_path / "o")
+    assert s["tiny"]["upscaled"] and s["tiny"]["pixels"].shape == (64, 64, 3) and s["tiny"]["field"] == "png"
+    assert s["wide"]["pixels"].shape == (64, 128, 3) and s["wide"]["crop_box"] == [0, 0, 128, 64]
+    # PNG is lossless: the resized image equals a direct bicubic resize of the source
+    reference = np.asarray(Image.open(src / "wide.png").convert("RGB").resize((128, 64), Image.Resampling.BICUBIC))
+    assert np.array_equal(s["wide"]["pixels"], reference)
+    assert s["uncaptioned"]["caption"] == "" and set(_failures(tmp_path / "o").values()) == {"corrupt"}
+
+
+def test_reproducible_shards(prepared, tmp_path):
+    src, out, _ = prepared
+    prep_images(PrepImagesConfig(src, tmp_path / "again", size=64, shard_size=5))
+    assert [p.read_bytes() for p in list_shards(out)] == [p.read_bytes() for p in list_shards(tmp_path / "again")]
+
+
+def test_resize_image_portrait_and_load_errors(tmp_path):
+    image, box = resize_image(_quadrants(50, 100), 20, crop=True)
+    assert image.shape == (20, 20, 3) and box == [0, 10, 20, 30]
+    image, box = resize_image(_quadrants(50, 100), 20, crop=False)
+    assert image.shape == (40, 20, 3)
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    from pipelines.errors import BadSample
+
+    with pytest.raises(BadSample) as err:
+        load_image(tmp_path / "x.png")
+    assert err.value.reason == "corrupt" and "x.png" in err.value.detail
+
+
+def test_cli(prepared, tmp_path):
+    from gentron_cli.commands import prep
+
+    app = typer.Typer()
+    prep.register(app)
+    src, _, _ = prepared
+    runner = CliRunner()
+    ok = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o"), "--size", "32", "--format", "png"])
+    assert ok.exit_code == 0, ok.output
+    assert "12 images -> 7 images" in ok.output
+    bad = runner.invoke(app, ["prep-images", str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and str(tmp_path / "missing") in bad.output and "Traceback" not in bad.output
+    bad_format = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o3"), "--format", "gif"])
+    assert bad_format.exit_code == 2 and "--format" in bad_format.output
+    with pytest.raises(GentronError):
+        prep_images(PrepImagesConfig(src, tmp_path / "o4", quality=0))

