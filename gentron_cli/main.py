@@ -18,13 +18,8 @@ app = typer.Typer(
 COMMAND_MODULES = ("quickstart", "prep", "encode", "train", "sample", "info", "stats")
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"gentron_cli.commands.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"gentron_cli.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    # Command modules import the library lazily, inside their commands, so `gentron --help` stays fast.
+    importlib.import_module(f"gentron_cli.commands.{_name}").register(app)
 
 
 def main() -> None:

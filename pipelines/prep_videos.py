@@ -43,7 +43,7 @@ class PrepVideosConfig:
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
-    crf: int = 15  # H.264 quality of the stored clips
+    quality: int = 2  # JPEG quality scale of the stored clips (2 best .. 31); see pipelines/data/media.py
     shard_size: int = 64  # source videos per shard
     workers: int = 1
     node_rank: int | None = None  # None: from torchrun/SLURM environment, else 0
@@ -59,7 +59,7 @@ class PrepVideosConfig:
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
-        keep = ("short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video", "crf", "shard_size")
+        keep = ("short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video", "quality", "shard_size")
         keep += ("keep_uncaptioned", "path_column", "caption_column")
         return {k: v for k, v in asdict(self).items() if k in keep} | {"input": str(Path(self.input).resolve())}
 
@@ -72,7 +72,7 @@ def _validate(config: PrepVideosConfig) -> None:
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
         (config.max_clips_per_video is None or config.max_clips_per_video >= 1, "--max-clips-per-video must be at least 1"),
-        (0 <= config.crf <= 51, "--crf must be in [0, 51]"),
+        (2 <= config.quality <= 31, "--quality must be in [2, 31]"),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
         (config.timeout > 0, "--timeout must be positive"),
@@ -122,7 +122,7 @@ def _test_sleep(path: Path) -> None:
             time.sleep(float(seconds))
 
 
-def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, crf: int) -> Iterator[tuple]:
+def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, quality: int) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child."""
     _test_sleep(path)
     if not path.is_file():
@@ -149,7 +149,7 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     )
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(frames, width, height), plan.clip_fps, crf)
+        clip = encode_clip(resize_frames(frames, width, height), plan.clip_fps, quality)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -185,7 +185,7 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
     plan = config.plan
     try:
         # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.crf))
+        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.quality))
     except BadSample as exc:
         stats.fail(item.key, exc.reason, exc.detail or str(item.path))
         return 0

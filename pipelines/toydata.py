@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data.media import encode_clip
+from pipelines.data.media import encode_h264
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 230), "yellow": (230, 210, 40)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -91,7 +91,7 @@ def make_toy_dataset(root: str | Path, cfg: ToyDataConfig = ToyDataConfig()) -> 
                 along = travel - along
             corner = (cross, along) if direction in ("left", "right") else (along, cross)
             frames.append(_draw(cfg.video_size, side, corner, COLORS[color]))
-        (video_dir / f"{stem}.mp4").write_bytes(encode_clip(np.stack(frames), cfg.video_fps, crf=12))
+        (video_dir / f"{stem}.mp4").write_bytes(encode_h264(np.stack(frames), cfg.video_fps, crf=12))
         (video_dir / f"{stem}.txt").write_text(video_caption(color, direction))
     return {"images": image_dir, "videos": video_dir}
 

@@ -9,10 +9,7 @@ import typer
 from gentron_cli.commands.stats import print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.shards import StageResult
-from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
-from pipelines.encode_text import EncodeTextConfig, encode_text
-from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH
-from pipelines.model.vae import DEFAULT_VAE
+from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
 
 _DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."
 _DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load in this dtype."
@@ -42,6 +39,8 @@ def register(app: typer.Typer) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
 
         def body():
+            from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+
             cfg = EncodeLatentsConfig(
                 input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype
             )
@@ -64,6 +63,8 @@ def register(app: typer.Typer) -> None:
         """Encode captions with CLIP and/or T5 (valid token states, float16) and write the empty caption once."""
 
         def body():
+            from pipelines.encode_text import EncodeTextConfig, encode_text
+
             cfg = EncodeTextConfig(
                 input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
                 batch_size=batch_size, device=device, dtype=dtype,

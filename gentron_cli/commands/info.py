@@ -10,8 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from gentron_cli.reporting import run_command
-from pipelines.model.configs import MODEL_SIZES, model_config
-from pipelines.model.flops import CLIP_LENGTH, T5_LENGTH, TRAIN_STEP_FACTOR, model_cost
 
 
 def _millions(n: float) -> str:
@@ -27,6 +25,9 @@ def _flops(n: float) -> str:
 
 def info_table(config: str | None, resolution: int, frames: int, batch_size: int) -> Table:
     """One row per named size (or just `config`), at the given resolution, frames and batch size."""
+    from pipelines.model.configs import MODEL_SIZES, model_config
+    from pipelines.model.flops import CLIP_LENGTH, T5_LENGTH, TRAIN_STEP_FACTOR, model_cost
+
     specs = [config] if config else list(MODEL_SIZES)
     kind = "T2V (temporal)" if frames > 1 else "T2I"
     table = Table(

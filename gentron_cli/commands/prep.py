@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         frame_stride: int = typer.Option(6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."),
         clip_stride: Optional[int] = typer.Option(None, help="Timeline frames between clip starts (default frames x frame-stride: consecutive clips)."),
         max_clips_per_video: Optional[int] = typer.Option(None, help="At most this many clips from each video (the first ones)."),
-        crf: int = typer.Option(15, help="H.264 quality of the stored clips (lower is better)."),
+        quality: int = typer.Option(2, help="JPEG quality scale of the stored clips: 2 (best) to 31."),
         shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
         workers: int = typer.Option(1, help="Worker processes (each decodes its own shards)."),
         node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: torchrun/SLURM environment, else 0)."),
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
         config = PrepVideosConfig(
             input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
-            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, crf=crf,
+            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=quality,
             shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes, timeout=timeout,
             keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column,
         )  # fmt: skip

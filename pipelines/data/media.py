@@ -1,8 +1,12 @@
 """Encoding and decoding of the media fields of a shard (the `mp4` clip and the `jpg`/`png` image).
 
 One place for both directions, so prep (writes) and encode-latents (reads) cannot disagree.
-Clips are H.264 in MP4, encoded single-threaded with fixed settings, so the same frames give
-byte-identical files (reproducible shards).
+
+Stored clips are Motion-JPEG in an MP4 container: libx264 proved not reproducible here (the same
+frames gave different bitstreams, and decoded pixels up to 12 levels apart, depending on what the
+process had decoded before), while FFmpeg's JPEG encoder is, and it encodes 8 frames at 512 px about
+7x faster (quality 2: PSNR 39 dB against x264 crf 15's 40 dB, files ~40 % larger). Videos meant
+for people (samples, the toy dataset) are H.264 (`encode_h264`).
 """
 
 from __future__ import annotations
@@ -11,40 +15,55 @@ import io
 from fractions import Fraction
 
 import av
-from av.codec.context import Flags
 import numpy as np
+from av.codec.context import Flags
 from PIL import Image
 
 from pipelines.errors import BadSample
 
 
-def encode_clip(frames: np.ndarray, fps: float, crf: int = 15) -> bytes:
-    """(T, H, W, 3) uint8 RGB -> MP4 bytes (H.264, yuv420p; H and W must be even)."""
+def _check_frames(frames: np.ndarray) -> None:
     t, h, w, c = frames.shape
     if c != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     if h % 2 or w % 2:
-        raise ValueError(f"H.264 with yuv420p needs even sizes, got {w}x{h}")
+        raise ValueError(f"4:2:0 video needs even sizes, got {w}x{h}")
+
+
+def _encode(frames: np.ndarray, fps: float, codec: str, pix_fmt: str, options: dict[str, str]) -> bytes:
+    _check_frames(frames)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        container.metadata.clear()
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.thread_count = 1  # multi-threaded x264 is not bit-reproducible
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.thread_count = 1
+        stream.options = options
         stream.codec_context.flags |= Flags.bitexact
-        for frame in frames:
-            for packet in stream.encode(_yuv420p(frame)):
+        for index, frame in enumerate(frames):
+            # converted here, single-threaded: PyAV's implicit conversion in encode() runs threaded swscale
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format=pix_fmt, threads=1)
+            picture.pts = index
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
 
 
-def _yuv420p(frame: np.ndarray) -> av.VideoFrame:
-    """RGB -> yuv420p, converted single-threaded: PyAV's implicit conversion inside encode() runs
-    threaded swscale and gave different bytes for the same frames (30 encodes: 6 different files)."""
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p", threads=1)
+def encode_clip(frames: np.ndarray, fps: float, quality: int = 2) -> bytes:
+    """(T, H, W, 3) uint8 RGB -> MP4 bytes (Motion-JPEG, 4:2:0, JPEG qscale `quality`: 2 best .. 31).
+
+    Deterministic: the same frames give the same bytes, so prep shards are reproducible.
+    """
+    if not 2 <= quality <= 31:
+        raise ValueError(f"JPEG quality scale must be in [2, 31], got {quality}")
+    q = str(quality)
+    return _encode(frames, fps, "mjpeg", "yuvj420p", {"qmin": q, "qmax": q, "q:v": q})
+
+
+def encode_h264(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
+    """(T, H, W, 3) uint8 RGB -> MP4 bytes (H.264, yuv420p) that any player shows. Not bit-reproducible."""
+    return _encode(frames, fps, "libx264", "yuv420p", {"crf": str(crf), "preset": "medium", "threads": "1"})
 
 
 def decode_clip(data: bytes) -> np.ndarray:

@@ -279,9 +279,10 @@ _worker_queue: Any = None
 def _worker_init(q) -> None:
     global _worker_queue
     _worker_queue = q
-    import torch
-
-    torch.set_num_threads(1)  # the pool provides the parallelism; threads per worker would oversubscribe
+    # The pool provides the parallelism; threads per worker would oversubscribe the cores. Set before
+    # the stage's modules (and torch, if they use it) are imported in this fresh process.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
 
 
 def _worker_run(fn: ShardFn, job: ShardJob, output_dir: Path) -> ShardStats:

@@ -21,10 +21,8 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from pipelines.errors import GentronError
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-DEFAULT_T5 = "google/flan-t5-xxl"
+from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH  # noqa: F401  (re-exported)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
-DEFAULT_T5_MAX_LENGTH = 120  # as PixArt-alpha
 OPEN_CLIP_PREFIX = "open_clip:"
 ENCODER_NAMES = ("clip", "t5")
 

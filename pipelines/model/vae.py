@@ -16,8 +16,7 @@ from einops import rearrange
 from pipelines.errors import GentronError
 from pipelines.model.text_encoders import load_pretrained, resolve_device, resolve_dtype
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-PIXEL = "pixel"
+from pipelines.defaults import DEFAULT_VAE, PIXEL_VAE as PIXEL  # noqa: F401  (re-exported)
 
 
 class VAE(Protocol):

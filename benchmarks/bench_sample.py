@@ -1,0 +1,134 @@
+"""Seconds per guided sampling step: one batched forward (2B for CFG, 3B for MFG) against separate passes.
+
+The batched path is the one `gentron sample` uses (`pipelines.diffusion.guidance.guided_prediction`);
+the reference makes two (CFG) or three (MFG) forward calls of batch B and mixes them with the same
+formula, in the same run, on the same model and inputs. Reported: median seconds per step and the
+ratio separate / batched (> 1 means batching is faster).
+
+    python benchmarks/bench_sample.py            # tiny T/2 and a wider S/2-width model, CPU
+    python benchmarks/bench_sample.py --quick    # tiny only, fewer repeats
+    python benchmarks/bench_sample.py --threads 1 / --device cuda / --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipelines.diffusion.guidance import guided_prediction
+from pipelines.model.conditioning import TextCondition
+from pipelines.model.configs import model_config
+from pipelines.model.gentron import GenTronTransformer
+
+TEXT_DIM = 32  # T/2's text widths; the text side is a small part of the cost at these sizes
+MODELS = {
+    "T/2 (depth 2, width 64)": model_config("T/2", temporal=True),
+    "S/2 width, depth 4 (width 384)": model_config(
+        "S/2", depth=4, temporal=True, clip_dim=TEXT_DIM, clip_pooled_dim=TEXT_DIM, t5_dim=TEXT_DIM
+    ),
+}
+
+
+def text_batch(batch: int, seed: int) -> TextCondition:
+    g = torch.Generator().manual_seed(seed)
+    return TextCondition(
+        clip_tokens=torch.randn(batch, 77, TEXT_DIM, generator=g),
+        clip_mask=torch.arange(77).expand(batch, 77) < 12,
+        clip_pooled=torch.randn(batch, TEXT_DIM, generator=g),
+        t5_tokens=torch.randn(batch, 64, TEXT_DIM, generator=g),
+        t5_mask=torch.arange(64).expand(batch, 64) < 12,
+    )
+
+
+def separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale):
+    """The reference: one forward call of batch B per guidance branch."""
+    if mfg_scale == 1.0:
+        eps_c, eps_u = (model(x, t, c)[:, :, : x.shape[2]] for c in (text, uncond))
+        return eps_u + cfg_scale * (eps_c - eps_u)
+    motion = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    eps_c = model(x, t, text, motion_free=motion)[:, :, : x.shape[2]]
+    eps_m = model(x, t, uncond, motion_free=motion)[:, :, : x.shape[2]]
+    eps_0 = model(x, t, uncond, motion_free=~motion)[:, :, : x.shape[2]]
+    return eps_0 + cfg_scale * (eps_c - eps_m) + mfg_scale * (eps_m - eps_0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call of each function, interleaved so that machine load hits all alike.
+
+    On a shared machine the minimum is the better estimate of the cost itself; both are printed."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
+@torch.no_grad()
+def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats: int, device: torch.device) -> None:
+    torch.manual_seed(0)
+    model = GenTronTransformer.from_config(config).eval()
+    for p in model.parameters():  # leave the zero init, so every path computes and the |diff| check means something
+        p.add_(0.02 * torch.randn_like(p))
+    model.to(device)
+    x = torch.randn(batch, frames, config["in_channels"], latent, latent, device=device)
+    t = torch.full((batch,), 500, device=device)
+    text, uncond = text_batch(batch, 1).to(device), text_batch(batch, 2).to(device)
+    print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, batch {batch}, "
+          f"{frames} frames of {latent}x{latent} latents ({frames * (latent // 2) ** 2} tokens per sample)")
+    print(f"{'guidance':<10}{'batched s/step':>22}{'separate s/step':>22}{'separate/batched':>20}")
+    print(f"{'':<10}{'median / min':>22}{'median / min':>22}{'median / min':>20}")
+    for label, cfg_scale, mfg_scale in (("CFG", 7.5, 1.0), ("MFG", 7.5, 1.1)):
+        seconds = seconds_per_step(
+            {
+                "batched": lambda: guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
+                "separate": lambda: separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
+            },
+            repeats,
+            device,
+        )
+        (batched, batched_min), (separate, separate_min) = seconds["batched"], seconds["separate"]
+        # same numbers either way (up to float rounding), so the comparison is like for like
+        diff = (guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)[:, :, :4]
+                - separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)).abs().max().item()
+        print(
+            f"{label:<10}{batched:>13.4f} / {batched_min:.4f}{separate:>13.4f} / {separate_min:.4f}"
+            f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per step (B)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on either)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
+    for i, (name, config) in enumerate(MODELS.items()):
+        if args.quick and i > 0:
+            break
+        bench(name, config, args.batch, args.frames, args.latent, repeats=5 if args.quick else 11, device=device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`gentron sample`: images or videos from an exported model (thin: options -> pipelines.sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from gentron_cli.reporting import RichReporter, console, run_command
+from pipelines.errors import GentronError
+from pipelines.defaults import DEFAULT_MFG_SCALE
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise GentronError(f"prompts file not found: {path}", "pass a text file with one prompt a line") from None
+    except UnicodeDecodeError as err:
+        raise GentronError(f"prompts file {path} is not UTF-8 (byte {err.start})", "save it as UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise GentronError(f"prompts file {path} has no prompts", "write one prompt a line")
+    return prompts
+
+
+def show_result(result) -> None:
+    table = Table(title=f"{len(result.samples)} samples in {result.seconds:.1f} s", show_lines=False)
+    for column in ("#", "seed", "prompt", "files"):
+        table.add_column(column)
+    for s in result.samples:
+        table.add_row(str(s.index), str(s.seed), s.prompt, ", ".join(str(f) for f in [*s.files, s.sidecar]))
+    console.print(table)
+    if result.grid_files:
+        console.print(f"contact sheet: {', '.join(str(f) for f in result.grid_files)}")
+
+
+def sample_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `gentron train` (uses RUN/model) or a model folder."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt a line (# comments)."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),
+    from_sidecar: Optional[Path] = typer.Option(
+        None, "--from-sidecar", help="Regenerate the output a sidecar .json describes (its settings; only --out and --model apply) and check its pixels match."
+    ),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    scheduler: str = typer.Option("ddim", help="ddpm, ddim or dpm-solver++."),
+    cfg: float = typer.Option(7.5, "--cfg", help="Text guidance scale lT (1 = no guidance)."),
+    mfg: Optional[float] = typer.Option(
+        None, "--mfg", help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images."
+    ),
+    frames: Optional[int] = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
+    resolution: Optional[int] = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
+    seed: int = typer.Option(0, help="Base seed; prompt i uses seed + i."),
+    batch_size: int = typer.Option(4, help="Prompts sampled together (does not change results)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="Precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Unconditional text instead of the empty caption."),
+    clip: Optional[str] = typer.Option(None, help="CLIP encoder (hub name or path) instead of the recorded one."),
+    t5: Optional[str] = typer.Option(None, help="T5 encoder (hub name or path) instead of the recorded one."),
+    vae: Optional[str] = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
+    grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
+) -> None:
+    """Generate images (T2I) or videos (T2V) from a trained model; a JSON sidecar beside each output."""
+
+    def body() -> None:
+        from pipelines.sample import SampleConfig, resample_from_sidecar, sample
+
+        reporter = RichReporter()
+        if from_sidecar is not None:
+            if prompt or prompts_file is not None:
+                raise GentronError("--from-sidecar regenerates the sidecar's own prompt", "drop --prompt / --prompts")
+            result, identical = resample_from_sidecar(from_sidecar, out, model=model, reporter=reporter)
+            show_result(result)
+            if not identical:
+                console.print(f"[bold red]pixels differ[/] from those recorded in {from_sidecar}")
+                raise typer.Exit(1)
+            console.print(f"[green]pixels identical[/] to those recorded in {from_sidecar}")
+            return
+        if model is None:
+            raise GentronError("--model is required", "pass --model RUN_OR_MODEL_FOLDER (or --from-sidecar FILE.json)")
+        if bool(prompt) == (prompts_file is not None):
+            raise GentronError("give prompts either with --prompt or with --prompts FILE", "use exactly one of them")
+        prompts = list(prompt) if prompt else read_prompts_file(prompts_file)
+        config = SampleConfig(
+            model=model, out=out, prompts=prompts, steps=steps, scheduler=scheduler, cfg_scale=cfg, mfg_scale=mfg,
+            frames=frames, resolution=resolution, fps=fps, seed=seed, batch_size=batch_size, device=device,
+            dtype=dtype, negative_prompt=negative_prompt, clip=clip, t5=t5, vae=vae, grid=grid,
+        )
+        show_result(sample(config, reporter))
+
+    run_command(body)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample_command)

@@ -1,0 +1,79 @@
+"""`gentron train`: parse options into a TrainConfig and run pipelines.train.train."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gentron_cli.reporting import RichReporter, console, run_command
+from pipelines.train_config import TrainConfig
+
+_D = TrainConfig()  # defaults shown in --help
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_command(
+        ctx: typer.Context,
+        stage: str = typer.Option(_D.stage, "--stage", help="t2i: images (and frames of clips); t2v: joint image/video with motion-free training."),
+        output: Path = typer.Option(Path(_D.output), "--output", "-o", help="Run folder. Rerunning into it continues the run."),
+        image_data: Optional[Path] = typer.Option(None, "--image-data", help="Folder of encoded image shards."),
+        video_data: Optional[Path] = typer.Option(None, "--video-data", help="Folder of encoded clip shards."),
+        model: str = typer.Option(_D.model, "--model", help='Size name (T/2, S/2, B/2, XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json file.'),
+        init: Optional[Path] = typer.Option(None, "--init", help="Exported model folder to start from; a T2I model becomes T2V with zero temporal layers."),
+        config: Optional[Path] = typer.Option(None, "--config", help="RUN/config.json of a run: its settings, overridden by options given here."),
+        resume: bool = typer.Option(False, "--resume", help="Require a checkpoint in the run folder and continue from it."),
+        steps: int = typer.Option(_D.steps, help="Total optimizer steps."),
+        global_batch: int = typer.Option(_D.global_batch, "--global-batch", "--batch-size", help="Samples per step over all processes."),
+        grad_accum: int = typer.Option(_D.grad_accum, "--grad-accum", help="Micro-batches per step; micro-batch = global / (accum x processes)."),
+        lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
+        weight_decay: float = typer.Option(_D.weight_decay, help="AdamW weight decay."),
+        warmup_steps: int = typer.Option(_D.warmup_steps, help="Linear learning-rate warm-up steps."),
+        max_grad_norm: float = typer.Option(_D.max_grad_norm, help="Gradient clipping norm."),
+        ema_decay: float = typer.Option(_D.ema_decay, help="EMA decay of the exported model."),
+        text_dropout: float = typer.Option(_D.text_dropout, help="Probability of training on the empty caption (for classifier-free guidance)."),
+        p_motion_free: float = typer.Option(_D.p_motion_free, help="t2v: probability of a motion-free sample (an image as a still video, or a clip with temporal attention off)."),
+        frames: int = typer.Option(_D.frames, help="t2v without --video-data: frames of the pseudo-videos."),
+        flip: bool = typer.Option(_D.flip, "--flip/--no-flip", help="Use the stored mirrored latents half of the time."),
+        shuffle_buffer: int = typer.Option(_D.shuffle_buffer, help="Samples in the shuffling buffer."),
+        num_workers: int = typer.Option(_D.num_workers, help="DataLoader worker processes per training process."),
+        seed: int = typer.Option(_D.seed, help="Seed of the data order, noise and initial weights."),
+        gradient_checkpointing: bool = typer.Option(_D.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory)."),
+        compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model."),
+        fsdp: bool = typer.Option(_D.fsdp, "--fsdp", help="Under torchrun: shard the model with FSDP (per block) instead of DDP."),
+        checkpoint_every: int = typer.Option(_D.checkpoint_every, help="Steps between checkpoints (and exported models)."),
+        keep_checkpoints: int = typer.Option(_D.keep_checkpoints, help="Checkpoints kept (the newest)."),
+        preview_every: int = typer.Option(_D.preview_every, help="Steps between preview samples (0: none)."),
+        preview_count: int = typer.Option(_D.preview_count, help="Preview prompts (the first samples' captions)."),
+        log_every: int = typer.Option(_D.log_every, help="Steps between lines of metrics.jsonl."),
+        on_nan: str = typer.Option(_D.on_nan, help="On a NaN/infinite loss: stop (keep the last checkpoint) or skip the step."),
+    ) -> None:
+        """Train GenTron on encoded shards (one process, or torchrun for DDP/FSDP: same command)."""
+        # options typed on the command line override --config (compared by name: typer vendors its own click)
+        typed = ("COMMANDLINE", "ENVIRONMENT")
+        given = {
+            name: value
+            for name, value in ctx.params.items()
+            if name != "config" and getattr(ctx.get_parameter_source(name), "name", None) in typed
+        }
+
+        def body():
+            from pipelines.train import train
+
+            base = TrainConfig.from_json(config) if config is not None else TrainConfig()
+            names = {f.name for f in fields(TrainConfig)}
+            values = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if k in names}
+            if config is None:  # defaults of the options are the dataclass defaults
+                values = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k in names} | values
+            cfg = replace(base, **values)
+            result = train(cfg, RichReporter())
+            console.print(
+                f"[green]done:[/] step {result.step} in {result.run_dir}  (model: {result.run_dir / 'model'}, "
+                f"metrics: {result.run_dir / 'metrics.jsonl'}, skipped samples: {result.skipped_samples})",
+                highlight=False,
+            )
+
+        run_command(body)

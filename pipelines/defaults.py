@@ -1,0 +1,8 @@
+"""Default model names and settings, in a module light enough for the CLI to import at start-up."""
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+PIXEL_VAE = "pixel"  # identity "VAE": pixels scaled to [-1, 1], for tiny runs
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_T5 = "google/flan-t5-xxl"
+DEFAULT_T5_MAX_LENGTH = 120  # as PixArt-alpha
+DEFAULT_MFG_SCALE = 1.1  # motion guidance for videos; the paper found 1.0-1.3 best

@@ -1,0 +1,100 @@
+"""Training records: the JSONL metrics log, the loss-curve PNG, and preview images (grid, frame strip, GIF)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsLog:
+    """`RUN/metrics.jsonl`: one JSON object per logged step. Reopening after a resume drops steps past it."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a metrics log; a line cut by a crash is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Loss against step (raw and smoothed), log scale, written with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not records:
+        return
+    steps = np.array([r["step"] for r in records])
+    loss = np.array([r["loss"] for r in records], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
+    window = max(1, len(loss) // 20)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    if np.all(loss[np.isfinite(loss)] > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) grid, 2-pixel white gutters."""
+    n, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    gap = 2
+    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = img
+    return grid
+
+
+def frame_strip(videos: np.ndarray) -> np.ndarray:
+    """(N, T, H, W, 3) uint8 -> one row per video, its frames left to right."""
+    n, t = videos.shape[:2]
+    return image_grid(videos.reshape(n * t, *videos.shape[2:]), columns=t)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def save_gif(videos: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
+    """(N, T, H, W, 3) uint8 -> one looping GIF whose frame t shows frame t of every video side by side."""
+    from PIL import Image
+
+    frames = [Image.fromarray(image_grid(videos[:, t], columns=len(videos))) for t in range(videos.shape[1])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)

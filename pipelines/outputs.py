@@ -1,0 +1,99 @@
+"""Writing generated samples: PNG images, MP4 (H.264) and GIF videos, contact sheets, JSON sidecars.
+
+Frames are uint8 RGB arrays, (H, W, 3) for an image and (T, H, W, 3) for a video. MP4 is H.264
+(`pipelines.data.media.encode_h264`), which x264 does not make bit-reproducible, so reproducibility is
+checked on the generated pixels (the sidecar's pixels_sha256); PNG and GIF are deterministic given the
+frames (GIF after PIL's deterministic palette).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from einops import rearrange
+from PIL import Image
+
+from pipelines.data.media import encode_h264, encode_image
+
+SIDECAR_SUFFIX = ".json"
+
+
+def output_stem(index: int, prompt: str, max_words: int = 6) -> str:
+    """File name stem for the `index`-th prompt: `0003_a-red-fox-in-snow`."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())[:max_words]
+    return f"{index:04d}_{'-'.join(words) or 'empty'}"
+
+
+def pixels_sha256(frames: np.ndarray) -> str:
+    """Digest of the raw frames (shape included): equal digests mean identical pixels."""
+    digest = hashlib.sha256(repr((frames.shape, str(frames.dtype))).encode())
+    digest.update(np.ascontiguousarray(frames).tobytes())
+    return digest.hexdigest()
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    # write then rename, so an interrupted run never leaves a truncated file under the final name
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    """(H, W, 3) uint8 -> PNG."""
+    return _write_bytes(Path(path), encode_image(image, fmt="png"))
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int = 15) -> Path:
+    """(T, H, W, 3) uint8 -> H.264 MP4 (H and W must be even)."""
+    return _write_bytes(Path(path), encode_h264(frames, fps=fps, crf=crf))
+
+
+def write_gif(path: Path, frames: np.ndarray, fps: float) -> Path:
+    """(T, H, W, 3) uint8 -> looping GIF. GIF delays are in 10 ms units, so fps is rounded to that."""
+    images = [Image.fromarray(np.ascontiguousarray(f), mode="RGB") for f in frames]
+    buf = io.BytesIO()
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=False
+    )
+    return _write_bytes(Path(path), buf.getvalue())
+
+
+def write_sample(folder: Path, stem: str, frames: np.ndarray, fps: float) -> list[Path]:
+    """Write one sample: `stem.png` for an image (H, W, 3); `stem.mp4` and `stem.gif` for a video (T, H, W, 3)."""
+    folder = Path(folder)
+    if frames.ndim == 3:
+        return [write_png(folder / f"{stem}.png", frames)]
+    return [write_mp4(folder / f"{stem}.mp4", frames, fps), write_gif(folder / f"{stem}.gif", frames, fps)]
+
+
+def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:
+    """Tile equal-sized samples into one grid (row major, white gaps); videos tile frame by frame.
+
+    samples: each (H, W, 3) or each (T, H, W, 3). Empty cells of the last row stay white.
+    """
+    if not samples:
+        raise ValueError("contact_sheet needs at least one sample")
+    video = samples[0].ndim == 4
+    stack = np.stack([s if video else s[None] for s in samples])  # (n, T, H, W, 3)
+    n, t, h, w, c = stack.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    cells = np.full((rows * columns, t, h + gap, w + gap, c), 255, dtype=np.uint8)
+    cells[:n, :, :h, :w] = stack
+    sheet = rearrange(cells, "(r k) t h w c -> t (r h) (k w) c", r=rows, k=columns)
+    sheet = sheet[:, : rows * (h + gap) - gap, : columns * (w + gap) - gap]  # no gap after the last row/column
+    return sheet if video else sheet[0]
+
+
+def write_sidecar(path: Path, record: dict) -> Path:
+    """JSON sidecar, keys sorted, so the same settings give the same bytes."""
+    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return _write_bytes(Path(path), text.encode("utf-8"))

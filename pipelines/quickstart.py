@@ -1,0 +1,250 @@
+"""`gentron quickstart`: the whole method end to end on a built-in toy dataset, on a CPU.
+
+It runs the real stages, through the same library calls as the CLI commands:
+toy data (png/mp4 + txt) -> prep-images, prep-videos -> encode-latents (pixel VAE) -> encode-text (tiny
+CLIP + T5 built locally) -> train t2i -> train t2v (initialised from t2i, joint image/video, motion-free)
+-> sample (images; videos with and without motion-free guidance) -> probe the samples -> report.md.
+
+Small images (16x16 pixels = 64 tokens), a 6-layer width-128 model and a learning rate above the paper's
+make ten minutes enough on 2 cores; `gentron train`'s own defaults stay the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.data.media import decode_clip
+from pipelines.errors import GentronError
+from pipelines.progress import NullReporter, Reporter
+from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, probe_image, probe_video, video_caption
+
+QUICKSTART_MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_heads": 4}'
+
+
+@dataclass
+class QuickstartConfig:
+    out: Path = Path("gentron-quickstart")
+    seed: int = 0
+    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+    size: int = 16  # training resolution in pixels; with the pixel VAE the latents are the pixels
+    frames: int = 4  # frames per training clip
+    frame_stride: int = 12  # on the 24 FPS timeline: 2 FPS clips spanning 1.5 s
+    clip_stride: int = 12  # overlapping windows: three clips per 3 s toy video
+    model: str = QUICKSTART_MODEL
+    lr: float = 1e-3
+    t2i_steps: int = 900
+    t2i_batch: int = 64
+    t2v_steps: int = 250
+    t2v_batch: int = 16
+    ema_decay: float = 0.99
+    sample_steps: int = 25
+    samples_per_prompt: int = 2
+    cfg_scale: float = 4.0
+    mfg_scale: float = 1.2
+    workers: int = 0  # data-loader workers in training (0: in the training process)
+
+    @staticmethod
+    def smoke(out: Path) -> "QuickstartConfig":
+        """Every stage at a size that runs in well under a minute (the test suite's quickstart)."""
+        return QuickstartConfig(
+            out=out,
+            toy=ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=2.0),
+            clip_stride=None,
+            model='{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}',
+            t2i_steps=12,
+            t2i_batch=8,
+            t2v_steps=6,
+            t2v_batch=4,
+            sample_steps=3,
+            samples_per_prompt=1,
+        )
+
+
+@dataclass
+class ProbeScore:
+    """How many samples showed each asked attribute, out of how many."""
+
+    hits: dict[str, int]
+    total: int
+
+    def rate(self, attribute: str) -> float:
+        return self.hits[attribute] / self.total if self.total else 0.0
+
+    def beats_chance(self) -> bool:
+        return all(self.rate(a) > CHANCE[a] for a in self.hits)
+
+
+@dataclass
+class QuickstartResult:
+    out: Path
+    timings: dict[str, float]
+    t2i: ProbeScore
+    t2v_cfg: ProbeScore
+    t2v_mfg: ProbeScore
+    report: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.t2i.beats_chance() and self.t2v_mfg.beats_chance()
+
+
+def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> QuickstartResult:
+    from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+    from pipelines.encode_text import EncodeTextConfig, encode_text
+    from pipelines.model.tiny import build_tiny_encoders
+    from pipelines.prep_images import PrepImagesConfig, prep_images
+    from pipelines.prep_videos import PrepVideosConfig, prep_videos
+    from pipelines.train import TrainConfig, train
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
+        raise GentronError(f"{out} exists and is not a quickstart folder", "pass an empty or new folder with --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quickstart.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+    timings: dict[str, float] = {}
+    steps = 9
+
+    @contextmanager
+    def stage(number: int, name: str):
+        reporter.log(f"[{number}/{steps}] {name}")
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+
+    with stage(1, "toy dataset"):
+        raw = make_toy_dataset(out / "raw", cfg.toy)
+    with stage(2, "tiny text encoders"):
+        encoders = build_tiny_encoders(out / "encoders", cfg.seed)
+    with stage(3, "prep-images"):
+        prep_images(PrepImagesConfig(input=raw["images"], output=out / "data/images-prep", size=cfg.size, format="png", min_size=cfg.size), reporter)
+    with stage(4, "prep-videos"):
+        prep_videos(
+            PrepVideosConfig(
+                input=raw["videos"], output=out / "data/videos-prep", short_side=cfg.size,
+                frames=cfg.frames, frame_stride=cfg.frame_stride, clip_stride=cfg.clip_stride,
+            ),
+            reporter,
+        )
+    with stage(5, "encode-latents + encode-text"):
+        for kind in ("images", "videos"):
+            encode_latents(EncodeLatentsConfig(input_dir=out / f"data/{kind}-prep", output_dir=out / f"data/{kind}-latents", vae="pixel", resolution=cfg.size), reporter)
+            encode_text(EncodeTextConfig(input_dir=out / f"data/{kind}-latents", output_dir=out / f"data/{kind}", clip=str(encoders["clip"]), t5=str(encoders["t5"])), reporter)
+
+    common = dict(model=cfg.model, lr=cfg.lr, ema_decay=cfg.ema_decay, flip=False, seed=cfg.seed, num_workers=cfg.workers,
+                  log_every=max(1, cfg.t2i_steps // 100), checkpoint_every=100, keep_checkpoints=1)
+    with stage(6, "train t2i"):
+        t2i = train(TrainConfig(output=str(out / "runs/t2i"), stage="t2i", image_data=str(out / "data/images"),
+                                steps=cfg.t2i_steps, global_batch=cfg.t2i_batch, **common), reporter)
+    with stage(7, "train t2v (from t2i, joint image/video, motion-free)"):
+        t2v = train(TrainConfig(output=str(out / "runs/t2v"), stage="t2v", init=str(Path(t2i.run_dir) / "model"),
+                                video_data=str(out / "data/videos"), image_data=str(out / "data/images"), frames=cfg.frames,
+                                steps=cfg.t2v_steps, global_batch=cfg.t2v_batch, **common), reporter)
+    with stage(8, "sample"):
+        t2i_score = _sample_and_probe(cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter)
+        t2v_cfg = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-cfg", _video_prompts(), 1.0, reporter)
+        t2v_mfg = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter)
+    with stage(9, "report"):
+        report = _write_report(cfg, out, timings, t2i_score, t2v_cfg, t2v_mfg, Path(t2i.run_dir), Path(t2v.run_dir))
+    return QuickstartResult(out, timings, t2i_score, t2v_cfg, t2v_mfg, report)
+
+
+def _image_prompts() -> list[str]:
+    return [image_caption(c, p) for c in COLORS for p in PLACES]
+
+
+def _video_prompts() -> list[str]:
+    return [video_caption(c, d) for c in COLORS for d in DIRECTIONS]
+
+
+def _sample_and_probe(cfg: QuickstartConfig, run: Path, out: Path, prompts: list[str], mfg: float | None, reporter: Reporter) -> ProbeScore:
+    """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe."""
+    from pipelines.sample import SampleConfig, sample
+
+    if out.exists():
+        shutil.rmtree(out)  # samples are cheap to redo; stale ones would be scored otherwise
+    asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    result = sample(
+        SampleConfig(model=run, out=out, prompts=asked, steps=cfg.sample_steps, scheduler="ddim", cfg_scale=cfg.cfg_scale,
+                     mfg_scale=mfg, seed=cfg.seed, batch_size=16, device="cpu", grid=True),
+        reporter,
+    )
+    hits: dict[str, int] = {}
+    for s in result.samples:
+        video = next((f for f in s.files if f.suffix == ".mp4"), None)
+        if video is not None:
+            scores = probe_video(decode_clip(video.read_bytes()), s.prompt)
+        else:
+            png = next(f for f in s.files if f.suffix == ".png")
+            scores = probe_image(np.asarray(Image.open(png).convert("RGB")), s.prompt)
+        for attribute, ok in scores.items():
+            hits[attribute] = hits.get(attribute, 0) + int(ok)
+    return ProbeScore(hits, len(result.samples))
+
+
+def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path) -> Path:
+    def row(name: str, score: ProbeScore) -> str:
+        cells = [f"{score.rate(a):.0%} ({score.hits[a]}/{score.total}; chance {CHANCE[a]:.0%})" for a in ("color", "place", "direction") if a in score.hits]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    rel = lambda p: Path(p).relative_to(out).as_posix()
+    lines = [
+        "# gentron quickstart report",
+        "",
+        f"Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: "
+        f"**{'yes' if t2i.beats_chance() and t2v_mfg.beats_chance() else 'no'}**.",
+        "",
+        "## Prompt following (automatic probe of the generated pixels)",
+        "",
+        "The probe reads the colour of the generated square (nearest palette colour of the foreground), its place",
+        "(quadrant of the foreground's centroid) and, for videos, its motion (centroid travel from first to last frame).",
+        "",
+        "| samples | colour | place / direction |",
+        "| --- | --- | --- |",
+        row("T2I images", t2i),
+        row(f"T2V videos, CFG only (lM = 1)", t2v_cfg),
+        row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg),
+        "",
+        "## Samples",
+        "",
+        f"T2I, every prompt ({rel(out / 'samples/t2i/grid.png')}):",
+        "",
+        f"![T2I samples]({rel(out / 'samples/t2i/grid.png')})",
+        "",
+        f"T2V with motion-free guidance: [grid.gif]({rel(out / 'samples/t2v-mfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-mfg/grid.mp4')});",
+        f"without: [grid.gif]({rel(out / 'samples/t2v-cfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-cfg/grid.mp4')}).",
+        "Each sample has its own file and a JSON sidecar that regenerates it (`gentron sample --from-sidecar`).",
+        "",
+        "## Training",
+        "",
+        f"![T2I loss]({rel(t2i_run / 'loss.png')}) ![T2V loss]({rel(t2v_run / 'loss.png')})",
+        "",
+        "## Settings and timings",
+        "",
+        "| stage | seconds |",
+        "| --- | ---: |",
+        *[f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()],
+        "",
+        "```json",
+        json.dumps(_jsonable(asdict(cfg)), indent=1),
+        "```",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,585 @@
+"""`gentron train`: T2I and joint image/video T2V training of GenTron.
+
+Read top to bottom: the run config (`TrainConfig`), the pieces (distributed setup, data, model,
+EMA, checkpoints, previews), then `train`, the loop. One process or torchrun (DDP, or FSDP with
+`fsdp=True`), same code. Exact resume: the data stream and every per-sample random draw are
+functions of (seed, sample index) (pipelines/data/loader.py), so the state to restore is the
+weights, EMA, optimizer and the number of samples consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from einops import rearrange
+
+from pipelines import checkpoint as ckpt
+from pipelines.data import schema
+from pipelines.data.loader import (
+    Source,
+    StreamSpec,
+    TrainStream,
+    batch_text,
+    data_stats,
+    index_source,
+    load_empty_caption,
+    make_loader,
+    write_json,
+)
+from pipelines.diffusion.gaussian import GaussianDiffusion
+from pipelines.errors import GentronError
+from pipelines.metrics import MetricsLog, frame_strip, image_grid, plot_loss, save_gif, save_png
+from pipelines.model.conditioning import TextCondition
+from pipelines.progress import NullReporter, Reporter
+from pipelines.train_config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
+
+# Fields that may change when a run is resumed; any other difference would break exact resume.
+RESUMABLE_CHANGES = {
+    "steps", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count", "preview_steps",
+    "preview_cfg", "log_every", "num_workers", "compile", "gradient_checkpointing", "grad_accum", "fsdp",
+    "on_nan", "resume",
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float]  # per step of this call
+    skipped_samples: int
+    skipped_steps: int
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank = dist.get_rank() if world > 1 else 0
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None, Source | None]:
+    images = index_source(config.image_data, "image", reporter) if config.image_data else None
+    videos = index_source(config.video_data, "video", reporter) if config.video_data else None
+    if images is not None and videos is not None and tuple(videos.latent_shape[1:]) != tuple(images.latent_shape):
+        raise GentronError(
+            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} differ in size",
+            "encode images and clips with the same VAE and resolution",
+        )
+    return images, videos
+
+
+def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
+    """Text arrays the model needs; a clear error when the data lacks them."""
+    needed = []
+    if "clip" in model_config["text_encoders"]:
+        needed += [schema.CLIP_POOLED] + ([schema.CLIP_TOKENS] if model_config["text_conditioning"] == "cross_attention" else [])
+    if "t5" in model_config["text_encoders"]:
+        needed += [schema.T5_TOKENS]
+    for src in sources:
+        missing = [n for n in needed if n not in src.text_fields]
+        if missing:
+            raise GentronError(
+                f"the model uses text encoders {model_config['text_encoders']!r} but samples in {src.folder} lack {missing}",
+                'encode the captions with those encoders, or pick the ones you have: --model \'{"size": "XL/2", "text_encoders": "clip"}\'',
+            )
+    return tuple(needed)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[str, np.ndarray], reporter: Reporter):
+    """The model to train: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
+    from pipelines.model.configs import model_config
+    from pipelines.model.gentron import GenTronTransformer
+
+    channels, height, width = latent_shape[-3:]
+    if config.init:
+        path = Path(config.init)
+        if not (path / "config.json").is_file():
+            raise GentronError(f"--init {path} is not a model folder (no config.json)", "pass RUN/model or RUN/model_raw of a finished run")
+        model = GenTronTransformer.from_pretrained(str(path))
+        if config.stage == "t2v" and not model.config.temporal:
+            reporter.log(f"initialising T2V from the T2I model {path}: temporal layers start at zero")
+            model = GenTronTransformer.from_t2i(model)
+        elif config.stage == "t2i" and model.config.temporal:
+            raise GentronError(f"--init {path} is a T2V model but --stage is t2i", "use --stage t2v, or a T2I model")
+    else:
+        dims = {}
+        if "clip" in empty:
+            dims["clip_dim"] = int(empty["clip"].shape[-1])
+        if "clip_pooled" in empty:
+            dims["clip_pooled_dim"] = int(empty["clip_pooled"].shape[-1])
+        if "t5" in empty:
+            dims["t5_dim"] = int(empty["t5"].shape[-1])
+        cfg = model_config(config.model, in_channels=int(channels), temporal=config.stage == "t2v", **dims)
+        model = GenTronTransformer.from_config(cfg)
+    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if cfg["in_channels"] != channels:
+        raise GentronError(f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}", "use data encoded with the model's VAE")
+    p = cfg["patch_size"]
+    if height % p or width % p:
+        raise GentronError(
+            f"latent size {height}x{width} is not divisible by the model's patch size {p}",
+            f"encode at a resolution whose latent side is a multiple of {p}",
+        )
+    return model, cfg
+
+
+def wrap_model(model, config: TrainConfig, d: Dist):
+    """Activation checkpointing, device, FSDP (per block, then the root) or DDP, and compile."""
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(d.device)
+    if config.compile:
+        model.compile()  # in place: parameter names stay those of the model
+    if d.world > 1 and config.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor on CPU from a plain or FSDP-sharded (DTensor) tensor; collective for DTensors."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu", torch.float32).clone()
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `param` (sharded the same way under FSDP)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return full.to(param.device, param.dtype)
+
+
+class EMA:
+    """Exponential moving average of the parameters, kept in float32 with the parameters' sharding."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return {n: _full(v) for n, v in self.params.items()}
+
+    def load_full(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in self.params.items():
+            value.copy_(_like(state[name].float(), value))
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: _full(p) for n, p in model.named_parameters()}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr, then constant (the paper's recipe has no decay)."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """A run folder's stored config must agree with this one on everything that shapes the run."""
+    stored_path = run_dir / "config.json"
+    if not stored_path.is_file():
+        return
+    stored = json.loads(stored_path.read_text())
+    diffs = [k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and k in stored and stored[k] != v and k != "output"]
+    if diffs:
+        detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
+        raise GentronError(
+            f"{run_dir} holds a run with other settings ({detail})",
+            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --output",
+        )
+
+
+def pipeline_record(config: TrainConfig, model_cfg: dict, images: Source | None, videos: Source | None, latent_shape) -> dict:
+    """What sampling needs besides the weights: VAE, text encoders, data geometry (from shard metadata)."""
+    primary = videos if videos is not None else images
+    meta = primary.metadata
+    latent_meta = meta.get("latent", {}) if isinstance(meta.get("latent"), dict) else {}
+    text_meta = meta.get("text", {}) if isinstance(meta.get("text"), dict) else {}
+    prep_meta = meta.get("prep", {}) if isinstance(meta.get("prep"), dict) else {}
+    side = latent_shape[-1]
+    resolution = latent_meta.get("resolution", prep_meta.get("resolution"))
+    downsample = latent_meta.get("downsample")
+    if downsample is None and isinstance(resolution, (int, float)) and resolution:
+        downsample = int(resolution) // side
+    return {
+        "stage": config.stage,
+        "vae": {
+            "name": latent_meta.get("vae", "pixel"),
+            "scaling_factor": latent_meta.get("scaling_factor", 1.0),
+            "shift_factor": latent_meta.get("shift_factor", 0.0),
+            "channels": int(latent_shape[-3]),
+            "downsample": downsample,
+        },
+        "text_encoders": {
+            "used": model_cfg["text_encoders"],
+            "dims": {"clip": model_cfg["clip_dim"], "clip_pooled": model_cfg["clip_pooled_dim"], "t5": model_cfg["t5_dim"]},
+            **text_meta,
+        },
+        "data": {
+            "latent_shape": list(latent_shape),
+            "frames": int(latent_shape[0]) if config.stage == "t2v" else 1,
+            "resolution": resolution,
+            "fps": prep_meta.get("fps", prep_meta.get("clip_fps")),
+        },
+        "empty_caption": schema.EMPTY_CAPTION_FILE,
+        "shard_metadata": {"latent": latent_meta, "text": text_meta, "prep": prep_meta},
+    }
+
+
+# --------------------------------------------------------------------------- previews
+
+
+class Previewer:
+    """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds; VAE loaded on first use."""
+
+    def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path):
+        primary = stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
+        refs = primary.refs[: config.preview_count]
+        self.arrays = [{schema.TEXT_ARRAY_NAMES[n]: schema.decode_npy(stream.read_field(primary, r, n)) for n in stream.spec.text_fields} for r in refs]
+        self.captions = [stream.read_field(primary, r, schema.CAPTION).decode("utf-8", "replace") if schema.CAPTION in r.fields else r.key for r in refs]
+        self.empty = {schema.TEXT_ARRAY_NAMES[n]: empty[schema.TEXT_ARRAY_NAMES[n]] for n in stream.spec.text_fields}
+        self.shape = tuple(stream.latent_shape)
+        self.pipeline, self.config, self.folder = pipeline, config, run_dir / "previews"
+        self.vae = None
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, [T,] C, h, w) -> uint8 frames (B, [T,] H, W, 3) with the VAE named in the shard metadata."""
+        if self.vae is None:
+            from pipelines.model.vae import load_vae
+
+            self.vae = load_vae(self.pipeline["vae"]["name"], device=latents.device, dtype=torch.float32)
+        if latents.ndim == 5:
+            frames = np.asarray(self.vae.decode(rearrange(latents, "b t c h w -> (b t) c h w")))
+            return rearrange(frames, "(b t) h w c -> b t h w c", b=latents.shape[0])
+        return np.asarray(self.vae.decode(latents))
+
+    @torch.no_grad()
+    def render(self, model, step: int) -> list[Path]:
+        """Sample the fixed prompts from their fixed seeds (DDIM, classifier-free guidance) and write the images."""
+        from pipelines.diffusion.samplers import make_scheduler, sample
+
+        model.eval()
+        device = next(model.parameters()).device
+        n = len(self.arrays)
+        # one token length for both, so guidance can batch them together
+        lengths = {f"{k}_length": max(a[k].shape[0] for a in self.arrays + [self.empty]) for k in ("clip", "t5") if k in self.empty}
+        text = TextCondition.collate(self.arrays, **lengths).to(device)
+        uncond = TextCondition.collate([self.empty] * n, **lengths).to(device)
+        noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(self.config.seed + k)) for k in range(n)])
+        scheduler = make_scheduler("ddim", learned_sigma=model.config.learn_sigma)
+        latents = sample(model, scheduler, noise.to(device), text, uncond, steps=self.config.preview_steps, cfg_scale=self.config.preview_cfg)
+        frames = self.decode(latents)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "prompts.txt").write_text("".join(f"{k}: {c}\n" for k, c in enumerate(self.captions)))
+        stem = self.folder / ckpt.step_dir_name(step)
+        if frames.ndim == 5:
+            save_png(frame_strip(frames), stem.with_suffix(".png"))
+            save_gif(frames, stem.with_suffix(".gif"), fps=float(self.pipeline["data"].get("fps") or 4))
+            return [stem.with_suffix(".png"), stem.with_suffix(".gif")]
+        save_png(image_grid(frames), stem.with_suffix(".png"))
+        return [stem.with_suffix(".png")]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything a training loop holds: model (and its DDP/FSDP wrapper), optimizer, EMA, data and counters."""
+
+    config: TrainConfig
+    d: Dist
+    folder: Path
+    model: torch.nn.Module  # own parameter names: state dicts and EMA
+    net: torch.nn.Module  # what the loop calls: the DDP wrapper, or the (FSDP-sharded) model itself
+    model_cfg: dict
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    diffusion: GaussianDiffusion
+    loader: torch.utils.data.DataLoader
+    pipeline: dict
+    empty_caption: Path
+    previewer: Previewer | None
+    metrics: MetricsLog | None
+    skipped_samples: int  # found bad when indexing
+    unreadable_samples: int = 0  # indexed fine, unreadable when loaded (zero weight in their batch)
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+
+    def forward_backward(self, batches) -> tuple[float, float, float]:
+        """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free share)."""
+        cfg, d = self.config, self.d
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
+        total, motion_free_share = torch.zeros((), device=d.device), 0.0
+        for micro_step in range(cfg.grad_accum):
+            batch = next(batches)
+            x0, noise = batch["x0"].to(d.device, non_blocking=True), batch["noise"].to(d.device, non_blocking=True)
+            t, text = batch["timestep"].to(d.device), batch_text(batch, d.device)
+            motion_free = batch["motion_free"].to(d.device) if cfg.stage == "t2v" else None
+            motion_free_share += float(batch["motion_free"].float().mean()) / cfg.grad_accum
+            last = micro_step == cfg.grad_accum - 1
+            if d.world > 1 and cfg.fsdp:
+                self.net.set_requires_gradient_sync(last)  # reduce-scatter once per step
+            sync = self.net.no_sync() if d.world > 1 and not cfg.fsdp and not last else nullcontext()
+            weight = batch["weight"].to(d.device)  # 0 for a sample unreadable at load time
+            self.unreadable_samples += int((batch["weight"] == 0).sum())
+            with sync, autocast:
+                per_sample = self.diffusion.training_loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
+                loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        return float(all_mean(total, d)), float(_full(grad_norm)), motion_free_share
+
+    def update(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+
+    def save(self) -> Path | None:
+        """Checkpoint and exported models (collective under FSDP; rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from pipelines.model.gentron import GenTronTransformer
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        raw, averaged = full_model_state(self.model), self.ema.full_state()
+        path = None
+        if self.d.main:
+            trainer_state = {"optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
+            info = {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "unreadable_samples": self.unreadable_samples}
+            path = ckpt.save_checkpoint(self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints)
+            ckpt.export_model(GenTronTransformer, self.model_cfg, averaged, self.folder / "model", self.pipeline, self.empty_caption)
+            ckpt.export_model(GenTronTransformer, self.model_cfg, raw, self.folder / "model_raw", self.pipeline, self.empty_caption)
+            plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
+        barrier(self.d)
+        return path
+
+    def preview(self) -> list[Path]:
+        """Preview samples of the EMA model (gathered on every rank, rendered on rank 0)."""
+        from pipelines.model.gentron import GenTronTransformer
+
+        averaged, files = self.ema.full_state(), []
+        if self.previewer is not None:
+            preview_model = GenTronTransformer.from_config(self.model_cfg)
+            preview_model.load_state_dict(averaged)
+            files = self.previewer.render(preview_model.to(self.d.device), self.step)
+        barrier(self.d)
+        return files
+
+    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
+        if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
+            self.metrics.write({
+                "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.config), "grad_norm": grad_norm,
+                "samples_per_s": self.config.global_batch / seconds, "seconds": seconds, "memory_mb": _memory_mb(self.d),
+                "motion_free": motion_free, "skipped_samples": self.skipped_samples, "unreadable_samples": self.unreadable_samples,
+                "skipped_steps": self.skipped_steps,
+            })  # fmt: skip
+
+
+def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
+    """Index the data, build (or restore) model, optimizer and EMA, and open the run folder."""
+    folder = Path(config.output)
+    previous = ckpt.latest_checkpoint(folder)
+    if config.resume and previous is None:
+        raise GentronError(f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there")
+    if previous is not None:
+        check_resume(folder, config)
+    if config.global_batch % (config.grad_accum * d.world):
+        raise GentronError(
+            f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x {d.world} processes",
+            "choose a global batch that is a multiple of grad_accum x world size",
+        )
+
+    images, videos = load_sources(config, reporter)
+    sources = [s for s in (images, videos) if s is not None]
+    empty, empty_path = load_empty_caption([s.folder for s in sources])
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    shape = (config.frames, *images.latent_shape) if config.stage == "t2v" and videos is None else (videos or images).latent_shape
+    model, model_cfg = build_model(config, tuple(shape), empty, reporter)
+    spec = StreamSpec(
+        stage=config.stage, seed=config.seed, micro_batch=config.global_batch // (config.grad_accum * d.world),
+        p_motion_free=config.p_motion_free, text_dropout=config.text_dropout, flip=config.flip,
+        buffer_size=config.shuffle_buffer, frames=config.frames, text_fields=text_fields_for(model_cfg, sources),
+    )  # fmt: skip
+
+    saved = ckpt.load_checkpoint(previous) if previous is not None else None
+    if saved is not None:
+        model.load_state_dict(saved[0])
+        reporter.log(f"resuming from {previous} (step {saved[3]['step']})")
+    net = wrap_model(model, config, d)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay)
+    counters = {}
+    if saved is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        _, ema_state, trainer_state, state = saved
+        # strict=False: parameters that never had a gradient have no Adam state, as in the uninterrupted run
+        set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
+        ema.load_full(ema_state)
+        torch.set_rng_state(trainer_state["rng_cpu"])
+        counters = {k: state[k] for k in ("step", "samples_seen", "skipped_steps", "unreadable_samples")}
+
+    stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world)
+    pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape)
+    stats = data_stats(sources)
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "config.json", asdict(config))
+        write_json(folder / "data_stats.json", stats)
+    return Run(
+        config=config, d=d, folder=folder, model=model, net=net, model_cfg=model_cfg, optimizer=optimizer, ema=ema,
+        diffusion=GaussianDiffusion(num_timesteps=spec.num_timesteps),
+        loader=make_loader(stream, config.num_workers, pin_memory=d.device.type == "cuda"),
+        pipeline=pipeline, empty_caption=empty_path,
+        previewer=Previewer(stream, empty, pipeline, config, folder) if d.main and config.preview_every > 0 else None,
+        metrics=MetricsLog(folder / "metrics.jsonl", resume_step=counters.get("step", 0)) if d.main else None,
+        skipped_samples=sum(s["skipped"] for s in stats.values()), **counters,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResult:
+    """Train (or continue) the run in `config.output`; see the module docstring."""
+    config.check()
+    # absolute paths: the stored run config works from any folder, and reruns compare equal
+    absolute = {k: str(Path(v).resolve()) for k in ("image_data", "video_data", "init") if (v := getattr(config, k))}
+    config = replace(config, **absolute)
+    d = setup_distributed()
+    try:
+        return _train(config, d, reporter if d.main else NullReporter())
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
+    run = start_run(config, d, reporter)
+    losses: list[float] = []
+    batches = iter(run.loader)
+    run.net.train()
+    try:
+        with reporter.task(f"training {config.stage}", total=config.steps, unit="step") as task:
+            task.advance(run.step)
+            while run.step < config.steps:
+                start = time.perf_counter()
+                loss, grad_norm, motion_free = run.forward_backward(batches)
+                run.samples_seen += config.global_batch
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    run.update()
+                elif config.on_nan == "skip":
+                    run.optimizer.zero_grad(set_to_none=True)
+                    run.skipped_steps += 1
+                    reporter.log(f"step {run.step + 1}: loss {loss}, step skipped ({run.skipped_steps} so far)")
+                else:
+                    raise GentronError(
+                        f"the loss became {loss} (gradient norm {grad_norm}) at step {run.step + 1}; training stopped",
+                        f"the last good checkpoint is {ckpt.latest_checkpoint(run.folder) or 'none (none was saved yet)'}; continue "
+                        "from it with a lower --lr or more --warmup-steps, check the data for NaN latents, or pass --on-nan skip",
+                    )
+                run.step += 1
+                losses.append(loss)
+                seconds = time.perf_counter() - start
+                run.log(loss, grad_norm, motion_free, seconds)
+                if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+                    reporter.log(f"saved {run.save()}")
+                if config.preview_every > 0 and (run.step % config.preview_every == 0 or run.step == config.steps):
+                    reporter.log(f"preview: {', '.join(str(f) for f in run.preview())}")
+                task.advance(1, loss=loss, samples_s=config.global_batch / seconds)
+    except KeyboardInterrupt:
+        # the weights and optimizer hold `run.step` complete steps: save them so a rerun continues from here
+        latest = ckpt.latest_checkpoint(run.folder)
+        if latest is None or latest.name != ckpt.step_dir_name(run.step):
+            reporter.log(f"interrupted at step {run.step}: saved {run.save()}")
+        raise
+    finally:
+        del batches  # stops the DataLoader workers
+    return TrainResult(run.folder, run.step, losses, run.skipped_samples, run.skipped_steps)
+
+
+def _memory_mb(d: Dist) -> float:
+    """Peak memory: CUDA allocator peak on GPU, else the process's peak resident set."""
+    if d.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(d.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

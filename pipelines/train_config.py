@@ -1,0 +1,81 @@
+"""The settings of a training run, as a plain dataclass (light to import: the CLI builds --help from it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from pipelines.errors import GentronError
+
+STAGES = ("t2i", "t2v")
+ON_NAN = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; written to RUN/config.json, from which the run can be repeated."""
+
+    output: str = "runs/gentron"  # the run folder
+    stage: str = "t2i"  # t2i or t2v
+    image_data: str | None = None  # encoded image shards
+    video_data: str | None = None  # encoded clip shards
+    model: str = "XL/2"  # size name, JSON overrides or a .json file (see pipelines/model/configs.py)
+    init: str | None = None  # exported model folder to start from (T2I -> T2V adds zero temporal layers)
+    steps: int = 400_000
+    global_batch: int = 256  # samples per optimizer step over all processes
+    grad_accum: int = 1  # micro-batch = global_batch / (grad_accum * world size)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999
+    text_dropout: float = 0.1  # classifier-free guidance: probability of the empty caption
+    p_motion_free: float = 0.5  # t2v: probability of a motion-free sample
+    frames: int = 8  # t2v without clips: pseudo-video length
+    flip: bool = True  # use the stored mirrored latents half of the time, when present
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    fsdp: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    preview_every: int = 0  # 0: no previews
+    preview_count: int = 4
+    preview_steps: int = 25
+    preview_cfg: float = 4.0
+    log_every: int = 10
+    on_nan: str = "stop"  # stop, or skip the step
+    resume: bool = False  # require a checkpoint to continue from (a rerun into the folder resumes anyway)
+
+    @staticmethod
+    def from_json(path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise GentronError(f"run config not found: {path}", "pass RUN/config.json of an earlier run")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise GentronError(f"{path} is not valid JSON: {err}", "pass RUN/config.json of an earlier run") from None
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GentronError(f"{path}: unknown settings {unknown}", f"valid settings: {', '.join(sorted(known))}")
+        return TrainConfig(**data)
+
+    def check(self) -> None:
+        if self.stage not in STAGES:
+            raise GentronError(f"unknown stage {self.stage!r}", "use --stage t2i or --stage t2v")
+        if self.on_nan not in ON_NAN:
+            raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
+        if not self.image_data and not self.video_data:
+            raise GentronError("no training data given", "pass --image-data and/or --video-data (folders of encoded shards)")
+        for name in ("text_dropout", "p_motion_free"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise GentronError(f"{name} must be in [0, 1], got {getattr(self, name)}", "pass a probability")
+        if self.steps < 1 or self.global_batch < 1 or self.grad_accum < 1:
+            raise GentronError("steps, global batch and gradient accumulation must be positive", "check the options")

@@ -1,0 +1,52 @@
+"""The quickstart's stages end to end at a small size, through the CLI (the full run is not a test)."""
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from gentron_cli.main import app
+from pipelines.data.media import decode_clip
+from pipelines.data.shards import summarize
+from pipelines.toydata import probe_image, probe_video
+
+
+def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--smoke", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output and "total time" in result.output
+
+    # every stage wrote its output: 16 images and 16 videos (one clip each) made it through prep and encoding
+    for kind, n in (("images", 16), ("videos", 16)):
+        for stage in ("prep", "latents"):
+            assert summarize(out / f"data/{kind}-{stage}")["samples_out"] == n
+        assert summarize(out / f"data/{kind}")["samples_out"] == n
+        assert (out / f"data/{kind}/empty_caption.npz").is_file()
+    for run in ("t2i", "t2v"):
+        assert (out / f"runs/{run}/model/config.json").is_file() and (out / f"runs/{run}/loss.png").is_file()
+    assert json.loads((out / "runs/t2v/model/config.json").read_text())["temporal"] is True
+
+    # the report's figures are the probe's verdicts on the files it points to
+    report = (out / "report.md").read_text()
+    hits = {"color": 0, "place": 0}
+    pngs = sorted(p for p in (out / "samples/t2i").glob("*.png") if p.name != "grid.png")
+    assert len(pngs) == 16
+    for png in pngs:
+        prompt = json.loads(png.with_suffix(".json").read_text())["prompt"]
+        for k, ok in probe_image(np.asarray(Image.open(png).convert("RGB")), prompt).items():
+            hits[k] += ok
+    assert f"({hits['color']}/16;" in report and f"({hits['place']}/16;" in report
+    videos = sorted(p for p in (out / "samples/t2v-mfg").glob("*.mp4") if p.name != "grid.mp4")
+    assert len(videos) == 16
+    frames = decode_clip(videos[0].read_bytes())
+    assert frames.shape == (4, 16, 16, 3)
+    assert set(probe_video(frames, "a red square moving left")) == {"color", "direction"}
+
+
+def test_quickstart_refuses_a_folder_that_is_not_its_own(tmp_path):
+    (tmp_path / "precious.txt").write_text("user data")
+    result = CliRunner().invoke(app, ["quickstart", "--smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not a quickstart folder" in result.output
+    assert (tmp_path / "precious.txt").read_text() == "user data"

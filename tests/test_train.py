@@ -1,0 +1,285 @@
+"""`gentron train`: overfitting through the CLI, exact resume, T2I -> T2V init, bad data, NaN, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from gentron_cli.main import app
+from pipelines import checkpoint as ckpt
+from pipelines.data import schema
+from pipelines.data.loader import StreamSpec, TrainStream, batch_text, index_source, load_empty_caption
+from pipelines.diffusion.gaussian import GaussianDiffusion
+from pipelines.errors import GentronError
+from pipelines.metrics import read_metrics
+from pipelines.model.gentron import GenTronTransformer
+from pipelines.progress import NullReporter
+from pipelines.train import TrainConfig, train
+from train_data import truncate, write_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to other processes on the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_dataset(root / "img", "image", samples=6, shards=2), write_dataset(root / "vid", "video", samples=6, shards=2)
+
+
+def base(tmp_path, images, **kw) -> TrainConfig:
+    defaults = dict(
+        output=str(tmp_path / "run"), image_data=str(images), model=TINY, steps=8, global_batch=4, lr=3e-3,
+        num_workers=0, checkpoint_every=4, log_every=1, text_dropout=0.1, ema_decay=0.9,
+    )
+    return TrainConfig(**(defaults | kw))
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
+    images, _ = data
+    run = tmp_path / "t2i"
+    args = ["train", "--stage", "t2i", "--image-data", str(images), "--output", str(run), "--model", '{"size": "T/2"}',
+            "--steps", "60", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0", "--text-dropout", "0",
+            "--checkpoint-every", "20", "--keep-checkpoints", "2", "--log-every", "1", "--ema-decay", "0.9",
+            "--preview-every", "30", "--preview-count", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    curve = [losses(run)[s] for s in range(1, 61)]
+    assert np.mean(curve[-10:]) < 0.5 * np.mean(curve[:5]), curve
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000040", "step_0000060"]  # keeps 2
+    for folder in ("model", "model_raw"):
+        model = GenTronTransformer.from_pretrained(str(run / folder))
+        assert not model.config.temporal
+        pipeline = json.loads((run / folder / "pipeline.json").read_text())
+        assert pipeline["vae"]["name"] == "pixel" and pipeline["vae"]["channels"] == 3
+        assert (run / folder / schema.EMPTY_CAPTION_FILE).is_file()
+    raw = GenTronTransformer.from_pretrained(str(run / "model_raw")).state_dict()
+    ema = GenTronTransformer.from_pretrained(str(run / "model")).state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the EMA is a different average
+    assert (run / "loss.png").stat().st_size > 1000
+    saved = TrainConfig.from_json(run / "config.json")
+    assert saved.steps == 60 and saved.global_batch == 6 and saved.stage == "t2i"
+    record = read_metrics(run / "metrics.jsonl")[-1]
+    assert {"lr", "grad_norm", "samples_per_s", "memory_mb"} <= set(record)
+    grid = np.asarray(Image.open(run / "previews" / "step_0000060.png"))
+    assert grid.shape == (2 * 8 + 2, 2 * 8 + 2, 3) and grid[:8, :8].std() > 10  # 3 samples on a 2x2 grid, not blank
+    assert (run / "previews" / "step_0000030.png").is_file()
+    assert "image number" in (run / "previews" / "prompts.txt").read_text()
+    # the stored run config repeats the run: here continued for two more steps
+    result = runner.invoke(app, ["train", "--config", str(run / "config.json"), "--steps", "62"])
+    assert result.exit_code == 0, result.output
+    assert ckpt.latest_checkpoint(run).name == "step_0000062" and sorted(losses(run)) == list(range(1, 63))
+
+
+def test_t2v_joint_training_overfits_through_the_cli(tmp_path, data):
+    images, videos = data
+    run = tmp_path / "t2v"
+    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--output", str(run),
+            "--model", '{"size": "T/2"}', "--steps", "40", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0",
+            "--text-dropout", "0", "--p-motion-free", "0.5", "--checkpoint-every", "40", "--log-every", "1",
+            "--preview-every", "40", "--preview-count", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = read_metrics(run / "metrics.jsonl")
+    curve = [r["loss"] for r in records]
+    assert np.mean(curve[-8:]) < 0.6 * np.mean(curve[:4]), curve
+    shares = [r["motion_free"] for r in records]
+    assert 0.3 < np.mean(shares) < 0.7  # p = 0.5 over 240 samples
+    model = GenTronTransformer.from_pretrained(str(run / "model"))
+    assert model.config.temporal
+    assert json.loads((run / "model" / "pipeline.json").read_text())["data"]["frames"] == 4
+    strip = np.asarray(Image.open(run / "previews" / "step_0000040.png"))
+    assert strip.shape == (2 * 8 + 2, 4 * 8 + 3 * 2, 3)  # one row per prompt, one column per frame
+    gif = Image.open(run / "previews" / "step_0000040.gif")
+    assert gif.n_frames == 4
+
+
+class StopAt(NullReporter):
+    """A reporter that presses Ctrl-C after `stop` training steps (the loop's own interrupt path)."""
+
+    def __init__(self, stop: int):
+        self.stop, self.steps = stop, 0
+
+    @contextmanager
+    def task(self, description, total, unit="it"):
+        outer = self
+
+        class Task:
+            def advance(self, n=1, **fields):
+                if "loss" in fields:
+                    outer.steps += 1
+                    if outer.steps == outer.stop:
+                        raise KeyboardInterrupt
+
+        yield Task()
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data):
+    images, videos = data
+    cfg = base(tmp_path, images, stage="t2v", video_data=str(videos), steps=10, checkpoint_every=100, p_motion_free=0.5)
+    whole = train(replace(cfg, output=str(tmp_path / "whole")))
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(cfg, output=str(tmp_path / "cut")), StopAt(4))
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step_0000004"  # Ctrl-C saved the state
+    resumed = train(replace(cfg, output=str(tmp_path / "cut"), resume=True))
+    assert resumed.step == 10 and len(resumed.losses) == 6
+    np.testing.assert_allclose(resumed.losses, whole.losses[4:], rtol=1e-5, atol=1e-6)
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    a = GenTronTransformer.from_pretrained(str(tmp_path / "whole" / "model")).state_dict()
+    b = GenTronTransformer.from_pretrained(str(tmp_path / "cut" / "model")).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # EMA and optimizer state were restored
+
+
+def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
+    images, _ = data
+    t2i = train(base(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))
+    cfg = base(tmp_path, images, output=str(tmp_path / "t2v"), stage="t2v", init=str(t2i.run_dir / "model_raw"),
+               steps=1, p_motion_free=1.0, frames=3, text_dropout=0.0)
+    first = train(cfg).losses[0]
+    # the same first batch, through the T2I model frame by frame
+    source = index_source(images, "image")
+    empty, _ = load_empty_caption([images])
+    spec = StreamSpec(stage="t2v", seed=cfg.seed, micro_batch=cfg.global_batch, p_motion_free=1.0, text_dropout=0.0,
+                      frames=3, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
+    stream = TrainStream(spec, source, None, empty)
+    batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
+    assert bool(batch["pseudo_video"].all())
+    model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
+    b, t = batch["x0"].shape[:2]
+    flat = lambda x: x.reshape(b * t, *x.shape[2:])
+    with torch.no_grad():
+        per_frame = GaussianDiffusion().training_loss(
+            model, flat(batch["x0"]), batch["timestep"].repeat_interleave(t), batch_text(batch).repeat_interleave(t), noise=flat(batch["noise"])
+        )["loss"]
+    assert first == pytest.approx(float(per_frame.mean()), rel=1e-5)
+
+
+def test_bad_data_is_skipped_and_counted_and_the_run_finishes(tmp_path):
+    images = write_dataset(tmp_path / "bad", "image", samples=9, shards=3, bad={0: "wrong_shape", 4: "missing_field"})
+    truncate(images / "000002.tar", 0.5)
+    result = train(base(tmp_path, images, steps=3))
+    assert result.step == 3 and result.skipped_samples >= 3
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())["image"]
+    assert stats["skipped_by_reason"]["wrong_latent_shape"] == 1 and stats["skipped_by_reason"]["missing_field"] == 1
+    assert stats["skipped_by_reason"]["bad_shard"] == 1
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["skipped_samples"] == result.skipped_samples
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path):
+    images = write_dataset(tmp_path / "nan", "image", samples=16, shards=2, bad={3: "nan"})
+    cfg = base(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
+    # the step whose batch holds the NaN sample, from the stream itself
+    source = index_source(images, "image")
+    spec = StreamSpec(stage="t2i", seed=cfg.seed, micro_batch=4, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED,))
+    stream = TrainStream(spec, source, None, {})
+    streams = stream._streams()
+    nan_step = 1 + next(i for i in range(48) if stream.locate(i, streams)[1].key == "image_3") // 4
+    assert 2 <= nan_step <= 12  # a good step (and checkpoint) comes first
+    with pytest.raises(GentronError, match="loss became nan") as err:
+        train(cfg)
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    assert last.name == ckpt.step_dir_name(nan_step - 1) and last.name in str(err.value)
+    weights, _, _, state = ckpt.load_checkpoint(last)
+    assert state["step"] == nan_step - 1 and all(torch.isfinite(w).all() for w in weights.values())
+    assert len(ckpt.list_checkpoints(tmp_path / "run")) == min(2, nan_step - 1)
+    skipped = train(replace(cfg, output=str(tmp_path / "skip"), on_nan="skip"))
+    assert skipped.step == 12 and skipped.skipped_steps >= 1 and np.isnan(skipped.losses[nan_step - 1])
+    weights, _, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "skip"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
+    weights, _, trainer, state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert torch.equal(weights["w"], torch.ones(2)) and state == {"step": 1}
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "Q/9"], "unknown model config"),
+        (["--model", '{"size": "T/2", "patch_size": 3}'], "not divisible by the model's patch size"),
+        (["--image-data", "/nonexistent/folder"], "not found"),
+    ],
+)
+def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
+    images, _ = data
+    args = ["train", "--image-data", str(images), "--output", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
+            "--global-batch", "2", "--num-workers", "0"] + extra
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, data):
+    images, _ = data
+    train(base(tmp_path, images, steps=2, checkpoint_every=2))
+    with pytest.raises(GentronError, match="other settings"):
+        train(base(tmp_path, images, steps=4, lr=1e-2))
+    assert train(base(tmp_path, images, steps=4)).step == 4  # more steps: continues
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, data):
+    images, _ = data
+    plain = train(base(tmp_path, images, output=str(tmp_path / "plain"), steps=3))
+    recomputed = train(base(tmp_path, images, output=str(tmp_path / "gc"), steps=3, gradient_checkpointing=True))
+    np.testing.assert_allclose(recomputed.losses, plain.losses, rtol=1e-5)
+
+
+def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
+    """A real `kill -9` of a `gentron train` process, then the same command again."""
+    images, _ = data
+    run = tmp_path / "killed"
+    args = ["train", "--image-data", str(images), "--output", str(run), "--model", TINY, "--steps", "80",
+            "--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "5", "--log-every", "1",
+            "--ema-decay", "0.9"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = ckpt.latest_checkpoint(run)
+    assert killed_at is not None and killed_at.name != "step_0000080"  # killed mid-run
+    result = runner.invoke(app, args)  # the same command: resumes
+    assert result.exit_code == 0, result.output
+    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=80, checkpoint_every=80))
+    logged = losses(run)
+    assert sorted(logged) == list(range(1, 81))
+    np.testing.assert_allclose([logged[s] for s in range(1, 81)], whole.losses, rtol=1e-5, atol=1e-6)
