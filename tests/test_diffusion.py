@@ -14,14 +14,6 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; two threads spin against each other (and other jobs) on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def dit_alphas_cumprod() -> np.ndarray:
     """DiT's linear schedule, computed the way DiT does (float64 numpy)."""

@@ -14,14 +14,6 @@ from pipelines.model.gentron import GenTronTransformer
 BATCH, FRAMES, CHANNELS, SIZE = 2, 3, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; two threads spin against each other (and other jobs) on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def randomised_tiny_model(temporal: bool, learn_sigma: bool = True) -> GenTronTransformer:
     """The T/2 model in float64 with every weight perturbed, so zero-initialised paths (adaLN-Zero,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gentron_cli.commands.info import register
 from pipelines.model import GenTronTransformer, count_parameters, meta_model, model_config, model_cost
-from pipelines.model.flops import example_inputs, forward_flops
+from pipelines.model.flops import CLIP_LENGTH, T5_LENGTH, example_inputs, forward_flops
 
 
 def _app() -> typer.Typer:
@@ -42,7 +42,7 @@ def test_depth_extrapolation_equals_a_full_count():
 def test_forward_flops_match_the_analytic_matmul_count():
     """Dominant terms of a block, counted by hand, against the counter (2 FLOPs per multiply-add)."""
     config = model_config("S/2")
-    d, m, depth, n, text = config["hidden_size"], config["mlp_dim"], config["depth"], 256, 154
+    d, m, depth, n, text = config["hidden_size"], config["mlp_dim"], config["depth"], 256, CLIP_LENGTH + T5_LENGTH
     per_block = 2 * n * (
         3 * d * d + d * d  # self-attention qkv + out
         + 2 * n * d  # scores + weighted values
@@ -50,8 +50,9 @@ def test_forward_flops_match_the_analytic_matmul_count():
         + 2 * text * d  # cross scores + values
         + 2 * d * m  # MLP
     ) + 2 * text * 2 * d * d  # cross k, v from the text tokens
+    text_projections = 2 * CLIP_LENGTH * (config["clip_dim"] * d + d * d) + 2 * T5_LENGTH * (config["t5_dim"] * d + d * d)
     forward = model_cost(config, resolution=256).forward_flops
-    assert 1.0 < forward / (depth * per_block) < 1.03  # the rest: embeddings, adaLN, final layer
+    assert 1.0 < forward / (depth * per_block + text_projections) < 1.03  # the rest: embeddings, adaLN, final layer
 
 
 def test_train_step_is_about_three_forwards():

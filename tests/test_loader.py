@@ -16,14 +16,6 @@ from train_data import pattern, truncate, write_dataset
 TEXT = (schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to other processes on the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -14,14 +14,6 @@ from pipelines.model.gentron import GenTronTransformer
 PAIRS, EVAL_TIMESTEPS, STEPS = 4, 8, 300
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; two threads spin against each other (and other jobs) on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def captions(batch: int, generator: torch.Generator) -> TextCondition:
     """Stand-in text-encoder outputs at the T/2 widths (32), one distinct caption per pair."""

@@ -31,14 +31,6 @@ from train_data import truncate, write_dataset
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to other processes on the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 
 

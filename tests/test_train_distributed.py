@@ -7,7 +7,6 @@ import socket
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -35,14 +34,6 @@ def _rank_main(rank: int, world: int, ports: list[int], configs: list[TrainConfi
 
 def losses(run) -> list[float]:
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipelines.defaults import DEFAULT_T5_MAX_LENGTH
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
@@ -21,7 +22,7 @@ from pipelines.model.gentron import GenTronTransformer
 VAE_DOWNSAMPLE = 8
 TRAIN_STEP_FACTOR = 3  # forward + backward ~ 3x forward
 CLIP_LENGTH = 77
-T5_LENGTH = 77
+T5_LENGTH = DEFAULT_T5_MAX_LENGTH  # the tokens encode-text keeps by default
 
 
 @dataclass(frozen=True)
