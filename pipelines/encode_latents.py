@@ -28,7 +28,6 @@ from pipelines.data.shards import (
     StageResult,
     iter_shard,
     list_shards,
-    resolve_rank,
     run_shard_jobs,
     stats_path,
 )
@@ -244,21 +243,13 @@ def stage_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
     shards = list_shards(input_dir)
     if not shards:
         raise GentronError(f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage")
-    return [ShardJob(path.name[: -len(".tar")], path) for path in shards]
+    return [ShardJob(path.name[: -len(".tar")], path, items=_input_samples(path)) for path in shards]
 
 
-def pending_items(jobs: list[ShardJob], input_dir: Path, output_dir: Path, rank: int | None, world_size: int | None) -> int | None:
-    """Samples this rank still has to do, from the input folder's stats files (None when any is missing)."""
-    rank, world_size = resolve_rank(rank, world_size)
-    total = 0
-    for job in jobs[rank::world_size]:
-        if stats_path(Path(output_dir), job.name).exists():
-            continue
-        source = stats_path(Path(input_dir), job.name)
-        if not source.exists():
-            return None
-        total += ShardStats.load(source).samples_out
-    return total
+def _input_samples(shard: Path) -> int | None:
+    """Samples in an input shard, from the stats file the stage that wrote it left beside it."""
+    source = stats_path(shard.parent, shard.name[: -len(".tar")])
+    return ShardStats.load(source).samples_out if source.exists() else None
 
 
 def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None) -> StageResult:
@@ -278,7 +269,6 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
         jobs,
         cfg.output_dir,
         LatentShardEncoder(vae, cfg),
-        total_items=pending_items(jobs, Path(cfg.input_dir), Path(cfg.output_dir), cfg.rank, cfg.world_size),
         rank=cfg.rank,
         world_size=cfg.world_size,
         description="encode-latents",

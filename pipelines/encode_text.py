@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data import schema
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, _atomic_write_bytes, iter_shard, run_shard_jobs
-from pipelines.encode_latents import pending_items, stage_jobs
+from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, atomic_write_bytes, iter_shard, run_shard_jobs
+from pipelines.encode_latents import stage_jobs
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, TextEncoders, parse_encoders
 from pipelines.progress import NullReporter, Reporter
@@ -72,7 +72,7 @@ def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
     _check_finite(arrays)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -153,7 +153,6 @@ def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), enco
         jobs,
         cfg.output_dir,
         TextShardEncoder(encoders, cfg.batch_size),
-        total_items=pending_items(jobs, Path(cfg.input_dir), Path(cfg.output_dir), cfg.rank, cfg.world_size),
         rank=cfg.rank,
         world_size=cfg.world_size,
         description="encode-text",

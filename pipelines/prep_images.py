@@ -14,11 +14,11 @@ from pathlib import Path
 
 from pipelines.data import schema
 from pipelines.data.image import load_image, resize_image
-from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem, discover_inputs
+from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs
+from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult
 from pipelines.errors import BadSample, GentronError
-from pipelines.prep_videos import check_output_options, make_shard_jobs, pending_items
+from pipelines.prep_videos import run_prep
 from pipelines.progress import NullReporter, Reporter
 
 OPTIONS_FILE = "_prep_images.json"
@@ -111,21 +111,4 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
 def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every image of `config.input` into image shards under `config.output`."""
     _validate(config)
-    items = discover_inputs(config.input, IMAGE_EXTENSIONS, path_column=config.path_column, caption_column=config.caption_column, what="images")
-    output = Path(config.output)
-    check_output_options(output, config.output_options(), OPTIONS_FILE)
-    rank, world_size = resolve_rank(config.node_rank, config.num_nodes)
-    jobs = make_shard_jobs(items, config.shard_size, config)
-    reporter.log(f"{len(items)} images in {len(jobs)} shards of up to {config.shard_size} images" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
-    return run_shard_jobs(
-        jobs,
-        output,
-        _prep_shard,
-        total_items=pending_items(jobs, output, rank, world_size),
-        workers=config.workers,
-        rank=rank,
-        world_size=world_size,
-        description="prep-images",
-        unit="image",
-        reporter=reporter,
-    )
+    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, OPTIONS_FILE, "image", reporter)

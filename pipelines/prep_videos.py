@@ -21,7 +21,7 @@ from typing import Iterator
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem, discover_inputs
 from pipelines.data.media import encode_clip
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs, shard_name, stats_path
+from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs, shard_name
 from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
@@ -239,32 +239,27 @@ class _ClipRateTask:
 
 def make_shard_jobs(items: list, shard_size: int, config) -> list[ShardJob]:
     """Consecutive runs of `shard_size` sorted items; shard k is named shard_name(k)."""
-    return [ShardJob(shard_name(k), (config, items[start : start + shard_size])) for k, start in enumerate(range(0, len(items), shard_size))]
-
-
-def pending_items(jobs: list[ShardJob], output: Path, rank: int, world_size: int) -> int:
-    """Input items in this rank's shards that are not complete yet (the progress bar's total)."""
-    return sum(len(job.payload[1]) for job in jobs[rank::world_size] if not stats_path(output, job.name).exists())
+    return [
+        ShardJob(shard_name(k), (config, items[start : start + shard_size]), items=len(items[start : start + shard_size]))
+        for k, start in enumerate(range(0, len(items), shard_size))
+    ]
 
 
 def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every video of `config.input` into clip shards under `config.output`."""
     _validate(config)
-    items = discover_inputs(config.input, VIDEO_EXTENSIONS, path_column=config.path_column, caption_column=config.caption_column, what="videos")
+    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, OPTIONS_FILE, "video", _ClipRateReporter(reporter))
+
+
+def run_prep(config, shard_fn, extensions, options_file: str, kind: str, reporter: Reporter) -> StageResult:
+    """The prep stages' common run: find the inputs, refuse a resume with other options, shard, go."""
+    items = discover_inputs(config.input, extensions, path_column=config.path_column, caption_column=config.caption_column, what=f"{kind}s")
     output = Path(config.output)
-    check_output_options(output, config.output_options(), OPTIONS_FILE)
+    check_output_options(output, config.output_options(), options_file)
     rank, world_size = resolve_rank(config.node_rank, config.num_nodes)
     jobs = make_shard_jobs(items, config.shard_size, config)
-    reporter.log(f"{len(items)} videos in {len(jobs)} shards of up to {config.shard_size} videos" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
+    reporter.log(f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
     return run_shard_jobs(
-        jobs,
-        output,
-        _prep_shard,
-        total_items=pending_items(jobs, output, rank, world_size),
-        workers=config.workers,
-        rank=rank,
-        world_size=world_size,
-        description="prep-videos",
-        unit="video",
-        reporter=_ClipRateReporter(reporter),
+        jobs, output, shard_fn, workers=config.workers, rank=rank, world_size=world_size,
+        description=f"prep-{kind}s", unit=kind, reporter=reporter,
     )

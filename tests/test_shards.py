@@ -154,3 +154,30 @@ def test_worker_pool_gives_the_same_shards_as_one_process(tmp_path):
     run_shard_jobs(_jobs(), b, _job_fn, workers=2, reporter=Rep())
     assert sum(ticks) == 20
     assert [p.read_bytes() for p in list_shards(a)] == [p.read_bytes() for p in list_shards(b)]
+
+
+def test_progress_total_counts_only_this_ranks_unfinished_items(tmp_path):
+    totals = []
+
+    class Rep:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def task(self, description, total, unit="it"):
+            totals.append(total)
+
+            class T:
+                def advance(self, n=1, **_):
+                    pass
+
+            yield T()
+
+        def log(self, m):
+            pass
+
+    jobs = [ShardJob(j.name, j.payload, items=len(j.payload)) for j in _jobs(40, 5)]  # 8 shards of 5
+    run_shard_jobs(jobs[:3], tmp_path, _job_fn, reporter=Rep())  # three shards done earlier
+    run_shard_jobs(jobs, tmp_path, _job_fn, rank=0, world_size=2, reporter=Rep())  # rank 0: shards 0 2 4 6, two left
+    assert totals == [15, 10]
+    run_shard_jobs(_jobs(40, 5), tmp_path / "unknown", _job_fn, reporter=Rep())  # jobs without counts
+    assert totals[-1] is None

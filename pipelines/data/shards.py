@@ -44,7 +44,7 @@ def list_shards(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -221,10 +221,12 @@ def summarize(output_dir: str | Path) -> dict:
 
 @dataclass
 class ShardJob:
-    """One output shard to produce: its name and whatever the stage needs (an input shard path, a list of files)."""
+    """One output shard to produce: its name, whatever the stage needs (an input shard path, a list of
+    files), and how many input items it holds (for the progress bar's total; None if unknown)."""
 
     name: str
     payload: Any
+    items: int | None = None
 
 
 # fn(job, writer, stats, tick) fills the writer; tick(n, **fields) reports n finished input items
@@ -269,7 +271,7 @@ def _run_one(fn: ShardFn, job: ShardJob, output_dir: Path, tick: Callable[[int],
         stats.samples_out = writer.count
     stats.seconds = round(time.perf_counter() - start, 3)
     # The stats file is written last: its presence marks the shard complete.
-    _atomic_write_bytes(stats_path(output_dir, job.name), stats.to_json())
+    atomic_write_bytes(stats_path(output_dir, job.name), stats.to_json())
     return stats
 
 
@@ -294,7 +296,6 @@ def run_shard_jobs(
     output_dir: str | Path,
     fn: ShardFn,
     *,
-    total_items: int | None = None,
     workers: int = 1,
     rank: int | None = None,
     world_size: int | None = None,
@@ -316,6 +317,8 @@ def run_shard_jobs(
         reporter.log(f"resuming: {skipped} of {len(mine)} shards already complete in {output_dir}")
     results: list[ShardStats] = []
     start = time.perf_counter()
+    counts = [j.items for j in todo]
+    total_items = None if None in counts else sum(counts)
     with reporter.task(description, total_items, unit) as task:
         if workers <= 1 or len(todo) <= 1:
             for job in todo:
@@ -324,7 +327,7 @@ def run_shard_jobs(
             results = _run_pool(fn, todo, output_dir, workers, task)
     seconds = time.perf_counter() - start
     summary = summarize(output_dir)
-    _atomic_write_bytes(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True).encode())
     return StageResult(
         done=len(results),
         skipped=skipped,
