@@ -1,4 +1,4 @@
-"""Writing generated samples: PNG images, MP4 (H.264) and GIF videos, contact sheets, JSON sidecars.
+"""Writing generated samples: PNG images, MP4 (H.264), GIF and PNG film strips of videos, contact sheets, JSON sidecars.
 
 Frames are uint8 RGB arrays, (H, W, 3) for an image and (T, H, W, 3) for a video. MP4 is H.264
 (`pipelines.data.media.encode_h264`), which x264 does not make bit-reproducible, so reproducibility is
@@ -67,11 +67,23 @@ def write_gif(path: Path, frames: np.ndarray, fps: float) -> Path:
 
 
 def write_sample(folder: Path, stem: str, frames: np.ndarray, fps: float) -> list[Path]:
-    """Write one sample: `stem.png` for an image (H, W, 3); `stem.mp4` and `stem.gif` for a video (T, H, W, 3)."""
+    """Write one sample: `stem.png` for an image (H, W, 3); for a video (T, H, W, 3) `stem.mp4`, `stem.gif`
+    and `stem.frames.png`, the frames side by side without loss (H.264 and GIF palettes both alter pixels)."""
     folder = Path(folder)
     if frames.ndim == 3:
         return [write_png(folder / f"{stem}.png", frames)]
-    return [write_mp4(folder / f"{stem}.mp4", frames, fps), write_gif(folder / f"{stem}.gif", frames, fps)]
+    return [
+        write_mp4(folder / f"{stem}.mp4", frames, fps),
+        write_gif(folder / f"{stem}.gif", frames, fps),
+        write_png(folder / f"{stem}.frames.png", rearrange(frames, "t h w c -> h (t w) c")),
+    ]
+
+
+def read_frame_strip(path: Path, num_frames: int) -> np.ndarray:
+    """`stem.frames.png` -> (T, H, W, 3) uint8, the exact generated frames."""
+    with Image.open(path) as im:
+        strip = np.asarray(im.convert("RGB"))
+    return rearrange(strip, "h (t w) c -> t h w c", t=num_frames)
 
 
 def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data.media import decode_clip
 from pipelines.errors import GentronError
+from pipelines.outputs import contact_sheet, read_frame_strip, write_png
 from pipelines.progress import NullReporter, Reporter
 from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, probe_image, probe_video, video_caption
 
@@ -36,14 +36,15 @@ class QuickstartConfig:
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
     size: int = 16  # training resolution in pixels; with the pixel VAE the latents are the pixels
     frames: int = 4  # frames per training clip
-    frame_stride: int = 12  # on the 24 FPS timeline: 2 FPS clips spanning 1.5 s
-    clip_stride: int = 12  # overlapping windows: three clips per 3 s toy video
+    frame_stride: int = 23  # on the 24 FPS timeline: 4 frames spanning the 3 s toy video, edge to edge
+    clip_stride: int | None = None  # one clip per video
     model: str = QUICKSTART_MODEL
     lr: float = 1e-3
     t2i_steps: int = 900
     t2i_batch: int = 64
     t2v_steps: int = 250
     t2v_batch: int = 16
+    p_motion_free: float = 0.5  # t2v: share of motion-free samples (images as still videos)
     ema_decay: float = 0.99
     sample_steps: int = 25
     samples_per_prompt: int = 2
@@ -57,7 +58,7 @@ class QuickstartConfig:
         return QuickstartConfig(
             out=out,
             toy=ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=2.0),
-            clip_stride=None,
+            frame_stride=15,  # 4 frames within the 2 s videos
             model='{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}',
             t2i_steps=12,
             t2i_batch=8,
@@ -146,12 +147,13 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     with stage(7, "train t2v (from t2i, joint image/video, motion-free)"):
         t2v = train(TrainConfig(output=str(out / "runs/t2v"), stage="t2v", init=str(Path(t2i.run_dir) / "model"),
                                 video_data=str(out / "data/videos"), image_data=str(out / "data/images"), frames=cfg.frames,
-                                steps=cfg.t2v_steps, global_batch=cfg.t2v_batch, **common), reporter)
+                                p_motion_free=cfg.p_motion_free, steps=cfg.t2v_steps, global_batch=cfg.t2v_batch, **common), reporter)
     with stage(8, "sample"):
-        t2i_score = _sample_and_probe(cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter)
-        t2v_cfg = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-cfg", _video_prompts(), 1.0, reporter)
-        t2v_mfg = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter)
+        t2i_score, images = _sample_and_probe(cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter)
+        t2v_cfg, _ = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-cfg", _video_prompts(), 1.0, reporter)
+        t2v_mfg, videos = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter)
     with stage(9, "report"):
+        write_png(out / "overview.png", overview(images, videos))
         report = _write_report(cfg, out, timings, t2i_score, t2v_cfg, t2v_mfg, Path(t2i.run_dir), Path(t2v.run_dir))
     return QuickstartResult(out, timings, t2i_score, t2v_cfg, t2v_mfg, report)
 
@@ -164,8 +166,27 @@ def _video_prompts() -> list[str]:
     return [video_caption(c, d) for c in COLORS for d in DIRECTIONS]
 
 
-def _sample_and_probe(cfg: QuickstartConfig, run: Path, out: Path, prompts: list[str], mfg: float | None, reporter: Reporter) -> ProbeScore:
-    """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe."""
+def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4) -> np.ndarray:
+    """One picture of the quickstart: a 4x4 sheet of images (rows: colours, columns: places) beside a 4x4 sheet
+    of videos as film strips (rows: colours, columns: directions; frames left to right), enlarged `scale` times."""
+    grey = 128
+    strips = []
+    for frames in videos:
+        gap = np.full((frames.shape[1], 1, 3), grey, np.uint8)
+        strips.append(np.concatenate([part for f in frames for part in (f, gap)][:-1], axis=1))
+    image_sheet, video_sheet = contact_sheet(images, columns=len(PLACES)), contact_sheet(strips, columns=len(DIRECTIONS))
+    height = max(image_sheet.shape[0], video_sheet.shape[0])
+    pad = lambda sheet: np.pad(sheet, ((0, height - sheet.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    picture = np.concatenate([pad(image_sheet), np.full((height, 6, 3), 255, np.uint8), pad(video_sheet)], axis=1)
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _sample_and_probe(
+    cfg: QuickstartConfig, run: Path, out: Path, prompts: list[str], mfg: float | None, reporter: Reporter
+) -> tuple[ProbeScore, list[np.ndarray]]:
+    """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe.
+
+    Returns the score and the exact pixels of each prompt's first sample."""
     from pipelines.sample import SampleConfig, sample
 
     if out.exists():
@@ -177,16 +198,20 @@ def _sample_and_probe(cfg: QuickstartConfig, run: Path, out: Path, prompts: list
         reporter,
     )
     hits: dict[str, int] = {}
+    firsts: dict[str, np.ndarray] = {}
     for s in result.samples:
-        video = next((f for f in s.files if f.suffix == ".mp4"), None)
-        if video is not None:
-            scores = probe_video(decode_clip(video.read_bytes()), s.prompt)
+        strip = next((f for f in s.files if f.name.endswith(".frames.png")), None)
+        if strip is not None:  # the exact generated frames, not the lossy MP4/GIF
+            pixels = read_frame_strip(strip, cfg.frames)
+            scores = probe_video(pixels, s.prompt)
         else:
             png = next(f for f in s.files if f.suffix == ".png")
-            scores = probe_image(np.asarray(Image.open(png).convert("RGB")), s.prompt)
+            pixels = np.asarray(Image.open(png).convert("RGB"))
+            scores = probe_image(pixels, s.prompt)
+        firsts.setdefault(s.prompt, pixels)
         for attribute, ok in scores.items():
             hits[attribute] = hits.get(attribute, 0) + int(ok)
-    return ProbeScore(hits, len(result.samples))
+    return ProbeScore(hits, len(result.samples)), list(firsts.values())
 
 
 def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path) -> Path:
@@ -201,6 +226,13 @@ def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore,
         f"Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: "
         f"**{'yes' if t2i.beats_chance() and t2v_mfg.beats_chance() else 'no'}**.",
         "",
+        "![Overview: T2I images (rows: colours; columns: places) and T2V videos with motion-free guidance "
+        "(rows: colours; columns: directions left, right, up, down; frames left to right)](overview.png)",
+        "",
+        "Left: one T2I sample per prompt (rows red, green, blue, yellow; columns top left, top right, bottom left, bottom right).",
+        "Right: one T2V sample per prompt with motion-free guidance, its frames left to right",
+        "(rows red, green, blue, yellow; columns moving left, right, up, down).",
+        "",
         "## Prompt following (automatic probe of the generated pixels)",
         "",
         "The probe reads the colour of the generated square (nearest palette colour of the foreground), its place",
@@ -209,7 +241,7 @@ def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore,
         "| samples | colour | place / direction |",
         "| --- | --- | --- |",
         row("T2I images", t2i),
-        row(f"T2V videos, CFG only (lM = 1)", t2v_cfg),
+        row("T2V videos, CFG only (lM = 1)", t2v_cfg),
         row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg),
         "",
         "## Samples",
@@ -218,8 +250,15 @@ def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore,
         "",
         f"![T2I samples]({rel(out / 'samples/t2i/grid.png')})",
         "",
-        f"T2V with motion-free guidance: [grid.gif]({rel(out / 'samples/t2v-mfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-mfg/grid.mp4')});",
-        f"without: [grid.gif]({rel(out / 'samples/t2v-cfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-cfg/grid.mp4')}).",
+        "T2V with motion-free guidance, every prompt, frames left to right within each sample",
+        f"([grid.gif]({rel(out / 'samples/t2v-mfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-mfg/grid.mp4')})):",
+        "",
+        f"![T2V samples with motion-free guidance]({rel(out / 'samples/t2v-mfg/grid.frames.png')})",
+        "",
+        f"T2V without motion-free guidance ([grid.gif]({rel(out / 'samples/t2v-cfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-cfg/grid.mp4')})):",
+        "",
+        f"![T2V samples without motion-free guidance]({rel(out / 'samples/t2v-cfg/grid.frames.png')})",
+        "",
         "Each sample has its own file and a JSON sidecar that regenerates it (`gentron sample --from-sidecar`).",
         "",
         "## Training",

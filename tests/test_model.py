@@ -8,7 +8,7 @@ import torch
 from pipelines.errors import GentronError
 from pipelines.model import GenTronTransformer, TextCondition, model_config
 from pipelines.model.flops import count_parameters, meta_model
-from pipelines.model.gentron import sincos_2d
+from pipelines.model.gentron import is_temporal_parameter, sincos_2d
 
 C = 4  # latent channels
 TEXT_DIM = 32  # T/2 pairs with 32-d tiny text encoders
@@ -79,7 +79,8 @@ def test_t2v_from_t2i_is_t2i_per_frame(tmp_path):
     t2i_state, t2v_state = t2i.state_dict(), t2v.state_dict()
     assert all(torch.equal(v, t2v_state[k]) for k, v in t2i_state.items())
     new = [k for k in t2v_state if k not in t2i_state]
-    assert new and all(".temporal_" in k for k in new)
+    assert new and all(is_temporal_parameter(k) for k in new)
+    assert {k for k in new if ".temporal_" not in k} == {"frame_embedder.weight", "frame_embedder.bias"}
 
     x, t, text = inputs(frames=4)
     with torch.no_grad():
@@ -151,6 +152,26 @@ def test_frames_know_their_order(video_model):
         # Motion-free frames see only themselves, so there the order cannot matter.
         mf = torch.tensor([True, True])
         torch.testing.assert_close(video_model(x.flip(1), t, text, motion_free=mf), video_model(x, t, text, motion_free=mf).flip(1), rtol=1e-5, atol=1e-6)
+
+
+def test_identical_frames_still_know_their_index(video_model):
+    """A still video in motion mode: only the frame embedding tells frames apart (RoPE alone is relative, so
+    identical frames would give identical outputs), which is what lets a noisy video's prediction carry motion."""
+    x, t, text = inputs(frames=4)
+    still = x[:, :1].repeat(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        moving = video_model(still, t, text, motion_free=torch.tensor([False, False]))
+        assert (moving[:, 1:] - moving[:, :1]).abs().amax(dim=(2, 3, 4)).min() > 1e-3
+        frozen = video_model(still, t, text, motion_free=torch.tensor([True, True]))
+        torch.testing.assert_close(frozen[:, 1:], frozen[:, :1].expand_as(frozen[:, 1:]), rtol=1e-5, atol=1e-6)
+        saved = {k: v.clone() for k, v in video_model.frame_embedder.state_dict().items()}
+        for p in video_model.frame_embedder.parameters():
+            p.zero_()
+        try:  # without it, identical frames are indistinguishable
+            no_index = video_model(still, t, text, motion_free=torch.tensor([False, False]))
+        finally:
+            video_model.frame_embedder.load_state_dict(saved)
+    torch.testing.assert_close(no_index[:, 1:], no_index[:, :1].expand_as(no_index[:, 1:]), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- text

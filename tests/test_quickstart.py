@@ -1,14 +1,15 @@
 """The quickstart's stages end to end at a small size, through the CLI (the full run is not a test)."""
 
 import json
+import re
 
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines.data.media import decode_clip
 from pipelines.data.shards import summarize
+from pipelines.outputs import read_frame_strip
 from pipelines.toydata import probe_image, probe_video
 
 
@@ -38,11 +39,21 @@ def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
         for k, ok in probe_image(np.asarray(Image.open(png).convert("RGB")), prompt).items():
             hits[k] += ok
     assert f"({hits['color']}/16;" in report and f"({hits['place']}/16;" in report
-    videos = sorted(p for p in (out / "samples/t2v-mfg").glob("*.mp4") if p.name != "grid.mp4")
-    assert len(videos) == 16
-    frames = decode_clip(videos[0].read_bytes())
-    assert frames.shape == (4, 16, 16, 3)
-    assert set(probe_video(frames, "a red square moving left")) == {"color", "direction"}
+    strips = sorted((out / "samples/t2v-mfg").glob("0*.frames.png"))
+    assert len(strips) == 16
+    video_hits = {"color": 0, "direction": 0}
+    for strip in strips:
+        prompt = json.loads(strip.with_name(strip.name.replace(".frames.png", ".json")).read_text())["prompt"]
+        frames = read_frame_strip(strip, 4)
+        assert frames.shape == (4, 16, 16, 3)
+        for k, ok in probe_video(frames, prompt).items():
+            video_hits[k] += ok
+    mfg_row = next(line for line in report.splitlines() if line.startswith("| T2V videos, motion-free guidance"))
+    assert f"({video_hits['color']}/16;" in mfg_row and f"({video_hits['direction']}/16;" in mfg_row
+    # every picture the report shows exists
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (out / target).is_file(), target
+    assert "samples/t2v-mfg/grid.frames.png" in report
 
 
 def test_quickstart_refuses_a_folder_that_is_not_its_own(tmp_path):

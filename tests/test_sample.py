@@ -168,11 +168,13 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
         assert record["sample_seed"] == sample_seed(7, record["index"])
         digests = record["model"]["weights_sha256"]
         assert list(digests) == ["diffusion_pytorch_model.safetensors"] and len(digests["diffusion_pytorch_model.safetensors"]) == 64
-        mp4, gif = (out / name for name in record["files"])
-        assert mp4.suffix == ".mp4" and gif.suffix == ".gif"
+        mp4, gif, strip = (out / name for name in record["files"])
+        assert mp4.suffix == ".mp4" and gif.suffix == ".gif" and strip.name.endswith(".frames.png")
         gif_frames = read_gif(gif)
         mp4_frames = read_mp4(mp4)
         assert gif_frames.shape == mp4_frames.shape == (VIDEO_FRAMES, VIDEO_RES, VIDEO_RES, 3)
+        # the film strip holds the generated pixels exactly: their hash is the sidecar's
+        assert outputs.pixels_sha256(outputs.read_frame_strip(strip, VIDEO_FRAMES)) == record["pixels_sha256"]
         videos.append((gif_frames, mp4_frames))
     (gif_a, mp4_a), (gif_b, mp4_b) = videos
     assert not np.array_equal(gif_a, gif_b)  # two prompts, two seeds: two different videos

@@ -117,3 +117,18 @@ def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
     with pytest.raises(GentronError) as err:
         TextEncoders(None, "no-such-owner/no-such-t5")
     assert "'no-such-owner/no-such-t5' not found locally and could not be downloaded" in err.value.message
+
+
+def test_loading_draws_no_weight_bar_and_restores_the_hook(tiny, capfd):
+    """transformers' "Loading weights" tqdm bar would tear the Rich progress display of encode-text."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    TextEncoders(str(tiny["clip"]), str(tiny["t5"]), device="cpu")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    # the hook is ours only while loading: a direct transformers call still draws its bar
+    previous = hf_logging.set_tqdm_hook(None)
+    assert previous is None
+    T5EncoderModel.from_pretrained(str(tiny["t5"]))
+    assert "Loading weights" in capfd.readouterr().err

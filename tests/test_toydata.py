@@ -7,6 +7,7 @@ from pipelines.data.media import decode_clip
 from pipelines.toydata import (
     COLORS,
     ToyDataConfig,
+    centroid,
     direction_of,
     make_toy_dataset,
     parse_caption,
@@ -39,6 +40,18 @@ def test_probe_rejects_wrong_content(tmp_path):
     frames = decode_clip((dirs["videos"] / "green_left_0.mp4").read_bytes())
     assert direction_of(frames) == "left" and direction_of(frames[::-1]) == "right"
     assert direction_of(np.repeat(frames[:1], 4, axis=0)) is None  # a still video has no direction
+
+
+def test_videos_cross_the_frame_through_its_middle(tmp_path):
+    """Caption and time fix where the square is: it travels edge to edge along the middle (up to the jitter)."""
+    dirs = make_toy_dataset(tmp_path, SMALL)
+    for path in sorted(dirs["videos"].glob("*.mp4")):
+        frames = decode_clip(path.read_bytes())
+        direction = parse_caption(path.with_suffix(".txt").read_text())["direction"]
+        (y0, x0), (y1, x1) = centroid(frames[0]), centroid(frames[-1])
+        moving, still = ((x0, x1), (y0, y1)) if direction in ("left", "right") else ((y0, y1), (x0, x1))
+        assert abs(moving[1] - moving[0]) > 0.5, path.name  # most of the way across
+        assert all(abs(v - 0.5) < 0.15 for v in still), path.name  # near the middle of the other axis
 
 
 def test_dataset_is_deterministic(tmp_path):

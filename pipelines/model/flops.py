@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipelines.defaults import DEFAULT_T5_MAX_LENGTH
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.gentron import GenTronTransformer
+from pipelines.model.gentron import GenTronTransformer, is_temporal_parameter
 
 VAE_DOWNSAMPLE = 8
 TRAIN_STEP_FACTOR = 3  # forward + backward ~ 3x forward
@@ -28,7 +28,7 @@ T5_LENGTH = DEFAULT_T5_MAX_LENGTH  # the tokens encode-text keeps by default
 @dataclass(frozen=True)
 class ModelCost:
     params: int  # all trainable parameters of the transformer (text encoders and VAE excluded)
-    temporal_params: int  # the TempSelfAttn layers' share (0 for a T2I model)
+    temporal_params: int  # the share of the layers T2V adds (0 for a T2I model)
     tokens_per_sample: int  # image tokens: frames x (latent / patch)^2
     forward_flops: int  # one forward pass of the whole batch
     train_step_flops: int  # forward + backward, TRAIN_STEP_FACTOR x forward
@@ -41,9 +41,9 @@ def meta_model(config: dict) -> GenTronTransformer:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, temporal) parameter counts; temporal = parameters of the TempSelfAttn layers."""
+    """(total, temporal) parameter counts; temporal = the layers T2V adds (TempSelfAttn, frame embedder)."""
     total = sum(p.numel() for p in model.parameters())
-    temporal = sum(p.numel() for name, p in model.named_parameters() if ".temporal_" in name)
+    temporal = sum(p.numel() for name, p in model.named_parameters() if is_temporal_parameter(name))
     return total, temporal
 
 

@@ -290,6 +290,9 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(
             GenTronBlock(hidden_size, num_heads, mlp_dim, cross_attention, temporal) for _ in range(depth)
         )
+        # Absolute frame index for videos with motion, zero-initialised like TempSelfAttn's output, so T2V built
+        # from T2I starts as per-frame T2I and a motion-free sample (a still) never sees it.
+        self.frame_embedder = zero_linear(hidden_size, hidden_size) if temporal else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False
         self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
@@ -373,6 +376,10 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
         tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
         tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
+        if self.frame_embedder is not None:
+            frames = self.frame_embedder(sincos_1d(self.config.hidden_size, torch.arange(num_frames, device=x.device)).to(tokens.dtype))
+            moving = torch.ones(batch, device=x.device, dtype=tokens.dtype) if motion_free is None else (~motion_free.bool()).to(tokens.dtype)
+            tokens = tokens + rearrange(moving[:, None, None] * frames[None], "b t d -> (b t) 1 d")
         tokens = rearrange(tokens, "(b t) n d -> b (t n) d", b=batch)
 
         text_tokens, text_mask, pooled = self.embed_text(text)
@@ -411,18 +418,25 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             t2i = t2i_model_or_path
         config = {k: v for k, v in t2i.config.items() if not k.startswith("_")}
         config.update(overrides, temporal=True)
-        model = cls(**config).to(device=t2i.device, dtype=t2i.dtype)
+        model = cls(**config).to(t2i.device)
+        if model.dtype != t2i.dtype:  # only then: diffusers' to(dtype=...) warns about float32 modules even when there are none
+            model = model.to(dtype=t2i.dtype)
         try:
             missing, unexpected = model.load_state_dict(t2i.state_dict(), strict=False)
         except RuntimeError as err:  # shape mismatch: an override changed a shared layer
             raise GentronError(f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings") from None
-        not_temporal = [k for k in missing if ".temporal_" not in k]
+        not_temporal = [k for k in missing if not is_temporal_parameter(k)]
         if unexpected or not_temporal:
             raise GentronError(
                 f"T2I weights do not match the T2V model (missing {not_temporal[:3]}, unexpected {unexpected[:3]})",
                 "override only temporal settings",
             )
         return model
+
+
+def is_temporal_parameter(name: str) -> bool:
+    """The layers T2V adds to T2I: TempSelfAttn (and its norm) in every block, and the frame embedder."""
+    return ".temporal_" in name or name.startswith("frame_embedder.")
 
 
 # --------------------------------------------------------------------------- checks

@@ -11,6 +11,7 @@ This module also holds the loading helpers vae.py shares (`load_pretrained`, `re
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -103,18 +104,40 @@ def load_pretrained(
             subfolder = default_subfolder
         where = folder / subfolder if subfolder else folder
         try:
-            return load(str(folder), local_files_only=True, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+            with _no_weight_loading_bar():
+                return load(str(folder), local_files_only=True, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
         except _LOAD_ERRORS as exc:
             raise GentronError(
                 f"cannot load the {what} from {where}: {_first_line(exc)}", f"pass a folder holding a {what} saved with save_pretrained"
             ) from exc
     try:
-        return load(name, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+        with _no_weight_loading_bar():
+            return load(name, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
     except _LOAD_ERRORS as exc:
         raise GentronError(
             f"{what} {spec!r} not found locally and could not be downloaded: {_first_line(exc)}",
             "check the name and your network (or HF token), or pass a local folder; with HF_HUB_OFFLINE=1 only the local cache is used",
         ) from exc
+
+
+@contextmanager
+def _no_weight_loading_bar():
+    """Hide transformers' per-load "Loading weights" tqdm bar, which tears our Rich progress display; download bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5
+    if set_hook is None:
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **({**kwargs, "disable": True} if kwargs.get("desc") == "Loading weights" else kwargs))
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
 
 
 def _first_line(exc: BaseException) -> str:
