@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.outputs import contact_sheet
+
 
 class MetricsLog:
     """`RUN/metrics.jsonl`: one JSON object per logged step. Reopening after a resume drops steps past it."""
@@ -67,23 +69,10 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> None:
     os.replace(tmp, png_path)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) grid, 2-pixel white gutters."""
-    n, h, w, c = images.shape
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / columns))
-    gap = 2
-    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = img
-    return grid
-
-
 def frame_strip(videos: np.ndarray) -> np.ndarray:
     """(N, T, H, W, 3) uint8 -> one row per video, its frames left to right."""
     n, t = videos.shape[:2]
-    return image_grid(videos.reshape(n * t, *videos.shape[2:]), columns=t)
+    return contact_sheet(list(videos.reshape(n * t, *videos.shape[2:])), columns=t)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
@@ -96,5 +85,5 @@ def save_gif(videos: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
     """(N, T, H, W, 3) uint8 -> one looping GIF whose frame t shows frame t of every video side by side."""
     from PIL import Image
 
-    frames = [Image.fromarray(image_grid(videos[:, t], columns=len(videos))) for t in range(videos.shape[1])]
+    frames = [Image.fromarray(frame) for frame in contact_sheet(list(videos), columns=len(videos))]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)

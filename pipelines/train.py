@@ -15,7 +15,7 @@ import os
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,8 @@ from pipelines.data.loader import (
 )
 from pipelines.diffusion.gaussian import GaussianDiffusion
 from pipelines.errors import GentronError
-from pipelines.metrics import MetricsLog, frame_strip, image_grid, plot_loss, save_gif, save_png
+from pipelines.metrics import MetricsLog, frame_strip, plot_loss, save_gif, save_png
+from pipelines.outputs import contact_sheet
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
@@ -350,7 +351,7 @@ class Previewer:
             save_png(frame_strip(frames), stem.with_suffix(".png"))
             save_gif(frames, stem.with_suffix(".gif"), fps=float(self.pipeline["data"].get("fps") or 4))
             return [stem.with_suffix(".png"), stem.with_suffix(".gif")]
-        save_png(image_grid(frames), stem.with_suffix(".png"))
+        save_png(contact_sheet(list(frames)), stem.with_suffix(".png"))
         return [stem.with_suffix(".png")]
 
 
