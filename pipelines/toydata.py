@@ -85,7 +85,7 @@ def make_toy_dataset(root: str | Path, cfg: ToyDataConfig = ToyDataConfig()) -> 
     for (color, direction), i in itertools.product(itertools.product(COLORS, DIRECTIONS), range(cfg.videos_per_combo)):
         stem = f"{color}_{direction}_{i}"
         # The square crosses the middle of the frame (jittered like the images' places), so a caption and a time
-        # fix where it is: each frame is as narrow a target as an image, which a tiny model learns in minutes.
+        # fix where it is: each frame is as narrow a target as an image.
         cross = travel / 2 + rng.uniform(-cfg.cross_jitter, cfg.cross_jitter) * travel
         frames = []
         for k in range(n_frames):

@@ -169,18 +169,25 @@ def _tokenize_checked(tokenizer, captions: list[str], max_length: int, padding: 
     return batch, [len(ids) > max_length for ids in lengths]
 
 
+def _load_text_model(model_class, spec: str, what: str, model_types: Sequence[str], device: torch.device, dtype: torch.dtype):
+    """(tokenizer, frozen model in eval mode on `device`) of a transformers text encoder, its type checked first."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
+    _check_model_type(spec, what, config.model_type, model_types)
+    tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
+    model = load_pretrained(model_class.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return tokenizer, model
+
+
 class ClipTextEncoder:
     """CLIP text tower (transformers CLIPTextModel): token states up to and including EOS, and pooler_output."""
 
     def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        what = "CLIP text encoder"
-        config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
-        _check_model_type(spec, what, config.model_type, ("clip", "clip_text_model"))
-        self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
-        self.model = load_pretrained(CLIPTextModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
-        self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer, self.model = _load_text_model(CLIPTextModel, spec, "CLIP text encoder", ("clip", "clip_text_model"), device, dtype)
         self.device = device
         self.max_length = min(CLIP_MAX_LENGTH, self.model.config.max_position_embeddings)
         self.dim = self.pooled_dim = self.model.config.hidden_size
@@ -252,14 +259,9 @@ class T5TextEncoder:
     """Any T5 encoder (transformers T5EncoderModel): token states of the valid tokens (EOS included)."""
 
     def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, max_length: int = DEFAULT_T5_MAX_LENGTH):
-        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        what = "T5 encoder"
-        config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
-        _check_model_type(spec, what, config.model_type, ("t5", "mt5"))
-        self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
-        self.model = load_pretrained(T5EncoderModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
-        self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer, self.model = _load_text_model(T5EncoderModel, spec, "T5 encoder", ("t5", "mt5"), device, dtype)
         self.device = device
         self.max_length = max_length
         self.dim = self.model.config.d_model
