@@ -164,10 +164,20 @@ def probe_image(image: np.ndarray, caption: str) -> dict[str, bool]:
     return {"color": dominant_color(image) == want["color"], "place": place_of(image) == want["place"]}
 
 
+def axis_of(direction: str | None) -> str | None:
+    return None if direction is None else ("horizontal" if direction in ("left", "right") else "vertical")
+
+
 def probe_video(frames: np.ndarray, caption: str) -> dict[str, bool]:
+    """Colour, direction and, apart, the axis of motion (a model can learn the axis before the sense)."""
     want = parse_caption(caption)
     colors = [dominant_color(f) for f in frames]
-    return {"color": max(set(colors), key=colors.count) == want["color"], "direction": direction_of(frames) == want["direction"]}
+    seen = direction_of(frames)
+    return {
+        "color": max(set(colors), key=colors.count) == want["color"],
+        "direction": seen == want["direction"],
+        "axis": axis_of(seen) == axis_of(want["direction"]),
+    }
 
 
-CHANCE = {"color": 1 / len(COLORS), "place": 1 / len(PLACES), "direction": 1 / len(DIRECTIONS)}
+CHANCE = {"color": 1 / len(COLORS), "place": 1 / len(PLACES), "direction": 1 / len(DIRECTIONS), "axis": 0.5}

@@ -479,7 +479,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     spec = StreamSpec(
         stage=config.stage, seed=config.seed, micro_batch=config.global_batch // (config.grad_accum * d.world),
         p_motion_free=config.p_motion_free, text_dropout=config.text_dropout, flip=config.flip,
-        buffer_size=config.shuffle_buffer, frames=config.frames, text_fields=text_fields_for(model_cfg, sources),
+        buffer_size=config.shuffle_buffer, frames=config.frames, timestep_sampling=config.timestep_sampling,
+        timestep_location=config.timestep_location, timestep_scale=config.timestep_scale, text_fields=text_fields_for(model_cfg, sources),
     )  # fmt: skip
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None

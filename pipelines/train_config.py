@@ -34,6 +34,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     text_dropout: float = 0.1  # classifier-free guidance: probability of the empty caption
     p_motion_free: float = 0.5  # t2v: probability of a motion-free sample
+    timestep_sampling: str = "uniform"  # uniform (the paper's) or logit-normal
+    timestep_location: float = 0.0  # logit-normal: t / T = sigmoid(location + scale * n), n ~ N(0, 1)
+    timestep_scale: float = 1.0
     frames: int = 8  # t2v without clips: pseudo-video length
     flip: bool = True  # use the stored mirrored latents half of the time, when present
     shuffle_buffer: int = 1000
@@ -70,6 +73,12 @@ class TrainConfig:
     def check(self) -> None:
         if self.stage not in STAGES:
             raise GentronError(f"unknown stage {self.stage!r}", "use --stage t2i or --stage t2v")
+        from pipelines.diffusion.gaussian import TIMESTEP_SAMPLINGS  # here: importing torch would slow --help
+
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise GentronError(f"unknown timestep sampling {self.timestep_sampling!r}", f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
+        if self.timestep_scale <= 0:
+            raise GentronError(f"timestep scale must be positive, got {self.timestep_scale}", "pass --timestep-scale above 0")
         if self.on_nan not in ON_NAN:
             raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
         if not self.image_data and not self.video_data:

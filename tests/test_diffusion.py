@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from pipelines.diffusion import SAMPLERS, GaussianDiffusion, make_scheduler, sample
+from pipelines.diffusion.gaussian import training_timestep
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 
@@ -43,6 +45,27 @@ def test_schedule_matches_dit_linear():
     for name in SAMPLERS:
         scheduler = make_scheduler(name, diffusion)
         np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), expected, rtol=1e-5)
+
+
+def test_training_timesteps_uniform_and_logit_normal():
+    grid = (np.arange(10_000) + 0.5) / 10_000  # evenly spread uniform draws
+    uniform = np.array([training_timestep(u, 1000, "uniform") for u in grid])
+    assert np.array_equal(np.bincount(uniform, minlength=1000), np.full(1000, 10))  # every timestep equally often
+    assert training_timestep(0.0, 1000, "uniform") == 0 and training_timestep(0.9999999, 1000, "uniform") == 999
+
+    def logit_normal(location, scale):
+        return np.array([training_timestep(u, 1000, "logit-normal", location, scale) for u in grid])
+
+    centred, shifted = logit_normal(0.0, 1.0), logit_normal(0.5, 0.6)
+    assert centred.min() >= 0 and centred.max() <= 999 and abs(np.median(centred) - 500) <= 1
+    assert np.all(np.diff(shifted) >= 0)  # monotone in u: a draw keeps its rank
+    # t / T = sigmoid(0.5 + 0.6 n) >= 1/2 exactly when n >= -0.5 / 0.6
+    assert abs(np.mean(shifted >= 500) - NormalDist().cdf(0.5 / 0.6)) < 0.002
+    assert abs(np.median(shifted) - 1000 / (1 + math.exp(-0.5))) <= 1
+    assert 0 <= training_timestep(0.0, 1000, "logit-normal", 0.5, 0.6) < shifted.min()  # the ends of [0, 1) stay in range
+    assert shifted.max() < training_timestep(1.0, 1000, "logit-normal", 0.5, 0.6) <= 999
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        training_timestep(0.5, 1000, "cubic")
 
 
 def test_q_sample_statistics():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -23,11 +24,12 @@ def data(tmp_path_factory):
     return write_dataset(root / "img", "image", samples=12, shards=3), write_dataset(root / "vid", "video", samples=10, shards=2)
 
 
-def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5):
+def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5, timesteps="uniform"):
     img = index_source(images, "image") if images else None
     vid = index_source(videos, "video") if videos else None
     empty, _ = load_empty_caption([(img or vid).folder])
-    spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT)
+    spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT,
+                      timestep_sampling=timesteps, timestep_location=0.5, timestep_scale=0.6)
     return TrainStream(spec, img, vid, empty, start_index=start, rank=rank, world_size=world)
 
 
@@ -73,6 +75,19 @@ def test_text_dropout_uses_the_empty_caption_at_its_rate(data):
     empty = stream.empty_caption["clip_pooled"]
     dropped = sum(np.array_equal(stream.load_sample(i, streams)["text"]["clip_pooled"], empty) for i in range(1000))
     assert binomial_ok(dropped, 1000, 0.25), dropped
+
+
+def test_logit_normal_timesteps_move_steps_to_high_noise_and_change_nothing_else(data):
+    images, videos = data
+    made = {kind: make_stream(images, videos, timesteps=kind) for kind in ("uniform", "logit-normal")}
+    batches = {kind: [made[kind].make_batch(range(i, i + 50), made[kind]._streams()) for i in range(0, 400, 50)]
+               for kind in made}
+    steps = {kind: torch.cat([b["timestep"] for b in bs]).numpy() for kind, bs in batches.items()}
+    assert binomial_ok(int((steps["uniform"] >= 500).sum()), 400, 0.5)
+    assert binomial_ok(int((steps["logit-normal"] >= 500).sum()), 400, NormalDist().cdf(0.5 / 0.6))
+    for uniform, shifted in zip(batches["uniform"], batches["logit-normal"]):
+        for key in ("x0", "noise", "motion_free", "text.clip_pooled"):
+            assert torch.equal(uniform[key], shifted[key])
 
 
 def test_each_epoch_is_a_fresh_permutation_of_all_samples(data):

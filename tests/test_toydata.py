@@ -28,7 +28,7 @@ def test_dataset_matches_its_captions_according_to_the_probe(tmp_path):
         assert probe_image(np.asarray(Image.open(path)), caption) == {"color": True, "place": True}, caption
     for path in videos:
         caption = path.with_suffix(".txt").read_text()
-        assert probe_video(decode_clip(path.read_bytes()), caption) == {"color": True, "direction": True}, caption
+        assert probe_video(decode_clip(path.read_bytes()), caption) == {"color": True, "direction": True, "axis": True}, caption
 
 
 def test_probe_rejects_wrong_content(tmp_path):
@@ -40,6 +40,9 @@ def test_probe_rejects_wrong_content(tmp_path):
     frames = decode_clip((dirs["videos"] / "green_left_0.mp4").read_bytes())
     assert direction_of(frames) == "left" and direction_of(frames[::-1]) == "right"
     assert direction_of(np.repeat(frames[:1], 4, axis=0)) is None  # a still video has no direction
+    assert probe_video(frames[::-1], "a green square moving left") == {"color": True, "direction": False, "axis": True}
+    assert probe_video(frames, "a green square moving up") == {"color": True, "direction": False, "axis": False}
+    assert probe_video(np.repeat(frames[:1], 4, axis=0), "a green square moving left")["axis"] is False
 
 
 def test_videos_cross_the_frame_through_its_middle(tmp_path):

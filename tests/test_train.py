@@ -226,6 +226,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         (["--model", "Q/9"], "unknown model config"),
         (["--model", '{"size": "T/2", "patch_size": 3}'], "not divisible by the model's patch size"),
         (["--image-data", "/nonexistent/folder"], "not found"),
+        (["--timestep-sampling", "cubic"], "unknown timestep sampling 'cubic'"),
     ],
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
 from pipelines.data.shards import list_shards
+from pipelines.diffusion.gaussian import training_timestep
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter
 
@@ -301,6 +302,9 @@ class StreamSpec:
     buffer_size: int = 1000
     frames: int = 8  # pseudo-video length when no clips give it
     num_timesteps: int = 1000
+    timestep_sampling: str = "uniform"  # see diffusion.gaussian.training_timestep
+    timestep_location: float = 0.0
+    timestep_scale: float = 1.0
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
 
 
@@ -429,7 +433,9 @@ class TrainStream(IterableDataset):
         samples = [self._load_or_placeholder(i, streams) for i in indices]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
         noise = torch.from_numpy(np.stack([sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]))
-        timestep = torch.tensor([int(sample_rng(self.spec.seed, _TIMESTEP, i).integers(self.spec.num_timesteps)) for i in indices])
+        draws = [sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices]
+        spec = self.spec
+        timestep = torch.tensor([training_timestep(u, spec.num_timesteps, spec.timestep_sampling, spec.timestep_location, spec.timestep_scale) for u in draws])
         text = TextCondition.collate([s["text"] for s in samples])
         batch = {
             "x0": x0,

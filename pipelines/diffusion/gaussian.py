@@ -11,6 +11,7 @@ Latents are (B, C, H, W) for images or (B, T, C, H, W) for videos; every functio
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,26 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)
     log_bin = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
+
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
+
+
+def training_timestep(u: float, num_timesteps: int, sampling: str = "uniform", location: float = 0.0, scale: float = 1.0) -> int:
+    """Map a uniform draw u in [0, 1) to a training timestep.
+
+    "uniform" is DiT's (and GenTron's). "logit-normal" (SD3) draws t / T = sigmoid(location + scale * n), n
+    standard normal: a location above 0 moves the steps toward high noise, where the layout of a sample
+    (for a video: where the subject is in each frame) is decided and uniform steps spend few samples.
+    """
+    if sampling == "uniform":
+        fraction = u
+    elif sampling == "logit-normal":
+        n = NormalDist().inv_cdf(min(max(u, 1e-9), 1.0 - 1e-9))
+        fraction = 1.0 / (1.0 + math.exp(-(location + scale * n)))
+    else:
+        raise ValueError(f"unknown timestep sampling {sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
+    return min(int(fraction * num_timesteps), num_timesteps - 1)
 
 
 @dataclass
