@@ -433,8 +433,8 @@ class TrainStream(IterableDataset):
         samples = [self._load_or_placeholder(i, streams) for i in indices]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
         noise = torch.from_numpy(np.stack([sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]))
-        draws = [sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices]
         spec = self.spec
+        draws = [sample_rng(spec.seed, _TIMESTEP, i).random() for i in indices]
         timestep = torch.tensor([training_timestep(u, spec.num_timesteps, spec.timestep_sampling, spec.timestep_location, spec.timestep_scale) for u in draws])
         text = TextCondition.collate([s["text"] for s in samples])
         batch = {
