@@ -48,6 +48,6 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_user_errors_exit_2_with_a_message_and_no_traceback(tmp_path):
     missing = tmp_path / "nowhere"
-    result = CliRunner().invoke(app, ["stats", str(missing)])
+    result = CliRunner().invoke(app, ["stats", str(missing)], env={"COLUMNS": "1000"})  # no path folded mid-word
     assert result.exit_code == 2
     assert str(missing) in result.output and "Traceback" not in result.output

@@ -84,8 +84,9 @@ def image_run(tmp_path_factory, encoders) -> Path:
 
 
 def run_cli(*args: str):
-    result = runner.invoke(app, ["sample", *map(str, args)])
-    result.text = " ".join(result.output.split())  # messages as one line, whatever the console wrapped
+    # a console wide enough that no path is folded mid-word; then the message as one line
+    result = runner.invoke(app, ["sample", *map(str, args)], env={"COLUMNS": "1000"})
+    result.text = " ".join(result.output.split())
     return result
 
 
