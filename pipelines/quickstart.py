@@ -100,7 +100,12 @@ class QuickstartResult:
 
     @property
     def passed(self) -> bool:
-        return self.t2i.beats_chance() and self.t2v_mfg.beats_chance()
+        return follows_prompts(self.t2i, self.t2v_mfg)
+
+
+def follows_prompts(t2i: ProbeScore, t2v_mfg: ProbeScore) -> bool:
+    """The quickstart's check: images and videos with motion-free guidance beat chance on every attribute."""
+    return t2i.beats_chance() and t2v_mfg.beats_chance()
 
 
 def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> QuickstartResult:
@@ -235,7 +240,7 @@ def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore,
         "# gentron quickstart report",
         "",
         f"Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: "
-        f"**{'yes' if t2i.beats_chance() and t2v_mfg.beats_chance() else 'no'}**.",
+        f"**{'yes' if follows_prompts(t2i, t2v_mfg) else 'no'}**.",
         "",
         "![Overview: T2I images (rows: colours; columns: places) and T2V videos with motion-free guidance "
         "(rows: colours; columns: directions left, right, up, down; frames left to right)](overview.png)",

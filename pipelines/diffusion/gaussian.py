@@ -11,8 +11,8 @@ Latents are (B, C, H, W) for images or (B, T, C, H, W) for videos; every functio
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Callable
 
 import torch
