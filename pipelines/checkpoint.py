@@ -111,8 +111,10 @@ def export_model(
     folder: str | Path,
     pipeline: dict,
     empty_caption: Path | None,
+    scheduler=None,
 ) -> Path:
-    """A from_pretrained-loadable folder holding `weights`, plus pipeline.json and the empty caption."""
+    """A from_pretrained-loadable folder holding `weights`, plus pipeline.json, the empty caption and, given a
+    diffusers `scheduler`, its config in scheduler/ (the objective's sampler, readable by diffusers itself)."""
     model = model_class.from_config(config)
     model.load_state_dict(weights, strict=True)
     with atomic_dir(Path(folder)) as tmp:
@@ -120,4 +122,6 @@ def export_model(
         (tmp / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=1, sort_keys=True))
         if empty_caption is not None:
             shutil.copyfile(empty_caption, tmp / empty_caption.name)
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
     return Path(folder)

@@ -27,7 +27,8 @@ import torch
 from pipelines import outputs
 from pipelines.checkpoint import PIPELINE_FILE
 from pipelines.data import schema
-from pipelines.diffusion.samplers import SAMPLERS, make_scheduler, sample as run_sampler
+from pipelines.diffusion.objective import ObjectiveConfig, make_objective
+from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
@@ -51,7 +52,7 @@ class SampleConfig:
     out: Path  # output folder
     prompts: list[str] = field(default_factory=list)
     steps: int = 50
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's objective's own sampler (ddim for DDPM, euler for flow)
     cfg_scale: float = 7.5  # lT, text guidance
     mfg_scale: float | None = None  # lM, motion guidance: DEFAULT_MFG_SCALE for videos; images use 1.0
     frames: int | None = None  # 1 = image; default: the frames the model was trained on
@@ -116,6 +117,7 @@ class ModelInfo:
     frames: int
     resolution: int
     fps: float
+    objective: ObjectiveConfig  # the training objective; folders written before it was recorded are DDPM
 
 
 def read_model_info(folder: Path) -> ModelInfo:
@@ -141,6 +143,7 @@ def read_model_info(folder: Path) -> ModelInfo:
             frames=int(data["frames"]),
             resolution=int(resolution),
             fps=float(data.get("fps") or 4.0),
+            objective=ObjectiveConfig.from_record(record.get("objective")),
         )
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise GentronError(f"{path} is not a valid pipeline record ({err!r})", hint) from None
@@ -276,7 +279,7 @@ class SamplingPipeline:
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         text = self.text_condition(self.text_encoders.encode(prompts))
         uncond = self.text_condition([self.uncond_arrays] * len(prompts))
-        sched = make_scheduler(scheduler, learned_sigma=self.model.config.learn_sigma)
+        sched = make_objective(self.info.objective).scheduler(scheduler, learned_sigma=self.model.config.learn_sigma)
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         )
@@ -337,13 +340,16 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
     mfg = cfg.mfg_scale if cfg.mfg_scale is not None else (DEFAULT_MFG_SCALE if frames > 1 else 1.0)
     if mfg != 1.0 and frames == 1:
         raise GentronError(f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images")
-    if cfg.scheduler not in SAMPLERS:
-        raise GentronError(f"unknown scheduler {cfg.scheduler!r}", f"use one of {', '.join(SAMPLERS)}")
+    objective = make_objective(info.objective)
+    scheduler = cfg.scheduler or objective.default_sampler
+    if scheduler not in SAMPLERS:
+        raise GentronError(f"unknown scheduler {scheduler!r}", f"use one of {', '.join(SAMPLERS)}")
+    objective.scheduler(scheduler, learned_sigma=bool(model_config.get("learn_sigma", True)))  # refuses a sampler of another objective
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise GentronError(f"--steps and --batch-size must be at least 1, got {cfg.steps} and {cfg.batch_size}")
     return {
         "steps": cfg.steps,
-        "scheduler": cfg.scheduler,
+        "scheduler": scheduler,
         "cfg_scale": cfg.cfg_scale,
         "mfg_scale": mfg,
         "frames": frames,

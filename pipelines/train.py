@@ -36,7 +36,7 @@ from pipelines.data.loader import (
     make_loader,
     write_json,
 )
-from pipelines.diffusion.gaussian import GaussianDiffusion
+from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
 from pipelines.metrics import MetricsLog, frame_strip, plot_loss, save_gif, save_png
 from pipelines.outputs import contact_sheet
@@ -139,9 +139,9 @@ def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...
 # --------------------------------------------------------------------------- model
 
 
-def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[str, np.ndarray], reporter: Reporter):
+def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[str, np.ndarray], objective: Objective, reporter: Reporter):
     """The model to train: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
-    from pipelines.model.configs import model_config
+    from pipelines.model.configs import model_config, model_spec
     from pipelines.model.gentron import GenTronTransformer
 
     channels, height, width = latent_shape[-3:]
@@ -152,7 +152,9 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
         model = GenTronTransformer.from_pretrained(str(path))
         if config.stage == "t2v" and not model.config.temporal:
             reporter.log(f"initialising T2V from the T2I model {path}: temporal layers start at zero")
-            model = GenTronTransformer.from_t2i(model)
+            # the temporal settings may still be chosen here (the rest comes from the T2I model)
+            temporal = {k: v for k, v in model_spec(config.model).items() if k == "frame_embedding"}
+            model = GenTronTransformer.from_t2i(model, **temporal)
         elif config.stage == "t2i" and model.config.temporal:
             raise GentronError(f"--init {path} is a T2V model but --stage is t2i", "use --stage t2v, or a T2I model")
     else:
@@ -163,8 +165,11 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
             dims["clip_pooled_dim"] = int(empty["clip_pooled"].shape[-1])
         if "t5" in empty:
             dims["t5_dim"] = int(empty["t5"].shape[-1])
+        if objective.config.name == "flow" and "learn_sigma" not in model_spec(config.model):
+            dims["learn_sigma"] = False  # a velocity model has no variance to learn
         cfg = model_config(config.model, in_channels=int(channels), temporal=config.stage == "t2v", **dims)
         model = GenTronTransformer.from_config(cfg)
+    objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
     if cfg["in_channels"] != channels:
         raise GentronError(f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}", "use data encoded with the model's VAE")
@@ -264,8 +269,10 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         )
 
 
-def pipeline_record(config: TrainConfig, model_cfg: dict, images: Source | None, videos: Source | None, latent_shape) -> dict:
-    """What sampling needs besides the weights: VAE, text encoders, data geometry (from shard metadata)."""
+def pipeline_record(
+    config: TrainConfig, model_cfg: dict, images: Source | None, videos: Source | None, latent_shape, objective: Objective
+) -> dict:
+    """What sampling needs besides the weights: objective, VAE, text encoders, data geometry (from shard metadata)."""
     primary = videos if videos is not None else images
     meta = primary.metadata
     latent_meta = meta.get("latent", {}) if isinstance(meta.get("latent"), dict) else {}
@@ -278,6 +285,7 @@ def pipeline_record(config: TrainConfig, model_cfg: dict, images: Source | None,
         downsample = int(resolution) // side
     return {
         "stage": config.stage,
+        "objective": objective.config.record(),
         "vae": {
             "name": latent_meta.get("vae", "pixel"),
             "scaling_factor": latent_meta.get("scaling_factor", 1.0),
@@ -307,14 +315,14 @@ def pipeline_record(config: TrainConfig, model_cfg: dict, images: Source | None,
 class Previewer:
     """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds; VAE loaded on first use."""
 
-    def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path):
+    def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path, objective: Objective):
         primary = stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
         refs = primary.refs[: config.preview_count]
         self.arrays = [{schema.TEXT_ARRAY_NAMES[n]: schema.decode_npy(stream.read_field(primary, r, n)) for n in stream.spec.text_fields} for r in refs]
         self.captions = [stream.read_field(primary, r, schema.CAPTION).decode("utf-8", "replace") if schema.CAPTION in r.fields else r.key for r in refs]
         self.empty = {schema.TEXT_ARRAY_NAMES[n]: empty[schema.TEXT_ARRAY_NAMES[n]] for n in stream.spec.text_fields}
         self.shape = tuple(stream.latent_shape)
-        self.pipeline, self.config, self.folder = pipeline, config, run_dir / "previews"
+        self.pipeline, self.config, self.folder, self.objective = pipeline, config, run_dir / "previews", objective
         self.vae = None
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -330,8 +338,8 @@ class Previewer:
 
     @torch.no_grad()
     def render(self, model, step: int) -> list[Path]:
-        """Sample the fixed prompts from their fixed seeds (DDIM, classifier-free guidance) and write the images."""
-        from pipelines.diffusion.samplers import make_scheduler, sample
+        """Sample the fixed prompts from their fixed seeds (the objective's sampler, classifier-free guidance) and write the images."""
+        from pipelines.diffusion.samplers import sample
 
         model.eval()
         device = next(model.parameters()).device
@@ -341,7 +349,7 @@ class Previewer:
         text = TextCondition.collate(self.arrays, **lengths).to(device)
         uncond = TextCondition.collate([self.empty] * n, **lengths).to(device)
         noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(self.config.seed + k)) for k in range(n)])
-        scheduler = make_scheduler("ddim", learned_sigma=model.config.learn_sigma)
+        scheduler = self.objective.scheduler(learned_sigma=model.config.learn_sigma)
         latents = sample(model, scheduler, noise.to(device), text, uncond, steps=self.config.preview_steps, cfg_scale=self.config.preview_cfg)
         frames = self.decode(latents)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -370,7 +378,7 @@ class Run:
     model_cfg: dict
     optimizer: torch.optim.Optimizer
     ema: EMA
-    diffusion: GaussianDiffusion
+    objective: Objective
     loader: torch.utils.data.DataLoader
     pipeline: dict
     empty_caption: Path
@@ -390,7 +398,7 @@ class Run:
         for micro_step in range(cfg.grad_accum):
             batch = next(batches)
             x0, noise = batch["x0"].to(d.device, non_blocking=True), batch["noise"].to(d.device, non_blocking=True)
-            t, text = batch["timestep"].to(d.device), batch_text(batch, d.device)
+            t, text = self.objective.timesteps(batch["timestep_draw"]).to(d.device), batch_text(batch, d.device)
             motion_free = batch["motion_free"].to(d.device) if cfg.stage == "t2v" else None
             motion_free_share += float(batch["motion_free"].float().mean()) / cfg.grad_accum
             last = micro_step == cfg.grad_accum - 1
@@ -400,7 +408,7 @@ class Run:
             weight = batch["weight"].to(d.device)  # 0 for a sample unreadable at load time
             self.unreadable_samples += int((batch["weight"] == 0).sum())
             with sync, autocast:
-                per_sample = self.diffusion.training_loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
+                per_sample = self.objective.loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
                 loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
@@ -428,8 +436,9 @@ class Run:
             trainer_state = {"optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
             info = {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "unreadable_samples": self.unreadable_samples}
             path = ckpt.save_checkpoint(self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints)
-            ckpt.export_model(GenTronTransformer, self.model_cfg, averaged, self.folder / "model", self.pipeline, self.empty_caption)
-            ckpt.export_model(GenTronTransformer, self.model_cfg, raw, self.folder / "model_raw", self.pipeline, self.empty_caption)
+            scheduler = self.objective.scheduler(learned_sigma=self.model_cfg["learn_sigma"])
+            for weights, name in ((averaged, "model"), (raw, "model_raw")):
+                ckpt.export_model(GenTronTransformer, self.model_cfg, weights, self.folder / name, self.pipeline, self.empty_caption, scheduler)
             plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
         barrier(self.d)
         return path
@@ -475,12 +484,18 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     empty, empty_path = load_empty_caption([s.folder for s in sources])
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     shape = (config.frames, *images.latent_shape) if config.stage == "t2v" and videos is None else (videos or images).latent_shape
-    model, model_cfg = build_model(config, tuple(shape), empty, reporter)
+    if config.stage == "t2i" and len(shape) == 4:
+        shape = shape[1:]  # T2I on clips trains on single frames
+    objective = make_objective(config.objective_config(tuple(shape)))
+    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
+        reporter.log(f"noise shift {objective.config.noise_shift:.3g} for latents {tuple(shape)} (--noise-shift {config.noise_shift})")
+    model, model_cfg = build_model(config, tuple(shape), empty, objective, reporter)
+    if config.init:
+        _announce_objective_change(Path(config.init), objective, reporter)
     spec = StreamSpec(
         stage=config.stage, seed=config.seed, micro_batch=config.global_batch // (config.grad_accum * d.world),
         p_motion_free=config.p_motion_free, text_dropout=config.text_dropout, flip=config.flip,
-        buffer_size=config.shuffle_buffer, frames=config.frames, timestep_sampling=config.timestep_sampling,
-        timestep_location=config.timestep_location, timestep_scale=config.timestep_scale, text_fields=text_fields_for(model_cfg, sources),
+        buffer_size=config.shuffle_buffer, frames=config.frames, text_fields=text_fields_for(model_cfg, sources),
     )  # fmt: skip
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
@@ -502,7 +517,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         counters = {k: state[k] for k in ("step", "samples_seen", "skipped_steps", "unreadable_samples")}
 
     stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world)
-    pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape)
+    pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape, objective)
     stats = data_stats(sources)
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -510,13 +525,29 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         write_json(folder / "data_stats.json", stats)
     return Run(
         config=config, d=d, folder=folder, model=model, net=net, model_cfg=model_cfg, optimizer=optimizer, ema=ema,
-        diffusion=GaussianDiffusion(num_timesteps=spec.num_timesteps),
+        objective=objective,
         loader=make_loader(stream, config.num_workers, pin_memory=d.device.type == "cuda"),
         pipeline=pipeline, empty_caption=empty_path,
-        previewer=Previewer(stream, empty, pipeline, config, folder) if d.main and config.preview_every > 0 else None,
+        previewer=Previewer(stream, empty, pipeline, config, folder, objective) if d.main and config.preview_every > 0 else None,
         metrics=MetricsLog(folder / "metrics.jsonl", resume_step=counters.get("step", 0)) if d.main else None,
         skipped_samples=sum(s["skipped"] for s in stats.values()), **counters,
     )  # fmt: skip
+
+
+def _announce_objective_change(init: Path, objective: Objective, reporter: Reporter) -> None:
+    """Say so when the run trains the --init model with another objective than the one it was trained with."""
+    from pipelines.diffusion.objective import ObjectiveConfig
+
+    record_path = init / ckpt.PIPELINE_FILE
+    try:
+        before = ObjectiveConfig.from_record(json.loads(record_path.read_text()).get("objective")) if record_path.is_file() else ObjectiveConfig()
+    except (OSError, ValueError, GentronError):
+        return
+    if before.name != objective.config.name:
+        reporter.log(
+            f"warning: {init} was trained with --objective {before.name}; this run trains it with --objective {objective.config.name}, "
+            f"so it starts from a model that predicts the wrong target (pass --objective {before.name} to continue as it was trained)"
+        )
 
 
 # --------------------------------------------------------------------------- the loop

@@ -34,9 +34,13 @@ class TrainConfig:
     ema_decay: float = 0.9999
     text_dropout: float = 0.1  # classifier-free guidance: probability of the empty caption
     p_motion_free: float = 0.5  # t2v: probability of a motion-free sample
+    objective: str = "ddpm"  # ddpm (the paper's) or flow (rectified flow); see pipelines/diffusion/objective.py
     timestep_sampling: str = "uniform"  # uniform (the paper's) or logit-normal
     timestep_location: float = 0.0  # logit-normal: t / T = sigmoid(location + scale * n), n ~ N(0, 1)
     timestep_scale: float = 1.0
+    noise_shift: str = "none"  # resolution shift of the noise: none, auto (from the latent size and frames) or a number
+    loss_weighting: str = "none"  # ddpm: none or min-snr
+    min_snr_gamma: float = 5.0
     frames: int = 8  # t2v without clips: pseudo-video length
     flip: bool = True  # use the stored mirrored latents half of the time, when present
     shuffle_buffer: int = 1000
@@ -54,6 +58,25 @@ class TrainConfig:
     log_every: int = 10
     on_nan: str = "stop"  # stop, or skip the step
     resume: bool = False  # require a checkpoint to continue from (a rerun into the folder resumes anyway)
+
+    def objective_config(self, latent_shape: tuple[int, ...]):
+        """The training objective of this run for latents of `latent_shape` ((C, h, w) or (T, C, h, w))."""
+        from pipelines.diffusion.objective import ObjectiveConfig, noise_shift_for  # here: importing torch would slow --help
+
+        shift = str(self.noise_shift).strip().lower()
+        if shift == "none":
+            value = 1.0
+        elif shift == "auto":
+            value = noise_shift_for(tuple(latent_shape))
+        else:
+            try:
+                value = float(shift)
+            except ValueError:
+                raise GentronError(f"--noise-shift {self.noise_shift!r} is not none, auto or a number", "pass e.g. --noise-shift auto or --noise-shift 2") from None
+        return ObjectiveConfig(
+            name=self.objective, timestep_sampling=self.timestep_sampling, timestep_location=self.timestep_location,
+            timestep_scale=self.timestep_scale, noise_shift=value, loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
+        )  # fmt: skip
 
     @staticmethod
     def from_json(path: str | Path) -> "TrainConfig":
@@ -73,12 +96,7 @@ class TrainConfig:
     def check(self) -> None:
         if self.stage not in STAGES:
             raise GentronError(f"unknown stage {self.stage!r}", "use --stage t2i or --stage t2v")
-        from pipelines.diffusion.gaussian import TIMESTEP_SAMPLINGS  # here: importing torch would slow --help
-
-        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise GentronError(f"unknown timestep sampling {self.timestep_sampling!r}", f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
-        if self.timestep_scale <= 0:
-            raise GentronError(f"timestep scale must be positive, got {self.timestep_scale}", "pass --timestep-scale above 0")
+        self.objective_config(latent_shape=(1, 1)).check()
         if self.on_nan not in ON_NAN:
             raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
         if not self.image_data and not self.video_data:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pipelines.diffusion import SAMPLERS, GaussianDiffusion, make_scheduler, sample
-from pipelines.diffusion.gaussian import training_timestep
+from pipelines.diffusion import SAMPLERS, GaussianDiffusion, ObjectiveConfig, make_objective, make_scheduler, sample
+from pipelines.diffusion.gaussian import channel_dim
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 
@@ -42,19 +42,23 @@ def test_schedule_matches_dit_linear():
     assert diffusion.alphas_cumprod[-1].item() == pytest.approx(4.0358e-5, rel=1e-4)
     np.testing.assert_allclose(diffusion.alphas_cumprod.numpy(), expected, rtol=1e-5)
     # every sampler steps on the very same schedule
-    for name in SAMPLERS:
-        scheduler = make_scheduler(name, diffusion)
+    for name in make_objective().samplers:
+        scheduler = make_scheduler(name)
         np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), expected, rtol=1e-5)
+
+
+def training_timestep(u: float, sampling: str = "uniform", location: float = 0.0, scale: float = 1.0) -> int:
+    return make_objective(ObjectiveConfig(timestep_sampling=sampling, timestep_location=location, timestep_scale=scale)).timestep(u)
 
 
 def test_training_timesteps_uniform_and_logit_normal():
     grid = (np.arange(10_000) + 0.5) / 10_000  # evenly spread uniform draws
-    uniform = np.array([training_timestep(u, 1000, "uniform") for u in grid])
+    uniform = np.array([training_timestep(u, "uniform") for u in grid])
     assert np.array_equal(np.bincount(uniform, minlength=1000), np.full(1000, 10))  # every timestep equally often
-    assert training_timestep(0.0, 1000, "uniform") == 0 and training_timestep(0.9999999, 1000, "uniform") == 999
+    assert training_timestep(0.0, "uniform") == 0 and training_timestep(0.9999999, "uniform") == 999
 
     def logit_normal(location, scale):
-        return np.array([training_timestep(u, 1000, "logit-normal", location, scale) for u in grid])
+        return np.array([training_timestep(u, "logit-normal", location, scale) for u in grid])
 
     centred, shifted = logit_normal(0.0, 1.0), logit_normal(0.5, 0.6)
     assert centred.min() >= 0 and centred.max() <= 999 and abs(np.median(centred) - 500) <= 1
@@ -62,10 +66,10 @@ def test_training_timesteps_uniform_and_logit_normal():
     # t / T = sigmoid(0.5 + 0.6 n) >= 1/2 exactly when n >= -0.5 / 0.6
     assert abs(np.mean(shifted >= 500) - NormalDist().cdf(0.5 / 0.6)) < 0.002
     assert abs(np.median(shifted) - 1000 / (1 + math.exp(-0.5))) <= 1
-    assert 0 <= training_timestep(0.0, 1000, "logit-normal", 0.5, 0.6) < shifted.min()  # the ends of [0, 1) stay in range
-    assert shifted.max() < training_timestep(1.0, 1000, "logit-normal", 0.5, 0.6) <= 999
-    with pytest.raises(ValueError, match="unknown timestep sampling"):
-        training_timestep(0.5, 1000, "cubic")
+    assert 0 <= training_timestep(0.0, "logit-normal", 0.5, 0.6) < shifted.min()  # the ends of [0, 1) stay in range
+    assert shifted.max() < training_timestep(1.0, "logit-normal", 0.5, 0.6) <= 999
+    with pytest.raises(GentronError, match="unknown timestep sampling"):
+        training_timestep(0.5, "cubic")
 
 
 def test_q_sample_statistics():
@@ -222,33 +226,171 @@ def test_learned_sigma_loss_trains_variance_not_mean_through_vlb(video):
 # --- samplers -------------------------------------------------------------------------------------
 
 
-def oracle_model(diffusion: GaussianDiffusion, x0: torch.Tensor, seen_timesteps: list):
-    """Predicts the exact noise that turns the known x0 into x at timestep t."""
-    alpha_bar = diffusion.alphas_cumprod.float()
-
-    def model(x, timestep, text, motion_free=None):
-        seen_timesteps.append(int(timestep[0]))
-        a = alpha_bar[timestep].reshape(-1, *([1] * (x.ndim - 1)))
-        return (x - a.sqrt() * x0.repeat(x.shape[0] // x0.shape[0], *([1] * (x.ndim - 1)))) / (1 - a).sqrt()
-
-    return model
+SAMPLER_CASES = [("ddpm", name) for name in make_objective().samplers] + [("flow", "euler")]
+STEP_COUNTS = (7, 25, 30, 50, 64, 250)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_oracle_model_recovers_x0(name):
-    diffusion = GaussianDiffusion()
+class Oracle:
+    """A model that knows x0: it returns the exact noise (DDPM) or velocity (flow) of x0 at the asked timestep,
+    plus a constant variance value `v` for a learned-variance DDPM, and records what it was asked."""
+
+    def __init__(self, objective, x0: torch.Tensor, v: float | None = None):
+        self.objective, self.x0, self.v = objective, x0, v
+        self.calls: list[tuple[float, torch.Tensor]] = []
+
+    def signal_noise(self, timestep: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) with x_t = a_t x0 + s_t eps for the objective's training process."""
+        shape = (-1, *([1] * (like.ndim - 1)))
+        if self.objective.config.name == "flow":
+            sigma = (timestep.double() / self.objective.config.num_timesteps).reshape(shape)
+            return 1 - sigma, sigma
+        alpha_bar = self.objective.diffusion.alphas_cumprod[timestep.long()].reshape(shape)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def __call__(self, x, timestep, text, motion_free=None):
+        self.calls.append((float(timestep[0]), x[: self.x0.shape[0]].double().clone()))
+        x0 = self.x0.double().repeat(x.shape[0] // self.x0.shape[0], *([1] * (x.ndim - 1)))
+        a, s = self.signal_noise(timestep, x)
+        eps = (x.double() - a * x0) / s
+        out = (eps - x0 if self.objective.config.name == "flow" else eps).to(x.dtype)
+        return out if self.v is None else torch.cat([out, torch.full_like(out, self.v)], dim=channel_dim(x))
+
+
+@pytest.mark.parametrize("objective_name,name", SAMPLER_CASES)
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_oracle_model_ends_at_x0_on_the_training_grid(objective_name, name, steps):
+    """Every sampler, every step count: the sample ends within 1e-3 of x0, each model call sees latents that
+    lie exactly on the training process at the timestep it is given (on the grid), and, for the deterministic
+    samplers, the noise the sample carries is the starting noise all the way down."""
+    objective = make_objective(ObjectiveConfig(name=objective_name))
     generator = torch.Generator().manual_seed(4)
     x0 = torch.randn(2, 3, 4, 8, 8, generator=generator).clamp(-2, 2)
     noise = torch.randn(x0.shape, generator=generator)
     text = random_text(2, generator)
-    seen: list[int] = []
-    scheduler = make_scheduler(name, diffusion)
-    out = sample(oracle_model(diffusion, x0, seen), scheduler, noise, text, text, steps=20, cfg_scale=4.0,
+    oracle = Oracle(objective, x0)
+    out = sample(oracle, make_scheduler(name, objective), noise, text, text, steps=steps, cfg_scale=4.0,
                  mfg_scale=1.2, generator=torch.Generator().manual_seed(0))
-    assert seen[0] == 999 and len(seen) == 20 and seen == sorted(seen, reverse=True)
     assert (out - x0).abs().max().item() < 1e-3
-    # the sample moved: it is neither the noise nor a scaled copy of it
-    assert (noise - x0).abs().max().item() > 1.0
+    assert (noise - x0).abs().max().item() > 1.0  # the sample moved
+    timesteps = [t for t, _ in oracle.calls]
+    assert len(timesteps) == steps and timesteps == sorted(timesteps, reverse=True)
+    assert timesteps[0] >= 0.99 * objective.config.num_timesteps - 1  # starts where the noise lives
+    if objective_name == "ddpm":
+        assert all(t == int(t) and 0 <= t <= 999 for t in timesteps)  # integer timesteps, as in training
+    if name != "ddpm":
+        # deterministic: after the first step, x_t = a_t x0 + s_t eps exactly at the timestep the model is told, with
+        # the eps of the start (pure noise is not exactly x_T: DDPM's a_T is 0.006, not 0)
+        t_start, x_start = oracle.calls[0]
+        a, s = oracle.signal_noise(torch.tensor([t_start]), x_start)
+        eps = (x_start - a * x0.double()) / s
+        for t, x in oracle.calls[1:]:
+            a, s = oracle.signal_noise(torch.tensor([t]), x)
+            assert (x - (a * x0.double() + s * eps)).abs().max().item() < 1e-4, f"the step to t={t} is off the training grid"
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+@pytest.mark.parametrize("v", [-1.0, 1.0, 1.3])
+def test_ddpm_adds_no_noise_on_its_final_step(steps, v):
+    """A learned variance (even v = 1.3, above the learned range) adds no noise at the end: x0 is returned."""
+    objective = make_objective()
+    generator = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 4, 8, 8, generator=generator)
+    oracle = Oracle(objective, x0, v=v)
+    out = sample(oracle, make_scheduler("ddpm", objective, learned_sigma=True), torch.randn(x0.shape, generator=generator),
+                 random_text(2, generator), steps=steps, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert (out - x0).abs().max().item() < 1e-3
+
+
+def test_ddim_off_grid_is_what_diffusers_does():
+    """The defect GridDDIMScheduler fixes: at 30 steps diffusers' DDIM steps 1000 // 30 back, off its own grid."""
+    from diffusers import DDIMScheduler
+
+    plain = DDIMScheduler(**GaussianDiffusion().scheduler_config(), timestep_spacing="trailing", set_alpha_to_one=True)
+    plain.set_timesteps(30)
+    grid = plain.timesteps.tolist()
+    off = sum(1 for a, b in zip(grid, grid[1:]) if a - 1000 // 30 != b)
+    assert off >= 5  # so the grid-exactness check above can fail
+
+
+@pytest.mark.parametrize("objective_name", ["ddpm", "flow"])
+def test_noise_shift_lowers_the_snr_of_every_step(objective_name):
+    """s = 2 divides the SNR of each training timestep by s^2, for both objectives, and the sampler follows."""
+    base = make_objective(ObjectiveConfig(name=objective_name))
+    shifted = make_objective(ObjectiveConfig(name=objective_name, noise_shift=2.0))
+    if objective_name == "ddpm":
+        snr = lambda o: o.diffusion.alphas_cumprod / (1 - o.diffusion.alphas_cumprod)
+        np.testing.assert_allclose((snr(base) / snr(shifted)).numpy(), 4.0, rtol=1e-6)
+        scheduler = make_scheduler("ddim", shifted)
+        np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), shifted.diffusion.alphas_cumprod.numpy(), rtol=1e-5)
+    else:
+        for u in (0.1, 0.5, 0.9):
+            t0, t1 = base.timestep(u) / 1000, shifted.timestep(u) / 1000
+            snr0, snr1 = ((1 - t0) / t0) ** 2, ((1 - t1) / t1) ** 2
+            assert snr0 / snr1 == pytest.approx(4.0, rel=1e-6)
+        schedulers = [make_scheduler(None, o) for o in (base, shifted)]
+        for scheduler in schedulers:
+            scheduler.set_timesteps(10)
+        unshifted = schedulers[0].sigmas[:-1].double().numpy()
+        # diffusers spaces its steps down to the shifted sigma_min (0.002, not 0.001): equal up to that offset
+        np.testing.assert_allclose(schedulers[1].sigmas[:-1].numpy(), 2 * unshifted / (1 + unshifted), atol=2.5e-3)
+
+
+def test_noise_shift_for_latent_size_and_frames():
+    from pipelines.diffusion import noise_shift_for
+
+    assert noise_shift_for((4, 16, 16)) == 1.0
+    assert noise_shift_for((4, 8, 8)) == 1.0  # never below 1
+    assert noise_shift_for((3, 32, 32)) == pytest.approx(2.0)
+    assert noise_shift_for((8, 3, 32, 32)) == pytest.approx(2.0 * math.sqrt(8))
+
+
+def test_min_snr_weights_the_epsilon_loss():
+    """w = min(SNR, gamma) / SNR: 1 at high noise (SNR < gamma), SNR-proportionally less at low noise."""
+    objective = make_objective(ObjectiveConfig(loss_weighting="min-snr", min_snr_gamma=5.0))
+    plain = make_objective()
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 100, 500, 999])
+    model = lambda x, t, text, motion_free=None: torch.zeros_like(x)  # eps = 0: mse = mean(noise^2)
+    text = random_text(4, torch.Generator().manual_seed(2))
+    weighted, unweighted = objective.loss(model, x0, t, text, noise=noise), plain.loss(model, x0, t, text, noise=noise)
+    alpha_bar = plain.diffusion.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / snr
+    torch.testing.assert_close(weighted["loss"] / unweighted["loss"], expected.float(), rtol=1e-5, atol=0)
+    assert expected[-1] == 1.0 and expected[0] < 1e-3
+
+
+def test_flow_loss_is_the_velocity_error():
+    objective = make_objective(ObjectiveConfig(name="flow"))
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 250.0, 900.0])
+    seen = {}
+
+    def model(x, timestep, text, motion_free=None):
+        seen["x"], seen["t"] = x, timestep
+        return torch.zeros_like(x)
+
+    loss = objective.loss(model, x0, t, random_text(3, torch.Generator().manual_seed(2)), noise=noise)
+    sigma = (t / 1000).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["x"], (1 - sigma) * x0 + sigma * noise)
+    assert torch.equal(seen["t"], t)
+    torch.testing.assert_close(loss["loss"], ((noise - x0) ** 2).flatten(1).mean(1))
+
+
+def test_objective_settings_that_cannot_take_effect_are_refused():
+    with pytest.raises(GentronError, match="min-snr"):
+        make_objective(ObjectiveConfig(name="flow", loss_weighting="min-snr"))
+    with pytest.raises(GentronError, match="learned variance"):
+        make_objective(ObjectiveConfig(name="flow")).check_model(learn_sigma=True)
+    with pytest.raises(GentronError, match="unknown objective"):
+        make_objective(ObjectiveConfig(name="edm"))
+    with pytest.raises(GentronError, match="noise shift"):
+        make_objective(ObjectiveConfig(noise_shift=0.0))
+    assert ObjectiveConfig.from_record(None) == ObjectiveConfig()  # model folders from before: DDPM
+    record = ObjectiveConfig(name="flow", noise_shift=2.5).record()
+    assert ObjectiveConfig.from_record(record).noise_shift == 2.5
 
 
 def test_ddpm_uses_the_learned_variance():
@@ -266,7 +408,7 @@ def test_ddpm_uses_the_learned_variance():
         return model
 
     def run(model, learned_sigma):
-        scheduler = make_scheduler("ddpm", diffusion, learned_sigma=learned_sigma)
+        scheduler = make_scheduler("ddpm", learned_sigma=learned_sigma)
         return sample(model, scheduler, noise, text, steps=10, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
 
     fixed = run(shrinking_model(None), learned_sigma=False)
@@ -297,8 +439,10 @@ def test_ddpm_per_sample_generators():
 
 
 def test_bad_sampler_settings_are_user_errors():
-    with pytest.raises(GentronError, match="unknown sampler"):
+    with pytest.raises(GentronError, match="does not apply"):
         make_scheduler("euler")
+    with pytest.raises(GentronError, match="does not apply"):
+        make_scheduler("ddim", make_objective(ObjectiveConfig(name="flow")))
     noise = torch.zeros(1, 4, 4, 4)
     text = random_text(1, torch.Generator().manual_seed(0))
     for steps in (0, 1001):
@@ -331,14 +475,22 @@ def tiny_model_text(batch: int, seed: int) -> TextCondition:
     )
 
 
+def epsilon_half(model):
+    """The real model's first C output channels: a model without the variance half (as flow models are)."""
+    return lambda x, t, text, motion_free=None: model(x, t, text, motion_free=motion_free)[:, :, : x.shape[2]]
+
+
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_samplers_with_the_real_model_are_seeded(tiny_video_model, name):
     text, uncond = tiny_model_text(2, 0), tiny_model_text(2, 1)
-    scheduler = make_scheduler(name, GaussianDiffusion(), learned_sigma=tiny_video_model.config.learn_sigma)
+    objective = make_objective(ObjectiveConfig(name="flow" if name == "euler" else "ddpm"))
+    learned_sigma = tiny_video_model.config.learn_sigma and name != "euler"
+    model = tiny_video_model if learned_sigma == tiny_video_model.config.learn_sigma else epsilon_half(tiny_video_model)
+    scheduler = make_scheduler(name, objective, learned_sigma=learned_sigma)
 
     def run(noise_seed: int, step_seed: int) -> torch.Tensor:
         noise = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(noise_seed))
-        return sample(tiny_video_model, scheduler, noise, text, uncond, steps=5, cfg_scale=4.0, mfg_scale=1.2,
+        return sample(model, scheduler, noise, text, uncond, steps=5, cfg_scale=4.0, mfg_scale=1.2,
                       generator=torch.Generator().manual_seed(step_seed))
 
     first = run(0, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.diffusion import GaussianDiffusion, guided_prediction, make_scheduler, sample
+from pipelines.diffusion import guided_prediction, make_scheduler, sample
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.configs import model_config
@@ -141,6 +141,6 @@ def test_image_cfg_is_one_batched_call():
 def test_sampling_calls_the_model_once_per_step(video_model, inputs, mfg_scale, batch_per_step):
     x, _, text, uncond = inputs
     counting = CountingModel(video_model)
-    scheduler = make_scheduler("ddim", GaussianDiffusion(), learned_sigma=True)
+    scheduler = make_scheduler("ddim", learned_sigma=True)
     sample(counting, scheduler, x, text, uncond, steps=4, cfg_scale=7.5, mfg_scale=mfg_scale)
     assert counting.batch_sizes == [batch_per_step] * 4

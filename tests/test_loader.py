@@ -24,12 +24,11 @@ def data(tmp_path_factory):
     return write_dataset(root / "img", "image", samples=12, shards=3), write_dataset(root / "vid", "video", samples=10, shards=2)
 
 
-def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5, timesteps="uniform"):
+def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5):
     img = index_source(images, "image") if images else None
     vid = index_source(videos, "video") if videos else None
     empty, _ = load_empty_caption([(img or vid).folder])
-    spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT,
-                      timestep_sampling=timesteps, timestep_location=0.5, timestep_scale=0.6)
+    spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT)
     return TrainStream(spec, img, vid, empty, start_index=start, rank=rank, world_size=world)
 
 
@@ -77,17 +76,20 @@ def test_text_dropout_uses_the_empty_caption_at_its_rate(data):
     assert binomial_ok(dropped, 1000, 0.25), dropped
 
 
-def test_logit_normal_timesteps_move_steps_to_high_noise_and_change_nothing_else(data):
+def test_timestep_draws_are_uniform_per_sample_and_mapped_by_the_objective(data):
+    """The loader draws one uniform number per sample; the objective maps it (logit-normal: toward high noise)."""
+    from pipelines.diffusion import ObjectiveConfig, make_objective
+
     images, videos = data
-    made = {kind: make_stream(images, videos, timesteps=kind) for kind in ("uniform", "logit-normal")}
-    batches = {kind: [made[kind].make_batch(range(i, i + 50), made[kind]._streams()) for i in range(0, 400, 50)]
-               for kind in made}
-    steps = {kind: torch.cat([b["timestep"] for b in bs]).numpy() for kind, bs in batches.items()}
-    assert binomial_ok(int((steps["uniform"] >= 500).sum()), 400, 0.5)
-    assert binomial_ok(int((steps["logit-normal"] >= 500).sum()), 400, NormalDist().cdf(0.5 / 0.6))
-    for uniform, shifted in zip(batches["uniform"], batches["logit-normal"]):
-        for key in ("x0", "noise", "motion_free", "text.clip_pooled"):
-            assert torch.equal(uniform[key], shifted[key])
+    stream = make_stream(images, videos)
+    draws = torch.cat([stream.make_batch(range(i, i + 50), stream._streams())["timestep_draw"] for i in range(0, 400, 50)])
+    assert draws.dtype == torch.float64 and 0 <= draws.min() and draws.max() < 1
+    assert binomial_ok(int((draws >= 0.5).sum()), 400, 0.5)
+    uniform, shifted = (make_objective(ObjectiveConfig(timestep_sampling=k, timestep_location=0.5, timestep_scale=0.6)) for k in ("uniform", "logit-normal"))
+    assert binomial_ok(int((uniform.timesteps(draws) >= 500).sum()), 400, 0.5)
+    assert binomial_ok(int((shifted.timesteps(draws) >= 500).sum()), 400, NormalDist().cdf(0.5 / 0.6))
+    again = stream.make_batch(range(100, 150), stream._streams())["timestep_draw"]
+    assert torch.equal(again, draws[100:150])  # a function of (seed, sample index) alone
 
 
 def test_each_epoch_is_a_fresh_permutation_of_all_samples(data):
@@ -111,10 +113,10 @@ def test_ranks_split_the_global_batch_and_resume_skips_exactly(data):
     rank0 = _batches(make_stream(images, videos, micro=2, rank=0, world=2), 3)
     rank1 = _batches(make_stream(images, videos, micro=2, rank=1, world=2), 3)
     for b, r0, r1 in zip(whole, rank0, rank1):
-        for key in ("index", "x0", "noise", "timestep", "motion_free", "text.clip_pooled"):
+        for key in ("index", "x0", "noise", "timestep_draw", "motion_free", "text.clip_pooled"):
             assert torch.equal(b[key], torch.cat([r0[key], r1[key]])), key
     resumed = _batches(make_stream(images, videos, micro=4, start=8), 1)[0]
-    for key in ("index", "x0", "noise", "timestep", "motion_free"):
+    for key in ("index", "x0", "noise", "timestep_draw", "motion_free"):
         assert torch.equal(resumed[key], whole[2][key]), key
 
 

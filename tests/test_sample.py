@@ -9,6 +9,7 @@ TempSelfAttn, final layer) all shape the output and every comparison below can f
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from gentron_cli.main import app
 from pipelines import outputs
 from pipelines.checkpoint import export_model
 from pipelines.data import schema
+from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import make_scheduler
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
@@ -45,7 +47,7 @@ def perturbed_model(config: dict, seed: int) -> GenTronTransformer:
     return model
 
 
-def export_tiny_model(folder: Path, encoders: dict[str, Path], stage: str, vae: str, seed: int = 0) -> Path:
+def export_tiny_model(folder: Path, encoders: dict[str, Path], stage: str, vae: str, seed: int = 0, objective: str = "ddpm") -> Path:
     """A run folder (RUN/model) as `gentron train` exports it, for a perturbed T/2 model."""
     text = TextEncoders(clip=str(encoders["clip"]), t5=str(encoders["t5"]), device="cpu")
     empty_path = folder / "data" / schema.EMPTY_CAPTION_FILE
@@ -57,14 +59,16 @@ def export_tiny_model(folder: Path, encoders: dict[str, Path], stage: str, vae: 
     else:
         latent_meta = {"vae": str(encoders["vae"]), "scaling_factor": 0.18215, "resolution": IMAGE_RES, "downsample": 8}
         latent_shape = (4, IMAGE_RES // 8, IMAGE_RES // 8)
-    config = model_config("T/2", in_channels=latent_shape[-3], temporal=stage == "t2v", **text.dims)
+    config = model_config("T/2", in_channels=latent_shape[-3], temporal=stage == "t2v", learn_sigma=objective == "ddpm", **text.dims)
+    trained_with = make_objective(ObjectiveConfig(name=objective, noise_shift=2.0 if objective == "flow" else 1.0))
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
     source = SimpleNamespace(metadata=shard_meta)  # pipeline_record reads only the shard metadata
     pipeline = pipeline_record(
-        TrainConfig(stage=stage), config, None if stage == "t2v" else source, source if stage == "t2v" else None, latent_shape
+        TrainConfig(stage=stage), config, None if stage == "t2v" else source, source if stage == "t2v" else None, latent_shape, trained_with
     )
     model = perturbed_model(config, seed)
-    export_model(GenTronTransformer, config, model.state_dict(), folder / "run" / "model", pipeline, empty_path)
+    scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
+    export_model(GenTronTransformer, config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
     return folder / "run"
 
 
@@ -196,6 +200,32 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     assert "pixels identical" in result.output
     np.testing.assert_array_equal(read_gif(again / "0001_a-blue-car.gif"), gif_b)
     assert read_mp4(again / "0001_a-blue-car.mp4").shape == read_mp4(out / "0001_a-blue-car.mp4").shape
+
+
+def test_the_sampler_follows_the_recorded_objective(tmp_path, encoders, image_run):
+    """A flow model samples with its Euler flow scheduler and its recorded shift, refuses DDPM samplers; a model
+    folder from before objectives were recorded samples as DDPM (ddim)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow_run = export_tiny_model(tmp_path / "flow", encoders, "t2i", "tiny", objective="flow")
+    saved = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_run / "model" / "scheduler")
+    assert saved.config.shift == 2.0
+    result = run_cli("--model", flow_run, "--prompt", "a red circle", "--out", tmp_path / "flow-out", "--steps", 3)
+    assert result.exit_code == 0, result.output
+    record = json.loads(next((tmp_path / "flow-out").glob("*.json")).read_text())
+    assert record["settings"]["scheduler"] == "euler"
+    refused = run_cli("--model", flow_run, "--prompt", "a red circle", "--out", tmp_path / "no", "--scheduler", "ddim")
+    assert refused.exit_code == 2 and "does not apply to a model trained with the flow objective" in refused.text
+
+    old = tmp_path / "old" / "model"
+    shutil.copytree(image_run / "model", old)
+    pipeline = json.loads((old / "pipeline.json").read_text())
+    del pipeline["objective"]
+    (old / "pipeline.json").write_text(json.dumps(pipeline))
+    shutil.rmtree(old / "scheduler")
+    result = run_cli("--model", old, "--prompt", "a red circle", "--out", tmp_path / "old-out", "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads(next((tmp_path / "old-out").glob("*.json")).read_text())["settings"]["scheduler"] == "ddim"
 
 
 def test_cli_image_model_png_from_prompts_file(image_run, tmp_path):

@@ -21,6 +21,7 @@ from gentron_cli.main import app
 from pipelines import checkpoint as ckpt
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, batch_text, index_source, load_empty_caption
+from pipelines.diffusion import make_objective
 from pipelines.diffusion.gaussian import GaussianDiffusion
 from pipelines.errors import GentronError
 from pipelines.metrics import read_metrics
@@ -166,7 +167,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     flat = lambda x: x.reshape(b * t, *x.shape[2:])
     with torch.no_grad():
         per_frame = GaussianDiffusion().training_loss(
-            model, flat(batch["x0"]), batch["timestep"].repeat_interleave(t), batch_text(batch).repeat_interleave(t), noise=flat(batch["noise"])
+            model, flat(batch["x0"]), make_objective().timesteps(batch["timestep_draw"]).repeat_interleave(t), batch_text(batch).repeat_interleave(t), noise=flat(batch["noise"])
         )["loss"]
     assert first == pytest.approx(float(per_frame.mean()), rel=1e-5)
 
@@ -227,6 +228,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         (["--model", '{"size": "T/2", "patch_size": 3}'], "not divisible by the model's patch size"),
         (["--image-data", "/nonexistent/folder"], "not found"),
         (["--timestep-sampling", "cubic"], "unknown timestep sampling 'cubic'"),
+        (["--objective", "flow", "--model", '{"size": "T/2", "learn_sigma": true}'], "does not apply to rectified flow"),
+        (["--objective", "flow", "--loss-weighting", "min-snr"], "min-snr weights the epsilon loss"),
+        (["--noise-shift", "big"], "is not none, auto or a number"),
+        (["--objective", "edm"], "unknown objective 'edm'"),
     ],
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
@@ -236,6 +241,25 @@ def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_objective_is_recorded_with_the_model(tmp_path, data):
+    """Flow with an automatic noise shift: the exported model records the objective, the resolved shift and a
+    diffusers scheduler config, and has no variance head."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.diffusion import noise_shift_for
+
+    images, _ = data
+    result = train(base(tmp_path, images, steps=2, objective="flow", timestep_sampling="logit-normal", noise_shift="auto"))
+    model = result.run_dir / "model"
+    record = json.loads((model / "pipeline.json").read_text())["objective"]
+    latent_shape = json.loads((model / "pipeline.json").read_text())["data"]["latent_shape"]
+    assert record["name"] == "flow" and record["timestep_sampling"] == "logit-normal"
+    assert record["noise_shift"] == pytest.approx(noise_shift_for(tuple(latent_shape)))
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(model / "scheduler").config.shift == pytest.approx(record["noise_shift"])
+    assert json.loads((model / "config.json").read_text())["learn_sigma"] is False
+    assert all(np.isfinite(result.losses))
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, data):

@@ -47,7 +47,7 @@ def sample_command(
         None, "--from-sidecar", help="Regenerate the output a sidecar .json describes (its settings; only --out and --model apply) and check its pixels match."
     ),
     steps: int = typer.Option(50, help="Sampling steps."),
-    scheduler: str = typer.Option("ddim", help="ddpm, ddim or dpm-solver++."),
+    scheduler: Optional[str] = typer.Option(None, help="Sampler. Default: the model's own (ddim for DDPM models, euler for flow models); DDPM models also take ddpm and dpm-solver++."),
     cfg: float = typer.Option(7.5, "--cfg", help="Text guidance scale lT (1 = no guidance)."),
     mfg: Optional[float] = typer.Option(
         None, "--mfg", help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images."

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
 from pipelines.data.shards import list_shards
-from pipelines.diffusion.gaussian import training_timestep
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter
 
@@ -301,10 +300,6 @@ class StreamSpec:
     flip: bool = True
     buffer_size: int = 1000
     frames: int = 8  # pseudo-video length when no clips give it
-    num_timesteps: int = 1000
-    timestep_sampling: str = "uniform"  # see diffusion.gaussian.training_timestep
-    timestep_location: float = 0.0
-    timestep_scale: float = 1.0
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
 
 
@@ -433,14 +428,13 @@ class TrainStream(IterableDataset):
         samples = [self._load_or_placeholder(i, streams) for i in indices]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
         noise = torch.from_numpy(np.stack([sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]))
-        spec = self.spec
-        draws = [sample_rng(spec.seed, _TIMESTEP, i).random() for i in indices]
-        timestep = torch.tensor([training_timestep(u, spec.num_timesteps, spec.timestep_sampling, spec.timestep_location, spec.timestep_scale) for u in draws])
+        # the objective maps this uniform draw to the sample's timestep (diffusion/objective.py)
+        timestep_draw = torch.tensor([sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices], dtype=torch.float64)
         text = TextCondition.collate([s["text"] for s in samples])
         batch = {
             "x0": x0,
             "noise": noise,
-            "timestep": timestep,
+            "timestep_draw": timestep_draw,
             "index": torch.tensor(list(indices)),
             "motion_free": torch.tensor([s["motion_free"] for s in samples]),
             "pseudo_video": torch.tensor([s["pseudo_video"] for s in samples]),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Callable
 
 import torch
@@ -69,41 +68,30 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
 
 
-TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
-
-
-def training_timestep(u: float, num_timesteps: int, sampling: str = "uniform", location: float = 0.0, scale: float = 1.0) -> int:
-    """Map a uniform draw u in [0, 1) to a training timestep.
-
-    "uniform" is DiT's (and GenTron's). "logit-normal" (SD3) draws t / T = sigmoid(location + scale * n), n
-    standard normal: a location above 0 moves the steps toward high noise, where the layout of a sample
-    (for a video: where the subject is in each frame) is decided and uniform steps spend few samples.
-    """
-    if sampling == "uniform":
-        fraction = u
-    elif sampling == "logit-normal":
-        n = NormalDist().inv_cdf(min(max(u, 1e-9), 1.0 - 1e-9))
-        fraction = 1.0 / (1.0 + math.exp(-(location + scale * n)))
-    else:
-        raise ValueError(f"unknown timestep sampling {sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
-    return min(int(fraction * num_timesteps), num_timesteps - 1)
-
-
 @dataclass
 class GaussianDiffusion:
     """The forward process q(x_t | x_0) and the training loss.
 
     Defaults are DiT's: 1000 steps, linear betas from 1e-4 to 0.02. `beta_schedule` takes any name
-    diffusers' DDPMScheduler knows ("linear", "scaled_linear", "squaredcos_cap_v2").
+    diffusers' DDPMScheduler knows ("linear", "scaled_linear", "squaredcos_cap_v2"). `noise_shift` s > 1 divides
+    the signal-to-noise ratio of every step by s^2 and recomputes the betas from it (simple diffusion's shifted
+    schedule; see objective.py): the samplers then get those betas as `trained_betas`.
     """
 
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    noise_shift: float = 1.0
 
     def __post_init__(self):
-        betas = DDPMScheduler(**self.scheduler_config()).betas.double()
+        base = dict(num_train_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
+        betas = DDPMScheduler(**base).betas.double()
+        if self.noise_shift != 1.0:
+            # log SNR - 2 log s, back to alpha_bar, then betas = 1 - alpha_bar_t / alpha_bar_{t-1}
+            alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+            shifted = torch.sigmoid(torch.logit(alpha_bar) - 2.0 * math.log(self.noise_shift))
+            betas = 1.0 - shifted / torch.cat([torch.ones(1, dtype=torch.float64), shifted[:-1]])
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         self.betas = betas
@@ -117,12 +105,15 @@ class GaussianDiffusion:
 
     def scheduler_config(self) -> dict:
         """The diffusers scheduler arguments that reproduce this schedule (used by the samplers)."""
-        return dict(
-            num_train_timesteps=self.num_timesteps,
-            beta_schedule=self.beta_schedule,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-        )
+        config = dict(num_train_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
+        if self.noise_shift != 1.0:
+            config["trained_betas"] = self.betas.tolist()
+        return config
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of timesteps t, float32 (B,)."""
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]
+        return (alpha_bar / (1.0 - alpha_bar)).float()
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as float32, shaped to broadcast against `like` (B, ...)."""
@@ -170,11 +161,14 @@ class GaussianDiffusion:
         text: TextCondition,
         motion_free: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        min_snr_gamma: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses, each (B,): loss = mse + vlb; vlb is zero when the model does not learn sigma.
+        """Per-sample losses, each (B,): loss = w * mse + vlb; vlb is zero when the model does not learn sigma.
 
         The vlb term sees the predicted mean through a stop-gradient, so it trains only the variance
-        head; the mean is trained by the MSE alone (IDDPM's hybrid loss, as in DiT).
+        head; the mean is trained by the MSE alone (IDDPM's hybrid loss, as in DiT). w = 1, or with
+        `min_snr_gamma` w = min(SNR_t, gamma) / SNR_t (min-SNR-gamma for epsilon prediction, Hang et al. 2023):
+        the low-noise steps, whose epsilon error is cheap to lower and says little about the sample, weigh less.
         """
         if noise is None:
             noise = torch.randn_like(x0)
@@ -182,9 +176,10 @@ class GaussianDiffusion:
         output = model(x_t, t, text, motion_free=motion_free).float()
         eps, var_values = split_prediction(output, x0)
         mse = mean_flat((noise.float() - eps) ** 2)
+        weighted = mse if min_snr_gamma is None else mse * (self.snr(t).clamp(max=min_snr_gamma) / self.snr(t))
         if var_values is None:
             vlb = torch.zeros_like(mse)
         else:
             # scaled by T/1000 as in IDDPM/DiT: the term estimates one step of the bound, not the sum
             vlb = self.vlb_terms(x0.float(), x_t.float(), t, eps.detach(), var_values) * (self.num_timesteps / 1000.0)
-        return {"loss": mse + vlb, "mse": mse, "vlb": vlb}
+        return {"loss": weighted + vlb, "mse": mse, "vlb": vlb}

@@ -1,40 +1,71 @@
 """Sampling: diffusers schedulers driven by a GenTron model through `guided_prediction`.
 
-Every scheduler is built from the training schedule (`GaussianDiffusion.scheduler_config()`), with
-trailing timestep spacing so the first step is t = T - 1, where the starting noise actually lives.
+A scheduler comes from the model's training objective (`Objective.scheduler`, objective.py). DDPM-family
+schedulers are built from the training schedule (`GaussianDiffusion.scheduler_config()`) with trailing timestep
+spacing, so the first step is t = T - 1, where the starting noise actually lives. Two corrections to diffusers,
+found against DiT's own loops with an oracle model:
+- DDIM steps to the next timestep of its grid (`GridDDIMScheduler`); diffusers steps to t - T // steps, which
+  leaves the grid whenever the step count does not divide T.
+- The final DDPM step returns its prediction of x0 and adds no noise (DiT's last step adds none).
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from einops import rearrange
 
 from pipelines.diffusion.gaussian import GaussianDiffusion, Model, split_prediction
 from pipelines.diffusion.guidance import guided_prediction
+from pipelines.diffusion.objective import Objective, make_objective, sampler_names
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = sampler_names()
 
 
-def make_scheduler(name: str, diffusion: GaussianDiffusion | None = None, learned_sigma: bool = False) -> SchedulerMixin:
+class GridDDIMScheduler(DDIMScheduler):
+    """Deterministic DDIM (eta = 0) whose every step lands on the next timestep of its own grid."""
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **kwargs):
+        if eta != 0.0:
+            raise ValueError("GridDDIMScheduler is deterministic (eta = 0)")
+        index = int((self.timesteps == timestep).nonzero()[0][0])
+        alpha_bar = self.alphas_cumprod[int(timestep)]
+        if index + 1 < len(self.timesteps):
+            alpha_bar_prev = self.alphas_cumprod[int(self.timesteps[index + 1])]
+        else:
+            alpha_bar_prev = self.final_alpha_cumprod  # 1 with set_alpha_to_one: the last step lands on x0
+        eps = model_output
+        pred_x0 = (sample - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        prev = alpha_bar_prev.sqrt() * pred_x0 + (1 - alpha_bar_prev).sqrt() * eps
+        if not return_dict:
+            return (prev, pred_x0)
+        return DDIMSchedulerOutput(prev_sample=prev.to(sample.dtype), pred_original_sample=pred_x0.to(sample.dtype))
+
+
+def ddpm_family_scheduler(name: str, diffusion: GaussianDiffusion, learned_sigma: bool = False) -> SchedulerMixin:
     """A diffusers scheduler for sampler `name` on the training schedule of `diffusion`.
 
     With `learned_sigma`, DDPM samples with the model's variance ("learned_range"); DDIM and
     DPM-Solver++ are deterministic and use only the epsilon half of the output.
     """
-    config = dict((diffusion or GaussianDiffusion()).scheduler_config(), prediction_type="epsilon", timestep_spacing="trailing")
+    config = dict(diffusion.scheduler_config(), prediction_type="epsilon", timestep_spacing="trailing")
     if name == "ddpm":
         variance_type = "learned_range" if learned_sigma else "fixed_small"
         return DDPMScheduler(**config, variance_type=variance_type, clip_sample=False)
     if name == "ddim":
-        # set_alpha_to_one: the last step lands on the clean sample (alpha_bar = 1), as in DiT's DDIM
-        return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=True)
+        return GridDDIMScheduler(**config, clip_sample=False, set_alpha_to_one=True)
     if name == "dpm-solver++":
         return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
     raise GentronError(f"unknown sampler {name!r}", f"choose one of: {', '.join(SAMPLERS)}")
+
+
+def make_scheduler(name: str | None = None, objective: Objective | None = None, learned_sigma: bool = False) -> SchedulerMixin:
+    """The scheduler `name` (default: the objective's own) for a model trained with `objective` (default: DDPM)."""
+    return (objective or make_objective()).scheduler(name, learned_sigma)
 
 
 def _uses_learned_variance(scheduler: SchedulerMixin) -> bool:
@@ -74,10 +105,10 @@ def sample(
     scheduler.set_timesteps(steps, device=noise.device)
     video = noise.ndim == 5
     learned_variance = _uses_learned_variance(scheduler)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at the noise itself
     with reporter.task("sampling", total=len(scheduler.timesteps), unit="step") as task:
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(x, t)
+        for index, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             output = guided_prediction(model, model_input, t, text, uncond_text, cfg_scale, mfg_scale).to(x.dtype)
             eps, var_values = split_prediction(output, x)
             if learned_variance and var_values is None:
@@ -86,9 +117,8 @@ def sample(
                     "build the scheduler with make_scheduler('ddpm', learned_sigma=model.config.learn_sigma)",
                 )
             model_output = output if learned_variance else eps
-            x = scheduler.step(
-                _to_scheduler_layout(model_output), t, _to_scheduler_layout(x), generator=generator
-            ).prev_sample
-            x = _from_scheduler_layout(x, video)
+            result = scheduler.step(_to_scheduler_layout(model_output), t, _to_scheduler_layout(x), generator=generator)
+            final_ddpm_step = isinstance(scheduler, DDPMScheduler) and index == len(scheduler.timesteps) - 1
+            x = _from_scheduler_layout(result.pred_original_sample if final_ddpm_step else result.prev_sample, video)
             task.advance(1)
     return x

@@ -45,7 +45,7 @@ def model_arguments() -> list[str]:
 
 def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:
     """Full GenTronTransformer arguments from a size name, a dict, a JSON string or a .json file, plus overrides."""
-    base = _parse_spec(spec)
+    base = model_spec(spec)
     base.update(overrides)
     size_name = base.pop("size", DEFAULT_SIZE)
     if size_name not in MODEL_SIZES:
@@ -66,7 +66,8 @@ def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:
     return {**defaults, **config}
 
 
-def _parse_spec(spec: str | dict | Path) -> dict:
+def model_spec(spec: str | dict | Path) -> dict:
+    """The settings a spec gives explicitly (its overrides, and \"size\" when named), before defaults are filled in."""
     if isinstance(spec, dict):
         return dict(spec)
     if isinstance(spec, Path) or str(spec).endswith(".json"):

@@ -273,6 +273,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         clip_pooled_dim: int = 768,
         t5_dim: int = 4096,
         temporal: bool = False,
+        frame_embedding: bool = True,
     ):
         super().__init__()
         _check_config(hidden_size, num_heads, text_conditioning, text_encoders)
@@ -290,9 +291,10 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(
             GenTronBlock(hidden_size, num_heads, mlp_dim, cross_attention, temporal) for _ in range(depth)
         )
-        # Absolute frame index for videos with motion, zero-initialised like TempSelfAttn's output, so T2V built
-        # from T2I starts as per-frame T2I and a motion-free sample (a still) never sees it.
-        self.frame_embedder = zero_linear(hidden_size, hidden_size) if temporal else None
+        # Our addition, beyond the paper (where motion comes only through TempSelfAttn): the absolute frame index
+        # for videos with motion, zero-initialised like TempSelfAttn's output, so T2V built from T2I starts as
+        # per-frame T2I and a motion-free sample (a still) never sees it. `frame_embedding=False` is the paper's.
+        self.frame_embedder = zero_linear(hidden_size, hidden_size) if temporal and frame_embedding else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False
         self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
