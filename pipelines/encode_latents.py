@@ -48,6 +48,7 @@ class EncodeLatentsConfig:
     dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
     rank: int | None = None  # default: torchrun's / SLURM's environment
     world_size: int | None = None
+    verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +153,11 @@ class _Failed:
 
 def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _Failed]:
     """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
+    duplicates: list[_Failed] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(path):
+        for key, fields in iter_shard(path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))):
+            yield from duplicates
+            duplicates.clear()
             try:
                 meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
                 frames, is_clip = decode_media(fields)
@@ -161,7 +165,9 @@ def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _
                 yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
             except BadSample as bad:
                 yield _Failed(key, bad.reason, bad.detail)
+        yield from duplicates
     except BadSample as bad:  # the tar itself is damaged: what was read before is kept
+        yield from duplicates
         yield _Failed(path.name, bad.reason, bad.detail)
 
 
@@ -210,6 +216,8 @@ class LatentShardEncoder:
                 stats.fail(item.key, "non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32")
                 tick(1)
                 continue
+            if min(item.crop["source_size"]) < self.cfg.resolution:
+                stats.count("upscaled_samples")  # prep may have kept it small on purpose: said at the end of the stage
             meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, item.crop)}
             out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
             out[schema.META] = schema.encode_json(meta)
@@ -265,7 +273,7 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
             f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
             f"pass --resolution {max(vae.downsample, cfg.resolution // vae.downsample * vae.downsample)}",
         )
-    return run_shard_jobs(
+    result = run_shard_jobs(
         jobs,
         cfg.output_dir,
         LatentShardEncoder(vae, cfg),
@@ -274,4 +282,12 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
         description="encode-latents",
         unit="samples",
         reporter=reporter,
+        verify=cfg.verify,
     )
+    upscaled = result.summary["counters"].get("upscaled_samples", 0)
+    if upscaled:
+        reporter.log(
+            f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than --resolution {cfg.resolution} "
+            "and were upscaled to it (counted as upscaled_samples; prep keeps small sources small unless --upscale)"
+        )
+    return result

@@ -38,6 +38,7 @@ class EncodeTextConfig:
     dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
     rank: int | None = None  # default: torchrun's / SLURM's environment
     world_size: int | None = None
+    verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
 
 def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
@@ -76,6 +77,12 @@ def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
     return path
 
 
+def _count_duplicate(stats: ShardStats, key: str, detail: str, tick) -> None:
+    stats.samples_in += 1
+    stats.fail(key, "duplicate_key", detail)
+    tick(1)
+
+
 @dataclass
 class _Caption:
     key: str
@@ -94,7 +101,7 @@ class TextShardEncoder:
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Caption] = []
         try:
-            for key, fields in iter_shard(job.payload):
+            for key, fields in iter_shard(job.payload, on_duplicate=lambda k, detail: _count_duplicate(stats, k, detail, tick)):
                 stats.samples_in += 1
                 try:
                     batch.append(self._read(key, fields))
@@ -158,4 +165,5 @@ def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), enco
         description="encode-text",
         unit="samples",
         reporter=reporter,
+        verify=cfg.verify,
     )

@@ -7,6 +7,8 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class GentronError(Exception):
     """An error the user can fix: `message` says what is wrong (naming the file), `hint` how to fix it."""
@@ -19,14 +21,43 @@ class GentronError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
 
+    def __reduce__(self):  # keep the hint when a worker process sends the error back
+        return (type(self), (self.message, self.hint))
+
+
+# errno -> (what happened, how to fix it): the storage faults a user can fix, whatever stage hits them
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("disk full while writing {path}", "free some space, then rerun the same command: finished work is kept"),
+    errno.EDQUOT: ("disk quota exceeded while writing {path}", "free some space or raise the quota, then rerun the same command"),
+    errno.EROFS: ("{path} is on a read-only file system", "write the output to a writable folder"),
+    errno.EACCES: ("permission denied: {path}", "write the output to a folder you may write to (or fix its permissions)"),
+    errno.EPERM: ("operation not permitted: {path}", "write the output to a folder you may write to (or fix its permissions)"),
+    errno.ENOENT: ("{path} does not exist (its parent folder is missing)", "create the parent folder or pass an existing one"),
+}
+
+
+def storage_error(exc: OSError, path=None) -> "GentronError | None":
+    """The user-facing error for an OSError a user can fix (full disk, quota, read-only, permissions,
+    missing parent folder), naming `path` (default: the file the OSError names); None for any other OSError."""
+    known = _STORAGE_ERRORS.get(exc.errno)
+    if known is None:
+        return None
+    where = path if path is not None else (exc.filename or "the output")
+    message, hint = known
+    return GentronError(message.format(path=where) + f" ({exc.strerror or exc})", hint)
+
 
 class BadSample(Exception):
     """One input item cannot be used. Pipelines catch it, record `reason` in the stats, and go on."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", field: str | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason  # short, stable category used for counting (e.g. "corrupt", "too_short")
         self.detail = detail
+        self.field = field  # the item's field at fault, when one is (e.g. "latent_mean.npy")
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.detail, self.field))
 
 
 def require_dir(path, what: str, hint: str | None = None):

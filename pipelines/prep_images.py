@@ -2,14 +2,14 @@
 
 Each image is made upright 8-bit RGB, its short side resized to `size`, then center-cropped to a
 square (or kept at its aspect with `crop=False`). Images whose short side is below `min_size` are
-skipped ("too_small") unless `upscale`. Shards are formed over the sorted inputs (`shard_size`
+skipped ("too_small") unless `upscale`; the default `min_size` never exceeds `size`. Shards are formed over the sorted inputs (`shard_size`
 images per shard); a bad image is counted and skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
@@ -32,7 +32,7 @@ class PrepImagesConfig:
     crop: bool = True  # center-crop to size x size
     format: str = "jpg"  # "jpg" or "png"
     quality: int = 95  # JPEG quality
-    min_size: int = 64  # smaller short sides are skipped ("too_small") ...
+    min_size: int | None = None  # smaller short sides are skipped ("too_small") ... (None: 64, or `size` if smaller)
     upscale: bool = False  # ... unless this is set
     shard_size: int = 1000  # source images per shard
     workers: int = 1
@@ -41,10 +41,14 @@ class PrepImagesConfig:
     keep_uncaptioned: bool = False
     path_column: str = "path"
     caption_column: str = "caption"
+    verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
     def output_options(self) -> dict:
-        skip = ("input", "output", "workers", "node_rank", "num_nodes")
+        skip = ("input", "output", "workers", "node_rank", "num_nodes", "verify")
         return {k: v for k, v in asdict(self).items() if k not in skip} | {"input": str(Path(self.input).resolve())}
+
+
+DEFAULT_MIN_SIZE = 64
 
 
 def _validate(config: PrepImagesConfig) -> None:
@@ -52,7 +56,7 @@ def _validate(config: PrepImagesConfig) -> None:
         (config.size >= 8, "--size must be at least 8"),
         (config.format in schema.IMAGE_FIELDS, f"--format must be one of {', '.join(schema.IMAGE_FIELDS)}"),
         (1 <= config.quality <= 100, "--quality must be in [1, 100]"),
-        (config.min_size >= 0, "--min-size must be 0 or more"),
+        (config.min_size is None or config.min_size >= 0, "--min-size must be 0 or more"),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
     ]
@@ -111,4 +115,6 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
 def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every image of `config.input` into image shards under `config.output`."""
     _validate(config)
+    if config.min_size is None:  # images of the asked size itself must pass
+        config = replace(config, min_size=min(DEFAULT_MIN_SIZE, config.size))
     return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, OPTIONS_FILE, "image", reporter)

@@ -21,8 +21,8 @@ from typing import Iterator
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem, discover_inputs
 from pipelines.data.media import encode_clip
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs, shard_name
-from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames
+from pipelines.data.shards import ShardJob, atomic_write_bytes, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs, shard_name
+from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames, rotate_frames
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
 
@@ -52,6 +52,7 @@ class PrepVideosConfig:
     keep_uncaptioned: bool = False
     path_column: str = "path"
     caption_column: str = "caption"
+    verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
     @property
     def plan(self) -> ClipPlan:
@@ -97,9 +98,7 @@ def check_output_options(output: Path, options: dict, options_file: str) -> None
             )
     else:
         output.mkdir(parents=True, exist_ok=True)
-        tmp = output / f".{options_file}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(options, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(options, indent=1, sort_keys=True).encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,14 +141,15 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
             "source_fps": round(info.fps, 6),
             "source_vfr": info.vfr,
             "source_frames": len(info.pts),
-            "source_size": [info.width, info.height],
+            "source_size": [info.width, info.height],  # as displayed: after the rotation
+            "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
             "size": [width, height],
             "upscaled": upscaled,
         },
     )
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(frames, width, height), plan.clip_fps, quality)
+        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, quality)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -205,6 +205,7 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
     stats.count("source_frames", video["source_frames"])
     stats.count("upscaled_videos", int(video["upscaled"]))
     stats.count("vfr_videos", int(video["source_vfr"]))
+    stats.count("rotated_videos", int(video["source_rotation"] != 0))
     return len(messages) - 1
 
 
@@ -261,5 +262,5 @@ def run_prep(config, shard_fn, extensions, options_file: str, kind: str, reporte
     reporter.log(f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
     return run_shard_jobs(
         jobs, output, shard_fn, workers=config.workers, rank=rank, world_size=world_size,
-        description=f"prep-{kind}s", unit=kind, reporter=reporter,
+        description=f"prep-{kind}s", unit=kind, reporter=reporter, verify=config.verify,
     )

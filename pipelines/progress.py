@@ -12,7 +12,12 @@ from typing import Iterator, Protocol
 
 class Task(Protocol):
     def advance(self, n: int = 1, **fields) -> None:
-        """Advance by n units; `fields` are short live figures shown beside the bar (loss=0.12)."""
+        """Advance by n units; `fields` are short live figures shown beside the bar (loss=0.12).
+
+        Two fields are flags, not figures: `resumed=True` (these units were done by an earlier run: not
+        counted in the rate) and `milestone=True` (a finished shard, a logged step: where the output is
+        not a terminal, a progress line is printed now).
+        """
 
 
 class Reporter(Protocol):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines import outputs
-from pipelines.checkpoint import PIPELINE_FILE
+from pipelines.checkpoint import PIPELINE_FILE, find_model_folder, load_model_folder, read_model_config
 from pipelines.data import schema
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
@@ -70,26 +70,28 @@ class SampleConfig:
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped (`gentron sample --prompts`,
+    `gentron train --eval-prompts`)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        raise GentronError(f"prompts file not found: {path}", "pass a text file with one prompt a line") from None
+    except UnicodeDecodeError as err:
+        raise GentronError(f"prompts file {path} is not UTF-8 (byte {err.start})", "save it as UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise GentronError(f"prompts file {path} has no prompts", "write one prompt a line")
+    return prompts
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the `index`-th prompt: independent of batch size and of the other prompts."""
     return seed + index
 
 
 # --------------------------------------------------------------------------- the model folder
-
-
-def find_model_folder(path: Path) -> Path:
-    """A run folder's EMA model (RUN/model) or the model folder itself; a clear error otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise GentronError(f"model not found: {path}", "pass a run folder from `gentron train` or its model/ folder")
-    for candidate in (path / "model", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise GentronError(
-        f"no model in {path}: neither {path / 'config.json'} nor {path / 'model' / 'config.json'} exists",
-        "pass a run folder from `gentron train` (holding model/) or a model folder (holding config.json)",
-    )
 
 
 def weights_sha256(folder: Path) -> dict[str, str]:
@@ -225,7 +227,7 @@ class SamplingPipeline:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)  # encoders and VAE run in it; the model under autocast
         reporter.log(f"loading model {self.folder}")
-        self.model = GenTronTransformer.from_pretrained(str(self.folder)).to(self.device).eval()
+        self.model = load_model_folder(self.folder).to(self.device).eval()
         self.model.requires_grad_(False)
         self.text_encoders = load_text_encoders(self.info, cfg, self.model, self.device, self.dtype)
         self.vae = load_model_vae(self.info, cfg, self.model, self.device, self.dtype, reporter)
@@ -327,7 +329,7 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
 
     Checked against the model's config.json before anything heavy is loaded.
     """
-    model_config = GenTronTransformer.load_config(str(folder))
+    model_config = read_model_config(folder)
     device = resolve_device(cfg.device)
     frames = cfg.frames if cfg.frames is not None else info.frames
     if frames < 1:
@@ -365,14 +367,17 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
     }
 
 
-def sample(cfg: SampleConfig, reporter: Reporter = NullReporter()) -> SampleResult:
-    """Generate one output per prompt into cfg.out, each with a JSON sidecar; optionally a contact sheet."""
+def sample(cfg: SampleConfig, reporter: Reporter = NullReporter(), pipe: SamplingPipeline | None = None) -> SampleResult:
+    """Generate one output per prompt into cfg.out, each with a JSON sidecar; optionally a contact sheet.
+
+    `pipe`: a SamplingPipeline already loaded from cfg.model (training's evaluation keeps one and swaps in the
+    EMA weights it exported), else one is loaded here."""
     if not cfg.prompts:
         raise GentronError("no prompts given", "pass --prompt TEXT or --prompts FILE (one prompt a line)")
     start = time.perf_counter()
     folder = find_model_folder(cfg.model)
     settings = resolved_settings(cfg, folder, read_model_info(folder))
-    pipe = SamplingPipeline(cfg, reporter)
+    pipe = pipe if pipe is not None else SamplingPipeline(cfg, reporter)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_record = {"path": str(pipe.folder.resolve()), "weights_sha256": weights_sha256(pipe.folder)}

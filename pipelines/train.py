@@ -15,7 +15,7 @@ import os
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from pipelines.data.loader import (
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
+from pipelines.locking import folder_lock
 from pipelines.metrics import MetricsLog, frame_strip, plot_loss, save_gif, save_png
 from pipelines.outputs import contact_sheet
 from pipelines.model.conditioning import TextCondition
@@ -141,19 +142,20 @@ def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...
 
 def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[str, np.ndarray], objective: Objective, reporter: Reporter):
     """The model to train: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
-    from pipelines.model.configs import model_config, model_spec
+    from pipelines.model.configs import DEFAULT_SIZE, model_config, model_spec
     from pipelines.model.gentron import GenTronTransformer
 
     channels, height, width = latent_shape[-3:]
     if config.init:
         path = Path(config.init)
-        if not (path / "config.json").is_file():
-            raise GentronError(f"--init {path} is not a model folder (no config.json)", "pass RUN/model or RUN/model_raw of a finished run")
-        model = GenTronTransformer.from_pretrained(str(path))
+        model = ckpt.load_model_folder(path)
+        temporal = {}
+        if config.stage == "t2v" and not model.config.temporal:
+            # the temporal settings may still be chosen here (the rest comes from the T2I model)
+            temporal = {k: v for k, v in model_spec(config.model or {}).items() if k in TEMPORAL_SETTINGS}
+        _check_model_agrees_with_init(config.model, model, path, ignore=temporal.keys())
         if config.stage == "t2v" and not model.config.temporal:
             reporter.log(f"initialising T2V from the T2I model {path}: temporal layers start at zero")
-            # the temporal settings may still be chosen here (the rest comes from the T2I model)
-            temporal = {k: v for k, v in model_spec(config.model).items() if k == "frame_embedding"}
             model = GenTronTransformer.from_t2i(model, **temporal)
         elif config.stage == "t2i" and model.config.temporal:
             raise GentronError(f"--init {path} is a T2V model but --stage is t2i", "use --stage t2v, or a T2I model")
@@ -165,9 +167,9 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
             dims["clip_pooled_dim"] = int(empty["clip_pooled"].shape[-1])
         if "t5" in empty:
             dims["t5_dim"] = int(empty["t5"].shape[-1])
-        if objective.config.name == "flow" and "learn_sigma" not in model_spec(config.model):
+        if objective.config.name == "flow" and "learn_sigma" not in model_spec(config.model or DEFAULT_SIZE):
             dims["learn_sigma"] = False  # a velocity model has no variance to learn
-        cfg = model_config(config.model, in_channels=int(channels), temporal=config.stage == "t2v", **dims)
+        cfg = model_config(config.model or DEFAULT_SIZE, in_channels=int(channels), temporal=config.stage == "t2v", **dims)
         model = GenTronTransformer.from_config(cfg)
     objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -180,6 +182,38 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
             f"encode at a resolution whose latent side is a multiple of {p}",
         )
     return model, cfg
+
+
+TEMPORAL_SETTINGS = ("frame_embedding",)  # what --model may still choose when a T2I --init becomes T2V
+
+
+def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
+    """--model beside --init may only restate the init model's architecture: any other value would be ignored."""
+    from pipelines.model.configs import MODEL_SIZES, TINY_TEXT_DIMS, model_spec
+
+    if not spec:
+        return
+    asked = model_spec(spec)
+    size = asked.pop("size", None)
+    if size is not None and size in MODEL_SIZES:
+        named = MODEL_SIZES[size]
+        base = {"depth": named.depth, "hidden_size": named.hidden_size, "mlp_dim": named.mlp_dim, "num_heads": named.num_heads}
+        asked = base | (TINY_TEXT_DIMS if size == "T/2" else {}) | asked
+    have = dict(model.config)
+    differ = sorted(k for k, v in asked.items() if k not in ignore and k in have and have[k] != v)
+    if differ:
+        detail = ", ".join(f"{k} {asked[k]!r} (the init model has {have[k]!r})" for k in differ)
+        raise GentronError(
+            f"--model {spec} disagrees with the --init model {init}: {detail}",
+            "drop --model (the run trains the --init model's architecture), or pass --init of the size you want",
+        )
+
+
+def trained_model_spec(model_cfg: dict) -> str:
+    """The --model that builds exactly this architecture (what a run's config.json records with --init)."""
+    keep = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "learn_sigma", "text_conditioning", "text_encoders",
+            "clip_dim", "clip_pooled_dim", "t5_dim", "frame_embedding")  # fmt: skip
+    return json.dumps({k: model_cfg[k] for k in keep if k in model_cfg}, sort_keys=True)
 
 
 def wrap_model(model, config: TrainConfig, d: Dist):
@@ -385,10 +419,13 @@ class Run:
     previewer: Previewer | None
     metrics: MetricsLog | None
     skipped_samples: int  # found bad when indexing
-    unreadable_samples: int = 0  # indexed fine, unreadable when loaded (zero weight in their batch)
+    sources: list = field(default_factory=list)
+    load_failures: list = field(default_factory=list)  # samples found unusable when read: each named once
+    unreadable_samples: int = 0  # indexed fine, unusable when read (zero weight in their batch), every time drawn
     step: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0
+    new_failures: list = field(default_factory=list)  # found since report_new_failures last ran
 
     def forward_backward(self, batches) -> tuple[float, float, float]:
         """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free share)."""
@@ -405,8 +442,9 @@ class Run:
             if d.world > 1 and cfg.fsdp:
                 self.net.set_requires_gradient_sync(last)  # reduce-scatter once per step
             sync = self.net.no_sync() if d.world > 1 and not cfg.fsdp and not last else nullcontext()
-            weight = batch["weight"].to(d.device)  # 0 for a sample unreadable at load time
+            weight = batch["weight"].to(d.device)  # 0 for a sample unusable when read (NaN, damaged bytes)
             self.unreadable_samples += int((batch["weight"] == 0).sum())
+            self._note_failures(batch["failures"])
             with sync, autocast:
                 per_sample = self.objective.loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
                 loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
@@ -414,6 +452,24 @@ class Run:
             total += loss.detach() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         return float(all_mean(total, d)), float(_full(grad_norm)), motion_free_share
+
+    def _note_failures(self, failures: list[dict]) -> None:
+        known = {(f["shard"], f["key"], f["field"]) for f in self.load_failures}
+        for failure in failures:
+            if (failure["shard"], failure["key"], failure["field"]) not in known:
+                known.add((failure["shard"], failure["key"], failure["field"]))
+                self.load_failures.append(dict(failure))
+                self.new_failures.append(dict(failure))
+
+    def report_new_failures(self, reporter: Reporter) -> None:
+        """Name each newly found unusable sample once, in the log and in data_stats.json."""
+        if not self.new_failures:
+            return
+        for f in self.new_failures:
+            reporter.log(f"skipped {f['kind']} sample {f['shard']}/{f['key']} (field {f['field'] or '?'}): {f['reason']} {f['detail']}".rstrip())
+        self.new_failures.clear()
+        if self.d.main:
+            write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
 
     def update(self) -> None:
         for group in self.optimizer.param_groups:
@@ -471,8 +527,6 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     previous = ckpt.latest_checkpoint(folder)
     if config.resume and previous is None:
         raise GentronError(f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there")
-    if previous is not None:
-        check_resume(folder, config)
     if config.global_batch % (config.grad_accum * d.world):
         raise GentronError(
             f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x {d.world} processes",
@@ -481,6 +535,11 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
 
     images, videos = load_sources(config, reporter)
     sources = [s for s in (images, videos) if s is not None]
+    if config.stage == "t2v" and videos is None:
+        reporter.log(
+            "warning: --stage t2v without --video-data trains on still images repeated as videos only: "
+            "motion cannot be learnt from stills; pass --video-data (clips from `gentron encode-text`) to learn it"
+        )
     empty, empty_path = load_empty_caption([s.folder for s in sources])
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     shape = (config.frames, *images.latent_shape) if config.stage == "t2v" and videos is None else (videos or images).latent_shape
@@ -492,6 +551,9 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     model, model_cfg = build_model(config, tuple(shape), empty, objective, reporter)
     if config.init:
         _announce_objective_change(Path(config.init), objective, reporter)
+    config = _settings_used(config, model_cfg, sources, reporter)
+    if previous is not None:
+        check_resume(folder, config)
     spec = StreamSpec(
         stage=config.stage, seed=config.seed, micro_batch=config.global_batch // (config.grad_accum * d.world),
         p_motion_free=config.p_motion_free, text_dropout=config.text_dropout, flip=config.flip,
@@ -500,6 +562,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
     if saved is not None:
+        hint = f"{folder} holds a checkpoint of another model: pass another --output, or the --model of that run"
+        ckpt.check_weights(saved[0], model, f"the weights of checkpoint {previous}", hint)
         model.load_state_dict(saved[0])
         reporter.log(f"resuming from {previous} (step {saved[3]['step']})")
     net = wrap_model(model, config, d)
@@ -519,10 +583,11 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world)
     pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape, objective)
     stats = data_stats(sources)
+    load_failures = _earlier_load_failures(folder) if previous is not None else []
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "config.json", asdict(config))
-        write_json(folder / "data_stats.json", stats)
+        write_json(folder / "data_stats.json", data_stats(sources, load_failures))
     return Run(
         config=config, d=d, folder=folder, model=model, net=net, model_cfg=model_cfg, optimizer=optimizer, ema=ema,
         objective=objective,
@@ -530,8 +595,38 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         pipeline=pipeline, empty_caption=empty_path,
         previewer=Previewer(stream, empty, pipeline, config, folder, objective) if d.main and config.preview_every > 0 else None,
         metrics=MetricsLog(folder / "metrics.jsonl", resume_step=counters.get("step", 0)) if d.main else None,
-        skipped_samples=sum(s["skipped"] for s in stats.values()), **counters,
+        skipped_samples=sum(s["skipped"] for s in stats.values()), sources=sources, load_failures=load_failures, **counters,
     )  # fmt: skip
+
+
+def _settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
+    """The run's settings as they take effect (recorded in RUN/config.json): a setting that cannot is said once."""
+    changes = {}
+    if config.init:
+        changes["model"] = trained_model_spec(model_cfg)  # the --init model's architecture, not the --model default
+    elif config.model is None:
+        from pipelines.model.configs import DEFAULT_SIZE
+
+        changes["model"] = DEFAULT_SIZE
+    if config.flip:
+        unmirrored = [s for s in sources if not s.has_flip]
+        for s in unmirrored:
+            reporter.log(
+                f"--flip: the {s.kind} data in {s.folder} has no mirrored latents (they are made by `gentron encode-latents --flip`), "
+                f"so its samples are never flipped" + ("; the run records flip: false" if len(unmirrored) == len(sources) else "")
+            )
+        if len(unmirrored) == len(sources):
+            changes["flip"] = False
+    return replace(config, **changes) if changes else config
+
+
+def _earlier_load_failures(folder: Path) -> list[dict]:
+    """Samples found unusable when read by the run being resumed (kept in its data_stats.json)."""
+    try:
+        stats = json.loads((folder / "data_stats.json").read_text())
+        return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
+    except (OSError, ValueError):
+        return []
 
 
 def _announce_objective_change(init: Path, objective: Objective, reporter: Reporter) -> None:
@@ -558,10 +653,17 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
     config.check()
     # absolute paths: the stored run config works from any folder, and reruns compare equal
     absolute = {k: str(Path(v).resolve()) for k in ("image_data", "video_data", "init") if (v := getattr(config, k))}
+    if config.init:  # a run folder stands for its exported model, as in `gentron sample --model`
+        absolute["init"] = str(ckpt.find_model_folder(Path(absolute["init"]), option="--init").resolve())
     config = replace(config, **absolute)
     d = setup_distributed()
     try:
-        return _train(config, d, reporter if d.main else NullReporter())
+        if not d.main:
+            return _train(config, d, NullReporter())
+        folder = Path(config.output)
+        folder.mkdir(parents=True, exist_ok=True)
+        with folder_lock(folder, "run folder"):  # a second `train` into it would interleave its checkpoints and metrics
+            return _train(config, d, reporter)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -574,10 +676,11 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
     run.net.train()
     try:
         with reporter.task(f"training {config.stage}", total=config.steps, unit="step") as task:
-            task.advance(run.step)
+            task.advance(run.step, resumed=True)
             while run.step < config.steps:
                 start = time.perf_counter()
                 loss, grad_norm, motion_free = run.forward_backward(batches)
+                run.report_new_failures(reporter)
                 run.samples_seen += config.global_batch
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     run.update()
@@ -599,7 +702,7 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
                     reporter.log(f"saved {run.save()}")
                 if config.preview_every > 0 and (run.step % config.preview_every == 0 or run.step == config.steps):
                     reporter.log(f"preview: {', '.join(str(f) for f in run.preview())}")
-                task.advance(1, loss=loss, samples_s=config.global_batch / seconds)
+                task.advance(1, loss=loss, samples_s=config.global_batch / seconds, milestone=run.step % config.log_every == 0)
     except KeyboardInterrupt:
         # the weights and optimizer hold `run.step` complete steps: save them so a rerun continues from here
         latest = ckpt.latest_checkpoint(run.folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -10,6 +11,8 @@ from pipelines.errors import GentronError
 
 STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
+EVAL_PROBES = ("toy",)  # as pipelines.evaluate.PROBES (not imported here: it loads torch)
+LOG_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -20,7 +23,7 @@ class TrainConfig:
     stage: str = "t2i"  # t2i or t2v
     image_data: str | None = None  # encoded image shards
     video_data: str | None = None  # encoded clip shards
-    model: str = "XL/2"  # size name, JSON overrides or a .json file (see pipelines/model/configs.py)
+    model: str | None = None  # size name, JSON overrides or a .json file (see pipelines/model/configs.py); None: XL/2, or the --init model
     init: str | None = None  # exported model folder to start from (T2I -> T2V adds zero temporal layers)
     steps: int = 400_000
     global_batch: int = 256  # samples per optimizer step over all processes
@@ -58,6 +61,16 @@ class TrainConfig:
     log_every: int = 10
     on_nan: str = "stop"  # stop, or skip the step
     resume: bool = False  # require a checkpoint to continue from (a rerun into the folder resumes anyway)
+    # evaluation during training (pipelines/train_eval.py): at checkpoints, sample the prompts with the EMA model
+    eval_every: int = 0  # 0: no evaluation; else a multiple of checkpoint_every
+    eval_prompts: str | None = None  # text file, one prompt a line
+    eval_clip: str | None = None  # CLIP model for the CLIP score (hub name or folder)
+    eval_reference: str | None = None  # FID reference: image folder, shards or .npz statistics (with eval_inception)
+    eval_inception: str | None = None  # FID Inception-v3 weights file
+    eval_probe: str | None = None  # "toy": the toy data's colour / place / motion probe
+    eval_steps: int = 25  # sampler steps of the evaluation samples
+    eval_cfg: float = 7.5  # their classifier-free guidance scale
+    log_to: str = "none"  # none, or tensorboard (event files in RUN/tensorboard)
 
     def objective_config(self, latent_shape: tuple[int, ...]):
         """The training objective of this run for latents of `latent_shape` ((C, h, w) or (T, C, h, w))."""
@@ -106,3 +119,41 @@ class TrainConfig:
                 raise GentronError(f"{name} must be in [0, 1], got {getattr(self, name)}", "pass a probability")
         if self.steps < 1 or self.global_batch < 1 or self.grad_accum < 1:
             raise GentronError("steps, global batch and gradient accumulation must be positive", "check the options")
+        self.check_logging()
+
+    def check_logging(self) -> None:
+        """Evaluation and TensorBoard options that cannot take effect are refused (no file is read here)."""
+        metrics = [o for o, v in (("--eval-clip", self.eval_clip), ("--eval-reference", self.eval_reference),
+                                  ("--eval-inception", self.eval_inception), ("--eval-probe", self.eval_probe)) if v]
+        if self.eval_every < 0:
+            raise GentronError(f"--eval-every must be 0 (no evaluation) or positive, got {self.eval_every}")
+        if self.eval_every == 0:
+            given = metrics + (["--eval-prompts"] if self.eval_prompts else [])
+            if given:
+                raise GentronError(f"{', '.join(given)} take effect only with --eval-every N", "add --eval-every N (steps between evaluations), or drop them")
+        else:
+            if not self.eval_prompts:
+                raise GentronError("--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)", "pass --eval-prompts prompts.txt")
+            if not metrics:
+                raise GentronError("--eval-every needs a metric", "pass --eval-clip NAME_OR_PATH, --eval-reference REF --eval-inception WEIGHTS, and/or --eval-probe toy")
+            if bool(self.eval_reference) != bool(self.eval_inception):
+                raise GentronError("FID needs both --eval-reference and --eval-inception",
+                                   "pass --eval-reference FOLDER_OR_NPZ --eval-inception pt_inception-2015-12-05-6726825d.pth")
+            if self.eval_probe and self.eval_probe not in EVAL_PROBES:
+                raise GentronError(f"unknown --eval-probe {self.eval_probe!r}", f"use --eval-probe {' or '.join(EVAL_PROBES)}")
+            if self.checkpoint_every < 1 or self.eval_every % self.checkpoint_every:
+                raise GentronError(
+                    f"--eval-every {self.eval_every} is not a multiple of --checkpoint-every {self.checkpoint_every}: "
+                    "evaluation samples the model exported at a checkpoint",
+                    f"pass --checkpoint-every {self.eval_every} (or a divisor of it)",
+                )
+            if self.eval_steps < 1:
+                raise GentronError(f"--eval-steps must be at least 1, got {self.eval_steps}")
+        if self.log_to not in LOG_TO:
+            hint = "W&B is not supported; " if self.log_to.lower() in ("wandb", "w&b") else ""
+            raise GentronError(f"unknown --log-to {self.log_to!r}", f"{hint}use --log-to {' or '.join(LOG_TO)}")
+        if self.log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise GentronError(
+                "--log-to tensorboard needs the tensorboard package, which is not installed",
+                "install the extra: pip install -c constraints.txt -e \".[tensorboard]\" (or pip install -c constraints.txt tensorboard)",
+            )

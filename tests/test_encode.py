@@ -239,9 +239,9 @@ def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny):
     args = ["encode-text", str(inp), str(tmp_path / "out"), "--clip", str(tmp_path / "no_clip_here"), "--encoders", "clip"]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 2 and "no_clip_here" in result.output and "Traceback" not in result.output
-    result = runner.invoke(_cli_app(), ["encode-latents", str(inp), str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"])
-    assert result.exit_code == 0, result.output
-    assert "0 of 2 samples written, 2 failed" in result.output and "no_media" in result.output
+    result = runner.invoke(_cli_app(), ["encode-latents", str(inp), str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"], env={"COLUMNS": "1000"})
+    assert result.exit_code == 2, result.output  # a stage that keeps nothing fails, with the reasons counted
+    assert "kept nothing: all 2 inputs failed (no_media: 2)" in result.output and "Traceback" not in result.output
     args = ["encode-text", str(inp), str(tmp_path / "o3"), "--clip", str(tiny["clip"]), "--t5", str(tiny["t5"]), "--device", "cpu"]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 0, result.output

@@ -166,7 +166,7 @@ def test_cli(prepared, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o"), "--size", "32", "--format", "png"])
     assert ok.exit_code == 0, ok.output
-    assert "12 images -> 7 images" in ok.output
+    assert "12 images -> 8 images" in ok.output  # --min-size defaults to --size when that is below 64
     bad = runner.invoke(app, ["prep-images", str(tmp_path / "missing"), str(tmp_path / "o2")])
     assert bad.exit_code == 2 and str(tmp_path / "missing") in bad.output and "Traceback" not in bad.output
     bad_format = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o3"), "--format", "gif"])

@@ -1,34 +1,112 @@
-"""The quickstart dataset is what its captions say, and the probe reads it back correctly."""
+"""The toy datasets are what their captions say, and the probe reads them back correctly."""
+
+import hashlib
+import itertools
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
 from pipelines.toydata import (
+    CHANCE,
     COLORS,
+    DIRECTIONS,
+    PLACES,
+    SHAPES,
+    SIDE_BAND,
+    SIDES,
     ToyDataConfig,
     centroid,
     direction_of,
+    image_caption,
+    largest_component,
     make_toy_dataset,
+    object_centre,
     parse_caption,
+    place_of,
     probe_image,
     probe_video,
+    shape_of,
+    video_caption,
 )
 
 SMALL = ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0)
+HELD_OUT = (("red", "triangle"), ("blue", "circle"))
+# Every shape at the side places (the learning benchmark's data), and every shape at the quadrants
+SIDE_SHAPES = ToyDataConfig(images_per_combo=2, videos_per_combo=1, video_seconds=1.0, shapes=SHAPES, places=SIDES, held_out=HELD_OUT)
+QUADRANT_SHAPES = ToyDataConfig(images_per_combo=1, videos_per_combo=0, shapes=SHAPES)
+
+# What the generator wrote for SMALL before it learnt shapes and sides (the quickstart's data must not move):
+# a digest of file names, decoded PNG pixels, captions and the raw video frames handed to the encoder.
+SMALL_DIGEST = "18fbdb7e25fd074af8060a830c99b0d2837296e855eb5810a577d7ee7272512b"
+
+
+def _resize(frames: np.ndarray, side: int) -> np.ndarray:
+    """PIL bilinear resize of an (H, W, 3) image or a (T, H, W, 3) video, as prep does."""
+    resize = lambda f: np.asarray(Image.fromarray(f).resize((side, side), Image.BILINEAR))
+    return resize(frames) if frames.ndim == 3 else np.stack([resize(f) for f in frames])
+
+
+def _noisy(frames: np.ndarray, rng: np.random.Generator, std: float = 20.0) -> np.ndarray:
+    return np.clip(frames + rng.normal(0, std, frames.shape), 0, 255).astype(np.uint8)
+
+
+def _variants(pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Ground truth as written, at 32 px, and both with noise: what a good model's samples look like."""
+    small = _resize(pixels, 32)
+    return {"full": pixels, "32px": small, "full+noise": _noisy(pixels, rng), "32px+noise": _noisy(small, rng)}
+
+
+def _images(dirs):
+    for path in sorted(dirs["images"].glob("*.png")):
+        yield path, np.asarray(Image.open(path)), path.with_suffix(".txt").read_text()
+
+
+def _videos(dirs):
+    for path in sorted(dirs["videos"].glob("*.mp4")):
+        yield path, decode_clip(path.read_bytes()), path.with_suffix(".txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def side_shapes(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("sides"), SIDE_SHAPES)
+
+
+def test_default_dataset_is_unchanged(tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr("pipelines.toydata.encode_h264", lambda frames, fps, crf: written.append(np.array(frames)) or b"")
+    dirs = make_toy_dataset(tmp_path, SMALL)
+    digest = hashlib.sha256()
+    for path, pixels, caption in _images(dirs):
+        digest.update(path.name.encode())
+        digest.update(pixels.tobytes())
+        digest.update(caption.encode())
+    for path in sorted(dirs["videos"].glob("*.txt")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for frames in written:
+        digest.update(frames.tobytes())
+    assert digest.hexdigest() == SMALL_DIGEST
+    # the same, readably: the first image's square and caption
+    image = np.asarray(Image.open(dirs["images"] / "red_top_left_0.png"))
+    ys, xs = np.nonzero(image.any(axis=-1))
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (7, 30, 5, 28)
+    assert (image[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == COLORS["red"]).all()
+    assert (dirs["images"] / "red_top_left_0.txt").read_text() == "a red square in the top left"
+    assert (dirs["videos"] / "yellow_down_0.txt").read_text() == "a yellow square moving down"
 
 
 def test_dataset_matches_its_captions_according_to_the_probe(tmp_path):
     dirs = make_toy_dataset(tmp_path, SMALL)
-    images = sorted(dirs["images"].glob("*.png"))
-    videos = sorted(dirs["videos"].glob("*.mp4"))
+    images, videos = list(_images(dirs)), list(_videos(dirs))
     assert len(images) == 16 and len(videos) == 16
-    for path in images:
-        caption = path.with_suffix(".txt").read_text()
-        assert probe_image(np.asarray(Image.open(path)), caption) == {"color": True, "place": True}, caption
-    for path in videos:
-        caption = path.with_suffix(".txt").read_text()
-        assert probe_video(decode_clip(path.read_bytes()), caption) == {"color": True, "direction": True, "axis": True}, caption
+    # the quickstart's captions keep the quickstart's score columns (no shape)
+    for path, pixels, caption in images:
+        assert probe_image(pixels, caption) == {"color": True, "place": True}, caption
+    for path, frames, caption in videos:
+        assert probe_video(frames, caption) == {"color": True, "direction": True, "axis": True}, caption
+        assert probe_video(frames, caption, with_shape=True)["shape"] is True
 
 
 def test_probe_rejects_wrong_content(tmp_path):
@@ -45,12 +123,97 @@ def test_probe_rejects_wrong_content(tmp_path):
     assert probe_video(np.repeat(frames[:1], 4, axis=0), "a green square moving left")["axis"] is False
 
 
+@pytest.mark.parametrize("cfg", [SIDE_SHAPES, QUADRANT_SHAPES], ids=["sides", "quadrants"])
+def test_probe_reads_every_shape_and_place_of_ground_truth_images(tmp_path, cfg):
+    rng = np.random.default_rng(0)
+    dirs = make_toy_dataset(tmp_path, cfg)
+    images = list(_images(dirs))
+    assert len(images) == len(cfg.combos()) * len(cfg.places) * cfg.images_per_combo
+    for path, pixels, caption in images:
+        for name, variant in _variants(pixels, rng).items():
+            assert probe_image(variant, caption, with_shape=True) == {"color": True, "place": True, "shape": True}, (caption, name)
+        if cfg.places == SIDES:  # shape is scored by default outside the quickstart's squares at quadrants
+            assert "shape" in probe_image(pixels, caption)
+
+
+def test_probe_reads_every_shape_and_direction_of_ground_truth_videos(side_shapes):
+    rng = np.random.default_rng(1)
+    videos = list(_videos(side_shapes))
+    assert len(videos) == len(SIDE_SHAPES.combos()) * len(DIRECTIONS)
+    for path, frames, caption in videos:
+        clip = frames[::3]  # 8 of the 24 decoded frames, as prep picks them
+        for name, variant in _variants(clip, rng).items():
+            scores = probe_video(variant, caption, with_shape=True)
+            assert scores == {"color": True, "direction": True, "axis": True, "shape": True}, (caption, name)
+        if parse_caption(caption)["shape"] != "square":  # shape is scored by default for a named non-square
+            assert "shape" in probe_video(clip, caption)
+
+
+def test_probe_marks_exactly_the_attribute_a_wrong_prompt_changes(side_shapes):
+    """Each ground-truth image against every prompt that differs in one attribute: that one fails, the rest pass."""
+    rng = np.random.default_rng(2)
+    for path, pixels, caption in list(_images(side_shapes))[::3]:
+        truth = parse_caption(caption)
+        image = _noisy(_resize(pixels, 32), rng)
+        for attribute, values in (("color", COLORS), ("shape", SHAPES), ("place", SIDES)):
+            for value in values:
+                if value == truth[attribute]:
+                    continue
+                asked = {**truth, attribute: value}
+                scores = probe_image(image, image_caption(asked["color"], asked["place"], asked["shape"]))
+                assert scores == {"color": True, "shape": True, "place": True, attribute: False}, (caption, asked)
+    path, frames, caption = next(v for v in _videos(side_shapes) if "triangle moving right" in v[2])
+    color = parse_caption(caption)["color"]
+    assert probe_video(frames, video_caption(color, "right", "circle")) == {"color": True, "direction": True, "axis": True, "shape": False}
+    assert probe_video(frames[::-1], caption) == {"color": True, "direction": False, "axis": True, "shape": True}
+
+
+def test_probe_of_an_empty_frame_reads_nothing():
+    black = np.zeros((32, 32, 3), np.uint8)
+    assert shape_of(black) is None and object_centre(black) is None and place_of(black, SIDES) is None
+    assert probe_image(black, "a red circle on the left") == {"color": False, "place": False, "shape": False}
+    assert probe_video(np.zeros((8, 32, 32, 3), np.uint8), "a red circle moving up") == {
+        "color": False, "direction": False, "axis": False, "shape": False,
+    }
+    speck = black.copy()
+    speck[5, 5] = 255  # one stray pixel is no object
+    assert shape_of(speck) is None and place_of(speck) is None
+
+
+def test_side_places_are_where_the_module_says(side_shapes):
+    """A side place's box centre lies in the outer third on that side and within SIDE_BAND of the middle across."""
+    pixel = 1 / SIDE_SHAPES.image_size  # a triangle's apex row holds no pixel centre: its visible box is a row short
+    for path, pixels, caption in _images(side_shapes):
+        side = parse_caption(caption)["place"]
+        y, x = object_centre(pixels)
+        along, across = (x, y) if side in ("left", "right") else (y, x)
+        assert (along <= 1 / 3 + pixel if side in ("left", "top") else along >= 2 / 3 - pixel), caption
+        assert abs(across - 0.5) <= SIDE_BAND + pixel, caption
+
+
+def test_shapes_share_one_bounding_box(tmp_path):
+    cfg = ToyDataConfig(images_per_combo=1, videos_per_combo=0, shapes=SHAPES, places=("top left",), seed=3)
+    dirs = make_toy_dataset(tmp_path, cfg)
+    boxes = {}
+    for path, pixels, caption in _images(dirs):
+        ys, xs = np.nonzero(pixels.any(axis=-1))
+        boxes[parse_caption(caption)["shape"]] = (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    side = int(cfg.image_size * cfg.square)
+    assert boxes["square"] == (side, side) and boxes["circle"] == (side, side)
+    assert boxes["triangle"][1] == side and boxes["triangle"][0] >= side - 1  # the apex row's centre is outside
+
+
+def test_held_out_pairs_are_never_written(side_shapes):
+    shown = {(parse_caption(c)["color"], parse_caption(c)["shape"]) for kind in (_images, _videos) for _, _, c in kind(side_shapes)}
+    assert shown == set(itertools.product(COLORS, SHAPES)) - set(HELD_OUT)
+    assert not any("red_triangle" in p.name or "blue_circle" in p.name for p in side_shapes["images"].parent.rglob("*"))
+
+
 def test_videos_cross_the_frame_through_its_middle(tmp_path):
     """Caption and time fix where the square is: it travels edge to edge along the middle (up to the jitter)."""
     dirs = make_toy_dataset(tmp_path, SMALL)
-    for path in sorted(dirs["videos"].glob("*.mp4")):
-        frames = decode_clip(path.read_bytes())
-        direction = parse_caption(path.with_suffix(".txt").read_text())["direction"]
+    for path, frames, caption in _videos(dirs):
+        direction = parse_caption(caption)["direction"]
         (y0, x0), (y1, x1) = centroid(frames[0]), centroid(frames[-1])
         moving, still = ((x0, x1), (y0, y1)) if direction in ("left", "right") else ((y0, y1), (x0, x1))
         assert abs(moving[1] - moving[0]) > 0.5, path.name  # most of the way across
@@ -72,6 +235,42 @@ def test_dataset_is_deterministic(tmp_path):
 
 
 def test_parse_caption():
-    assert parse_caption("a red square in the top left") == {"color": "red", "place": "top left"}
-    assert parse_caption("a blue square moving up") == {"color": "blue", "direction": "up"}
+    assert parse_caption("a red square in the top left") == {"color": "red", "shape": "square", "place": "top left"}
+    assert parse_caption("a blue square moving up") == {"color": "blue", "shape": "square", "direction": "up"}
+    assert parse_caption("a green triangle on the left") == {"color": "green", "shape": "triangle", "place": "left"}
+    assert parse_caption("a yellow circle at the bottom") == {"color": "yellow", "shape": "circle", "place": "bottom"}
+    for color, shape in itertools.product(COLORS, SHAPES):  # every caption the generator can write
+        for place in PLACES + SIDES:
+            assert parse_caption(image_caption(color, place, shape)) == {"color": color, "shape": shape, "place": place}
+        for direction in DIRECTIONS:
+            assert parse_caption(video_caption(color, direction, shape)) == {"color": color, "shape": shape, "direction": direction}
+    for bad in ("a red fox in the snow", "a red circle in the left", "a red circle on the top", "a purple square moving up", ""):
+        with pytest.raises(ValueError):
+            parse_caption(bad)
     assert set(COLORS) == {"red", "green", "blue", "yellow"}
+
+
+def test_config_checks_its_values():
+    with pytest.raises(ValueError):
+        ToyDataConfig(shapes=("hexagon",))
+    with pytest.raises(ValueError):
+        ToyDataConfig(places=("middle",))
+    with pytest.raises(ValueError):
+        ToyDataConfig(held_out=(("red", "hexagon"),))
+    assert SIDE_SHAPES.combos()[:3] == [("red", "square"), ("red", "circle"), ("green", "square")]
+
+
+def test_chance_per_attribute():
+    assert CHANCE == {"color": 0.25, "shape": 1 / 3, "place": 0.25, "direction": 0.25, "axis": 0.5}
+
+
+def test_largest_component_is_four_connected():
+    mask = np.zeros((6, 8), bool)
+    mask[0:3, 0:3] = True  # 9 pixels
+    mask[3, 3] = mask[4, 4] = True  # touch the block and each other only at corners
+    mask[2:6, 6:8] = True  # 8 pixels
+    largest = largest_component(mask)
+    assert largest.sum() == 9 and largest[0:3, 0:3].all()
+    mask[2, 3:6] = True  # a bridge from the block to the strip, which also reaches (3, 3) but not (4, 4)
+    assert largest_component(mask).sum() == 9 + 3 + 8 + 1
+    assert not largest_component(np.zeros((4, 4), bool)).any()

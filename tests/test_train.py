@@ -183,16 +183,19 @@ def test_bad_data_is_skipped_and_counted_and_the_run_finishes(tmp_path):
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["skipped_samples"] == result.skipped_samples
 
 
-def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path):
-    images = write_dataset(tmp_path / "nan", "image", samples=16, shards=2, bad={3: "nan"})
+def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, monkeypatch):
+    import pipelines.train as train_module
+
+    images = write_dataset(tmp_path / "data", "image", samples=16, shards=2)
     cfg = base(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
-    # the step whose batch holds the NaN sample, from the stream itself
-    source = index_source(images, "image")
-    spec = StreamSpec(stage="t2i", seed=cfg.seed, micro_batch=4, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED,))
-    stream = TrainStream(spec, source, None, {})
-    streams = stream._streams()
-    nan_step = 1 + next(i for i in range(48) if stream.locate(i, streams)[1].key == "image_3") // 4
-    assert 2 <= nan_step <= 12  # a good step (and checkpoint) comes first
+    nan_step = 5  # the loss of this step diverges (NaN data no longer can: such samples are skipped when read)
+    forward_backward = train_module.Run.forward_backward
+
+    def diverging(self, batches):
+        loss, grad_norm, motion_free = forward_backward(self, batches)
+        return (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
+
+    monkeypatch.setattr(train_module.Run, "forward_backward", diverging)
     with pytest.raises(GentronError, match="loss became nan") as err:
         train(cfg)
     last = ckpt.latest_checkpoint(tmp_path / "run")
@@ -201,9 +204,28 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path):
     assert state["step"] == nan_step - 1 and all(torch.isfinite(w).all() for w in weights.values())
     assert len(ckpt.list_checkpoints(tmp_path / "run")) == min(2, nan_step - 1)
     skipped = train(replace(cfg, output=str(tmp_path / "skip"), on_nan="skip"))
-    assert skipped.step == 12 and skipped.skipped_steps >= 1 and np.isnan(skipped.losses[nan_step - 1])
+    assert skipped.step == 12 and skipped.skipped_steps == 1 and np.isnan(skipped.losses[nan_step - 1])
     weights, _, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "skip"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tmp_path):
+    images = write_dataset(tmp_path / "nan", "image", samples=16, shards=2, bad={3: "nan"})
+    logs = []
+
+    class Log(NullReporter):
+        def log(self, message):
+            logs.append(message)
+
+    for on_nan in ("stop", "skip"):
+        out = tmp_path / on_nan
+        result = train(base(tmp_path, images, output=str(out), steps=12, text_dropout=0.0, on_nan=on_nan), Log())
+        assert result.step == 12 and result.skipped_steps == 0 and all(np.isfinite(result.losses))
+        stats = json.loads((out / "data_stats.json").read_text())["image"]
+        assert [(f["shard"], f["key"], f["field"], f["reason"]) for f in stats["unreadable"]] == [("000000.tar", "image_3", "latent_mean.npy", "non_finite")]
+        assert read_metrics(out / "metrics.jsonl")[-1]["unreadable_samples"] >= 1
+    named = [m for m in logs if "image_3" in m]
+    assert len(named) == 2 and "000000.tar" in named[0] and "non_finite" in named[0]  # once per run
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

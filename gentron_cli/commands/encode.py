@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from gentron_cli.commands.stats import print_summary
+from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.shards import StageResult
 from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+        verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     ) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
 
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
             from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
 
             cfg = EncodeLatentsConfig(
-                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype
+                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype, verify=verify
             )
             _report(encode_latents(cfg, RichReporter()), output)
 
@@ -59,6 +60,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, help="Captions per encoder call."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 (fp16 overflows)."),
+        verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     ) -> None:
         """Encode captions with CLIP and/or T5 (valid token states, float16) and write the empty caption once."""
 
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
 
             cfg = EncodeTextConfig(
                 input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
-                batch_size=batch_size, device=device, dtype=dtype,
+                batch_size=batch_size, device=device, dtype=dtype, verify=verify,
             )
             _report(encode_text(cfg, RichReporter()), output)
 

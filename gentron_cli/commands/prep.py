@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from gentron_cli.commands.stats import print_summary
+from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.shards import StageResult
 
@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the video paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
+        verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
         from pipelines.prep_videos import PrepVideosConfig, prep_videos
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
             input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
             frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=quality,
             shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes, timeout=timeout,
-            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column,
+            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_videos(config, RichReporter()))
         _report(result, output, "videos", "clips")
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
         no_crop: bool = typer.Option(False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."),
         image_format: str = typer.Option("jpg", "--format", help="Stored format: jpg or png."),
         quality: int = typer.Option(95, help="JPEG quality."),
-        min_size: int = typer.Option(64, help="Skip images whose short side is smaller (reason too_small)."),
+        min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (reason too_small). Default: 64, or --size if that is smaller."),
         upscale: bool = typer.Option(False, "--upscale", help="Keep images smaller than --min-size, upscaled to --size."),
         shard_size: int = typer.Option(1000, help="Source images per shard."),
         workers: int = typer.Option(1, help="Worker processes."),
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the image paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
+        verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     ) -> None:
         """Resize and center-crop images (upright RGB) into WebDataset shards."""
         from pipelines.prep_images import PrepImagesConfig, prep_images
@@ -79,7 +81,7 @@ def register(app: typer.Typer) -> None:
         config = PrepImagesConfig(
             input=input, output=output, size=size, crop=not no_crop, format=image_format, quality=quality, min_size=min_size,
             upscale=upscale, shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes,
-            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column,
+            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_images(config, RichReporter()))
         _report(result, output, "images", "images")

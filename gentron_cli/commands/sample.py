@@ -13,20 +13,6 @@ from pipelines.errors import GentronError
 from pipelines.defaults import DEFAULT_MFG_SCALE
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise GentronError(f"prompts file not found: {path}", "pass a text file with one prompt a line") from None
-    except UnicodeDecodeError as err:
-        raise GentronError(f"prompts file {path} is not UTF-8 (byte {err.start})", "save it as UTF-8 text") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise GentronError(f"prompts file {path} has no prompts", "write one prompt a line")
-    return prompts
-
-
 def show_result(result) -> None:
     table = Table(title=f"{len(result.samples)} samples in {result.seconds:.1f} s", show_lines=False)
     for column in ("#", "seed", "prompt", "files"):
@@ -68,7 +54,7 @@ def sample_command(
     """Generate images (T2I) or videos (T2V) from a trained model; a JSON sidecar beside each output."""
 
     def body() -> None:
-        from pipelines.sample import SampleConfig, resample_from_sidecar, sample
+        from pipelines.sample import SampleConfig, read_prompts_file, resample_from_sidecar, sample
 
         reporter = RichReporter()
         if from_sidecar is not None:

@@ -41,12 +41,12 @@ class InputItem:
         text = self.caption
         if text is None and self.caption_file is not None:
             try:
-                text = self.caption_file.read_text(encoding="utf-8")
+                text = self.caption_file.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not caption text
             except FileNotFoundError:
                 text = None
             except UnicodeDecodeError as exc:
                 raise BadSample("caption_not_utf8", f"{self.caption_file}: byte {exc.start} is not UTF-8") from exc
-        text = (text or "").strip()
+        text = (text or "").lstrip("\ufeff").strip()
         if not text:
             raise BadSample("missing_caption", f"no caption for {self.source}")
         return text
@@ -83,8 +83,9 @@ def discover_inputs(
 
 def _folder_items(folder: Path, extensions: tuple[str, ...]) -> list[InputItem]:
     wanted = {e.lower() for e in extensions}
+    # a broken symlink is kept: prep reports it as missing_file instead of dropping it without a word
     paths = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in wanted and p.is_file() and not p.name.startswith(".")),
+        (p for p in folder.rglob("*") if p.suffix.lower() in wanted and (p.is_file() or p.is_symlink()) and not p.name.startswith(".")),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     items = []

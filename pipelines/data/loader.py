@@ -2,9 +2,12 @@
 
 The data stream is a pure function of (seed, global sample index i):
 
-- At start each source folder is indexed once: tar headers only (offsets, sizes, npy shapes), so bad
-  samples (missing field, wrong latent shape, truncated tar) are found, reported and counted before
-  training, and never reach a batch.
+- At start each source folder is indexed once: tar headers only (offsets, sizes, npy shapes and dtypes),
+  so bad samples (missing field, wrong latent shape or dtype, duplicate key, truncated tar) are found,
+  reported and counted before training, and never reach a batch. What headers cannot show (NaN/Inf
+  values, a text width other than the empty caption's, bytes damaged later) is checked on every array
+  when a sample is read: the sample gets zero weight in its batch and is named in the batch's
+  `failures` (shard, key, field, reason), which training logs and records in data_stats.json.
 - Each source is an endless stream: epoch e is a seeded shard permutation read through a seeded
   shuffle buffer; position n is entry n % N of epoch n // N.
 - In T2V, sample i is motion-free with probability p (a seeded draw); a motion-free sample takes the
@@ -33,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.data.shards import list_shards
+from pipelines.data.shards import atomic_write_bytes, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter
 
@@ -64,6 +67,7 @@ class Failure:
     key: str
     reason: str
     detail: str = ""
+    field: str = ""  # the sample's field at fault, when one is
 
 
 @dataclass
@@ -98,15 +102,16 @@ def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, dict]], Failure | None]:
-    """[(key, {field: (offset, size)})] of the complete samples, from tar headers only, and the damage if any.
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]:
+    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only, and the
+    damage if any. `duplicate`: a second sample under a key already seen (a repeated field starts one).
 
     A cut inside a member (or a missing end-of-archive marker) fails the sample being read there;
     the samples before it are complete and kept.
     """
     size = path.stat().st_size
-    samples: list[tuple[str, dict]] = []
-    key, fields = None, {}
+    samples: list[tuple[str, dict, bool]] = []
+    key, fields, duplicate, seen = None, {}, False, set()
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -114,10 +119,11 @@ def _scan_tar(path: Path) -> tuple[list[tuple[str, dict]], Failure | None]:
                 if not member.isfile() or "." not in base:
                     continue
                 k, name = base.split(".", 1)
-                if k != key:
+                if k != key or name in fields:
                     if key is not None:
-                        samples.append((key, fields))
-                    key, fields = k, {}
+                        samples.append((key, fields, duplicate))
+                    key, fields, duplicate = k, {}, k in seen
+                    seen.add(k)
                 if member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"truncated in {member.name}")
                 fields[name] = (member.offset_data, member.size)
@@ -129,16 +135,16 @@ def _scan_tar(path: Path) -> tuple[list[tuple[str, dict]], Failure | None]:
     except (tarfile.TarError, EOFError, OSError) as exc:
         return samples, Failure(path.name, key or "?", "bad_shard", f"{path}: {exc}")
     if key is not None:
-        samples.append((key, fields))
+        samples.append((key, fields, duplicate))
     return samples, None
 
 
 def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporter()) -> Source:
     """Index every shard of `folder`; skip (and record) samples that cannot be trained on."""
-    folder = require_dir(folder, f"{kind} data folder", "pass the output folder of `gentron encode`")
+    folder = require_dir(folder, f"{kind} data folder", "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)")
     shards = list_shards(folder)
     if not shards:
-        raise GentronError(f"no shards (*.tar) in {kind} data folder {folder}", "pass the output folder of `gentron encode`")
+        raise GentronError(f"no shards (*.tar) in {kind} data folder {folder}", "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)")
     failures: list[Failure] = []
     found: list[tuple[int, str, dict, tuple[int, ...]]] = []  # (shard, key, fields, latent shape)
     with reporter.task(f"indexing {kind} shards", total=len(shards), unit="shard") as task:
@@ -147,11 +153,14 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             if damage is not None:
                 failures.append(damage)
             with open(path, "rb") as f:
-                for key, fields in pending:
+                for key, fields, duplicate in pending:
+                    if duplicate:
+                        failures.append(Failure(path.name, key, "duplicate_key", f"a second sample with key {key!r} in {path.name}; the first one is kept"))
+                        continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))
                     except BadSample as err:
-                        failures.append(Failure(path.name, key, err.reason, err.detail))
+                        failures.append(Failure(path.name, key, err.reason, err.detail, err.field or ""))
             task.advance(1)
     # the folder's latent size is the most common one; samples of another size are skipped
     shapes = Counter(shape for *_, shape in found)
@@ -177,7 +186,7 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
     if len(failures) > 20:
         reporter.log(f"... and {len(failures) - 20} more skipped {kind} samples (see data_stats.json)")
     if not refs:
-        raise GentronError(f"no usable {kind} samples in {folder} ({len(failures)} skipped)", "check that the shards were made by `gentron encode`")
+        raise GentronError(f"no usable {kind} samples in {folder} ({len(failures)} skipped)", "check the reasons above (all in data_stats.json); training data comes from `gentron encode-latents` then `gentron encode-text`")
     return Source(
         folder=folder,
         kind=kind,
@@ -208,14 +217,40 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
             raise BadSample("missing_field", name)
     if not any(n in fields for n in schema.TEXT_ARRAY_NAMES):
         raise BadSample("missing_field", "text embeddings (clip.npy / t5.npy)")
-    mean_shape, _ = _npy_shape(f, fields[schema.LATENT_MEAN][0])
-    std_shape, _ = _npy_shape(f, fields[schema.LATENT_STD][0])
+    mean_shape, mean_dtype = _npy_shape(f, fields[schema.LATENT_MEAN][0])
+    std_shape, std_dtype = _npy_shape(f, fields[schema.LATENT_STD][0])
+    for name, dtype in ((schema.LATENT_MEAN, mean_dtype), (schema.LATENT_STD, std_dtype)):
+        _check_dtype(name, dtype)
+    for name, ndim in _TEXT_NDIM.items():
+        if name in fields:
+            shape, dtype = _npy_shape(f, fields[name][0])
+            _check_dtype(name, dtype)
+            if len(shape) != ndim:
+                raise BadSample("wrong_text_shape", f"{name}: {shape}, text arrays of this field have {ndim} axes", field=name)
     want_ndim = 3 if kind == "image" else 4
     if len(mean_shape) != want_ndim:
         raise BadSample("wrong_latent_shape", f"{kind} latents must have {want_ndim} axes, got {mean_shape}")
     if std_shape != mean_shape:
         raise BadSample("wrong_latent_shape", f"std {std_shape} != mean {mean_shape}")
     return mean_shape
+
+
+_TEXT_NDIM = {schema.CLIP_TOKENS: 2, schema.CLIP_POOLED: 1, schema.T5_TOKENS: 2}  # (tokens, dim) or (dim,)
+
+
+def _check_dtype(name: str, dtype: np.dtype) -> None:
+    if dtype.kind != "f":
+        raise BadSample("wrong_dtype", f"{name} is {dtype}, the schema stores float16", field=name)
+
+
+def check_array(array: np.ndarray, name: str) -> np.ndarray:
+    """A sample's array as read for training: floating point and finite, else BadSample naming the field.
+    (Cheap: isfinite on float16 costs far less than decoding the npy.)"""
+    _check_dtype(name, array.dtype)
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise BadSample("non_finite", f"{name}: {bad} of {array.size} values are NaN or infinite", field=name)
+    return array
 
 
 # --------------------------------------------------------------------------- the stream
@@ -377,14 +412,22 @@ class TrainStream(IterableDataset):
             raise BadSample("bad_shard", f"{path}: {ref.key}.{name} is truncated")
         return data
 
+    def read_array(self, source: Source, ref: SampleRef, name: str) -> np.ndarray:
+        """One array field, decoded and checked (check_array); BadSample names the field."""
+        try:
+            return check_array(schema.decode_npy(self.read_field(source, ref, name)), name)
+        except BadSample as err:
+            err.field = err.field or name
+            raise
+
     def load_sample(self, index: int, streams) -> dict:
         """One training sample: x0 latent (float32), its text arrays, motion_free and pseudo-video flags."""
         spec = self.spec
         source, ref, motion_free = self.locate(index, streams)
         flip = spec.flip and source.has_flip and sample_rng(spec.seed, _FLIP, index).random() < 0.5
         mean_field, std_field = (schema.LATENT_FLIP_MEAN, schema.LATENT_FLIP_STD) if flip else (schema.LATENT_MEAN, schema.LATENT_STD)
-        mean = schema.decode_npy(self.read_field(source, ref, mean_field)).astype(np.float32)
-        std = schema.decode_npy(self.read_field(source, ref, std_field)).astype(np.float32)
+        mean = self.read_array(source, ref, mean_field).astype(np.float32)
+        std = self.read_array(source, ref, std_field).astype(np.float32)
         latent = mean + std * sample_rng(spec.seed, _LATENT, index).standard_normal(mean.shape, dtype=np.float32)
         pseudo_video = False
         if spec.stage == "t2i" and source.kind == "video":
@@ -398,9 +441,9 @@ class TrainStream(IterableDataset):
         text = {}
         for name in spec.text_fields:
             short = schema.TEXT_ARRAY_NAMES[name]
-            array = self.empty_caption[short] if dropped else schema.decode_npy(self.read_field(source, ref, name))
+            array = self.empty_caption[short] if dropped else self.read_array(source, ref, name)
             if array.shape[1:] != self.empty_caption[short].shape[1:]:
-                raise BadSample("wrong_text_shape", f"{ref.key}.{name}: {array.shape}, the empty caption's is {self.empty_caption[short].shape}")
+                raise BadSample("wrong_text_shape", f"{name}: {array.shape}, the empty caption's is {self.empty_caption[short].shape}", field=name)
             text[short] = array
         return {"latent": latent, "text": text, "motion_free": motion_free, "pseudo_video": pseudo_video}
 
@@ -413,13 +456,16 @@ class TrainStream(IterableDataset):
         return range(first, first + micro)
 
     def _load_or_placeholder(self, index: int, streams) -> dict:
-        """A sample, or, when its bytes turn out unreadable after indexing, a zero-weight placeholder (counted, not fatal)."""
+        """A sample, or, when it turns out unusable once read (NaN, damaged bytes), a zero-weight placeholder
+        carrying what was wrong (counted and named, not fatal: the rest of its batch trains)."""
         try:
             return self.load_sample(index, streams)
         except BadSample as err:
+            source, ref, _ = self.locate(index, streams)
+            failure = {"kind": source.kind, "shard": source.shards[ref.shard].name, "key": ref.key, "field": err.field or "", "reason": err.reason, "detail": err.detail}
             text = {schema.TEXT_ARRAY_NAMES[n]: self.empty_caption[schema.TEXT_ARRAY_NAMES[n]] for n in self.spec.text_fields}
             latent = np.zeros(self.latent_shape, dtype=np.float32)
-            return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": err.reason}
+            return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": failure}
 
     def make_batch(self, indices, streams) -> dict[str, torch.Tensor]:
         """Collate samples into tensors (decoding, latent draw, noise and timesteps: all off the training loop)."""
@@ -439,6 +485,7 @@ class TrainStream(IterableDataset):
             "motion_free": torch.tensor([s["motion_free"] for s in samples]),
             "pseudo_video": torch.tensor([s["pseudo_video"] for s in samples]),
             "weight": torch.tensor([0.0 if "unreadable" in s else 1.0 for s in samples]),
+            "failures": [s["unreadable"] for s in samples if "unreadable" in s],  # what made a weight 0
         }
         for name in ("clip_tokens", "clip_mask", "clip_pooled", "t5_tokens", "t5_mask"):
             if getattr(text, name) is not None:
@@ -487,16 +534,17 @@ def load_empty_caption(folders: list[Path]) -> tuple[dict[str, np.ndarray], Path
                 with np.load(path, allow_pickle=False) as npz:
                     return {k: npz[k] for k in npz.files}, path
             except Exception as exc:
-                raise GentronError(f"cannot read {path}: {exc}", "rerun `gentron encode text` on this folder") from None
+                raise GentronError(f"cannot read {path}: {exc}", "rerun `gentron encode-text` on this folder") from None
     names = ", ".join(str(f) for f in folders)
     raise GentronError(
         f"no {schema.EMPTY_CAPTION_FILE} in {names}",
-        "it is written by `gentron encode text` next to the shards; rerun it on this folder",
+        "it is written by `gentron encode-text` next to the shards; rerun it on this folder",
     )
 
 
-def data_stats(sources: list[Source]) -> dict:
-    """What indexing found: samples kept and every skipped sample with its reason."""
+def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
+    """What indexing found (samples kept, every skipped sample with its reason) and, per kind, the samples
+    found unusable when read during training (`unreadable`: shard, key, field, reason, detail)."""
     out = {}
     for src in sources:
         reasons: dict[str, int] = {}
@@ -510,10 +558,11 @@ def data_stats(sources: list[Source]) -> dict:
             "skipped_by_reason": reasons,
             "failures": [vars(f) for f in src.failures],
         }
+        unreadable = [f for f in load_failures if f.get("kind") == src.kind]
+        if unreadable:
+            out[src.kind] |= {"unreadable": unreadable, "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable))}
     return out
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())

@@ -88,6 +88,6 @@ def encode_caption(text: str) -> bytes:
 
 def decode_caption(data: bytes) -> str:
     try:
-        return data.decode("utf-8").strip()
+        return data.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not caption text
     except UnicodeDecodeError as exc:
         raise BadSample("caption_not_utf8", f"byte {exc.start} is not UTF-8") from exc

@@ -5,8 +5,10 @@
 - `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
   target time the source frame on screen at that time (last frame with pts <= t).
 - `read_clips`: decord's random access (get_batch) when it agrees with the probe, else PyAV
-  (seek + decode to the timestamps). decord is never used for VFR files (it picks wrong frames) nor
-  when its frame count or timestamps disagree with the probe (get_batch can hang past the real end).
+  (seek + decode to the timestamps). decord is never used for VFR files (it picks wrong frames), for
+  rotated ones (it may turn them itself), nor when its frame count or timestamps disagree with the
+  probe (get_batch can hang past the real end).
+- `rotate_frames`: the display matrix's rotation (0/90/180/270, from `probe_video`) turns decoded frames upright.
 - `IsolatedProcess`: runs a video's work in a child process that is killed when one step takes
   longer than the timeout, so a decoder stuck in native code costs one video, not the run.
 """
@@ -42,6 +44,7 @@ class VideoInfo:
     time_base: Fraction
     pts: np.ndarray  # int64, every frame's presentation timestamp in time_base units, display order
     declared_frames: int  # frame count the container claims (0 when unknown, e.g. webm)
+    rotation: int = 0  # display matrix: counter-clockwise degrees (0, 90, 180, 270) to turn decoded frames upright
 
     @property
     def times(self) -> np.ndarray:
@@ -105,9 +108,38 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise BadSample("truncated", f"{path}: {len(pts)} of {declared} frames present")
     if sar and sar.numerator and sar != 1:
         width = int(round(width * sar))
+    rotation = _display_rotation(path)
+    if rotation in (90, 270):  # a phone's portrait video is stored landscape: its display size is turned
+        width, height = height, width
     return VideoInfo(
-        width=width, height=height, fps=fps, time_base=time_base, pts=np.unique(np.asarray(pts, np.int64)), declared_frames=declared
+        width=width, height=height, fps=fps, time_base=time_base, pts=np.unique(np.asarray(pts, np.int64)), declared_frames=declared,
+        rotation=rotation,
     )
+
+
+def _display_rotation(path: Path) -> int:
+    """The display matrix's rotation (counter-clockwise degrees in 0, 90, 180, 270), read from the first frame.
+
+    Decoders (PyAV's and decord's) return frames as stored, unrotated. BadSample("unsupported_rotation")
+    for an angle that is not a multiple of 90 degrees.
+    """
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0), None)
+            degrees = float(frame.rotation) if frame is not None else 0.0
+    except (av.error.FFmpegError, ValueError):
+        return 0  # undecodable: the decode itself reports the damage
+    quarter = round(degrees / 90)
+    if abs(degrees - 90 * quarter) > 1:
+        raise BadSample("unsupported_rotation", f"{path}: display matrix rotates by {degrees:g} degrees; only multiples of 90 are supported")
+    return quarter % 4 * 90
+
+
+def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """(T, H, W, 3) as decoded -> upright, turned `rotation` degrees counter-clockwise (np.rot90's direction)."""
+    if rotation % 360 == 0:
+        return frames
+    return np.ascontiguousarray(np.rot90(frames, k=rotation // 90, axes=(1, 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +247,8 @@ def _decord_reader(path: Path, info: VideoInfo):
     """A decord VideoReader if decord reads this file the way the probe does, else None."""
     if info.vfr:
         return None  # decord's seeking picks wrong frames on variable-frame-rate files
+    if info.rotation:
+        return None  # decord applies the display matrix itself (0.6.0 does; builds differ): PyAV's frames are turned by us
     try:
         import decord
     except ImportError:
@@ -306,8 +340,16 @@ def read_clips(path: str | Path, info: VideoInfo, selections: list[ClipSelection
 
 
 def _child_entry(fd: int) -> None:
-    """Entry point of the child process: serve requests on the socket `fd`."""
-    _child_main(Connection(fd))
+    """Entry point of the child process: serve requests on the socket `fd`.
+
+    Ctrl-C reaches the whole process group: the parent handles it (and kills this child), so the child
+    ignores SIGINT (from its first line, see IsolatedProcess._start) and leaves quietly, without a
+    traceback, when the parent is gone.
+    """
+    try:
+        _child_main(Connection(fd))
+    except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError: the parent is gone
+        return
 
 
 def _child_main(conn) -> None:
@@ -323,8 +365,10 @@ def _child_main(conn) -> None:
             conn.send(("end", None))
         except BadSample as exc:
             conn.send(("bad", (exc.reason, exc.detail)))
-        except (BrokenPipeError, EOFError):
-            return
+        except (EOFError, OSError) as exc:
+            if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
+                return
+            conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc}")))
         except Exception as exc:  # an unexpected decoder failure is one bad video, not a dead run
             conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}")))
 
@@ -346,7 +390,8 @@ class IsolatedProcess:
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        code = f"from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
+        # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
+        code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
         self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
         child_sock.close()
         self._conn = Connection(parent_sock.detach())

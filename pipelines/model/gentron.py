@@ -13,6 +13,7 @@ spatial self-attention regroups to (B*T, N, D) and temporal attention to (B*N, T
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -276,7 +277,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         frame_embedding: bool = True,
     ):
         super().__init__()
-        _check_config(hidden_size, num_heads, text_conditioning, text_encoders)
+        _check_config(locals())
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.uses_clip = "clip" in text_encoders
         self.uses_t5 = "t5" in text_encoders
@@ -450,7 +451,20 @@ def _mask_or_all(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tenso
     return mask.bool()
 
 
-def _check_config(hidden_size: int, num_heads: int, text_conditioning: str, text_encoders: str) -> None:
+_POSITIVE_INTS = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "clip_dim", "clip_pooled_dim", "t5_dim")
+_BOOLS = ("learn_sigma", "temporal", "frame_embedding")
+
+
+def _check_config(args: dict) -> None:
+    """Types and ranges of the constructor's arguments, so a bad config.json or --model fails here, by name."""
+    for name in _POSITIVE_INTS:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise GentronError(f"model config: {name} must be a whole number of at least 1, got {value!r}", f"fix {name} in the model config")
+    for name in _BOOLS:
+        if not isinstance(args[name], bool):
+            raise GentronError(f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config")
+    hidden_size, num_heads, text_conditioning, text_encoders = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning", "text_encoders"))
     if text_conditioning not in TEXT_CONDITIONINGS:
         raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")
     if text_encoders not in TEXT_ENCODERS:

@@ -1,0 +1,311 @@
+"""The learning benchmark: how well a small GenTron learns colour, shape, place and motion, and composes pairs it never saw.
+
+Data (pipelines.toydata): circles, squares and triangles in 4 colours, at 4 side places (images, 64 px) or moving
+in 4 directions (3 s, 24 FPS videos), with the colour-shape pairs red triangle and blue circle held out of both.
+The real CLI stages run as subprocesses, as a user runs them: prep-images (32 px), prep-videos (8 frames at
+4 FPS, 32 px), encode-latents (pixel VAE), encode-text (tiny CLIP + T5 built locally, as the quickstart does),
+then for each configuration train t2i, train t2v from it, and sample every image prompt (colour x shape x
+place, held-out pairs included) and every video prompt (colour x shape x direction, motion-free guidance
+1.2). The toy probe reads the generated pixels; accuracies are reported for seen and held-out pairs apart.
+
+Configurations differ only in their training objective flags (CONFIGS); everything else is COMMON. The goals
+apply to the last configuration run, the recipe candidate. The last line of stdout is one JSON object, also
+written to OUT/learning.json.
+
+    python benchmarks/bench_learning.py                                   # every configuration (hours on a CPU)
+    python benchmarks/bench_learning.py --only ddpm,flow --threads 2 --out /tmp/learning
+    python benchmarks/bench_learning.py --only flow --extra="--timestep-location 0.5"   # a recipe variation
+    python benchmarks/bench_learning.py --smoke                           # every stage, tiny: a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.outputs import read_frame_strip
+from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, SIDES, ToyDataConfig, image_caption, make_toy_dataset, parse_caption, probe_image, probe_video, video_caption
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The configurations compared: flags of `gentron train` for both stages. The last one run is the recipe candidate.
+CONFIGS = {
+    "ddpm": "--objective ddpm",  # the paper
+    "ddpm+min-snr": "--objective ddpm --loss-weighting min-snr",
+    "ddpm+shift": "--objective ddpm --noise-shift auto",
+    "flow": "--objective flow --timestep-sampling logit-normal --noise-shift auto",
+}
+
+MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_heads": 4, "patch_size": 4}'
+SMOKE_MODEL = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2, "patch_size": 4}'
+# Shared by every configuration and both stages; STAGE_FLAGS then set what differs between T2I and T2V.
+COMMON = "--lr 1e-3 --warmup-steps 50 --no-flip --num-workers 0 --checkpoint-every 200 --seed 0"
+STAGE_FLAGS = {
+    "t2i": "--global-batch 64 --ema-decay 0.99",
+    # T2V learns motion late in its few steps: a faster EMA, and a quarter of motion-free samples
+    "t2v": "--global-batch 16 --p-motion-free 0.25 --ema-decay 0.9",
+}
+SMOKE_STAGE_FLAGS = {"t2i": "--global-batch 8 --ema-decay 0.99", "t2v": "--global-batch 4 --p-motion-free 0.25 --ema-decay 0.9"}
+
+SHAPES = ("circle", "square", "triangle")
+HELD_OUT = (("red", "triangle"), ("blue", "circle"))  # colour-shape pairs never shown, in images or videos
+# 10 seen colour-shape pairs: x 4 places x 50 = 2000 images; x 4 directions x 10 = 400 videos
+DATA = ToyDataConfig(images_per_combo=50, videos_per_combo=10, shapes=SHAPES, places=SIDES, held_out=HELD_OUT)
+SMOKE_DATA = replace(DATA, images_per_combo=1, videos_per_combo=1)
+SIZE = 32  # training resolution in pixels (pixel VAE: the latents are the pixels; 64 tokens with patch 4)
+FRAMES, FRAME_STRIDE = 8, 6  # 8 frames at 24 / 6 = 4 FPS: 2 s of each 3 s video
+
+IMAGE_ATTRIBUTES = ("color", "shape", "place")
+VIDEO_ATTRIBUTES = ("color", "shape", "direction", "axis")
+# Goals for the recipe candidate: prompts of seen pairs, then every attribute of the held-out pairs' prompts
+GOALS = {
+    "t2i.color": 0.95,
+    "t2i.shape": 0.80,
+    "t2i.place": 0.90,
+    "t2v.direction": 0.85,
+    **{f"t2i.held_out.{a}": 0.70 for a in IMAGE_ATTRIBUTES},
+    **{f"t2v.held_out.{a}": 0.70 for a in VIDEO_ATTRIBUTES},
+}
+
+
+def image_prompts() -> list[str]:
+    """All 48 colour x shape x place prompts, held-out pairs included."""
+    return [image_caption(c, p, s) for c in COLORS for s in SHAPES for p in SIDES]
+
+
+def video_prompts() -> list[str]:
+    """All 48 colour x shape x direction prompts, held-out pairs included."""
+    return [video_caption(c, d, s) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring samples
+
+
+def read_samples(folder: Path) -> list[tuple[str, np.ndarray]]:
+    """(prompt, exact pixels) of every sample `gentron sample` wrote to folder, found by its JSON sidecar.
+
+    Videos are read from their `.frames.png` film strip, the exact generated frames (MP4 and GIF alter them)."""
+    samples = []
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        record = json.loads(sidecar.read_text())
+        files = [folder / name for name in record["files"]]
+        strip = next((f for f in files if f.name.endswith(".frames.png")), None)
+        if strip is not None:
+            pixels = read_frame_strip(strip, record["settings"]["frames"])
+        else:
+            with Image.open(next(f for f in files if f.suffix == ".png")) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        samples.append((record["prompt"], pixels))
+    return samples
+
+
+def probe(prompt: str, pixels: np.ndarray) -> dict[str, bool]:
+    """The toy probe's verdict on each attribute the prompt asks for, shape included."""
+    if pixels.ndim == 4:
+        return probe_video(pixels, prompt, with_shape=True)
+    return probe_image(pixels, prompt, with_shape=True)
+
+
+@dataclass
+class GroupScore:
+    """How many of a group's samples showed each asked attribute."""
+
+    total: int = 0
+    hits: Counter = field(default_factory=Counter)
+
+    def rate(self, attribute: str) -> float:
+        return self.hits[attribute] / self.total if self.total else 0.0
+
+
+def is_held_out(prompt: str, held_out=HELD_OUT) -> bool:
+    caption = parse_caption(prompt)
+    return (caption["color"], caption["shape"]) in held_out
+
+
+def tally(scored: list[tuple[str, dict[str, bool]]], held_out=HELD_OUT) -> dict[str, GroupScore]:
+    """{"seen": ..., "held_out": ...}: the probe's verdicts summed over prompts of seen colour-shape pairs and of
+    held-out ones apart (composition is what the held-out group measures)."""
+    groups = {"seen": GroupScore(), "held_out": GroupScore()}
+    for prompt, scores in scored:
+        group = groups["held_out" if is_held_out(prompt, held_out) else "seen"]
+        group.total += 1
+        group.hits.update({attribute: int(ok) for attribute, ok in scores.items()})
+    return groups
+
+
+def ratios_of(name: str, stage: str, groups: dict[str, GroupScore], attributes: tuple[str, ...]) -> dict[str, float]:
+    """Flat keys: "flow.t2i.shape" for seen pairs, "flow.t2i.held_out.shape" for held-out ones."""
+    out = {}
+    for group_name, group in groups.items():
+        if group.total:
+            prefix = f"{name}.{stage}." if group_name == "seen" else f"{name}.{stage}.held_out."
+            out.update({prefix + a: round(group.rate(a), 4) for a in attributes})
+    return out
+
+
+def summary(ratios: dict[str, float], figures: dict[str, float], candidate: str, threads: int) -> dict:
+    """The benchmark's JSON: every ratio, the goals of the recipe candidate and whether each is met."""
+    goals = {f"{candidate}.{key}": f">= {bound:.2f}" for key, bound in GOALS.items()}
+    met = {key: key in ratios and ratios[key] >= GOALS[key.removeprefix(f"{candidate}.")] for key in goals}
+    return {"benchmark": "learning", "ratios": ratios, "goals": goals, "met": met, "figures": figures, "threads": threads}
+
+
+def table(name: str, flags: str, scores: dict[str, dict[str, GroupScore]], minutes: dict[str, float], mfg: float) -> str:
+    """One configuration's accuracies: rows image/video x seen/held-out, columns the attributes."""
+    columns = ("color", "shape", "place", "direction", "axis")
+    lines = [
+        f"== {name}: {flags}",
+        f"   training: T2I {minutes['t2i']:.2f} min, T2V {minutes['t2v']:.2f} min",
+        f"   {'':32}" + "".join(f"{c:>11}" for c in columns),
+    ]
+    for stage, label, attributes in (("t2i", "images", IMAGE_ATTRIBUTES), ("t2v", f"videos (MFG {mfg})", VIDEO_ATTRIBUTES)):
+        for group_name, group in scores[stage].items():
+            row = f"{label}, {group_name.replace('_', '-')} ({group.total})"
+            cells = "".join(f"{group.rate(c):>11.2f}" if c in attributes else f"{'-':>11}" for c in columns)
+            lines.append(f"   {row:32}{cells}")
+    lines.append(f"   {'chance':32}" + "".join(f"{CHANCE[c]:>11.2f}" for c in columns))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the CLI
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def gentron(args: list[str], logfile: Path, threads: int) -> float:
+    """Run `gentron ARGS` (this interpreter's), its output into logfile; returns its wall-clock seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "COLUMNS": "160"}
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(f"   gentron {shlex.join(map(str, args))}")
+    start = time.perf_counter()
+    with open(logfile, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "gentron_cli.main", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"gentron {args[0]} failed (exit {done.returncode}); end of {logfile}:\n{tail}")
+    return seconds
+
+
+def make_data(out: Path, toy: ToyDataConfig, threads: int) -> dict[str, Path]:
+    """Toy media -> prep -> latents -> text embeddings, once per OUT folder (reused while the settings match)."""
+    data, logs = out / "data", out / "logs"
+    recipe = {"toy": asdict(toy), "size": SIZE, "frames": FRAMES, "frame_stride": FRAME_STRIDE}
+    done = data / "done.json"
+    encoded = {"images": data / "images", "videos": data / "videos"}
+    if done.is_file() and json.loads(done.read_text()) == json.loads(json.dumps(recipe)):
+        log(f"reusing the data in {data}")
+        return encoded
+    shutil.rmtree(data, ignore_errors=True)  # other settings, or an interrupted run: start over
+    log(f"data: {toy.images_per_combo} images and {toy.videos_per_combo} videos per seen combination into {data}")
+    raw = make_toy_dataset(data / "raw", toy)
+    import torch  # here, not at the top: a rerun reusing the data needs neither torch nor transformers
+
+    from pipelines.model.tiny import build_tiny_encoders
+
+    torch.set_num_threads(threads)
+    encoders = build_tiny_encoders(data / "encoders", seed=0)
+    gentron(["prep-images", raw["images"], data / "images-prep", "--size", SIZE, "--min-size", SIZE, "--format", "png"], logs / "prep-images.log", threads)
+    gentron(["prep-videos", raw["videos"], data / "videos-prep", "--short-side", SIZE, "--frames", FRAMES, "--frame-stride", FRAME_STRIDE], logs / "prep-videos.log", threads)
+    for kind in ("images", "videos"):
+        gentron(["encode-latents", data / f"{kind}-prep", data / f"{kind}-latents", "--vae", "pixel", "--resolution", SIZE], logs / f"encode-latents-{kind}.log", threads)
+        gentron(["encode-text", data / f"{kind}-latents", encoded[kind], "--clip", encoders["clip"], "--t5", encoders["t5"]], logs / f"encode-text-{kind}.log", threads)
+    done.write_text(json.dumps(recipe))
+    return encoded
+
+
+def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) -> tuple[dict[str, dict[str, GroupScore]], dict[str, float]]:
+    """Train t2i, then t2v from it, sample both and probe the samples. Returns scores and training minutes per stage."""
+    runs, samples, logs = out / "runs" / name, out / "samples" / name, out / "logs" / name
+    for stale in (runs, samples):  # a run folder would resume, stale samples would be scored
+        shutil.rmtree(stale, ignore_errors=True)
+    stage_flags = SMOKE_STAGE_FLAGS if args.smoke else STAGE_FLAGS
+    shared = ["--model", SMOKE_MODEL if args.smoke else MODEL, *shlex.split(COMMON), *shlex.split(flags)]
+    extra = shlex.split(args.extra)  # last, so a variation overrides the configuration
+    minutes = {}
+    minutes["t2i"] = gentron(
+        ["train", "--stage", "t2i", "--output", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps,
+         *shared, *shlex.split(stage_flags["t2i"]), *extra],
+        logs / "train-t2i.log", args.threads,
+    ) / 60  # fmt: skip
+    minutes["t2v"] = gentron(
+        ["train", "--stage", "t2v", "--output", runs / "t2v", "--init", runs / "t2i" / "model", "--video-data", data["videos"],
+         "--image-data", data["images"], "--steps", args.t2v_steps, *shared, *shlex.split(stage_flags["t2v"]), *extra],
+        logs / "train-t2v.log", args.threads,
+    ) / 60  # fmt: skip
+    scores = {}
+    for stage, prompts, guidance in (("t2i", image_prompts(), []), ("t2v", video_prompts(), ["--mfg", args.mfg])):
+        prompts_file = samples / f"{stage}-prompts.txt"
+        prompts_file.parent.mkdir(parents=True, exist_ok=True)
+        prompts_file.write_text("\n".join(prompts) + "\n")
+        # the sampler is the model folder's own (DDIM for DDPM models, Euler for flow ones): no --scheduler
+        gentron(
+            ["sample", "--model", runs / stage, "--prompts", prompts_file, "--out", samples / stage, "--steps", args.sample_steps,
+             "--cfg", args.cfg, *guidance, "--seed", 0, "--batch-size", 16, "--grid"],
+            logs / f"sample-{stage}.log", args.threads,
+        )  # fmt: skip
+        read = read_samples(samples / stage)
+        if len(read) != len(prompts):
+            raise SystemExit(f"{samples / stage}: {len(read)} samples for {len(prompts)} prompts")
+        scores[stage] = tally([(prompt, probe(prompt, pixels)) for prompt, pixels in read])
+    return scores, minutes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--only", help=f"comma-separated configurations, run in this order (of {', '.join(CONFIGS)}; default all)")
+    parser.add_argument("--t2i-steps", type=int, default=900)
+    parser.add_argument("--t2v-steps", type=int, default=250)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--cfg", type=float, default=4.0, help="text guidance scale of the samples")
+    parser.add_argument("--mfg", type=float, default=1.2, help="motion-free guidance scale of the video samples")
+    parser.add_argument("--extra", default="", help='flags appended to every train call, e.g. --extra="--timestep-location 0.5"')
+    parser.add_argument("--out", type=Path, help="work folder (default: a new temporary one); data made there before is reused")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps (3) and sampling (2 steps): checks the stages run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the subprocesses (OMP_NUM_THREADS)")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.smoke:
+        args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
+    out = args.out or Path(tempfile.mkdtemp(prefix="gentron-learning-"))
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"learning benchmark in {out}: {', '.join(names)}; {args.threads} thread(s)")
+
+    start = time.perf_counter()
+    data = make_data(out, SMOKE_DATA if args.smoke else DATA, args.threads)
+    figures = {"data_minutes": round((time.perf_counter() - start) / 60, 2)}
+    ratios: dict[str, float] = {}
+    for name in names:
+        log(f"configuration {name}: {CONFIGS[name]} {args.extra}".rstrip())
+        scores, minutes = run_config(name, CONFIGS[name], data, out, args)
+        ratios |= ratios_of(name, "t2i", scores["t2i"], IMAGE_ATTRIBUTES) | ratios_of(name, "t2v", scores["t2v"], VIDEO_ATTRIBUTES)
+        figures |= {f"{name}.t2i_minutes": round(minutes["t2i"], 2), f"{name}.t2v_minutes": round(minutes["t2v"], 2)}
+        print(table(name, f"{CONFIGS[name]} {args.extra}".rstrip(), scores, minutes, args.mfg), flush=True)
+    figures["total_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    result = summary(ratios, figures, candidate=names[-1], threads=args.threads)
+    (out / "learning.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The learning benchmark's scoring, on ground-truth "samples" written the way `gentron sample` writes them (no training)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.data.media import decode_clip
+from pipelines.outputs import output_stem, write_sample, write_sidecar
+from pipelines.toydata import SIDES, ToyDataConfig, make_toy_dataset, parse_caption
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "benchmarks" / "bench_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_learning"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _write_samples(folder: Path, prompts: list[str], pixels: dict[str, np.ndarray]) -> None:
+    """One sample per prompt, as `gentron sample` writes it: media files and a JSON sidecar naming them."""
+    folder.mkdir(parents=True)
+    for index, prompt in enumerate(prompts):
+        stem = output_stem(index, prompt)
+        frames = pixels[prompt]
+        files = write_sample(folder, stem, frames, fps=4.0)
+        settings = {"frames": 1 if frames.ndim == 3 else len(frames)}
+        write_sidecar(folder / f"{stem}.json", {"prompt": prompt, "index": index, "files": [f.name for f in files], "settings": settings})
+
+
+def _resize(frame: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(frame).resize((32, 32), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    """Each benchmark prompt's ground truth at the training size: one toy image / 8-frame clip per prompt."""
+    cfg = ToyDataConfig(images_per_combo=1, videos_per_combo=1, shapes=bench.SHAPES, places=SIDES)  # nothing held out
+    dirs = make_toy_dataset(tmp_path_factory.mktemp("toy"), cfg)
+    images = {p.with_suffix(".txt").read_text(): _resize(np.asarray(Image.open(p))) for p in dirs["images"].glob("*.png")}
+    videos = {}
+    for path in dirs["videos"].glob("*.mp4"):
+        clip = decode_clip(path.read_bytes())[: bench.FRAMES * bench.FRAME_STRIDE : bench.FRAME_STRIDE]  # as prep-videos picks
+        videos[path.with_suffix(".txt").read_text()] = np.stack([_resize(f) for f in clip])
+    return images, videos
+
+
+def test_prompts_cover_every_combination_with_the_held_out_pairs():
+    for prompts in (bench.image_prompts(), bench.video_prompts()):
+        assert len(prompts) == len(set(prompts)) == 48
+        assert sum(bench.is_held_out(p) for p in prompts) == 8  # 2 pairs x 4 places or directions
+    assert bench.is_held_out("a red triangle on the left") and not bench.is_held_out("a red circle on the left")
+    assert bench.DATA.held_out == bench.HELD_OUT
+    assert len(bench.DATA.combos()) * len(bench.DATA.places) * bench.DATA.images_per_combo == 2000
+    assert len(bench.DATA.combos()) * 4 * bench.DATA.videos_per_combo == 400
+
+
+def test_ground_truth_scores_perfectly(tmp_path, ground_truth):
+    images, videos = ground_truth
+    assert set(images) == set(bench.image_prompts()) and set(videos) == set(bench.video_prompts())
+    for stage, prompts, pixels, attributes in (("t2i", bench.image_prompts(), images, bench.IMAGE_ATTRIBUTES), ("t2v", bench.video_prompts(), videos, bench.VIDEO_ATTRIBUTES)):
+        _write_samples(tmp_path / stage, prompts, pixels)
+        read = bench.read_samples(tmp_path / stage)
+        assert [prompt for prompt, _ in read] == prompts  # sidecars sort by index
+        assert all(np.array_equal(frames, pixels[prompt]) for prompt, frames in read)  # exact pixels, from the film strip
+        groups = bench.tally([(prompt, bench.probe(prompt, frames)) for prompt, frames in read])
+        assert (groups["seen"].total, groups["held_out"].total) == (40, 8)
+        ratios = bench.ratios_of("gt", stage, groups, attributes)
+        assert ratios == {f"gt.{stage}.{group}{a}": 1.0 for group in ("", "held_out.") for a in attributes}
+
+
+def test_aggregation_splits_seen_and_held_out_and_counts_each_attribute(tmp_path, ground_truth):
+    images, videos = ground_truth
+    # Images: every held-out prompt gets the same colour and place drawn as a square (its shape is wrong)
+    wrong_images = dict(images)
+    for prompt in bench.image_prompts():
+        if bench.is_held_out(prompt):
+            asked = parse_caption(prompt)
+            wrong_images[prompt] = images[bench.image_caption(asked["color"], asked["place"], "square")]
+    # Videos: seen prompts moving left play backwards (wrong direction, right axis); held-out ones are right
+    wrong_videos = {p: v[::-1] if p.endswith("moving left") and not bench.is_held_out(p) else v for p, v in videos.items()}
+    _write_samples(tmp_path / "t2i", bench.image_prompts(), wrong_images)
+    _write_samples(tmp_path / "t2v", bench.video_prompts(), wrong_videos)
+
+    score = lambda stage: bench.tally([(p, bench.probe(p, f)) for p, f in bench.read_samples(tmp_path / stage)])
+    images_score, videos_score = score("t2i"), score("t2v")
+    assert dict(images_score["seen"].hits) == {"color": 40, "shape": 40, "place": 40}
+    assert dict(images_score["held_out"].hits) == {"color": 8, "shape": 0, "place": 8}
+    assert dict(videos_score["seen"].hits) == {"color": 40, "shape": 40, "direction": 30, "axis": 40}  # 10 seen pairs move left
+    assert dict(videos_score["held_out"].hits) == {"color": 8, "shape": 8, "direction": 8, "axis": 8}
+
+    ratios = bench.ratios_of("flow", "t2i", images_score, bench.IMAGE_ATTRIBUTES) | bench.ratios_of("flow", "t2v", videos_score, bench.VIDEO_ATTRIBUTES)
+    assert ratios["flow.t2i.shape"] == 1.0 and ratios["flow.t2i.held_out.shape"] == 0.0
+    assert ratios["flow.t2v.direction"] == 0.75 and ratios["flow.t2v.axis"] == 1.0 and ratios["flow.t2v.held_out.direction"] == 1.0
+
+    result = bench.summary(ratios | {"ddpm.t2i.shape": 0.1}, {"flow.t2i_minutes": 1.5}, candidate="flow", threads=2)
+    assert result["benchmark"] == "learning" and result["threads"] == 2 and result["figures"] == {"flow.t2i_minutes": 1.5}
+    assert set(result["goals"]) == set(result["met"]) and all(k.startswith("flow.") for k in result["goals"])  # the candidate's only
+    assert result["goals"]["flow.t2i.color"] == ">= 0.95" and result["goals"]["flow.t2v.held_out.axis"] == ">= 0.70"
+    failed = {k for k, ok in result["met"].items() if not ok}
+    assert failed == {"flow.t2i.held_out.shape", "flow.t2v.direction"}
+
+
+def test_a_group_without_prompts_is_left_out_and_missing_goals_are_not_met():
+    groups = bench.tally([("a green square on the left", {"color": True, "shape": False, "place": True})])
+    assert groups["held_out"].total == 0 and groups["held_out"].rate("color") == 0.0
+    assert bench.ratios_of("ddpm", "t2i", groups, bench.IMAGE_ATTRIBUTES) == {"ddpm.t2i.color": 1.0, "ddpm.t2i.shape": 0.0, "ddpm.t2i.place": 1.0}
+    result = bench.summary({"ddpm.t2i.color": 1.0}, {}, candidate="ddpm", threads=1)
+    assert result["met"]["ddpm.t2i.color"] is True and result["met"]["ddpm.t2v.direction"] is False
