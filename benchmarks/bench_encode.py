@@ -2,20 +2,25 @@
 outside the model (reading, decoding, cropping, writing), measured in the same run.
 
     python benchmarks/bench_encode.py [--shards 4 --per-shard 16 --resolution 64 --json out.json]
+    python benchmarks/bench_encode.py --quick    # 2 shards of 16
+    python benchmarks/bench_encode.py --smoke    # 1 shard of 4 at 32 px: seconds
 
 The model time is the time inside the VAE's / text encoders' encode calls; the wall time is the stage's
-shard loop (model loading and the empty caption excluded). Outside share = 1 - model / wall.
+shard loop (model loading and the empty caption excluded). Outside share = 1 - model / wall. The last
+stdout line is the JSON summary (benchmarks/results.py); its ratios, the outside shares, carry no goal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipelines.data import media, schema
 from pipelines.data.shards import ShardWriter
@@ -24,6 +29,9 @@ from pipelines.encode_text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model.vae import load_vae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import emit, result  # noqa: E402
 
 CAPTIONS = [
     "a red car driving along a coastal road at sunset, seen from a drone",
@@ -107,16 +115,30 @@ def _figures(res, timed: Timed) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--per-shard", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=64, help="clip/image short side and training size")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="2 shards")
+    parser.add_argument("--smoke", action="store_true", help="1 shard of 4 samples at 32 px, 4 frames")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    results = run(args.shards, args.per_shard, args.resolution, args.frames, args.batch_size)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shards = 2
+    if args.smoke:
+        args.shards, args.per_shard, args.resolution, args.frames = 1, 4, 32, 4
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        threads = torch.get_num_threads()
+        results = run(args.shards, args.per_shard, args.resolution, args.frames, args.batch_size)
+    finally:
+        torch.set_num_threads(before)
     print(f"{'stage':28s} {'samples/s':>10s} {'model-only':>11s} {'wall s':>8s} {'model s':>8s} {'outside':>8s}")
     for name, r in results.items():
         print(
@@ -125,6 +147,9 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    ratios = {f"outside_model_share.{name}": r["outside_model_share"] for name, r in results.items()}
+    figures = {**results, "shards": args.shards, "per_shard": args.per_shard, "resolution": args.resolution, "frames": args.frames}
+    emit(result("encode", ratios, {}, figures, threads=threads, smoke=args.smoke))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,49 +24,72 @@ from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
 
 from pipelines.model import GenTronTransformer, TextCondition, model_config
 
-BATCH, CHANNELS, LATENT, PATCH = 8, 4, 16, 2
-DEPTH, HEADS, HEAD_DIM = 4, 4, 32
-WIDTH = HEADS * HEAD_DIM
-TEXT_LEN, TEXT_DIM, FRAMES = 32, 128, 8
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import emit, result  # noqa: E402
+
+# Goals (issue 16): our training step's wall time over the reference's, at every thread count measured.
+GOALS = {"t2i_ours_over_pixart": "<= 0.9", "t2v_ours_over_latte": "<= 0.7"}
+PAIRS = (("t2i_ours_over_pixart", "ours_t2i", "pixart"), ("t2v_ours_over_latte", "ours_t2v", "latte"))
 
 
-def ours(temporal: bool) -> GenTronTransformer:
+@dataclass(frozen=True)
+class Shape:
+    batch: int = 8
+    channels: int = 4
+    latent: int = 16
+    patch: int = 2
+    depth: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    text_len: int = 32
+    text_dim: int = 128
+    frames: int = 8
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+SMOKE = Shape(batch=2, latent=8, depth=1, heads=2, head_dim=16, text_len=8, text_dim=32, frames=2)
+
+
+def ours(s: Shape, temporal: bool) -> GenTronTransformer:
     config = model_config(
         {"size": "T/2"},
-        depth=DEPTH, hidden_size=WIDTH, num_heads=HEADS, mlp_dim=4 * WIDTH, patch_size=PATCH,
-        in_channels=CHANNELS, learn_sigma=True, text_encoders="t5", t5_dim=TEXT_DIM, temporal=temporal,
+        depth=s.depth, hidden_size=s.width, num_heads=s.heads, mlp_dim=4 * s.width, patch_size=s.patch,
+        in_channels=s.channels, learn_sigma=True, text_encoders="t5", t5_dim=s.text_dim, temporal=temporal,
     )  # fmt: skip
     return GenTronTransformer.from_config(config)
 
 
-def pixart() -> PixArtTransformer2DModel:
+def pixart(s: Shape) -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(
-        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CHANNELS, out_channels=2 * CHANNELS,
-        num_layers=DEPTH, cross_attention_dim=WIDTH, sample_size=LATENT, patch_size=PATCH, caption_channels=TEXT_DIM,
+        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=s.channels, out_channels=2 * s.channels,
+        num_layers=s.depth, cross_attention_dim=s.width, sample_size=s.latent, patch_size=s.patch, caption_channels=s.text_dim,
     )  # fmt: skip
 
 
-def latte() -> LatteTransformer3DModel:
+def latte(s: Shape) -> LatteTransformer3DModel:
     return LatteTransformer3DModel(
-        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CHANNELS, out_channels=2 * CHANNELS,
-        num_layers=DEPTH, cross_attention_dim=WIDTH, sample_size=LATENT, patch_size=PATCH, caption_channels=TEXT_DIM,
-        video_length=FRAMES, norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=s.channels, out_channels=2 * s.channels,
+        num_layers=s.depth, cross_attention_dim=s.width, sample_size=s.latent, patch_size=s.patch, caption_channels=s.text_dim,
+        video_length=s.frames, norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_elementwise_affine=False, norm_eps=1e-6,
     )  # fmt: skip
 
 
-def make_steps() -> dict[str, Callable[[], None]]:
+def make_steps(s: Shape) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
     """One closure per model: a full training step on fixed random inputs."""
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(BATCH, CHANNELS, LATENT, LATENT, generator=g)
-    video = torch.randn(BATCH, FRAMES, CHANNELS, LATENT, LATENT, generator=g)
-    timestep = torch.randint(0, 1000, (BATCH,), generator=g)
-    tokens = torch.randn(BATCH, TEXT_LEN, TEXT_DIM, generator=g)
-    mask = torch.ones(BATCH, TEXT_LEN, dtype=torch.bool)
+    image = torch.randn(s.batch, s.channels, s.latent, s.latent, generator=g)
+    video = torch.randn(s.batch, s.frames, s.channels, s.latent, s.latent, generator=g)
+    timestep = torch.randint(0, 1000, (s.batch,), generator=g)
+    tokens = torch.randn(s.batch, s.text_len, s.text_dim, generator=g)
+    mask = torch.ones(s.batch, s.text_len, dtype=torch.bool)
     text = TextCondition(t5_tokens=tokens, t5_mask=mask)
-    motion_free = torch.rand(BATCH, generator=g) < 0.5
+    motion_free = torch.rand(s.batch, generator=g) < 0.5
 
-    models = {"ours_t2i": ours(False), "pixart": pixart(), "ours_t2v": ours(True), "latte": latte()}
+    models = {"ours_t2i": ours(s, False), "pixart": pixart(s), "ours_t2v": ours(s, True), "latte": latte(s)}
     for m in models.values():
         m.train()
 
@@ -91,8 +117,10 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run(repeats: int, warmup: int) -> dict[str, float]:
-    steps, params = make_steps()
+def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds per step of each model, and the ratios ours / reference, at the current threads."""
+    s = shape
+    steps, params = make_steps(s)
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     for pair, n in ((("ours_t2i", "pixart"), repeats), (("ours_t2v", "latte"), max(3, repeats // 3))):
@@ -107,29 +135,52 @@ def run(repeats: int, warmup: int) -> dict[str, float]:
     med_wall = {name: statistics.median(t) for name, t in wall.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
 
-    print(f"batch {BATCH}, latents {LATENT}x{LATENT}x{CHANNELS}, patch {PATCH}, {DEPTH} layers, {HEADS} heads x {HEAD_DIM}, "
-          f"{TEXT_LEN} text tokens ({TEXT_DIM}-d), video {FRAMES} frames; threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"\nbatch {s.batch}, latents {s.latent}x{s.latent}x{s.channels}, patch {s.patch}, {s.depth} layers, {s.heads} heads x {s.head_dim}, "
+          f"{s.text_len} text tokens ({s.text_dim}-d), video {s.frames} frames; threads {torch.get_num_threads()}")  # fmt: skip
     print(f"{'model':<10} {'params':>8} {'wall ms':>9} {'(min':>8} {'max)':>8} {'cpu ms':>9}")
     for name in steps:
         t = wall[name]
         print(f"{name:<10} {params[name] / 1e6:>7.2f}M {1e3 * med_wall[name]:>9.1f} {1e3 * min(t):>8.1f} {1e3 * max(t):>8.1f} {1e3 * med_cpu[name]:>9.1f}")
-    ratios = {}
-    for label, a, b in (("t2i ours/pixart", "ours_t2i", "pixart"), ("t2v ours/latte", "ours_t2v", "latte")):
+    ratios, cpu_ratios = {}, {}
+    for label, a, b in PAIRS:
         ratios[label] = med_wall[a] / med_wall[b]
-        print(f"{label}: wall {ratios[label]:.2f}, cpu {med_cpu[a] / med_cpu[b]:.2f}  "
-              f"({'ok' if ratios[label] <= 1.0 else 'SLOWER than reference'})")  # fmt: skip
-    return ratios
+        cpu_ratios[label] = med_cpu[a] / med_cpu[b]
+        print(f"{label}: wall {ratios[label]:.2f}, cpu {cpu_ratios[label]:.2f}  (goal {GOALS[label]})")
+    return {
+        "ratios": ratios,
+        "cpu_ratios": cpu_ratios,
+        "wall_ms": {name: 1e3 * v for name, v in med_wall.items()},
+        "cpu_ms": {name: 1e3 * v for name, v in med_cpu.items()},
+        "timed_steps": {name: len(t) for name, t in wall.items()},
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10, help="timed T2I steps per model (T2V: a third, at least 3)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    run(args.repeats, args.warmup)
+    parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps per model and thread count, 1 warm-up")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps: checks that it runs (ratios mean nothing)")
+    args = parser.parse_args(argv)
+    if args.quick or args.smoke:
+        args.repeats, args.warmup = 3, 1
+    shape = SMOKE if args.smoke else Shape()
+    thread_counts = [int(n) for n in (args.threads or ("1" if args.smoke else "1,2")).split(",")]
+    ratios, goals, figures = {}, {}, {"shape": asdict(shape), "repeats": args.repeats}
+    before = torch.get_num_threads()
+    try:
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            measured = run(shape, args.repeats, args.warmup)
+            for label in GOALS:
+                ratios[f"{label}.threads{n}"] = measured["ratios"][label]
+                goals[f"{label}.threads{n}"] = GOALS[label]
+            figures[f"threads{n}"] = {k: v for k, v in measured.items() if k != "ratios"}
+    finally:
+        torch.set_num_threads(before)
+    emit(result("model", ratios, goals, figures, threads=max(thread_counts), smoke=args.smoke))
 
 
 if __name__ == "__main__":

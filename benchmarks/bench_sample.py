@@ -3,10 +3,13 @@
 The batched path is the one `gentron sample` uses (`pipelines.diffusion.guidance.guided_prediction`);
 the reference makes two (CFG) or three (MFG) forward calls of batch B and mixes them with the same
 formula, in the same run, on the same model and inputs. Reported: median seconds per step and the
-ratio separate / batched (> 1 means batching is faster).
+speed-up separate / batched (> 1 means batching is faster). The last stdout line is the JSON summary
+(benchmarks/results.py), whose ratios are the other way up, time batched / separate: the MFG goal is
+<= 1.0 (batched never slower) for every model and thread count measured; CFG's ratios carry no goal.
 
-    python benchmarks/bench_sample.py            # tiny T/2 and a wider S/2-width model, CPU
-    python benchmarks/bench_sample.py --quick    # tiny only, fewer repeats
+    python benchmarks/bench_sample.py            # tiny T/2 and a wider S/2-width model, 1 and 2 threads, CPU
+    python benchmarks/bench_sample.py --quick    # the same, 5 repeats instead of 11
+    python benchmarks/bench_sample.py --smoke    # T/2 on tiny latents, 1 thread: seconds
     python benchmarks/bench_sample.py --threads 1 / --device cuda / --batch 4
 """
 
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,13 +28,18 @@ from pipelines.model.conditioning import TextCondition
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import emit, result  # noqa: E402
+
 TEXT_DIM = 32  # T/2's text widths; the text side is a small part of the cost at these sizes
-MODELS = {
-    "T/2 (depth 2, width 64)": model_config("T/2", temporal=True),
-    "S/2 width, depth 4 (width 384)": model_config(
-        "S/2", depth=4, temporal=True, clip_dim=TEXT_DIM, clip_pooled_dim=TEXT_DIM, t5_dim=TEXT_DIM
+MODELS = {  # key (in the JSON ratios' names): (description, config)
+    "T/2": ("T/2 (depth 2, width 64)", model_config("T/2", temporal=True)),
+    "S/2-width": (
+        "S/2 width, depth 4 (width 384)",
+        model_config("S/2", depth=4, temporal=True, clip_dim=TEXT_DIM, clip_pooled_dim=TEXT_DIM, t5_dim=TEXT_DIM),
     ),
 }
+GOALS = {"mfg_batched_over_separate": "<= 1.0"}  # issue 16: the batched MFG step is never slower, at every size and thread count
 
 
 def text_batch(batch: int, seed: int) -> TextCondition:
@@ -78,7 +88,8 @@ def seconds_per_step(fns: dict, repeats: int, device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats: int, device: torch.device) -> None:
+def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats: int, device: torch.device) -> dict[str, dict]:
+    """Median and min seconds per step, batched and separate, for CFG and MFG; printed and returned."""
     torch.manual_seed(0)
     model = GenTronTransformer.from_config(config).eval()
     for p in model.parameters():  # leave the zero init, so every path computes and the |diff| check means something
@@ -88,9 +99,10 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
     t = torch.full((batch,), 500, device=device)
     text, uncond = text_batch(batch, 1).to(device), text_batch(batch, 2).to(device)
     print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, batch {batch}, "
-          f"{frames} frames of {latent}x{latent} latents ({frames * (latent // 2) ** 2} tokens per sample)")
+          f"{frames} frames of {latent}x{latent} latents ({frames * (latent // 2) ** 2} tokens per sample), {torch.get_num_threads()} threads")
     print(f"{'guidance':<10}{'batched s/step':>22}{'separate s/step':>22}{'separate/batched':>20}")
     print(f"{'':<10}{'median / min':>22}{'median / min':>22}{'median / min':>20}")
+    measured = {}
     for label, cfg_scale, mfg_scale in (("CFG", 7.5, 1.0), ("MFG", 7.5, 1.1)):
         seconds = seconds_per_step(
             {
@@ -108,26 +120,47 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
             f"{label:<10}{batched:>13.4f} / {batched_min:.4f}{separate:>13.4f} / {separate_min:.4f}"
             f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e})"
         )
+        measured[label.lower()] = {
+            "batched_s": batched, "batched_min_s": batched_min, "separate_s": separate, "separate_min_s": separate_min, "max_abs_diff": diff,
+        }  # fmt: skip
+    return measured
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="both models, 5 repeats instead of 11")
+    parser.add_argument("--smoke", action="store_true", help="T/2 only, 2 frames of 8x8 latents, 3 repeats, 1 thread")
     parser.add_argument("--batch", type=int, default=1, help="prompts per step (B)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on either)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.frames, args.latent = 2, 8
+    repeats = 3 if args.smoke else 5 if args.quick else 11
+    models = {k: v for k, v in MODELS.items() if k == "T/2" or not args.smoke}
+    thread_counts = [int(n) for n in (args.threads or ("1" if args.smoke else "1,2")).split(",")]
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}")
-    for i, (name, config) in enumerate(MODELS.items()):
-        if args.quick and i > 0:
-            break
-        bench(name, config, args.batch, args.frames, args.latent, repeats=5 if args.quick else 11, device=device)
+    ratios, goals = {}, {}
+    figures = {"batch": args.batch, "frames": args.frames, "latent": args.latent, "repeats": repeats, "device": where}
+    before = torch.get_num_threads()
+    try:
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            for key, (name, config) in models.items():
+                measured = bench(name, config, args.batch, args.frames, args.latent, repeats=repeats, device=device)
+                for guidance, m in measured.items():
+                    label = f"{guidance}_batched_over_separate.{key}.threads{n}"
+                    ratios[label] = m["batched_s"] / m["separate_s"]
+                    if f"{guidance}_batched_over_separate" in GOALS:
+                        goals[label] = GOALS[f"{guidance}_batched_over_separate"]
+                figures[f"{key}.threads{n}"] = measured
+    finally:
+        torch.set_num_threads(before)
+    emit(result("sample", ratios, goals, figures, threads=max(thread_counts), smoke=args.smoke))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ of the per-step figures in metrics.jsonl after two warm-up steps. The loader is 
 consumption: the ratio must stay above 1 for the loader not to be the bottleneck.
 
     python benchmarks/bench_train.py [--steps 12] [--threads 1] [--side 32] [--batch 16]
+    python benchmarks/bench_train.py --quick     # 8 steps (the median of 6 per-step figures)
+    python benchmarks/bench_train.py --smoke     # 4 steps of a tiny batch, in this process: seconds
+
+The last stdout line is the JSON summary (benchmarks/results.py); its ratios (checkpointing's memory and
+speed against none, the loader's rate over training's) carry no goal. In --smoke the runs share this
+process, so their memory figures are not each run's own (the memory ratio is then null).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic encoded shards of the tests
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import emit, ratio, result  # noqa: E402
 
 MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "num_heads": 4, "mlp_dim": 512}'
 
@@ -41,7 +50,8 @@ def child_train(args) -> dict:
     out = Path(args.work) / f"run_gc{int(args.gc)}"
     config = TrainConfig(
         output=str(out), image_data=args.data, model=MODEL, steps=args.steps, global_batch=args.batch, lr=1e-4,
-        num_workers=1, checkpoint_every=10**9, log_every=1, gradient_checkpointing=args.gc,
+        # --smoke trains in this process: no loader worker, which train() would leave to the garbage collector
+        num_workers=0 if args.smoke else 1, checkpoint_every=10**9, log_every=1, gradient_checkpointing=args.gc,
     )
     before = peak_rss_mb()
     start = time.perf_counter()
@@ -67,10 +77,21 @@ def child_loader(args) -> dict:
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return {"samples_per_s": batches * args.batch / (time.perf_counter() - start)}
+    seconds = time.perf_counter() - start
+    shutdown = getattr(it, "_shutdown_workers", None)  # now, not when garbage collection finds the iterator (seconds later)
+    if shutdown is not None:
+        shutdown()
+    return {"samples_per_s": batches * args.batch / seconds}
 
 
 def run_child(mode: str, args, **extra) -> dict:
+    if args.smoke:  # in this process: no interpreter start-up, the same code
+        child = argparse.Namespace(**{**vars(args), "gc": False, "workers": 0, **extra})
+        before = torch_threads()
+        try:
+            return child_train(child) if mode == "train" else child_loader(child)
+        finally:
+            torch_threads(before)
     cmd = [sys.executable, __file__, "--child", mode, "--data", args.data, "--work", args.work, "--steps", str(args.steps),
            "--threads", str(args.threads), "--batch", str(args.batch)]
     for k, v in extra.items():
@@ -82,8 +103,16 @@ def run_child(mode: str, args, **extra) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def torch_threads(n: int | None = None) -> int:
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--side", type=int, default=32, help="latent side (tokens per sample = (side / 2)^2)")
@@ -93,7 +122,13 @@ def main() -> None:
     parser.add_argument("--work")
     parser.add_argument("--gc", action="store_true")
     parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="8 steps")
+    parser.add_argument("--smoke", action="store_true", help="4 steps, batch 4 of 8x8 latents, in this process")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 8
+    if args.smoke:
+        args.steps, args.side, args.batch = 4, 8, 4
     if args.child:
         print(json.dumps(child_train(args) if args.child == "train" else child_loader(args)))
         return
@@ -102,7 +137,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         args.work = work
-        args.data = str(write_dataset(Path(work) / "img", "image", samples=64, shards=4, side=args.side))
+        args.data = str(write_dataset(Path(work) / "img", "image", samples=16 if args.smoke else 64, shards=4, side=args.side))
         plain = run_child("train", args)
         checkpointed = run_child("train", args, gc=True)
         loaders = {w: run_child("loader", args, workers=w) for w in (0, 2)}
@@ -111,11 +146,20 @@ def main() -> None:
     print(f"{'':34}{'samples/s':>12}{'peak RSS delta':>18}")
     print(f"{'training':34}{plain['samples_per_s']:>12.1f}{plain['peak_rss_delta_mb']:>15.0f} MB")
     print(f"{'training, activation checkpointing':34}{checkpointed['samples_per_s']:>12.1f}{checkpointed['peak_rss_delta_mb']:>15.0f} MB")
-    print(f"memory with/without checkpointing: {checkpointed['peak_rss_delta_mb'] / plain['peak_rss_delta_mb']:.2f}x; "
-          f"speed: {checkpointed['samples_per_s'] / plain['samples_per_s']:.2f}x")
+    ratios = {
+        "checkpointing_memory_over_none": ratio(checkpointed["peak_rss_delta_mb"], plain["peak_rss_delta_mb"]) if not args.smoke else None,
+        "checkpointing_speed_over_none": ratio(checkpointed["samples_per_s"], plain["samples_per_s"]),
+        **{f"loader_over_training.workers{w}": ratio(res["samples_per_s"], plain["samples_per_s"]) for w, res in loaders.items()},
+    }
+    memory = ratios["checkpointing_memory_over_none"]
+    print(f"memory with/without checkpointing: {f'{memory:.2f}x' if memory is not None else 'n/a'}; "
+          f"speed: {ratios['checkpointing_speed_over_none']:.2f}x")
     for w, res in loaders.items():
         print(f"loader alone, {w} workers: {res['samples_per_s']:.0f} samples/s = "
-              f"{res['samples_per_s'] / plain['samples_per_s']:.1f}x what training consumes")
+              f"{ratios[f'loader_over_training.workers{w}']:.1f}x what training consumes")
+    figures = {"training": plain, "training_checkpointing": checkpointed, **{f"loader.workers{w}": res for w, res in loaders.items()},
+               "model": MODEL, "tokens_per_sample": tokens, "batch": args.batch, "steps": args.steps}  # fmt: skip
+    emit(result("train", ratios, {}, figures, threads=args.threads, smoke=args.smoke))
 
 
 if __name__ == "__main__":

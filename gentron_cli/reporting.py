@@ -127,9 +127,11 @@ class RichReporter:
 
 
 def _print_error(err: GentronError) -> None:
-    console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+    from rich.markup import escape  # a message's own brackets (`pip install "gentron[tensorboard]"`) are text, not markup
+
+    console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
     if err.hint:
-        console.print(f"[yellow]fix:[/] {err.hint}", highlight=False)
+        console.print(f"[yellow]fix:[/] {escape(err.hint)}", highlight=False)
 
 
 def run_command(fn: Callable[[], T]) -> T:

@@ -46,7 +46,7 @@ class QuickstartConfig:
     noise_shift: str = "auto"  # sqrt(frames x h x w) / 16: none for the 16 px images, 2 for the 4-frame clips
     lr: float = 1e-3
     warmup_steps: int = 50
-    t2i_steps: int = 600
+    t2i_steps: int = 500
     t2i_batch: int = 64
     t2v_steps: int = 250
     t2v_batch: int = 16

@@ -39,17 +39,20 @@ from pipelines.data.loader import (
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
 from pipelines.locking import folder_lock
-from pipelines.metrics import MetricsLog, frame_strip, plot_loss, save_gif, save_png
+from pipelines.metrics import MetricsLog, TensorBoardLog, eval_records, frame_strip, metric_values, plot_eval, plot_loss, save_gif, save_png
 from pipelines.outputs import contact_sheet
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
+from pipelines.train_eval import TrainingEvaluator, eval_due
 
 # Fields that may change when a run is resumed; any other difference would break exact resume.
 RESUMABLE_CHANGES = {
     "steps", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count", "preview_steps",
     "preview_cfg", "log_every", "num_workers", "compile", "gradient_checkpointing", "grad_accum", "fsdp",
     "on_nan", "resume",
+    # evaluation and logging: they read the run, they do not shape it
+    "eval_every", "eval_prompts", "eval_clip", "eval_reference", "eval_inception", "eval_probe", "eval_steps", "eval_cfg", "log_to",
 }
 
 
@@ -426,6 +429,8 @@ class Run:
     samples_seen: int = 0
     skipped_steps: int = 0
     new_failures: list = field(default_factory=list)  # found since report_new_failures last ran
+    evaluator: TrainingEvaluator | None = None  # --eval-every (rank 0)
+    board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
 
     def forward_backward(self, batches) -> tuple[float, float, float]:
         """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free share)."""
@@ -508,8 +513,44 @@ class Run:
             preview_model = GenTronTransformer.from_config(self.model_cfg)
             preview_model.load_state_dict(averaged)
             files = self.previewer.render(preview_model.to(self.d.device), self.step)
+            if self.board is not None:
+                self.board.image("preview", next(f for f in files if f.suffix == ".png"), self.step)
         barrier(self.d)
         return files
+
+    def evaluate(self, reporter: Reporter) -> dict | None:
+        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, sampled and scored on
+        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to metrics.jsonl."""
+        averaged, record = self.ema.full_state(), None
+        if self.evaluator is not None:
+            record = self.evaluator.evaluate(averaged, self.step)
+            self.metrics.write({"step": self.step, "eval": record})
+            plot_eval(self.folder / "metrics.jsonl", self.folder / "eval.png")
+            if self.board is not None:
+                self.board.scalars(self.step, {f"eval/{k}": v for k, v in metric_values(record).items()})
+            reporter.log(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metric_values(record).items()))
+        barrier(self.d)
+        return record
+
+    def evaluation_missing(self) -> bool:
+        """A resumed run whose checkpoint step is an evaluation step without its metrics line (killed between the
+        checkpoint and the evaluation): the same on every rank (rank 0 reads metrics.jsonl and tells the others)."""
+        missing = [bool(
+            self.evaluator is not None and self.step > 0 and eval_due(self.config, self.step)
+            and all(step != self.step for step, _ in eval_records(self.folder / "metrics.jsonl"))
+        )]
+        if self.d.world > 1:
+            dist.broadcast_object_list(missing, src=0)
+        return missing[0]
+
+    def after_checkpoint(self) -> None:
+        """Rank 0, after a checkpoint step's save, preview and evaluation: the run page and TensorBoard's files."""
+        if self.d.main:
+            from pipelines.run_page import write_run_page
+
+            write_run_page(self.folder)
+            if self.board is not None:
+                self.board.flush()
 
     def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
         if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
@@ -519,6 +560,11 @@ class Run:
                 "motion_free": motion_free, "skipped_samples": self.skipped_samples, "unreadable_samples": self.unreadable_samples,
                 "skipped_steps": self.skipped_steps,
             })  # fmt: skip
+            if self.board is not None:
+                self.board.scalars(self.step, {
+                    "train/loss": loss, "train/lr": lr_at(self.step - 1, self.config), "train/grad_norm": grad_norm,
+                    "train/samples_per_s": self.config.global_batch / seconds,
+                })  # fmt: skip
 
 
 def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
@@ -596,6 +642,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         previewer=Previewer(stream, empty, pipeline, config, folder, objective) if d.main and config.preview_every > 0 else None,
         metrics=MetricsLog(folder / "metrics.jsonl", resume_step=counters.get("step", 0)) if d.main else None,
         skipped_samples=sum(s["skipped"] for s in stats.values()), sources=sources, load_failures=load_failures, **counters,
+        evaluator=TrainingEvaluator(config, folder, pipeline, d.device, reporter) if d.main and config.eval_every > 0 else None,
+        board=TensorBoardLog(folder / "tensorboard", resume_step=counters.get("step", 0)) if d.main and config.log_to == "tensorboard" else None,
     )  # fmt: skip
 
 
@@ -652,7 +700,9 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
     """Train (or continue) the run in `config.output`; see the module docstring."""
     config.check()
     # absolute paths: the stored run config works from any folder, and reruns compare equal
-    absolute = {k: str(Path(v).resolve()) for k in ("image_data", "video_data", "init") if (v := getattr(config, k))}
+    absolute = {k: str(Path(v).resolve()) for k in ("image_data", "video_data", "init", "eval_prompts", "eval_reference", "eval_inception") if (v := getattr(config, k))}
+    if config.eval_clip and Path(config.eval_clip).expanduser().exists():  # a folder, not a hub name
+        absolute["eval_clip"] = str(Path(config.eval_clip).expanduser().resolve())
     if config.init:  # a run folder stands for its exported model, as in `gentron sample --model`
         absolute["init"] = str(ckpt.find_model_folder(Path(absolute["init"]), option="--init").resolve())
     config = replace(config, **absolute)
@@ -677,6 +727,9 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
     try:
         with reporter.task(f"training {config.stage}", total=config.steps, unit="step") as task:
             task.advance(run.step, resumed=True)
+            if run.evaluation_missing():  # killed after the checkpoint, before its evaluation: evaluate it now
+                run.evaluate(reporter)
+                run.after_checkpoint()
             while run.step < config.steps:
                 start = time.perf_counter()
                 loss, grad_norm, motion_free = run.forward_backward(batches)
@@ -702,15 +755,22 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
                     reporter.log(f"saved {run.save()}")
                 if config.preview_every > 0 and (run.step % config.preview_every == 0 or run.step == config.steps):
                     reporter.log(f"preview: {', '.join(str(f) for f in run.preview())}")
+                if eval_due(config, run.step):  # a checkpoint step (checked by TrainConfig.check)
+                    run.evaluate(reporter)
+                if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+                    run.after_checkpoint()
                 task.advance(1, loss=loss, samples_s=config.global_batch / seconds, milestone=run.step % config.log_every == 0)
     except KeyboardInterrupt:
         # the weights and optimizer hold `run.step` complete steps: save them so a rerun continues from here
         latest = ckpt.latest_checkpoint(run.folder)
         if latest is None or latest.name != ckpt.step_dir_name(run.step):
             reporter.log(f"interrupted at step {run.step}: saved {run.save()}")
+            run.after_checkpoint()
         raise
     finally:
         del batches  # stops the DataLoader workers
+        if run.board is not None:
+            run.board.close()
     return TrainResult(run.folder, run.step, losses, run.skipped_samples, run.skipped_steps)
 
 

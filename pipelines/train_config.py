@@ -130,7 +130,7 @@ class TrainConfig:
         if self.eval_every == 0:
             given = metrics + (["--eval-prompts"] if self.eval_prompts else [])
             if given:
-                raise GentronError(f"{', '.join(given)} take effect only with --eval-every N", "add --eval-every N (steps between evaluations), or drop them")
+                raise GentronError(f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with --eval-every N", "add --eval-every N (steps between evaluations), or drop them")
         else:
             if not self.eval_prompts:
                 raise GentronError("--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)", "pass --eval-prompts prompts.txt")

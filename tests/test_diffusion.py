@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 
@@ -47,8 +48,13 @@ def test_schedule_matches_dit_linear():
         np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), expected, rtol=1e-5)
 
 
+@functools.lru_cache
+def _objective(sampling: str, location: float, scale: float):
+    return make_objective(ObjectiveConfig(timestep_sampling=sampling, timestep_location=location, timestep_scale=scale))
+
+
 def training_timestep(u: float, sampling: str = "uniform", location: float = 0.0, scale: float = 1.0) -> int:
-    return make_objective(ObjectiveConfig(timestep_sampling=sampling, timestep_location=location, timestep_scale=scale)).timestep(u)
+    return _objective(sampling, location, scale).timestep(u)
 
 
 def test_training_timesteps_uniform_and_logit_normal():

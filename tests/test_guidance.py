@@ -1,4 +1,4 @@
-"""Classifier-free and motion-free guidance against the formula of DESIGN.md, on the real tiny model."""
+"""Classifier-free and motion-free guidance against the formula of GenTron (pipelines/diffusion/guidance.py), on the real tiny model."""
 
 from __future__ import annotations
 

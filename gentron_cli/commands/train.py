@@ -57,6 +57,15 @@ def register(app: typer.Typer) -> None:
         preview_count: int = typer.Option(_D.preview_count, help="Preview prompts (the first samples' captions)."),
         log_every: int = typer.Option(_D.log_every, help="Steps between lines of metrics.jsonl."),
         on_nan: str = typer.Option(_D.on_nan, help="On a NaN/infinite loss: stop (keep the last checkpoint) or skip the step."),
+        eval_every: int = typer.Option(_D.eval_every, help="Steps between evaluations (0: none), a multiple of --checkpoint-every; the last step is evaluated too. Needs --eval-prompts and a metric."),
+        eval_prompts: Optional[Path] = typer.Option(None, "--eval-prompts", help="Evaluation prompts, one a line (# comments), sampled with the EMA model as `gentron sample` does into RUN/eval/step_XXXXXXX/."),
+        eval_clip: Optional[str] = typer.Option(_D.eval_clip, "--eval-clip", help="CLIP score with this transformers CLIP model (hub name or folder), as `gentron eval --clip`."),
+        eval_reference: Optional[Path] = typer.Option(None, "--eval-reference", help="FID reference (image folder, prep-images shards or .npz statistics), with --eval-inception."),
+        eval_inception: Optional[Path] = typer.Option(None, "--eval-inception", help="FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth)."),
+        eval_probe: Optional[str] = typer.Option(_D.eval_probe, "--eval-probe", help="'toy': the toy data's colour / place / motion probe (toy prompts only)."),
+        eval_steps: int = typer.Option(_D.eval_steps, help="Sampler steps of the evaluation samples."),
+        eval_cfg: float = typer.Option(_D.eval_cfg, help="Classifier-free guidance scale of the evaluation samples."),
+        log_to: str = typer.Option(_D.log_to, "--log-to", help="none, or tensorboard: loss, learning rate, throughput, evaluation metrics and previews as event files in RUN/tensorboard (needs the tensorboard extra)."),
     ) -> None:
         """Train GenTron on encoded shards (one process, or torchrun for DDP/FSDP: same command)."""
         # options typed on the command line override --config (compared by name: typer vendors its own click)

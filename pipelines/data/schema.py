@@ -17,7 +17,7 @@ import numpy as np
 from pipelines.errors import BadSample
 
 # prep-videos / prep-images
-VIDEO = "mp4"  # H.264 clip: the selected frames at the clip frame rate
+VIDEO = "mp4"  # Motion-JPEG clip in an MP4 container: the selected frames at the clip frame rate
 IMAGE_JPG = "jpg"
 IMAGE_PNG = "png"
 IMAGE_FIELDS = (IMAGE_JPG, IMAGE_PNG)

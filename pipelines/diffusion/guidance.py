@@ -1,4 +1,4 @@
-"""Classifier-free (text) and motion-free guidance, as in GenTron (DESIGN.md).
+"""Classifier-free (text) and motion-free guidance, as in GenTron (Chen et al., CVPR 2024, arXiv 2312.04557).
 
     eps = eps(x, 0, 0) + lT * (eps(x, cT, cM) - eps(x, 0, cM)) + lM * (eps(x, 0, cM) - eps(x, 0, 0))
 
