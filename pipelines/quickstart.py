@@ -3,7 +3,7 @@
 It runs the real stages, through the same library calls as the CLI commands:
 toy data (png/mp4 + txt) -> prep-images, prep-videos -> encode-latents (pixel VAE) -> encode-text (tiny
 CLIP + T5 built locally) -> train t2i -> train t2v (initialised from t2i, joint image/video, motion-free)
--> sample (images; videos with and without motion-free guidance) -> probe the samples -> report.md.
+-> sample (images; videos with and without motion-free guidance) -> probe the samples -> index.html (the report).
 
 Small images (16x16 pixels = 64 tokens), a 6-layer width-128 model and the small-data recipe of the README
 (rectified flow with logit-normal timesteps and the automatic noise shift, a learning rate above the paper's
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.data.shards import atomic_write_bytes
 from pipelines.errors import GentronError
 from pipelines.outputs import contact_sheet, read_frame_strip, write_png
 from pipelines.progress import NullReporter, Reporter
@@ -229,73 +230,55 @@ def _sample_and_probe(
 
 
 def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path) -> Path:
+    """OUT/index.html: the quickstart's page, built like a run page (pipelines/run_page.py) and linking both runs' pages."""
+    from pipelines.run_page import PAGE, STYLE, escape, href, link
+
     def cell(score: ProbeScore, attribute: str) -> str:
         return f"{score.rate(attribute):.0%} ({score.hits[attribute]}/{score.total}; chance {CHANCE[attribute]:.0%})"
 
     def row(name: str, score: ProbeScore) -> str:
-        cells = [cell(score, "color"), cell(score, "place" if "place" in score.hits else "direction"), cell(score, "axis") if "axis" in score.hits else "–"]
-        return f"| {name} | " + " | ".join(cells) + " |"
+        cells = [cell(score, "color"), cell(score, "place" if "place" in score.hits else "direction"), cell(score, "axis") if "axis" in score.hits else "-"]
+        return "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in [name, *cells]) + "</tr>"
 
-    rel = lambda p: Path(p).relative_to(out).as_posix()
-    lines = [
-        "# gentron quickstart report",
-        "",
-        f"Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: "
-        f"**{'yes' if follows_prompts(t2i, t2v_mfg) else 'no'}**.",
-        "",
-        "![Overview: T2I images (rows: colours; columns: places) and T2V videos with motion-free guidance "
-        "(rows: colours; columns: directions left, right, up, down; frames left to right)](overview.png)",
-        "",
-        "Left: one T2I sample per prompt (rows red, green, blue, yellow; columns top left, top right, bottom left, bottom right).",
-        "Right: one T2V sample per prompt with motion-free guidance, its frames left to right",
-        "(rows red, green, blue, yellow; columns moving left, right, up, down).",
-        "",
-        "## Prompt following (automatic probe of the generated pixels)",
-        "",
-        "The probe reads the colour of the generated square (nearest palette colour of the foreground), its place",
-        "(quadrant of the foreground's centroid) and, for videos, its motion (centroid travel from first to last frame).",
-        "The axis column counts videos moving along the asked axis (horizontal or vertical) in either sense.",
-        "",
-        "| samples | colour | place / direction | axis of motion |",
-        "| --- | --- | --- | --- |",
-        row("T2I images", t2i),
-        row("T2V videos, CFG only (lM = 1)", t2v_cfg),
-        row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg),
-        "",
-        "## Samples",
-        "",
-        f"T2I, every prompt ({rel(out / 'samples/t2i/grid.png')}):",
-        "",
-        f"![T2I samples]({rel(out / 'samples/t2i/grid.png')})",
-        "",
-        "T2V with motion-free guidance, every prompt, frames left to right within each sample",
-        f"([grid.gif]({rel(out / 'samples/t2v-mfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-mfg/grid.mp4')})):",
-        "",
-        f"![T2V samples with motion-free guidance]({rel(out / 'samples/t2v-mfg/grid.frames.png')})",
-        "",
-        f"T2V without motion-free guidance ([grid.gif]({rel(out / 'samples/t2v-cfg/grid.gif')}), [grid.mp4]({rel(out / 'samples/t2v-cfg/grid.mp4')})):",
-        "",
-        f"![T2V samples without motion-free guidance]({rel(out / 'samples/t2v-cfg/grid.frames.png')})",
-        "",
-        "Each sample has its own file and a JSON sidecar that regenerates it (`gentron sample --from-sidecar`).",
-        "",
-        "## Training",
-        "",
-        f"![T2I loss]({rel(t2i_run / 'loss.png')}) ![T2V loss]({rel(t2v_run / 'loss.png')})",
-        "",
-        "## Settings and timings",
-        "",
-        "| stage | seconds |",
-        "| --- | ---: |",
-        *[f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()],
-        "",
-        "```json",
-        json.dumps(_jsonable(asdict(cfg)), indent=1),
-        "```",
-        "",
+    def image(path: Path, alt: str) -> str:
+        return f'<a href="{href(out, path)}"><img class="preview" src="{href(out, path)}" alt="{escape(alt)}"></a>'
+
+    samples = {name: out / "samples" / name for name in ("t2i", "t2v-mfg", "t2v-cfg")}
+    verdict = "yes" if follows_prompts(t2i, t2v_mfg) else "no"
+    body = [
+        "<h1>gentron quickstart</h1>",
+        f"<p>Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: <b>{verdict}</b>.</p>",
+        image(out / "overview.png", "overview: T2I images and T2V videos with motion-free guidance"),
+        "<p>Left: one T2I sample per prompt (rows red, green, blue, yellow; columns top left, top right, bottom left, bottom right). "
+        "Right: one T2V sample per prompt with motion-free guidance, its frames left to right (rows red, green, blue, yellow; "
+        "columns moving left, right, up, down).</p>",
+        "<h2>Prompt following (automatic probe of the generated pixels)</h2>",
+        "<p>The probe reads the colour of the generated square (nearest palette colour of the foreground), its place (quadrant of the "
+        "foreground's centre) and, for videos, its motion (centroid travel from first to last frame). The axis column counts videos "
+        "moving along the asked axis (horizontal or vertical) in either sense.</p>",
+        "<table><tr><th>samples</th><th>colour</th><th>place / direction</th><th>axis of motion</th></tr>",
+        row("T2I images", t2i), row("T2V videos, CFG only (lM = 1)", t2v_cfg),
+        row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg), "</table>",
+        "<h2>Samples</h2>",
+        f"<p>T2I, every prompt ({link(out, samples['t2i'] / 'grid.png')}):</p>", image(samples["t2i"] / "grid.png", "T2I samples"),
+        f"<p>T2V with motion-free guidance, every prompt, frames left to right within each sample ({link(out, samples['t2v-mfg'] / 'grid.gif')}, "
+        f"{link(out, samples['t2v-mfg'] / 'grid.mp4')}):</p>", image(samples["t2v-mfg"] / "grid.frames.png", "T2V samples with motion-free guidance"),
+        f"<p>T2V without motion-free guidance ({link(out, samples['t2v-cfg'] / 'grid.gif')}, {link(out, samples['t2v-cfg'] / 'grid.mp4')}):</p>",
+        image(samples["t2v-cfg"] / "grid.frames.png", "T2V samples without motion-free guidance"),
+        "<p>Each sample has its own file and a JSON sidecar that regenerates it (<code>gentron sample --from-sidecar</code>); "
+        "<code>gentron eval FOLDER --probe toy</code> scores a sample folder again.</p>",
+        "<h2>Training</h2>",
+        f"<p>Run pages: {link(out, t2i_run / PAGE, 'T2I run')}, {link(out, t2v_run / PAGE, 'T2V run')} (settings, curves, previews, data, models).</p>",
+        image(t2i_run / "loss.png", "T2I loss") + " " + image(t2v_run / "loss.png", "T2V loss"),
+        "<h2>Settings and timings</h2>",
+        "<table><tr><th>stage</th><th>seconds</th></tr>"
+        + "".join(f'<tr><td>{escape(name)}</td><td class="num">{seconds:.1f}</td></tr>' for name, seconds in timings.items()) + "</table>",
+        f"<pre>{escape(json.dumps(_jsonable(asdict(cfg)), indent=1))}</pre>",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
+    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron quickstart</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+    path = out / PAGE
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
 

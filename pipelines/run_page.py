@@ -23,7 +23,7 @@ from pipelines.metrics import EVAL_LABELS, eval_records, metric_values, read_met
 PAGE = "index.html"
 MAX_SAMPLES = 64  # evaluation samples shown on the page (the folder holds them all)
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 72em; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
@@ -36,23 +36,23 @@ code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
 
-def _e(value) -> str:
+def escape(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _href(run_dir: Path, path: Path) -> str:
+def href(run_dir: Path, path: Path) -> str:
     """The relative, URL-quoted address of `path` (inside the run folder); folders end with a slash."""
     rel = Path(path).relative_to(run_dir).as_posix()
     return quote(rel) + ("/" if Path(path).is_dir() else "")
 
 
-def _link(run_dir: Path, path: Path, text: str | None = None) -> str:
-    return f'<a href="{_href(run_dir, path)}">{_e(text if text is not None else Path(path).relative_to(run_dir).as_posix())}</a>'
+def link(run_dir: Path, path: Path, text: str | None = None) -> str:
+    return f'<a href="{href(run_dir, path)}">{escape(text if text is not None else Path(path).relative_to(run_dir).as_posix())}</a>'
 
 
 def _number(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _e(value)
+        return escape(value)
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"
@@ -66,7 +66,7 @@ def _read_json(path: Path):
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(rows_cell for rows_cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -88,18 +88,18 @@ def _header(run_dir: Path, config: dict, records: list[dict]) -> str:
     latest = ckpt.latest_checkpoint(run_dir)
     state = _read_json(latest / "state.json") if latest is not None else None
     step = state.get("step") if isinstance(state, dict) else (losses[-1]["step"] if losses else 0)
-    parts = [f"<h1>{_e(run_dir.resolve().name)}</h1>",
-             f'<p class="muted">{_e(config.get("stage", "?"))} run, step {_number(step)} of {_number(config.get("steps", "?"))}; '
-             f"page written {_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>"]
+    parts = [f"<h1>{escape(run_dir.resolve().name)}</h1>",
+             f'<p class="muted">{escape(config.get("stage", "?"))} run, step {_number(step)} of {_number(config.get("steps", "?"))}; '
+             f"page written {escape(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>"]
     if losses:
         last = losses[-1]
         facts = [("step", last["step"]), ("loss", last["loss"]), ("learning rate", last.get("lr")),
                  ("samples/s", last.get("samples_per_s")), ("memory (MB)", last.get("memory_mb")),
                  ("skipped steps", last.get("skipped_steps"))]
-        parts.append("<p>" + " &middot; ".join(f"{_e(k)} <b>{_number(v)}</b>" for k, v in facts if v is not None) + "</p>")
+        parts.append("<p>" + " &middot; ".join(f"{escape(k)} <b>{_number(v)}</b>" for k, v in facts if v is not None) + "</p>")
     files = [p for p in (run_dir / "config.json", run_dir / "metrics.jsonl", run_dir / "data_stats.json") if p.is_file()]
     if files:
-        parts.append("<p>files: " + ", ".join(_link(run_dir, p) for p in files) + "</p>")
+        parts.append("<p>files: " + ", ".join(link(run_dir, p) for p in files) + "</p>")
     return "\n".join(parts)
 
 
@@ -108,19 +108,19 @@ def _models(run_dir: Path) -> str:
     for name, what in (("model", "EMA weights: what `gentron sample --model RUN` loads"), ("model_raw", "raw weights")):
         folder = run_dir / name
         if (folder / "config.json").is_file():
-            extra = [_link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()]
-            rows.append([_cell(_link(run_dir, folder, name + "/")), _cell(_e(what)), _cell(", ".join(extra))])
+            extra = [link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()]
+            rows.append([_cell(link(run_dir, folder, name + "/")), _cell(escape(what)), _cell(", ".join(extra))])
     checkpoints = ckpt.list_checkpoints(run_dir)
     out = ["<h2>Exported models</h2>"]
     out.append(_table(["folder", "what", "files"], rows) if rows else '<p class="muted">none yet (written at the first checkpoint)</p>')
     if checkpoints:
-        out.append("<p>checkpoints: " + ", ".join(_link(run_dir, p, p.name) for p in checkpoints) + "</p>")
+        out.append("<p>checkpoints: " + ", ".join(link(run_dir, p, p.name) for p in checkpoints) + "</p>")
     return "\n".join(out)
 
 
 def _curves(run_dir: Path) -> str:
     images = [(run_dir / name, alt) for name, alt in (("loss.png", "training loss"), ("eval.png", "evaluation metrics"))]
-    shown = [f'<a href="{_href(run_dir, p)}"><img src="{_href(run_dir, p)}" alt="{_e(alt)}"></a>' for p, alt in images if p.is_file()]
+    shown = [f'<a href="{href(run_dir, p)}"><img src="{href(run_dir, p)}" alt="{escape(alt)}"></a>' for p, alt in images if p.is_file()]
     if not shown:
         return ""
     return '<h2>Curves</h2>\n<div class="curves">' + "".join(shown) + "</div>"
@@ -156,10 +156,10 @@ def _samples(run_dir: Path, folder: Path) -> str:
             (f for f in files if f.suffix == ".png" and f.is_file()), None)
         if shown is None:
             continue
-        figures.append(f'<figure><a href="{_href(run_dir, shown)}"><img src="{_href(run_dir, shown)}" alt="{_e(record.get("prompt", ""))}"></a>'
-                       f"<figcaption>{_e(record.get('prompt', ''))}</figcaption></figure>")
+        figures.append(f'<figure><a href="{href(run_dir, shown)}"><img src="{href(run_dir, shown)}" alt="{escape(record.get("prompt", ""))}"></a>'
+                       f"<figcaption>{escape(record.get('prompt', ''))}</figcaption></figure>")
     more = f" (the first {MAX_SAMPLES} of {len(sidecars)})" if len(sidecars) > MAX_SAMPLES else ""
-    return (f"<p>samples of the latest evaluation{more}: {_link(run_dir, folder)} (<code>gentron eval</code> reads this folder)</p>"
+    return (f"<p>samples of the latest evaluation{more}: {link(run_dir, folder)} (<code>gentron eval</code> reads this folder)</p>"
             f'<div class="samples">{"".join(figures)}</div>')
 
 
@@ -173,12 +173,12 @@ def _previews(run_dir: Path) -> str:
         return ""
     step = max(latest, key=lambda p: p.name).name.split(".")[0]
     shown = [p for p in latest if p.name.split(".")[0] == step]
-    out = [f"<h2>Latest previews ({_e(step)})</h2>", "<p>" + "".join(
-        f'<a href="{_href(run_dir, p)}"><img class="preview" src="{_href(run_dir, p)}" alt="preview {_e(p.name)}"></a> ' for p in shown) + "</p>"]
+    out = [f"<h2>Latest previews ({escape(step)})</h2>", "<p>" + "".join(
+        f'<a href="{href(run_dir, p)}"><img class="preview" src="{href(run_dir, p)}" alt="preview {escape(p.name)}"></a> ' for p in shown) + "</p>"]
     prompts = folder / "prompts.txt"
     if prompts.is_file():
         lines = prompts.read_text(encoding="utf-8", errors="replace").splitlines()
-        out.append("<ol start=0>" + "".join(f"<li>{_e(line.split(': ', 1)[-1])}</li>" for line in lines) + "</ol>")
+        out.append("<ol start=0>" + "".join(f"<li>{escape(line.split(': ', 1)[-1])}</li>" for line in lines) + "</ol>")
     return "\n".join(out)
 
 
@@ -190,19 +190,19 @@ def _data(run_dir: Path) -> str:
     for kind, s in stats.items():
         if not isinstance(s, dict):
             continue
-        reasons = ", ".join(f"{_e(r)}: {n}" for r, n in (s.get("skipped_by_reason") or {}).items()) or "-"
-        unreadable = ", ".join(f"{_e(r)}: {n}" for r, n in (s.get("unreadable_by_reason") or {}).items()) or "-"
-        rows.append([_cell(_e(kind)), _cell(_e(s.get("folder", ""))), _cell(s.get("shards", ""), True), _cell(s.get("samples", ""), True),
+        reasons = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("skipped_by_reason") or {}).items()) or "-"
+        unreadable = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("unreadable_by_reason") or {}).items()) or "-"
+        rows.append([_cell(escape(kind)), _cell(escape(s.get("folder", ""))), _cell(s.get("shards", ""), True), _cell(s.get("samples", ""), True),
                      _cell(s.get("skipped", ""), True), _cell(reasons), _cell(unreadable)])
     return ("<h2>Data</h2>\n" + _table(["kind", "folder", "shards", "samples", "skipped when indexing", "skipped by reason", "unreadable when read"], rows)
-            + f"<p>every skipped sample with its shard, key and reason: {_link(run_dir, run_dir / 'data_stats.json')}</p>")
+            + f"<p>every skipped sample with its shard, key and reason: {link(run_dir, run_dir / 'data_stats.json')}</p>")
 
 
 def _settings(run_dir: Path, config: dict) -> str:
     if not config:
         return ""
-    rows = [[_cell(f"<code>{_e(k)}</code>"), _cell(_e(json.dumps(v)))] for k, v in config.items()]
-    return (f"<h2>Settings</h2>\n<p>{_link(run_dir, run_dir / 'config.json')}: <code>gentron train --config RUN/config.json</code> "
+    rows = [[_cell(f"<code>{escape(k)}</code>"), _cell(escape(json.dumps(v)))] for k, v in config.items()]
+    return (f"<h2>Settings</h2>\n<p>{link(run_dir, run_dir / 'config.json')}: <code>gentron train --config RUN/config.json</code> "
             "repeats or continues the run</p>\n" + _table(["setting", "value"], rows))
 
 
@@ -219,8 +219,8 @@ def render_run_page(run_dir: str | Path) -> str:
     sections = [_header(run_dir, config, records), _curves(run_dir), _evaluation(run_dir, metrics_path), _previews(run_dir),
                 _models(run_dir), _data(run_dir), _settings(run_dir, config)]
     body = "\n".join(s for s in sections if s)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron run {_e(run_dir.resolve().name)}</title>\n'
-            f"<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron run {escape(run_dir.resolve().name)}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
 def write_run_page(run_dir: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import re
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
@@ -30,7 +31,7 @@ def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
     assert json.loads((out / "runs/t2v/model/config.json").read_text())["temporal"] is True
 
     # the report's figures are the probe's verdicts on the files it points to
-    report = (out / "report.md").read_text()
+    report = (out / "index.html").read_text()
     hits = {"color": 0, "place": 0}
     pngs = sorted(p for p in (out / "samples/t2i").glob("*.png") if p.name != "grid.png")
     assert len(pngs) == 16
@@ -48,13 +49,14 @@ def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
         assert frames.shape == (4, 16, 16, 3)
         for k, ok in probe_video(frames, prompt).items():
             video_hits[k] += ok
-    mfg_row = next(line for line in report.splitlines() if line.startswith("| T2V videos, motion-free guidance"))
+    mfg_row = next(r for r in report.split("<tr>") if r.startswith("<td>T2V videos, motion-free guidance"))
     assert all(f"({video_hits[k]}/16;" in mfg_row for k in video_hits), (mfg_row, video_hits)
     assert video_hits["axis"] >= video_hits["direction"]  # the right direction is on the right axis
-    # every picture the report shows exists
-    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
-        assert (out / target).is_file(), target
-    assert "samples/t2v-mfg/grid.frames.png" in report
+    # every picture and link of the page exists, the runs' own pages included
+    targets = re.findall(r'(?:src|href)="([^"]+)"', report)
+    for target in targets:
+        assert (out / unquote(target)).exists(), target
+    assert "samples/t2v-mfg/grid.frames.png" in targets and "runs/t2v/index.html" in targets
 
 
 def test_quickstart_refuses_a_folder_that_is_not_its_own(tmp_path):

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         """Run the whole method end to end on a built-in toy dataset (CPU, no downloads, about ten minutes).
 
         Makes captioned images and videos, preps and encodes them, trains T2I then T2V, samples, checks
-        that the samples follow their prompts, and writes OUT/report.md.
+        that the samples follow their prompts, and writes the report page OUT/index.html.
         """
 
         def body():
