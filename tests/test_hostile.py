@@ -15,6 +15,7 @@ from gentron_cli.main import app
 from gentron_cli.reporting import run_command
 from pipelines.data.shards import ShardJob, ShardWriter, list_shards, run_shard_jobs, shard_name
 from pipelines.errors import GentronError
+from pipelines.progress import NullReporter
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "1000"}  # no path folded mid-word in the CLI's messages
@@ -53,26 +54,11 @@ def test_rerun_redoes_a_missing_a_truncated_and_a_garbled_shard_byte_identically
     data = (out / "000001.tar").read_bytes()
     (out / "000001.tar").write_bytes(data[: len(data) // 2])
     (out / "000002.stats.json").write_text("{ not json")
-    logs = []
-
-    class Log:
-        from contextlib import contextmanager
-
-        @contextmanager
-        def task(self, *a, **k):
-            class T:
-                def advance(self, n=1, **_):
-                    pass
-
-            yield T()
-
-        def log(self, message):
-            logs.append(message)
-
-    result = run_shard_jobs(_jobs(), out, _fn, reporter=Log())
+    log = _Log()
+    result = run_shard_jobs(_jobs(), out, _fn, reporter=log)
     assert (result.done, result.skipped) == (3, 0)
     assert {p.name: p.read_bytes() for p in list_shards(out)} == reference
-    said = "\n".join(logs)
+    said = "\n".join(log.lines)
     assert "000000.tar is missing" in said and "000001.tar has" in said and "000002" in said and "stats file is damaged" in said
     stats = json.loads((out / "000000.stats.json").read_text())
     assert stats["tar_size"] == len(reference["000000.tar"]) and len(stats["tar_sha256"]) == 64
@@ -292,19 +278,11 @@ def _train_config(tmp_path, images, **kw):
     return TrainConfig(**(defaults | kw))
 
 
-class _Log:
+class _Log(NullReporter):
+    """A reporter that keeps the stage's messages."""
+
     def __init__(self):
         self.lines = []
-
-    from contextlib import contextmanager
-
-    @contextmanager
-    def task(self, *a, **k):
-        class T:
-            def advance(self, n=1, **_):
-                pass
-
-        yield T()
 
     def log(self, message):
         self.lines.append(message)
