@@ -120,10 +120,6 @@ class GaussianDiffusion:
         out = values.to(t.device)[t].float()
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 
-    def sample_timesteps(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training timesteps, uniform over [0, num_timesteps)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
         alpha_bar = self._at(self.alphas_cumprod, t, x0)

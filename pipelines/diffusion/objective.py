@@ -22,6 +22,7 @@ recomputed from the shifted SNR (simple diffusion, Hoogeboom et al. 2023); for f
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from statistics import NormalDist
 
@@ -111,7 +112,7 @@ class ObjectiveConfig:
         return config
 
 
-class Objective:
+class Objective(ABC):
     """Interface: `timestep(u)`, `loss(...)`, `scheduler(name, learned_sigma)`; see the module docstring."""
 
     config: ObjectiveConfig
@@ -127,19 +128,22 @@ class Objective:
         c = self.config
         return u if c.timestep_sampling == "uniform" else logit_normal_fraction(u, c.timestep_location, c.timestep_scale)
 
+    @abstractmethod
     def timestep(self, u: float) -> float:
-        raise NotImplementedError
+        """The training timestep (what the model is conditioned on) for a uniform draw u."""
 
     def timesteps(self, u: torch.Tensor) -> torch.Tensor:
         """Training timesteps (B,) for uniform draws u (B,): what the model is conditioned on."""
         return torch.tensor([self.timestep(float(v)) for v in u], device=u.device)
 
+    @abstractmethod
     def loss(self, model: Model, x0: torch.Tensor, t: torch.Tensor, text: TextCondition,
              motion_free: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Per-sample losses (B,): "loss" (what is minimised), "mse" and "vlb"."""
 
+    @abstractmethod
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
-        raise NotImplementedError
+        """The diffusers scheduler `name` (default: `default_sampler`) for a model trained with this objective."""
 
     def check_model(self, learn_sigma: bool) -> None:
         """Refuse a model whose output this objective cannot train."""
