@@ -34,9 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pipelines.outputs import read_frame_strip
+from pipelines.evaluate import list_samples
 from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, SIDES, ToyDataConfig, image_caption, make_toy_dataset, parse_caption, probe_image, probe_video, video_caption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,21 +95,9 @@ def video_prompts() -> list[str]:
 
 
 def read_samples(folder: Path) -> list[tuple[str, np.ndarray]]:
-    """(prompt, exact pixels) of every sample `gentron sample` wrote to folder, found by its JSON sidecar.
-
-    Videos are read from their `.frames.png` film strip, the exact generated frames (MP4 and GIF alter them)."""
-    samples = []
-    for sidecar in sorted(Path(folder).glob("*.json")):
-        record = json.loads(sidecar.read_text())
-        files = [folder / name for name in record["files"]]
-        strip = next((f for f in files if f.name.endswith(".frames.png")), None)
-        if strip is not None:
-            pixels = read_frame_strip(strip, record["settings"]["frames"])
-        else:
-            with Image.open(next(f for f in files if f.suffix == ".png")) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        samples.append((record["prompt"], pixels))
-    return samples
+    """(prompt, exact pixels) of every sample `gentron sample` wrote to folder, read as `gentron eval` reads them
+    (videos from their lossless `.frames.png` film strip)."""
+    return [(s.prompt, s.read_pixels()) for s in list_samples(folder)]
 
 
 def probe(prompt: str, pixels: np.ndarray) -> dict[str, bool]:

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipelines.data.shards import atomic_write_bytes
 from pipelines.errors import GentronError
-from pipelines.outputs import contact_sheet, read_frame_strip, write_png
+from pipelines.outputs import contact_sheet, write_png
 from pipelines.progress import NullReporter, Reporter
-from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, probe_image, probe_video, video_caption
+from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, video_caption
 
 QUICKSTART_MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_heads": 4}'
 
@@ -202,6 +201,7 @@ def _sample_and_probe(
     """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe.
 
     Returns the score and the exact pixels of each prompt's first sample."""
+    from pipelines.evaluate import list_samples, probe_sample
     from pipelines.sample import SampleConfig, sample
 
     if out.exists():
@@ -214,17 +214,10 @@ def _sample_and_probe(
     )
     hits: dict[str, int] = {}
     firsts: dict[str, np.ndarray] = {}
-    for s in result.samples:
-        strip = next((f for f in s.files if f.name.endswith(".frames.png")), None)
-        if strip is not None:  # the exact generated frames, not the lossy MP4/GIF
-            pixels = read_frame_strip(strip, cfg.frames)
-            scores = probe_video(pixels, s.prompt)
-        else:
-            png = next(f for f in s.files if f.suffix == ".png")
-            pixels = np.asarray(Image.open(png).convert("RGB"))
-            scores = probe_image(pixels, s.prompt)
+    for s in list_samples(out):  # as `gentron eval` reads them: a video's exact frames, not the lossy MP4/GIF
+        pixels = s.read_pixels()
         firsts.setdefault(s.prompt, pixels)
-        for attribute, ok in scores.items():
+        for attribute, ok in probe_sample(pixels, s.prompt).items():
             hits[attribute] = hits.get(attribute, 0) + int(ok)
     return ProbeScore(hits, len(result.samples)), list(firsts.values())
 
