@@ -98,7 +98,7 @@ def run(shards: int, per_shard: int, resolution: int, frames: int, batch_size: i
             res = encode_latents(cfg, vae=vae)
             results[name] = _figures(res, vae)
 
-        encoders = Timed(TextEncoders(str(tiny["clip"]), str(tiny["t5"]), device="cpu"), "encode_captions")
+        encoders = Timed(TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), device="cpu"), "encode_captions")
         res = encode_text(EncodeTextConfig(inp, root / "text", batch_size=64), encoders=encoders)
         results["encode-text tiny CLIP+T5"] = _figures(res, encoders)
     return results

@@ -57,7 +57,7 @@ def ours(s: Shape, temporal: bool) -> GenTronTransformer:
     config = model_config(
         {"size": "T/2"},
         depth=s.depth, hidden_size=s.width, num_heads=s.heads, mlp_dim=4 * s.width, patch_size=s.patch,
-        in_channels=s.channels, learn_sigma=True, text_encoders="t5", t5_dim=s.text_dim, temporal=temporal,
+        in_channels=s.channels, learn_sigma=True, text_inputs={"t5": {"dim": s.text_dim}}, temporal=temporal,
     )  # fmt: skip
     return GenTronTransformer.from_config(config)
 
@@ -86,7 +86,7 @@ def make_steps(s: Shape) -> tuple[dict[str, Callable[[], None]], dict[str, int]]
     timestep = torch.randint(0, 1000, (s.batch,), generator=g)
     tokens = torch.randn(s.batch, s.text_len, s.text_dim, generator=g)
     mask = torch.ones(s.batch, s.text_len, dtype=torch.bool)
-    text = TextCondition(t5_tokens=tokens, t5_mask=mask)
+    text = TextCondition(tokens={"t5": tokens}, masks={"t5": mask})
     motion_free = torch.rand(s.batch, generator=g) < 0.5
 
     models = {"ours_t2i": ours(s, False), "pixart": pixart(s), "ours_t2v": ours(s, True), "latte": latte(s)}

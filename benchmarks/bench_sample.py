@@ -36,7 +36,7 @@ MODELS = {  # key (in the JSON ratios' names): (description, config)
     "T/2": ("T/2 (depth 2, width 64)", model_config("T/2", temporal=True)),
     "S/2-width": (
         "S/2 width, depth 4 (width 384)",
-        model_config("S/2", depth=4, temporal=True, clip_dim=TEXT_DIM, clip_pooled_dim=TEXT_DIM, t5_dim=TEXT_DIM),
+        model_config("S/2", depth=4, temporal=True, text_inputs={"clip": {"dim": TEXT_DIM, "pooled_dim": TEXT_DIM}, "t5": {"dim": TEXT_DIM}}),
     ),
 }
 GOALS = {"mfg_batched_over_separate": "<= 1.0"}  # issue 16: the batched MFG step is never slower, at every size and thread count
@@ -44,12 +44,14 @@ GOALS = {"mfg_batched_over_separate": "<= 1.0"}  # issue 16: the batched MFG ste
 
 def text_batch(batch: int, seed: int) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
+    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
+    clip_tokens = torch.randn(batch, 77, TEXT_DIM, generator=g)
+    clip_pooled = torch.randn(batch, TEXT_DIM, generator=g)
+    t5_tokens = torch.randn(batch, 64, TEXT_DIM, generator=g)
     return TextCondition(
-        clip_tokens=torch.randn(batch, 77, TEXT_DIM, generator=g),
-        clip_mask=torch.arange(77).expand(batch, 77) < 12,
-        clip_pooled=torch.randn(batch, TEXT_DIM, generator=g),
-        t5_tokens=torch.randn(batch, 64, TEXT_DIM, generator=g),
-        t5_mask=torch.arange(64).expand(batch, 64) < 12,
+        tokens={"clip": clip_tokens, "t5": t5_tokens},
+        masks={"clip": torch.arange(77).expand(batch, 77) < 12, "t5": torch.arange(64).expand(batch, 64) < 12},
+        pooled={"clip": clip_pooled},
     )
 
 

@@ -8,7 +8,7 @@ Every folder is written under a temporary name and renamed when complete, so a c
 leaves the previous checkpoints untouched; the last `keep` are kept.
 `RUN/model/` (EMA) and `RUN/model_raw/` are `save_pretrained` folders plus `pipeline.json` and the
 empty-caption embeddings, loaded by `load_model_folder` (config checked, safetensors only, weights
-checked against the config).
+checked against the config; folders of earlier versions upgraded, see `gentron.upgrade_config`).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def load_model_folder(folder: str | Path):
     """The GenTronTransformer of an exported model folder, refusing what cannot be trusted: a config.json
     that is not JSON or whose values are out of range, weights that are not safetensors (a pickle can run
     code; it is never opened), and weights that do not match the config."""
-    from pipelines.model.gentron import GenTronTransformer
+    from pipelines.model.gentron import GenTronTransformer, upgrade_state_dict
 
     folder = Path(folder)
     config_path, config = folder / "config.json", read_model_config(folder)
@@ -185,6 +185,7 @@ def load_model_folder(folder: str | Path):
         weights = load_file(str(weights_path))
     except (OSError, SafetensorError) as exc:
         raise GentronError(f"{weights_path} cannot be read: {exc}", hint) from None
+    weights = upgrade_state_dict(weights, config)  # a folder of an earlier version: its weights renamed (config: from_config)
     check_weights(weights, model, f"the weights in {weights_path}", hint)
     model.load_state_dict(weights, strict=True)
     return model

@@ -1,15 +1,15 @@
-"""`gentron encode-text`: captions -> CLIP and/or T5 token states (and CLIP's pooled vector).
+"""`gentron encode-text`: captions -> the token states (and pooled vectors) of the chosen text encoders.
 
 Each input shard gives an output shard of the same name with the same samples in order, every field
-byte-identical, plus `clip.npy`, `clip_pooled.npy`, `t5.npy` (float16, valid tokens only) and a "text"
-section in the json. The empty caption's embeddings (for classifier-free guidance dropout) are
+byte-identical, plus the arrays of each encoder, named after it (`clip.npy`, `clip_pooled.npy`,
+`t5.npy`, ...: float16, valid tokens only) and a "text" section in the json. The empty caption's embeddings (for classifier-free guidance dropout) are
 written once per output folder to `empty_caption.npz`.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +18,16 @@ from pipelines.data import schema
 from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, atomic_write_bytes, iter_shard, run_shard_jobs
 from pipelines.encode_latents import stage_jobs
 from pipelines.errors import BadSample, GentronError
-from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, TextEncoders, parse_encoders
+from pipelines.model.text_encoders import (
+    DEFAULT_CLIP,
+    DEFAULT_ENCODERS,
+    DEFAULT_T5,
+    DEFAULT_T5_MAX_LENGTH,
+    ENCODERS,
+    TextEncoders,
+    parse_encoders,
+)
 from pipelines.progress import NullReporter, Reporter
-
-# TextEncoders' array names -> shard field names
-FIELD_OF_ARRAY = {array: field for field, array in schema.TEXT_ARRAY_NAMES.items()}
 
 
 @dataclass
@@ -31,8 +36,10 @@ class EncodeTextConfig:
     output_dir: Path
     clip: str = DEFAULT_CLIP  # transformers CLIP (hub name / folder) or "open_clip:ARCH:PRETRAINED"
     t5: str = DEFAULT_T5
-    encoders: str = "clip,t5"  # which of the two to run
+    encoders: str | None = None  # which to run, e.g. "clip,t5" or "t5"; default: clip and t5, plus every encoder given in `models`
     t5_max_length: int = DEFAULT_T5_MAX_LENGTH
+    models: dict[str, str] = field(default_factory=dict)  # encoder name -> model, e.g. {"t5": "google/t5-v1_1-xxl"}; wins over clip/t5
+    settings: dict[str, dict] = field(default_factory=dict)  # encoder name -> settings, e.g. {"t5": {"max_length": 300}}; wins over t5_max_length
     batch_size: int = 64  # captions per encoder call
     device: str | None = None  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
@@ -41,20 +48,33 @@ class EncodeTextConfig:
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
 
+def selected_encoders(cfg: EncodeTextConfig) -> dict[str, str]:
+    """The encoders to run, name -> model: --encoders, else clip and t5 plus every other encoder given a model."""
+    models = {"clip": cfg.clip, "t5": cfg.t5} | {k: v for k, v in cfg.models.items() if v}
+    chosen = {k for k, v in cfg.models.items() if v}
+    names = parse_encoders(cfg.encoders) if cfg.encoders else [n for n in ENCODERS if n in DEFAULT_ENCODERS or n in chosen]
+    left_out = sorted(chosen - set(names))
+    if left_out:
+        raise GentronError(
+            f"a model is given for {', '.join(left_out)} but --encoders {cfg.encoders} leaves it out",
+            f"add it: --encoders {','.join([*names, *left_out])}, or drop --{left_out[0]}",
+        )
+    for name in names:
+        if not models.get(name) and ENCODERS[name].default is None:
+            raise GentronError(f"the {name} encoder has no default model", f"pass --{name} NAME_OR_PATH (hub name or local folder)")
+    return {name: models.get(name) or ENCODERS[name].default for name in names}
+
+
 def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
-    names = parse_encoders(cfg.encoders)
-    return TextEncoders(
-        cfg.clip if "clip" in names else None,
-        cfg.t5 if "t5" in names else None,
-        t5_max_length=cfg.t5_max_length,
-        device=cfg.device,
-        dtype=cfg.dtype,
-    )
+    settings = {"t5": {"max_length": cfg.t5_max_length}}
+    settings |= {name: settings.get(name, {}) | dict(values) for name, values in cfg.settings.items()}
+    models = selected_encoders(cfg)
+    return TextEncoders(models, settings={n: v for n, v in settings.items() if n in models}, device=cfg.device, dtype=cfg.dtype)
 
 
 def _check_finite(arrays: dict[str, np.ndarray]) -> None:
     if not all(np.isfinite(a).all() for a in arrays.values()):
-        raise BadSample("non_finite_embedding", "the encoder gave inf/nan (in float16); T5 needs --dtype bf16 or fp32")
+        raise BadSample("non_finite_embedding", "the encoder gave inf/nan (in float16); run the encoders in --dtype bf16 or fp32")
 
 
 def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
@@ -139,7 +159,7 @@ class TextShardEncoder:
                 stats.count(f"truncated_{name}")
             tokens = {name: len(encoded.arrays[name]) for name in self.encoders.encoders}
             text_meta = self.text_meta | {"tokens": tokens, "truncated": list(encoded.truncated)}
-            out = dict(item.fields) | {FIELD_OF_ARRAY[name]: schema.encode_npy(a) for name, a in encoded.arrays.items()}
+            out = dict(item.fields) | {schema.text_field(name): schema.encode_npy(a) for name, a in encoded.arrays.items()}
             out[schema.META] = schema.encode_json(item.meta | {"text": text_meta})
             writer.write(item.key, out)
             tick(1)

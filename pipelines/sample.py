@@ -31,8 +31,8 @@ from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.gentron import GenTronTransformer
-from pipelines.model.text_encoders import DTYPES, TextEncoders, resolve_device, resolve_dtype
+from pipelines.model.gentron import GenTronTransformer, required_text_arrays, text_inputs_of
+from pipelines.model.text_encoders import DTYPES, ENCODERS, TextEncoders, resolve_device, resolve_dtype
 from pipelines.model.vae import VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
 
@@ -63,9 +63,8 @@ class SampleConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # compute precision (autocast): fp32, bf16, fp16; auto = bf16 on cuda, fp32 on cpu
     negative_prompt: str | None = None  # replaces the empty caption as the unconditional text
-    clip: str | None = None  # override the encoders / VAE recorded in the model folder
-    t5: str | None = None
-    vae: str | None = None
+    text_encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
+    vae: str | None = None  # instead of the recorded VAE
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
 
@@ -113,9 +112,7 @@ class ModelInfo:
 
     vae: str
     vae_scaling_factor: float
-    clip: str | None  # encoder names (hub name or path); None when the model does not use that encoder
-    t5: str | None
-    t5_max_length: int | None
+    text_encoders: dict[str, dict]  # encoder name -> what the data's metadata records of it: "name" (hub name or path), settings
     frames: int
     resolution: int
     fps: float
@@ -131,17 +128,14 @@ def read_model_info(folder: Path) -> ModelInfo:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         vae, text, data = record["vae"], record["text_encoders"], record["data"]
-        used = text["used"]
-        clip = text.get("clip") or {}
-        t5 = text.get("t5") or {}
+        used = text["used"].split("+") if isinstance(text["used"], str) else list(text["used"])  # "clip+t5" in older records
+        names = [*used, *(n for n in text.get("encoders") or () if n not in used)]
         # the training latents' side times the VAE's downsampling is the size the model learned
         resolution = int(data["latent_shape"][-1]) * int(vae["downsample"]) if vae.get("downsample") else data["resolution"]
         return ModelInfo(
             vae=vae["name"],
             vae_scaling_factor=float(vae["scaling_factor"]),
-            clip=clip.get("name") if "clip" in used else None,
-            t5=t5.get("name") if "t5" in used else None,
-            t5_max_length=t5.get("max_length"),
+            text_encoders={name: dict(text.get(name) or {}) for name in names},
             frames=int(data["frames"]),
             resolution=int(resolution),
             fps=float(data.get("fps") or 4.0),
@@ -172,23 +166,28 @@ def read_empty_caption(folder: Path, fields: set[str]) -> dict[str, np.ndarray]:
 def load_text_encoders(
     info: ModelInfo, cfg: SampleConfig, model: GenTronTransformer, device: torch.device, dtype: torch.dtype
 ) -> TextEncoders:
-    """The encoders the model uses, as recorded in pipeline.json unless overridden; widths checked against the model."""
-    used = model.config.text_encoders
-    names = {"clip": cfg.clip or info.clip if "clip" in used else None, "t5": cfg.t5 or info.t5 if "t5" in used else None}
-    for name, value in names.items():
-        if name in used and not value:
-            raise GentronError(f"the model uses a {name.upper()} encoder but its pipeline.json names none", f"pass --{name} NAME_OR_PATH")
-    kwargs = {"t5_max_length": info.t5_max_length} if info.t5_max_length else {}
-    encoders = TextEncoders(clip=names["clip"], t5=names["t5"], device=device, dtype=dtype, **kwargs)
-    for key, width in encoders.dims.items():
-        expected = model.config[key]
-        if width != expected:
-            which = "clip" if key.startswith("clip") else "t5"
-            raise GentronError(
-                f"the {which.upper()} encoder {names[which]} gives {key.removesuffix('_dim').replace('_', ' ')} width {width}, "
-                f"but the model was trained with width {expected}",
-                f"pass --{which} with the encoder the model was trained with (recorded in pipeline.json: {getattr(info, which)})",
-            )
+    """The encoders the model reads (its text_inputs), as recorded in pipeline.json unless overridden, with the
+    recorded settings (max length, layer); their widths checked against the model."""
+    inputs = text_inputs_of(model.config)
+    models, settings = {}, {}
+    for name in inputs:
+        if name not in ENCODERS:
+            raise GentronError(f"the model reads a text encoder {name!r} this version does not know", f"use a gentron version with a {name!r} encoder")
+        recorded = info.text_encoders.get(name, {})
+        models[name] = cfg.text_encoders.get(name) or recorded.get("name")
+        if not models[name]:
+            raise GentronError(f"the model reads the {name} encoder but its pipeline.json names none", f"pass --text-encoder {name}=NAME_OR_PATH")
+        settings[name] = {k: recorded[k] for k in ENCODERS[name].settings if recorded.get(k) is not None}
+    encoders = TextEncoders(models, settings=settings, device=device, dtype=dtype)
+    for name, widths in encoders.text_inputs.items():
+        for key, width in widths.items():
+            expected = getattr(inputs[name], key)
+            if expected is not None and width != expected:
+                raise GentronError(
+                    f"the {name} encoder {models[name]} gives {'pooled ' if key == 'pooled_dim' else ''}width {width}, "
+                    f"but the model was trained with width {expected}",
+                    f"pass the encoder the model was trained with (recorded in pipeline.json: {info.text_encoders.get(name, {}).get('name')})",
+                )
     return encoders
 
 
@@ -230,6 +229,7 @@ class SamplingPipeline:
         self.model = load_model_folder(self.folder).to(self.device).eval()
         self.model.requires_grad_(False)
         self.text_encoders = load_text_encoders(self.info, cfg, self.model, self.device, self.dtype)
+        self.text_arrays = required_text_arrays(self.model.config)
         self.vae = load_model_vae(self.info, cfg, self.model, self.device, self.dtype, reporter)
         self.uncond_arrays = self._unconditional_arrays(cfg)
 
@@ -237,17 +237,14 @@ class SamplingPipeline:
         """The text of the unconditional branch: the negative prompt, else the empty caption the model saw in training."""
         if cfg.negative_prompt is not None:
             return self.text_encoders.encode([cfg.negative_prompt])[0]
-        if cfg.clip is None and cfg.t5 is None:
-            fields = {"clip", "clip_pooled"} if self.text_encoders.clip is not None else set()
-            return read_empty_caption(self.folder, fields | ({"t5"} if self.text_encoders.t5 is not None else set()))
+        if not cfg.text_encoders:
+            return read_empty_caption(self.folder, set(self.text_arrays))
         return self.text_encoders.encode([""])[0]  # other encoders: their own empty caption
 
     def text_condition(self, arrays: list[dict[str, np.ndarray]]) -> TextCondition:
-        """Pad to the encoders' fixed lengths, so a caption's padding does not depend on its batch."""
-        clip, t5 = self.text_encoders.clip, self.text_encoders.t5
-        return TextCondition.collate(
-            arrays, clip_length=clip.max_length if clip else None, t5_length=t5.max_length if t5 else None
-        ).to(self.device)
+        """The arrays the model reads, padded to the encoders' fixed lengths, so a caption's padding does not depend on its batch."""
+        arrays = [{name: a[name] for name in self.text_arrays} for a in arrays]
+        return TextCondition.collate(arrays, lengths=self.text_encoders.max_lengths).to(self.device)
 
     def latent_shape(self, frames: int, resolution: int) -> tuple[int, ...]:
         downsample = self.vae.downsample
@@ -361,8 +358,7 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
         "device": str(device),
         "dtype": {v: k for k, v in DTYPES.items()}[resolve_dtype(cfg.dtype, device)],
         "negative_prompt": cfg.negative_prompt,
-        "clip": cfg.clip,
-        "t5": cfg.t5,
+        "text_encoders": dict(cfg.text_encoders),
         "vae": cfg.vae,
     }
 
@@ -442,6 +438,8 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            # older sidecars record the encoder overrides as "clip" and "t5"
+            text_encoders=settings["text_encoders"] if "text_encoders" in settings else {k: settings[k] for k in ("clip", "t5") if settings.get(k)},
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
             raise ValueError("the prompt is not in its recorded batch")
@@ -453,7 +451,7 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
 
 
 _SIDECAR_SETTINGS = ("steps", "scheduler", "cfg_scale", "mfg_scale", "frames", "resolution", "fps", "batch_size",
-                     "device", "dtype", "negative_prompt", "clip", "t5", "vae")
+                     "device", "dtype", "negative_prompt", "vae")
 
 
 def resample_from_sidecar(

@@ -124,20 +124,45 @@ def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None
 
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
-    """Text arrays the model needs; a clear error when the data lacks them."""
-    needed = []
-    if "clip" in model_config["text_encoders"]:
-        needed += [schema.CLIP_POOLED] + ([schema.CLIP_TOKENS] if model_config["text_conditioning"] == "cross_attention" else [])
-    if "t5" in model_config["text_encoders"]:
-        needed += [schema.T5_TOKENS]
+    """The shard fields of the text arrays the model reads (`required_text_arrays`); a clear error when the data lacks them."""
+    from pipelines.model.gentron import required_text_arrays
+
+    needed = [schema.text_field(array) for array in required_text_arrays(model_config)]
     for src in sources:
         missing = [n for n in needed if n not in src.text_fields]
         if missing:
+            have = sorted({schema.text_array_name(f).removesuffix("_pooled") for f in src.text_fields})
             raise GentronError(
-                f"the model uses text encoders {model_config['text_encoders']!r} but samples in {src.folder} lack {missing}",
-                'encode the captions with those encoders, or pick the ones you have: --model \'{"size": "XL/2", "text_encoders": "clip"}\'',
+                f"the model reads text inputs {', '.join(model_config['text_inputs'])} but samples in {src.folder} lack {missing}",
+                "encode the captions with those encoders, or train a model on the ones the data has: "
+                f"--model '{{\"size\": \"XL/2\", \"text_inputs\": {json.dumps({n: {} for n in have})}}}'",
             )
     return tuple(needed)
+
+
+def text_inputs_from_data(spec: dict, empty: dict[str, np.ndarray]) -> dict:
+    """The `text_inputs` of a new model: the encoders --model names (`text_inputs`, or the older `text_encoders`),
+    else every encoder the data holds (its empty caption's arrays); their widths are always the data's."""
+    from pipelines.model.conditioning import POOLED_SUFFIX, pooled_array
+    from pipelines.model.gentron import is_legacy_config, upgrade_config
+
+    if is_legacy_config(spec):
+        spec = upgrade_config(spec)
+    in_data = sorted(k for k in empty if not k.endswith(POOLED_SUFFIX))
+    asked = spec.get("text_inputs") or {name: {} for name in in_data}
+    missing = sorted(set(asked) - set(in_data))
+    if missing:
+        raise GentronError(
+            f"--model names text inputs {', '.join(missing)} but the data was encoded with {', '.join(in_data)} only",
+            f"encode the captions with {', '.join(missing)} too (`gentron encode-text`), or leave text_inputs out to use what the data has",
+        )
+    inputs = {}
+    for name, entry in asked.items():
+        entry = {k: v for k, v in dict(entry).items() if k == "pooled"} | {"dim": int(empty[name].shape[-1])}
+        if pooled_array(name) in empty:
+            entry["pooled_dim"] = int(empty[pooled_array(name)].shape[-1])
+        inputs[name] = entry
+    return inputs
 
 
 # --------------------------------------------------------------------------- model
@@ -163,16 +188,15 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
         elif config.stage == "t2i" and model.config.temporal:
             raise GentronError(f"--init {path} is a T2V model but --stage is t2i", "use --stage t2v, or a T2I model")
     else:
-        dims = {}
-        if "clip" in empty:
-            dims["clip_dim"] = int(empty["clip"].shape[-1])
-        if "clip_pooled" in empty:
-            dims["clip_pooled_dim"] = int(empty["clip_pooled"].shape[-1])
-        if "t5" in empty:
-            dims["t5_dim"] = int(empty["t5"].shape[-1])
-        if objective.config.name == "flow" and "learn_sigma" not in model_spec(config.model or DEFAULT_SIZE):
-            dims["learn_sigma"] = False  # a velocity model has no variance to learn
-        cfg = model_config(config.model or DEFAULT_SIZE, in_channels=int(channels), temporal=config.stage == "t2v", **dims)
+        from pipelines.model.gentron import LEGACY_TEXT_KEYS
+
+        spec = model_spec(config.model or DEFAULT_SIZE)
+        # the text inputs come from the data: their names (unless --model names them) and always their widths
+        text = {"text_inputs": text_inputs_from_data(spec, empty)}
+        spec = {k: v for k, v in spec.items() if k not in LEGACY_TEXT_KEYS}
+        if objective.config.name == "flow" and "learn_sigma" not in spec:
+            text["learn_sigma"] = False  # a velocity model has no variance to learn
+        cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
         model = GenTronTransformer.from_config(cfg)
     objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -192,7 +216,9 @@ TEMPORAL_SETTINGS = ("frame_embedding",)  # what --model may still choose when a
 
 def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
     """--model beside --init may only restate the init model's architecture: any other value would be ignored."""
-    from pipelines.model.configs import MODEL_SIZES, TINY_TEXT_DIMS, model_spec
+    from pipelines.model.configs import MODEL_SIZES, model_spec
+    from pipelines.model.gentron import LEGACY_TEXT_KEYS
+    from pipelines.model.text_encoders import parse_encoders
 
     if not spec:
         return
@@ -201,9 +227,18 @@ def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
     if size is not None and size in MODEL_SIZES:
         named = MODEL_SIZES[size]
         base = {"depth": named.depth, "hidden_size": named.hidden_size, "mlp_dim": named.mlp_dim, "num_heads": named.num_heads}
-        asked = base | (TINY_TEXT_DIMS if size == "T/2" else {}) | asked
+        asked = base | asked
+    if "text_encoders" in asked and "text_inputs" not in asked:  # the older spelling names the encoders only
+        asked["text_inputs"] = {name: {} for name in parse_encoders(str(asked["text_encoders"]))}
+    asked = {k: v for k, v in asked.items() if k not in LEGACY_TEXT_KEYS}
     have = dict(model.config)
-    differ = sorted(k for k, v in asked.items() if k not in ignore and k in have and have[k] != v)
+    differ = sorted(k for k, v in asked.items() if k not in ignore and k in have and k != "text_inputs" and have[k] != v)
+    text = asked.get("text_inputs")
+    if text is not None and (
+        not isinstance(text, dict) or set(text) != set(have["text_inputs"])
+        or any(not isinstance(e, dict) or any(have["text_inputs"][n].get(k) != v for k, v in e.items()) for n, e in text.items())
+    ):  # fmt: skip
+        differ.append("text_inputs")  # the encoders it names, and what it says of them, must be the model's
     if differ:
         detail = ", ".join(f"{k} {asked[k]!r} (the init model has {have[k]!r})" for k in differ)
         raise GentronError(
@@ -214,8 +249,8 @@ def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
 
 def trained_model_spec(model_cfg: dict) -> str:
     """The --model that builds exactly this architecture (what a run's config.json records with --init)."""
-    keep = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "learn_sigma", "text_conditioning", "text_encoders",
-            "clip_dim", "clip_pooled_dim", "t5_dim", "frame_embedding")  # fmt: skip
+    keep = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "learn_sigma", "text_conditioning", "text_inputs",
+            "frame_embedding")  # fmt: skip
     return json.dumps({k: model_cfg[k] for k in keep if k in model_cfg}, sort_keys=True)
 
 
@@ -330,10 +365,10 @@ def pipeline_record(
             "channels": int(latent_shape[-3]),
             "downsample": downsample,
         },
-        "text_encoders": {
-            "used": model_cfg["text_encoders"],
-            "dims": {"clip": model_cfg["clip_dim"], "clip_pooled": model_cfg["clip_pooled_dim"], "t5": model_cfg["t5_dim"]},
+        "text_encoders": {  # the shard metadata's text section (encoders, their models and settings), and what the model reads
             **text_meta,
+            "used": list(model_cfg["text_inputs"]),
+            "inputs": model_cfg["text_inputs"],
         },
         "data": {
             "latent_shape": list(latent_shape),

@@ -45,17 +45,15 @@ def check_sampling_models(pipeline: dict) -> None:
     from pipelines.model.text_encoders import OPEN_CLIP_PREFIX, load_pretrained
 
     text = pipeline["text_encoders"]
-    for name in ("clip", "t5"):
-        if name not in text["used"]:
-            continue
+    for name in text["used"]:
         spec = (text.get(name) or {}).get("name")
         if not spec:
             raise GentronError(
-                f"--eval-every: the training data's metadata names no {name.upper()} encoder, so the evaluation prompts cannot be encoded",
+                f"--eval-every: the training data's metadata names no {name} encoder, so the evaluation prompts cannot be encoded",
                 "encode the data with `gentron encode-text` (it records the encoders), or train without --eval-every",
             )
         if not spec.startswith(OPEN_CLIP_PREFIX):
-            load_pretrained(AutoConfig.from_pretrained, spec, f"{name.upper()} text encoder (to encode the evaluation prompts)")
+            load_pretrained(AutoConfig.from_pretrained, spec, f"{name} text encoder (to encode the evaluation prompts)", default_subfolder="text_encoder")
     vae = pipeline["vae"]["name"]
     if vae != "pixel":
         from diffusers import AutoencoderKL

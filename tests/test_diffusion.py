@@ -26,9 +26,9 @@ def dit_alphas_cumprod() -> np.ndarray:
 
 def random_text(batch: int, generator: torch.Generator) -> TextCondition:
     return TextCondition(
-        clip_tokens=torch.randn(batch, 5, 16, generator=generator),
-        clip_mask=torch.ones(batch, 5, dtype=torch.bool),
-        clip_pooled=torch.randn(batch, 16, generator=generator),
+        tokens={"clip": torch.randn(batch, 5, 16, generator=generator)},
+        masks={"clip": torch.ones(batch, 5, dtype=torch.bool)},
+        pooled={"clip": torch.randn(batch, 16, generator=generator)},
     )
 
 
@@ -472,12 +472,14 @@ def tiny_video_model():
 
 def tiny_model_text(batch: int, seed: int) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
+    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
+    clip_tokens = torch.randn(batch, 4, 32, generator=g)
+    clip_pooled = torch.randn(batch, 32, generator=g)
+    t5_tokens = torch.randn(batch, 5, 32, generator=g)
     return TextCondition(
-        clip_tokens=torch.randn(batch, 4, 32, generator=g),
-        clip_mask=torch.ones(batch, 4, dtype=torch.bool),
-        clip_pooled=torch.randn(batch, 32, generator=g),
-        t5_tokens=torch.randn(batch, 5, 32, generator=g),
-        t5_mask=torch.ones(batch, 5, dtype=torch.bool),
+        tokens={"clip": clip_tokens, "t5": t5_tokens},
+        masks={"clip": torch.ones(batch, 4, dtype=torch.bool), "t5": torch.ones(batch, 5, dtype=torch.bool)},
+        pooled={"clip": clip_pooled},
     )
 
 

@@ -165,7 +165,7 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     shard1 = [("k6", _sample("none", 6, "two people in a park")), ("bad", bad), ("nocap", no_caption)]
     inp = _write_shards(tmp_path / "in", [shard0, shard1])
     out = tmp_path / "out"
-    encoders = TextEncoders(str(tiny["clip"]), str(tiny["t5"]), device="cpu")
+    encoders = TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), device="cpu")
     res = encode_text(EncodeTextConfig(inp, out, batch_size=2), encoders=encoders)
     assert (res.samples_in, res.samples_out, res.failed) == (9, 5, 4)
     assert res.summary["failures_by_reason"] == {"caption_not_utf8": 1, "empty_caption": 2, "no_caption": 1}
@@ -195,7 +195,7 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     assert (res2.done, res2.skipped) == (1, 1)
     assert (empty.stat().st_ino, empty.stat().st_mtime_ns) == before  # written once per folder
     assert not list(out.glob(".*tmp*"))
-    t5_only = TextEncoders(None, str(tiny["t5"]), device="cpu")
+    t5_only = TextEncoders(clip=None, t5=str(tiny["t5"]), device="cpu")
     with pytest.raises(Exception) as err:  # the folder's empty caption came from other encoders
         encode_text(EncodeTextConfig(inp, out, encoders="t5"), encoders=t5_only)
     assert "empty_caption.npz" in str(err.value)

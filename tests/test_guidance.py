@@ -29,12 +29,14 @@ def randomised_tiny_model(temporal: bool, learn_sigma: bool = True) -> GenTronTr
 
 def tiny_text(batch: int, seed: int) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
+    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
+    clip_tokens = torch.randn(batch, 6, 32, generator=g)
+    clip_pooled = torch.randn(batch, 32, generator=g)
+    t5_tokens = torch.randn(batch, 7, 32, generator=g)
     text = TextCondition(
-        clip_tokens=torch.randn(batch, 6, 32, generator=g),
-        clip_mask=torch.ones(batch, 6, dtype=torch.bool),
-        clip_pooled=torch.randn(batch, 32, generator=g),
-        t5_tokens=torch.randn(batch, 7, 32, generator=g),
-        t5_mask=torch.arange(7).expand(batch, 7) < 5,
+        tokens={"clip": clip_tokens, "t5": t5_tokens},
+        masks={"clip": torch.ones(batch, 6, dtype=torch.bool), "t5": torch.arange(7).expand(batch, 7) < 5},
+        pooled={"clip": clip_pooled},
     )
     return text.to(dtype=torch.float64)
 

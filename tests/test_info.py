@@ -50,7 +50,8 @@ def test_forward_flops_match_the_analytic_matmul_count():
         + 2 * text * d  # cross scores + values
         + 2 * d * m  # MLP
     ) + 2 * text * 2 * d * d  # cross k, v from the text tokens
-    text_projections = 2 * CLIP_LENGTH * (config["clip_dim"] * d + d * d) + 2 * T5_LENGTH * (config["t5_dim"] * d + d * d)
+    widths = config["text_inputs"]
+    text_projections = 2 * CLIP_LENGTH * (widths["clip"]["dim"] * d + d * d) + 2 * T5_LENGTH * (widths["t5"]["dim"] * d + d * d)
     forward = model_cost(config, resolution=256).forward_flops
     assert 1.0 < forward / (depth * per_block + text_projections) < 1.03  # the rest: embeddings, adaLN, final layer
 

@@ -113,7 +113,7 @@ def test_ranks_split_the_global_batch_and_resume_skips_exactly(data):
     rank0 = _batches(make_stream(images, videos, micro=2, rank=0, world=2), 3)
     rank1 = _batches(make_stream(images, videos, micro=2, rank=1, world=2), 3)
     for b, r0, r1 in zip(whole, rank0, rank1):
-        for key in ("index", "x0", "noise", "timestep_draw", "motion_free", "text.clip_pooled"):
+        for key in ("index", "x0", "noise", "timestep_draw", "motion_free", "text.pooled.clip"):
             assert torch.equal(b[key], torch.cat([r0[key], r1[key]])), key
     resumed = _batches(make_stream(images, videos, micro=4, start=8), 1)[0]
     for key in ("index", "x0", "noise", "timestep_draw", "motion_free"):

@@ -8,7 +8,7 @@ import torch
 from pipelines.errors import GentronError
 from pipelines.model import GenTronTransformer, TextCondition, model_config
 from pipelines.model.flops import count_parameters, meta_model
-from pipelines.model.gentron import is_temporal_parameter, sincos_2d
+from pipelines.model.gentron import is_temporal_parameter, required_text_arrays, sincos_2d
 
 C = 4  # latent channels
 TEXT_DIM = 32  # T/2 pairs with 32-d tiny text encoders
@@ -33,13 +33,25 @@ def make_text(batch: int, seed: int = 0, clip_len: int = 5, t5_len: int = 7) -> 
     clip_mask = torch.ones(batch, clip_len, dtype=torch.bool)
     t5_mask = torch.ones(batch, t5_len, dtype=torch.bool)
     t5_mask[0, -2:] = False  # sample 0 has a shorter T5 caption
+    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
+    clip_tokens = torch.randn(batch, clip_len, TEXT_DIM, generator=g)
+    clip_pooled = torch.randn(batch, TEXT_DIM, generator=g)
+    t5_tokens = torch.randn(batch, t5_len, TEXT_DIM, generator=g)
     return TextCondition(
-        clip_tokens=torch.randn(batch, clip_len, TEXT_DIM, generator=g),
-        clip_mask=clip_mask,
-        clip_pooled=torch.randn(batch, TEXT_DIM, generator=g),
-        t5_tokens=torch.randn(batch, t5_len, TEXT_DIM, generator=g),
-        t5_mask=t5_mask,
+        tokens={"clip": clip_tokens, "t5": t5_tokens},
+        masks={"clip": clip_mask, "t5": t5_mask},
+        pooled={"clip": clip_pooled},
     )
+
+
+def changed(text: TextCondition, part: str, name: str, value) -> TextCondition:
+    """A copy of `text` with text.<part>[name] replaced (None: removed)."""
+    parts = {p: dict(getattr(text, p)) for p in ("tokens", "masks", "pooled")}
+    if value is None:
+        parts[part].pop(name)
+    else:
+        parts[part][name] = value
+    return TextCondition(**parts)
 
 
 def inputs(batch: int = 2, frames: int | None = None, h: int = 8, w: int = 8, seed: int = 0):
@@ -182,69 +194,92 @@ def test_padding_tokens_do_not_change_output_but_text_does():
     x, t, text = inputs()
     g = torch.Generator().manual_seed(9)
     padded = TextCondition(
-        clip_tokens=torch.cat([text.clip_tokens, 50 * torch.randn(2, 3, TEXT_DIM, generator=g)], dim=1),
-        clip_mask=torch.cat([text.clip_mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1),
-        clip_pooled=text.clip_pooled,
-        t5_tokens=torch.cat([text.t5_tokens, 50 * torch.randn(2, 4, TEXT_DIM, generator=g)], dim=1),
-        t5_mask=torch.cat([text.t5_mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1),
+        tokens={
+            "clip": torch.cat([text.tokens["clip"], 50 * torch.randn(2, 3, TEXT_DIM, generator=g)], dim=1),
+            "t5": torch.cat([text.tokens["t5"], 50 * torch.randn(2, 4, TEXT_DIM, generator=g)], dim=1),
+        },
+        masks={
+            "clip": torch.cat([text.masks["clip"], torch.zeros(2, 3, dtype=torch.bool)], dim=1),
+            "t5": torch.cat([text.masks["t5"], torch.zeros(2, 4, dtype=torch.bool)], dim=1),
+        },
+        pooled=text.pooled,
     )
-    garbled = TextCondition(**{**vars(text), "t5_tokens": text.t5_tokens.clone()})
-    garbled.t5_tokens[0, -2:] = 99.0  # sample 0's masked T5 positions
+    garbled = changed(text, "tokens", "t5", text.tokens["t5"].clone())
+    garbled.tokens["t5"][0, -2:] = 99.0  # sample 0's masked T5 positions
     with torch.no_grad():
         out = model(x, t, text)
         torch.testing.assert_close(model(x, t, padded), out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model(x, t, garbled), out, rtol=1e-5, atol=1e-6)
-        other_tokens = TextCondition(**{**vars(text), "clip_tokens": text.clip_tokens + 1.0})
-        assert (model(x, t, other_tokens) - out).abs().max() > 1e-2
-        other_pooled = TextCondition(**{**vars(text), "clip_pooled": text.clip_pooled + 1.0})
-        assert (model(x, t, other_pooled) - out).abs().max() > 1e-2
+        for name in ("clip", "t5"):  # cross-attention reads both encoders' tokens
+            assert (model(x, t, changed(text, "tokens", name, text.tokens[name] + 1.0)) - out).abs().max() > 1e-2, name
+        assert (model(x, t, changed(text, "pooled", "clip", text.pooled["clip"] + 1.0)) - out).abs().max() > 1e-2
 
 
 def test_caption_without_tokens_gives_finite_output_independent_of_garbage():
     model = randomize(tiny(), seed=5)
     x, t, text = inputs()
-    empty = TextCondition(**vars(text))
-    empty.clip_mask = torch.zeros_like(text.clip_mask)
-    empty.t5_mask = torch.zeros_like(text.t5_mask)
-    other = TextCondition(**{**vars(empty), "clip_tokens": text.clip_tokens * -3, "t5_tokens": text.t5_tokens * 5})
+    empty = TextCondition(text.tokens, {name: torch.zeros_like(m) for name, m in text.masks.items()}, text.pooled)
+    other = TextCondition({"clip": text.tokens["clip"] * -3, "t5": text.tokens["t5"] * 5}, empty.masks, text.pooled)
     with torch.no_grad():
         out = model(x, t, empty)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(model(x, t, other), out, rtol=1e-5, atol=1e-6)
 
 
-def test_adaln_mode_uses_pooled_text_only():
+def test_adaln_mode_uses_every_encoder_through_the_pooled_vector():
+    """adaLN with CLIP and T5 reads CLIP's pooled vector and T5's token mean (the old code dropped T5 silently)."""
     model = randomize(tiny(text_conditioning="adaln"), seed=6)
-    assert model.blocks[0].cross_attn is None and model.clip_embedder is None and model.t5_embedder is None
+    assert model.blocks[0].cross_attn is None and not model.token_embedders
+    assert set(model.pooled_embedders) == {"clip", "t5"}
+    assert required_text_arrays(model.config) == ("clip_pooled", "t5")
     x, t, text = inputs()
-    other_tokens = TextCondition(**{**vars(text), "clip_tokens": -text.clip_tokens, "t5_tokens": None, "t5_mask": None})
-    other_pooled = TextCondition(**{**vars(text), "clip_pooled": -text.clip_pooled})
     with torch.no_grad():
         out = model(x, t, text)
-        assert torch.equal(model(x, t, other_tokens), out)
-        assert (model(x, t, other_pooled) - out).abs().max() > 1e-2
+        # CLIP's tokens are not read (it has a pooled vector of its own); removing them changes nothing
+        assert torch.equal(model(x, t, changed(text, "tokens", "clip", None)), out)
+        assert (model(x, t, changed(text, "pooled", "clip", -text.pooled["clip"])) - out).abs().max() > 1e-2
+        assert (model(x, t, changed(text, "tokens", "t5", text.tokens["t5"] + 1.0)) - out).abs().max() > 1e-2
+
+
+def test_adaln_refuses_an_encoder_it_would_not_read():
+    with pytest.raises(GentronError, match="text_inputs.t5 has pooled false"):
+        model_config("T/2", text_conditioning="adaln", text_inputs={"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32, "pooled": False}})
 
 
 def test_t5_only_pools_the_masked_mean_of_t5_tokens():
-    model = randomize(tiny(text_encoders="t5", text_conditioning="adaln"), seed=7)
+    model = randomize(tiny(text_inputs={"t5": {"dim": TEXT_DIM}}, text_conditioning="adaln"), seed=7)
     x, t, text = inputs()
-    t5_only = TextCondition(t5_tokens=text.t5_tokens, t5_mask=text.t5_mask)
-    padded_garbage = TextCondition(t5_tokens=text.t5_tokens.clone(), t5_mask=text.t5_mask)
-    padded_garbage.t5_tokens[0, -2:] = 42.0  # masked positions of sample 0
-    valid_changed = TextCondition(t5_tokens=text.t5_tokens + 1.0, t5_mask=text.t5_mask)
+    t5_only = TextCondition(tokens={"t5": text.tokens["t5"]}, masks={"t5": text.masks["t5"]})
+    padded_garbage = TextCondition(tokens={"t5": text.tokens["t5"].clone()}, masks={"t5": text.masks["t5"]})
+    padded_garbage.tokens["t5"][0, -2:] = 42.0  # masked positions of sample 0
+    valid_changed = TextCondition(tokens={"t5": text.tokens["t5"] + 1.0}, masks={"t5": text.masks["t5"]})
     with torch.no_grad():
         out = model(x, t, t5_only)
         torch.testing.assert_close(model(x, t, padded_garbage), out, rtol=1e-5, atol=1e-6)
         assert (model(x, t, valid_changed) - out).abs().max() > 1e-2
 
 
+def test_three_encoders_of_different_widths_cross_attention():
+    """Any set of named encoders: each gets its own projection, and every one shapes the output."""
+    inputs_ = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}, "llm": {"dim": 24}}
+    model = randomize(tiny(text_inputs=inputs_), seed=13)
+    assert model.config.text_inputs["llm"] == {"dim": 24, "pooled": False}  # only CLIP has a pooled vector: it alone is pooled
+    assert required_text_arrays(model.config) == ("clip", "clip_pooled", "llm", "t5")
+    x, t, text = inputs()
+    text.tokens["llm"] = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(x, t, text)
+        for name in ("clip", "t5", "llm"):
+            assert (model(x, t, changed(text, "tokens", name, text.tokens[name] + 1.0)) - out).abs().max() > 1e-2, name
+
+
 def test_text_mismatch_is_a_clear_error():
     model = tiny()
     x, t, text = inputs()
-    with pytest.raises(GentronError, match="t5_tokens have width 16"):
-        model(x, t, TextCondition(**{**vars(text), "t5_tokens": torch.zeros(2, 7, 16)}))
-    with pytest.raises(GentronError, match="no clip_pooled"):
-        model(x, t, TextCondition(**{**vars(text), "clip_pooled": None}))
+    with pytest.raises(GentronError, match="t5 has width 16"):
+        model(x, t, changed(text, "tokens", "t5", torch.zeros(2, 7, 16)))
+    with pytest.raises(GentronError, match="reads the text array 'clip_pooled'"):
+        model(x, t, changed(text, "pooled", "clip", None))
     with pytest.raises(GentronError, match="not divisible by the patch size"):
         model(torch.zeros(2, C, 7, 8), t, text)
 
@@ -280,7 +315,9 @@ def test_temporal_model_accepts_images_as_one_frame():
 def test_config_exposes_what_other_stages_read():
     cfg = tiny(temporal=True).config
     assert (cfg.in_channels, cfg.learn_sigma, cfg.temporal, cfg.patch_size) == (4, True, True, 2)
-    assert (cfg.text_encoders, cfg.clip_dim, cfg.t5_dim, cfg.clip_pooled_dim) == ("clip+t5", 32, 32, 32)
+    assert cfg.text_inputs == {"clip": {"dim": 32, "pooled_dim": 32, "pooled": True}, "t5": {"dim": 32, "pooled": False}}
+    # the older spelling of the text settings still builds the same model
+    assert model_config({"size": "T/2", "text_encoders": "t5", "t5_dim": 16})["text_inputs"] == {"t5": {"dim": 16, "pooled": True}}
     with pytest.raises(GentronError, match="unknown model config keys"):
         model_config({"size": "T/2", "depht": 3})
     with pytest.raises(GentronError, match="unknown model size"):
@@ -325,7 +362,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert sum(g.abs().sum() for g in plain.values()) > 0
 
 
-@pytest.mark.parametrize("overrides", [{}, {"temporal": True, "depth": 3}, {"text_conditioning": "adaln", "text_encoders": "t5"}])
+@pytest.mark.parametrize("overrides", [{}, {"temporal": True, "depth": 3}, {"text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}}])
 def test_meta_parameter_count_equals_real(overrides):
     config = model_config("T/2", **overrides)
     real_total, real_temporal = count_parameters(GenTronTransformer.from_config(config))
@@ -336,7 +373,7 @@ def test_meta_parameter_count_equals_real(overrides):
 def test_bf16_autocast_runs_and_stays_close_to_float32():
     model = randomize(tiny(temporal=True), seed=12)
     x, t, text = inputs(frames=2)
-    text.clip_mask[1] = False  # one caption without tokens: the -inf bias must not give NaN in bf16
+    text.masks["clip"][1] = False  # one caption without tokens: the -inf bias must not give NaN in bf16
     mf = torch.tensor([True, False])
     with torch.no_grad():
         reference = model(x, t, text, motion_free=mf)
@@ -344,3 +381,34 @@ def test_bf16_autocast_runs_and_stays_close_to_float32():
             low = model(x, t, text, motion_free=mf)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+# ----------------------------------------------------------------------------- which text arrays
+
+
+def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
+    """adaLN with CLIP+T5 reads CLIP's pooled vector and T5's tokens: training loads both, and the model needs both."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipelines.data import schema
+    from pipelines.train import text_fields_for, text_inputs_from_data
+
+    cfg = model_config("T/2", text_conditioning="adaln")
+    assert required_text_arrays(cfg) == ("clip_pooled", "t5")
+    source = SimpleNamespace(text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS), folder="data")
+    assert text_fields_for(cfg, [source]) == (schema.CLIP_POOLED, schema.T5_TOKENS)
+    with pytest.raises(GentronError, match="t5.npy"):
+        text_fields_for(cfg, [SimpleNamespace(text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS), folder="data")])
+    model = randomize(GenTronTransformer.from_config(cfg))
+    x, t, text = inputs()
+    with pytest.raises(GentronError, match="'t5'"):
+        model(x, t, changed(text, "tokens", "t5", None))
+    # a new model's text inputs are the data's encoders, at the data's widths, unless --model names some
+    empty = {"clip": np.zeros((2, 8)), "clip_pooled": np.zeros(12), "llm": np.zeros((1, 24)), "t5": np.zeros((1, 16))}
+    assert text_inputs_from_data({}, empty) == {"clip": {"dim": 8, "pooled_dim": 12}, "llm": {"dim": 24}, "t5": {"dim": 16}}
+    assert text_inputs_from_data({"text_inputs": {"llm": {"pooled": True}}}, empty) == {"llm": {"pooled": True, "dim": 24}}
+    assert text_inputs_from_data({"text_encoders": "t5", "t5_dim": 99}, empty) == {"t5": {"pooled": True, "dim": 16}}
+    with pytest.raises(GentronError, match="names text inputs bert"):
+        text_inputs_from_data({"text_inputs": {"bert": {}}}, empty)

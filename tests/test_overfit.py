@@ -17,12 +17,14 @@ PAIRS, EVAL_TIMESTEPS, STEPS = 4, 8, 300
 
 def captions(batch: int, generator: torch.Generator) -> TextCondition:
     """Stand-in text-encoder outputs at the T/2 widths (32), one distinct caption per pair."""
+    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
+    clip_tokens = torch.randn(batch, 4, 32, generator=generator)
+    clip_pooled = torch.randn(batch, 32, generator=generator)
+    t5_tokens = torch.randn(batch, 6, 32, generator=generator)
     return TextCondition(
-        clip_tokens=torch.randn(batch, 4, 32, generator=generator),
-        clip_mask=torch.ones(batch, 4, dtype=torch.bool),
-        clip_pooled=torch.randn(batch, 32, generator=generator),
-        t5_tokens=torch.randn(batch, 6, 32, generator=generator),
-        t5_mask=torch.arange(6).expand(batch, 6) < 5,
+        tokens={"clip": clip_tokens, "t5": t5_tokens},
+        masks={"clip": torch.ones(batch, 4, dtype=torch.bool), "t5": torch.arange(6).expand(batch, 6) < 5},
+        pooled={"clip": clip_pooled},
     )
 
 

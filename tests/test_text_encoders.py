@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoders(tiny):
-    return TextEncoders(str(tiny["clip"]), str(tiny["t5"]), t5_max_length=40, device="cpu")
+    return TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), settings={"t5": {"max_length": 40}}, device="cpu")
 
 
 def test_tiny_encoders_are_deterministic_per_seed(tmp_path, tiny):
@@ -84,38 +84,38 @@ def test_truncation_is_reported_exactly_at_the_limit(encoders):
 
 
 def test_dims_metadata_selection_and_collate(tiny, encoders):
-    assert encoders.dims == {"clip_dim": 32, "clip_pooled_dim": 32, "t5_dim": 32}
+    assert encoders.text_inputs == {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}
     meta = encoders.metadata()
     assert meta["encoders"] == ["clip", "t5"] and meta["clip"]["name"] == str(tiny["clip"])
     assert (meta["clip"]["max_length"], meta["t5"]["max_length"], meta["t5"]["dim"]) == (77, 40, 32)
-    t5_only = TextEncoders(None, str(tiny["t5"]), t5_max_length=40, device="cpu")
-    assert t5_only.dims == {"t5_dim": 32} and set(t5_only.encode(["a"])[0]) == {"t5"}
+    t5_only = TextEncoders(clip=None, t5=str(tiny["t5"]), settings={"t5": {"max_length": 40}}, device="cpu")
+    assert t5_only.text_inputs == {"t5": {"dim": 32}} and set(t5_only.encode(["a"])[0]) == {"t5"}
     np.testing.assert_array_equal(t5_only.encode(CAPTIONS)[1]["t5"], encoders.encode(CAPTIONS)[1]["t5"])
     cond = TextCondition.collate(encoders.encode(CAPTIONS))
     lengths = [len(a["clip"]) for a in encoders.encode(CAPTIONS)]
-    assert cond.clip_mask.sum(1).tolist() == lengths and cond.clip_pooled.shape == (3, 32)
+    assert cond.masks["clip"].sum(1).tolist() == lengths and cond.pooled["clip"].shape == (3, 32) and not cond.pooled.keys() - {"clip"}
     assert parse_encoders("t5, clip") == ["clip", "t5"] and parse_encoders("clip+t5") == ["clip", "t5"]
     with pytest.raises(GentronError):
         parse_encoders("clip,bert")
     with pytest.raises(GentronError):
-        TextEncoders(None, None)
+        TextEncoders(clip=None, t5=None)
 
 
 def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
     with pytest.raises(GentronError) as err:
-        TextEncoders(str(tmp_path / "missing_clip"), None)
+        TextEncoders(clip=str(tmp_path / "missing_clip"), t5=None)
     assert "missing_clip" in err.value.message and "not found" in err.value.message
     with pytest.raises(GentronError) as err:
-        TextEncoders(str(tiny["t5"]), None)  # a T5 folder given as CLIP would otherwise load with random weights
+        TextEncoders(clip=str(tiny["t5"]), t5=None)  # a T5 folder given as CLIP would otherwise load with random weights
     assert "'t5'" in err.value.message and str(tiny["t5"]) in err.value.message
     with pytest.raises(GentronError) as err:
-        TextEncoders("open_clip:ViT-L-14:openai", None)  # open_clip is not installed here (no CPU torchvision)
+        TextEncoders(clip="open_clip:ViT-L-14:openai", t5=None)  # open_clip is not installed here (no CPU torchvision)
     assert "open_clip" in err.value.message and "openclip" in err.value.hint
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(GentronError) as err:
-        TextEncoders(None, "no-such-owner/no-such-t5")
+        TextEncoders(clip=None, t5="no-such-owner/no-such-t5")
     assert "'no-such-owner/no-such-t5' not found locally and could not be downloaded" in err.value.message
 
 
@@ -124,7 +124,7 @@ def test_loading_draws_no_weight_bar_and_restores_the_hook(tiny, capfd):
     from transformers.utils import logging as hf_logging
 
     capfd.readouterr()
-    TextEncoders(str(tiny["clip"]), str(tiny["t5"]), device="cpu")
+    TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), device="cpu")
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
     # the hook is ours only while loading: a direct transformers call still draws its bar

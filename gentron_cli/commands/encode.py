@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -55,8 +56,9 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
         clip: str = typer.Option(DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."),
         t5: str = typer.Option(DEFAULT_T5, help="T5 encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."),
-        encoders: str = typer.Option("clip,t5", help="Which encoders to run: clip, t5 or clip,t5."),
+        encoders: Optional[str] = typer.Option(None, help="Which encoders to run, comma-separated: clip, t5 or clip,t5 (the default)."),
         t5_max_length: int = typer.Option(DEFAULT_T5_MAX_LENGTH, help="T5 tokens kept per caption; longer captions are cut and counted."),
+
         batch_size: int = typer.Option(64, help="Captions per encoder call."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 (fp16 overflows)."),

@@ -48,6 +48,9 @@ def sample_command(
     negative_prompt: Optional[str] = typer.Option(None, help="Unconditional text instead of the empty caption."),
     clip: Optional[str] = typer.Option(None, help="CLIP encoder (hub name or path) instead of the recorded one."),
     t5: Optional[str] = typer.Option(None, help="T5 encoder (hub name or path) instead of the recorded one."),
+    text_encoder: Optional[list[str]] = typer.Option(
+        None, "--text-encoder", help="NAME=NAME_OR_PATH: that text encoder (by its name in pipeline.json) instead of the recorded one; repeat for several."
+    ),
     vae: Optional[str] = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
     grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
 ) -> None:
@@ -72,10 +75,16 @@ def sample_command(
         if bool(prompt) == (prompts_file is not None):
             raise GentronError("give prompts either with --prompt or with --prompts FILE", "use exactly one of them")
         prompts = list(prompt) if prompt else read_prompts_file(prompts_file)
+        text_encoders = {k: v for k, v in (("clip", clip), ("t5", t5)) if v}
+        for item in text_encoder or []:
+            name, sep, spec = item.partition("=")
+            if not sep or not name.strip() or not spec.strip():
+                raise GentronError(f"--text-encoder {item!r} is not NAME=NAME_OR_PATH", "write e.g. --text-encoder t5=google/flan-t5-xl")
+            text_encoders[name.strip()] = spec.strip()
         config = SampleConfig(
             model=model, out=out, prompts=prompts, steps=steps, scheduler=scheduler, cfg_scale=cfg, mfg_scale=mfg,
             frames=frames, resolution=resolution, fps=fps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, negative_prompt=negative_prompt, clip=clip, t5=t5, vae=vae, grid=grid,
+            dtype=dtype, negative_prompt=negative_prompt, text_encoders=text_encoders, vae=vae, grid=grid,
         )
         show_result(sample(config, reporter))
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.data import schema
 from pipelines.data.shards import atomic_write_bytes, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.model.text_encoders import ENCODER_NAMES
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -172,7 +173,7 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
         if sample_shape != shape:
             failures.append(Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}"))
             continue
-        present = {n for n in schema.TEXT_ARRAY_NAMES if n in fields}
+        present = {n for n in _TEXT_NDIM if n in fields}
         if text_fields is None:  # the folder's text encoders: those of its first usable sample
             text_fields = present
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
@@ -215,8 +216,8 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
     for name in (schema.LATENT_MEAN, schema.LATENT_STD):
         if name not in fields:
             raise BadSample("missing_field", name)
-    if not any(n in fields for n in schema.TEXT_ARRAY_NAMES):
-        raise BadSample("missing_field", "text embeddings (clip.npy / t5.npy)")
+    if not any(n in fields for n in _TEXT_NDIM):
+        raise BadSample("missing_field", f"text embeddings (one of {', '.join(schema.text_tokens_field(n) for n in ENCODER_NAMES)})")
     mean_shape, mean_dtype = _npy_shape(f, fields[schema.LATENT_MEAN][0])
     std_shape, std_dtype = _npy_shape(f, fields[schema.LATENT_STD][0])
     for name, dtype in ((schema.LATENT_MEAN, mean_dtype), (schema.LATENT_STD, std_dtype)):
@@ -235,7 +236,7 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
     return mean_shape
 
 
-_TEXT_NDIM = {schema.CLIP_TOKENS: 2, schema.CLIP_POOLED: 1, schema.T5_TOKENS: 2}  # (tokens, dim) or (dim,)
+_TEXT_NDIM = schema.text_fields_of(ENCODER_NAMES)  # every encoder's text fields: (tokens, dim) or (dim,)
 
 
 def _check_dtype(name: str, dtype: np.dtype) -> None:
@@ -440,7 +441,7 @@ class TrainStream(IterableDataset):
         dropped = sample_rng(spec.seed, _DROPOUT, index).random() < spec.text_dropout
         text = {}
         for name in spec.text_fields:
-            short = schema.TEXT_ARRAY_NAMES[name]
+            short = schema.text_array_name(name)
             array = self.empty_caption[short] if dropped else self.read_array(source, ref, name)
             if array.shape[1:] != self.empty_caption[short].shape[1:]:
                 raise BadSample("wrong_text_shape", f"{name}: {array.shape}, the empty caption's is {self.empty_caption[short].shape}", field=name)
@@ -463,7 +464,7 @@ class TrainStream(IterableDataset):
         except BadSample as err:
             source, ref, _ = self.locate(index, streams)
             failure = {"kind": source.kind, "shard": source.shards[ref.shard].name, "key": ref.key, "field": err.field or "", "reason": err.reason, "detail": err.detail}
-            text = {schema.TEXT_ARRAY_NAMES[n]: self.empty_caption[schema.TEXT_ARRAY_NAMES[n]] for n in self.spec.text_fields}
+            text = {schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields}
             latent = np.zeros(self.latent_shape, dtype=np.float32)
             return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": failure}
 
@@ -487,9 +488,7 @@ class TrainStream(IterableDataset):
             "weight": torch.tensor([0.0 if "unreadable" in s else 1.0 for s in samples]),
             "failures": [s["unreadable"] for s in samples if "unreadable" in s],  # what made a weight 0
         }
-        for name in ("clip_tokens", "clip_mask", "clip_pooled", "t5_tokens", "t5_mask"):
-            if getattr(text, name) is not None:
-                batch[f"text.{name}"] = getattr(text, name)
+        batch.update(text.flat("text."))  # "text.tokens.clip", "text.masks.clip", "text.pooled.clip", ...
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -507,7 +506,7 @@ def batch_text(batch: dict[str, torch.Tensor], device=None):
     """The TextCondition of a collated batch."""
     from pipelines.model.conditioning import TextCondition
 
-    return TextCondition(**{k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("text.")}).to(device)
+    return TextCondition.from_flat(batch, "text.").to(device)
 
 
 def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -31,15 +31,52 @@ LATENT_STD = "latent_std.npy"
 LATENT_FLIP_MEAN = "latent_flip_mean.npy"  # optional: the horizontally flipped frames
 LATENT_FLIP_STD = "latent_flip_std.npy"
 
-# encode-text: valid tokens only (padding dropped; TextCondition.collate pads and masks), float16
-CLIP_TOKENS = "clip.npy"  # (n, 768) for CLIP-L
-CLIP_POOLED = "clip_pooled.npy"  # (768,)
-T5_TOKENS = "t5.npy"  # (n, 4096) for T5-XXL
+# encode-text: per text encoder NAME (those of pipelines.model.text_encoders.ENCODERS), float16, valid
+# tokens only (padding dropped; TextCondition.collate pads and masks). Fields are named after the encoder:
+#     NAME.npy          (n, D) token states, e.g. clip.npy (n, 768) for CLIP-L, t5.npy (n, 4096) for T5-XXL
+#     NAME_pooled.npy   (D,) the encoder's pooled vector, for encoders that have one (CLIP)
+def text_tokens_field(encoder: str) -> str:
+    return f"{encoder}.npy"
+
+
+def text_pooled_field(encoder: str) -> str:
+    return f"{encoder}_pooled.npy"
+
+
+def text_field(array: str) -> str:
+    """The field of a per-caption text array: "clip" -> "clip.npy", "clip_pooled" -> "clip_pooled.npy"."""
+    return f"{array}.npy"
+
+
+def text_array_name(field: str) -> str:
+    """A text field's array name, as TextCondition.collate and empty_caption.npz use it: "clip_pooled.npy" -> "clip_pooled"."""
+    return field.removesuffix(".npy")
+
+
+def text_fields_of(encoders) -> dict[str, int]:
+    """The text fields encoders `encoders` can write, with their number of axes (2: tokens, 1: pooled)."""
+    return {f: ndim for name in encoders for f, ndim in ((text_tokens_field(name), 2), (text_pooled_field(name), 1))}
+
+
+CLIP_TOKENS = text_tokens_field("clip")
+CLIP_POOLED = text_pooled_field("clip")
+T5_TOKENS = text_tokens_field("t5")
+
+
+class _TextArrayNames(dict):
+    """Text field -> array name for any encoder's fields ("t5.npy" -> "t5"): `text_array_name` as a mapping."""
+
+    def __missing__(self, field: str) -> str:
+        if not field.endswith(".npy"):
+            raise KeyError(field)
+        return text_array_name(field)
+
+
+TEXT_ARRAY_NAMES = _TextArrayNames()
 
 # The empty caption's text embeddings, once per encode-text output folder (for CFG dropout):
-# an .npz holding arrays named like the TextCondition.collate inputs: "clip", "clip_pooled", "t5".
+# an .npz holding arrays named like the TextCondition.collate inputs: "clip", "clip_pooled", "t5", ...
 EMPTY_CAPTION_FILE = "empty_caption.npz"
-TEXT_ARRAY_NAMES = {CLIP_TOKENS: "clip", CLIP_POOLED: "clip_pooled", T5_TOKENS: "t5"}
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 

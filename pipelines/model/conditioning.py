@@ -1,43 +1,67 @@
-"""The text conditioning a GenTron model takes: encoder token states, masks and a pooled vector.
+"""The text conditioning a GenTron model takes: per text encoder, token states, masks and a pooled vector.
 
+Everything is keyed by the encoder's name ("clip", "t5", ...), the name its arrays carry in a
+shard (`clip.npy`, `clip_pooled.npy`) and in the model config's `text_inputs`.
 Encoders store only the valid tokens of each caption (see docs/data-format.md); `TextCondition.collate`
 pads them to a fixed length and builds the masks, so padding never changes the model's output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+POOLED_SUFFIX = "_pooled"  # a per-caption array "<name>_pooled" (D,) is encoder <name>'s pooled vector
+
+
+def pooled_array(name: str) -> str:
+    """The array name of encoder `name`'s pooled vector ("clip" -> "clip_pooled")."""
+    return name + POOLED_SUFFIX
+
 
 @dataclass
 class TextCondition:
-    """Per-batch text embeddings. Fields for an encoder the model does not use may be None.
+    """Per-batch text embeddings, keyed by encoder name. Encoders the model does not use may be absent.
 
-    clip_tokens: (B, Lc, Dc) CLIP token states     clip_mask: (B, Lc) bool, True = real token
-    clip_pooled: (B, Dc) CLIP pooled vector
-    t5_tokens:   (B, Lt, Dt) T5 token states       t5_mask:   (B, Lt) bool, True = real token
+    tokens[name]: (B, L, D) token states     masks[name]: (B, L) bool, True = real token (absent: all real)
+    pooled[name]: (B, D) the encoder's pooled vector (CLIP's; encoders without one have none)
     """
 
-    clip_tokens: torch.Tensor | None = None
-    clip_mask: torch.Tensor | None = None
-    clip_pooled: torch.Tensor | None = None
-    t5_tokens: torch.Tensor | None = None
-    t5_mask: torch.Tensor | None = None
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    _PARTS = ("tokens", "masks", "pooled")
 
     def _map(self, fn) -> "TextCondition":
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+        return TextCondition(**{part: {k: fn(v) for k, v in getattr(self, part).items()} for part in self._PARTS})
+
+    def _tensors(self):
+        for part in self._PARTS:
+            yield from getattr(self, part).values()
 
     @property
     def batch_size(self) -> int:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is not None:
-                return v.shape[0]
+        for v in self._tensors():
+            return v.shape[0]
         raise ValueError("empty TextCondition")
+
+    def mask(self, name: str) -> torch.Tensor:
+        """(B, L) bool mask of encoder `name`'s tokens (all True when none was given)."""
+        tokens = self.tokens[name]
+        mask = self.masks.get(name)
+        if mask is None:
+            return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return mask.bool()
+
+    def mean_tokens(self, name: str) -> torch.Tensor:
+        """(B, D) masked mean of encoder `name`'s tokens: its pooled vector when it has none of its own."""
+        tokens = self.tokens[name]
+        mask = self.mask(name).unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def to(self, device=None, dtype=None) -> "TextCondition":
         """Move to device; cast floating tensors (not masks) to dtype."""
@@ -50,51 +74,80 @@ class TextCondition:
         """Each sample n times in a row (b -> b*n), e.g. one caption per frame."""
         return self._map(lambda v: v.repeat_interleave(n, dim=0))
 
+    def equal(self, other: "TextCondition") -> bool:
+        """The same encoders with identical tensors."""
+        return all(
+            getattr(self, p).keys() == getattr(other, p).keys() and all(torch.equal(v, getattr(other, p)[k]) for k, v in getattr(self, p).items())
+            for p in self._PARTS
+        )
+
     @staticmethod
     def cat(conds: Sequence["TextCondition"]) -> "TextCondition":
-        """Concatenate along the batch (all parts must have the same fields and token lengths)."""
-        out = {}
-        for f in fields(TextCondition):
-            parts = [getattr(c, f.name) for c in conds]
-            if all(p is None for p in parts):
-                continue
-            if any(p is None for p in parts):
-                raise ValueError(f"cannot concatenate: field {f.name} missing in some parts")
-            out[f.name] = torch.cat(parts, dim=0)
-        return TextCondition(**out)
+        """Concatenate along the batch. All parts need the same encoders; token lengths may differ: the
+        shorter parts are zero-padded and masked, which changes no output (padding is never attended)."""
+        out = TextCondition()
+        for part in TextCondition._PARTS:
+            names = [set(getattr(c, part)) for c in conds]
+            if any(n != names[0] for n in names):
+                raise ValueError(f"cannot concatenate: {part} of encoders {sorted(names[0] ^ set.union(*names))} missing in some parts")
+        for name in conds[0].tokens:
+            length = max(c.tokens[name].shape[1] for c in conds)
+            out.tokens[name] = torch.cat([_pad(c.tokens[name], length) for c in conds])
+            out.masks[name] = torch.cat([_pad(c.mask(name), length) for c in conds])
+        for name in conds[0].pooled:
+            out.pooled[name] = torch.cat([c.pooled[name] for c in conds])
+        return out
 
     @staticmethod
-    def collate(
-        samples: Sequence[dict],
-        clip_length: int | None = None,
-        t5_length: int | None = None,
-    ) -> "TextCondition":
+    def collate(samples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int | None] | None = None, **name_lengths: int | None) -> "TextCondition":
         """Batch per-sample arrays as stored in shards.
 
-        Each sample is a dict with any of: "clip" (n, Dc), "clip_pooled" (Dc,), "t5" (n, Dt)
-        holding the valid tokens only. Token arrays are zero-padded (or truncated) to `clip_length` /
-        `t5_length` (default: longest in the batch) and masks mark the real tokens.
+        Each sample maps array names to arrays: "<name>" (n, D) holds encoder <name>'s valid tokens only,
+        "<name>_pooled" (D,) its pooled vector. Token arrays are zero-padded (or truncated) to
+        `lengths[name]` (also given as `<name>_length=`; default: the longest in the batch) and masks mark
+        the real tokens. All samples must hold the same arrays.
         """
-        out: dict[str, torch.Tensor] = {}
-        for name, length in (("clip", clip_length), ("t5", t5_length)):
-            arrays = [s.get(name) for s in samples]
-            if all(a is None for a in arrays):
+        lengths = dict(lengths or {}) | {k.removesuffix("_length"): v for k, v in name_lengths.items()}
+        out = TextCondition()
+        if not samples:
+            return out
+        names = set(samples[0])
+        for s in samples:
+            if set(s) != names:
+                raise ValueError(f"some samples lack text arrays {sorted(names ^ set(s))}")
+        for name in sorted(names):
+            arrays = [s[name] for s in samples]
+            if name.endswith(POOLED_SUFFIX):
+                out.pooled[name.removesuffix(POOLED_SUFFIX)] = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]))
                 continue
-            if any(a is None for a in arrays):
-                raise ValueError(f"some samples lack text field {name!r}")
-            target = length or max(a.shape[0] for a in arrays)
-            dim = arrays[0].shape[1]
-            tokens = torch.zeros(len(arrays), target, dim, dtype=torch.float32)
+            target = lengths.get(name) or max(a.shape[0] for a in arrays)
+            tokens = torch.zeros(len(arrays), target, arrays[0].shape[1], dtype=torch.float32)
             mask = torch.zeros(len(arrays), target, dtype=torch.bool)
             for i, a in enumerate(arrays):
                 n = min(a.shape[0], target)
                 tokens[i, :n] = torch.from_numpy(np.asarray(a[:n], dtype=np.float32))
                 mask[i, :n] = True
-            out[f"{name}_tokens"] = tokens
-            out[f"{name}_mask"] = mask
-        pooled = [s.get("clip_pooled") for s in samples]
-        if any(p is not None for p in pooled):
-            if any(p is None for p in pooled):
-                raise ValueError("some samples lack text field 'clip_pooled'")
-            out["clip_pooled"] = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) for p in pooled]))
-        return TextCondition(**out)
+            out.tokens[name], out.masks[name] = tokens, mask
+        return out
+
+    # A flat {key: tensor} form, for a DataLoader batch dict ("text.tokens.clip", "text.masks.clip", "text.pooled.clip").
+
+    def flat(self, prefix: str = "text.") -> dict[str, torch.Tensor]:
+        return {f"{prefix}{part}.{name}": v for part in self._PARTS for name, v in getattr(self, part).items()}
+
+    @staticmethod
+    def from_flat(batch: Mapping[str, torch.Tensor], prefix: str = "text.") -> "TextCondition":
+        out = TextCondition()
+        for key, value in batch.items():
+            if key.startswith(prefix):
+                part, name = key[len(prefix) :].split(".", 1)
+                getattr(out, part)[name] = value
+        return out
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad axis 1 to `length` (tokens with zeros, masks with False)."""
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, pad], dim=1)

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import GentronError
-from pipelines.model.gentron import GenTronTransformer
+from pipelines.model.gentron import (
+    DEFAULT_TEXT_INPUTS,
+    LEGACY_TEXT_KEYS,
+    GenTronTransformer,
+    canonical_text_inputs,
+    is_legacy_config,
+    upgrade_config,
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,9 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "G/2": ModelSize(depth=48, hidden_size=1664, mlp_dim=6656, num_heads=16, paper_params_m=3083.8),
 }
 DEFAULT_SIZE = "XL/2"
-# The tiny size pairs with tiny text encoders so the whole pipeline runs on a laptop CPU.
-TINY_TEXT_DIMS = {"clip_dim": 32, "clip_pooled_dim": 32, "t5_dim": 32}
+# The tiny size pairs with tiny text encoders (pipelines.model.tiny) so the whole pipeline runs on a laptop CPU.
+TINY_TEXT_INPUTS = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}  # "pooled" by text_conditioning
+_TINY_LEGACY_DIMS = {"clip_dim": 32, "clip_pooled_dim": 32, "t5_dim": 32}
 
 
 def model_arguments() -> list[str]:
@@ -56,14 +64,18 @@ def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:
         "hidden_size": size.hidden_size,
         "mlp_dim": size.mlp_dim,
         "num_heads": size.num_heads,
-        **(TINY_TEXT_DIMS if size_name == "T/2" else {}),
+        **({"text_inputs": TINY_TEXT_INPUTS} if size_name == "T/2" else {}),
     }
+    if is_legacy_config(base):  # {"text_encoders": "t5"} and the like, as configs were written before text_inputs
+        base = upgrade_config(({**_TINY_LEGACY_DIMS} if size_name == "T/2" else {}) | base)
     unknown = sorted(set(base) - set(model_arguments()))
     if unknown:
-        raise GentronError(f"unknown model config keys {unknown}", f"valid keys: size, {', '.join(model_arguments())}")
+        raise GentronError(f"unknown model config keys {unknown}", f"valid keys: size, {', '.join(model_arguments())} (or the older {', '.join(LEGACY_TEXT_KEYS)})")
     config.update(base)
     defaults = {k: p.default for k, p in inspect.signature(GenTronTransformer.__init__).parameters.items() if k != "self"}
-    return {**defaults, **config}
+    config = {**defaults, **config}
+    config["text_inputs"] = canonical_text_inputs(config["text_inputs"] or DEFAULT_TEXT_INPUTS, config["text_conditioning"])
+    return config
 
 
 def model_spec(spec: str | dict | Path) -> dict:

@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipelines.defaults import DEFAULT_T5_MAX_LENGTH
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.gentron import GenTronTransformer, is_temporal_parameter
+from pipelines.model.gentron import GenTronTransformer, is_temporal_parameter, text_inputs_of
+from pipelines.model.text_encoders import ENCODERS
 
 VAE_DOWNSAMPLE = 8
 TRAIN_STEP_FACTOR = 3  # forward + backward ~ 3x forward
@@ -56,13 +57,13 @@ def example_inputs(
     if frames == 1:
         x = x[:, 0]
     timestep = torch.randint(0, 1000, (batch_size,), device=device)
-    text = TextCondition(
-        clip_tokens=torch.randn(batch_size, CLIP_LENGTH, config["clip_dim"], device=device),
-        clip_mask=torch.ones(batch_size, CLIP_LENGTH, dtype=torch.bool, device=device),
-        clip_pooled=torch.randn(batch_size, config["clip_pooled_dim"], device=device),
-        t5_tokens=torch.randn(batch_size, T5_LENGTH, config["t5_dim"], device=device),
-        t5_mask=torch.ones(batch_size, T5_LENGTH, dtype=torch.bool, device=device),
-    )
+    text = TextCondition()
+    for name, spec in text_inputs_of(config).items():
+        length = ENCODERS[name].typical_length if name in ENCODERS else T5_LENGTH
+        text.tokens[name] = torch.randn(batch_size, length, spec.dim, device=device)
+        text.masks[name] = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        if spec.pooled_dim:
+            text.pooled[name] = torch.randn(batch_size, spec.pooled_dim, device=device)
     return x, timestep, text
 
 

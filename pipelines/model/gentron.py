@@ -8,13 +8,22 @@ Layout inside the model: tokens of all frames of a sample are kept together as (
 Conditioning (timestep + pooled text) and cross-attention are per sample, so they run on that
 layout directly (cross-attention is per query token, so merging frames into the sequence is exact);
 spatial self-attention regroups to (B*T, N, D) and temporal attention to (B*N, T, D).
+
+Text inputs are data: the config's `text_inputs` maps each text encoder's name to its widths and to
+whether its pooled vector joins the timestep in adaLN (`TextInput`); `required_text_arrays` is the one
+answer to "which text arrays does this model read", used by training, the data loader, sampling and
+the model's own input check. Model folders written before text inputs were data load through
+`upgrade_config` and `upgrade_state_dict` (see the end of this file).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -24,10 +33,99 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from pipelines.errors import GentronError
-from pipelines.model.conditioning import TextCondition
+from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition, pooled_array
 
 TEXT_CONDITIONINGS = ("cross_attention", "adaln")
-TEXT_ENCODERS = ("clip", "t5", "clip+t5")
+# CLIP-L (tokens and pooled vector) and T5-XXL (tokens), as in the paper
+DEFAULT_TEXT_INPUTS = {"clip": {"dim": 768, "pooled_dim": 768}, "t5": {"dim": 4096}}  # "pooled": see canonical_text_inputs
+
+
+# --------------------------------------------------------------------------- text inputs (data, not names)
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """One text encoder's input to the model, keyed by the encoder's name in `text_inputs`.
+
+    dim: width of its token states ("<name>" arrays); cross-attention reads them.
+    pooled_dim: width of its own pooled vector ("<name>_pooled" arrays, CLIP's), or None when it has none.
+    pooled: whether its pooled vector (its own, else the masked mean of its tokens) joins the timestep in
+      adaLN. With text_conditioning "adaln" this is the only way text enters, so every input is pooled.
+    """
+
+    dim: int
+    pooled_dim: int | None = None
+    pooled: bool = False
+
+    @property
+    def pooled_width(self) -> int:
+        return self.pooled_dim or self.dim
+
+    def record(self) -> dict:
+        return {"dim": self.dim, **({"pooled_dim": self.pooled_dim} if self.pooled_dim else {}), "pooled": self.pooled}
+
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def text_inputs_of(config) -> dict[str, TextInput]:
+    """The config's text inputs (a model config, or a dict of its arguments), by name in sorted order."""
+    raw = config["text_inputs"] if isinstance(config, Mapping) else config.text_inputs
+    return {name: TextInput(**raw[name]) for name in sorted(raw)}
+
+
+def canonical_text_inputs(text_inputs, text_conditioning: str) -> dict[str, dict]:
+    """`text_inputs` as the config stores it: sorted by name, every key explicit, types checked.
+
+    Accepts {name: {"dim": D, "pooled_dim": P, "pooled": bool}}, with "pooled_dim" and "pooled" optional.
+    Missing "pooled": with adaln every input; with cross-attention the inputs that have a pooled vector of
+    their own, or all of them when none has (their token means, as T5 alone).
+    """
+    hint = 'write e.g. "text_inputs": {"clip": {"dim": 768, "pooled_dim": 768}, "t5": {"dim": 4096}}'
+    if not isinstance(text_inputs, Mapping) or not text_inputs:
+        raise GentronError(f"model config: text_inputs must name at least one text encoder, got {text_inputs!r}", hint)
+    entries = {}
+    for name in sorted(text_inputs):
+        entry = text_inputs[name]
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(POOLED_SUFFIX):
+            raise GentronError(f"model config: text input name {name!r} is not an encoder name", "use lower-case encoder names such as clip or t5")
+        if not isinstance(entry, Mapping) or set(entry) - {"dim", "pooled_dim", "pooled"}:
+            raise GentronError(f"model config: text_inputs.{name} must hold dim, and optionally pooled_dim and pooled, got {entry!r}", hint)
+        for key in ("dim", "pooled_dim"):
+            value = entry.get(key)
+            if (key == "dim" or value is not None) and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise GentronError(f"model config: text_inputs.{name}.{key} must be a whole number of at least 1, got {value!r}", hint)
+        if not isinstance(entry.get("pooled", False), bool):
+            raise GentronError(f"model config: text_inputs.{name}.pooled must be true or false, got {entry['pooled']!r}", hint)
+        entries[name] = dict(entry)
+    for name, entry in entries.items():
+        if "pooled" not in entry:
+            with_own = [n for n, e in entries.items() if e.get("pooled_dim")]
+            entry["pooled"] = text_conditioning == "adaln" or not with_own or name in with_own
+        if text_conditioning == "adaln" and not entry["pooled"]:
+            raise GentronError(
+                f"model config: text_conditioning adaln reads text only through the pooled vector, but text_inputs.{name} has pooled false "
+                f"(the {name} encoder would be unused)",
+                f"set text_inputs.{name}.pooled to true (its pooled vector or token mean joins adaLN), drop {name}, or use cross_attention",
+            )
+    return {name: TextInput(**entry).record() for name, entry in entries.items()}
+
+
+def required_text_arrays(config) -> tuple[str, ...]:
+    """The per-caption text arrays the model reads (shard field "<array>.npy"), e.g. ("clip", "clip_pooled", "t5").
+
+    The one answer to that question: training (which fields to load), sampling (the unconditional text)
+    and the model's input check all use it. An encoder's tokens are read by cross-attention, and for the
+    pooled vector of an encoder without one of its own; its own pooled vector when it is pooled.
+    """
+    cross = (config["text_conditioning"] if isinstance(config, Mapping) else config.text_conditioning) == "cross_attention"
+    needed = []
+    for name, spec in text_inputs_of(config).items():
+        if cross or (spec.pooled and not spec.pooled_dim):
+            needed.append(name)
+        if spec.pooled and spec.pooled_dim:
+            needed.append(pooled_array(name))
+    return tuple(needed)
 
 
 # --------------------------------------------------------------------------- init helpers
@@ -258,6 +356,18 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # from_config and from_pretrained both pass here: a config of an earlier version gets text_inputs
+        return super().extract_init_dict(upgrade_config(config_dict), **kwargs)
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        # from_pretrained's hook on the loaded weights: rename those of an earlier version in place
+        super()._fix_state_dict_keys_on_load(state_dict)
+        upgraded = upgrade_state_dict(dict(state_dict), self.config)
+        state_dict.clear()
+        state_dict.update(upgraded)
+
     @register_to_config
     def __init__(
         self,
@@ -269,26 +379,28 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         mlp_dim: int = 4608,
         learn_sigma: bool = True,
         text_conditioning: str = "cross_attention",
-        text_encoders: str = "clip+t5",
-        clip_dim: int = 768,
-        clip_pooled_dim: int = 768,
-        t5_dim: int = 4096,
+        text_inputs: dict | None = None,
         temporal: bool = False,
         frame_embedding: bool = True,
     ):
         super().__init__()
         _check_config(locals())
+        # stored explicit and sorted (see canonical_text_inputs), so config.json says exactly what the model reads
+        self.register_to_config(text_inputs=canonical_text_inputs(DEFAULT_TEXT_INPUTS if text_inputs is None else text_inputs, text_conditioning))
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.uses_clip = "clip" in text_encoders
-        self.uses_t5 = "t5" in text_encoders
         cross_attention = text_conditioning == "cross_attention"
+        inputs = text_inputs_of(self.config)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # Pooled text joins the timestep in adaLN: CLIP's pooled vector, or the masked mean of T5 tokens.
-        self.pooled_embedder = TextProjection(clip_pooled_dim if self.uses_clip else t5_dim, hidden_size)
-        self.clip_embedder = TextProjection(clip_dim, hidden_size) if cross_attention and self.uses_clip else None
-        self.t5_embedder = TextProjection(t5_dim, hidden_size) if cross_attention and self.uses_t5 else None
+        # Each encoder's tokens get their own projection to the model width; cross-attention reads them all, concatenated.
+        self.token_embedders = nn.ModuleDict(
+            {name: TextProjection(spec.dim, hidden_size) for name, spec in inputs.items()} if cross_attention else {}
+        )
+        # Pooled text joins the timestep in adaLN: per pooled encoder its own pooled vector (CLIP's) or its token mean, summed.
+        self.pooled_embedders = nn.ModuleDict(
+            {name: TextProjection(spec.pooled_width, hidden_size) for name, spec in inputs.items() if spec.pooled}
+        )
         self.blocks = nn.ModuleList(
             GenTronBlock(hidden_size, num_heads, mlp_dim, cross_attention, temporal) for _ in range(depth)
         )
@@ -311,23 +423,18 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
     def embed_text(self, text: TextCondition) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """Text tokens (B, L, D) and mask (B, L) for cross-attention (None in adaLN mode), and the pooled vector (B, D)."""
-        _check_text(text, self.config)
-        tokens, masks = [], []
-        if self.clip_embedder is not None:
-            tokens.append(self.clip_embedder(text.clip_tokens))
-            masks.append(_mask_or_all(text.clip_mask, text.clip_tokens))
-        if self.t5_embedder is not None:
-            tokens.append(self.t5_embedder(text.t5_tokens))
-            masks.append(_mask_or_all(text.t5_mask, text.t5_tokens))
-        if self.uses_clip:
-            pooled = text.clip_pooled
-        else:
-            mask = _mask_or_all(text.t5_mask, text.t5_tokens).unsqueeze(-1).to(text.t5_tokens.dtype)
-            pooled = (text.t5_tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
-        pooled = self.pooled_embedder(pooled)
-        if not tokens:
+        check_text(text, self.config)
+        inputs = text_inputs_of(self.config)
+        parts = [embedder(text.pooled[name] if inputs[name].pooled_dim else text.mean_tokens(name)) for name, embedder in self.pooled_embedders.items()]
+        if parts:
+            pooled = sum(parts[1:], parts[0])
+        else:  # cross-attention only (as PixArt): no text in adaLN
+            weight = self.t_embedder.mlp[0].weight
+            pooled = torch.zeros(text.batch_size, self.config.hidden_size, device=weight.device, dtype=weight.dtype)
+        if not self.token_embedders:
             return None, None, pooled
-        return torch.cat(tokens, dim=1), torch.cat(masks, dim=1), pooled
+        tokens = torch.cat([embedder(text.tokens[name]) for name, embedder in self.token_embedders.items()], dim=1)
+        return tokens, torch.cat([text.mask(name) for name in self.token_embedders], dim=1), pooled
 
     @staticmethod
     def cross_attention_inputs(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,13 +552,7 @@ def is_temporal_parameter(name: str) -> bool:
 # --------------------------------------------------------------------------- checks
 
 
-def _mask_or_all(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    if mask is None:
-        return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    return mask.bool()
-
-
-_POSITIVE_INTS = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "clip_dim", "clip_pooled_dim", "t5_dim")
+_POSITIVE_INTS = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")
 _BOOLS = ("learn_sigma", "temporal", "frame_embedding")
 
 
@@ -464,11 +565,9 @@ def _check_config(args: dict) -> None:
     for name in _BOOLS:
         if not isinstance(args[name], bool):
             raise GentronError(f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config")
-    hidden_size, num_heads, text_conditioning, text_encoders = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning", "text_encoders"))
+    hidden_size, num_heads, text_conditioning = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning"))
     if text_conditioning not in TEXT_CONDITIONINGS:
         raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")
-    if text_encoders not in TEXT_ENCODERS:
-        raise GentronError(f"unknown text_encoders {text_encoders!r}", f"use one of {TEXT_ENCODERS}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2 or hidden_size % 4:
         raise GentronError(
             f"hidden_size {hidden_size} does not suit {num_heads} heads",
@@ -476,24 +575,74 @@ def _check_config(args: dict) -> None:
         )
 
 
-def _check_text(text: TextCondition, config) -> None:
-    """Fail with a clear message when the text embeddings do not match the encoders the model was built for."""
-    expected = []
-    if "clip" in config.text_encoders:
-        expected += [("clip_pooled", config.clip_pooled_dim)]
-        if config.text_conditioning == "cross_attention":
-            expected += [("clip_tokens", config.clip_dim)]
-    if "t5" in config.text_encoders and (config.text_conditioning == "cross_attention" or "clip" not in config.text_encoders):
-        expected += [("t5_tokens", config.t5_dim)]
-    for name, dim in expected:
-        value = getattr(text, name)
+def check_text(text: TextCondition, config) -> None:
+    """Fail with a clear message when the text lacks an array the model reads (`required_text_arrays`) or has another width."""
+    inputs = text_inputs_of(config)
+    for array in required_text_arrays(config):
+        name = array.removesuffix(POOLED_SUFFIX)
+        pooled = array != name
+        value = (text.pooled if pooled else text.tokens).get(name)
         if value is None:
             raise GentronError(
-                f"the model uses text encoders {config.text_encoders!r} but the text has no {name}",
-                "encode the captions with the encoders named in the model's config.json",
+                f"the model reads the text array {array!r} (text inputs {', '.join(inputs)}) but the text has none",
+                "encode the captions with the encoders named in the model's config.json (text_inputs)",
             )
-        if value.shape[-1] != dim:
+        width = inputs[name].pooled_width if pooled else inputs[name].dim
+        if value.shape[-1] != width:
             raise GentronError(
-                f"{name} have width {value.shape[-1]} but the model expects {dim}",
+                f"{array} has width {value.shape[-1]} but the model expects {width}",
                 "encode the captions with the encoders the model was trained with",
             )
+
+
+# --------------------------------------------------------------------------- model folders of earlier versions
+#
+# Before text inputs were data, a config named its encoders in one string and gave their widths in fixed
+# arguments, and the weights held one projection per encoder under its own attribute name:
+#     "text_encoders": "clip" | "t5" | "clip+t5", "clip_dim", "clip_pooled_dim", "t5_dim"
+#     clip_embedder.*, t5_embedder.* (cross-attention only), pooled_embedder.* (CLIP's pooled vector, else T5's token mean)
+# With adaLN and clip+t5 that model read CLIP's pooled vector only (T5 changed nothing), so it becomes a CLIP-only model.
+
+LEGACY_TEXT_KEYS = ("text_encoders", "clip_dim", "clip_pooled_dim", "t5_dim")
+_LEGACY_DEFAULTS = {"text_encoders": "clip+t5", "clip_dim": 768, "clip_pooled_dim": 768, "t5_dim": 4096}
+_LEGACY_ENCODERS = ("clip", "t5", "clip+t5")
+
+
+def is_legacy_config(config: Mapping) -> bool:
+    return "text_inputs" not in config and any(k in config for k in LEGACY_TEXT_KEYS)
+
+
+def upgrade_config(config: Mapping) -> dict:
+    """A config of an earlier version (see above) with `text_inputs` in place of its text settings; others unchanged."""
+    config = dict(config)
+    if not is_legacy_config(config):
+        return config
+    old = {k: config.pop(k, default) for k, default in _LEGACY_DEFAULTS.items()}
+    if old["text_encoders"] not in _LEGACY_ENCODERS:
+        raise GentronError(f"unknown text_encoders {old['text_encoders']!r}", f"use one of {_LEGACY_ENCODERS}, or text_inputs")
+    used = old["text_encoders"].split("+")
+    if config.get("text_conditioning", "cross_attention") == "adaln" and "clip" in used:
+        used = ["clip"]  # the only encoder that model read
+    inputs = {}
+    if "clip" in used:
+        inputs["clip"] = {"dim": old["clip_dim"], "pooled_dim": old["clip_pooled_dim"], "pooled": True}
+    if "t5" in used:
+        inputs["t5"] = {"dim": old["t5_dim"], "pooled": "clip" not in used}
+    config["text_inputs"] = inputs
+    return config
+
+
+_LEGACY_MODULES = {"clip_embedder.": "token_embedders.clip.", "t5_embedder.": "token_embedders.t5."}
+
+
+def upgrade_state_dict(weights: dict[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """Weights of an earlier version renamed for `upgrade_config(config)`'s model; current weights unchanged."""
+    if not any(k.startswith(("clip_embedder.", "t5_embedder.", "pooled_embedder.")) for k in weights):
+        return weights
+    pooled_by = "clip" if "clip" in text_inputs_of(upgrade_config(config)) else "t5"
+    renames = _LEGACY_MODULES | {"pooled_embedder.": f"pooled_embedders.{pooled_by}."}
+    out = {}
+    for key, value in weights.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        out[renames[prefix] + key[len(prefix) :] if prefix else key] = value
+    return out

@@ -1,9 +1,11 @@
-"""Text encoders: CLIP (token states + pooled vector) and T5 (token states), through transformers.
+"""Text encoders, by name: CLIP (token states + pooled vector) and T5 (token states), through transformers.
 
-`TextEncoders` turns captions into the per-caption arrays a shard stores and `TextCondition.collate`
-batches: {"clip": (n, Dc), "clip_pooled": (Dc,), "t5": (n, Dt)}, float16, valid tokens only.
-Encoders load from a hub name or a local folder ("NAME_OR_PATH[:SUBFOLDER]"); the tiny test encoders of
-`pipelines.model.tiny` load by path through exactly the same code.
+`ENCODERS` lists them: each name is the name of its arrays in shards, of its entry in a model config's
+`text_inputs` and in pipeline.json, so adding an encoder means adding a class and an `ENCODERS` entry here
+(plus its CLI option). `TextEncoders` turns captions into the per-caption arrays a shard stores and
+`TextCondition.collate` batches: {"clip": (n, Dc), "clip_pooled": (Dc,), "t5": (n, Dt)},
+float16, valid tokens only. Encoders load from a hub name or a local folder ("NAME_OR_PATH[:SUBFOLDER]");
+the tiny test encoders of `pipelines.model.tiny` load by path through exactly the same code.
 
 This module also holds the loading helpers vae.py shares (`load_pretrained`, `resolve_device`, `resolve_dtype`).
 """
@@ -14,18 +16,18 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from pipelines.errors import GentronError
+from pipelines.model.conditioning import pooled_array
 
 from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH  # noqa: F401  (re-exported)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
 OPEN_CLIP_PREFIX = "open_clip:"
-ENCODER_NAMES = ("clip", "t5")
 
 T = TypeVar("T")
 # What from_pretrained raises for a missing/unreadable model (hub errors are OSErrors, but for this one)
@@ -191,6 +193,7 @@ class ClipTextEncoder:
         self.device = device
         self.max_length = min(CLIP_MAX_LENGTH, self.model.config.max_position_embeddings)
         self.dim = self.pooled_dim = self.model.config.hidden_size
+        self.settings = {}
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> EncoderOutput:
@@ -232,6 +235,7 @@ class OpenClipTextEncoder:
         self.device = device
         self.max_length = getattr(self.model, "context_length", CLIP_MAX_LENGTH)
         self.dim = self.pooled_dim = self.model.ln_final.weight.shape[0]
+        self.settings = {}
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> EncoderOutput:
@@ -261,11 +265,14 @@ class T5TextEncoder:
     def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, max_length: int = DEFAULT_T5_MAX_LENGTH):
         from transformers import T5EncoderModel
 
+        if max_length < 1:
+            raise GentronError(f"T5 max length must be positive, got {max_length}", "pass --t5-max-length 120")
         self.tokenizer, self.model = _load_text_model(T5EncoderModel, spec, "T5 encoder", ("t5", "mt5"), device, dtype)
         self.device = device
         self.max_length = max_length
         self.dim = self.model.config.d_model
         self.pooled_dim = None
+        self.settings = {"max_length": max_length}
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> EncoderOutput:
@@ -290,67 +297,99 @@ def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
 
 
 # ---------------------------------------------------------------------------------------------
+# The encoders gentron knows, by name
+
+
+def _load_clip(spec: str, device: torch.device, dtype: torch.dtype):
+    cls = OpenClipTextEncoder if spec.startswith(OPEN_CLIP_PREFIX) else ClipTextEncoder
+    return cls(spec, device, dtype)
+
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """A text encoder gentron can run, under the name its arrays, model inputs and records carry."""
+
+    load: Callable  # (spec, device, dtype, **settings) -> an encoder: __call__(captions) -> EncoderOutput; dim, pooled_dim, max_length, settings
+    what: str  # for messages
+    default: str | None  # the model run when none is named; None: it must be named
+    settings: tuple[str, ...]  # keyword settings of `load`, recorded in shard metadata so sampling rebuilds the encoder alike
+    typical_length: int  # tokens per caption at most with the default settings (cost estimates)
+
+
+ENCODERS: dict[str, EncoderKind] = {
+    "clip": EncoderKind(_load_clip, "CLIP text encoder", DEFAULT_CLIP, (), CLIP_MAX_LENGTH),
+    "t5": EncoderKind(T5TextEncoder, "T5 encoder", DEFAULT_T5, ("max_length",), DEFAULT_T5_MAX_LENGTH),
+}
+ENCODER_NAMES = tuple(ENCODERS)
+DEFAULT_ENCODERS = ("clip", "t5")  # what encode-text runs when no encoder is chosen, as the paper
+
+
+# ---------------------------------------------------------------------------------------------
 # The set of encoders a run uses
 
 
 @dataclass
 class EncodedCaption:
-    arrays: dict[str, np.ndarray]  # "clip" (n, Dc), "clip_pooled" (Dc,), "t5" (n, Dt); float16
+    arrays: dict[str, np.ndarray]  # "<name>" (n, D) per encoder, "<name>_pooled" (D,) for those with one; float16
     truncated: tuple[str, ...]  # names of the encoders that cut this caption
 
 
 class TextEncoders:
-    """CLIP and/or T5, loaded once in the dtype they run in. Pass None to leave an encoder out.
+    """Text encoders by name (see `ENCODERS`), loaded once in the dtype they run in.
 
-    `clip` is a transformers CLIP (hub name or folder, optionally ":SUBFOLDER") or "open_clip:ARCH:PRETRAINED".
+    `models` maps encoder names to a hub name or folder (optionally ":SUBFOLDER"; CLIP also takes
+    "open_clip:ARCH:PRETRAINED"); None leaves an encoder out. They may also be given as keywords:
+    TextEncoders(clip=PATH, t5=PATH). With none given, the defaults of DEFAULT_ENCODERS load.
+    `settings` gives an encoder's settings by name, e.g. {"t5": {"max_length": 120}}.
     """
 
     def __init__(
         self,
-        clip: str | None = DEFAULT_CLIP,
-        t5: str | None = DEFAULT_T5,
+        models: Mapping[str, str | None] | None = None,
         *,
-        t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+        settings: Mapping[str, Mapping] | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        **named: str | None,
     ):
-        if clip is None and t5 is None:
-            raise GentronError("no text encoder selected", "use --encoders clip, t5 or clip,t5")
-        if t5_max_length < 1:
-            raise GentronError(f"T5 max length must be positive, got {t5_max_length}", "pass --t5-max-length 120")
+        models = {**(models or {}), **named}
+        if not models:
+            models = {name: ENCODERS[name].default for name in DEFAULT_ENCODERS}
+        unknown = sorted(set(models) - set(ENCODERS))
+        if unknown:
+            raise GentronError(f"unknown text encoders {unknown}", f"use {', '.join(ENCODER_NAMES)}")
+        models = {name: models[name] for name in ENCODER_NAMES if models.get(name) is not None}
+        if not models:
+            raise GentronError("no text encoder selected", f"use --encoders with some of {', '.join(ENCODER_NAMES)}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
-        self.names = {"clip": clip, "t5": t5}
-        self.clip: ClipTextEncoder | OpenClipTextEncoder | None = None
-        self.t5: T5TextEncoder | None = None
-        if clip is not None:
-            cls = OpenClipTextEncoder if clip.startswith(OPEN_CLIP_PREFIX) else ClipTextEncoder
-            self.clip = cls(clip, self.device, self.dtype)
-        if t5 is not None:
-            self.t5 = T5TextEncoder(t5, self.device, self.dtype, t5_max_length)
+        self.names = models  # name -> the model spec it loaded
+        settings = settings or {}
+        self.loaded = {name: ENCODERS[name].load(spec, self.device, self.dtype, **dict(settings.get(name) or {})) for name, spec in models.items()}
 
     @property
     def encoders(self) -> list[str]:
-        return [name for name in ENCODER_NAMES if getattr(self, name) is not None]
+        return list(self.loaded)
+
+    def get(self, name: str):
+        return self.loaded.get(name)
 
     @property
-    def dims(self) -> dict[str, int]:
-        """Widths of the arrays produced, named as GenTronTransformer's arguments (clip_dim, clip_pooled_dim, t5_dim)."""
-        dims = {}
-        if self.clip is not None:
-            dims |= {"clip_dim": self.clip.dim, "clip_pooled_dim": self.clip.pooled_dim}
-        if self.t5 is not None:
-            dims["t5_dim"] = self.t5.dim
-        return dims
+    def max_lengths(self) -> dict[str, int]:
+        """Tokens per caption at most, by encoder: sampling pads to these so padding never depends on the batch."""
+        return {name: enc.max_length for name, enc in self.loaded.items()}
+
+    @property
+    def text_inputs(self) -> dict[str, dict]:
+        """The widths of the arrays produced, as a model config's `text_inputs` takes them: {name: {"dim", ["pooled_dim"]}}."""
+        return {name: {"dim": enc.dim, **({"pooled_dim": enc.pooled_dim} if enc.pooled_dim else {})} for name, enc in self.loaded.items()}
 
     def metadata(self) -> dict:
-        """What a shard's "text" section records: encoder names, max lengths, widths, storage dtype."""
+        """What a shard's "text" section records: per encoder its model, max length, widths and settings; storage dtype."""
         meta: dict = {"encoders": self.encoders, "dtype": "float16"}
-        if self.clip is not None:
-            clip = self.clip
-            meta["clip"] = {"name": self.names["clip"], "max_length": clip.max_length, "dim": clip.dim, "pooled_dim": clip.pooled_dim}
-        if self.t5 is not None:
-            meta["t5"] = {"name": self.names["t5"], "max_length": self.t5.max_length, "dim": self.t5.dim}
+        for name, enc in self.loaded.items():
+            widths = {"dim": enc.dim, **({"pooled_dim": enc.pooled_dim} if enc.pooled_dim else {})}
+            meta[name] = {"name": self.names[name], "max_length": enc.max_length, **widths, **enc.settings}
         return meta
 
     def encode_captions(self, captions: Sequence[str]) -> list[EncodedCaption]:
@@ -358,12 +397,12 @@ class TextEncoders:
         captions = list(captions)
         arrays: list[dict[str, np.ndarray]] = [{} for _ in captions]
         truncated: list[list[str]] = [[] for _ in captions]
-        for name in self.encoders:
-            out = getattr(self, name)(captions)
+        for name, encoder in self.loaded.items():
+            out = encoder(captions)
             for i, tokens in enumerate(out.tokens):
                 arrays[i][name] = tokens.numpy().astype(np.float16)
                 if out.pooled is not None:
-                    arrays[i][f"{name}_pooled"] = out.pooled[i].numpy().astype(np.float16)
+                    arrays[i][pooled_array(name)] = out.pooled[i].numpy().astype(np.float16)
                 if out.truncated[i]:
                     truncated[i].append(name)
         return [EncodedCaption(a, tuple(t)) for a, t in zip(arrays, truncated)]
@@ -374,9 +413,9 @@ class TextEncoders:
 
 
 def parse_encoders(text: str) -> list[str]:
-    """"clip,t5" (or "clip+t5", as model configs write it) -> ["clip", "t5"]."""
+    """"clip,t5" (or "clip+t5", as older model configs write it) -> ["clip", "t5"], in ENCODER_NAMES order."""
     names = [n.strip() for n in text.replace("+", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in ENCODER_NAMES]
     if not names or unknown:
-        raise GentronError(f"unknown text encoders {text!r}", "use --encoders clip, t5 or clip,t5")
+        raise GentronError(f"unknown text encoders {text!r}", f"use --encoders with names from {', '.join(ENCODER_NAMES)}, e.g. clip,t5")
     return [n for n in ENCODER_NAMES if n in names]
