@@ -10,7 +10,7 @@ import typer
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.shards import StageResult
-from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
+from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
 
 _DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."
 _DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load in this dtype."
@@ -56,21 +56,28 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
         clip: str = typer.Option(DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."),
         t5: str = typer.Option(DEFAULT_T5, help="T5 encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."),
-        encoders: Optional[str] = typer.Option(None, help="Which encoders to run, comma-separated: clip, t5 or clip,t5 (the default)."),
+        encoders: Optional[str] = typer.Option(
+            None, help="Which encoders to run, comma-separated, from clip, t5, llm. Default: clip,t5, plus llm when --llm is given."
+        ),
         t5_max_length: int = typer.Option(DEFAULT_T5_MAX_LENGTH, help="T5 tokens kept per caption; longer captions are cut and counted."),
-
+        llm: Optional[str] = typer.Option(
+            None, help="Decoder-only language model (Gemma, Llama, Qwen2, ...) as a text encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."
+        ),
+        llm_layer: int = typer.Option(DEFAULT_LLM_LAYER, help="Which hidden states of the LLM to store: 0 = embeddings, -1 = last layer, -2 = the one before."),
+        llm_max_length: int = typer.Option(DEFAULT_LLM_MAX_LENGTH, help="LLM tokens kept per caption; longer captions are cut and counted."),
         batch_size: int = typer.Option(64, help="Captions per encoder call."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
-        dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 (fp16 overflows)."),
+        dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 and LLMs (fp16 overflows)."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     ) -> None:
-        """Encode captions with CLIP and/or T5 (valid token states, float16) and write the empty caption once."""
+        """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16) and write the empty caption once."""
 
         def body():
             from pipelines.encode_text import EncodeTextConfig, encode_text
 
             cfg = EncodeTextConfig(
                 input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
+                models={"llm": llm} if llm else {}, settings={"llm": {"layer": llm_layer, "max_length": llm_max_length}},
                 batch_size=batch_size, device=device, dtype=dtype, verify=verify,
             )
             _report(encode_text(cfg, RichReporter()), output)

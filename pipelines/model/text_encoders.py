@@ -1,9 +1,10 @@
-"""Text encoders, by name: CLIP (token states + pooled vector) and T5 (token states), through transformers.
+"""Text encoders, by name: CLIP (token states + pooled vector), T5 (token states) and a decoder-only
+language model ("llm": the hidden states of one layer, as Sana and Lumina use Gemma), through transformers.
 
 `ENCODERS` lists them: each name is the name of its arrays in shards, of its entry in a model config's
 `text_inputs` and in pipeline.json, so adding an encoder means adding a class and an `ENCODERS` entry here
 (plus its CLI option). `TextEncoders` turns captions into the per-caption arrays a shard stores and
-`TextCondition.collate` batches: {"clip": (n, Dc), "clip_pooled": (Dc,), "t5": (n, Dt)},
+`TextCondition.collate` batches: {"clip": (n, Dc), "clip_pooled": (Dc,), "t5": (n, Dt), "llm": (n, Dl)},
 float16, valid tokens only. Encoders load from a hub name or a local folder ("NAME_OR_PATH[:SUBFOLDER]");
 the tiny test encoders of `pipelines.model.tiny` load by path through exactly the same code.
 
@@ -25,7 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import pooled_array
 
-from pipelines.defaults import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH  # noqa: F401  (re-exported)
+from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH  # noqa: F401  (re-exported)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -285,6 +286,57 @@ class T5TextEncoder:
         return EncoderOutput([hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())], None, truncated)
 
 
+class LlmTextEncoder:
+    """A decoder-only language model (transformers AutoModel: Gemma, Llama, Qwen2, ...): the hidden states of
+    layer `layer` at the caption's valid tokens.
+
+    `layer` indexes `hidden_states` as transformers returns them with output_hidden_states=True: 0 is the
+    token embeddings, the model's number of layers (or -1) the last layer's output after the final norm;
+    negative values count from the end (-2: the layer before the last, as HunyuanVideo takes from its LLM).
+    Captions are padded on the right and the attention mask is passed: attention is causal, so a valid
+    token never sees the padding after it, and only the valid tokens are stored (TextCondition.collate
+    masks the rest). A tokenizer without a padding token pads with its EOS token (the mask tells them apart).
+    The tokenizer's own special tokens are kept (e.g. Gemma's and Llama's BOS).
+    """
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, max_length: int = DEFAULT_LLM_MAX_LENGTH, layer: int = DEFAULT_LLM_LAYER):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        what = "decoder-only language model"
+        if max_length < 1:
+            raise GentronError(f"LLM max length must be positive, got {max_length}", "pass --llm-max-length 300")
+        config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
+        if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise GentronError(f"{spec} holds a {config.model_type!r} model, not a {what}", "pass a causal language model such as google/gemma-2-2b (T5 goes to --t5, CLIP to --clip)")
+        self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise GentronError(f"the tokenizer of {spec} has neither a padding nor an EOS token", "pass a language model whose tokenizer defines one")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = load_pretrained(AutoModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        layers = text_config.num_hidden_layers
+        if not -(layers + 1) <= layer <= layers:
+            raise GentronError(f"--llm-layer {layer} is out of range: {spec} has {layers} layers", f"pass 0..{layers}, or -1 (the last) .. -{layers + 1}")
+        self.device = device
+        self.layer = layer % (layers + 1)  # recorded as a non-negative index: the same layer whatever the sign given
+        self.max_length = min(max_length, getattr(text_config, "max_position_embeddings", None) or max_length)
+        self.dim = text_config.hidden_size
+        self.pooled_dim = None
+        self.settings = {"max_length": self.max_length, "layer": self.layer}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> EncoderOutput:
+        batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "longest")
+        mask = batch["attention_mask"]
+        out = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
+        hidden = out.hidden_states[self.layer].float().cpu()
+        return EncoderOutput([hidden[i][mask[i].bool()] for i in range(len(captions))], None, truncated)
+
+
 def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
     """The tokenizer beside the model; in a pipeline folder ("...:text_encoder") the sibling tokenizer/ folder."""
     name, subfolder = split_model_spec(spec)
@@ -311,7 +363,7 @@ class EncoderKind:
 
     load: Callable  # (spec, device, dtype, **settings) -> an encoder: __call__(captions) -> EncoderOutput; dim, pooled_dim, max_length, settings
     what: str  # for messages
-    default: str | None  # the model run when none is named; None: it must be named
+    default: str | None  # the model run when none is named; None: it must be named (e.g. --llm)
     settings: tuple[str, ...]  # keyword settings of `load`, recorded in shard metadata so sampling rebuilds the encoder alike
     typical_length: int  # tokens per caption at most with the default settings (cost estimates)
 
@@ -319,6 +371,7 @@ class EncoderKind:
 ENCODERS: dict[str, EncoderKind] = {
     "clip": EncoderKind(_load_clip, "CLIP text encoder", DEFAULT_CLIP, (), CLIP_MAX_LENGTH),
     "t5": EncoderKind(T5TextEncoder, "T5 encoder", DEFAULT_T5, ("max_length",), DEFAULT_T5_MAX_LENGTH),
+    "llm": EncoderKind(LlmTextEncoder, "decoder-only language model", None, ("max_length", "layer"), DEFAULT_LLM_MAX_LENGTH),
 }
 ENCODER_NAMES = tuple(ENCODERS)
 DEFAULT_ENCODERS = ("clip", "t5")  # what encode-text runs when no encoder is chosen, as the paper
@@ -340,7 +393,7 @@ class TextEncoders:
     `models` maps encoder names to a hub name or folder (optionally ":SUBFOLDER"; CLIP also takes
     "open_clip:ARCH:PRETRAINED"); None leaves an encoder out. They may also be given as keywords:
     TextEncoders(clip=PATH, t5=PATH). With none given, the defaults of DEFAULT_ENCODERS load.
-    `settings` gives an encoder's settings by name, e.g. {"t5": {"max_length": 120}}.
+    `settings` gives an encoder's settings by name, e.g. {"t5": {"max_length": 120}, "llm": {"layer": -2}}.
     """
 
     def __init__(
@@ -408,7 +461,7 @@ class TextEncoders:
         return [EncodedCaption(a, tuple(t)) for a, t in zip(arrays, truncated)]
 
     def encode(self, captions: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """{"clip", "clip_pooled", "t5"} per caption (those of the loaded encoders), float16, valid tokens only."""
+        """{"clip", "clip_pooled", "t5", "llm"} per caption (those of the loaded encoders), float16, valid tokens only."""
         return [e.arrays for e in self.encode_captions(captions)]
 
 

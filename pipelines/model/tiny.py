@@ -1,7 +1,7 @@
 """Tiny random-initialised encoders and VAE, saved to folders that load exactly like the real ones.
 
-Nothing here downloads: the CLIP tokenizer is a small byte-level BPE trained on a few sentences with
-the `tokenizers` library, the T5 tokenizer is ByT5's (bytes, no vocabulary file). Tests, the
+Nothing here downloads: the CLIP and LLM tokenizers are small byte-level BPEs trained on a few sentences
+with the `tokenizers` library, the T5 tokenizer is ByT5's (bytes, no vocabulary file). Tests, the
 quickstart and the sampling stage load the saved folders by path through `TextEncoders` and `load_vae`.
 """
 
@@ -16,6 +16,7 @@ import torch
 # Widths match pipelines.model.configs.TINY_TEXT_DIMS, which the "T/2" model size expects.
 TINY_CLIP_DIM = 32
 TINY_T5_DIM = 32
+TINY_LLM_DIM = 24  # unlike the others, so a test can tell the LLM's width from theirs
 
 # A few sentences to learn BPE merges from; any caption still tokenizes (byte-level fallback).
 _TOKENIZER_CORPUS = [
@@ -35,6 +36,20 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
         yield
+
+
+def _byte_level_bpe(vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE tokenizer (tokenizers library) trained on _TOKENIZER_CORPUS; any text still tokenizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    return bpe
 
 
 def build_tiny_clip(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
@@ -102,6 +117,34 @@ def build_tiny_t5(folder: str | Path, seed: int = 0) -> Path:
     )
     with _seeded(seed):
         T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llm(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A Llama-style decoder-only language model (2 layers, 24 wide, grouped-query attention) and a fast BPE
+    tokenizer that adds BOS as Llama's does and has no padding token (as Llama's), saved to `folder`."""
+    from tokenizers import processors
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    bos, eos = "<s>", "</s>"
+    bpe = _byte_level_bpe(vocab_size, [bos, eos])
+    bos_id, eos_id = bpe.token_to_id(bos), bpe.token_to_id(eos)
+    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, model_max_length=64).save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=TINY_LLM_DIM,
+        intermediate_size=2 * TINY_LLM_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    with _seeded(seed):
+        LlamaModel(config).save_pretrained(folder)
     return folder
 
 
