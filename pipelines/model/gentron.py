@@ -356,18 +356,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
 
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        # from_config and from_pretrained both pass here: a config of an earlier version gets text_inputs
-        return super().extract_init_dict(upgrade_config(config_dict), **kwargs)
-
-    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
-        # from_pretrained's hook on the loaded weights: rename those of an earlier version in place
-        super()._fix_state_dict_keys_on_load(state_dict)
-        upgraded = upgrade_state_dict(dict(state_dict), self.config)
-        state_dict.clear()
-        state_dict.update(upgraded)
-
     @register_to_config
     def __init__(
         self,
@@ -543,6 +531,20 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             )
         return model
 
+
+    # ----------------------------------------------------------------------- folders of earlier versions (see upgrade_config)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # from_config and from_pretrained both pass here: a config of an earlier version gets text_inputs
+        return super().extract_init_dict(upgrade_config(config_dict), **kwargs)
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        # from_pretrained's hook on the loaded weights: rename those of an earlier version in place
+        super()._fix_state_dict_keys_on_load(state_dict)
+        upgraded = upgrade_state_dict(dict(state_dict), self.config)
+        state_dict.clear()
+        state_dict.update(upgraded)
 
 def is_temporal_parameter(name: str) -> bool:
     """The layers T2V adds to T2I: TempSelfAttn (and its norm) in every block, and the frame embedder."""
