@@ -9,19 +9,18 @@ images per shard); a bad image is counted and skipped.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
 from pipelines.data.image import load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult
+from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
-from pipelines.prep_videos import run_prep
 from pipelines.progress import NullReporter, Reporter
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
 
-OPTIONS_FILE = "_prep_images.json"
 
 
 @dataclass
@@ -36,16 +35,25 @@ class PrepImagesConfig:
     upscale: bool = False  # ... unless this is set
     shard_size: int = 1000  # source images per shard
     workers: int = 1
-    node_rank: int | None = None
-    num_nodes: int | None = None
+    rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
+    world_size: int | None = None
     keep_uncaptioned: bool = False
     path_column: str = "path"
     caption_column: str = "caption"
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
     def output_options(self) -> dict:
-        skip = ("input", "output", "workers", "node_rank", "num_nodes", "verify")
-        return {k: v for k, v in asdict(self).items() if k not in skip} | {"input": str(Path(self.input).resolve())}
+        """The options that decide the shards' contents (checked on resume)."""
+        return RESUME.record(self)
+
+
+RESUME = ResumeOptions(
+    "_prep_images.json",
+    must_match=("input", "size", "crop", "format", "quality", "min_size", "upscale", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+    may_differ=("output", "workers", "rank", "world_size", "verify"),
+    paths=("input",),
+)
+OPTIONS_FILE = RESUME.record_file
 
 
 DEFAULT_MIN_SIZE = 64
@@ -117,4 +125,4 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     _validate(config)
     if config.min_size is None:  # images of the asked size itself must pass
         config = replace(config, min_size=min(DEFAULT_MIN_SIZE, config.size))
-    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, OPTIONS_FILE, "image", reporter)
+    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, config.output_options(), OPTIONS_FILE, "image", reporter)

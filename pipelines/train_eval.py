@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint as ckpt
+from pipelines.atomic import atomic_dir
 from pipelines.errors import GentronError
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import TrainConfig
@@ -120,7 +121,7 @@ class TrainingEvaluator:
             if self.pipe is None:
                 self.pipe = SamplingPipeline(cfg)
             self.pipe.model.load_state_dict(weights)
-            with ckpt.atomic_dir(cfg.out) as tmp:
+            with atomic_dir(cfg.out) as tmp:
                 sample(replace(cfg, out=tmp), pipe=self.pipe)
             record = self.score(cfg.out)
         self.prune()

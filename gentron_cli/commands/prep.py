@@ -9,7 +9,7 @@ import typer
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
-from pipelines.data.shards import StageResult
+from pipelines.stages import StageResult
 
 
 def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None:
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         config = PrepVideosConfig(
             input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
             frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=quality,
-            shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes, timeout=timeout,
+            shard_size=shard_size, workers=workers, rank=node_rank, world_size=num_nodes, timeout=timeout,
             keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_videos(config, RichReporter()))
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
         config = PrepImagesConfig(
             input=input, output=output, size=size, crop=not no_crop, format=image_format, quality=quality, min_size=min_size,
-            upscale=upscale, shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes,
+            upscale=upscale, shard_size=shard_size, workers=workers, rank=node_rank, world_size=num_nodes,
             keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_images(config, RichReporter()))
