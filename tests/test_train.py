@@ -20,14 +20,15 @@ from typer.testing import CliRunner
 from gentron_cli.main import app
 from pipelines import checkpoint as ckpt
 from pipelines.data import schema
-from pipelines.data.loader import StreamSpec, TrainStream, batch_text, index_source, load_empty_caption
+from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import make_objective
 from pipelines.diffusion.gaussian import GaussianDiffusion
 from pipelines.errors import GentronError
 from pipelines.metrics import read_metrics
+from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
-from pipelines.train import TrainConfig, train
+from pipelines.train import TrainConfig, batch_text, train
 from train_data import truncate, write_dataset
 
 runner = CliRunner()
@@ -159,7 +160,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     empty, _ = load_empty_caption([images])
     spec = StreamSpec(stage="t2v", seed=cfg.seed, micro_batch=cfg.global_batch, p_motion_free=1.0, text_dropout=0.0,
                       frames=3, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
-    stream = TrainStream(spec, source, None, empty)
+    stream = TrainStream(spec, source, None, empty, collate_text=TextCondition.collate)
     batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
     assert bool(batch["pseudo_video"].all())
     model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
