@@ -83,7 +83,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict]:
     """(model weights, EMA weights, trainer state, state) of a checkpoint folder; executes no code."""
     path = Path(path)
-    hint = f"delete {path} to resume from the checkpoint before it, or start a new run with another --output"
+    hint = f"delete {path} to resume from the checkpoint before it, or start a new run with another --out"
     try:
         model_state = load_file(str(path / "model.safetensors"))
         ema_state = load_file(str(path / "ema.safetensors"))

@@ -272,6 +272,6 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
     if upscaled:
         reporter.log(
             f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than --resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep keeps small sources small unless --upscale)"
+            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless --upscale)"
         )
     return result

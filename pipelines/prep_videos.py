@@ -19,7 +19,7 @@ from typing import Iterator
 
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
-from pipelines.data.media import encode_clip
+from pipelines.data.media import clip_qscale, encode_clip
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames, rotate_frames
 from pipelines.errors import BadSample, GentronError
@@ -42,7 +42,8 @@ class PrepVideosConfig:
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
-    quality: int = 2  # JPEG quality scale of the stored clips (2 best .. 31); see pipelines/data/media.py
+    quality: int = 100  # JPEG quality of the stored clips, 1 .. 100 (best), as for images (pipelines/data/media.py: clip_qscale)
+    qscale: int | None = None  # the Motion-JPEG quantiser scale itself (2 best .. 31) instead of `quality` (what --quality was)
     shard_size: int = 64  # source videos per shard
     workers: int = 1
     rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
@@ -59,13 +60,20 @@ class PrepVideosConfig:
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
-        return RESUME.record(self)
+        record = RESUME.record(self)
+        del record["quality"]
+        record["qscale"] = self.effective_qscale  # what decides the bytes (quality 100 and qscale 2 make the same clips)
+        return record
+
+    @property
+    def effective_qscale(self) -> int:
+        return self.qscale if self.qscale is not None else clip_qscale(self.quality)
 
 
 RESUME = ResumeOptions(
     "_prep_videos.json",
     must_match=("input", "short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video",
-                "quality", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+                "quality", "qscale", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
     may_differ=("output", "workers", "rank", "world_size", "timeout", "verify"),
     paths=("input",),
 )
@@ -80,7 +88,8 @@ def _validate(config: PrepVideosConfig) -> None:
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
         (config.max_clips_per_video is None or config.max_clips_per_video >= 1, "--max-clips-per-video must be at least 1"),
-        (2 <= config.quality <= 31, "--quality must be in [2, 31]"),
+        (1 <= config.quality <= 100, "--jpeg-quality must be in [1, 100]"),
+        (config.qscale is None or 2 <= config.qscale <= 31, "the JPEG quantiser scale (--quality, deprecated) must be in [2, 31]"),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
         (config.timeout > 0, "--timeout must be positive"),
@@ -110,7 +119,7 @@ def _test_sleep(path: Path) -> None:
             time.sleep(float(seconds))
 
 
-def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, quality: int) -> Iterator[tuple]:
+def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child."""
     _test_sleep(path)
     if not path.is_file():
@@ -138,7 +147,7 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     )
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, quality)
+        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -174,7 +183,7 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
     plan = config.plan
     try:
         # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.quality))
+        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale))
     except BadSample as exc:
         stats.fail(item.key, exc.reason, exc.detail or str(item.path))
         return 0
@@ -230,4 +239,13 @@ class _ClipRateTask:
 def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every video of `config.input` into clip shards under `config.output`."""
     _validate(config)
-    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter))
+    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter),
+                    upgrade=_upgrade_record)
+
+
+def _upgrade_record(previous: dict) -> dict:
+    """An options record of before `quality` became JPEG quality: its "quality" was the quantiser scale."""
+    if "qscale" not in previous and "quality" in previous:
+        previous = dict(previous)
+        previous["qscale"] = previous.pop("quality")
+    return previous

@@ -306,7 +306,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
         raise GentronError(
             f"{run_dir} holds a run with other settings ({detail})",
-            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --output",
+            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --out",
         )
 
 
@@ -611,7 +611,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
     if saved is not None:
-        hint = f"{folder} holds a checkpoint of another model: pass another --output, or the --model of that run"
+        hint = f"{folder} holds a checkpoint of another model: pass another --out, or the --model of that run"
         ckpt.check_weights(saved[0], model, f"the weights of checkpoint {previous}", hint)
         model.load_state_dict(saved[0])
         reporter.log(f"resuming from {previous} (step {saved[3]['step']})")

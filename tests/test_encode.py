@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 
 def _frames(t, h, w, seed):
-    """Smooth moving gradients: they survive H.264 well and differ between frames and samples."""
+    """Smooth moving gradients: they survive Motion-JPEG well and differ between frames and samples."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
     base = rng.uniform(0, 2 * np.pi, size=3)

@@ -57,7 +57,7 @@ def losses(run) -> dict[int, float]:
 def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
     images, _ = data
     run = tmp_path / "t2i"
-    args = ["train", "--stage", "t2i", "--image-data", str(images), "--output", str(run), "--model", '{"size": "T/2"}',
+    args = ["train", "--stage", "t2i", "--image-data", str(images), "--out", str(run), "--model", '{"size": "T/2"}',
             "--steps", "60", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0", "--text-dropout", "0",
             "--checkpoint-every", "20", "--keep-checkpoints", "2", "--log-every", "1", "--ema-decay", "0.9",
             "--preview-every", "30", "--preview-count", "3"]
@@ -93,7 +93,7 @@ def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
 def test_t2v_joint_training_overfits_through_the_cli(tmp_path, data):
     images, videos = data
     run = tmp_path / "t2v"
-    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--output", str(run),
+    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--out", str(run),
             "--model", '{"size": "T/2"}', "--steps", "40", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0",
             "--text-dropout", "0", "--p-motion-free", "0.5", "--checkpoint-every", "40", "--log-every", "1",
             "--preview-every", "40", "--preview-count", "2"]
@@ -259,7 +259,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
     images, _ = data
-    args = ["train", "--image-data", str(images), "--output", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
+    args = ["train", "--image-data", str(images), "--out", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
             "--global-batch", "2", "--num-workers", "0"] + extra
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
@@ -304,7 +304,7 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     """A real `kill -9` of a `gentron train` process, then the same command again."""
     images, _ = data
     run = tmp_path / "killed"
-    args = ["train", "--image-data", str(images), "--output", str(run), "--model", TINY, "--steps", "80",
+    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY, "--steps", "80",
             "--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "5", "--log-every", "1",
             "--ema-decay", "0.9"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
