@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipelines.atomic import atomic_dir
+from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
 
 CHECKPOINTS = "checkpoints"

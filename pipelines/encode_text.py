@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data import schema
-from pipelines.atomic import atomic_write_bytes
+from pipelines.files import atomic_write_bytes
 from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.text_encoders import DEFAULT_CLIP, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, TextEncoders, parse_encoders

@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from pipelines import outputs
-from pipelines.atomic import atomic_write_bytes, atomic_write_json
+from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.data import schema
 from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.model.fid_inception import FIDInceptionV3, file_sha256, load_fid_inception
+from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception
 from pipelines.model.text_encoders import load_pretrained, resolve_device
 from pipelines.progress import NullReporter, Reporter
 from pipelines.toydata import CHANCE, parse_caption, probe_image, probe_video

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.atomic import atomic_write_bytes, atomic_write_text
+from pipelines.files import atomic_write_bytes, atomic_write_text
 
 
 class MetricsLog:

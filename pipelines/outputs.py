@@ -2,7 +2,7 @@
 
 Used by `gentron sample`'s outputs, training previews (pipelines/train.py), the quickstart's report
 and evaluation's readers; shard media (the stored Motion-JPEG clips and JPEG/PNG images) are
-encoded in pipelines/data/media.py, and every file goes through pipelines/atomic.py.
+encoded in pipelines/data/media.py, and every file goes through pipelines/files.py.
 
 Frames are uint8 RGB arrays, (H, W, 3) for an image and (T, H, W, 3) for a video. MP4 is H.264
 (`pipelines.data.media.encode_h264`), which x264 does not make bit-reproducible, so reproducibility is
@@ -22,7 +22,7 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
-from pipelines.atomic import atomic_write_bytes, atomic_write_json
+from pipelines.files import atomic_write_bytes, atomic_write_json
 from pipelines.data.media import encode_h264, encode_image
 
 SIDECAR_SUFFIX = ".json"

@@ -9,7 +9,6 @@ process killed after `timeout` seconds without progress; a bad video is counted 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pipelines.data.media import clip_qscale, encode_clip
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames, rotate_frames
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import file_sha256
 from pipelines.progress import NullReporter, Reporter
 from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
 
@@ -103,14 +103,6 @@ def _validate(config: PrepVideosConfig) -> None:
 # The work done for one video, in the decode child
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _test_sleep(path: Path) -> None:
     hook = os.environ.get(SLEEP_HOOK_ENV)
     if hook:
@@ -124,7 +116,7 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     _test_sleep(path)
     if not path.is_file():
         raise BadSample("missing_file", f"{path} does not exist")
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     info = probe_video(path)
     selections = plan_clips(info, plan, start, end)
     if not selections:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.atomic import atomic_write_bytes
+from pipelines.files import atomic_write_bytes
 from pipelines.errors import GentronError
 from pipelines.outputs import contact_sheet, film_strip, write_png
 from pipelines.progress import NullReporter, Reporter

@@ -13,7 +13,6 @@ regeneration therefore re-samples the recorded batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -31,6 +30,7 @@ from pipelines.data import schema
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
 from pipelines.errors import GentronError
+from pipelines.files import file_sha256
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import DTYPES, TextEncoders, resolve_device, resolve_dtype
@@ -102,14 +102,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 def weights_sha256(folder: Path) -> dict[str, str]:
     """sha256 of each weights file of a model folder (what `sha256sum *.safetensors` prints)."""
-    digests = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[path.name] = h.hexdigest()
-    return digests
+    return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
 

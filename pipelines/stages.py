@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipelines.atomic import atomic_write_bytes, atomic_write_json, disk_error
+from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error
 from pipelines.data.shards import (
     SHARD_SUFFIX,
     STATS_SUFFIX,

@@ -37,7 +37,7 @@ from pipelines.data.loader import (
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
 from pipelines.locking import folder_lock
-from pipelines.atomic import atomic_write_text
+from pipelines.files import atomic_write_text
 from pipelines.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
 from pipelines.outputs import write_sheet
 from pipelines.model.conditioning import TextCondition

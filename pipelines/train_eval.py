@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint as ckpt
-from pipelines.atomic import atomic_dir
+from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import TrainConfig
@@ -69,7 +69,8 @@ class TrainingEvaluator:
 
     def __init__(self, config: TrainConfig, run_dir: Path, pipeline: dict, device: torch.device, reporter: Reporter = NullReporter()):
         from pipelines.evaluate import ClipScorer, reference_statistics
-        from pipelines.model.fid_inception import file_sha256, load_fid_inception
+        from pipelines.files import file_sha256
+        from pipelines.model.fid_inception import load_fid_inception
         from pipelines.sample import read_prompts_file
         from pipelines.toydata import parse_caption
 

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.atomic import atomic_write_json
+from pipelines.files import atomic_write_json
 from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter

@@ -1,7 +1,7 @@
 """WebDataset shards: the format every stage reads and writes.
 
 - `ShardWriter`: writes one tar deterministically (fixed mtime/owner, members in order) under a
-  temporary name and renames it into place only when complete (pipelines/atomic.py).
+  temporary name and renames it into place only when complete (pipelines/files.py).
 - `scan_shard`: the one tar reader (training's index reads headers only, the stages read the bytes);
   `iter_shard` gives (key, {field: bytes}) in order; a damaged tar is reported.
 - `ShardStats`: per-shard counts, the reason of every failure, and the tar's size and sha256, written
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipelines.atomic import AtomicFile, disk_error, quietly
+from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly
 from pipelines.data.schema import check_key
 from pipelines.errors import BadSample
 
@@ -56,7 +56,7 @@ class _HashingFile:
         return self.size
 
 
-class ShardWriter:
+class ShardWriter(CommitOnSuccess):
     """One output shard. Use as a context manager: committed on success, removed on any exception."""
 
     MTIME = 0  # fixed, so the same samples give byte-identical shards
@@ -111,15 +111,6 @@ class ShardWriter:
         """Remove the temporary file; never raises (it runs while another error is on its way out)."""
         quietly(self._tar.close)
         self._file.abort()
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 class ShardDamaged(BadSample):
@@ -271,14 +262,6 @@ def verify_folder(output_dir: str | Path) -> list[tuple[str, str]]:
         if problem is not None:
             damaged.append((name, problem))
     return damaged
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def summarize(output_dir: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""Writing files and folders so that a crash never leaves half of one under its final name.
+"""Files: written so that a crash never leaves half of one under its final name, and their digests.
 
 The one way every gentron module writes a file that something else reads back (shards, stats, options
 records, metrics, plots, samples, sidecars, pages, checkpoints): write under a temporary name beside
@@ -6,12 +6,15 @@ the final one (`.NAME.tmp-PID`, which folder listings skip), flush it to disk, t
 place (atomic on POSIX). A storage fault (disk full, read-only, no permission) becomes one
 GentronError naming the path; the temporary file is removed.
 
+`file_sha256` is the one file digest (shards, source videos, weights, the FID network).
+
 Its own module, below `data/` and everything else (it imports only `pipelines.errors`), so that every
 layer can use it without importing the shard format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,7 +44,29 @@ def quietly(cleanup: Callable[[], Any]) -> None:
         pass
 
 
-class AtomicFile:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CommitOnSuccess:
+    """Context manager of a writer with `commit()` and `abort()`: committed on success, aborted on any exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicFile(CommitOnSuccess):
     """A binary file written under `temp_path(path)`: `commit()` renames it into place, `abort()` removes it.
 
     As a context manager: committed on success, aborted on any exception."""
@@ -76,14 +101,6 @@ class AtomicFile:
         quietly(self.file.close)
         quietly(lambda: self.tmp_path.unlink(missing_ok=True))
 
-    def __enter__(self) -> "AtomicFile":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
