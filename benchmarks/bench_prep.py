@@ -9,7 +9,7 @@ carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decod
 the same files single-threaded, nothing else. Prep: `prep_videos` with the paper's defaults, on 1 and
 2 workers (wall time of the whole call, process start-up included). The three are run in turn
 `--repeats` times and each figure is the median. Also a per-clip breakdown (decode+select / resize /
-H.264 encode) on bigbuckbunny, to show where prep's time goes. The last stdout line is the JSON summary
+Motion-JPEG encode) on bigbuckbunny, to show where prep's time goes. The last stdout line is the JSON summary
 (benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
 """
 

@@ -66,12 +66,13 @@ def child_loader(args) -> dict:
 
     from pipelines.data import schema
     from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption, make_loader
+    from pipelines.model.conditioning import TextCondition
 
     torch.set_num_threads(args.threads)
     source = index_source(args.data, "image")
     empty, _ = load_empty_caption([source.folder])
     spec = StreamSpec(stage="t2i", seed=0, micro_batch=args.batch, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
-    it = iter(make_loader(TrainStream(spec, source, None, empty), num_workers=args.workers, pin_memory=False))
+    it = iter(make_loader(TrainStream(spec, source, None, empty, collate_text=TextCondition.collate), num_workers=args.workers, pin_memory=False))
     next(it)  # workers started
     batches = 40
     start = time.perf_counter()

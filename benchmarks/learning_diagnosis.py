@@ -18,9 +18,11 @@ import torch
 
 from pipelines import toydata
 from pipelines.data import schema
-from pipelines.data.loader import StreamSpec, TrainStream, batch_text, index_source, load_empty_caption
+from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import ObjectiveConfig, make_objective
+from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
+from pipelines.train import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 
@@ -43,7 +45,8 @@ def main() -> None:
     source = index_source(args.images, "image")
     empty, _ = load_empty_caption([source.folder])
     fields = (schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS)
-    stream = TrainStream(StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields), source, None, empty)
+    stream = TrainStream(StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields), source, None, empty,
+                         collate_text=TextCondition.collate)
     streams = stream._streams()
     batch = stream.make_batch(range(args.samples), streams)
     x0, noise, text = batch["x0"], batch["noise"], batch_text(batch)

@@ -150,3 +150,10 @@ def run_command(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Finished work is kept; run the same command again to continue.")
         sys.exit(130)
+
+
+def deprecated(old: str, new: str) -> None:
+    """Say once that option `old` is an old spelling (it still works this release) and what replaces it."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]deprecated:[/] {escape(old)} will be removed in the next release; use {escape(new)}", highlight=False)

@@ -18,14 +18,13 @@ import os
 import pickle  # only for its exception type: nothing here unpickles
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
 
 CHECKPOINTS = "checkpoints"
@@ -37,26 +36,6 @@ PIPELINE_FILE = "pipeline.json"
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)  # two renames: `final` is missing only between them, never half-written
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -104,7 +83,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict]:
     """(model weights, EMA weights, trainer state, state) of a checkpoint folder; executes no code."""
     path = Path(path)
-    hint = f"delete {path} to resume from the checkpoint before it, or start a new run with another --output"
+    hint = f"delete {path} to resume from the checkpoint before it, or start a new run with another --out"
     try:
         model_state = load_file(str(path / "model.safetensors"))
         ema_state = load_file(str(path / "ema.safetensors"))

@@ -21,19 +21,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pipelines.data import media, schema
-from pipelines.data.shards import (
-    ShardJob,
-    ShardStats,
-    ShardWriter,
-    StageResult,
-    iter_shard,
-    list_shards,
-    run_shard_jobs,
-    stats_path,
-)
-from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
+from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, check_output_options, input_shard_jobs, run_shard_jobs
 
 
 @dataclass
@@ -243,28 +235,20 @@ class LatentShardEncoder:
 # The stage
 
 
-def stage_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
-    """One job per input shard (same name); errors for a missing/empty input or input == output."""
-    input_dir = require_dir(input_dir, "input folder", "pass a folder of shards written by a gentron stage (prep-*, encode-*)")
-    if Path(output_dir).resolve() == input_dir.resolve():
-        raise GentronError(f"the output folder is the input folder: {input_dir}", "write to a new folder")
-    shards = list_shards(input_dir)
-    if not shards:
-        raise GentronError(f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage")
-    return [ShardJob(path.name[: -len(".tar")], path, items=_input_samples(path)) for path in shards]
-
-
-def _input_samples(shard: Path) -> int | None:
-    """Samples in an input shard, from the stats file the stage that wrote it left beside it."""
-    source = stats_path(shard.parent, shard.name[: -len(".tar")])
-    return ShardStats.load(source).samples_out if source.exists() else None
+RESUME = ResumeOptions(
+    "_encode_latents.json",
+    must_match=("input_dir", "vae", "resolution", "flip", "dtype"),
+    may_differ=("output_dir", "batch_size", "device", "rank", "world_size", "verify"),
+    paths=("input_dir",),
+)
 
 
 def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    jobs = stage_jobs(cfg.input_dir, cfg.output_dir)
+    jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 4")
+    check_output_options(Path(cfg.output_dir), RESUME.record(cfg) | {"dtype": cfg.dtype or "auto"}, RESUME.record_file)  # None is auto
     if vae is None:
         vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
         reporter.log(f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor {vae.scaling_factor}")
@@ -288,6 +272,6 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
     if upscaled:
         reporter.log(
             f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than --resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep keeps small sources small unless --upscale)"
+            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless --upscale)"
         )
     return result

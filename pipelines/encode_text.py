@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data import schema
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult, atomic_write_bytes, iter_shard, run_shard_jobs
-from pipelines.encode_latents import stage_jobs
+from pipelines.files import atomic_write_bytes
+from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.text_encoders import (
     DEFAULT_CLIP,
@@ -28,6 +28,7 @@ from pipelines.model.text_encoders import (
     parse_encoders,
 )
 from pipelines.progress import NullReporter, Reporter
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, check_output_options, input_shard_jobs, run_shard_jobs
 
 
 @dataclass
@@ -165,11 +166,20 @@ class TextShardEncoder:
             tick(1)
 
 
+RESUME = ResumeOptions(
+    "_encode_text.json",
+    must_match=("input_dir", "clip", "t5", "encoders", "t5_max_length", "models", "settings", "dtype"),
+    may_differ=("output_dir", "batch_size", "device", "rank", "world_size", "verify"),
+    paths=("input_dir",),
+)
+
+
 def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), encoders: TextEncoders | None = None) -> StageResult:
     """Encode every pending input shard's captions; finished shards are skipped (resume). `encoders`: already loaded ones."""
-    jobs = stage_jobs(cfg.input_dir, cfg.output_dir)
+    jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 64")
+    check_output_options(Path(cfg.output_dir), RESUME.record(cfg) | {"dtype": cfg.dtype or "auto"}, RESUME.record_file)  # None is auto
     if encoders is None:
         encoders = load_text_encoders(cfg)
         names = ", ".join(f"{n} {encoders.names[n]}" for n in encoders.encoders)

@@ -17,6 +17,7 @@ or (T, H, W, 3) for a video.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -28,12 +29,13 @@ import torch
 from PIL import Image
 
 from pipelines import outputs
+from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.data import schema
 from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.model.fid_inception import FIDInceptionV3, file_sha256, load_fid_inception
+from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception
 from pipelines.model.text_encoders import load_pretrained, resolve_device
 from pipelines.progress import NullReporter, Reporter
 from pipelines.toydata import CHANCE, parse_caption, probe_image, probe_video
@@ -338,9 +340,9 @@ def save_statistics(path: str | Path, stats: GaussianStats) -> Path:
         raise GentronError(f"reference statistics are saved as .npz, got {path}", f"use e.g. --save-reference {path.with_suffix('.npz')}")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"inception_sha256": np.array(stats.inception_sha256)} if stats.inception_sha256 else {}
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count if stats.count is not None else -1), **extra)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count if stats.count is not None else -1), **extra)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -620,8 +622,5 @@ def write_metrics(path: Path, metrics: dict) -> Path:
     """Pretty JSON, keys in insertion order (summary first, then per sample)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, metrics, indent=2, sort_keys=False, ensure_ascii=False, newline=True)
     return path

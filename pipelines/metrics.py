@@ -1,14 +1,16 @@
-"""Training records: the JSONL metrics log, the loss and evaluation curves (PNG), TensorBoard event files, and preview images (grid, frame strip, GIF)."""
+"""Training records: the JSONL metrics log, the loss and evaluation curves (PNG) and TensorBoard event files.
+
+(Preview pictures are written by pipelines/outputs.py, like every picture for people.)"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.outputs import contact_sheet
+from pipelines.files import atomic_write_bytes, atomic_write_text
 
 
 class MetricsLog:
@@ -18,9 +20,7 @@ class MetricsLog:
         self.path = Path(path)
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -62,11 +62,17 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save_figure(fig, png_path)
+
+
+def _save_figure(fig, png_path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    atomic_write_bytes(png_path, buf.getvalue())
 
 
 EVAL_LABELS = {
@@ -112,11 +118,7 @@ def plot_eval(metrics_path: str | Path, png_path: str | Path) -> bool:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.tight_layout()
-    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    _save_figure(fig, png_path)
     return True
 
 
@@ -148,23 +150,3 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def frame_strip(videos: np.ndarray) -> np.ndarray:
-    """(N, T, H, W, 3) uint8 -> one row per video, its frames left to right."""
-    n, t = videos.shape[:2]
-    return contact_sheet(list(videos.reshape(n * t, *videos.shape[2:])), columns=t)
-
-
-def save_png(array: np.ndarray, path: str | Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
-
-
-def save_gif(videos: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
-    """(N, T, H, W, 3) uint8 -> one looping GIF whose frame t shows frame t of every video side by side."""
-    from PIL import Image
-
-    frames = [Image.fromarray(frame) for frame in contact_sheet(list(videos), columns=len(videos))]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)

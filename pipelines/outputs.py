@@ -1,4 +1,8 @@
-"""Writing generated samples: PNG images, MP4 (H.264), GIF and PNG film strips of videos, contact sheets, JSON sidecars.
+"""The one writer of pictures and videos for people: PNG, GIF, MP4, film strips, contact sheets, and JSON sidecars.
+
+Used by `gentron sample`'s outputs, training previews (pipelines/train.py), the quickstart's report
+and evaluation's readers; shard media (the stored Motion-JPEG clips and JPEG/PNG images) are
+encoded in pipelines/data/media.py, and every file goes through pipelines/files.py.
 
 Frames are uint8 RGB arrays, (H, W, 3) for an image and (T, H, W, 3) for a video. MP4 is H.264
 (`pipelines.data.media.encode_h264`), which x264 does not make bit-reproducible, so reproducibility is
@@ -10,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
+from pipelines.files import atomic_write_bytes, atomic_write_json
 from pipelines.data.media import encode_h264, encode_image
 
 SIDECAR_SUFFIX = ".json"
@@ -38,22 +41,14 @@ def pixels_sha256(frames: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    # write then rename, so an interrupted run never leaves a truncated file under the final name
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
 def write_png(path: Path, image: np.ndarray) -> Path:
     """(H, W, 3) uint8 -> PNG."""
-    return _write_bytes(Path(path), encode_image(image, fmt="png"))
+    return atomic_write_bytes(Path(path), encode_image(image, fmt="png"))
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int = 15) -> Path:
     """(T, H, W, 3) uint8 -> H.264 MP4 (H and W must be even)."""
-    return _write_bytes(Path(path), encode_h264(frames, fps=fps, crf=crf))
+    return atomic_write_bytes(Path(path), encode_h264(frames, fps=fps, crf=crf))
 
 
 def write_gif(path: Path, frames: np.ndarray, fps: float) -> Path:
@@ -63,7 +58,7 @@ def write_gif(path: Path, frames: np.ndarray, fps: float) -> Path:
     images[0].save(
         buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=False
     )
-    return _write_bytes(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def write_sample(folder: Path, stem: str, frames: np.ndarray, fps: float) -> list[Path]:
@@ -75,8 +70,32 @@ def write_sample(folder: Path, stem: str, frames: np.ndarray, fps: float) -> lis
     return [
         write_mp4(folder / f"{stem}.mp4", frames, fps),
         write_gif(folder / f"{stem}.gif", frames, fps),
-        write_png(folder / f"{stem}.frames.png", rearrange(frames, "t h w c -> h (t w) c")),
+        write_png(folder / f"{stem}.frames.png", film_strip(frames)),
     ]
+
+
+def write_sheet(stem: Path, samples: np.ndarray, fps: float) -> list[Path]:
+    """Several samples in one picture (training previews): images (N, H, W, 3) as one contact sheet `stem.png`;
+    videos (N, T, H, W, 3) as `stem.png`, one film strip per video (frames left to right, white gaps), and
+    `stem.gif`, the videos side by side."""
+    stem = Path(stem)
+    png, gif = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".gif")
+    if samples.ndim == 4:
+        return [write_png(png, contact_sheet(list(samples)))]
+    strips = [film_strip(video, gap=2) for video in samples]
+    return [write_png(png, contact_sheet(strips, columns=1)), write_gif(gif, contact_sheet(list(samples), columns=len(samples)), fps)]
+
+
+def film_strip(frames: np.ndarray, gap: int = 0, fill: int = 255) -> np.ndarray:
+    """(T, H, W, 3) -> (H, T*W + (T-1)*gap, 3): the frames left to right, `gap` columns of `fill` between them.
+    Without gaps it is lossless and `read_frame_strip` gives the frames back."""
+    if not gap:
+        return rearrange(frames, "t h w c -> h (t w) c")
+    t, h, w, c = frames.shape
+    strip = np.full((h, t * (w + gap) - gap, c), fill, dtype=frames.dtype)
+    for i, frame in enumerate(frames):
+        strip[:, i * (w + gap) : i * (w + gap) + w] = frame
+    return strip
 
 
 def read_frame_strip(path: Path, num_frames: int) -> np.ndarray:
@@ -107,5 +126,4 @@ def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: in
 
 def write_sidecar(path: Path, record: dict) -> Path:
     """JSON sidecar, keys sorted, so the same settings give the same bytes."""
-    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    return _write_bytes(Path(path), text.encode("utf-8"))
+    return atomic_write_json(path, record, indent=2, ensure_ascii=False, newline=True)

@@ -1,27 +1,27 @@
 """`prep-images`: raw images + captions -> WebDataset shards (key.jpg or key.png, key.txt, key.json).
 
 Each image is made upright 8-bit RGB, its short side resized to `size`, then center-cropped to a
-square (or kept at its aspect with `crop=False`). Images whose short side is below `min_size` are
-skipped ("too_small") unless `upscale`; the default `min_size` never exceeds `size`. Shards are formed over the sorted inputs (`shard_size`
+square (or kept at its aspect with `crop=False`); smaller images are upscaled to `size` (training needs
+one size). Images whose short side is below `min_size` are skipped ("too_small"; `min_size=0` keeps
+every image); the default `min_size` never exceeds `size`. Shards are formed over the sorted inputs (`shard_size`
 images per shard); a bad image is counted and skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
 from pipelines.data.image import load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
-from pipelines.data.shards import ShardJob, ShardStats, ShardWriter, StageResult
+from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
-from pipelines.prep_videos import run_prep
 from pipelines.progress import NullReporter, Reporter
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
 
-OPTIONS_FILE = "_prep_images.json"
 
 
 @dataclass
@@ -31,21 +31,29 @@ class PrepImagesConfig:
     size: int = 512  # short side after resizing (and the square's side when cropping)
     crop: bool = True  # center-crop to size x size
     format: str = "jpg"  # "jpg" or "png"
-    quality: int = 95  # JPEG quality
-    min_size: int | None = None  # smaller short sides are skipped ("too_small") ... (None: 64, or `size` if smaller)
-    upscale: bool = False  # ... unless this is set
+    quality: int = 95  # JPEG quality, 1 .. 100 (best)
+    min_size: int | None = None  # smaller short sides are skipped ("too_small"); None: 64, or `size` if smaller; 0: keep all
     shard_size: int = 1000  # source images per shard
     workers: int = 1
-    node_rank: int | None = None
-    num_nodes: int | None = None
+    rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
+    world_size: int | None = None
     keep_uncaptioned: bool = False
     path_column: str = "path"
     caption_column: str = "caption"
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
 
     def output_options(self) -> dict:
-        skip = ("input", "output", "workers", "node_rank", "num_nodes", "verify")
-        return {k: v for k, v in asdict(self).items() if k not in skip} | {"input": str(Path(self.input).resolve())}
+        """The options that decide the shards' contents (checked on resume)."""
+        return RESUME.record(self)
+
+
+RESUME = ResumeOptions(
+    "_prep_images.json",
+    must_match=("input", "size", "crop", "format", "quality", "min_size", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+    may_differ=("output", "workers", "rank", "world_size", "verify"),
+    paths=("input",),
+)
+OPTIONS_FILE = RESUME.record_file
 
 
 DEFAULT_MIN_SIZE = 64
@@ -55,7 +63,7 @@ def _validate(config: PrepImagesConfig) -> None:
     checks = [
         (config.size >= 8, "--size must be at least 8"),
         (config.format in schema.IMAGE_FIELDS, f"--format must be one of {', '.join(schema.IMAGE_FIELDS)}"),
-        (1 <= config.quality <= 100, "--quality must be in [1, 100]"),
+        (1 <= config.quality <= 100, "--jpeg-quality must be in [1, 100]"),
         (config.min_size is None or config.min_size >= 0, "--min-size must be 0 or more"),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
@@ -90,8 +98,8 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
         raise BadSample("missing_file", f"{item.path} does not exist")
     loaded = load_image(item.path)
     height, width = loaded.pixels.shape[:2]
-    if min(width, height) < config.min_size and not config.upscale:
-        raise BadSample("too_small", f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (use --upscale to keep it)")
+    if min(width, height) < config.min_size:
+        raise BadSample("too_small", f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (--min-size 0 keeps it)")
     pixels, crop_box = resize_image(loaded.pixels, config.size, config.crop)
     upscaled = min(width, height) < config.size
     stats.count("upscaled_images", int(upscaled))
@@ -117,4 +125,13 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     _validate(config)
     if config.min_size is None:  # images of the asked size itself must pass
         config = replace(config, min_size=min(DEFAULT_MIN_SIZE, config.size))
-    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, OPTIONS_FILE, "image", reporter)
+    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, config.output_options(), OPTIONS_FILE, "image", reporter, upgrade=_upgrade_record)
+
+
+def _upgrade_record(previous: dict) -> dict:
+    """An options record of before `upscale` was dropped (it meant min_size 0)."""
+    if "upscale" in previous:
+        previous = dict(previous)
+        if previous.pop("upscale"):
+            previous["min_size"] = 0
+    return previous

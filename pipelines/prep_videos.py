@@ -9,24 +9,23 @@ process killed after `timeout` seconds without progress; a bad video is counted 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pipelines.data import schema
-from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem, discover_inputs
-from pipelines.data.media import encode_clip
-from pipelines.data.shards import ShardJob, atomic_write_bytes, ShardStats, ShardWriter, StageResult, resolve_rank, run_shard_jobs, shard_name
+from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
+from pipelines.data.media import clip_qscale, encode_clip
+from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames, rotate_frames
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import file_sha256
 from pipelines.progress import NullReporter, Reporter
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
 
-OPTIONS_FILE = "_prep_videos.json"
 # Test hook: "SUBSTRING=SECONDS" makes the decode child sleep before handling a matching video
 # (how the tests simulate a decoder hang and slow videos). Unset in normal use.
 SLEEP_HOOK_ENV = "GENTRON_TEST_DECODE_SLEEP"
@@ -43,11 +42,12 @@ class PrepVideosConfig:
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
-    quality: int = 2  # JPEG quality scale of the stored clips (2 best .. 31); see pipelines/data/media.py
+    quality: int = 100  # JPEG quality of the stored clips, 1 .. 100 (best), as for images (pipelines/data/media.py: clip_qscale)
+    qscale: int | None = None  # the Motion-JPEG quantiser scale itself (2 best .. 31) instead of `quality` (what --quality was)
     shard_size: int = 64  # source videos per shard
     workers: int = 1
-    node_rank: int | None = None  # None: from torchrun/SLURM environment, else 0
-    num_nodes: int | None = None
+    rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
+    world_size: int | None = None
     timeout: float = 60.0  # seconds one step (probe, or one clip) of one video may take
     keep_uncaptioned: bool = False
     path_column: str = "path"
@@ -60,9 +60,24 @@ class PrepVideosConfig:
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
-        keep = ("short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video", "quality", "shard_size")
-        keep += ("keep_uncaptioned", "path_column", "caption_column")
-        return {k: v for k, v in asdict(self).items() if k in keep} | {"input": str(Path(self.input).resolve())}
+        record = RESUME.record(self)
+        del record["quality"]
+        record["qscale"] = self.effective_qscale  # what decides the bytes (quality 100 and qscale 2 make the same clips)
+        return record
+
+    @property
+    def effective_qscale(self) -> int:
+        return self.qscale if self.qscale is not None else clip_qscale(self.quality)
+
+
+RESUME = ResumeOptions(
+    "_prep_videos.json",
+    must_match=("input", "short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video",
+                "quality", "qscale", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+    may_differ=("output", "workers", "rank", "world_size", "timeout", "verify"),
+    paths=("input",),
+)
+OPTIONS_FILE = RESUME.record_file
 
 
 def _validate(config: PrepVideosConfig) -> None:
@@ -73,7 +88,8 @@ def _validate(config: PrepVideosConfig) -> None:
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
         (config.max_clips_per_video is None or config.max_clips_per_video >= 1, "--max-clips-per-video must be at least 1"),
-        (2 <= config.quality <= 31, "--quality must be in [2, 31]"),
+        (1 <= config.quality <= 100, "--jpeg-quality must be in [1, 100]"),
+        (config.qscale is None or 2 <= config.qscale <= 31, "the JPEG quantiser scale (--quality, deprecated) must be in [2, 31]"),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
         (config.timeout > 0, "--timeout must be positive"),
@@ -83,34 +99,8 @@ def _validate(config: PrepVideosConfig) -> None:
             raise GentronError(f"invalid option: {message}", message)
 
 
-def check_output_options(output: Path, options: dict, options_file: str) -> None:
-    """Refuse to resume into a folder made with different options (its shards would not match)."""
-    path = output / options_file
-    if output.exists() and not output.is_dir():
-        raise GentronError(f"output {output} is a file", "pass a folder (it is created if missing)")
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != options:
-            changed = sorted(k for k in options.keys() | previous.keys() if options.get(k) != previous.get(k))
-            raise GentronError(
-                f"output folder {output} was made with different options ({', '.join(changed)})",
-                "rerun with the same options to resume, or choose a new output folder",
-            )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(options, indent=1, sort_keys=True).encode())
-
-
 # --------------------------------------------------------------------------------------------
 # The work done for one video, in the decode child
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _test_sleep(path: Path) -> None:
@@ -121,12 +111,12 @@ def _test_sleep(path: Path) -> None:
             time.sleep(float(seconds))
 
 
-def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, quality: int) -> Iterator[tuple]:
+def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child."""
     _test_sleep(path)
     if not path.is_file():
         raise BadSample("missing_file", f"{path} does not exist")
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     info = probe_video(path)
     selections = plan_clips(info, plan, start, end)
     if not selections:
@@ -149,7 +139,7 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     )
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, quality)
+        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -185,7 +175,7 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
     plan = config.plan
     try:
         # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.quality))
+        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale))
     except BadSample as exc:
         stats.fail(item.key, exc.reason, exc.detail or str(item.path))
         return 0
@@ -238,29 +228,16 @@ class _ClipRateTask:
         self.task.advance(n, clips=self.clips, **{"clips/s": round(rate, 2)}, **fields)
 
 
-def make_shard_jobs(items: list, shard_size: int, config) -> list[ShardJob]:
-    """Consecutive runs of `shard_size` sorted items; shard k is named shard_name(k)."""
-    return [
-        ShardJob(shard_name(k), (config, items[start : start + shard_size]), items=len(items[start : start + shard_size]))
-        for k, start in enumerate(range(0, len(items), shard_size))
-    ]
-
-
 def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every video of `config.input` into clip shards under `config.output`."""
     _validate(config)
-    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, OPTIONS_FILE, "video", _ClipRateReporter(reporter))
+    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter),
+                    upgrade=_upgrade_record)
 
 
-def run_prep(config, shard_fn, extensions, options_file: str, kind: str, reporter: Reporter) -> StageResult:
-    """The prep stages' common run: find the inputs, refuse a resume with other options, shard, go."""
-    items = discover_inputs(config.input, extensions, path_column=config.path_column, caption_column=config.caption_column, what=f"{kind}s")
-    output = Path(config.output)
-    check_output_options(output, config.output_options(), options_file)
-    rank, world_size = resolve_rank(config.node_rank, config.num_nodes)
-    jobs = make_shard_jobs(items, config.shard_size, config)
-    reporter.log(f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s" + (f"; node {rank} of {world_size}" if world_size > 1 else ""))
-    return run_shard_jobs(
-        jobs, output, shard_fn, workers=config.workers, rank=rank, world_size=world_size,
-        description=f"prep-{kind}s", unit=kind, reporter=reporter, verify=config.verify,
-    )
+def _upgrade_record(previous: dict) -> dict:
+    """An options record of before `quality` became JPEG quality: its "quality" was the quantiser scale."""
+    if "qscale" not in previous and "quality" in previous:
+        previous = dict(previous)
+        previous["qscale"] = previous.pop("quality")
+    return previous

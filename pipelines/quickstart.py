@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.shards import atomic_write_bytes
+from pipelines.files import atomic_write_bytes
 from pipelines.errors import GentronError
-from pipelines.outputs import contact_sheet, write_png
+from pipelines.outputs import contact_sheet, film_strip, write_png
 from pipelines.progress import NullReporter, Reporter
 from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, video_caption
 
@@ -183,11 +183,7 @@ def _video_prompts() -> list[str]:
 def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4) -> np.ndarray:
     """One picture of the quickstart: a 4x4 sheet of images (rows: colours, columns: places) beside a 4x4 sheet
     of videos as film strips (rows: colours, columns: directions; frames left to right), enlarged `scale` times."""
-    grey = 128
-    strips = []
-    for frames in videos:
-        gap = np.full((frames.shape[1], 1, 3), grey, np.uint8)
-        strips.append(np.concatenate([part for f in frames for part in (f, gap)][:-1], axis=1))
+    strips = [film_strip(frames, gap=1, fill=128) for frames in videos]
     image_sheet, video_sheet = contact_sheet(images, columns=len(PLACES)), contact_sheet(strips, columns=len(DIRECTIONS))
     height = max(image_sheet.shape[0], video_sheet.shape[0])
     pad = lambda sheet: np.pad(sheet, ((0, height - sheet.shape[0]), (0, 0), (0, 0)), constant_values=255)

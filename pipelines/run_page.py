@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipelines import checkpoint as ckpt
-from pipelines.data.shards import atomic_write_bytes
+from pipelines.files import atomic_write_bytes
 from pipelines.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
 
 PAGE = "index.html"

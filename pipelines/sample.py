@@ -13,7 +13,6 @@ regeneration therefore re-samples the recorded batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -30,6 +29,7 @@ from pipelines.data import schema
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
 from pipelines.errors import GentronError
+from pipelines.files import file_sha256
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays, text_inputs_of
 from pipelines.model.text_encoders import DTYPES, ENCODERS, TextEncoders, resolve_device, resolve_dtype
@@ -85,6 +85,11 @@ def read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
+def default_mfg_scale(frames: int) -> float:
+    """Motion-free guidance when none is asked: DEFAULT_MFG_SCALE for videos, off (1.0) for images."""
+    return DEFAULT_MFG_SCALE if frames > 1 else 1.0
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the `index`-th prompt: independent of batch size and of the other prompts."""
     return seed + index
@@ -95,14 +100,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 def weights_sha256(folder: Path) -> dict[str, str]:
     """sha256 of each weights file of a model folder (what `sha256sum *.safetensors` prints)."""
-    digests = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[path.name] = h.hexdigest()
-    return digests
+    return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
 
@@ -209,6 +207,17 @@ def load_model_vae(
 # --------------------------------------------------------------------------- loaded pipeline
 
 
+class EncodedText:
+    """In place of TextEncoders where the text arrives encoded (`SamplingPipeline.from_parts`): the fixed lengths
+    `SamplingPipeline.text_condition` pads to, and no encoder to run."""
+
+    def __init__(self, max_lengths: dict[str, int]):
+        self.max_lengths = dict(max_lengths)
+
+    def encode(self, captions):
+        raise GentronError("this sampling pipeline has no text encoder loaded", "pass encoded text (generate_encoded)")
+
+
 @dataclass
 class Generated:
     """One batch of samples: latents (B, [T,] C, h, w) float32 and decoded frames (B, [T,] H, W, 3) uint8."""
@@ -232,6 +241,7 @@ class SamplingPipeline:
         self.text_arrays = required_text_arrays(self.model.config)
         self.vae = load_model_vae(self.info, cfg, self.model, self.device, self.dtype, reporter)
         self.uncond_arrays = self._unconditional_arrays(cfg)
+        self.objective_config = self.info.objective
 
     def _unconditional_arrays(self, cfg: SampleConfig) -> dict[str, np.ndarray]:
         """The text of the unconditional branch: the negative prompt, else the empty caption the model saw in training."""
@@ -274,11 +284,30 @@ class SamplingPipeline:
     ) -> Generated:
         """Sample one batch: prompt i starts from noise drawn with seeds[i]."""
         shape = self.latent_shape(frames, resolution)
+        return self.generate_encoded(self.text_encoders.encode(prompts), seeds, steps, scheduler, cfg_scale, mfg_scale, shape, reporter)
+
+    @torch.no_grad()
+    def generate_encoded(
+        self,
+        text_arrays: list[dict[str, np.ndarray]],
+        seeds: list[int],
+        steps: int,
+        scheduler: str | None,
+        cfg_scale: float,
+        mfg_scale: float,
+        shape: tuple[int, ...],
+        reporter: Reporter = NullReporter(),
+    ) -> Generated:
+        """The generation core of `gentron sample` and of training previews: sample i of `text_arrays` (encoded
+        captions) starts from noise drawn with its own CPU generator seeded with seeds[i], which also drives the
+        stochastic sampler steps; the objective's scheduler (`scheduler`, None: its own), text and motion guidance,
+        autocast in the pipeline's dtype, then the VAE decode. `shape`: one latent ([T,] C, h, w)."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        text = self.text_condition(self.text_encoders.encode(prompts))
-        uncond = self.text_condition([self.uncond_arrays] * len(prompts))
-        sched = make_objective(self.info.objective).scheduler(scheduler, learned_sigma=self.model.config.learn_sigma)
+        text = self.text_condition(text_arrays)
+        uncond = self.text_condition([self.uncond_arrays] * len(text_arrays))
+        objective = make_objective(self.objective_config)
+        sched = objective.scheduler(scheduler or objective.default_sampler, learned_sigma=self.model.config.learn_sigma)
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         )
@@ -289,6 +318,20 @@ class SamplingPipeline:
             )
         latents = latents.float()
         return Generated(latents=latents, frames=self.decode(latents))
+
+    @classmethod
+    def from_parts(
+        cls, model: GenTronTransformer, vae: VAE, objective: ObjectiveConfig, uncond_arrays: dict[str, np.ndarray],
+        text_lengths: dict[str, int], device: torch.device, dtype: torch.dtype,
+    ) -> "SamplingPipeline":
+        """A pipeline around a model in memory, for text already encoded (training previews sample the stored
+        embeddings of the first samples' captions, no text encoder loaded): `generate_encoded` as `gentron sample`
+        runs it. `text_lengths`: the encoders' fixed lengths ({"clip": 77, "t5": 120}) the text is padded to."""
+        pipe = cls.__new__(cls)
+        pipe.folder, pipe.info, pipe.device, pipe.dtype = None, None, device, dtype
+        pipe.model, pipe.vae, pipe.objective_config, pipe.uncond_arrays = model, vae, objective, uncond_arrays
+        pipe.text_encoders, pipe.text_arrays = EncodedText(text_lengths), required_text_arrays(model.config)
+        return pipe
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, C, h, w) -> (B, H, W, 3) uint8; videos (B, T, C, h, w) -> (B, T, H, W, 3).
@@ -336,7 +379,7 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
             f"the model in {folder} has no temporal layers (a text-to-image model) but {frames} frames were asked for",
             "use --frames 1, or a text-to-video model (trained with --stage t2v)",
         )
-    mfg = cfg.mfg_scale if cfg.mfg_scale is not None else (DEFAULT_MFG_SCALE if frames > 1 else 1.0)
+    mfg = cfg.mfg_scale if cfg.mfg_scale is not None else default_mfg_scale(frames)
     if mfg != 1.0 and frames == 1:
         raise GentronError(f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images")
     objective = make_objective(info.objective)

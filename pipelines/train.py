@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from einops import rearrange
 
 from pipelines import checkpoint as ckpt
 from pipelines.data import schema
@@ -29,7 +28,6 @@ from pipelines.data.loader import (
     Source,
     StreamSpec,
     TrainStream,
-    batch_text,
     data_stats,
     index_source,
     load_empty_caption,
@@ -39,8 +37,9 @@ from pipelines.data.loader import (
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
 from pipelines.locking import folder_lock
-from pipelines.metrics import MetricsLog, TensorBoardLog, eval_records, frame_strip, metric_values, plot_eval, plot_loss, save_gif, save_png
-from pipelines.outputs import contact_sheet
+from pipelines.files import atomic_write_text
+from pipelines.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
+from pipelines.outputs import write_sheet
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
@@ -110,6 +109,11 @@ def barrier(d: Dist) -> None:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def batch_text(batch: dict[str, torch.Tensor], device=None) -> TextCondition:
+    """The TextCondition of a collated batch (its "text.NAME" tensors; pipelines/data/loader.py)."""
+    return TextCondition.from_flat(batch, "text.").to(device)
 
 
 def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None, Source | None]:
@@ -337,7 +341,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
         raise GentronError(
             f"{run_dir} holds a run with other settings ({detail})",
-            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --output",
+            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --out",
         )
 
 
@@ -385,7 +389,9 @@ def pipeline_record(
 
 
 class Previewer:
-    """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds; VAE loaded on first use."""
+    """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds, sampled as `gentron sample`
+    samples them (pipelines.sample.SamplingPipeline.generate_encoded: the objective's own sampler, its default
+    guidance, the VAE named in the shard metadata, loaded on first use)."""
 
     def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path, objective: Objective):
         primary = stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
@@ -395,44 +401,41 @@ class Previewer:
         self.empty = {schema.TEXT_ARRAY_NAMES[n]: empty[schema.TEXT_ARRAY_NAMES[n]] for n in stream.spec.text_fields}
         self.shape = tuple(stream.latent_shape)
         self.pipeline, self.config, self.folder, self.objective = pipeline, config, run_dir / "previews", objective
-        self.vae = None
+        # padded as sampling pads: to the encoders' recorded lengths (or the longest text, where none is recorded)
+        recorded = pipeline["text_encoders"]
+        self.text_lengths = {
+            k: max([int((recorded.get(k) or {}).get("max_length") or 0)] + [a[k].shape[0] for a in self.arrays + [self.empty]])
+            for k in recorded["used"] if k in self.empty
+        }
+        self.pipe = None
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, [T,] C, h, w) -> uint8 frames (B, [T,] H, W, 3) with the VAE named in the shard metadata."""
-        if self.vae is None:
-            from pipelines.model.vae import load_vae
+    def sampling_pipeline(self, model):
+        """The SamplingPipeline around `model` (its VAE loaded once)."""
+        from pipelines.model.text_encoders import resolve_dtype
+        from pipelines.model.vae import load_vae
+        from pipelines.sample import SamplingPipeline
 
-            self.vae = load_vae(self.pipeline["vae"]["name"], device=latents.device, dtype=torch.float32)
-        if latents.ndim == 5:
-            frames = np.asarray(self.vae.decode(rearrange(latents, "b t c h w -> (b t) c h w")))
-            return rearrange(frames, "(b t) h w c -> b t h w c", b=latents.shape[0])
-        return np.asarray(self.vae.decode(latents))
+        model.eval().requires_grad_(False)
+        if self.pipe is None:
+            device = next(model.parameters()).device
+            dtype = resolve_dtype("auto", device)
+            vae = load_vae(self.pipeline["vae"]["name"], device=device, dtype=dtype)
+            self.pipe = SamplingPipeline.from_parts(model, vae, self.objective.config, self.empty, self.text_lengths, device, dtype)
+        self.pipe.model = model
+        return self.pipe
 
-    @torch.no_grad()
     def render(self, model, step: int) -> list[Path]:
-        """Sample the fixed prompts from their fixed seeds (the objective's sampler, classifier-free guidance) and write the images."""
-        from pipelines.diffusion.samplers import sample
+        """Sample the fixed prompts from their fixed seeds and write them (a contact sheet; videos also as a GIF)."""
+        from pipelines.sample import default_mfg_scale, sample_seed
 
-        model.eval()
-        device = next(model.parameters()).device
-        n = len(self.arrays)
-        # one token length for both, so guidance can batch them together
-        lengths = {f"{k}_length": max(a[k].shape[0] for a in self.arrays + [self.empty]) for k in ("clip", "t5") if k in self.empty}
-        text = TextCondition.collate(self.arrays, **lengths).to(device)
-        uncond = TextCondition.collate([self.empty] * n, **lengths).to(device)
-        noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(self.config.seed + k)) for k in range(n)])
-        scheduler = self.objective.scheduler(learned_sigma=model.config.learn_sigma)
-        latents = sample(model, scheduler, noise.to(device), text, uncond, steps=self.config.preview_steps, cfg_scale=self.config.preview_cfg)
-        frames = self.decode(latents)
+        frames = self.shape[0] if len(self.shape) == 4 else 1
+        seeds = [sample_seed(self.config.seed, k) for k in range(len(self.arrays))]
+        generated = self.sampling_pipeline(model).generate_encoded(
+            self.arrays, seeds, self.config.preview_steps, None, self.config.preview_cfg, default_mfg_scale(frames), self.shape
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "prompts.txt").write_text("".join(f"{k}: {c}\n" for k, c in enumerate(self.captions)))
-        stem = self.folder / ckpt.step_dir_name(step)
-        if frames.ndim == 5:
-            save_png(frame_strip(frames), stem.with_suffix(".png"))
-            save_gif(frames, stem.with_suffix(".gif"), fps=float(self.pipeline["data"].get("fps") or 4))
-            return [stem.with_suffix(".png"), stem.with_suffix(".gif")]
-        save_png(contact_sheet(list(frames)), stem.with_suffix(".png"))
-        return [stem.with_suffix(".png")]
+        atomic_write_text(self.folder / "prompts.txt", "".join(f"{k}: {c}\n" for k, c in enumerate(self.captions)))
+        return write_sheet(self.folder / ckpt.step_dir_name(step), generated.frames, fps=float(self.pipeline["data"].get("fps") or 4))
 
 
 # --------------------------------------------------------------------------- the run
@@ -643,7 +646,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
     if saved is not None:
-        hint = f"{folder} holds a checkpoint of another model: pass another --output, or the --model of that run"
+        hint = f"{folder} holds a checkpoint of another model: pass another --out, or the --model of that run"
         ckpt.check_weights(saved[0], model, f"the weights of checkpoint {previous}", hint)
         model.load_state_dict(saved[0])
         reporter.log(f"resuming from {previous} (step {saved[3]['step']})")
@@ -661,7 +664,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         torch.set_rng_state(trainer_state["rng_cpu"])
         counters = {k: state[k] for k in ("step", "samples_seen", "skipped_steps", "unreadable_samples")}
 
-    stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world)
+    stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world, collate_text=TextCondition.collate)
     pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape, objective)
     stats = data_stats(sources)
     load_failures = _earlier_load_failures(folder) if previous is not None else []

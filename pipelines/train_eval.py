@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint as ckpt
+from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
 from pipelines.progress import NullReporter, Reporter
 from pipelines.train_config import TrainConfig
@@ -66,7 +67,8 @@ class TrainingEvaluator:
 
     def __init__(self, config: TrainConfig, run_dir: Path, pipeline: dict, device: torch.device, reporter: Reporter = NullReporter()):
         from pipelines.evaluate import ClipScorer, reference_statistics
-        from pipelines.model.fid_inception import file_sha256, load_fid_inception
+        from pipelines.files import file_sha256
+        from pipelines.model.fid_inception import load_fid_inception
         from pipelines.sample import read_prompts_file
         from pipelines.toydata import parse_caption
 
@@ -118,7 +120,7 @@ class TrainingEvaluator:
             if self.pipe is None:
                 self.pipe = SamplingPipeline(cfg)
             self.pipe.model.load_state_dict(weights)
-            with ckpt.atomic_dir(cfg.out) as tmp:
+            with atomic_dir(cfg.out) as tmp:
                 sample(replace(cfg, out=tmp), pipe=self.pipe)
             record = self.score(cfg.out)
         self.prune()

@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 
 def _frames(t, h, w, seed):
-    """Smooth moving gradients: they survive H.264 well and differ between frames and samples."""
+    """Smooth moving gradients: they survive Motion-JPEG well and differ between frames and samples."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
     base = rng.uniform(0, 2 * np.pi, size=3)
@@ -196,8 +196,11 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     assert (empty.stat().st_ino, empty.stat().st_mtime_ns) == before  # written once per folder
     assert not list(out.glob(".*tmp*"))
     t5_only = TextEncoders(clip=None, t5=str(tiny["t5"]), device="cpu")
-    with pytest.raises(Exception) as err:  # the folder's empty caption came from other encoders
+    with pytest.raises(Exception) as err:  # the folder was made with other encoders (its options record says so)
         encode_text(EncodeTextConfig(inp, out, encoders="t5"), encoders=t5_only)
+    assert "different options (encoders)" in str(err.value)
+    with pytest.raises(Exception) as err:  # same options, other encoders passed in: the empty caption tells
+        encode_text(EncodeTextConfig(inp, out), encoders=t5_only)
     assert "empty_caption.npz" in str(err.value)
 
 

@@ -111,7 +111,7 @@ def eval_lines(run: Path) -> list[dict]:
 def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     run = tmp_path / "run"
     result = run_cli(
-        "train", "--image-data", setup["images"], "--output", run, "--model", TINY, "--steps", 4, "--global-batch", 4,
+        "train", "--image-data", setup["images"], "--out", run, "--model", TINY, "--steps", 4, "--global-batch", 4,
         "--lr", "3e-3", "--num-workers", 0, "--checkpoint-every", 2, "--keep-checkpoints", 1, "--log-every", 1,
         "--ema-decay", "0.9", "--preview-every", 2, "--preview-count", 2, "--eval-every", 2, "--eval-prompts", setup["image_prompts"],
         "--eval-clip", setup["clip"], "--eval-probe", "toy", "--eval-reference", setup["reference"], "--eval-inception", setup["inception"],
@@ -238,7 +238,7 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, mes
     (tmp_path / "other.txt").write_text("a photo of a cat\n")
     values = {"prompts": setup["image_prompts"], "clip": setup["clip"], "reference": setup["reference"],
               "missing": tmp_path / "missing", "other": tmp_path / "other.txt"}
-    args = ["train", "--image-data", setup["images"], "--output", tmp_path / "run", "--model", TINY, "--steps", 2,
+    args = ["train", "--image-data", setup["images"], "--out", tmp_path / "run", "--model", TINY, "--steps", 2,
             "--global-batch", 2, "--num-workers", 0, "--checkpoint-every", 2] + [str(a).format(**values) for a in extra]
     result = run_cli(*args)
     assert result.exit_code == 2, result.output
@@ -249,7 +249,38 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, mes
 def test_log_to_tensorboard_without_the_package_names_the_extra(tmp_path, setup, monkeypatch):
     find_spec = train_config.importlib.util.find_spec
     monkeypatch.setattr(train_config.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
-    result = run_cli("train", "--image-data", setup["images"], "--output", tmp_path / "run", "--model", TINY, "--steps", 1, "--log-to", "tensorboard")
+    result = run_cli("train", "--image-data", setup["images"], "--out", tmp_path / "run", "--model", TINY, "--steps", 1, "--log-to", "tensorboard")
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "needs the tensorboard package" in text and ".[tensorboard]" in text
+
+
+def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
+    """Training previews and `gentron sample` share one generation core: the same model, captions, seeds and
+    steps give the same pixels (previews sample the stored embeddings, sample encodes the captions itself)."""
+    from PIL import Image
+
+    from pipelines.encode_text import write_empty_caption as write_encoded_empty_caption
+    from pipelines.sample import SampleConfig, sample
+
+    root = tmp_path / "enc"
+    text = TextEncoders(clip=str(build_tiny_clip(root / "clip")), t5=str(build_tiny_t5(root / "t5", seed=1)), device="cpu")
+    data = tmp_path / "images"
+    data.mkdir()
+    with ShardWriter(data / f"{shard_name(0)}.tar") as writer:
+        for i in range(4):
+            fields = sample_fields(i, "image")
+            caption = schema.decode_caption(fields[schema.CAPTION])
+            encoded = {schema.text_field(name): schema.encode_npy(a) for name, a in text.encode([caption])[0].items()}
+            meta = json.loads(fields[schema.META]) | {"text": text.metadata()}
+            writer.write(schema.make_key("image", i), fields | encoded | {schema.META: schema.encode_json(meta)})
+    write_encoded_empty_caption(text, data)
+    run = tmp_path / "run"
+    train(TrainConfig(output=str(run), image_data=str(data), model=TINY, steps=2, global_batch=4, checkpoint_every=2,
+                      preview_every=2, preview_count=2, preview_steps=3, preview_cfg=4.0, seed=3, flip=False))
+    captions = [line.split(": ", 1)[1] for line in (run / "previews" / "prompts.txt").read_text().splitlines()]
+    result = sample(SampleConfig(model=run, out=tmp_path / "samples", prompts=captions, steps=3, cfg_scale=4.0, seed=3,
+                                 batch_size=2, device="cpu", grid=True))
+    preview = np.asarray(Image.open(run / "previews" / "step_0000002.png").convert("RGB"))
+    grid = np.asarray(Image.open(result.grid_files[0]).convert("RGB"))
+    assert preview.shape == grid.shape and np.array_equal(preview, grid)

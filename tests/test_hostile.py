@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from gentron_cli.main import app
 from gentron_cli.reporting import run_command
-from pipelines.data.shards import ShardJob, ShardWriter, list_shards, run_shard_jobs, shard_name
+from pipelines.data.shards import ShardWriter, list_shards, shard_name
+from pipelines.stages import ShardJob, run_shard_jobs
 from pipelines.errors import GentronError
 from pipelines.progress import NullReporter
 
@@ -113,7 +114,7 @@ class _FullDisk:
 
 def test_disk_full_gives_the_stages_message_not_a_second_error_from_cleanup(tmp_path):
     def fill_disk(job, writer, stats, tick):
-        writer._file = writer._tar.fileobj = _FullDisk()  # the disk fills up under the writer
+        writer._file.file = writer._tar.fileobj = _FullDisk()  # the disk fills up under the writer (its AtomicFile)
         writer.write("k", {"txt": b"x" * 10_000})
 
     with pytest.raises(GentronError) as err:

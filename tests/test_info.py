@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import typer
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -79,7 +80,7 @@ def test_info_prints_g2_parameter_count():
     total, _ = count_parameters(meta_model(model_config("G/2")))
     result = CliRunner().invoke(_app(), ["info", "--config", "G/2"])
     assert result.exit_code == 0, result.output
-    assert f"{total / 1e6:.0f}M" in result.output
+    assert f"{total / 1e6:.1f}M" in result.output  # one decimal, as the docs write it
     assert "3083.8M" in result.output  # the paper's figure beside ours
 
 
@@ -89,7 +90,7 @@ def test_info_video_shows_temporal_share_and_all_sizes_by_default():
     for name in ("T/2", "S/2", "B/2", "XL/2", "G/2"):
         assert name in result.output
     _, temporal = count_parameters(meta_model(model_config("XL/2", temporal=True)))
-    assert f"{temporal / 1e6:.0f}M (" in result.output
+    assert f"{temporal / 1e6:.1f}M (" in result.output
     assert "3x forward" in result.output
 
 
@@ -99,3 +100,66 @@ def test_info_bad_input_is_one_clear_message():
     assert "unknown model config 'XXL/3'" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(_app(), ["info", "--resolution", "100"])
     assert result.exit_code == 2 and "not a multiple of 16" in result.output
+
+
+# --------------------------------------------------------------------------- the numbers README and docs print
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipelines.model.configs import MODEL_SIZES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _same(shown: str, value: float) -> bool:
+    """`value` written with as many decimals as `shown` has is `shown`."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return f"{value:.{decimals}f}" == shown
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/model.md"])
+def test_the_parameter_tables_of_the_docs_are_what_gentron_info_counts(doc):
+    rows = 0
+    for line in (ROOT / doc).read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\| ((?:T|S|B|L|XL|G)/2)\b", line)
+        if not m:
+            continue
+        size, rows = m.group(1), rows + 1
+        t2i, t2v, temporal = re.findall(r"([\d.]+) M\b", line)[:3]
+        image = model_cost(model_config(size))
+        video = model_cost(model_config(size), frames=2)
+        assert _same(t2i, image.params / 1e6) and _same(t2v, video.params / 1e6) and _same(temporal, video.temporal_params / 1e6), (
+            f"{doc}: {line!r}; gentron info counts {image.params / 1e6:.2f} M, {video.params / 1e6:.2f} M ({video.temporal_params / 1e6:.2f} M)"
+        )
+        named = MODEL_SIZES[size]
+        cells = [int(n) for n in re.findall(r"\b(\d+)\b", line.split("|", 2)[2])[:3]]
+        assert cells == [named.depth, named.hidden_size, named.mlp_dim], line
+    assert rows >= 5
+
+
+def test_the_flop_and_memory_figures_of_the_docs_are_what_gentron_info_computes():
+    readme, model_doc = (ROOT / "README.md").read_text(encoding="utf-8"), (ROOT / "docs/model.md").read_text(encoding="utf-8")
+    xl, g = model_config("XL/2"), model_config("G/2")
+    train_tflop = lambda cfg, **kw: model_cost(cfg, **kw).train_step_flops / 1e12  # noqa: E731
+    figures = [
+        (readme, r"XL/2 at 256 px ([\d.]+) TFLOP", train_tflop(xl, resolution=256)),
+        (readme, r"G/2 at 256 px ([\d.]+) TFLOP", train_tflop(g, resolution=256)),
+        (readme, r"8 frames XL/2 ([\d.]+) TFLOP", train_tflop(xl, resolution=512, frames=8)),
+        (readme, r"8 frames XL/2 [\d.]+ TFLOP and G/2 ([\d.]+) TFLOP", train_tflop(g, resolution=512, frames=8)),
+        (readme, r"XL/2 T2I needs about ([\d.]+) GB", 16 * model_cost(xl).params / 1e9),
+        (readme, r"G/2 T2V about ([\d.]+) GB", 16 * model_cost(g, frames=2).params / 1e9),
+        (readme, r"\(([\d.]+) GB each on 8\)", 16 * model_cost(g, frames=2).params / 1e9 / 8),
+        (model_doc, r"XL/2 at 256 px: ([\d.]+) GFLOPs forward", model_cost(xl, resolution=256).forward_flops / 1e9),
+        (model_doc, r"GFLOPs forward, ([\d.]+) GFLOPs\s+per training step", model_cost(xl, resolution=256).train_step_flops / 1e9),
+    ]
+    for text, pattern, value in figures:
+        m = re.search(pattern, text)
+        assert m, pattern
+        assert _same(m.group(1), value), f"{pattern}: the docs say {m.group(1)}, gentron info computes {value:.3f}"
+
+
+def test_gentron_info_prints_the_counts_the_docs_print():
+    result = CliRunner().invoke(_app(), ["info", "--config", "B/2", "--frames", "8"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"{model_cost(model_config('B/2'), frames=8).params / 1e6:.1f}M" in result.output  # 192.4M, as README's table

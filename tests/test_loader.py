@@ -12,6 +12,7 @@ import torch
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption, make_loader
 from pipelines.errors import GentronError
+from pipelines.model.conditioning import TextCondition
 from train_data import pattern, truncate, write_dataset
 
 TEXT = (schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS)
@@ -29,7 +30,7 @@ def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=
     vid = index_source(videos, "video") if videos else None
     empty, _ = load_empty_caption([(img or vid).folder])
     spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT)
-    return TrainStream(spec, img, vid, empty, start_index=start, rank=rank, world_size=world)
+    return TrainStream(spec, img, vid, empty, start_index=start, rank=rank, world_size=world, collate_text=TextCondition.collate)
 
 
 def binomial_ok(count: int, n: int, p: float) -> bool:

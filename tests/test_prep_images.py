@@ -128,7 +128,7 @@ def test_bad_images_are_counted_and_skipped(prepared):
 
 def test_upscale_no_crop_png_and_keep_uncaptioned(prepared, tmp_path):
     src, _, _ = prepared
-    prep_images(PrepImagesConfig(src, tmp_path / "o", size=64, crop=False, format="png", upscale=True, keep_uncaptioned=True))
+    prep_images(PrepImagesConfig(src, tmp_path / "o", size=64, crop=False, format="png", min_size=0, keep_uncaptioned=True))
     s = _samples(tmp_path / "o")
     assert s["tiny"]["upscaled"] and s["tiny"]["pixels"].shape == (64, 64, 3) and s["tiny"]["field"] == "png"
     assert s["wide"]["pixels"].shape == (64, 128, 3) and s["wide"]["crop_box"] == [0, 0, 128, 64]

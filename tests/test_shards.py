@@ -8,15 +8,8 @@ import pytest
 import webdataset as wds
 
 from pipelines.data import schema
-from pipelines.data.shards import (
-    ShardJob,
-    ShardWriter,
-    iter_shard,
-    list_shards,
-    resolve_rank,
-    run_shard_jobs,
-    shard_name,
-)
+from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name
+from pipelines.stages import ShardJob, resolve_rank, run_shard_jobs
 from pipelines.errors import BadSample, GentronError
 
 

@@ -20,14 +20,15 @@ from typer.testing import CliRunner
 from gentron_cli.main import app
 from pipelines import checkpoint as ckpt
 from pipelines.data import schema
-from pipelines.data.loader import StreamSpec, TrainStream, batch_text, index_source, load_empty_caption
+from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import make_objective
 from pipelines.diffusion.gaussian import GaussianDiffusion
 from pipelines.errors import GentronError
 from pipelines.metrics import read_metrics
+from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
-from pipelines.train import TrainConfig, train
+from pipelines.train import TrainConfig, batch_text, train
 from train_data import truncate, write_dataset
 
 runner = CliRunner()
@@ -56,7 +57,7 @@ def losses(run) -> dict[int, float]:
 def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
     images, _ = data
     run = tmp_path / "t2i"
-    args = ["train", "--stage", "t2i", "--image-data", str(images), "--output", str(run), "--model", '{"size": "T/2"}',
+    args = ["train", "--stage", "t2i", "--image-data", str(images), "--out", str(run), "--model", '{"size": "T/2"}',
             "--steps", "60", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0", "--text-dropout", "0",
             "--checkpoint-every", "20", "--keep-checkpoints", "2", "--log-every", "1", "--ema-decay", "0.9",
             "--preview-every", "30", "--preview-count", "3"]
@@ -92,7 +93,7 @@ def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
 def test_t2v_joint_training_overfits_through_the_cli(tmp_path, data):
     images, videos = data
     run = tmp_path / "t2v"
-    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--output", str(run),
+    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--out", str(run),
             "--model", '{"size": "T/2"}', "--steps", "40", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0",
             "--text-dropout", "0", "--p-motion-free", "0.5", "--checkpoint-every", "40", "--log-every", "1",
             "--preview-every", "40", "--preview-count", "2"]
@@ -159,7 +160,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     empty, _ = load_empty_caption([images])
     spec = StreamSpec(stage="t2v", seed=cfg.seed, micro_batch=cfg.global_batch, p_motion_free=1.0, text_dropout=0.0,
                       frames=3, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
-    stream = TrainStream(spec, source, None, empty)
+    stream = TrainStream(spec, source, None, empty, collate_text=TextCondition.collate)
     batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
     assert bool(batch["pseudo_video"].all())
     model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
@@ -258,7 +259,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
     images, _ = data
-    args = ["train", "--image-data", str(images), "--output", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
+    args = ["train", "--image-data", str(images), "--out", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
             "--global-batch", "2", "--num-workers", "0"] + extra
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
@@ -303,7 +304,7 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     """A real `kill -9` of a `gentron train` process, then the same command again."""
     images, _ = data
     run = tmp_path / "killed"
-    args = ["train", "--image-data", str(images), "--output", str(run), "--model", TINY, "--steps", "80",
+    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY, "--steps", "80",
             "--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "5", "--log-every", "1",
             "--ema-decay", "0.9"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -9,7 +9,7 @@ import typer
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, run_command
-from pipelines.data.shards import StageResult
+from pipelines.stages import StageResult
 from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
 
 _DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."

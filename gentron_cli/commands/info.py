@@ -13,7 +13,7 @@ from gentron_cli.reporting import run_command
 
 
 def _millions(n: float) -> str:
-    return f"{n / 1e6:.1f}M" if n < 1e8 else f"{n / 1e6:.0f}M"
+    return f"{n / 1e6:.2f}M" if n < 1e6 else f"{n / 1e6:.1f}M"  # as README's and docs/model.md's tables (checked by tests)
 
 
 def _flops(n: float) -> str:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, run_command
-from pipelines.data.shards import StageResult
+from gentron_cli.reporting import RichReporter, console, deprecated, run_command
+from pipelines.stages import StageResult
 
 
 def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None:
@@ -19,6 +19,22 @@ def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None
     if result.skipped:
         line += f"; {result.skipped} shards were already complete"
     console.print(line, highlight=False)
+
+
+_QUALITY_HELP = "JPEG quality of the stored pictures, 1 to 100 (best), the same scale for clips and images."
+_RANK_HELP = "This process's share of the shards: its rank (default: torchrun/SLURM environment, else 0)."
+_WORLD_HELP = "Processes splitting the shards (default: torchrun/SLURM environment, else 1)."
+
+
+def _rank_options(rank, world_size, old_rank, old_world):
+    """--rank / --world-size, or their deprecated spellings --node-rank / --num-nodes."""
+    if old_rank is not None:
+        deprecated("--node-rank", "--rank")
+        rank = old_rank if rank is None else rank
+    if old_world is not None:
+        deprecated("--num-nodes", "--world-size")
+        world_size = old_world if world_size is None else world_size
+    return rank, world_size
 
 
 def register(app: typer.Typer) -> None:
@@ -33,24 +49,30 @@ def register(app: typer.Typer) -> None:
         frame_stride: int = typer.Option(6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."),
         clip_stride: Optional[int] = typer.Option(None, help="Timeline frames between clip starts (default frames x frame-stride: consecutive clips)."),
         max_clips_per_video: Optional[int] = typer.Option(None, help="At most this many clips from each video (the first ones)."),
-        quality: int = typer.Option(2, help="JPEG quality scale of the stored clips: 2 (best) to 31."),
+        jpeg_quality: int = typer.Option(100, "--jpeg-quality", help=_QUALITY_HELP + " 100 is Motion-JPEG's finest quantiser (scale 2)."),
         shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
         workers: int = typer.Option(1, help="Worker processes (each decodes its own shards)."),
-        node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: torchrun/SLURM environment, else 0)."),
-        num_nodes: Optional[int] = typer.Option(None, help="Number of nodes splitting the shards (default: environment, else 1)."),
+        rank: Optional[int] = typer.Option(None, "--rank", help=_RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=_WORLD_HELP),
         timeout: float = typer.Option(60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."),
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the video paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        old_quality: Optional[int] = typer.Option(None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."),
+        old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
+        old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
         from pipelines.prep_videos import PrepVideosConfig, prep_videos
 
+        if old_quality is not None:
+            deprecated(f"--quality {old_quality} (the JPEG quantiser scale, lower is better)", "--jpeg-quality 1..100, higher is better (100: scale 2)")
+        rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepVideosConfig(
             input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
-            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=quality,
-            shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes, timeout=timeout,
+            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=jpeg_quality,
+            qscale=old_quality, shard_size=shard_size, workers=workers, rank=rank, world_size=world_size, timeout=timeout,
             keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_videos(config, RichReporter()))
@@ -63,24 +85,35 @@ def register(app: typer.Typer) -> None:
         size: int = typer.Option(512, help="Short side after resizing; the side of the square crop."),
         no_crop: bool = typer.Option(False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."),
         image_format: str = typer.Option("jpg", "--format", help="Stored format: jpg or png."),
-        quality: int = typer.Option(95, help="JPEG quality."),
-        min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (reason too_small). Default: 64, or --size if that is smaller."),
-        upscale: bool = typer.Option(False, "--upscale", help="Keep images smaller than --min-size, upscaled to --size."),
+        jpeg_quality: int = typer.Option(95, "--jpeg-quality", help=_QUALITY_HELP),
+        min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (reason too_small); 0 keeps every image. Default: 64, or --size if that is smaller. Smaller images are upscaled to --size."),
         shard_size: int = typer.Option(1000, help="Source images per shard."),
         workers: int = typer.Option(1, help="Worker processes."),
-        node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: torchrun/SLURM environment, else 0)."),
-        num_nodes: Optional[int] = typer.Option(None, help="Number of nodes splitting the shards (default: environment, else 1)."),
+        rank: Optional[int] = typer.Option(None, "--rank", help=_RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=_WORLD_HELP),
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the image paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        old_quality: Optional[int] = typer.Option(None, "--quality", hidden=True, help="Deprecated spelling of --jpeg-quality."),
+        old_upscale: bool = typer.Option(False, "--upscale", hidden=True, help="Deprecated: --min-size 0."),
+        old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
+        old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
     ) -> None:
         """Resize and center-crop images (upright RGB) into WebDataset shards."""
         from pipelines.prep_images import PrepImagesConfig, prep_images
 
+        quality = jpeg_quality
+        if old_quality is not None:
+            deprecated("--quality", "--jpeg-quality (the same scale: 1..100, higher is better)")
+            quality = old_quality
+        if old_upscale:
+            deprecated("--upscale on prep-images (it kept images below --min-size)", "--min-size 0 (prep-images always resizes to --size)")
+            min_size = 0
+        rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepImagesConfig(
             input=input, output=output, size=size, crop=not no_crop, format=image_format, quality=quality, min_size=min_size,
-            upscale=upscale, shard_size=shard_size, workers=workers, node_rank=node_rank, num_nodes=num_nodes,
+            shard_size=shard_size, workers=workers, rank=rank, world_size=world_size,
             keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
         )  # fmt: skip
         result = run_command(lambda: prep_images(config, RichReporter()))

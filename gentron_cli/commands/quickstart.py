@@ -13,7 +13,7 @@ from gentron_cli.reporting import RichReporter, console, run_command
 def register(app: typer.Typer) -> None:
     @app.command("quickstart")
     def quickstart(
-        out: Path = typer.Option(Path("gentron-quickstart"), "--out", help="Folder for the data, runs, samples and report."),
+        out: Path = typer.Option(Path("gentron-quickstart"), "--out", "-o", help="Folder for the data, runs, samples and report."),
         smoke: bool = typer.Option(False, "--smoke", help="Every stage at a tiny size (under a minute); samples will not follow prompts."),
         seed: int = typer.Option(0, help="Seed for the data, the models and sampling."),
     ) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from gentron_cli.reporting import RichReporter, console, run_command
+from gentron_cli.reporting import RichReporter, console, deprecated, run_command
 from pipelines.train_config import TrainConfig
 
 _D = TrainConfig()  # defaults shown in --help
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     def train_command(
         ctx: typer.Context,
         stage: str = typer.Option(_D.stage, "--stage", help="t2i: images (and frames of clips); t2v: joint image/video with motion-free training."),
-        output: Path = typer.Option(Path(_D.output), "--output", "-o", help="Run folder. Rerunning into it continues the run."),
+        output: Path = typer.Option(Path(_D.output), "--out", "-o", help="Run folder. Rerunning into it continues the run."),
         image_data: Optional[Path] = typer.Option(None, "--image-data", help="Folder of encoded image shards."),
         video_data: Optional[Path] = typer.Option(None, "--video-data", help="Folder of encoded clip shards."),
         model: Optional[str] = typer.Option(_D.model, "--model", help='Size name (T/2, S/2, B/2, XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json file. Default: XL/2, or the --init model (a --model that disagrees with it is refused).'),
@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         eval_steps: int = typer.Option(_D.eval_steps, help="Sampler steps of the evaluation samples."),
         eval_cfg: float = typer.Option(_D.eval_cfg, help="Classifier-free guidance scale of the evaluation samples."),
         log_to: str = typer.Option(_D.log_to, "--log-to", help="none, or tensorboard: loss, learning rate, throughput, evaluation metrics and previews as event files in RUN/tensorboard (needs the tensorboard extra)."),
+        old_output: Optional[Path] = typer.Option(None, "--output", hidden=True, help="Deprecated spelling of --out."),
     ) -> None:
         """Train GenTron on encoded shards (one process, or torchrun for DDP/FSDP: same command)."""
         # options typed on the command line override --config (compared by name: typer vendors its own click)
@@ -75,6 +76,9 @@ def register(app: typer.Typer) -> None:
             for name, value in ctx.params.items()
             if name != "config" and getattr(ctx.get_parameter_source(name), "name", None) in typed
         }
+        if old_output is not None:
+            deprecated("--output", "--out (or -o)")
+            given["output"] = old_output
 
         def body():
             from pipelines.train import train

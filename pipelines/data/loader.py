@@ -23,22 +23,20 @@ samples: micro-batch k of rank r holds indices start + k * micro * world + r * m
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-import tarfile
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.data.shards import atomic_write_bytes, list_shards
+from pipelines.files import atomic_write_json
+from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.model.text_encoders import ENCODER_NAMES
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -104,39 +102,13 @@ def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]:
-    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only, and the
-    damage if any. `duplicate`: a second sample under a key already seen (a repeated field starts one).
-
-    A cut inside a member (or a missing end-of-archive marker) fails the sample being read there;
-    the samples before it are complete and kept.
-    """
-    size = path.stat().st_size
+    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only
+    (`scan_shard`), and the damage if any: the samples before it are complete and kept."""
     samples: list[tuple[str, dict, bool]] = []
-    key, fields, duplicate, seen = None, {}, False, set()
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if not member.isfile() or "." not in base:
-                    continue
-                k, name = base.split(".", 1)
-                if k != key or name in fields:
-                    if key is not None:
-                        samples.append((key, fields, duplicate))
-                    key, fields, duplicate = k, {}, k in seen
-                    seen.add(k)
-                if member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"truncated in {member.name}")
-                fields[name] = (member.offset_data, member.size)
-            end = tar.offset
-        with open(path, "rb") as f:  # a cut on a member boundary leaves no end-of-archive marker
-            f.seek(end)
-            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                raise tarfile.ReadError("truncated (no end-of-archive marker)")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        return samples, Failure(path.name, key or "?", "bad_shard", f"{path}: {exc}")
-    if key is not None:
-        samples.append((key, fields, duplicate))
+        samples.extend(scan_shard(path, read=False))
+    except ShardDamaged as damage:
+        return samples, Failure(path.name, damage.key or "?", damage.reason, damage.detail)
     return samples, None
 
 
@@ -173,7 +145,7 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
         if sample_shape != shape:
             failures.append(Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}"))
             continue
-        present = {n for n in _TEXT_NDIM if n in fields}
+        present = set(schema.text_fields_in(fields))
         if text_fields is None:  # the folder's text encoders: those of its first usable sample
             text_fields = present
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
@@ -216,27 +188,24 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
     for name in (schema.LATENT_MEAN, schema.LATENT_STD):
         if name not in fields:
             raise BadSample("missing_field", name)
-    if not any(n in fields for n in _TEXT_NDIM):
-        raise BadSample("missing_field", f"text embeddings (one of {', '.join(schema.text_tokens_field(n) for n in ENCODER_NAMES)})")
+    text_fields = schema.text_fields_in(fields)
+    if not text_fields:
+        raise BadSample("missing_field", "text embeddings (NAME.npy of a text encoder, as gentron encode-text writes them)")
     mean_shape, mean_dtype = _npy_shape(f, fields[schema.LATENT_MEAN][0])
     std_shape, std_dtype = _npy_shape(f, fields[schema.LATENT_STD][0])
     for name, dtype in ((schema.LATENT_MEAN, mean_dtype), (schema.LATENT_STD, std_dtype)):
         _check_dtype(name, dtype)
-    for name, ndim in _TEXT_NDIM.items():
-        if name in fields:
-            shape, dtype = _npy_shape(f, fields[name][0])
-            _check_dtype(name, dtype)
-            if len(shape) != ndim:
-                raise BadSample("wrong_text_shape", f"{name}: {shape}, text arrays of this field have {ndim} axes", field=name)
+    for name, ndim in text_fields.items():
+        shape, dtype = _npy_shape(f, fields[name][0])
+        _check_dtype(name, dtype)
+        if len(shape) != ndim:
+            raise BadSample("wrong_text_shape", f"{name}: {shape}, text arrays of this field have {ndim} axes", field=name)
     want_ndim = 3 if kind == "image" else 4
     if len(mean_shape) != want_ndim:
         raise BadSample("wrong_latent_shape", f"{kind} latents must have {want_ndim} axes, got {mean_shape}")
     if std_shape != mean_shape:
         raise BadSample("wrong_latent_shape", f"std {std_shape} != mean {mean_shape}")
     return mean_shape
-
-
-_TEXT_NDIM = schema.text_fields_of(ENCODER_NAMES)  # every encoder's text fields: (tokens, dim) or (dim,)
 
 
 def _check_dtype(name: str, dtype: np.dtype) -> None:
@@ -351,9 +320,14 @@ class TrainStream(IterableDataset):
         start_index: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        *,
+        collate_text: Callable[[list[dict[str, np.ndarray]]], object],
     ):
+        """`collate_text`: batches the samples' text arrays (TextCondition.collate: the model's input type, given
+        by the trainer, so the data layer imports nothing of the model)."""
         super().__init__()
         self.spec, self.images, self.videos, self.empty_caption = spec, images, videos, empty_caption
+        self.collate_text = collate_text
         self.start_index, self.rank, self.world_size = start_index, rank, world_size
         if spec.stage == "t2v" and videos is not None:
             self.latent_shape = videos.latent_shape
@@ -470,14 +444,12 @@ class TrainStream(IterableDataset):
 
     def make_batch(self, indices, streams) -> dict[str, torch.Tensor]:
         """Collate samples into tensors (decoding, latent draw, noise and timesteps: all off the training loop)."""
-        from pipelines.model.conditioning import TextCondition
-
         samples = [self._load_or_placeholder(i, streams) for i in indices]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
         noise = torch.from_numpy(np.stack([sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]))
         # the objective maps this uniform draw to the sample's timestep (diffusion/objective.py)
         timestep_draw = torch.tensor([sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices], dtype=torch.float64)
-        text = TextCondition.collate([s["text"] for s in samples])
+        text = self.collate_text([s["text"] for s in samples])
         batch = {
             "x0": x0,
             "noise": noise,
@@ -500,13 +472,6 @@ class TrainStream(IterableDataset):
         while True:
             yield self.make_batch(self.micro_batch_indices(k), streams)
             k += workers
-
-
-def batch_text(batch: dict[str, torch.Tensor], device=None):
-    """The TextCondition of a collated batch."""
-    from pipelines.model.conditioning import TextCondition
-
-    return TextCondition.from_flat(batch, "text.").to(device)
 
 
 def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -564,4 +529,4 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    atomic_write_json(path, obj)

@@ -5,7 +5,7 @@ One place for both directions, so prep (writes) and encode-latents (reads) canno
 Stored clips are Motion-JPEG in an MP4 container: libx264 proved not reproducible here (the same
 frames gave different bitstreams, and decoded pixels up to 12 levels apart, depending on what the
 process had decoded before), while FFmpeg's JPEG encoder is, and it encodes 8 frames at 512 px about
-7x faster (quality 2: PSNR 39 dB against x264 crf 15's 40 dB, files ~40 % larger). Videos meant
+7x faster (quantiser scale 2, the default `quality` 100: PSNR 39 dB against x264 crf 15's 40 dB, files ~40 % larger). Videos meant
 for people (samples, the toy dataset) are H.264 (`encode_h264`).
 """
 
@@ -50,14 +50,23 @@ def _encode(frames: np.ndarray, fps: float, codec: str, pix_fmt: str, options: d
     return buf.getvalue()
 
 
-def encode_clip(frames: np.ndarray, fps: float, quality: int = 2) -> bytes:
-    """(T, H, W, 3) uint8 RGB -> MP4 bytes (Motion-JPEG, 4:2:0, JPEG qscale `quality`: 2 best .. 31).
+def clip_qscale(quality: int) -> int:
+    """JPEG quality (1 worst .. 100 best, as for images) -> the Motion-JPEG quantiser scale (31 worst .. 2 best)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    return 2 + round((100 - quality) * 29 / 99)
+
+
+def encode_clip(frames: np.ndarray, fps: float, quality: int = 100, qscale: int | None = None) -> bytes:
+    """(T, H, W, 3) uint8 RGB -> MP4 bytes (Motion-JPEG, 4:2:0) at JPEG `quality` (1 .. 100 best, `clip_qscale`),
+    or at the quantiser scale `qscale` (2 best .. 31) when given.
 
     Deterministic: the same frames give the same bytes, so prep shards are reproducible.
     """
-    if not 2 <= quality <= 31:
-        raise ValueError(f"JPEG quality scale must be in [2, 31], got {quality}")
-    q = str(quality)
+    qscale = clip_qscale(quality) if qscale is None else qscale
+    if not 2 <= qscale <= 31:
+        raise ValueError(f"JPEG quantiser scale must be in [2, 31], got {qscale}")
+    q = str(qscale)
     return _encode(frames, fps, "mjpeg", "yuvj420p", {"qmin": q, "qmax": q, "q:v": q})
 
 

@@ -53,9 +53,13 @@ def text_array_name(field: str) -> str:
     return field.removesuffix(".npy")
 
 
-def text_fields_of(encoders) -> dict[str, int]:
-    """The text fields encoders `encoders` can write, with their number of axes (2: tokens, 1: pooled)."""
-    return {f: ndim for name in encoders for f, ndim in ((text_tokens_field(name), 2), (text_pooled_field(name), 1))}
+LATENT_FIELDS = (LATENT_MEAN, LATENT_STD, LATENT_FLIP_MEAN, LATENT_FLIP_STD)
+
+
+def text_fields_in(fields) -> dict[str, int]:
+    """The text fields among a sample's field names, with their number of axes (2: tokens, 1: pooled).
+    Every .npy field but the latents is text, so readers need no list of encoder names."""
+    return {f: 1 if f.endswith("_pooled.npy") else 2 for f in fields if f.endswith(".npy") and f not in LATENT_FIELDS}
 
 
 CLIP_TOKENS = text_tokens_field("clip")

@@ -20,7 +20,6 @@ file's width is read off its stem convolution, so a weights file needs no config
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -233,12 +232,6 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 # Loading by path: the real weights file and the tiny test network alike
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

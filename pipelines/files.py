@@ -1,0 +1,139 @@
+"""Files: written so that a crash never leaves half of one under its final name, and their digests.
+
+The one way every gentron module writes a file that something else reads back (shards, stats, options
+records, metrics, plots, samples, sidecars, pages, checkpoints): write under a temporary name beside
+the final one (`.NAME.tmp-PID`, which folder listings skip), flush it to disk, then rename it into
+place (atomic on POSIX). A storage fault (disk full, read-only, no permission) becomes one
+GentronError naming the path; the temporary file is removed.
+
+`file_sha256` is the one file digest (shards, source videos, weights, the FID network).
+
+Its own module, below `data/` and everything else (it imports only `pipelines.errors`), so that every
+layer can use it without importing the shard format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from pipelines.errors import storage_error
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary name `path` is written under first (hidden, per process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def disk_error(path: Path, exc: OSError) -> Exception:
+    """A storage fault the user can fix as one message naming `path`; any other OSError unchanged."""
+    return storage_error(exc, path) or exc
+
+
+def quietly(cleanup: Callable[[], Any]) -> None:
+    """Cleanup after a failure must never replace the first error (a full disk fails the cleanup too)."""
+    try:
+        cleanup()
+    except OSError:
+        pass
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CommitOnSuccess:
+    """Context manager of a writer with `commit()` and `abort()`: committed on success, aborted on any exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicFile(CommitOnSuccess):
+    """A binary file written under `temp_path(path)`: `commit()` renames it into place, `abort()` removes it.
+
+    As a context manager: committed on success, aborted on any exception."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp_path = temp_path(self.path)
+        try:
+            self.file: BinaryIO = open(self.tmp_path, "wb")
+        except OSError as exc:
+            raise disk_error(self.tmp_path, exc) from None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise disk_error(self.path, exc) from None
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            self.abort()
+            raise disk_error(self.path, exc) from None
+
+    def abort(self) -> None:
+        """Remove the temporary file; never raises (it runs while another error is on its way out)."""
+        quietly(self.file.close)
+        quietly(lambda: self.tmp_path.unlink(missing_ok=True))
+
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see the module docstring)."""
+    with AtomicFile(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj, *, indent: int = 1, sort_keys: bool = True, ensure_ascii: bool = True, newline: bool = False) -> Path:
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + ("\n" if newline else "")
+    return atomic_write_text(path, text)
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)  # two renames: `final` is missing only between them, never half-written
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""The stage machinery every stage shares (pipelines/stages.py): the resume declarations, the options record,
+the one tar scanner as both its readers see a damaged shard, and the deprecated spellings of stage options."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gentron_cli.main import app
+from pipelines import encode_latents, encode_text, prep_images, prep_videos
+from pipelines.data import schema
+from pipelines.data.loader import index_source
+from pipelines.data.shards import ShardWriter, iter_shard
+from pipelines.errors import BadSample, GentronError
+from pipelines.stages import ResumeOptions, check_output_options
+
+STAGES = [
+    (prep_videos.PrepVideosConfig, prep_videos.RESUME),
+    (prep_images.PrepImagesConfig, prep_images.RESUME),
+    (encode_latents.EncodeLatentsConfig, encode_latents.RESUME),
+    (encode_text.EncodeTextConfig, encode_text.RESUME),
+]
+
+
+@pytest.mark.parametrize("config_type, resume", STAGES, ids=[r.record_file for _, r in STAGES])
+def test_every_option_of_every_stage_is_declared_once(config_type, resume):
+    resume.check_complete(config_type)
+    names = {f.name for f in fields(config_type)}
+    assert set(resume.must_match) | set(resume.may_differ) == names
+    assert not set(resume.must_match) & set(resume.may_differ)
+
+
+def test_an_option_missing_from_the_declaration_fails():
+    @dataclass
+    class Config:
+        input: str = "in"
+        size: int = 8
+        forgotten: int = 1  # a new option nobody declared
+
+    resume = ResumeOptions("_x.json", must_match=("input", "size"), may_differ=())
+    with pytest.raises(TypeError, match="forgotten"):
+        resume.record(Config())
+
+    @dataclass
+    class WiderPrepImages(prep_images.PrepImagesConfig):
+        forgotten: int = 0
+
+    with pytest.raises(TypeError, match="forgotten"):
+        WiderPrepImages("in", "out").output_options()
+
+
+def test_the_options_record_refuses_a_resume_with_other_options_and_upgrades_old_records(tmp_path):
+    check_output_options(tmp_path / "out", {"size": 8}, "_x.json")
+    check_output_options(tmp_path / "out", {"size": 8}, "_x.json")  # same options: resumes
+    # nothing written yet (an earlier run stopped before its first shard): the new options are recorded
+    check_output_options(tmp_path / "out", {"size": 16}, "_x.json")
+    assert json.loads((tmp_path / "out" / "_x.json").read_text()) == {"size": 16}
+    (tmp_path / "out" / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(GentronError, match="different options .size."):
+        check_output_options(tmp_path / "out", {"size": 8}, "_x.json")
+    # prep-videos folders recorded the quantiser scale as "quality"; today's record calls it qscale
+    (tmp_path / "v").mkdir()
+    config = prep_videos.PrepVideosConfig(tmp_path / "in", tmp_path / "v")
+    old = config.output_options()
+    old["quality"] = old.pop("qscale")
+    (tmp_path / "v" / prep_videos.OPTIONS_FILE).write_text(json.dumps(old))
+    check_output_options(tmp_path / "v", config.output_options(), prep_videos.OPTIONS_FILE, prep_videos._upgrade_record)
+    assert config.output_options()["qscale"] == 2  # --jpeg-quality 100 makes the clips --quality 2 made
+
+
+def _shard(path, n=3):
+    with ShardWriter(path) as writer:
+        for i in range(n):
+            writer.write(f"s{i}", {
+                schema.LATENT_MEAN: schema.encode_npy(np.full((3, 8, 8), i, np.float16)),
+                schema.LATENT_STD: schema.encode_npy(np.zeros((3, 8, 8), np.float16)),
+                schema.CAPTION: schema.encode_caption(f"caption {i}"),
+                schema.CLIP_TOKENS: schema.encode_npy(np.ones((2, 4), np.float16)),
+            })  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
+def test_a_truncated_shard_keeps_the_samples_before_the_cut_for_both_readers(tmp_path, cut):
+    """One scanner (shards.scan_shard): the stages' reader and training's index agree on a cut tar."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = _shard(folder / "000000.tar")
+    data = path.read_bytes()
+    # 4 members a sample; the cut: inside the third sample's first member, or where the third sample starts,
+    # which leaves no end-of-archive marker: the second sample may have had more fields, so it is not kept
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar]
+    end, kept = (offsets[8] + 512 + 100, ["s0", "s1"]) if cut == "mid_member" else (offsets[8], ["s0"])
+    path.write_bytes(data[:end])
+    read = []
+    with pytest.raises(BadSample) as err:
+        for key, _ in iter_shard(path):
+            read.append(key)
+    assert err.value.reason == "bad_shard" and "000000.tar" in err.value.detail
+    source = index_source(folder, "image")
+    assert [r.key for r in source.refs] == read == kept
+    assert [f.reason for f in source.failures] == ["bad_shard"]
+
+
+def _images(folder, n=2, side=40):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((side, side, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"image {i}")
+    return folder
+
+
+def test_old_option_spellings_of_prep_images_still_work_and_say_so(tmp_path):
+    src = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["prep-images", str(src), str(out), "--size", "64", "--quality", "90", "--upscale",
+                                      "--node-rank", "0", "--num-nodes", "1"], env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for old, new in (("--quality", "--jpeg-quality"), ("--upscale", "--min-size 0"), ("--node-rank", "--rank"), ("--num-nodes", "--world-size")):
+        assert "deprecated:" in result.output and old in result.output and new in result.output
+    record = json.loads((out / prep_images.OPTIONS_FILE).read_text())
+    assert (record["quality"], record["min_size"]) == (90, 0)  # the 40 px images were kept, as --upscale did
+    assert json.loads((out / "_summary.json").read_text())["samples_out"] == 2
+
+
+def test_old_quality_of_prep_videos_is_the_quantiser_scale_with_a_deprecation(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(prep_videos, "prep_videos", lambda config, reporter: seen.append(config) or _NoResult())
+    runner = CliRunner()
+    result = runner.invoke(app, ["prep-videos", str(tmp_path), str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"})
+    assert "deprecated:" in result.output and "--jpeg-quality" in result.output
+    assert seen[-1].effective_qscale == 5
+    runner.invoke(app, ["prep-videos", str(tmp_path), str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"})
+    assert seen[-1].qscale is None and seen[-1].effective_qscale == 17  # 1..100, higher is better
+
+
+class _NoResult:
+    summary = {"shards": 0, "samples_in": 0, "samples_out": 0, "failed": 0, "seconds": 0.0, "failures_by_reason": {}, "counters": {}}
+    samples_in = samples_out = failed = skipped = 0
+    seconds = 0.0
+
+
+def test_old_train_output_spelling_still_works_and_says_so(tmp_path, monkeypatch):
+    import pipelines.train
+
+    seen = []
+    monkeypatch.setattr(pipelines.train, "train", lambda cfg, reporter: seen.append(cfg) or (_ for _ in ()).throw(GentronError("stop here")))
+    result = CliRunner().invoke(app, ["train", "--output", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert "deprecated:" in result.output and "--output" in result.output and "--out" in result.output
+    assert seen[0].output == str(tmp_path / "run")
+    CliRunner().invoke(app, ["train", "-o", str(tmp_path / "new")], env={"COLUMNS": "200"})
+    assert seen[1].output == str(tmp_path / "new")
