@@ -25,7 +25,7 @@ from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, check_output_options, input_shard_jobs, run_shard_jobs
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 
 
 @dataclass
@@ -245,10 +245,7 @@ RESUME = ResumeOptions(
 
 def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
-    if cfg.batch_size < 1:
-        raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 4")
-    check_output_options(Path(cfg.output_dir), RESUME.record(cfg) | {"dtype": cfg.dtype or "auto"}, RESUME.record_file)  # None is auto
+    jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
     if vae is None:
         vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
         reporter.log(f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor {vae.scaling_factor}")

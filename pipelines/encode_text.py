@@ -28,7 +28,7 @@ from pipelines.model.text_encoders import (
     parse_encoders,
 )
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, check_output_options, input_shard_jobs, run_shard_jobs
+from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 
 
 @dataclass
@@ -176,10 +176,7 @@ RESUME = ResumeOptions(
 
 def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), encoders: TextEncoders | None = None) -> StageResult:
     """Encode every pending input shard's captions; finished shards are skipped (resume). `encoders`: already loaded ones."""
-    jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
-    if cfg.batch_size < 1:
-        raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", "pass --batch-size 64")
-    check_output_options(Path(cfg.output_dir), RESUME.record(cfg) | {"dtype": cfg.dtype or "auto"}, RESUME.record_file)  # None is auto
+    jobs = start_shard_stage(cfg, RESUME, batch_hint=64)
     if encoders is None:
         encoders = load_text_encoders(cfg)
         names = ", ".join(f"{n} {encoders.names[n]}" for n in encoders.encoders)
