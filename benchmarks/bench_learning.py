@@ -52,10 +52,12 @@ MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_he
 SMOKE_MODEL = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2, "patch_size": 4}'
 # Shared by every configuration and both stages; STAGE_FLAGS then set what differs between T2I and T2V.
 COMMON = "--lr 1e-3 --warmup-steps 50 --no-flip --num-workers 0 --checkpoint-every 200 --seed 0"
+# Small batches: at equal samples seen, 32 images a step learn shape far better than 64 (shape 73 % against 42 %
+# after 57,600 images), at 1.3x the time per image on 2 CPU cores.
 STAGE_FLAGS = {
-    "t2i": "--global-batch 64 --ema-decay 0.99",
+    "t2i": "--global-batch 32 --ema-decay 0.995",
     # T2V learns motion late in its few steps: a faster EMA, and a quarter of motion-free samples
-    "t2v": "--global-batch 16 --p-motion-free 0.25 --ema-decay 0.9",
+    "t2v": "--global-batch 8 --p-motion-free 0.25 --ema-decay 0.9",
 }
 SMOKE_STAGE_FLAGS = {"t2i": "--global-batch 8 --ema-decay 0.99", "t2v": "--global-batch 4 --p-motion-free 0.25 --ema-decay 0.9"}
 
@@ -228,12 +230,12 @@ def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) ->
     extra = shlex.split(args.extra)  # last, so a variation overrides the configuration
     minutes = {}
     minutes["t2i"] = gentron(
-        ["train", "--stage", "t2i", "--output", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps,
+        ["train", "--stage", "t2i", "--out", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps,
          *shared, *shlex.split(stage_flags["t2i"]), *extra],
         logs / "train-t2i.log", args.threads,
     ) / 60  # fmt: skip
     minutes["t2v"] = gentron(
-        ["train", "--stage", "t2v", "--output", runs / "t2v", "--init", runs / "t2i" / "model", "--video-data", data["videos"],
+        ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", runs / "t2i" / "model", "--video-data", data["videos"],
          "--image-data", data["images"], "--steps", args.t2v_steps, *shared, *shlex.split(stage_flags["t2v"]), *extra],
         logs / "train-t2v.log", args.threads,
     ) / 60  # fmt: skip
@@ -258,7 +260,7 @@ def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--only", help=f"comma-separated configurations, run in this order (of {', '.join(CONFIGS)}; default all)")
-    parser.add_argument("--t2i-steps", type=int, default=900)
+    parser.add_argument("--t2i-steps", type=int, default=2000)
     parser.add_argument("--t2v-steps", type=int, default=250)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=4.0, help="text guidance scale of the samples")
