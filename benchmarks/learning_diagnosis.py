@@ -5,6 +5,10 @@ t as the fraction of the 1000 steps), it prints the model's training loss there 
 the caption's shape and place off the model's prediction of x0. An attribute the prediction shows only at low
 noise is one the model does not decide from the caption: it follows whatever the noisy sample already shows.
 
+For flow models it then regenerates each image from its own x_t at t0 (the sampling ODE from t0 to 0, Euler, CFG 4
+against the empty caption): the share of results with the caption's shape and place says from which noise level
+on the model can produce an attribute the noise has hidden, which is what sampling from pure noise asks of it.
+
     python benchmarks/learning_diagnosis.py OUT/runs/flow/t2i/model OUT/data/images [--samples 96]
 """
 
@@ -21,7 +25,7 @@ from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.gentron import GenTronTransformer
+from pipelines.model.gentron import GenTronTransformer, required_text_arrays
 from pipelines.train import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
@@ -44,7 +48,7 @@ def main() -> None:
     objective = make_objective(ObjectiveConfig.from_record(record))
     source = index_source(args.images, "image")
     empty, _ = load_empty_caption([source.folder])
-    fields = (schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS)
+    fields = tuple(schema.text_field(name) for name in required_text_arrays(model.config))
     stream = TrainStream(StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields), source, None, empty,
                          collate_text=TextCondition.collate)
     streams = stream._streams()
@@ -70,6 +74,30 @@ def main() -> None:
         scores = [toydata.probe_image(p, c, with_shape=True) for p, c in zip(to_pixels(x0_pred), captions)]
         shape, place = (np.mean([s[k] for s in scores]) for k in ("shape", "place"))
         print(f"t in [{lo:.1f}, {hi:.1f}): loss {float(loss):.4f}; x0 prediction shows the caption's shape {shape:.0%}, place {place:.0%}")
+    if objective.config.name != "flow":
+        print("regeneration from x_t: measured for flow models only (this one is DDPM)")
+        return
+    uncond = TextCondition.collate([{name: empty[name] for name in required_text_arrays(model.config)}] * args.samples)
+    for t0 in REGENERATE_FROM:
+        pixels = to_pixels(regenerate(model, x0, noise, text, uncond, t0, n))
+        scores = [toydata.probe_image(p, c, with_shape=True) for p, c in zip(pixels, captions)]
+        shape, place = (np.mean([s[k] for s in scores]) for k in ("shape", "place"))
+        print(f"regenerated from x_t at t0 = {t0:.1f}: shows the caption's shape {shape:.0%}, place {place:.0%}")
+
+
+REGENERATE_FROM = (0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def regenerate(model, x0, noise, text, uncond, t0: float, num_timesteps: int, steps: int = 20, cfg: float = 4.0) -> torch.Tensor:
+    """Flow models: Euler steps of dx/dt = v from x_t = (1 - t0) x0 + t0 eps down to t = 0, guided v = v_u + cfg (v_c - v_u)."""
+    x = (1 - t0) * x0 + t0 * noise
+    grid = torch.linspace(t0, 0.0, steps + 1)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        timestep = torch.full((len(x),), float(t) * num_timesteps)
+        v_text, v_empty = model(x, timestep, text), model(x, timestep, uncond)
+        x = x + float(t_next - t) * (v_empty + cfg * (v_text - v_empty))
+    return x
 
 
 if __name__ == "__main__":

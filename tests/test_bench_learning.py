@@ -116,3 +116,27 @@ def test_a_group_without_prompts_is_left_out_and_missing_goals_are_not_met():
     assert bench.ratios_of("ddpm", "t2i", groups, bench.IMAGE_ATTRIBUTES) == {"ddpm.t2i.color": 1.0, "ddpm.t2i.shape": 0.0, "ddpm.t2i.place": 1.0}
     result = bench.summary({"ddpm.t2i.color": 1.0}, {}, candidate="ddpm", threads=1)
     assert result["met"]["ddpm.t2i.color"] is True and result["met"]["ddpm.t2v.direction"] is False
+
+
+def test_the_diagnosis_regeneration_ends_at_x0_with_an_oracle_velocity_and_follows_the_guidance():
+    """learning_diagnosis.regenerate: with the exact velocity of a known x0 (v = (x_t - x0) / t on the straight path)
+    the Euler ODE from any t0 lands on x0; guidance scales the conditional minus unconditional velocity."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("learning_diagnosis", ROOT / "benchmarks" / "learning_diagnosis.py")
+    diagnosis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnosis)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+
+    def oracle(target):
+        return lambda x, timestep, text: (x - target) / (timestep / 1000).reshape(-1, 1, 1, 1)
+
+    for t0 in (0.3, 0.9):
+        out = diagnosis.regenerate(oracle(x0), x0, noise, "text", "empty", t0, 1000, steps=7, cfg=4.0)
+        assert torch.allclose(out, x0, atol=1e-5)
+    # the text branch heads for x0, the empty one for zeros: guided by cfg the ODE overshoots to cfg * x0
+    other = torch.zeros_like(x0)
+    both = lambda x, timestep, text: oracle(x0 if text == "text" else other)(x, timestep, text)  # noqa: E731
+    out = diagnosis.regenerate(both, x0, noise, "text", "empty", 0.5, 1000, steps=1, cfg=2.0)
+    assert torch.allclose(out, 2.0 * x0, atol=1e-5)
