@@ -236,16 +236,16 @@ def _cli_app():
 
 def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny):
     runner = CliRunner()
-    result = runner.invoke(_cli_app(), ["encode-latents", str(tmp_path / "missing"), str(tmp_path / "out"), "--vae", "pixel"])
+    result = runner.invoke(_cli_app(), ["encode-latents", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--vae", "pixel"])
     assert result.exit_code == 2 and "input folder not found" in result.output and "Traceback" not in result.output
     inp = _write_shards(tmp_path / "in", [[("k0", _sample("none", 0)), ("k1", _sample("none", 1, caption=""))]])
-    args = ["encode-text", str(inp), str(tmp_path / "out"), "--clip", str(tmp_path / "no_clip_here"), "--encoders", "clip"]
+    args = ["encode-text", str(inp), "--out", str(tmp_path / "out"), "--clip", str(tmp_path / "no_clip_here"), "--encoders", "clip"]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 2 and "no_clip_here" in result.output and "Traceback" not in result.output
-    result = runner.invoke(_cli_app(), ["encode-latents", str(inp), str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"], env={"COLUMNS": "1000"})
+    result = runner.invoke(_cli_app(), ["encode-latents", str(inp), "-o", str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"], env={"COLUMNS": "1000"})
     assert result.exit_code == 2, result.output  # a stage that keeps nothing fails, with the reasons counted
     assert "kept nothing: all 2 inputs failed (no_media: 2)" in result.output and "Traceback" not in result.output
-    args = ["encode-text", str(inp), str(tmp_path / "o3"), "--clip", str(tiny["clip"]), "--t5", str(tiny["t5"]), "--device", "cpu"]
+    args = ["encode-text", str(inp), "--out", str(tmp_path / "o3"), "--clip", str(tiny["clip"]), "--t5", str(tiny["t5"]), "--device", "cpu"]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 0, result.output
     assert "1 of 2 samples written, 1 failed" in result.output and "empty_caption" in result.output
@@ -266,7 +266,7 @@ def _clip_shards(folder, shards, per_shard, h, w):
 def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     inp = _clip_shards(tmp_path / "in", shards=16, per_shard=3, h=48, w=64)  # resized to 32: some work per shard
     killed = tmp_path / "killed"
-    args = ["encode-latents", str(inp), str(killed), "--vae", "pixel", "--resolution", "32", "--batch-size", "1", "--flip"]
+    args = ["encode-latents", str(inp), "--out", str(killed), "--vae", "pixel", "--resolution", "32", "--batch-size", "1", "--flip"]
     proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not list(killed.glob("*.stats.json")) and proc.poll() is None and time.time() < deadline:
@@ -290,7 +290,7 @@ def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
 def test_rank_split_covers_every_shard_once(tmp_path):
     inp = _clip_shards(tmp_path / "in", shards=5, per_shard=2, h=16, w=16)
     out = tmp_path / "out"
-    args = ["encode-latents", str(inp), str(out), "--vae", "pixel", "--resolution", "16"]
+    args = ["encode-latents", str(inp), "--out", str(out), "--vae", "pixel", "--resolution", "16"]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CLI, *args], env=_env(RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT

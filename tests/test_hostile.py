@@ -146,7 +146,7 @@ def test_a_read_only_output_folder_ends_prep_images_with_exit_2(tmp_path, monkey
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
-    result = runner.invoke(app, ["prep-images", str(tmp_path / "in"), str(tmp_path / "out")], env=WIDE)
+    result = runner.invoke(app, ["prep-images", str(tmp_path / "in"), "--out", str(tmp_path / "out")], env=WIDE)
     assert result.exit_code == 2, result.output
     assert "read-only" in result.output and str(tmp_path / "out") in result.output and "Traceback" not in result.output
 
@@ -242,13 +242,13 @@ def test_prep_images_at_32_px_keeps_32_px_images_and_a_stage_keeping_nothing_exi
     src = tmp_path / "in"
     _image(src / "a.png", 32)
     _image(src / "b.png", 32)
-    ok = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "out"), "--size", "32"], env=WIDE)
+    ok = runner.invoke(app, ["prep-images", str(src), "--out", str(tmp_path / "out"), "--size", "32"], env=WIDE)
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["samples_out"] == 2
 
     (src / "a.txt").unlink()
     (src / "b.txt").unlink()
-    none = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "none"), "--size", "32"], env=WIDE)
+    none = runner.invoke(app, ["prep-images", str(src), "-o", str(tmp_path / "none"), "--size", "32"], env=WIDE)
     assert none.exit_code == 2 and "Traceback" not in none.output
     assert "kept nothing" in none.output and "missing_caption: 2" in none.output
 
@@ -450,7 +450,7 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
     write_video(src / "a.mp4", n_frames=30, fps=25, size=(64, 48))
     (src / "a.txt").write_text("a counter")
     env = os.environ | {SLEEP_HOOK_ENV: "a.mp4=60", "COLUMNS": "200"}  # the decode child sleeps in its work
-    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", "prep-videos", str(src), str(out), "--short-side", "32"],
+    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", "prep-videos", str(src), "--out", str(out), "--short-side", "32"],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 60
     while not list(out.glob(".000000.tar.tmp-*")) and time.time() < deadline:

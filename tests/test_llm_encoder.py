@@ -95,8 +95,8 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         for i in range(4):
             writer.write(schema.make_key("image", i), sample_fields(i, "image", drop=TEXT_FIELDS))
     data = tmp_path / "data"
-    assert run_cli("encode-text", latents, data, "--encoders", "clip", "--llm", llm).exit_code == 2  # --llm left out: refused
-    result = run_cli("encode-text", latents, data, "--encoders", "llm", "--llm", llm, "--llm-layer", -2, "--device", "cpu")
+    assert run_cli("encode-text", latents, "--out", data, "--encoders", "clip", "--llm", llm).exit_code == 2  # --llm left out: refused
+    result = run_cli("encode-text", latents, "-o", data, "--encoders", "llm", "--llm", llm, "--llm-layer", -2, "--device", "cpu")
     assert result.exit_code == 0, result.output
     for _, fields in iter_shard(data / f"{shard_name(0)}.tar"):
         assert schema.text_tokens_field("llm") in fields and not set(TEXT_FIELDS) & set(fields)
@@ -105,7 +105,7 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         assert empty.files == ["llm"] and empty["llm"].shape == (1, TINY_LLM_DIM)  # the empty caption is BOS alone
 
     run = tmp_path / "run"
-    result = run_cli("train", "--stage", "t2i", "--image-data", data, "--output", run, "--model", TINY, "--steps", 2,
+    result = run_cli("train", "--stage", "t2i", "--image-data", data, "--out", run, "--model", TINY, "--steps", 2,
                      "--global-batch", 2, "--lr", 3e-3, "--num-workers", 0, "--checkpoint-every", 2, "--preview-every", 0)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((run / "model" / "config.json").read_text())

@@ -164,12 +164,12 @@ def test_cli(prepared, tmp_path):
     prep.register(app)
     src, _, _ = prepared
     runner = CliRunner()
-    ok = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o"), "--size", "32", "--format", "png"])
+    ok = runner.invoke(app, ["prep-images", str(src), "--out", str(tmp_path / "o"), "--size", "32", "--format", "png"])
     assert ok.exit_code == 0, ok.output
     assert "12 images -> 8 images" in ok.output  # --min-size defaults to --size when that is below 64
-    bad = runner.invoke(app, ["prep-images", str(tmp_path / "missing"), str(tmp_path / "o2")])
+    bad = runner.invoke(app, ["prep-images", str(tmp_path / "missing"), "-o", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and str(tmp_path / "missing") in bad.output and "Traceback" not in bad.output
-    bad_format = runner.invoke(app, ["prep-images", str(src), str(tmp_path / "o3"), "--format", "gif"])
+    bad_format = runner.invoke(app, ["prep-images", str(src), "--out", str(tmp_path / "o3"), "--format", "gif"])
     assert bad_format.exit_code == 2 and "--format" in bad_format.output
     with pytest.raises(GentronError):
         prep_images(PrepImagesConfig(src, tmp_path / "o4", quality=0))

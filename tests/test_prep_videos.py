@@ -387,9 +387,9 @@ def _app() -> typer.Typer:
 
 def test_cli_success_and_wrong_input(small_folder, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(_app(), ["prep-videos", str(small_folder), str(tmp_path / "out"), "--short-side", "32", "--max-clips-per-video", "1"])
+    ok = runner.invoke(_app(), ["prep-videos", str(small_folder), "--out", str(tmp_path / "out"), "--short-side", "32", "--max-clips-per-video", "1"])
     assert ok.exit_code == 0, ok.output
     assert "6 videos -> 6 clips" in ok.output and len(list_shards(tmp_path / "out")) == 1
-    bad = runner.invoke(_app(), ["prep-videos", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
+    bad = runner.invoke(_app(), ["prep-videos", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out2")])
     assert bad.exit_code == 2
     assert str(tmp_path / "nowhere") in bad.output and "Traceback" not in bad.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,8 +124,9 @@ def test_old_option_spellings_of_prep_images_still_work_and_say_so(tmp_path):
     result = CliRunner().invoke(app, ["prep-images", str(src), str(out), "--size", "64", "--quality", "90", "--upscale",
                                       "--node-rank", "0", "--num-nodes", "1"], env={"COLUMNS": "200"})  # fmt: skip
     assert result.exit_code == 0, result.output
-    for old, new in (("--quality", "--jpeg-quality"), ("--upscale", "--min-size 0"), ("--node-rank", "--rank"), ("--num-nodes", "--world-size")):
-        assert "deprecated:" in result.output and old in result.output and new in result.output
+    for old, new in (("--quality", "--jpeg-quality"), ("--upscale", "--min-size 0"), ("--node-rank", "--rank"), ("--num-nodes", "--world-size"),
+                     ("second argument", f"--out {out}")):
+        assert "deprecated:" in result.output and old in result.output and new in " ".join(result.output.split())
     record = json.loads((out / prep_images.OPTIONS_FILE).read_text())
     assert (record["quality"], record["min_size"]) == (90, 0)  # the 40 px images were kept, as --upscale did
     assert json.loads((out / "_summary.json").read_text())["samples_out"] == 2
@@ -134,17 +136,88 @@ def test_old_quality_of_prep_videos_is_the_quantiser_scale_with_a_deprecation(tm
     seen = []
     monkeypatch.setattr(prep_videos, "prep_videos", lambda config, reporter: seen.append(config) or _NoResult())
     runner = CliRunner()
-    result = runner.invoke(app, ["prep-videos", str(tmp_path), str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"})
     assert "deprecated:" in result.output and "--jpeg-quality" in result.output
     assert seen[-1].effective_qscale == 5
-    runner.invoke(app, ["prep-videos", str(tmp_path), str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"})
+    runner.invoke(app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"})
     assert seen[-1].qscale is None and seen[-1].effective_qscale == 17  # 1..100, higher is better
 
 
 class _NoResult:
     summary = {"shards": 0, "samples_in": 0, "samples_out": 0, "failed": 0, "seconds": 0.0, "failures_by_reason": {}, "counters": {}}
-    samples_in = samples_out = failed = skipped = 0
-    seconds = 0.0
+    samples_in = samples_out = failed = skipped = done = 0
+    seconds = items_per_second = 0.0
+
+
+# the four stage commands, and the library function each one calls (replaced by one that records its config)
+STAGE_COMMANDS = {
+    "prep-videos": (prep_videos, "prep_videos"),
+    "prep-images": (prep_images, "prep_images"),
+    "encode-latents": (encode_latents, "encode_latents"),
+    "encode-text": (encode_text, "encode_text"),
+}
+
+
+def _output_of(config):
+    return config.output if hasattr(config, "output") else config.output_dir
+
+
+@pytest.fixture
+def stage_configs(monkeypatch):
+    seen = []
+    for module, function in STAGE_COMMANDS.values():
+        monkeypatch.setattr(module, function, lambda config, reporter: seen.append(config) or _NoResult())
+    return seen
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    result.text = " ".join(result.output.split())
+    return result
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_stage_commands_take_their_output_folder_as_out(command, stage_configs, tmp_path):
+    for flag in ("--out", "-o"):
+        result = _invoke(command, tmp_path / "in", flag, tmp_path / flag)
+        assert result.exit_code == 0, result.output
+        assert "deprecated" not in result.output
+        assert Path(_output_of(stage_configs[-1])) == tmp_path / flag
+    help_text = _invoke(command, "--help").text
+    assert "--out -o" in help_text and f"gentron {command} [OPTIONS] {{input}} " in help_text  # no second argument shown
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_the_positional_output_folder_still_works_and_says_so(command, stage_configs, tmp_path):
+    result = _invoke(command, tmp_path / "in", tmp_path / "old")
+    assert result.exit_code == 0, result.output
+    assert f"deprecated: the output folder as second argument ({tmp_path / 'old'}) will be removed" in result.text
+    assert f"use --out {tmp_path / 'old'}" in result.text
+    assert Path(_output_of(stage_configs[-1])) == tmp_path / "old"
+    same = _invoke(command, tmp_path / "in", tmp_path / "old", "--out", tmp_path / "old")  # the same folder twice: no conflict
+    assert same.exit_code == 0 and "deprecated:" in same.output, same.output
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_two_output_folders_or_none_are_refused_with_one_message(command, stage_configs, tmp_path):
+    both = _invoke(command, tmp_path / "in", tmp_path / "a", "--out", tmp_path / "b")
+    assert both.exit_code == 2 and isinstance(both.exception, SystemExit), both.output  # a clean exit, not an exception
+    assert f"error: two output folders: {tmp_path / 'a'} (the deprecated second argument) and --out {tmp_path / 'b'}" in both.text
+    assert "fix: give only --out OUT" in both.text and "Traceback" not in both.output and "deprecated:" not in both.output
+    neither = _invoke(command, tmp_path / "in")
+    assert neither.exit_code == 2 and isinstance(neither.exception, SystemExit), neither.output
+    assert "error: no output folder given" in neither.text and "--out OUT" in neither.text and "Traceback" not in neither.output
+    assert stage_configs == []  # nothing ran
+
+
+@pytest.mark.parametrize("command", ["encode-latents", "encode-text"])
+def test_encode_commands_take_rank_and_world_size_like_the_prep_commands(command, stage_configs, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _invoke(command, tmp_path / "in", "-o", tmp_path / "out", "--rank", 1, "--world-size", 3).exit_code == 0
+    assert (stage_configs[-1].rank, stage_configs[-1].world_size) == (1, 3)
+    assert _invoke(command, tmp_path / "in", "-o", tmp_path / "out").exit_code == 0
+    assert (stage_configs[-1].rank, stage_configs[-1].world_size) == (None, None)  # the stage reads the environment
 
 
 def test_old_train_output_spelling_still_works_and_says_so(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
+from gentron_cli.commands.prep import OLD_OUT_HELP, RANK_HELP, WORLD_HELP, StageCommand
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, run_command
+from gentron_cli.reporting import RichReporter, console, output_folder, run_command
 from pipelines.stages import StageResult
 from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
 
@@ -26,34 +27,40 @@ def _report(result: StageResult, output: Path) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("encode-latents")
+    @app.command("encode-latents", cls=StageCommand)
     def encode_latents_command(
         input: Path = typer.Argument(..., help="Folder of shards with mp4 clips and/or jpg/png images."),
-        output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the output shards (required; same names as the input shards); rerun to resume."),
         vae: str = typer.Option(DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."),
         resolution: int = typer.Option(512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."),
         flip: bool = typer.Option(False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."),
         batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
+
+        output = output_folder(out, old_output)
 
         def body():
             from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
 
             cfg = EncodeLatentsConfig(
-                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype, verify=verify
+                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype,
+                rank=rank, world_size=world_size, verify=verify,
             )
             _report(encode_latents(cfg, RichReporter()), output)
 
         run_command(body)
 
-    @app.command("encode-text")
+    @app.command("encode-text", cls=StageCommand)
     def encode_text_command(
         input: Path = typer.Argument(..., help="Folder of shards with txt captions."),
-        output: Path = typer.Argument(..., help="Folder for the output shards (same names); rerun to resume."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the output shards (required; same names as the input shards); rerun to resume."),
         clip: str = typer.Option(DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."),
         t5: str = typer.Option(DEFAULT_T5, help="T5 encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."),
         encoders: Optional[str] = typer.Option(
@@ -68,9 +75,14 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, help="Captions per encoder call."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 and LLMs (fp16 overflows)."),
+        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16) and write the empty caption once."""
+
+        output = output_folder(out, old_output)
 
         def body():
             from pipelines.encode_text import EncodeTextConfig, encode_text
@@ -78,7 +90,7 @@ def register(app: typer.Typer) -> None:
             cfg = EncodeTextConfig(
                 input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
                 models={"llm": llm} if llm else {}, settings={"llm": {"layer": llm_layer, "max_length": llm_max_length}},
-                batch_size=batch_size, device=device, dtype=dtype, verify=verify,
+                batch_size=batch_size, device=device, dtype=dtype, rank=rank, world_size=world_size, verify=verify,
             )
             _report(encode_text(cfg, RichReporter()), output)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, deprecated, run_command
+from gentron_cli.reporting import RichReporter, console, deprecated, output_folder, run_command
 from pipelines.stages import StageResult
 
 
@@ -22,8 +23,17 @@ def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None
 
 
 _QUALITY_HELP = "JPEG quality of the stored pictures, 1 to 100 (best), the same scale for clips and images."
-_RANK_HELP = "This process's share of the shards: its rank (default: torchrun/SLURM environment, else 0)."
-_WORLD_HELP = "Processes splitting the shards (default: torchrun/SLURM environment, else 1)."
+RANK_HELP = "This process's share of the shards: its rank (default: torchrun/SLURM environment, else 0)."
+WORLD_HELP = "Processes splitting the shards (default: torchrun/SLURM environment, else 1)."
+OLD_OUT_HELP = "Deprecated: the output folder; use --out."
+
+
+class StageCommand(TyperCommand):
+    """A stage command whose usage line leaves out its hidden arguments (the deprecated positional OUT)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        params = [p for p in self.get_params(ctx) if not (p.param_type_name == "argument" and p.hidden)]
+        return ([self.options_metavar] if self.options_metavar else []) + [piece for p in params for piece in p.get_usage_pieces(ctx)]
 
 
 def _rank_options(rank, world_size, old_rank, old_world):
@@ -38,10 +48,10 @@ def _rank_options(rank, world_size, old_rank, old_world):
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prep-videos")
+    @app.command("prep-videos", cls=StageCommand)
     def prep_videos_command(
         input: Path = typer.Argument(..., help="Folder of videos with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
-        output: Path = typer.Argument(..., help="Output folder for the clip shards (created; rerun to resume)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the clip shards (required; created; rerun to resume)."),
         short_side: int = typer.Option(512, help="Short side of the clips in pixels (aspect kept, sizes even)."),
         upscale: bool = typer.Option(False, "--upscale", help="Resize videos smaller than --short-side up (default: keep their size)."),
         timeline_fps: float = typer.Option(24.0, help="Frame rate of the timeline the frames are picked from."),
@@ -52,8 +62,8 @@ def register(app: typer.Typer) -> None:
         jpeg_quality: int = typer.Option(100, "--jpeg-quality", help=_QUALITY_HELP + " 100 is Motion-JPEG's finest quantiser (scale 2)."),
         shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
         workers: int = typer.Option(1, help="Worker processes (each decodes its own shards)."),
-        rank: Optional[int] = typer.Option(None, "--rank", help=_RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=_WORLD_HELP),
+        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
         timeout: float = typer.Option(60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."),
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the video paths."),
@@ -62,10 +72,12 @@ def register(app: typer.Typer) -> None:
         old_quality: Optional[int] = typer.Option(None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."),
         old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
         old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
+        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
         from pipelines.prep_videos import PrepVideosConfig, prep_videos
 
+        output = output_folder(out, old_output)  # first: a refused command says only why
         if old_quality is not None:
             deprecated(f"--quality {old_quality} (the JPEG quantiser scale, lower is better)", "--jpeg-quality 1..100, higher is better (100: scale 2)")
         rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
@@ -78,10 +90,10 @@ def register(app: typer.Typer) -> None:
         result = run_command(lambda: prep_videos(config, RichReporter()))
         _report(result, output, "videos", "clips")
 
-    @app.command("prep-images")
+    @app.command("prep-images", cls=StageCommand)
     def prep_images_command(
         input: Path = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
-        output: Path = typer.Argument(..., help="Output folder for the image shards (created; rerun to resume)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the image shards (required; created; rerun to resume)."),
         size: int = typer.Option(512, help="Short side after resizing; the side of the square crop."),
         no_crop: bool = typer.Option(False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."),
         image_format: str = typer.Option("jpg", "--format", help="Stored format: jpg or png."),
@@ -89,8 +101,8 @@ def register(app: typer.Typer) -> None:
         min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (reason too_small); 0 keeps every image. Default: 64, or --size if that is smaller. Smaller images are upscaled to --size."),
         shard_size: int = typer.Option(1000, help="Source images per shard."),
         workers: int = typer.Option(1, help="Worker processes."),
-        rank: Optional[int] = typer.Option(None, "--rank", help=_RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=_WORLD_HELP),
+        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
         keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."),
         path_column: str = typer.Option("path", help="Manifest column with the image paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
@@ -99,10 +111,12 @@ def register(app: typer.Typer) -> None:
         old_upscale: bool = typer.Option(False, "--upscale", hidden=True, help="Deprecated: --min-size 0."),
         old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
         old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
+        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Resize and center-crop images (upright RGB) into WebDataset shards."""
         from pipelines.prep_images import PrepImagesConfig, prep_images
 
+        output = output_folder(out, old_output)  # first: a refused command says only why
         quality = jpeg_quality
         if old_quality is not None:
             deprecated("--quality", "--jpeg-quality (the same scale: 1..100, higher is better)")
