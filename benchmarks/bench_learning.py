@@ -211,11 +211,11 @@ def make_data(out: Path, toy: ToyDataConfig, threads: int) -> dict[str, Path]:
 
     torch.set_num_threads(threads)
     encoders = build_tiny_encoders(data / "encoders", seed=0)
-    gentron(["prep-images", raw["images"], data / "images-prep", "--size", SIZE, "--min-size", SIZE, "--format", "png"], logs / "prep-images.log", threads)
-    gentron(["prep-videos", raw["videos"], data / "videos-prep", "--short-side", SIZE, "--frames", FRAMES, "--frame-stride", FRAME_STRIDE], logs / "prep-videos.log", threads)
+    gentron(["prep-images", raw["images"], "--out", data / "images-prep", "--size", SIZE, "--min-size", SIZE, "--format", "png"], logs / "prep-images.log", threads)
+    gentron(["prep-videos", raw["videos"], "--out", data / "videos-prep", "--short-side", SIZE, "--frames", FRAMES, "--frame-stride", FRAME_STRIDE], logs / "prep-videos.log", threads)
     for kind in ("images", "videos"):
-        gentron(["encode-latents", data / f"{kind}-prep", data / f"{kind}-latents", "--vae", "pixel", "--resolution", SIZE], logs / f"encode-latents-{kind}.log", threads)
-        gentron(["encode-text", data / f"{kind}-latents", encoded[kind], "--clip", encoders["clip"], "--t5", encoders["t5"]], logs / f"encode-text-{kind}.log", threads)
+        gentron(["encode-latents", data / f"{kind}-prep", "--out", data / f"{kind}-latents", "--vae", "pixel", "--resolution", SIZE], logs / f"encode-latents-{kind}.log", threads)
+        gentron(["encode-text", data / f"{kind}-latents", "--out", encoded[kind], "--clip", encoders["clip"], "--t5", encoders["t5"]], logs / f"encode-text-{kind}.log", threads)
     done.write_text(json.dumps(recipe))
     return encoded
 
