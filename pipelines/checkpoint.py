@@ -38,13 +38,18 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
-    folder = Path(run_dir) / CHECKPOINTS
+def step_folders(folder: str | Path) -> list[Path]:
+    """The step_XXXXXXX folders in `folder`, oldest step first (temporary folders never match); [] without `folder`."""
+    folder = Path(folder)
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    return step_folders(Path(run_dir) / CHECKPOINTS)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -89,13 +89,7 @@ def write_sheet(stem: Path, samples: np.ndarray, fps: float) -> list[Path]:
 def film_strip(frames: np.ndarray, gap: int = 0, fill: int = 255) -> np.ndarray:
     """(T, H, W, 3) -> (H, T*W + (T-1)*gap, 3): the frames left to right, `gap` columns of `fill` between them.
     Without gaps it is lossless and `read_frame_strip` gives the frames back."""
-    if not gap:
-        return rearrange(frames, "t h w c -> h (t w) c")
-    t, h, w, c = frames.shape
-    strip = np.full((h, t * (w + gap) - gap, c), fill, dtype=frames.dtype)
-    for i, frame in enumerate(frames):
-        strip[:, i * (w + gap) : i * (w + gap) + w] = frame
-    return strip
+    return contact_sheet(list(frames), columns=len(frames), gap=gap, fill=fill)
 
 
 def read_frame_strip(path: Path, num_frames: int) -> np.ndarray:
@@ -105,10 +99,10 @@ def read_frame_strip(path: Path, num_frames: int) -> np.ndarray:
     return rearrange(strip, "h (t w) c -> t h w c", t=num_frames)
 
 
-def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:
-    """Tile equal-sized samples into one grid (row major, white gaps); videos tile frame by frame.
+def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile equal-sized samples into one grid (row major, gaps of `fill`, white by default); videos tile frame by frame.
 
-    samples: each (H, W, 3) or each (T, H, W, 3). Empty cells of the last row stay white.
+    samples: each (H, W, 3) or each (T, H, W, 3). Empty cells of the last row stay `fill`.
     """
     if not samples:
         raise ValueError("contact_sheet needs at least one sample")
@@ -117,7 +111,7 @@ def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: in
     n, t, h, w, c = stack.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    cells = np.full((rows * columns, t, h + gap, w + gap, c), 255, dtype=np.uint8)
+    cells = np.full((rows * columns, t, h + gap, w + gap, c), fill, dtype=np.uint8)
     cells[:n, :, :h, :w] = stack
     sheet = rearrange(cells, "(r k) t h w c -> t (r h) (k w) c", r=rows, k=columns)
     sheet = sheet[:, : rows * (h + gap) - gap, : columns * (w + gap) - gap]  # no gap after the last row/column

@@ -307,7 +307,7 @@ class SamplingPipeline:
         text = self.text_condition(text_arrays)
         uncond = self.text_condition([self.uncond_arrays] * len(text_arrays))
         objective = make_objective(self.objective_config)
-        sched = objective.scheduler(scheduler or objective.default_sampler, learned_sigma=self.model.config.learn_sigma)
+        sched = objective.scheduler(scheduler, learned_sigma=self.model.config.learn_sigma)
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         )

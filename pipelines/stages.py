@@ -99,17 +99,17 @@ def check_output_options(output: Path, options: dict, options_file: str, upgrade
         previous = json.loads(path.read_text())
         if upgrade is not None:
             previous = upgrade(previous)
-        if previous != options and not _holds_output(output, options_file):
-            atomic_write_json(path, options)  # an earlier run stopped before writing anything: nothing to match
-        elif previous != options:
+        if previous == options:
+            return
+        if _holds_output(output, options_file):
             changed = sorted(k for k in options.keys() | previous.keys() if options.get(k) != previous.get(k))
             raise GentronError(
                 f"output folder {output} was made with different options ({', '.join(changed)})",
                 "rerun with the same options to resume, or choose a new output folder",
             )
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, options)
+    # a new folder, or one an earlier run left before writing anything (nothing to match)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, options)
 
 
 def _holds_output(output: Path, options_file: str) -> bool:

@@ -129,13 +129,14 @@ def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
     """The shard fields of the text arrays the model reads (`required_text_arrays`); a clear error when the data lacks them."""
+    from pipelines.model.conditioning import POOLED_SUFFIX
     from pipelines.model.gentron import required_text_arrays
 
     needed = [schema.text_field(array) for array in required_text_arrays(model_config)]
     for src in sources:
         missing = [n for n in needed if n not in src.text_fields]
         if missing:
-            have = sorted({schema.text_array_name(f).removesuffix("_pooled") for f in src.text_fields})
+            have = sorted({schema.text_array_name(f).removesuffix(POOLED_SUFFIX) for f in src.text_fields})
             raise GentronError(
                 f"the model reads text inputs {', '.join(model_config['text_inputs'])} but samples in {src.folder} lack {missing}",
                 "encode the captions with those encoders, or train a model on the ones the data has: "
@@ -396,9 +397,9 @@ class Previewer:
     def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path, objective: Objective):
         primary = stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
         refs = primary.refs[: config.preview_count]
-        self.arrays = [{schema.TEXT_ARRAY_NAMES[n]: schema.decode_npy(stream.read_field(primary, r, n)) for n in stream.spec.text_fields} for r in refs]
+        self.arrays = [{schema.text_array_name(n): schema.decode_npy(stream.read_field(primary, r, n)) for n in stream.spec.text_fields} for r in refs]
         self.captions = [stream.read_field(primary, r, schema.CAPTION).decode("utf-8", "replace") if schema.CAPTION in r.fields else r.key for r in refs]
-        self.empty = {schema.TEXT_ARRAY_NAMES[n]: empty[schema.TEXT_ARRAY_NAMES[n]] for n in stream.spec.text_fields}
+        self.empty = {schema.text_array_name(n): empty[schema.text_array_name(n)] for n in stream.spec.text_fields}
         self.shape = tuple(stream.latent_shape)
         self.pipeline, self.config, self.folder, self.objective = pipeline, config, run_dir / "previews", objective
         # padded as sampling pads: to the encoders' recorded lengths (or the longest text, where none is recorded)

@@ -148,9 +148,8 @@ class TrainingEvaluator:
     def prune(self) -> None:
         """Keep the samples of the newest `keep_checkpoints` evaluations; remove folders left by a crash."""
         folder = self.run_dir / EVAL_DIR
-        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := ckpt.STEP_RE.match(p.name)) and p.is_dir())
         keep = self.config.keep_checkpoints
-        for _, old in found[:-keep] if keep > 0 else []:
+        for old in ckpt.step_folders(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.glob(".step_*"):
             if not stale.name.endswith(f"-{os.getpid()}"):
@@ -159,9 +158,6 @@ class TrainingEvaluator:
 
 def latest_eval_folder(run_dir: Path) -> Path | None:
     """RUN/eval/step_XXXXXXX of the newest evaluation, if any."""
-    folder = Path(run_dir) / EVAL_DIR
-    if not folder.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := ckpt.STEP_RE.match(p.name)) and p.is_dir())
-    return found[-1][1] if found else None
+    found = ckpt.step_folders(Path(run_dir) / EVAL_DIR)
+    return found[-1] if found else None
 

@@ -99,7 +99,7 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
     result = run_cli("encode-text", latents, "-o", data, "--encoders", "llm", "--llm", llm, "--llm-layer", -2, "--device", "cpu")
     assert result.exit_code == 0, result.output
     for _, fields in iter_shard(data / f"{shard_name(0)}.tar"):
-        assert schema.text_tokens_field("llm") in fields and not set(TEXT_FIELDS) & set(fields)
+        assert schema.text_field("llm") in fields and not set(TEXT_FIELDS) & set(fields)
         assert schema.decode_json(fields[schema.META])["text"]["llm"]["layer"] == 1
     with np.load(data / schema.EMPTY_CAPTION_FILE) as empty:
         assert empty.files == ["llm"] and empty["llm"].shape == (1, TINY_LLM_DIM)  # the empty caption is BOS alone

@@ -35,14 +35,6 @@ LATENT_FLIP_STD = "latent_flip_std.npy"
 # tokens only (padding dropped; TextCondition.collate pads and masks). Fields are named after the encoder:
 #     NAME.npy          (n, D) token states, e.g. clip.npy (n, 768) for CLIP-L, t5.npy (n, 4096) for T5-XXL
 #     NAME_pooled.npy   (D,) the encoder's pooled vector, for encoders that have one (CLIP)
-def text_tokens_field(encoder: str) -> str:
-    return f"{encoder}.npy"
-
-
-def text_pooled_field(encoder: str) -> str:
-    return f"{encoder}_pooled.npy"
-
-
 def text_field(array: str) -> str:
     """The field of a per-caption text array: "clip" -> "clip.npy", "clip_pooled" -> "clip_pooled.npy"."""
     return f"{array}.npy"
@@ -62,21 +54,9 @@ def text_fields_in(fields) -> dict[str, int]:
     return {f: 1 if f.endswith("_pooled.npy") else 2 for f in fields if f.endswith(".npy") and f not in LATENT_FIELDS}
 
 
-CLIP_TOKENS = text_tokens_field("clip")
-CLIP_POOLED = text_pooled_field("clip")
-T5_TOKENS = text_tokens_field("t5")
-
-
-class _TextArrayNames(dict):
-    """Text field -> array name for any encoder's fields ("t5.npy" -> "t5"): `text_array_name` as a mapping."""
-
-    def __missing__(self, field: str) -> str:
-        if not field.endswith(".npy"):
-            raise KeyError(field)
-        return text_array_name(field)
-
-
-TEXT_ARRAY_NAMES = _TextArrayNames()
+CLIP_TOKENS = text_field("clip")
+CLIP_POOLED = text_field("clip_pooled")
+T5_TOKENS = text_field("t5")
 
 # The empty caption's text embeddings, once per encode-text output folder (for CFG dropout):
 # an .npz holding arrays named like the TextCondition.collate inputs: "clip", "clip_pooled", "t5", ...

@@ -440,8 +440,7 @@ class TextEncoders:
     def metadata(self) -> dict:
         """What a shard's "text" section records: per encoder its model, max length, widths and settings; storage dtype."""
         meta: dict = {"encoders": self.encoders, "dtype": "float16"}
-        for name, enc in self.loaded.items():
-            widths = {"dim": enc.dim, **({"pooled_dim": enc.pooled_dim} if enc.pooled_dim else {})}
+        for (name, enc), widths in zip(self.loaded.items(), self.text_inputs.values()):
             meta[name] = {"name": self.names[name], "max_length": enc.max_length, **widths, **enc.settings}
         return meta
 
