@@ -148,8 +148,13 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x (B, L, D) shifted and scaled per sample by (B, D) vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x (B, L, D) shifted and scaled per sample by (B, D) vectors, x * (1 + scale) + shift in one kernel."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero's residual: x + gate * h with a per-sample (B, D) gate, in one kernel."""
+    return torch.addcmul(x, gate.unsqueeze(1), h)
 
 
 # --------------------------------------------------------------------------- position signals
@@ -228,14 +233,16 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # Contiguous (B, N, D): elementwise ops keep the strides they are given, so a transposed view here would
+        # make the whole residual stream transposed and cost a copy in every LayerNorm and linear layer.
+        return rearrange(self.proj(x), "b d h w -> b (h w) d").contiguous()
 
 
 # --------------------------------------------------------------------------- attention
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection; optional additive bias and rotary positions."""
+    """Multi-head self-attention with a fused qkv projection and optional rotary positions."""
 
     def __init__(self, hidden_size: int, num_heads: int, zero_out: bool = False):
         super().__init__()
@@ -243,17 +250,18 @@ class SelfAttention(nn.Module):
         self.qkv = xavier_linear(hidden_size, 3 * hidden_size)
         self.proj = zero_linear(hidden_size, hidden_size) if zero_out else xavier_linear(hidden_size, hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def attend_to_self_only(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's result when every token may attend only to itself: softmax over one key is 1, so its own value."""
+        width = x.shape[-1]
+        values = F.linear(x, self.qkv.weight[2 * width :], self.qkv.bias[2 * width :])  # the v third of qkv
+        return self.proj(values)
 
 
 class CrossAttention(nn.Module):
@@ -309,26 +317,39 @@ class GenTronBlock(nn.Module):
         c: torch.Tensor,
         text: torch.Tensor | None,
         text_bias: torch.Tensor | None,
-        temporal_bias: torch.Tensor | None,
+        num_moving: int | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         num_frames: int,
     ) -> torch.Tensor:
-        """x: (B, T*N, D); c: (B, D)."""
+        """x: (B, T*N, D); c: (B, D); num_moving: the first num_moving samples have motion, the rest are
+        motion-free (None: all have motion)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
         h = rearrange(modulate(self.norm1(x), shift_msa, scale_msa), "b (t n) d -> (b t) n d", t=num_frames)
         h = rearrange(self.attn(h), "(b t) n d -> b (t n) d", t=num_frames)
-        x = x + gate_msa.unsqueeze(1) * h
+        x = gated_residual(x, gate_msa, h)
 
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), text, text_bias)
 
         if self.temporal_attn is not None:
-            h = rearrange(self.temporal_norm(x), "b (t n) d -> (b n) t d", t=num_frames)
-            h = self.temporal_attn(h, bias=temporal_bias, rope=rope)
-            x = x + rearrange(h, "(b n) t d -> b (t n) d", b=x.shape[0])
+            x = x + self.temporal_attention(self.temporal_norm(x), num_moving, rope, num_frames)
 
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+    def temporal_attention(self, h: torch.Tensor, num_moving: int | None, rope, num_frames: int) -> torch.Tensor:
+        """TempSelfAttn on (B, T*N, D): each patch attends over its frames; a motion-free sample's frames only to
+        themselves, which gives each token its own value, so those samples skip the attention scores (exact)."""
+
+        def across_frames(h: torch.Tensor) -> torch.Tensor:
+            out = self.temporal_attn(rearrange(h, "b (t n) d -> (b n) t d", t=num_frames), rope=rope)
+            return rearrange(out, "(b n) t d -> b (t n) d", b=h.shape[0])
+
+        if num_moving is None:
+            return across_frames(h)
+        if num_moving == 0:
+            return self.temporal_attn.attend_to_self_only(h)
+        return torch.cat([across_frames(h[:num_moving]), self.temporal_attn.attend_to_self_only(h[num_moving:])])
 
 
 class FinalLayer(nn.Module):
@@ -437,13 +458,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         bias = torch.zeros(visible.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~visible, float("-inf"))
         return tokens, bias[:, None, None, :]
 
-    @staticmethod
-    def temporal_attention_bias(motion_free: torch.Tensor, num_frames: int, num_patches: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B*N, 1, T, T) additive bias: all frames visible, or only the frame itself where motion_free[b]."""
-        eye = torch.eye(num_frames, dtype=torch.bool, device=motion_free.device)
-        visible = eye | ~motion_free.bool()[:, None, None]
-        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
-        return bias.repeat_interleave(num_patches, dim=0).unsqueeze(1)
 
     # ----------------------------------------------------------------------- forward
 
@@ -460,6 +474,18 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         motion_free: (B,) bool, True makes each frame of that sample attend only to itself in
         TempSelfAttn. Returns x's layout with out_channels channels.
         """
+        num_moving = None  # TempSelfAttn: the first num_moving samples have motion (None: all)
+        if self.config.temporal and motion_free is not None:
+            flags = motion_free.bool().cpu()  # read once per forward (one host sync on a GPU)
+            order = torch.argsort(flags.to(torch.uint8), stable=True)  # moving samples first
+            if not torch.equal(order, torch.arange(len(flags))):  # run the batch in that order, then put it back
+                order = order.to(x.device)
+                t = timestep.expand(len(flags)) if timestep.ndim == 0 else timestep
+                out = self(x[order], t[order], text.index(order), motion_free[order])
+                return out[torch.argsort(order)]
+            num_moving = int((~flags).sum())
+            num_moving = None if num_moving == len(flags) else num_moving
+
         is_video = x.ndim == 5
         if not is_video:
             x = x.unsqueeze(1)
@@ -486,14 +512,12 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         if text_tokens is not None:
             text_tokens, text_bias = self.cross_attention_inputs(text_tokens, text_mask)
 
-        temporal_bias = rope = None
+        rope = None
         if self.config.temporal:
             rope = rope_cos_sin(num_frames, self.config.hidden_size // self.config.num_heads, x.device)
-            if motion_free is not None:
-                temporal_bias = self.temporal_attention_bias(motion_free, num_frames, grid_h * grid_w, tokens.dtype)
 
         for block in self.blocks:
-            args = (tokens, c, text_tokens, text_bias, temporal_bias, rope, num_frames)
+            args = (tokens, c, text_tokens, text_bias, num_moving, rope, num_frames)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *args)
             else:
