@@ -2,11 +2,13 @@
 
 T2I: ours vs `PixArtTransformer2DModel`; T2V: ours (TempSelfAttn, motion-free flags) vs
 `LatteTransformer3DModel`. Equal width, depth, heads, MLP width, image tokens, text length and batch.
-A step is forward + backward of a mean-squared loss (no optimizer). Measurements of the two models
-alternate, so load from other processes hits both alike; medians of wall-clock and of process CPU
-time are reported (CPU time is the steadier figure on a shared machine).
+A step is forward + backward of a mean-squared loss (no optimizer). The two models are timed in
+rounds, one step of each back to back, so a change in the machine's speed hits both alike. Each
+ratio is the median over rounds of that round's ours / reference (wall time), with its spread
+(lowest and highest round); the medians of wall-clock and of process CPU time per model are printed too.
 
     python benchmarks/bench_model.py [--repeats 10] [--threads 2]
+    python benchmarks/bench_model.py --profile --threads 1   # also: where each model's step spends its time, by op
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
         for _ in range(warmup):
             for name in pair:
                 steps[name]()
-        for _ in range(n):  # alternate, so background load hits both
-            for name in pair:
+        for i in range(n):  # rounds of one step each, the order swapped every round
+            for name in pair if i % 2 == 0 else pair[::-1]:
                 w, c = timed(steps[name])
                 wall[name].append(w)
                 cpu[name].append(c)
@@ -141,13 +143,16 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
     for name in steps:
         t = wall[name]
         print(f"{name:<10} {params[name] / 1e6:>7.2f}M {1e3 * med_wall[name]:>9.1f} {1e3 * min(t):>8.1f} {1e3 * max(t):>8.1f} {1e3 * med_cpu[name]:>9.1f}")
-    ratios, cpu_ratios = {}, {}
+    ratios, cpu_ratios, spreads = {}, {}, {}
     for label, a, b in PAIRS:
-        ratios[label] = med_wall[a] / med_wall[b]
-        cpu_ratios[label] = med_cpu[a] / med_cpu[b]
-        print(f"{label}: wall {ratios[label]:.2f}, cpu {cpu_ratios[label]:.2f}  (goal {GOALS[label]})")
+        rounds = [x / y for x, y in zip(wall[a], wall[b])]
+        ratios[label] = statistics.median(rounds)
+        spreads[label] = [min(rounds), max(rounds)]
+        cpu_ratios[label] = statistics.median(x / y for x, y in zip(cpu[a], cpu[b]))
+        print(f"{label}: wall {ratios[label]:.3f} (rounds {min(rounds):.3f}-{max(rounds):.3f}), cpu {cpu_ratios[label]:.3f}  (goal {GOALS[label]})")
     return {
         "ratios": ratios,
+        "ratio_spread": spreads,
         "cpu_ratios": cpu_ratios,
         "wall_ms": {name: 1e3 * v for name, v in med_wall.items()},
         "cpu_ms": {name: 1e3 * v for name, v in med_cpu.items()},
@@ -155,15 +160,44 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
     }
 
 
+def profile_table(shape: Shape, steps_per_model: int = 3, rows: int = 12) -> str:
+    """Self CPU time per op (ms per step) of each model's training step, side by side: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps, _ = make_steps(shape)
+    per_model: dict[str, dict[str, float]] = {}
+    for name, step in steps.items():
+        step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps_per_model):
+                step()
+        per_model[name] = {e.key: e.self_cpu_time_total / 1e3 / steps_per_model for e in prof.key_averages()}
+    lines = []
+    for _, a, b in PAIRS:
+        ops = sorted(set(per_model[a]) | set(per_model[b]), key=lambda op: -(per_model[a].get(op, 0) + per_model[b].get(op, 0)))
+        total_a, total_b = sum(per_model[a].values()), sum(per_model[b].values())
+        lines.append(f"\nself CPU ms per step (profiled), threads {torch.get_num_threads()}: {a} {total_a:.1f} ms, {b} {total_b:.1f} ms")
+        lines.append(f"{'op':<58} {a:>10} {b:>10}")
+        for op in ops[:rows]:
+            lines.append(f"{op[:58]:<58} {per_model[a].get(op, 0):>10.2f} {per_model[b].get(op, 0):>10.2f}")
+        rest_a = total_a - sum(per_model[a].get(op, 0) for op in ops[:rows])
+        rest_b = total_b - sum(per_model[b].get(op, 0) for op in ops[:rows])
+        lines.append(f"{'(all other ops)':<58} {rest_a:>10.2f} {rest_b:>10.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed T2I steps per model (T2V: a third, at least 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
-    parser.add_argument("--quick", action="store_true", help="3 timed steps per model and thread count, 1 warm-up")
+    parser.add_argument("--quick", action="store_true", help="9 timed T2I rounds (T2V: 3) per thread count, 1 warm-up")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps: checks that it runs (ratios mean nothing)")
+    parser.add_argument("--profile", action="store_true", help="also print each model's time per op (torch.profiler) at each thread count")
     args = parser.parse_args(argv)
-    if args.quick or args.smoke:
+    if args.quick:
+        args.repeats, args.warmup = 9, 1
+    if args.smoke:
         args.repeats, args.warmup = 3, 1
     shape = SMOKE if args.smoke else Shape()
     thread_counts = [int(n) for n in (args.threads or ("1" if args.smoke else "1,2")).split(",")]
@@ -178,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                 ratios[f"{label}.threads{n}"] = measured["ratios"][label]
                 goals[f"{label}.threads{n}"] = GOALS[label]
             figures[f"threads{n}"] = {k: v for k, v in measured.items() if k != "ratios"}
+            if args.profile:
+                print(profile_table(shape))
     finally:
         torch.set_num_threads(before)
     emit(result("model", ratios, goals, figures, threads=max(thread_counts), smoke=args.smoke))

@@ -2,13 +2,14 @@
 
 The batched path is the one `gentron sample` uses (`pipelines.diffusion.guidance.guided_prediction`);
 the reference makes two (CFG) or three (MFG) forward calls of batch B and mixes them with the same
-formula, in the same run, on the same model and inputs. Reported: median seconds per step and the
-speed-up separate / batched (> 1 means batching is faster). The last stdout line is the JSON summary
+formula, in the same run, on the same model and inputs, in rounds of one step of each. Reported:
+median seconds per step, the speed-up separate / batched (> 1 means batching is faster), and the
+median over rounds of each round's batched / separate with its spread. The last stdout line is the JSON summary
 (benchmarks/results.py), whose ratios are the other way up, time batched / separate: the MFG goal is
 <= 1.0 (batched never slower) for every model and thread count measured; CFG's ratios carry no goal.
 
     python benchmarks/bench_sample.py            # tiny T/2 and a wider S/2-width model, 1 and 2 threads, CPU
-    python benchmarks/bench_sample.py --quick    # the same, 5 repeats instead of 11
+    python benchmarks/bench_sample.py --quick    # the same, 9 rounds instead of 15
     python benchmarks/bench_sample.py --smoke    # T/2 on tiny latents, 1 thread: seconds
     python benchmarks/bench_sample.py --threads 1 / --device cuda / --batch 4
 """
@@ -72,21 +73,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_step(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds per call of each function, interleaved so that machine load hits all alike.
-
-    On a shared machine the minimum is the better estimate of the cost itself; both are printed."""
+def seconds_per_step(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each call of each function, in rounds of one call each, so that machine load hits all alike."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for i in range(repeats):
+        for name, fn in order if i % 2 == 0 else order[::-1]:  # who goes first swaps every round
             synchronize(device)
             start = time.perf_counter()
             fn()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+    return times
 
 
 @torch.no_grad()
@@ -106,7 +106,7 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
     print(f"{'':<10}{'median / min':>22}{'median / min':>22}{'median / min':>20}")
     measured = {}
     for label, cfg_scale, mfg_scale in (("CFG", 7.5, 1.0), ("MFG", 7.5, 1.1)):
-        seconds = seconds_per_step(
+        times = seconds_per_step(
             {
                 "batched": lambda: guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
                 "separate": lambda: separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
@@ -114,23 +114,27 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
             repeats,
             device,
         )
-        (batched, batched_min), (separate, separate_min) = seconds["batched"], seconds["separate"]
+        batched, batched_min = statistics.median(times["batched"]), min(times["batched"])
+        separate, separate_min = statistics.median(times["separate"]), min(times["separate"])
+        rounds = [b / s for b, s in zip(times["batched"], times["separate"])]  # this round's batched / separate
         # same numbers either way (up to float rounding), so the comparison is like for like
         diff = (guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)[:, :, :4]
                 - separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)).abs().max().item()
         print(
             f"{label:<10}{batched:>13.4f} / {batched_min:.4f}{separate:>13.4f} / {separate_min:.4f}"
-            f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e})"
+            f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e}); "
+            f"batched/separate by round: median {statistics.median(rounds):.3f}, {min(rounds):.3f}-{max(rounds):.3f}"
         )
         measured[label.lower()] = {
             "batched_s": batched, "batched_min_s": batched_min, "separate_s": separate, "separate_min_s": separate_min, "max_abs_diff": diff,
+            "batched_over_separate": statistics.median(rounds), "spread": [min(rounds), max(rounds)],
         }  # fmt: skip
     return measured
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="both models, 5 repeats instead of 11")
+    parser.add_argument("--quick", action="store_true", help="both models, 9 rounds instead of 15")
     parser.add_argument("--smoke", action="store_true", help="T/2 only, 2 frames of 8x8 latents, 3 repeats, 1 thread")
     parser.add_argument("--batch", type=int, default=1, help="prompts per step (B)")
     parser.add_argument("--frames", type=int, default=8)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.frames, args.latent = 2, 8
-    repeats = 3 if args.smoke else 5 if args.quick else 11
+    repeats = 3 if args.smoke else 9 if args.quick else 15
     models = {k: v for k, v in MODELS.items() if k == "T/2" or not args.smoke}
     thread_counts = [int(n) for n in (args.threads or ("1" if args.smoke else "1,2")).split(",")]
     device = torch.device(args.device)
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 measured = bench(name, config, args.batch, args.frames, args.latent, repeats=repeats, device=device)
                 for guidance, m in measured.items():
                     label = f"{guidance}_batched_over_separate.{key}.threads{n}"
-                    ratios[label] = m["batched_s"] / m["separate_s"]
+                    ratios[label] = m["batched_over_separate"]
                     if f"{guidance}_batched_over_separate" in GOALS:
                         goals[label] = GOALS[f"{guidance}_batched_over_separate"]
                 figures[f"{key}.threads{n}"] = measured

@@ -425,6 +425,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
     def position_embedding(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
         """(grid_h * grid_w, D) sin-cos embedding for this latent grid, computed once per shape and device."""
+        if torch.compiler.is_compiling():  # a cache filled inside a compiled graph would make it recompile; compiled, it is computed once anyway
+            return sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
         key = (grid_h, grid_w, str(device))
         if key not in self._pos_embed_cache:
             self._pos_embed_cache[key] = sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
