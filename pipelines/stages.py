@@ -11,7 +11,8 @@
 - `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, tar present with
   the recorded size, and with `verify` the recorded digest) are skipped, so a killed run resumes where it
   was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
-  across worker processes. One process writes a folder (share) at a time (pipelines/locking.py).
+  across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
+  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py).
 - `run_prep`: the prep stages' whole run (inputs, options record, shards).
 """
 
