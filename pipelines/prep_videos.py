@@ -4,32 +4,26 @@ Each clip is `frames` frames taken every `frame_stride` frames of a `timeline_fp
 (paper: 8 frames at 4 FPS from a 24 FPS timeline, short side 512), selected by timestamp.
 Shards are formed over the sorted input videos (`shard_size` videos per shard), so their contents
 are stable and a killed run resumes by skipping complete shards. Each video is decoded in a child
-process killed after `timeout` seconds without progress; a bad video is counted and skipped.
+process killed after `timeout` seconds without progress; a bad video is counted and skipped. Each
+worker (a thread: it only writes the tar) keeps its decode child from video to video and shard to shard.
 """
 
 from __future__ import annotations
 
-import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
-from pipelines.data.media import clip_qscale, encode_clip
+from pipelines.data.media import clip_qscale
 from pipelines.data.shards import ShardStats, ShardWriter
-from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames, rotate_frames
+from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, IsolatedProcess, Stopped, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
 from pipelines.errors import BadSample, GentronError
-from pipelines.files import file_sha256
 from pipelines.progress import NullReporter, Reporter
 from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
-
-# Test hook: "SUBSTRING=SECONDS" makes the decode child sleep before handling a matching video
-# (how the tests simulate a decoder hang and slow videos). Unset in normal use.
-SLEEP_HOOK_ENV = "GENTRON_TEST_DECODE_SLEEP"
-
 
 @dataclass
 class PrepVideosConfig:
@@ -100,66 +94,69 @@ def _validate(config: PrepVideosConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The work done for one video, in the decode child
-
-
-def _test_sleep(path: Path) -> None:
-    hook = os.environ.get(SLEEP_HOOK_ENV)
-    if hook:
-        pattern, seconds = hook.rsplit("=", 1)
-        if pattern in path.name:
-            time.sleep(float(seconds))
-
-
-def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int) -> Iterator[tuple]:
-    """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child."""
-    _test_sleep(path)
-    if not path.is_file():
-        raise BadSample("missing_file", f"{path} does not exist")
-    sha256 = file_sha256(path)
-    info = probe_video(path)
-    selections = plan_clips(info, plan, start, end)
-    if not selections:
-        span = (plan.span - 1) / plan.timeline_fps + 1 / plan.timeline_fps
-        have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (start or 0.0)
-        raise BadSample("too_short", f"{path}: {max(have, 0):.3f} s usable, one clip needs {span:.3f} s")
-    width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
-    yield (
-        "video",
-        {
-            "source_sha256": sha256,
-            "source_fps": round(info.fps, 6),
-            "source_vfr": info.vfr,
-            "source_frames": len(info.pts),
-            "source_size": [info.width, info.height],  # as displayed: after the rotation
-            "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
-            "size": [width, height],
-            "upscaled": upscaled,
-        },
-    )
-    times = info.times
-    for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale)
-        meta = {
-            "clip_index": selection.index,
-            "source_frame_indices": selection.frame_indices.tolist(),
-            "source_times": [round(float(t), 6) for t in times[selection.frame_indices]],
-            "timeline_times": [round(float(t), 6) for t in selection.timeline_times],
-            "decoder": decoder,
-        }
-        yield ("clip", meta, clip)
-
-
-# --------------------------------------------------------------------------------------------
 # One shard, in a worker
+
+
+class DecodeChildren:
+    """The decode children of one run: one per worker thread, kept from shard to shard (a child costs
+    about 0.3 s to start, as much as a small video), replaced only after a timeout or crash killed it."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._children: list[IsolatedProcess] = []
+        self._stopped = False
+
+    def get(self) -> IsolatedProcess:
+        if self._stopped:
+            raise Stopped("the run is stopping")
+        child = getattr(self._local, "child", None)
+        if child is None:
+            with self._lock:
+                if self._stopped:
+                    raise Stopped("the run is stopping")
+                child = self._local.child = IsolatedProcess(self.timeout)
+                self._children.append(child)
+        return child
+
+    @property
+    def starts(self) -> int:
+        """Decode processes started in this run."""
+        return sum(child.starts for child in self._children)
+
+    def stop(self) -> None:
+        """From the main thread, while workers may be waiting on their child: kill every child; workers stop."""
+        with self._lock:
+            self._stopped = True
+            for child in self._children:
+                child.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            children, self._children = self._children, []
+        for child in children:
+            child.close()
+
+
+_active: DecodeChildren | None = None  # the running prep_videos call's children (its worker threads share them)
 
 
 def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
     config, items = job.payload
-    with IsolatedProcess(config.timeout) as child:
-        for item in items:
-            stats.samples_in += 1
-            tick(1, clips=_prep_one(item, config, child, writer, stats))
+    if _active is None:  # called outside prep_videos (e.g. in a worker process): a child for this shard
+        with IsolatedProcess(config.timeout) as child:
+            _prep_items(items, config, lambda: child, writer, stats, tick)
+    else:
+        _prep_items(items, config, _active.get, writer, stats, tick)
+
+
+def _prep_items(items: list[InputItem], config: PrepVideosConfig, child, writer: ShardWriter, stats: ShardStats, tick) -> None:
+    for item in items:
+        stats.samples_in += 1
+        tick(1, clips=_prep_one(item, config, child(), writer, stats))
+    child()  # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
 
 
 def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats) -> int:
@@ -230,9 +227,18 @@ class _ClipRateTask:
 
 def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
     """Prepare every video of `config.input` into clip shards under `config.output`."""
+    global _active
     _validate(config)
-    return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter),
-                    upgrade=_upgrade_record)
+    if _active is not None:
+        raise GentronError("prep_videos is already running in this process", "run one prep-videos at a time per process")
+    children = _active = DecodeChildren(config.timeout)
+    try:
+        # Worker threads, not processes: the work is in the decode children; a worker only writes the tar.
+        return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter),
+                        upgrade=_upgrade_record, threads=True, on_stop=children.stop)
+    finally:
+        _active = None
+        children.close()
 
 
 def _upgrade_record(previous: dict) -> dict:

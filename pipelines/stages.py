@@ -11,7 +11,8 @@
 - `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, tar present with
   the recorded size, and with `verify` the recorded digest) are skipped, so a killed run resumes where it
   was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
-  across worker processes. One process writes a folder (share) at a time (pipelines/locking.py).
+  across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
+  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py).
 - `run_prep`: the prep stages' whole run (inputs, options record, shards).
 """
 
@@ -22,6 +23,7 @@ import multiprocessing as mp
 import os
 import queue as queue_lib
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, fields
@@ -128,14 +130,23 @@ class ShardJob:
     name: str
     payload: Any
     items: int | None = None
+    weight: float | None = None  # how much work, relatively (bytes of input): workers take the largest first
 
 
 def item_shard_jobs(items: list, shard_size: int, config) -> list[ShardJob]:
-    """Consecutive runs of `shard_size` sorted items; shard k is named shard_name(k), its payload (config, items)."""
+    """Consecutive runs of `shard_size` sorted items; shard k is named shard_name(k), its payload (config, items),
+    its weight the bytes of the items' files."""
     return [
-        ShardJob(shard_name(k), (config, items[start : start + shard_size]), items=len(items[start : start + shard_size]))
-        for k, start in enumerate(range(0, len(items), shard_size))
+        ShardJob(shard_name(k), (config, chunk), items=len(chunk), weight=sum(_file_size(item) for item in chunk))
+        for k, chunk in enumerate(items[start : start + shard_size] for start in range(0, len(items), shard_size))
     ]
+
+
+def _file_size(item) -> int:
+    try:
+        return os.stat(item.path).st_size
+    except (AttributeError, OSError, TypeError, ValueError):
+        return 0  # no file (yet): the stage reports it
 
 
 def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
@@ -246,10 +257,17 @@ def run_shard_jobs(
     unit: str = "sample",
     reporter: Reporter = NullReporter(),
     verify: bool = False,
+    threads: bool = False,
+    on_stop: Callable[[], None] | None = None,
 ) -> StageResult:
-    """Produce every job's shard that is not complete yet, in this process (workers=1) or a pool.
+    """Produce every job's shard that is not complete yet, in this process (workers=1) or `workers` at a time.
 
-    `fn` must be a module-level function when workers > 1 (it is pickled to the worker processes).
+    Several workers are worker processes (a spawn pool; `fn` must be a module-level function, it is
+    pickled to them), or with `threads` threads of this process: for a stage whose heavy work already
+    runs in child processes of its own (prep-videos' decode children), so that no worker process has to
+    start and import the stage. `on_stop` (threads only): called once when the run stops early (Ctrl-C,
+    an error in one shard), before waiting for the threads; it must make them return promptly.
+    Workers take the largest jobs (`ShardJob.weight`) first, so that no large shard is left for the end.
     `verify`: also read every finished tar and redo those whose sha256 differs from the recorded one.
     """
     output_dir = Path(output_dir)
@@ -259,10 +277,11 @@ def run_shard_jobs(
         raise disk_error(output_dir, exc) from None
     rank, world_size = resolve_rank(rank, world_size)
     with folder_lock(output_dir, "output folder", rank, world_size):
-        return _run_locked(jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify)
+        return _run_locked(jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop)
 
 
-def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: str, unit: str, reporter: Reporter, verify: bool) -> StageResult:
+def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: str, unit: str, reporter: Reporter, verify: bool,
+                threads: bool = False, on_stop: Callable[[], None] | None = None) -> StageResult:
     todo = []
     for job in mine:
         damage = shard_damage(output_dir, job.name, verify)
@@ -289,7 +308,11 @@ def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: 
             for job in todo:
                 shard_done(_run_one(fn, job, output_dir, task.advance))
         else:
-            _run_pool(fn, todo, output_dir, workers, task, shard_done)
+            largest_first = sorted(todo, key=lambda j: -(j.weight or 0))  # stable: equal weights keep their order
+            if threads:
+                _run_threads(fn, largest_first, output_dir, workers, task, shard_done, on_stop)
+            else:
+                _run_pool(fn, largest_first, output_dir, workers, task, shard_done)
             results.sort(key=lambda s: s.shard)
     seconds = time.perf_counter() - start
     summary = summarize(output_dir)
@@ -331,6 +354,55 @@ def _run_pool(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int,
     pool.shutdown()
 
 
+def _run_threads(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int, task, shard_done: Callable[[ShardStats], None],
+                 on_stop: Callable[[], None] | None) -> None:
+    """`workers` threads take the jobs in order; progress and results come back to this thread through a queue."""
+    jobs: queue_lib.SimpleQueue = queue_lib.SimpleQueue()
+    for job in todo:
+        jobs.put(job)
+    events: queue_lib.SimpleQueue = queue_lib.SimpleQueue()
+    stopping = threading.Event()
+
+    def work() -> None:
+        while not stopping.is_set():
+            try:
+                job = jobs.get_nowait()
+            except queue_lib.Empty:
+                break
+            try:
+                events.put(("done", _run_one(fn, job, output_dir, lambda n=1, **fields: events.put(("tick", (n, fields))))))
+            except BaseException as exc:  # noqa: BLE001 (re-raised in the main thread)
+                events.put(("error", exc))
+                break
+        events.put(("exit", None))
+
+    pool = [threading.Thread(target=work, name=f"shard-worker-{i}", daemon=True) for i in range(min(workers, len(todo)))]
+    for thread in pool:
+        thread.start()
+    running = len(pool)
+    try:
+        while running:
+            try:
+                kind, payload = events.get(timeout=0.2)
+            except queue_lib.Empty:
+                continue
+            if kind == "tick":
+                task.advance(payload[0], **payload[1])
+            elif kind == "done":
+                shard_done(payload)
+            elif kind == "error":
+                raise payload
+            else:
+                running -= 1
+    except BaseException:
+        stopping.set()
+        if on_stop is not None:
+            on_stop()
+        for thread in pool:
+            thread.join(timeout=10)  # the shards they were writing are removed (temporary files) or cleaned on resume
+        raise
+
+
 def _drain(q, task) -> None:
     while True:
         try:
@@ -341,7 +413,7 @@ def _drain(q, task) -> None:
 
 
 def run_prep(config, shard_fn: ShardFn, extensions: Sequence[str], options: dict, options_file: str, kind: str, reporter: Reporter,
-             upgrade: Callable[[dict], dict] | None = None) -> StageResult:
+             upgrade: Callable[[dict], dict] | None = None, threads: bool = False, on_stop: Callable[[], None] | None = None) -> StageResult:
     """The prep stages' common run: find the inputs, refuse a resume with other options, shard, go."""
     from pipelines.data.inputs import discover_inputs
 
@@ -353,5 +425,5 @@ def run_prep(config, shard_fn: ShardFn, extensions: Sequence[str], options: dict
     reporter.log(f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s" + (f"; rank {rank} of {world_size}" if world_size > 1 else ""))
     return run_shard_jobs(
         jobs, output, shard_fn, workers=config.workers, rank=rank, world_size=world_size,
-        description=f"prep-{kind}s", unit=kind, reporter=reporter, verify=config.verify,
+        description=f"prep-{kind}s", unit=kind, reporter=reporter, verify=config.verify, threads=threads, on_stop=on_stop,
     )

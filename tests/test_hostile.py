@@ -436,7 +436,8 @@ def test_the_decode_child_leaves_ctrl_c_to_its_parent_and_prints_nothing(capfd):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
-def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_path, workers):
     import signal
     import subprocess
     import sys
@@ -447,19 +448,25 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    write_video(src / "a.mp4", n_frames=30, fps=25, size=(64, 48))
-    (src / "a.txt").write_text("a counter")
-    env = os.environ | {SLEEP_HOOK_ENV: "a.mp4=60", "COLUMNS": "200"}  # the decode child sleeps in its work
-    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", "prep-videos", str(src), "--out", str(out), "--short-side", "32"],
+    for name in ("a", "b"):
+        write_video(src / f"{name}.mp4", n_frames=30, fps=25, size=(64, 48))
+        (src / f"{name}.txt").write_text("a counter")
+    env = os.environ | {SLEEP_HOOK_ENV: ".mp4=60", "COLUMNS": "200"}  # the decode children sleep in their work
+    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", "prep-videos", str(src), "--out", str(out), "--short-side", "32",
+                             "--shard-size", "1", "--workers", str(workers)],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 60
-    while not list(out.glob(".000000.tar.tmp-*")) and time.time() < deadline:
+    while len(list(out.glob(".00000*.tar.tmp-*"))) < workers and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(2.0)  # the decode child is up and inside the video's work
+    time.sleep(2.0)  # the decode children are up and inside the videos' work
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not list(out.glob("*.stats.json")) and not list(out.glob("*.tar"))  # nothing counted as done, no shard committed
+    time.sleep(0.5)
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the run still alive: {leftover}"  # the decode children are gone too
 
 
 # --------------------------------------------------------------------------- encode-latents upscaling a small clip

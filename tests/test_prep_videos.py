@@ -241,17 +241,60 @@ def test_output_size_is_even_and_keeps_aspect():
     assert output_size(640, 272, 128, False) == (302, 128, False)
 
 
-def test_decord_and_pyav_read_the_same_frames(tmp_path):
+def _every_frame(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("clip_stride", [150, 20, None])  # far apart (a seek skips the frames between), overlapping, consecutive
+def test_read_clips_gives_exactly_the_selected_frames(tmp_path, clip_stride):
     path = tmp_path / "v.mp4"
-    write_video(path, n_frames=120, fps=25, size=(128, 96))
+    write_video(path, n_frames=300, fps=25, size=(128, 96), gop=25)
     info = probe_video(path)
-    selections = plan_clips(info, ClipPlan())
-    via_reader = list(read_clips(path, info, selections))
-    via_pyav = list(_decode_pyav(path, info, selections))
-    assert [d for _, _, d in via_reader] == ["decord", "decord"]
-    for (sel_a, frames_a, _), (sel_b, frames_b) in zip(via_reader, via_pyav):
-        assert sel_a.index == sel_b.index and np.array_equal(frames_a, frames_b)
-        assert [read_counter(f) for f in frames_a] == sel_a.frame_indices.tolist()
+    assert info.keyframes.tolist() == list(range(0, 300, 25))
+    assert (info.keyframe_before(0), info.keyframe_before(24), info.keyframe_before(25), info.keyframe_before(299)) == (0, 0, 25, 275)
+    selections = plan_clips(info, ClipPlan(clip_stride=clip_stride))
+    assert len(selections) >= 2
+    reference = _every_frame(path)
+    clips = list(read_clips(path, info, selections))
+    assert [s.index for s, _, _ in clips] == [s.index for s in selections]
+    for selection, frames, decoder in clips:
+        assert decoder == "pyav"
+        assert [read_counter(f) for f in frames] == selection.frame_indices.tolist()
+        assert all(np.array_equal(f, reference[i]) for f, i in zip(frames, selection.frame_indices))
+
+
+def test_video_clips_match_a_plain_decode_resize_encode(tmp_path):
+    """The decode path's shortcuts (a stop after the last needed frame, seeks, shared swscale contexts) change no byte."""
+    from pipelines.data.media import encode_clip
+    from pipelines.data.video import resize_frames, video_clips
+
+    path = tmp_path / "v.mp4"
+    write_video(path, n_frames=300, fps=25, size=(160, 96), gop=25)
+    plan = ClipPlan(clip_stride=150)
+    messages = list(video_clips(path, plan, None, None, 64, False, 2))
+    reference = _every_frame(path)
+    assert len(messages) == 3
+    for _, meta, clip in messages[1:]:
+        frames = np.stack([reference[i] for i in meta["source_frame_indices"]])
+        assert clip == encode_clip(resize_frames(frames, 106, 64), plan.clip_fps, qscale=2)
+
+
+def test_one_decode_child_serves_every_shard_of_a_worker(small_folder, tmp_path, monkeypatch):
+    started = []
+    original = IsolatedProcess._start
+
+    def counting_start(self):
+        original(self)
+        started.append(self._process)
+
+    monkeypatch.setattr(IsolatedProcess, "_start", counting_start)
+    for workers in (1, 2):
+        started.clear()
+        result = prep_videos(PrepVideosConfig(small_folder, tmp_path / f"w{workers}", short_side=32, shard_size=1, workers=workers))
+        assert result.done == 6 and result.failed == 0
+        assert len(started) == workers  # not one per shard (6) nor per video
+        assert all(process.poll() is not None for process in started)  # and none is left running
 
 
 def test_isolated_process_survives_timeouts_and_crashes():

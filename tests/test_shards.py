@@ -149,6 +149,36 @@ def test_worker_pool_gives_the_same_shards_as_one_process(tmp_path):
     assert [p.read_bytes() for p in list_shards(a)] == [p.read_bytes() for p in list_shards(b)]
 
 
+def test_worker_threads_give_the_same_shards_largest_first_and_stop_on_an_error(tmp_path):
+    import threading
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_shard_jobs(_jobs(), a, _job_fn, workers=1)
+    order = []
+
+    def recording_fn(job, writer, stats, tick):
+        order.append(job.name)
+        _job_fn(job, writer, stats, tick)
+
+    weighted = [ShardJob(j.name, j.payload, weight=w) for j, w in zip(_jobs(), [1, 5, 3, 5])]
+    result = run_shard_jobs(weighted, b, recording_fn, workers=2, threads=True)
+    assert result.done == 4 and result.samples_in == 20 and result.failed == 5
+    assert [p.read_bytes() for p in list_shards(a)] == [p.read_bytes() for p in list_shards(b)]
+    assert set(order[:2]) == {"000001", "000003"} and set(order[2:]) == {"000002", "000000"}  # the two heaviest first
+
+    stopped = threading.Event()
+
+    def failing_fn(job, writer, stats, tick):
+        if job.name == "000001":
+            raise OSError("disk on fire")
+        stopped.wait(10)  # the other worker runs until the run stops it
+        raise RuntimeError("stopped")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        run_shard_jobs(_jobs(), tmp_path / "c", failing_fn, workers=2, threads=True, on_stop=stopped.set)
+    assert stopped.is_set() and not list_shards(tmp_path / "c")  # on_stop was called; no shard was committed
+
+
 def test_progress_total_counts_only_this_ranks_unfinished_items(tmp_path):
     totals = []
 

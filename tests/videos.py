@@ -52,10 +52,12 @@ def write_video(
     codec: str = "libx264",
     time_base: Fraction | None = None,
     faststart: bool = False,
+    gop: int | None = None,
 ) -> list[float]:
     """Write frames numbered 0.. at the given presentation `times` (seconds; VFR) or `n_frames` at `fps`.
 
     Returns the times written (seconds). The container is chosen from the suffix (.mp4, .webm, .mkv).
+    `gop`: frames from one keyframe to the next (default: the encoder's, 250 for libx264).
     """
     fps = Fraction(fps).limit_denominator(1001)
     if time_base is None:
@@ -67,6 +69,9 @@ def write_video(
     with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+            stream.options = {"sc_threshold": "0"} if codec == "libx264" else {}  # keyframes every `gop` frames, no others
         stream.codec_context.time_base = time_base
         stream.time_base = time_base
         for number, t in enumerate(times):

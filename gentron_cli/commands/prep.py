@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         max_clips_per_video: Optional[int] = typer.Option(None, help="At most this many clips from each video (the first ones)."),
         jpeg_quality: int = typer.Option(100, "--jpeg-quality", help=_QUALITY_HELP + " 100 is Motion-JPEG's finest quantiser (scale 2)."),
         shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
-        workers: int = typer.Option(1, help="Worker processes (each decodes its own shards)."),
+        workers: int = typer.Option(1, help="Workers, each with one decode process kept for all the shards it takes."),
         rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
         world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
         timeout: float = typer.Option(60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."),

@@ -17,6 +17,7 @@ from fractions import Fraction
 import av
 import numpy as np
 from av.codec.context import Flags
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from pipelines.errors import BadSample
@@ -39,9 +40,10 @@ def _encode(frames: np.ndarray, fps: float, codec: str, pix_fmt: str, options: d
         stream.thread_count = 1
         stream.options = options
         stream.codec_context.flags |= Flags.bitexact
+        converter = VideoReformatter()  # one swscale context for the clip, not one per frame
         for index, frame in enumerate(frames):
             # converted here, single-threaded: PyAV's implicit conversion in encode() runs threaded swscale
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format=pix_fmt, threads=1)
+            picture = converter.reformat(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"), format=pix_fmt, threads=1)
             picture.pts = index
             for packet in stream.encode(picture):
                 container.mux(packet)

@@ -1,23 +1,26 @@
 """Reading videos for prep: probing, frame selection by timestamp, decoding, resizing, and a decode timeout.
 
-- `probe_video`: every frame's presentation timestamp from the demuxed packets (no decoding), so
-  selection is exact for 29.97 fps, 25 fps and variable-frame-rate files alike.
+- `probe_video`: every frame's presentation timestamp from the demuxed packets, so selection is exact
+  for 29.97 fps, 25 fps and variable-frame-rate files alike, in one pass that also decodes the first
+  frame (for its rotation) and notes the keyframes.
 - `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
   target time the source frame on screen at that time (last frame with pts <= t).
-- `read_clips`: decord's random access (get_batch) when it agrees with the probe, else PyAV
-  (seek + decode to the timestamps). decord is never used for VFR files (it picks wrong frames), for
-  rotated ones (it may turn them itself), nor when its frame count or timestamps disagree with the
-  probe (get_batch can hang past the real end).
+- `read_clips`: PyAV, forward from the keyframe before the first needed frame to the last needed one,
+  seeking over spans no clip uses; frames matched by pts; only the frames clips use become RGB.
 - `rotate_frames`: the display matrix's rotation (0/90/180/270, from `probe_video`) turns decoded frames upright.
+- `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in the decode child.
 - `IsolatedProcess`: runs a video's work in a child process that is killed when one step takes
-  longer than the timeout, so a decoder stuck in native code costs one video, not the run.
+  longer than the timeout, so a decoder stuck in native code costs one video, not the run. One child
+  serves many videos (starting one costs about as much as preparing a small video).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,8 +30,11 @@ from typing import Any, Callable, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
+from pipelines.data.media import encode_clip
 from pipelines.errors import BadSample
+from pipelines.files import file_sha256
 
 # --------------------------------------------------------------------------------------------
 # Probing
@@ -45,6 +51,7 @@ class VideoInfo:
     pts: np.ndarray  # int64, every frame's presentation timestamp in time_base units, display order
     declared_frames: int  # frame count the container claims (0 when unknown, e.g. webm)
     rotation: int = 0  # display matrix: counter-clockwise degrees (0, 90, 180, 270) to turn decoded frames upright
+    keyframes: np.ndarray | None = None  # display-order indices of the frames whose packets are keyframes (None: unknown)
 
     @property
     def times(self) -> np.ndarray:
@@ -70,6 +77,13 @@ class VideoInfo:
             return float(np.median(self.frame_intervals))
         return 1.0 / self.fps if self.fps > 0 else 0.0
 
+    def keyframe_before(self, index: int) -> int:
+        """The display index of the last keyframe at or before frame `index` (0 when unknown)."""
+        if self.keyframes is None or not len(self.keyframes):
+            return 0
+        at = int(np.searchsorted(self.keyframes, index, side="right")) - 1
+        return int(self.keyframes[at]) if at >= 0 else 0
+
     @property
     def end_time(self) -> float:
         """Seconds (stream clock) at which the last frame stops being displayed."""
@@ -77,10 +91,11 @@ class VideoInfo:
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Timestamps of every frame of the first video stream, from packet pts (no decoding).
+    """Timestamps of every frame of the first video stream, from packet pts, in one pass over the file.
 
+    Only the first frame is decoded (single-threaded), for its display matrix (`rotation`).
     BadSample: "corrupt" (cannot open/demux), "no_video_stream", "empty" (no frames),
-    "truncated" (far fewer packets than the container's index declares).
+    "truncated" (far fewer packets than the container's index declares), "unsupported_rotation".
     """
     path = Path(path)
     if path.stat().st_size == 0:
@@ -90,11 +105,18 @@ def probe_video(path: str | Path) -> VideoInfo:
             if not container.streams.video:
                 raise BadSample("no_video_stream", f"{path} has no video stream")
             stream = container.streams.video[0]
-            pts = [
-                packet.pts if packet.pts is not None else packet.dts
-                for packet in container.demux(stream)
-                if packet.size > 0 and (packet.pts is not None or packet.dts is not None)
-            ]
+            stream.thread_count = 1  # one frame is decoded: threads would only add start-up and delay
+            pts, key_pts = [], []
+            first_frame = _FirstFrame(stream)
+            for packet in container.demux(stream):
+                if packet.size <= 0 or (packet.pts is None and packet.dts is None):
+                    continue
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                pts.append(stamp)
+                if packet.is_keyframe:
+                    key_pts.append(stamp)
+                first_frame.feed(packet)
+            first_frame.feed(None)
             width, height = stream.codec_context.width, stream.codec_context.height
             sar = stream.sample_aspect_ratio
             fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -108,27 +130,44 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise BadSample("truncated", f"{path}: {len(pts)} of {declared} frames present")
     if sar and sar.numerator and sar != 1:
         width = int(round(width * sar))
-    rotation = _display_rotation(path)
+    rotation = _quarter_turns(path, first_frame.rotation)
     if rotation in (90, 270):  # a phone's portrait video is stored landscape: its display size is turned
         width, height = height, width
+    unique = np.unique(np.asarray(pts, np.int64))
+    keyframes = np.unique(np.searchsorted(unique, np.asarray(key_pts, np.int64)))
     return VideoInfo(
-        width=width, height=height, fps=fps, time_base=time_base, pts=np.unique(np.asarray(pts, np.int64)), declared_frames=declared,
-        rotation=rotation,
+        width=width, height=height, fps=fps, time_base=time_base, pts=unique, declared_frames=declared,
+        rotation=rotation, keyframes=keyframes,
     )
 
 
-def _display_rotation(path: Path) -> int:
-    """The display matrix's rotation (counter-clockwise degrees in 0, 90, 180, 270), read from the first frame.
+class _FirstFrame:
+    """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation.
 
-    Decoders (PyAV's and decord's) return frames as stored, unrotated. BadSample("unsupported_rotation")
-    for an angle that is not a multiple of 90 degrees.
+    Decoders (PyAV's and decord's) return frames as stored, unrotated. A packet that does not decode
+    counts as no rotation: the decode of the clips reports the damage.
     """
-    try:
-        with av.open(str(path)) as container:
-            frame = next(container.decode(video=0), None)
-            degrees = float(frame.rotation) if frame is not None else 0.0
-    except (av.error.FFmpegError, ValueError):
-        return 0  # undecodable: the decode itself reports the damage
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.rotation: float | None = None
+
+    def feed(self, packet) -> None:  # None: flush the decoder at the end of the stream
+        if self.rotation is not None:
+            return
+        try:
+            for frame in self.stream.decode(packet):
+                self.rotation = float(frame.rotation)
+                return
+        except (av.error.FFmpegError, ValueError):
+            self.rotation = 0.0
+        if packet is None:
+            self.rotation = 0.0
+
+
+def _quarter_turns(path: Path, degrees: float | None) -> int:
+    """Counter-clockwise degrees in 0, 90, 180, 270; BadSample("unsupported_rotation") for other angles."""
+    degrees = degrees or 0.0
     quarter = round(degrees / 90)
     if abs(degrees - 90 * quarter) > 1:
         raise BadSample("unsupported_rotation", f"{path}: display matrix rotates by {degrees:g} degrees; only multiples of 90 are supported")
@@ -233,9 +272,10 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     if frames.shape[1:3] == (height, width):
         return frames
     out = np.empty((len(frames), height, width, 3), np.uint8)
+    scaler = VideoReformatter()  # one swscale context for the clip, not one per frame
     for i, frame in enumerate(frames):
         source = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        out[i] = source.reformat(width=width, height=height, interpolation="BICUBIC", threads=1).to_ndarray()
+        out[i] = scaler.reformat(source, width=width, height=height, interpolation="BICUBIC", threads=1).to_ndarray()
     return out
 
 
@@ -243,65 +283,70 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 # Decoding the selected frames
 
 
-def _decord_reader(path: Path, info: VideoInfo):
-    """A decord VideoReader if decord reads this file the way the probe does, else None."""
-    if info.vfr:
-        return None  # decord's seeking picks wrong frames on variable-frame-rate files
-    if info.rotation:
-        return None  # decord applies the display matrix itself (0.6.0 does; builds differ): PyAV's frames are turned by us
-    try:
-        import decord
-    except ImportError:
-        return None
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        if len(reader) != len(info.pts):
-            return None  # get_batch hangs or errors past the real end when the count is too high
-        stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
-        expected = info.times - info.times[0]
-        if np.any(np.diff(stamps) <= 0) or np.abs((stamps - stamps[0]) - expected).max() > 0.5 * info.frame_duration:
-            return None
-        return reader
-    except Exception:  # decord raises its own error types (DECORDError, RuntimeError) for unreadable files
-        return None
-
-
-def _decode_decord(reader, selection: ClipSelection) -> np.ndarray:
-    return reader.get_batch(selection.frame_indices.tolist()).asnumpy()
-
-
 def _decode_pyav(path: Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray]]:
-    """One pass over the stream from a seek before the first needed frame; frames matched by pts."""
-    wanted = sorted({int(i) for s in selections for i in s.frame_indices})
+    """Forward passes over the stream, frames matched by pts; only the frames a clip uses become RGB.
+
+    Decoding starts at the keyframe before the first needed frame and stops after the last one. Where the
+    next clip's first frame is past a keyframe well ahead (clips further apart than a keyframe interval),
+    a seek skips the frames between. A seek that lands after the frame it was for (a container index
+    that disagrees with the probe) falls back to one pass from the start, without seeks.
+    """
     index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    wanted = {int(i) for s in selections for i in s.frame_indices}
     pending = list(selections)
     decoded: dict[int, np.ndarray] = {}
+    rgb = VideoReformatter()  # one swscale context for every frame (the same pixels as a new one per frame)
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_count = 1
-            first_pts = int(info.pts[wanted[0]])
-            if first_pts > info.pts[0]:
-                container.seek(first_pts, stream=stream, backward=True, any_frame=False)
-            wanted_set = set(wanted)
-            for frame in container.decode(stream):
-                index = index_of_pts.get(frame.pts) if frame.pts is not None else None
-                if index is None:
-                    continue
-                if index in wanted_set:
-                    decoded[index] = frame.to_ndarray(format="rgb24")
-                while pending and index >= pending[0].frame_indices.max():
-                    yield _take(pending.pop(0), decoded, path)
-                    if pending:  # overlapping clips share frames: drop only those no later clip needs
-                        needed_from = int(pending[0].frame_indices.min())
-                        for i in [i for i in decoded if i < needed_from]:
-                            del decoded[i]
-                if not pending:
-                    return
+            start, may_seek = _first_missing(pending[0], decoded), True
+            seek = start > 0
+            while pending:
+                if seek:
+                    container.seek(int(info.pts[start]), stream=stream, backward=True, any_frame=False)
+                check_landing, jump = seek and start > 0, None
+                for frame in container.decode(stream):
+                    index = index_of_pts.get(frame.pts) if frame.pts is not None else None
+                    if index is None:
+                        continue
+                    if check_landing:
+                        check_landing = False
+                        if index > start:  # landed too late: decode everything from the start instead
+                            may_seek, jump = False, 0
+                            break
+                    if index in wanted and index not in decoded:
+                        decoded[index] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                    finished_one = False
+                    while pending and index >= pending[0].frame_indices.max():
+                        yield _take(pending.pop(0), decoded, path)
+                        finished_one = True
+                        if pending:  # overlapping clips share frames: drop only those no later clip needs
+                            needed_from = int(pending[0].frame_indices.min())
+                            for i in [i for i in decoded if i < needed_from]:
+                                del decoded[i]
+                    if not pending:
+                        return
+                    if finished_one and may_seek:
+                        upcoming = _first_missing(pending[0], decoded)
+                        if info.keyframe_before(upcoming) > index + _SEEK_GAIN:
+                            jump = upcoming  # nothing up to the next clip's keyframe is needed
+                            break
+                if jump is None:
+                    break  # the stream ended
+                start, seek = jump, True
     except av.error.FFmpegError as exc:
         raise BadSample("corrupt", f"{path}: {exc}") from exc
     while pending:
         yield _take(pending.pop(0), decoded, path)
+
+
+def _first_missing(selection: ClipSelection, decoded: dict[int, np.ndarray]) -> int:
+    return min(int(i) for i in selection.frame_indices if int(i) not in decoded)
+
+
+# A seek is worth it when it skips more than this many frames (a seek costs about one frame's decode).
+_SEEK_GAIN = 4
 
 
 def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) -> tuple[ClipSelection, np.ndarray]:
@@ -314,25 +359,71 @@ def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) 
 def read_clips(path: str | Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray, str]]:
     """(selection, frames (T, H, W, 3) uint8 at source size, decoder name) for each clip, in order.
 
-    decord when it agrees with the probe; on any decord error, PyAV takes over for the remaining clips.
+    PyAV, single-threaded (the workers are the parallelism). decord's get_batch was measured slower here
+    (it converts every decoded frame to RGB, also those no clip uses, and opening it reads every
+    timestamp) and gave the same pixels, so it is not used.
     """
     path = Path(path)
-    reader = _decord_reader(path, info)
-    remaining = list(selections)
-    if reader is not None:
-        try:
-            while remaining:
-                frames = _decode_decord(reader, remaining[0])
-                yield remaining.pop(0), frames, "decord"
-        except BadSample:
-            raise
-        except Exception:  # decord failed mid-file: the rest is read with PyAV
-            pass
-        finally:
-            del reader
-    if remaining:
-        for selection, frames in _decode_pyav(path, info, remaining):
-            yield selection, frames, "pyav"
+    for selection, frames in _decode_pyav(path, info, selections):
+        yield selection, frames, "pyav"
+
+
+# --------------------------------------------------------------------------------------------
+# The work done for one video, in the decode child
+
+# Test hook: "SUBSTRING=SECONDS" makes the decode child sleep before handling a matching video
+# (how the tests simulate a decoder hang and slow videos). Unset in normal use.
+SLEEP_HOOK_ENV = "GENTRON_TEST_DECODE_SLEEP"
+
+
+def _test_sleep(path: Path) -> None:
+    hook = os.environ.get(SLEEP_HOOK_ENV)
+    if hook:
+        pattern, seconds = hook.rsplit("=", 1)
+        if pattern in path.name:
+            time.sleep(float(seconds))
+
+
+def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int) -> Iterator[tuple]:
+    """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child.
+
+    Defined here, not in pipelines.prep_videos, so that the child imports only what decoding needs.
+    """
+    _test_sleep(path)
+    if not path.is_file():
+        raise BadSample("missing_file", f"{path} does not exist")
+    sha256 = file_sha256(path)
+    info = probe_video(path)
+    selections = plan_clips(info, plan, start, end)
+    if not selections:
+        span = (plan.span - 1) / plan.timeline_fps + 1 / plan.timeline_fps
+        have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (start or 0.0)
+        raise BadSample("too_short", f"{path}: {max(have, 0):.3f} s usable, one clip needs {span:.3f} s")
+    width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
+    yield (
+        "video",
+        {
+            "source_sha256": sha256,
+            "source_fps": round(info.fps, 6),
+            "source_vfr": info.vfr,
+            "source_frames": len(info.pts),
+            "source_size": [info.width, info.height],  # as displayed: after the rotation
+            "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
+            "size": [width, height],
+            "upscaled": upscaled,
+        },
+    )
+    times = info.times
+    for selection, frames, decoder in read_clips(path, info, selections):
+        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale)
+        meta = {
+            "clip_index": selection.index,
+            "source_frame_indices": selection.frame_indices.tolist(),
+            "source_times": [round(float(t), 6) for t in times[selection.frame_indices]],
+            "timeline_times": [round(float(t), 6) for t in selection.timeline_times],
+            "decoder": decoder,
+        }
+        yield ("clip", meta, clip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,12 +435,14 @@ def _child_entry(fd: int) -> None:
 
     Ctrl-C reaches the whole process group: the parent handles it (and kills this child), so the child
     ignores SIGINT (from its first line, see IsolatedProcess._start) and leaves quietly, without a
-    traceback, when the parent is gone.
+    traceback, when the parent is gone. It leaves with os._exit: it holds nothing to flush, and tearing
+    down numpy and PyAV would cost the parent (waiting in `close`) up to 0.1 s per child.
     """
     try:
         _child_main(Connection(fd))
     except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError: the parent is gone
-        return
+        pass
+    os._exit(0)
 
 
 def _child_main(conn) -> None:
@@ -373,6 +466,10 @@ def _child_main(conn) -> None:
             conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}")))
 
 
+class Stopped(Exception):
+    """The decode process was stopped on purpose (IsolatedProcess.stop: the run is ending), not a bad video."""
+
+
 class IsolatedProcess:
     """Runs generator functions in one child process; a step slower than `timeout` seconds kills it.
 
@@ -387,12 +484,15 @@ class IsolatedProcess:
         self.timeout = timeout
         self._process: subprocess.Popen | None = None
         self._conn = None
+        self._stopped = False  # by stop(): no new child, and a killed one is not a bad video
+        self.starts = 0  # children started so far (one serves every video until a timeout or crash kills it)
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
         code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
         self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
+        self.starts += 1
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
         # A child that cannot even start is a broken environment, not a bad video: fail loudly.
@@ -408,6 +508,8 @@ class IsolatedProcess:
         return self._process is not None and self._process.poll() is None
 
     def run(self, fn: Callable[..., Iterator[Any]], *args) -> Iterator[Any]:
+        if self._stopped:
+            raise Stopped("the decode process was stopped")
         if not self._alive():
             self._kill()
             self._start()
@@ -420,6 +522,8 @@ class IsolatedProcess:
                 try:
                     kind, payload = self._conn.recv()
                 except (EOFError, OSError) as exc:
+                    if self._stopped:
+                        raise Stopped("the decode process was stopped") from exc
                     raise BadSample("crashed", f"the decode process died (exit code {self._process.wait()})") from exc
                 if kind == "item":
                     yield payload
@@ -432,6 +536,17 @@ class IsolatedProcess:
         finally:
             if not finished:
                 self._kill()  # stopped mid-stream (timeout, crash, consumer gave up): its state is unknown
+
+    def stop(self) -> None:
+        """Kill the child from another thread than the one running it: its `run` raises Stopped, and no
+        child is started again. Only signals the process; the running thread (or `close`) cleans up."""
+        self._stopped = True
+        process = self._process
+        if process is not None:
+            try:
+                process.kill()
+            except OSError:
+                pass  # already gone
 
     def _kill(self) -> None:
         if self._process is not None:
