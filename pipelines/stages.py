@@ -335,7 +335,7 @@ def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: 
 
 
 def _run_pool(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int, task, shard_done: Callable[[ShardStats], None]) -> None:
-    ctx = mp.get_context("spawn")  # fork after torch/decord threads have started can deadlock
+    ctx = mp.get_context("spawn")  # fork after torch's threads have started can deadlock
     q = ctx.Queue()
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(q,))
     try:
