@@ -164,4 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from pipelines.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the gentron command does (pipelines/runtime.py)
     main()

@@ -23,6 +23,9 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    from pipelines.runtime import keep_freed_memory
+
+    keep_freed_memory()  # CPU work re-faults fewer pages (see there); light: no torch import
     app()
 
 
