@@ -125,7 +125,7 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
     steps, params = make_steps(s)
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
-    for pair, n in ((("ours_t2i", "pixart"), repeats), (("ours_t2v", "latte"), max(3, repeats // 3))):
+    for pair, n in ((("ours_t2i", "pixart"), repeats), (("ours_t2v", "latte"), max(3, repeats // 2))):
         for _ in range(warmup):
             for name in pair:
                 steps[name]()
@@ -188,10 +188,10 @@ def profile_table(shape: Shape, steps_per_model: int = 3, rows: int = 12) -> str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10, help="timed T2I steps per model (T2V: a third, at least 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed T2I rounds (T2V: half as many, at least 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
-    parser.add_argument("--quick", action="store_true", help="9 timed T2I rounds (T2V: 3) per thread count, 1 warm-up")
+    parser.add_argument("--quick", action="store_true", help="9 timed T2I rounds (T2V: 4) per thread count, 1 warm-up")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps: checks that it runs (ratios mean nothing)")
     parser.add_argument("--profile", action="store_true", help="also print each model's time per op (torch.profiler) at each thread count")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Run every benchmark (the learning benchmark aside) and print one summary table, then each benchmark's JSON line.
 
-    python benchmarks/run_all.py                  # quick modes: the same ratios, medians of 3+ runs, < 10 min on 2 cores
+    python benchmarks/run_all.py                  # quick modes: the same ratios, medians over paired rounds, about 2.5 min on 2 cores
     python benchmarks/run_all.py --only model,sample
     python benchmarks/run_all.py --full           # each benchmark's default (longer) settings
     python benchmarks/run_all.py --smoke          # every benchmark's smoke mode: seconds each, figures mean nothing

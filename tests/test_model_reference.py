@@ -165,3 +165,16 @@ def test_video_model_equals_the_written_out_math_for_every_motion_free_pattern(f
     g = torch.Generator().manual_seed(2)
     x, t = torch.randn(4, 3, C, 8, 8, generator=g), torch.tensor([5, 400, 999, 50])
     assert_same(model, x, t, text_for(4), None if flags is None else torch.tensor(flags))
+
+
+def test_the_compile_friendly_motion_free_path_equals_the_written_out_math(monkeypatch):
+    """Under torch.compile the model picks each sample's TempSelfAttn result with torch.where (no shapes that
+    depend on the flags); that path must give the same values and gradients."""
+    model = random_model(temporal=True)
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(4, 3, C, 8, 8, generator=g), torch.tensor([5, 400, 999, 50])
+    flags = torch.tensor([True, False, True, False])
+    fast = model(x, t, text_for(4), motion_free=flags).detach()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert_same(model, x, t, text_for(4), flags)
+    torch.testing.assert_close(model(x, t, text_for(4), motion_free=flags).detach(), fast, rtol=1e-5, atol=1e-6)

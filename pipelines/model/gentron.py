@@ -317,12 +317,11 @@ class GenTronBlock(nn.Module):
         c: torch.Tensor,
         text: torch.Tensor | None,
         text_bias: torch.Tensor | None,
-        num_moving: int | None,
+        motion: "int | torch.Tensor | None",
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         num_frames: int,
     ) -> torch.Tensor:
-        """x: (B, T*N, D); c: (B, D); num_moving: the first num_moving samples have motion, the rest are
-        motion-free (None: all have motion)."""
+        """x: (B, T*N, D); c: (B, D); motion: which samples are motion-free (see `temporal_attention`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
         h = rearrange(modulate(self.norm1(x), shift_msa, scale_msa), "b (t n) d -> (b t) n d", t=num_frames)
@@ -333,23 +332,30 @@ class GenTronBlock(nn.Module):
             x = x + self.cross_attn(self.cross_norm(x), text, text_bias)
 
         if self.temporal_attn is not None:
-            x = x + self.temporal_attention(self.temporal_norm(x), num_moving, rope, num_frames)
+            x = x + self.temporal_attention(self.temporal_norm(x), motion, rope, num_frames)
 
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-    def temporal_attention(self, h: torch.Tensor, num_moving: int | None, rope, num_frames: int) -> torch.Tensor:
+    def temporal_attention(self, h: torch.Tensor, motion: "int | torch.Tensor | None", rope, num_frames: int) -> torch.Tensor:
         """TempSelfAttn on (B, T*N, D): each patch attends over its frames; a motion-free sample's frames only to
-        themselves, which gives each token its own value, so those samples skip the attention scores (exact)."""
+        themselves, which gives each token its own value, so those samples skip the attention scores (exact).
+
+        motion: None (every sample moves); an int n (the first n samples move, the rest are motion-free); or,
+        under torch.compile, the (B,) motion-free flags (both results computed and picked per sample, so the
+        compiled graph has no shapes that depend on the flags).
+        """
 
         def across_frames(h: torch.Tensor) -> torch.Tensor:
             out = self.temporal_attn(rearrange(h, "b (t n) d -> (b n) t d", t=num_frames), rope=rope)
             return rearrange(out, "(b n) t d -> b (t n) d", b=h.shape[0])
 
-        if num_moving is None:
+        if motion is None:
             return across_frames(h)
-        if num_moving == 0:
+        if isinstance(motion, torch.Tensor):
+            return torch.where(motion[:, None, None], self.temporal_attn.attend_to_self_only(h), across_frames(h))
+        if motion == 0:
             return self.temporal_attn.attend_to_self_only(h)
-        return torch.cat([across_frames(h[:num_moving]), self.temporal_attn.attend_to_self_only(h[num_moving:])])
+        return torch.cat([across_frames(h[:motion]), self.temporal_attn.attend_to_self_only(h[motion:])])
 
 
 class FinalLayer(nn.Module):
@@ -476,8 +482,10 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         motion_free: (B,) bool, True makes each frame of that sample attend only to itself in
         TempSelfAttn. Returns x's layout with out_channels channels.
         """
-        num_moving = None  # TempSelfAttn: the first num_moving samples have motion (None: all)
-        if self.config.temporal and motion_free is not None:
+        motion = None  # for TempSelfAttn: None (all move), or how many move, the first ones (GenTronBlock.temporal_attention)
+        if self.config.temporal and motion_free is not None and torch.compiler.is_compiling():
+            motion = motion_free.bool()
+        elif self.config.temporal and motion_free is not None:
             flags = motion_free.bool().cpu()  # read once per forward (one host sync on a GPU)
             order = torch.argsort(flags.to(torch.uint8), stable=True)  # moving samples first
             if not torch.equal(order, torch.arange(len(flags))):  # run the batch in that order, then put it back
@@ -486,7 +494,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 out = self(x[order], t[order], text.index(order), motion_free[order])
                 return out[torch.argsort(order)]
             num_moving = int((~flags).sum())
-            num_moving = None if num_moving == len(flags) else num_moving
+            motion = None if num_moving == len(flags) else num_moving
 
         is_video = x.ndim == 5
         if not is_video:
@@ -519,7 +527,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             rope = rope_cos_sin(num_frames, self.config.hidden_size // self.config.num_heads, x.device)
 
         for block in self.blocks:
-            args = (tokens, c, text_tokens, text_bias, num_moving, rope, num_frames)
+            args = (tokens, c, text_tokens, text_bias, motion, rope, num_frames)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *args)
             else:
