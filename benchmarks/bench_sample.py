@@ -30,7 +30,7 @@ from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import emit, result  # noqa: E402
+from results import emit, paired_ratio, result  # noqa: E402
 
 TEXT_DIM = 32  # T/2's text widths; the text side is a small part of the cost at these sizes
 MODELS = {  # key (in the JSON ratios' names): (description, config)
@@ -116,18 +116,18 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
         )
         batched, batched_min = statistics.median(times["batched"]), min(times["batched"])
         separate, separate_min = statistics.median(times["separate"]), min(times["separate"])
-        rounds = [b / s for b, s in zip(times["batched"], times["separate"])]  # this round's batched / separate
+        ratio, spread = paired_ratio(times["batched"], times["separate"])
         # same numbers either way (up to float rounding), so the comparison is like for like
         diff = (guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)[:, :, :4]
                 - separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)).abs().max().item()
         print(
             f"{label:<10}{batched:>13.4f} / {batched_min:.4f}{separate:>13.4f} / {separate_min:.4f}"
             f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e}); "
-            f"batched/separate by round: median {statistics.median(rounds):.3f}, {min(rounds):.3f}-{max(rounds):.3f}"
+            f"batched/separate by round: median {ratio:.3f}, {spread[0]:.3f}-{spread[1]:.3f}"
         )
         measured[label.lower()] = {
             "batched_s": batched, "batched_min_s": batched_min, "separate_s": separate, "separate_min_s": separate_min, "max_abs_diff": diff,
-            "batched_over_separate": statistics.median(rounds), "spread": [min(rounds), max(rounds)],
+            "batched_over_separate": ratio, "spread": spread,
         }  # fmt: skip
     return measured
 

@@ -15,9 +15,20 @@ import json
 import math
 import operator
 import re
+import statistics
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 _GOAL = re.compile(r"^\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> tuple[float, list[float]]:
+    """The median over rounds of each round's numerator / denominator, and its spread [lowest, highest].
+
+    Each round times both sides back to back, so a change in the machine's speed between rounds cancels
+    out of that round's ratio; a ratio of the two medians would not cancel it.
+    """
+    rounds = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return statistics.median(rounds), [min(rounds), max(rounds)]
 
 
 def parse_goal(goal: str) -> tuple[str, float]:

@@ -120,11 +120,6 @@ class DecodeChildren:
                 self._children.append(child)
         return child
 
-    @property
-    def starts(self) -> int:
-        """Decode processes started in this run."""
-        return sum(child.starts for child in self._children)
-
     def stop(self) -> None:
         """From the main thread, while workers may be waiting on their child: kill every child; workers stop."""
         with self._lock:
@@ -145,18 +140,11 @@ _active: DecodeChildren | None = None  # the running prep_videos call's children
 
 def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
     config, items = job.payload
-    if _active is None:  # called outside prep_videos (e.g. in a worker process): a child for this shard
-        with IsolatedProcess(config.timeout) as child:
-            _prep_items(items, config, lambda: child, writer, stats, tick)
-    else:
-        _prep_items(items, config, _active.get, writer, stats, tick)
-
-
-def _prep_items(items: list[InputItem], config: PrepVideosConfig, child, writer: ShardWriter, stats: ShardStats, tick) -> None:
+    children = _active  # set by prep_videos for its whole run; its worker threads share it
     for item in items:
         stats.samples_in += 1
-        tick(1, clips=_prep_one(item, config, child(), writer, stats))
-    child()  # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
+        tick(1, clips=_prep_one(item, config, children.get(), writer, stats))
+    children.get()  # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
 
 
 def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # glibc's mallopt parameters (malloc.h)
@@ -26,9 +25,8 @@ def keep_freed_memory() -> bool:
     """
     if any(name.startswith("MALLOC_") for name in os.environ) or "GLIBC_TUNABLES" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # glibc only
     except (OSError, AttributeError, TypeError):

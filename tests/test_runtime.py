@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
 
-import pytest
-
 # In a fresh interpreter: free a 24 MiB block and report how much freed memory the heap still holds
-# (mallinfo2's fordblks). By default glibc maps a block that size fresh (or trims it away once freed);
-# with keep_freed_memory it comes from the heap and stays there for the next allocation.
+# (mallinfo2's fordblks, or mallinfo's before glibc 2.33). By default glibc maps a block that size fresh
+# (or trims it away once freed); with keep_freed_memory it comes from the heap and stays there for the
+# next allocation.
 CHILD = """
 import ctypes, sys
 from pipelines.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
 libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Mallinfo2
+wide = hasattr(libc, "mallinfo2")
+field = ctypes.c_size_t if wide else ctypes.c_int
+
+class Mallinfo(ctypes.Structure):
+    _fields_ = [(n, field) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo = libc.mallinfo2 if wide else libc.mallinfo
+mallinfo.restype = Mallinfo
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 size = 24 << 20
 block = libc.malloc(size)
 ctypes.memset(block, 1, size)  # touch its pages
 libc.free(block)
-print(applied, libc.mallinfo2().fordblks >= size)
+print(applied, mallinfo().fordblks >= size)
 """
 
 
@@ -37,13 +41,13 @@ def run_child(mode: str, **env) -> list[str]:
     return done.stdout.split()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_stays_in_the_heap_for_reuse():
-    try:
-        default = run_child("default")
-    except subprocess.CalledProcessError as err:  # not glibc (no mallinfo2): nothing to tune
-        pytest.skip(f"not glibc: {err.stderr.strip()[-200:]}")
-    assert default == ["False", "False"]  # glibc's default: the freed 24 MiB is not kept
+    from pipelines.runtime import keep_freed_memory
+
+    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):  # another C library: nothing is tuned
+        assert keep_freed_memory() is False
+        return
+    assert run_child("default") == ["False", "False"]  # glibc's default: the freed 24 MiB is not kept
     assert run_child("keep") == ["True", "True"]
     # a user's own malloc tunables are left alone
     assert run_child("keep", MALLOC_ARENA_MAX="2") == ["False", "False"]

@@ -144,7 +144,7 @@ def probe_video(path: str | Path) -> VideoInfo:
 class _FirstFrame:
     """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation.
 
-    Decoders (PyAV's and decord's) return frames as stored, unrotated. A packet that does not decode
+    The decoder returns frames as stored, unrotated. A packet that does not decode
     counts as no rotation: the decode of the clips reports the damage.
     """
 
@@ -485,14 +485,12 @@ class IsolatedProcess:
         self._process: subprocess.Popen | None = None
         self._conn = None
         self._stopped = False  # by stop(): no new child, and a killed one is not a bad video
-        self.starts = 0  # children started so far (one serves every video until a timeout or crash kills it)
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
         code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
         self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
-        self.starts += 1
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
         # A child that cannot even start is a broken environment, not a bad video: fail loudly.

@@ -466,7 +466,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         bias = torch.zeros(visible.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~visible, float("-inf"))
         return tokens, bias[:, None, None, :]
 
-
     # ----------------------------------------------------------------------- forward
 
     def forward(
@@ -483,18 +482,19 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         TempSelfAttn. Returns x's layout with out_channels channels.
         """
         motion = None  # for TempSelfAttn: None (all move), or how many move, the first ones (GenTronBlock.temporal_attention)
-        if self.config.temporal and motion_free is not None and torch.compiler.is_compiling():
-            motion = motion_free.bool()
-        elif self.config.temporal and motion_free is not None:
-            flags = motion_free.bool().cpu()  # read once per forward (one host sync on a GPU)
-            order = torch.argsort(flags.to(torch.uint8), stable=True)  # moving samples first
-            if not torch.equal(order, torch.arange(len(flags))):  # run the batch in that order, then put it back
-                order = order.to(x.device)
-                t = timestep.expand(len(flags)) if timestep.ndim == 0 else timestep
-                out = self(x[order], t[order], text.index(order), motion_free[order])
-                return out[torch.argsort(order)]
-            num_moving = int((~flags).sum())
-            motion = None if num_moving == len(flags) else num_moving
+        if self.config.temporal and motion_free is not None:
+            if torch.compiler.is_compiling():
+                motion = motion_free.bool()
+            else:
+                flags = motion_free.bool().cpu()  # read once per forward (one host sync on a GPU)
+                order = torch.argsort(flags.to(torch.uint8), stable=True)  # moving samples first
+                if not torch.equal(order, torch.arange(len(flags))):  # run the batch in that order, then put it back
+                    order = order.to(x.device)
+                    t = timestep.expand(len(flags)) if timestep.ndim == 0 else timestep
+                    out = self(x[order], t[order], text.index(order), motion_free[order])
+                    return out[torch.argsort(order)]
+                num_moving = int((~flags).sum())
+                motion = None if num_moving == len(flags) else num_moving
 
         is_video = x.ndim == 5
         if not is_video:
