@@ -24,14 +24,14 @@ import torch
 
 from pipelines.data import media, schema
 from pipelines.data.shards import ShardWriter
-from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
-from pipelines.encode_text import EncodeTextConfig, encode_text
+from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
+from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model.vae import load_vae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import emit, result  # noqa: E402
+from results import emit, result
 
 CAPTIONS = [
     "a red car driving along a coastal road at sunset, seen from a drone",
@@ -72,9 +72,14 @@ def make_input(folder: Path, shards: int, per_shard: int, size: int, frames: int
         with ShardWriter(folder / f"{s:06d}.tar") as writer:
             for i in range(per_shard):
                 phase = rng.uniform(0, 6.28, 3)
-                waves = [[127 + 100 * np.sin(x / 6 + y / 9 + t / 2 + phase[c]) for c in range(3)] for t in range(frames)]
+                waves = [
+                    [127 + 100 * np.sin(x / 6 + y / 9 + t / 2 + phase[c]) for c in range(3)] for t in range(frames)
+                ]
                 video = np.stack([np.stack(w, -1) for w in waves]).astype(np.uint8)
-                fields = {schema.CAPTION: CAPTIONS[i % len(CAPTIONS)].encode(), schema.META: schema.encode_json({"prep": {"i": i}})}
+                fields = {
+                    schema.CAPTION: CAPTIONS[i % len(CAPTIONS)].encode(),
+                    schema.META: schema.encode_json({"prep": {"i": i}}),
+                }
                 if i % 2 == 0:
                     fields[schema.VIDEO] = media.encode_clip(video, fps=4)
                 else:
@@ -94,7 +99,9 @@ def run(shards: int, per_shard: int, resolution: int, frames: int, batch_size: i
         for name, vae_spec in (("encode-latents tiny VAE", str(tiny["vae"])), ("encode-latents pixel", "pixel")):
             vae = Timed(load_vae(vae_spec, device="cpu"), "encode")
             out = root / name.replace(" ", "_")
-            cfg = EncodeLatentsConfig(inp, out, vae=vae_spec, resolution=resolution, batch_size=batch_size, device="cpu")
+            cfg = EncodeLatentsConfig(
+                inp, out, vae=vae_spec, resolution=resolution, batch_size=batch_size, device="cpu"
+            )
             res = encode_latents(cfg, vae=vae)
             results[name] = _figures(res, vae)
 
@@ -148,7 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     ratios = {f"outside_model_share.{name}": r["outside_model_share"] for name, r in results.items()}
-    figures = {**results, "shards": args.shards, "per_shard": args.per_shard, "resolution": args.resolution, "frames": args.frames}
+    figures = {
+        **results,
+        "shards": args.shards,
+        "per_shard": args.per_shard,
+        "resolution": args.resolution,
+        "frames": args.frames,
+    }
     emit(result("encode", ratios, {}, figures, threads=threads, smoke=args.smoke))
 
 

@@ -1,6 +1,7 @@
-"""The learning benchmark: how well a small GenTron learns colour, shape, place and motion, and composes pairs it never saw.
+"""The learning benchmark: how well a small GenTron learns colour, shape, place and motion, and composes pairs it never
+saw.
 
-Data (pipelines.toydata): circles, squares and triangles in 4 colours, at 4 side places (images, 64 px) or moving
+Data (pipelines.toy.data): circles, squares and triangles in 4 colours, at 4 side places (images, 64 px) or moving
 in 4 directions (3 s, 24 FPS videos), with the colour-shape pairs red triangle and blue circle held out of both.
 The real CLI stages run as subprocesses, as a user runs them: prep-images (32 px), prep-videos (8 frames at
 4 FPS, 32 px), encode-latents (pixel VAE), encode-text (tiny CLIP + T5 built locally, as the quickstart does),
@@ -35,8 +36,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.evaluate import list_samples
-from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, SIDES, ToyDataConfig, image_caption, make_toy_dataset, parse_caption, probe_image, probe_video, video_caption
+from pipelines.evaluate.evaluator import list_samples
+from pipelines.toy.data import (
+    CHANCE,
+    COLORS,
+    DIRECTIONS,
+    SIDES,
+    ToyDataConfig,
+    image_caption,
+    make_toy_dataset,
+    parse_caption,
+    probe_image,
+    probe_video,
+    video_caption,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +74,10 @@ STAGE_FLAGS = {
     # T2V learns motion late in its few steps: a faster EMA, and a quarter of motion-free samples
     "t2v": "--global-batch 8 --p-motion-free 0.25 --ema-decay 0.9",
 }
-SMOKE_STAGE_FLAGS = {"t2i": "--global-batch 8 --ema-decay 0.99", "t2v": "--global-batch 4 --p-motion-free 0.25 --ema-decay 0.9"}
+SMOKE_STAGE_FLAGS = {
+    "t2i": "--global-batch 8 --ema-decay 0.99",
+    "t2v": "--global-batch 4 --p-motion-free 0.25 --ema-decay 0.9",
+}
 
 SHAPES = ("circle", "square", "triangle")
 HELD_OUT = (("red", "triangle"), ("blue", "circle"))  # colour-shape pairs never shown, in images or videos
@@ -152,10 +168,19 @@ def summary(ratios: dict[str, float], figures: dict[str, float], candidate: str,
     """The benchmark's JSON: every ratio, the goals of the recipe candidate and whether each is met."""
     goals = {f"{candidate}.{key}": f">= {bound:.2f}" for key, bound in GOALS.items()}
     met = {key: key in ratios and ratios[key] >= GOALS[key.removeprefix(f"{candidate}.")] for key in goals}
-    return {"benchmark": "learning", "ratios": ratios, "goals": goals, "met": met, "figures": figures, "threads": threads}
+    return {
+        "benchmark": "learning",
+        "ratios": ratios,
+        "goals": goals,
+        "met": met,
+        "figures": figures,
+        "threads": threads,
+    }
 
 
-def table(name: str, flags: str, scores: dict[str, dict[str, GroupScore]], minutes: dict[str, float], mfg: float) -> str:
+def table(
+    name: str, flags: str, scores: dict[str, dict[str, GroupScore]], minutes: dict[str, float], mfg: float
+) -> str:
     """One configuration's accuracies: rows image/video x seen/held-out, columns the attributes."""
     columns = ("color", "shape", "place", "direction", "axis")
     lines = [
@@ -163,7 +188,10 @@ def table(name: str, flags: str, scores: dict[str, dict[str, GroupScore]], minut
         f"   training: T2I {minutes['t2i']:.2f} min, T2V {minutes['t2v']:.2f} min",
         f"   {'':32}" + "".join(f"{c:>11}" for c in columns),
     ]
-    for stage, label, attributes in (("t2i", "images", IMAGE_ATTRIBUTES), ("t2v", f"videos (MFG {mfg})", VIDEO_ATTRIBUTES)):
+    for stage, label, attributes in (
+        ("t2i", "images", IMAGE_ATTRIBUTES),
+        ("t2v", f"videos (MFG {mfg})", VIDEO_ATTRIBUTES),
+    ):
         for group_name, group in scores[stage].items():
             row = f"{label}, {group_name.replace('_', '-')} ({group.total})"
             cells = "".join(f"{group.rate(c):>11.2f}" if c in attributes else f"{'-':>11}" for c in columns)
@@ -187,7 +215,13 @@ def gentron(args: list[str], logfile: Path, threads: int) -> float:
     log(f"   gentron {shlex.join(map(str, args))}")
     start = time.perf_counter()
     with open(logfile, "w") as out:
-        done = subprocess.run([sys.executable, "-m", "gentron_cli.main", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, "-m", "gentron_cli.main", *map(str, args)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
@@ -213,16 +247,74 @@ def make_data(out: Path, toy: ToyDataConfig, threads: int) -> dict[str, Path]:
 
     torch.set_num_threads(threads)
     encoders = build_tiny_encoders(data / "encoders", seed=0)
-    gentron(["prep-images", raw["images"], "--out", data / "images-prep", "--size", SIZE, "--min-size", SIZE, "--format", "png"], logs / "prep-images.log", threads)
-    gentron(["prep-videos", raw["videos"], "--out", data / "videos-prep", "--short-side", SIZE, "--frames", FRAMES, "--frame-stride", FRAME_STRIDE], logs / "prep-videos.log", threads)
+    gentron(
+        [
+            "prep-images",
+            raw["images"],
+            "--out",
+            data / "images-prep",
+            "--size",
+            SIZE,
+            "--min-size",
+            SIZE,
+            "--format",
+            "png",
+        ],
+        logs / "prep-images.log",
+        threads,
+    )
+    gentron(
+        [
+            "prep-videos",
+            raw["videos"],
+            "--out",
+            data / "videos-prep",
+            "--short-side",
+            SIZE,
+            "--frames",
+            FRAMES,
+            "--frame-stride",
+            FRAME_STRIDE,
+        ],
+        logs / "prep-videos.log",
+        threads,
+    )
     for kind in ("images", "videos"):
-        gentron(["encode-latents", data / f"{kind}-prep", "--out", data / f"{kind}-latents", "--vae", "pixel", "--resolution", SIZE], logs / f"encode-latents-{kind}.log", threads)
-        gentron(["encode-text", data / f"{kind}-latents", "--out", encoded[kind], "--clip", encoders["clip"], "--t5", encoders["t5"]], logs / f"encode-text-{kind}.log", threads)
+        gentron(
+            [
+                "encode-latents",
+                data / f"{kind}-prep",
+                "--out",
+                data / f"{kind}-latents",
+                "--vae",
+                "pixel",
+                "--resolution",
+                SIZE,
+            ],
+            logs / f"encode-latents-{kind}.log",
+            threads,
+        )
+        gentron(
+            [
+                "encode-text",
+                data / f"{kind}-latents",
+                "--out",
+                encoded[kind],
+                "--clip",
+                encoders["clip"],
+                "--t5",
+                encoders["t5"],
+            ],
+            logs / f"encode-text-{kind}.log",
+            threads,
+        )
     done.write_text(json.dumps(recipe))
     return encoded
 
 
-def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) -> tuple[dict[str, dict[str, GroupScore]], dict[str, float]]:
+def run_config(
+    name: str, flags: str, data: dict[str, Path], out: Path, args
+) -> tuple[dict[str, dict[str, GroupScore]], dict[str, float]]:
     """Train t2i, then t2v from it, sample both and probe the samples. Returns scores and training minutes per stage."""
     runs, samples, logs = out / "runs" / name, out / "samples" / name, out / "logs" / name
     for stale in (runs, samples):  # a run folder would resume, stale samples would be scored
@@ -231,16 +323,52 @@ def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) ->
     shared = ["--model", SMOKE_MODEL if args.smoke else MODEL, *shlex.split(COMMON), *shlex.split(flags)]
     extra = shlex.split(args.extra)  # last, so a variation overrides the configuration
     minutes = {}
-    minutes["t2i"] = gentron(
-        ["train", "--stage", "t2i", "--out", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps,
-         *shared, *shlex.split(stage_flags["t2i"]), *extra],
-        logs / "train-t2i.log", args.threads,
-    ) / 60  # fmt: skip
-    minutes["t2v"] = gentron(
-        ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", runs / "t2i" / "model", "--video-data", data["videos"],
-         "--image-data", data["images"], "--steps", args.t2v_steps, *shared, *shlex.split(stage_flags["t2v"]), *extra],
-        logs / "train-t2v.log", args.threads,
-    ) / 60  # fmt: skip
+    minutes["t2i"] = (
+        gentron(
+            [
+                "train",
+                "--stage",
+                "t2i",
+                "--out",
+                runs / "t2i",
+                "--image-data",
+                data["images"],
+                "--steps",
+                args.t2i_steps,
+                *shared,
+                *shlex.split(stage_flags["t2i"]),
+                *extra,
+            ],
+            logs / "train-t2i.log",
+            args.threads,
+        )
+        / 60
+    )
+    minutes["t2v"] = (
+        gentron(
+            [
+                "train",
+                "--stage",
+                "t2v",
+                "--out",
+                runs / "t2v",
+                "--init",
+                runs / "t2i" / "model",
+                "--video-data",
+                data["videos"],
+                "--image-data",
+                data["images"],
+                "--steps",
+                args.t2v_steps,
+                *shared,
+                *shlex.split(stage_flags["t2v"]),
+                *extra,
+            ],
+            logs / "train-t2v.log",
+            args.threads,
+        )
+        / 60
+    )
     scores = {}
     for stage, prompts, guidance in (("t2i", image_prompts(), []), ("t2v", video_prompts(), ["--mfg", args.mfg])):
         prompts_file = samples / f"{stage}-prompts.txt"
@@ -248,10 +376,28 @@ def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) ->
         prompts_file.write_text("\n".join(prompts) + "\n")
         # the sampler is the model folder's own (DDIM for DDPM models, Euler for flow ones): no --scheduler
         gentron(
-            ["sample", "--model", runs / stage, "--prompts", prompts_file, "--out", samples / stage, "--steps", args.sample_steps,
-             "--cfg", args.cfg, *guidance, "--seed", 0, "--batch-size", 16, "--grid"],
-            logs / f"sample-{stage}.log", args.threads,
-        )  # fmt: skip
+            [
+                "sample",
+                "--model",
+                runs / stage,
+                "--prompts",
+                prompts_file,
+                "--out",
+                samples / stage,
+                "--steps",
+                args.sample_steps,
+                "--cfg",
+                args.cfg,
+                *guidance,
+                "--seed",
+                0,
+                "--batch-size",
+                16,
+                "--grid",
+            ],
+            logs / f"sample-{stage}.log",
+            args.threads,
+        )
         read = read_samples(samples / stage)
         if len(read) != len(prompts):
             raise SystemExit(f"{samples / stage}: {len(read)} samples for {len(prompts)} prompts")
@@ -260,17 +406,31 @@ def run_config(name: str, flags: str, data: dict[str, Path], out: Path, args) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--only", help=f"comma-separated configurations, run in this order (of {', '.join(CONFIGS)}; default all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--only", help=f"comma-separated configurations, run in this order (of {', '.join(CONFIGS)}; default all)"
+    )
     parser.add_argument("--t2i-steps", type=int, default=2600)
     parser.add_argument("--t2v-steps", type=int, default=250)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=4.0, help="text guidance scale of the samples")
     parser.add_argument("--mfg", type=float, default=1.2, help="motion-free guidance scale of the video samples")
-    parser.add_argument("--extra", default="", help='flags appended to every train call, e.g. --extra="--timestep-location 0.5"')
-    parser.add_argument("--out", type=Path, help="work folder (default: a new temporary one); data made there before is reused")
-    parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps (3) and sampling (2 steps): checks the stages run")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the subprocesses (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--extra", default="", help='flags appended to every train call, e.g. --extra="--timestep-location 0.5"'
+    )
+    parser.add_argument(
+        "--out", type=Path, help="work folder (default: a new temporary one); data made there before is reused"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny data, model, steps (3) and sampling (2 steps): checks the stages run"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads of the subprocesses (OMP_NUM_THREADS)"
+    )
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
@@ -289,7 +449,9 @@ def main() -> None:
     for name in names:
         log(f"configuration {name}: {CONFIGS[name]} {args.extra}".rstrip())
         scores, minutes = run_config(name, CONFIGS[name], data, out, args)
-        ratios |= ratios_of(name, "t2i", scores["t2i"], IMAGE_ATTRIBUTES) | ratios_of(name, "t2v", scores["t2v"], VIDEO_ATTRIBUTES)
+        ratios |= ratios_of(name, "t2i", scores["t2i"], IMAGE_ATTRIBUTES) | ratios_of(
+            name, "t2v", scores["t2v"], VIDEO_ATTRIBUTES
+        )
         figures |= {f"{name}.t2i_minutes": round(minutes["t2i"], 2), f"{name}.t2v_minutes": round(minutes["t2v"], 2)}
         print(table(name, f"{CONFIGS[name]} {args.extra}".rstrip(), scores, minutes, args.mfg), flush=True)
     figures["total_minutes"] = round((time.perf_counter() - start) / 60, 2)

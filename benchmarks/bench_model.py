@@ -17,9 +17,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
@@ -27,7 +27,7 @@ from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
 from pipelines.model import GenTronTransformer, TextCondition, model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import emit, paired_ratio, result  # noqa: E402
+from results import emit, paired_ratio, result
 
 # Goals (issue 16): our training step's wall time over the reference's, at every thread count measured.
 GOALS = {"t2i_ours_over_pixart": "<= 0.9", "t2v_ours_over_latte": "<= 0.7"}
@@ -58,26 +58,51 @@ SMOKE = Shape(batch=2, latent=8, depth=1, heads=2, head_dim=16, text_len=8, text
 def ours(s: Shape, temporal: bool) -> GenTronTransformer:
     config = model_config(
         {"size": "T/2"},
-        depth=s.depth, hidden_size=s.width, num_heads=s.heads, mlp_dim=4 * s.width, patch_size=s.patch,
-        in_channels=s.channels, learn_sigma=True, text_inputs={"t5": {"dim": s.text_dim}}, temporal=temporal,
-    )  # fmt: skip
+        depth=s.depth,
+        hidden_size=s.width,
+        num_heads=s.heads,
+        mlp_dim=4 * s.width,
+        patch_size=s.patch,
+        in_channels=s.channels,
+        learn_sigma=True,
+        text_inputs={"t5": {"dim": s.text_dim}},
+        temporal=temporal,
+    )
     return GenTronTransformer.from_config(config)
 
 
 def pixart(s: Shape) -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(
-        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=s.channels, out_channels=2 * s.channels,
-        num_layers=s.depth, cross_attention_dim=s.width, sample_size=s.latent, patch_size=s.patch, caption_channels=s.text_dim,
-    )  # fmt: skip
+        num_attention_heads=s.heads,
+        attention_head_dim=s.head_dim,
+        in_channels=s.channels,
+        out_channels=2 * s.channels,
+        num_layers=s.depth,
+        cross_attention_dim=s.width,
+        sample_size=s.latent,
+        patch_size=s.patch,
+        caption_channels=s.text_dim,
+    )
 
 
 def latte(s: Shape) -> LatteTransformer3DModel:
     return LatteTransformer3DModel(
-        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=s.channels, out_channels=2 * s.channels,
-        num_layers=s.depth, cross_attention_dim=s.width, sample_size=s.latent, patch_size=s.patch, caption_channels=s.text_dim,
-        video_length=s.frames, norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        norm_elementwise_affine=False, norm_eps=1e-6,
-    )  # fmt: skip
+        num_attention_heads=s.heads,
+        attention_head_dim=s.head_dim,
+        in_channels=s.channels,
+        out_channels=2 * s.channels,
+        num_layers=s.depth,
+        cross_attention_dim=s.width,
+        sample_size=s.latent,
+        patch_size=s.patch,
+        caption_channels=s.text_dim,
+        video_length=s.frames,
+        norm_type="ada_norm_single",
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
 
 
 def make_steps(s: Shape) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
@@ -104,11 +129,21 @@ def make_steps(s: Shape) -> tuple[dict[str, Callable[[], None]], dict[str, int]]
         "ours_t2i": lambda: step(models["ours_t2i"], lambda m: m(image, timestep, text)),
         "pixart": lambda: step(
             models["pixart"],
-            lambda m: m(image, tokens, timestep, added_cond_kwargs=no_extra, encoder_attention_mask=mask.long(), return_dict=False)[0],
+            lambda m: m(
+                image,
+                tokens,
+                timestep,
+                added_cond_kwargs=no_extra,
+                encoder_attention_mask=mask.long(),
+                return_dict=False,
+            )[0],
         ),
         "ours_t2v": lambda: step(models["ours_t2v"], lambda m: m(video, timestep, text, motion_free=motion_free)),
-        # Latte takes (B, C, T, H, W) and fails with an encoder mask (not repeated per frame): all tokens are valid here.
-        "latte": lambda: step(models["latte"], lambda m: m(video.transpose(1, 2), timestep, tokens, return_dict=False)[0]),
+        # Latte takes (B, C, T, H, W) and fails with an encoder mask (not repeated per frame): all tokens are valid
+        # here.
+        "latte": lambda: step(
+            models["latte"], lambda m: m(video.transpose(1, 2), timestep, tokens, return_dict=False)[0]
+        ),
     }, {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
 
 
@@ -137,18 +172,27 @@ def run(shape: Shape, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
     med_wall = {name: statistics.median(t) for name, t in wall.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
 
-    print(f"\nbatch {s.batch}, latents {s.latent}x{s.latent}x{s.channels}, patch {s.patch}, {s.depth} layers, {s.heads} heads x {s.head_dim}, "
-          f"{s.text_len} text tokens ({s.text_dim}-d), video {s.frames} frames; threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"\nbatch {s.batch}, latents {s.latent}x{s.latent}x{s.channels}, patch {s.patch}, {s.depth} layers, {s.heads} "
+        f"heads x {s.head_dim}, "
+        f"{s.text_len} text tokens ({s.text_dim}-d), video {s.frames} frames; threads {torch.get_num_threads()}"
+    )
     print(f"{'model':<10} {'params':>8} {'wall ms':>9} {'(min':>8} {'max)':>8} {'cpu ms':>9}")
     for name in steps:
         t = wall[name]
-        print(f"{name:<10} {params[name] / 1e6:>7.2f}M {1e3 * med_wall[name]:>9.1f} {1e3 * min(t):>8.1f} {1e3 * max(t):>8.1f} {1e3 * med_cpu[name]:>9.1f}")
+        print(
+            f"{name:<10} {params[name] / 1e6:>7.2f}M {1e3 * med_wall[name]:>9.1f} {1e3 * min(t):>8.1f} "
+            f"{1e3 * max(t):>8.1f} {1e3 * med_cpu[name]:>9.1f}"
+        )
     ratios, cpu_ratios, spreads = {}, {}, {}
     for label, a, b in PAIRS:
         ratios[label], spreads[label] = paired_ratio(wall[a], wall[b])
         cpu_ratios[label], _ = paired_ratio(cpu[a], cpu[b])
         low, high = spreads[label]
-        print(f"{label}: wall {ratios[label]:.3f} (rounds {low:.3f}-{high:.3f}), cpu {cpu_ratios[label]:.3f}  (goal {GOALS[label]})")
+        print(
+            f"{label}: wall {ratios[label]:.3f} (rounds {low:.3f}-{high:.3f}), cpu {cpu_ratios[label]:.3f}  (goal "
+            f"{GOALS[label]})"
+        )
     return {
         "ratios": ratios,
         "ratio_spread": spreads,
@@ -173,9 +217,14 @@ def profile_table(shape: Shape, steps_per_model: int = 3, rows: int = 12) -> str
         per_model[name] = {e.key: e.self_cpu_time_total / 1e3 / steps_per_model for e in prof.key_averages()}
     lines = []
     for _, a, b in PAIRS:
-        ops = sorted(set(per_model[a]) | set(per_model[b]), key=lambda op: -(per_model[a].get(op, 0) + per_model[b].get(op, 0)))
+        ops = sorted(
+            set(per_model[a]) | set(per_model[b]), key=lambda op: -(per_model[a].get(op, 0) + per_model[b].get(op, 0))
+        )
         total_a, total_b = sum(per_model[a].values()), sum(per_model[b].values())
-        lines.append(f"\nself CPU ms per step (profiled), threads {torch.get_num_threads()}: {a} {total_a:.1f} ms, {b} {total_b:.1f} ms")
+        lines.append(
+            f"\nself CPU ms per step (profiled), threads {torch.get_num_threads()}: {a} {total_a:.1f} ms, {b} "
+            f"{total_b:.1f} ms"
+        )
         lines.append(f"{'op':<58} {a:>10} {b:>10}")
         for op in ops[:rows]:
             lines.append(f"{op[:58]:<58} {per_model[a].get(op, 0):>10.2f} {per_model[b].get(op, 0):>10.2f}")
@@ -189,10 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed T2I rounds (T2V: half as many, at least 3)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
+    parser.add_argument(
+        "--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="9 timed T2I rounds (T2V: 4) per thread count, 1 warm-up")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps: checks that it runs (ratios mean nothing)")
-    parser.add_argument("--profile", action="store_true", help="also print each model's time per op (torch.profiler) at each thread count")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes and 3 steps: checks that it runs (ratios mean nothing)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print each model's time per op (torch.profiler) at each thread count",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 9, 1

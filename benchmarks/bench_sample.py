@@ -30,17 +30,24 @@ from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import emit, paired_ratio, result  # noqa: E402
+from results import emit, paired_ratio, result
 
 TEXT_DIM = 32  # T/2's text widths; the text side is a small part of the cost at these sizes
 MODELS = {  # key (in the JSON ratios' names): (description, config)
     "T/2": ("T/2 (depth 2, width 64)", model_config("T/2", temporal=True)),
     "S/2-width": (
         "S/2 width, depth 4 (width 384)",
-        model_config("S/2", depth=4, temporal=True, text_inputs={"clip": {"dim": TEXT_DIM, "pooled_dim": TEXT_DIM}, "t5": {"dim": TEXT_DIM}}),
+        model_config(
+            "S/2",
+            depth=4,
+            temporal=True,
+            text_inputs={"clip": {"dim": TEXT_DIM, "pooled_dim": TEXT_DIM}, "t5": {"dim": TEXT_DIM}},
+        ),
     ),
 }
-GOALS = {"mfg_batched_over_separate": "<= 1.0"}  # issue 16: the batched MFG step is never slower, at every size and thread count
+GOALS = {
+    "mfg_batched_over_separate": "<= 1.0"
+}  # issue 16: the batched MFG step is never slower, at every size and thread count
 
 
 def text_batch(batch: int, seed: int) -> TextCondition:
@@ -90,7 +97,9 @@ def seconds_per_step(fns: dict, repeats: int, device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats: int, device: torch.device) -> dict[str, dict]:
+def bench(
+    name: str, config: dict, batch: int, frames: int, latent: int, repeats: int, device: torch.device
+) -> dict[str, dict]:
     """Median and min seconds per step, batched and separate, for CFG and MFG; printed and returned."""
     torch.manual_seed(0)
     model = GenTronTransformer.from_config(config).eval()
@@ -100,16 +109,21 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
     x = torch.randn(batch, frames, config["in_channels"], latent, latent, device=device)
     t = torch.full((batch,), 500, device=device)
     text, uncond = text_batch(batch, 1).to(device), text_batch(batch, 2).to(device)
-    print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, batch {batch}, "
-          f"{frames} frames of {latent}x{latent} latents ({frames * (latent // 2) ** 2} tokens per sample), {torch.get_num_threads()} threads")
+    print(
+        f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, batch {batch}, "
+        f"{frames} frames of {latent}x{latent} latents ({frames * (latent // 2) ** 2} tokens per sample), "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'guidance':<10}{'batched s/step':>22}{'separate s/step':>22}{'separate/batched':>20}")
     print(f"{'':<10}{'median / min':>22}{'median / min':>22}{'median / min':>20}")
     measured = {}
     for label, cfg_scale, mfg_scale in (("CFG", 7.5, 1.0), ("MFG", 7.5, 1.1)):
         times = seconds_per_step(
             {
-                "batched": lambda: guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
-                "separate": lambda: separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale),
+                "batched": lambda cfg=cfg_scale, mfg=mfg_scale: guided_prediction(model, x, t, text, uncond, cfg, mfg),
+                "separate": lambda cfg=cfg_scale, mfg=mfg_scale: separate_prediction(
+                    model, x, t, text, uncond, cfg, mfg
+                ),
             },
             repeats,
             device,
@@ -118,17 +132,29 @@ def bench(name: str, config: dict, batch: int, frames: int, latent: int, repeats
         separate, separate_min = statistics.median(times["separate"]), min(times["separate"])
         ratio, spread = paired_ratio(times["batched"], times["separate"])
         # same numbers either way (up to float rounding), so the comparison is like for like
-        diff = (guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)[:, :, :4]
-                - separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)).abs().max().item()
+        diff = (
+            (
+                guided_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)[:, :, :4]
+                - separate_prediction(model, x, t, text, uncond, cfg_scale, mfg_scale)
+            )
+            .abs()
+            .max()
+            .item()
+        )
         print(
             f"{label:<10}{batched:>13.4f} / {batched_min:.4f}{separate:>13.4f} / {separate_min:.4f}"
             f"{separate / batched:>12.2f}x / {separate_min / batched_min:.2f}x   (max |diff| {diff:.1e}); "
             f"batched/separate by round: median {ratio:.3f}, {spread[0]:.3f}-{spread[1]:.3f}"
         )
         measured[label.lower()] = {
-            "batched_s": batched, "batched_min_s": batched_min, "separate_s": separate, "separate_min_s": separate_min, "max_abs_diff": diff,
-            "batched_over_separate": ratio, "spread": spread,
-        }  # fmt: skip
+            "batched_s": batched,
+            "batched_min_s": batched_min,
+            "separate_s": separate,
+            "separate_min_s": separate_min,
+            "max_abs_diff": diff,
+            "batched_over_separate": ratio,
+            "spread": spread,
+        }
     return measured
 
 
@@ -139,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts per step (B)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8)")
-    parser.add_argument("--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)")
+    parser.add_argument(
+        "--threads", help="comma-separated torch thread counts, each measured in turn (default 1,2; smoke 1)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on either)")
     args = parser.parse_args(argv)
     if args.smoke:

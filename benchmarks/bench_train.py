@@ -43,15 +43,23 @@ def peak_rss_mb() -> float:
 def child_train(args) -> dict:
     import torch
 
-    from pipelines.metrics import read_metrics
-    from pipelines.train import TrainConfig, train
+    from pipelines.train.metrics import read_metrics
+    from pipelines.train.trainer import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     out = Path(args.work) / f"run_gc{int(args.gc)}"
     config = TrainConfig(
-        output=str(out), image_data=args.data, model=MODEL, steps=args.steps, global_batch=args.batch, lr=1e-4,
+        output=str(out),
+        image_data=args.data,
+        model=MODEL,
+        steps=args.steps,
+        global_batch=args.batch,
+        lr=1e-4,
         # --smoke trains in this process: no loader worker, which train() would leave to the garbage collector
-        num_workers=0 if args.smoke else 1, checkpoint_every=10**9, log_every=1, gradient_checkpointing=args.gc,
+        num_workers=0 if args.smoke else 1,
+        checkpoint_every=10**9,
+        log_every=1,
+        gradient_checkpointing=args.gc,
     )
     before = peak_rss_mb()
     start = time.perf_counter()
@@ -71,15 +79,28 @@ def child_loader(args) -> dict:
     torch.set_num_threads(args.threads)
     source = index_source(args.data, "image")
     empty, _ = load_empty_caption([source.folder])
-    spec = StreamSpec(stage="t2i", seed=0, micro_batch=args.batch, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
-    it = iter(make_loader(TrainStream(spec, source, None, empty, collate_text=TextCondition.collate), num_workers=args.workers, pin_memory=False))
+    spec = StreamSpec(
+        stage="t2i",
+        seed=0,
+        micro_batch=args.batch,
+        text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS),
+    )
+    it = iter(
+        make_loader(
+            TrainStream(spec, source, None, empty, collate_text=TextCondition.collate),
+            num_workers=args.workers,
+            pin_memory=False,
+        )
+    )
     next(it)  # workers started
     batches = 40
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
     seconds = time.perf_counter() - start
-    shutdown = getattr(it, "_shutdown_workers", None)  # now, not when garbage collection finds the iterator (seconds later)
+    shutdown = getattr(
+        it, "_shutdown_workers", None
+    )  # now, not when garbage collection finds the iterator (seconds later)
     if shutdown is not None:
         shutdown()
     return {"samples_per_s": batches * args.batch / seconds}
@@ -93,8 +114,22 @@ def run_child(mode: str, args, **extra) -> dict:
             return child_train(child) if mode == "train" else child_loader(child)
         finally:
             torch_threads(before)
-    cmd = [sys.executable, __file__, "--child", mode, "--data", args.data, "--work", args.work, "--steps", str(args.steps),
-           "--threads", str(args.threads), "--batch", str(args.batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--data",
+        args.data,
+        "--work",
+        args.work,
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+    ]
     for k, v in extra.items():
         if v is True:
             cmd.append(f"--{k}")
@@ -138,28 +173,52 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as work:
         args.work = work
-        args.data = str(write_dataset(Path(work) / "img", "image", samples=16 if args.smoke else 64, shards=4, side=args.side))
+        args.data = str(
+            write_dataset(Path(work) / "img", "image", samples=16 if args.smoke else 64, shards=4, side=args.side)
+        )
         plain = run_child("train", args)
         checkpointed = run_child("train", args, gc=True)
         loaders = {w: run_child("loader", args, workers=w) for w in (0, 2)}
     tokens = (args.side // 2) ** 2
-    print(f"model {MODEL}, {tokens} tokens/sample, global batch {args.batch}, {args.threads} thread(s), {args.steps} steps")
+    print(
+        f"model {MODEL}, {tokens} tokens/sample, global batch {args.batch}, {args.threads} thread(s), {args.steps} "
+        "steps"
+    )
     print(f"{'':34}{'samples/s':>12}{'peak RSS delta':>18}")
     print(f"{'training':34}{plain['samples_per_s']:>12.1f}{plain['peak_rss_delta_mb']:>15.0f} MB")
-    print(f"{'training, activation checkpointing':34}{checkpointed['samples_per_s']:>12.1f}{checkpointed['peak_rss_delta_mb']:>15.0f} MB")
+    print(
+        f"{'training, activation checkpointing':34}{checkpointed['samples_per_s']:>12.1f}"
+        f"{checkpointed['peak_rss_delta_mb']:>15.0f} MB"
+    )
     ratios = {
-        "checkpointing_memory_over_none": ratio(checkpointed["peak_rss_delta_mb"], plain["peak_rss_delta_mb"]) if not args.smoke else None,
+        "checkpointing_memory_over_none": ratio(checkpointed["peak_rss_delta_mb"], plain["peak_rss_delta_mb"])
+        if not args.smoke
+        else None,
         "checkpointing_speed_over_none": ratio(checkpointed["samples_per_s"], plain["samples_per_s"]),
-        **{f"loader_over_training.workers{w}": ratio(res["samples_per_s"], plain["samples_per_s"]) for w, res in loaders.items()},
+        **{
+            f"loader_over_training.workers{w}": ratio(res["samples_per_s"], plain["samples_per_s"])
+            for w, res in loaders.items()
+        },
     }
     memory = ratios["checkpointing_memory_over_none"]
-    print(f"memory with/without checkpointing: {f'{memory:.2f}x' if memory is not None else 'n/a'}; "
-          f"speed: {ratios['checkpointing_speed_over_none']:.2f}x")
+    print(
+        f"memory with/without checkpointing: {f'{memory:.2f}x' if memory is not None else 'n/a'}; "
+        f"speed: {ratios['checkpointing_speed_over_none']:.2f}x"
+    )
     for w, res in loaders.items():
-        print(f"loader alone, {w} workers: {res['samples_per_s']:.0f} samples/s = "
-              f"{ratios[f'loader_over_training.workers{w}']:.1f}x what training consumes")
-    figures = {"training": plain, "training_checkpointing": checkpointed, **{f"loader.workers{w}": res for w, res in loaders.items()},
-               "model": MODEL, "tokens_per_sample": tokens, "batch": args.batch, "steps": args.steps}  # fmt: skip
+        print(
+            f"loader alone, {w} workers: {res['samples_per_s']:.0f} samples/s = "
+            f"{ratios[f'loader_over_training.workers{w}']:.1f}x what training consumes"
+        )
+    figures = {
+        "training": plain,
+        "training_checkpointing": checkpointed,
+        **{f"loader.workers{w}": res for w, res in loaders.items()},
+        "model": MODEL,
+        "tokens_per_sample": tokens,
+        "batch": args.batch,
+        "steps": args.steps,
+    }
     emit(result("train", ratios, {}, figures, threads=args.threads, smoke=args.smoke))
 
 

@@ -61,8 +61,10 @@ GIB = 2**30
 GOALS = {"t2i_mfu.best": ">= 0.5"}  # XL/2 T2I training in bf16, MFU against the datasheet peak (H100/H200 class)
 PARTS = ("peak", "t2i_eager", "sdpa", "t2i_checkpointing", "t2v_memory", "fsdp_estimate", "mfg_sampling", "t2i_compile")
 
-# Dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, by a pattern of torch.cuda.get_device_name().
-# First match wins: the more specific names come first. Unknown devices get None (MFU then only against the measured peak).
+# Dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets, by a pattern of
+# torch.cuda.get_device_name().
+# First match wins: the more specific names come first. Unknown devices get None (MFU then only against the measured
+# peak).
 DATASHEET_BF16_TFLOPS = (
     (r"H200 NVL|H100 NVL", 835.5),
     (r"GH200|H200|H100 SXM|H100 80GB HBM3|H100$|H800", 989.4),
@@ -98,13 +100,26 @@ class Settings:
     fsdp_gpus: int = 8
     matmul_size: int = 8192
     deadline: float = 330.0
-    compile_backend: str = "inductor"  # torch.compile's default; the CPU smoke mode uses "eager" (dynamo's capture, no codegen)
+    compile_backend: str = (
+        "inductor"  # torch.compile's default; the CPU smoke mode uses "eager" (dynamo's capture, no codegen)
+    )
 
 
 SMOKE = Settings(
-    t2i_model="T/2", t2v_model="T/2", fsdp_model="T/2", t2i_latent=8, t2v_latent=8, frames=2, sdpa_latent=8,
-    max_batch=4, warmup_steps=1, timed_steps=2, sampling_steps=2, matmul_size=256, deadline=300.0,
-)  # fmt: skip
+    t2i_model="T/2",
+    t2v_model="T/2",
+    fsdp_model="T/2",
+    t2i_latent=8,
+    t2v_latent=8,
+    frames=2,
+    sdpa_latent=8,
+    max_batch=4,
+    warmup_steps=1,
+    timed_steps=2,
+    sampling_steps=2,
+    matmul_size=256,
+    deadline=300.0,
+)
 
 
 def log(message: str) -> None:
@@ -275,8 +290,16 @@ def part_peak(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
 class Trainer:
     """One real training step: the DDPM objective's loss (learned sigma: MSE + VLB), backward, fused AdamW."""
 
-    def __init__(self, config: dict, dev: Device, latent: int, frames: int, checkpointing: bool = False,
-                 compile: str | None = None, optimizer: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        config: dict,
+        dev: Device,
+        latent: int,
+        frames: int,
+        checkpointing: bool = False,
+        compile: str | None = None,
+        optimizer: bool = True,
+    ):
         from pipelines.diffusion import make_objective
 
         self.config, self.dev, self.latent, self.frames = config, dev, latent, frames
@@ -384,7 +407,9 @@ def mfu(out: dict, peak: dict) -> None:
         out["mfu_datasheet"] = ratio(out["tflops"], peak.get("datasheet_bf16_tflops"))
 
 
-def part_t2i(dev: Device, s: Settings, clock: Clock, out: dict, peak: dict, checkpointing=False, compile=False, batch=None) -> None:
+def part_t2i(
+    dev: Device, s: Settings, clock: Clock, out: dict, peak: dict, checkpointing=False, compile=False, batch=None
+) -> None:
     config = config_of(s.t2i_model, temporal=False)
     out["model"] = s.t2i_model
     backend = s.compile_backend if compile else None
@@ -413,8 +438,11 @@ def dynamo_counters() -> dict:
     try:
         from torch._dynamo.utils import counters
 
-        return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
-    except Exception as err:  # noqa: BLE001
+        return {
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+        }
+    except Exception as err:
         return {"unavailable": f"{type(err).__name__}: {err}"}
 
 
@@ -462,12 +490,20 @@ def inspect_attention(fn, args: tuple, kwargs: dict, dev: Device) -> dict:
     q, k = args[0], args[1]
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     record = {
-        "query": list(q.shape), "key": list(k.shape), "dtype": str(q.dtype).removeprefix("torch."),
-        "mask": None if mask is None else list(mask.shape), "requires_grad": q.requires_grad, "calls": 0,
-    }  # fmt: skip
+        "query": list(q.shape),
+        "key": list(k.shape),
+        "dtype": str(q.dtype).removeprefix("torch."),
+        "mask": None if mask is None else list(mask.shape),
+        "requires_grad": q.requires_grad,
+        "calls": 0,
+    }
     accepts, reasons = {}, {}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):  # fmt: skip
+    for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("math", SDPBackend.MATH),
+    ):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -477,7 +513,11 @@ def inspect_attention(fn, args: tuple, kwargs: dict, dev: Device) -> dict:
                 accepts[name] = True
             except RuntimeError as err:
                 accepts[name] = False
-                why = [str(w.message).strip() for w in caught if "scaled_dot_product" in str(w.message) or "ttention" in str(w.message)]
+                why = [
+                    str(w.message).strip()
+                    for w in caught
+                    if "scaled_dot_product" in str(w.message) or "ttention" in str(w.message)
+                ]
                 reasons[name] = (why[0] if why else str(err).strip().splitlines()[0])[:200]
     record["accepted_alone"], record["refusal_reasons"] = accepts, reasons
     names = profiled_names(lambda: fn(*args, **kwargs), dev)
@@ -515,6 +555,7 @@ def part_sdpa(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
             model(x, t, text, motion_free=motion_free)
     finally:
         F.scaled_dot_product_attention = original
+
     # the whole forward once more, unwrapped, under the profiler: the attention ops and kernel families it ran
     def forward():
         with dev.autocast():
@@ -522,12 +563,17 @@ def part_sdpa(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
 
     names = profiled_names(forward, dev)
     out |= {
-        "model": f"{s.t2v_model} T2V", "latent": s.sdpa_latent, "frames": s.frames, "autocast": "bf16",
+        "model": f"{s.t2v_model} T2V",
+        "latent": s.sdpa_latent,
+        "frames": s.frames,
+        "autocast": "bf16",
         "attention": seen,
         "forward_profile_ops": dict(Counter(SDPA_OPS[n] for n in names if n in SDPA_OPS)),
-        "forward_profile_kernel_families": dict(Counter(f for f in map(kernel_family, names) if f)) if dev.cuda else "not applicable on cpu",
+        "forward_profile_kernel_families": dict(Counter(f for f in map(kernel_family, names) if f))
+        if dev.cuda
+        else "not applicable on cpu",
         "flash_ran_for": sorted(k for k, r in seen.items() if r["ran"].startswith("flash")),
-    }  # fmt: skip
+    }
 
 
 def activation_bytes(trainer: Trainer, batch_data) -> tuple[int | None, float]:
@@ -561,7 +607,10 @@ def per_sample_activations(trainer: Trainer, batches=(1, 2)) -> dict:
     elif 1 in numbers:
         per_sample, how = numbers[1], "activations(batch 1) (batch 2 did not fit)"
     else:
-        per_sample, how = None, "not measured" if trainer.dev.cuda else "not applicable on cpu (no allocator statistics)"
+        per_sample, how = (
+            None,
+            "not measured" if trainer.dev.cuda else "not applicable on cpu (no allocator statistics)",
+        )
     flops = train_flops_per_sample(trainer.config, trainer.latent, trainer.frames)
     return {
         "activations_gib": {str(b): gib(v) if isinstance(v, int) else v for b, v in act.items()},
@@ -574,9 +623,14 @@ def per_sample_activations(trainer: Trainer, batches=(1, 2)) -> dict:
 
 def part_t2v_memory(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
     config = config_of(s.t2v_model, temporal=True)
-    out |= {"model": f"{s.t2v_model} T2V", "latent": s.t2v_latent, "frames": s.frames, "autocast": "bf16",
-            "definition": "activations(b) = peak allocated during forward + backward at batch b minus allocated before it "
-                          "(fp32 weights and gradients); no optimizer"}  # fmt: skip
+    out |= {
+        "model": f"{s.t2v_model} T2V",
+        "latent": s.t2v_latent,
+        "frames": s.frames,
+        "autocast": "bf16",
+        "definition": "activations(b) = peak allocated during forward + backward at batch b minus allocated before it "
+        "(fp32 weights and gradients); no optimizer",
+    }
     for checkpointing in (False, True):
         trainer = Trainer(config, dev, s.t2v_latent, s.frames, checkpointing=checkpointing, optimizer=False)
         name = "checkpointing" if checkpointing else "no_checkpointing"
@@ -584,7 +638,9 @@ def part_t2v_memory(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
         log(f"  {name}: {out[name]['per_sample_gib']} GiB per sample")
         del trainer
         dev.empty()
-    out["checkpointing_over_none"] = ratio(out["checkpointing"]["per_sample_gib"], out["no_checkpointing"]["per_sample_gib"])
+    out["checkpointing_over_none"] = ratio(
+        out["checkpointing"]["per_sample_gib"], out["no_checkpointing"]["per_sample_gib"]
+    )
 
 
 class Bf16Inputs(torch.nn.Module):
@@ -599,7 +655,8 @@ class Bf16Inputs(torch.nn.Module):
 
 
 def fsdp_estimate(params: int, block_params: int, depth: int, gpus: int, act_one: dict, act_two: dict) -> dict:
-    """Per-GPU bytes of FSDP training (train.py's layout), from the sharded state and activations measured on 1 and 2 blocks.
+    """Per-GPU bytes of FSDP training (train.py's layout), from the sharded state and activations measured on 1 and 2
+    blocks.
 
     act_one / act_two: {"checkpointing": bytes or None, "no_checkpointing": bytes or None} of 1- and 2-block models."""
     root = params - depth * block_params
@@ -637,7 +694,9 @@ def part_fsdp(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
     measured = {}
     for depth in (1, 2):
         for checkpointing in (False, True):
-            trainer = Trainer({**config, "depth": depth}, dev, s.t2v_latent, s.frames, checkpointing=checkpointing, optimizer=False)
+            trainer = Trainer(
+                {**config, "depth": depth}, dev, s.t2v_latent, s.frames, checkpointing=checkpointing, optimizer=False
+            )
             trainer.model = Bf16Inputs(torch.nn.Module.to(trainer.model, dtype=torch.bfloat16))
             data = trainer.batch(1)
             step = _no_autocast_step(trainer)
@@ -654,12 +713,19 @@ def part_fsdp(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
     act = {d: {"checkpointing": measured[(d, True)], "no_checkpointing": measured[(d, False)]} for d in (1, 2)}
     estimate = fsdp_estimate(params, block_params, config["depth"], s.fsdp_gpus, act[1], act[2])
     out |= {
-        "model": f"{s.fsdp_model} T2V", "latent": s.t2v_latent, "frames": s.frames, "batch_per_gpu": 1, "gpus": s.fsdp_gpus,
-        "params": params, "block_params": block_params, "depth": config["depth"], "root_params": params - config["depth"] * block_params,
+        "model": f"{s.fsdp_model} T2V",
+        "latent": s.t2v_latent,
+        "frames": s.frames,
+        "batch_per_gpu": 1,
+        "gpus": s.fsdp_gpus,
+        "params": params,
+        "block_params": block_params,
+        "depth": config["depth"],
+        "root_params": params - config["depth"] * block_params,
         "formula": FSDP_FORMULA,
         "measured_activations_gib": {f"blocks{d}.{m}": gib(v) for d in (1, 2) for m, v in act[d].items()},
         **estimate,
-    }  # fmt: skip
+    }
     if not dev.cuda:
         out["activations"] = "not applicable on cpu (no allocator statistics): the activation terms and totals are null"
 
@@ -693,17 +759,28 @@ def part_sampling(dev: Device, s: Settings, clock: Clock, out: dict) -> None:
     def call():
         nonlocal latents
         with dev.autocast():  # as `gentron sample` on cuda: bf16 autocast around the model
-            latents = sample(model, scheduler, noise, text, uncond, steps=s.sampling_steps, cfg_scale=7.5, mfg_scale=1.1)
+            latents = sample(
+                model, scheduler, noise, text, uncond, steps=s.sampling_steps, cfg_scale=7.5, mfg_scale=1.1
+            )
 
     seconds = seconds_of(call, dev)
     forward = model_cost(config, resolution=s.t2v_latent * VAE_DOWNSAMPLE, frames=s.frames, batch_size=3).forward_flops
     out |= {
-        "model": f"{s.t2v_model} T2V", "latent": s.t2v_latent, "frames": s.frames, "steps": s.sampling_steps,
-        "scheduler": type(scheduler).__name__, "cfg": 7.5, "mfg": 1.1, "batch_per_forward": 3, "autocast": "bf16",
-        "seconds": seconds, "seconds_per_step": seconds / s.sampling_steps,
-        "tflops": forward * s.sampling_steps / seconds / 1e12, "peak_memory_gib": gib(dev.peak()),
+        "model": f"{s.t2v_model} T2V",
+        "latent": s.t2v_latent,
+        "frames": s.frames,
+        "steps": s.sampling_steps,
+        "scheduler": type(scheduler).__name__,
+        "cfg": 7.5,
+        "mfg": 1.1,
+        "batch_per_forward": 3,
+        "autocast": "bf16",
+        "seconds": seconds,
+        "seconds_per_step": seconds / s.sampling_steps,
+        "tflops": forward * s.sampling_steps / seconds / 1e12,
+        "peak_memory_gib": gib(dev.peak()),
         "finite": bool(torch.isfinite(latents).all()),
-    }  # fmt: skip
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -758,14 +835,25 @@ def run_parts(dev: Device, s: Settings, only: set[str], started: float | None = 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> bool:
     """Run the check and print its JSON line; True when a part was stopped at the deadline."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--smoke", action="store_true", help="tiny T/2 model and shapes, 2 steps: seconds (on the CPU by default)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny T/2 model and shapes, 2 steps: seconds (on the CPU by default)"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cpu with --smoke, else cuda)")
-    parser.add_argument("--deadline", type=float, help="seconds for all parts (default 330; smoke 300, generous for a loaded CPU)")
+    parser.add_argument(
+        "--deadline", type=float, help="seconds for all parts (default 330; smoke 300, generous for a loaded CPU)"
+    )
     parser.add_argument("--max-batch", type=int, help="largest batch the T2I search tries (default 1024; smoke 4)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 for the smoke mode on the CPU)")
-    parser.add_argument("--compile-backend", help="torch.compile backend of t2i_compile (default inductor; CPU smoke: eager)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice; 1 for the smoke mode on the CPU)"
+    )
+    parser.add_argument(
+        "--compile-backend", help="torch.compile backend of t2i_compile (default inductor; CPU smoke: eager)"
+    )
     parser.add_argument("--only", help=f"comma-separated parts (of {', '.join(PARTS)}; default all)")
     args = parser.parse_args(argv)
     s = SMOKE if args.smoke else Settings()
@@ -780,8 +868,15 @@ def main(argv: list[str] | None = None, started: float | None = None) -> bool:
         parser.error(f"unknown part(s) {sorted(only - set(PARTS))}; choose from {', '.join(PARTS)}")
     device = args.device or ("cpu" if args.smoke else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        emit(skipped("gpu_check", "no CUDA GPU here (torch.cuda.is_available() is False); --smoke runs the CPU smoke mode",
-                     threads=torch.get_num_threads(), device="cpu", smoke=args.smoke))  # fmt: skip
+        emit(
+            skipped(
+                "gpu_check",
+                "no CUDA GPU here (torch.cuda.is_available() is False); --smoke runs the CPU smoke mode",
+                threads=torch.get_num_threads(),
+                device="cpu",
+                smoke=args.smoke,
+            )
+        )
         return False
     if not device.startswith("cuda") and not args.smoke:
         parser.error("the full check needs a CUDA GPU; on the CPU use --smoke")
@@ -798,8 +893,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> bool:
 def run_check(args, s: Settings, device: str, only: set[str], started: float | None) -> bool:
     dev = Device(device)
     if args.smoke and not dev.cuda:
-        s = replace(s, compile_backend=args.compile_backend or "eager")  # inductor would build C++ for minutes: capture only
-    log(f"{dev.name}, torch {torch.__version__}, {'smoke' if args.smoke else 'full'} settings, deadline {s.deadline:.0f} s")
+        s = replace(
+            s, compile_backend=args.compile_backend or "eager"
+        )  # inductor would build C++ for minutes: capture only
+    log(
+        f"{dev.name}, torch {torch.__version__}, {'smoke' if args.smoke else 'full'} settings, deadline "
+        f"{s.deadline:.0f} s"
+    )
     figures, status, seconds = run_parts(dev, s, only, started)
     figures = {"device": dev.describe(), "settings": asdict(s), **figures}
 
@@ -811,8 +911,19 @@ def run_check(args, s: Settings, device: str, only: set[str], started: float | N
     known = [v for k, v in ratios.items() if k.startswith("t2i_mfu.") and v is not None]
     ratios["t2i_mfu.best"] = max(known) if known else None
     ratios["t2v_checkpointing_memory_over_none"] = figures["t2v_memory"].get("checkpointing_over_none")
-    emit(result("gpu_check", ratios, GOALS, figures, threads=torch.get_num_threads(), device=dev.name, smoke=args.smoke,
-                seconds=round(seconds, 1), parts=status))  # fmt: skip
+    emit(
+        result(
+            "gpu_check",
+            ratios,
+            GOALS,
+            figures,
+            threads=torch.get_num_threads(),
+            device=dev.name,
+            smoke=args.smoke,
+            seconds=round(seconds, 1),
+            parts=status,
+        )
+    )
     return any(v.startswith("skipped: time (stopped") for v in status.values())
 
 

@@ -20,13 +20,13 @@ import json
 import numpy as np
 import torch
 
-from pipelines import toydata
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays
-from pipelines.train import batch_text
+from pipelines.toy import data as toydata
+from pipelines.train.trainer import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 
@@ -49,8 +49,13 @@ def main() -> None:
     source = index_source(args.images, "image")
     empty, _ = load_empty_caption([source.folder])
     fields = tuple(schema.text_field(name) for name in required_text_arrays(model.config))
-    stream = TrainStream(StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields), source, None, empty,
-                         collate_text=TextCondition.collate)
+    stream = TrainStream(
+        StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields),
+        source,
+        None,
+        empty,
+        collate_text=TextCondition.collate,
+    )
     streams = stream._streams()
     batch = stream.make_batch(range(args.samples), streams)
     x0, noise, text = batch["x0"], batch["noise"], batch_text(batch)
@@ -73,7 +78,10 @@ def main() -> None:
                 x0_pred = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
         scores = [toydata.probe_image(p, c, with_shape=True) for p, c in zip(to_pixels(x0_pred), captions)]
         shape, place = (np.mean([s[k] for s in scores]) for k in ("shape", "place"))
-        print(f"t in [{lo:.1f}, {hi:.1f}): loss {float(loss):.4f}; x0 prediction shows the caption's shape {shape:.0%}, place {place:.0%}")
+        print(
+            f"t in [{lo:.1f}, {hi:.1f}): loss {float(loss):.4f}; x0 prediction shows the caption's shape {shape:.0%}, "
+            f"place {place:.0%}"
+        )
     if objective.config.name != "flow":
         print("regeneration from x_t: measured for flow models only (this one is DDPM)")
         return
@@ -89,8 +97,11 @@ REGENERATE_FROM = (0.3, 0.5, 0.7, 0.9)
 
 
 @torch.no_grad()
-def regenerate(model, x0, noise, text, uncond, t0: float, num_timesteps: int, steps: int = 20, cfg: float = 4.0) -> torch.Tensor:
-    """Flow models: Euler steps of dx/dt = v from x_t = (1 - t0) x0 + t0 eps down to t = 0, guided v = v_u + cfg (v_c - v_u)."""
+def regenerate(
+    model, x0, noise, text, uncond, t0: float, num_timesteps: int, steps: int = 20, cfg: float = 4.0
+) -> torch.Tensor:
+    """Flow models: Euler steps of dx/dt = v from x_t = (1 - t0) x0 + t0 eps down to t = 0, guided v = v_u + cfg (v_c -
+    v_u)."""
     x = (1 - t0) * x0 + t0 * noise
     grid = torch.linspace(t0, 0.0, steps + 1)
     for t, t_next in zip(grid[:-1], grid[1:]):

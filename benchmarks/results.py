@@ -70,12 +70,29 @@ def result(benchmark: str, ratios: dict, goals: dict[str, str], figures: dict, t
     """The benchmark's JSON object; `met` is computed here from `ratios` and `goals`, so the two always agree."""
     ratios = rounded(dict(ratios))
     met = {name: goal_met(ratios.get(name), goal) for name, goal in goals.items()}
-    return {"benchmark": benchmark, "ratios": ratios, "goals": dict(goals), "met": met, "figures": rounded(figures), "threads": threads, **extra}
+    return {
+        "benchmark": benchmark,
+        "ratios": ratios,
+        "goals": dict(goals),
+        "met": met,
+        "figures": rounded(figures),
+        "threads": threads,
+        **extra,
+    }
 
 
 def skipped(benchmark: str, reason: str, threads: int, **extra) -> dict:
     """The JSON object of a benchmark that could not run (a missing optional package, no GPU...)."""
-    return {"benchmark": benchmark, "skipped": reason, "ratios": {}, "goals": {}, "met": {}, "figures": {}, "threads": threads, **extra}
+    return {
+        "benchmark": benchmark,
+        "skipped": reason,
+        "ratios": {},
+        "goals": {},
+        "met": {},
+        "figures": {},
+        "threads": threads,
+        **extra,
+    }
 
 
 def emit(obj: dict) -> None:
@@ -86,7 +103,14 @@ def emit(obj: dict) -> None:
 def check_line(obj: dict) -> list[str]:
     """Problems with a benchmark's JSON object (empty when well-formed): keys, goal strings, met consistent."""
     problems = []
-    for key, kind in (("benchmark", str), ("ratios", dict), ("goals", dict), ("met", dict), ("figures", dict), ("threads", int)):
+    for key, kind in (
+        ("benchmark", str),
+        ("ratios", dict),
+        ("goals", dict),
+        ("met", dict),
+        ("figures", dict),
+        ("threads", int),
+    ):
         if not isinstance(obj.get(key), kind):
             problems.append(f"{key!r} missing or not a {kind.__name__}")
     if problems:
@@ -100,7 +124,9 @@ def check_line(obj: dict) -> list[str]:
         if name not in obj["ratios"]:
             problems.append(f"goal {name!r} has no ratio")
         if obj["met"].get(name) is not expected:
-            problems.append(f"met[{name!r}] is {obj['met'].get(name)!r}, but {obj['ratios'].get(name)!r} {goal} is {expected}")
+            problems.append(
+                f"met[{name!r}] is {obj['met'].get(name)!r}, but {obj['ratios'].get(name)!r} {goal} is {expected}"
+            )
     if set(obj["met"]) != set(obj["goals"]):
         problems.append("met and goals name different ratios")
     for name, value in obj["ratios"].items():

@@ -1,6 +1,7 @@
 """Run every benchmark (the learning benchmark aside) and print one summary table, then each benchmark's JSON line.
 
-    python benchmarks/run_all.py                  # quick modes: the same ratios, medians over paired rounds, about 2.5 min on 2 cores
+    python benchmarks/run_all.py                  # quick modes: the same ratios, medians over paired rounds, about 2.5
+    min on 2 cores
     python benchmarks/run_all.py --only model,sample
     python benchmarks/run_all.py --full           # each benchmark's default (longer) settings
     python benchmarks/run_all.py --smoke          # every benchmark's smoke mode: seconds each, figures mean nothing
@@ -87,7 +88,15 @@ def run_benchmark(name: str, bench: Benchmark, mode: str, timeout: float, log_di
                 obj, why = None, "malformed JSON line: " + "; ".join(problems)
     if obj is None:
         tail = " | ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
-        obj = {"benchmark": name, "error": why + (f": {tail}" if tail else ""), "ratios": {}, "goals": {}, "met": {}, "figures": {}, "threads": 0}
+        obj = {
+            "benchmark": name,
+            "error": why + (f": {tail}" if tail else ""),
+            "ratios": {},
+            "goals": {},
+            "met": {},
+            "figures": {},
+            "threads": 0,
+        }
     obj["seconds"] = round(seconds, 1)
     return obj
 
@@ -123,7 +132,9 @@ def summary_table(results: list[tuple[str, dict]]) -> str:
             ok = goal_met(value, goal) if goal else None
             goals += goal is not None
             met += bool(ok)
-            rows.append((name, ratio_name, _measured(value), goal or "-", "" if goal is None else "yes" if ok else "NO"))
+            rows.append(
+                (name, ratio_name, _measured(value), goal or "-", "" if goal is None else "yes" if ok else "NO")
+            )
         for goal_name in sorted(obj["goals"].keys() - obj["ratios"].keys()):
             goals += 1
             rows.append((name, goal_name, "n/a", obj["goals"][goal_name], "NO"))
@@ -138,19 +149,36 @@ def summary_table(results: list[tuple[str, dict]]) -> str:
 
     lines = [line(header), "  ".join("-" * w for w in widths)]
     lines += [line(r) if len(r) == 5 else f"{r[0].ljust(widths[0])}  {r[1]}" for r in rows]
-    lines.append(f"{met} of {goals} goals met; {len(results) - skipped - failed} benchmark(s) ran, {skipped} skipped, {failed} failed")
+    lines.append(
+        f"{met} of {goals} goals met; {len(results) - skipped - failed} benchmark(s) ran, {skipped} skipped, {failed} "
+        "failed"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, benchmarks: dict[str, Benchmark] | None = None) -> int:
     benchmarks = BENCHMARKS if benchmarks is None else benchmarks
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--only", help=f"comma-separated benchmarks, run in this order (of {', '.join(benchmarks)}; default all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--only", help=f"comma-separated benchmarks, run in this order (of {', '.join(benchmarks)}; default all)"
+    )
     modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--smoke", action="store_true", help="each benchmark's smoke mode: seconds, checks that they run")
-    modes.add_argument("--full", action="store_true", help="each benchmark's default settings (longer than the quick modes)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark before it counts as failed (default 420; smoke 120)")
+    modes.add_argument(
+        "--smoke", action="store_true", help="each benchmark's smoke mode: seconds, checks that they run"
+    )
+    modes.add_argument(
+        "--full", action="store_true", help="each benchmark's default settings (longer than the quick modes)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per benchmark before it counts as failed (default 420; smoke 120)",
+    )
     parser.add_argument("--logs", type=Path, help="write each benchmark's stdout and stderr to DIR/NAME.log")
     parser.add_argument("--verbose", action="store_true", help="echo each benchmark's own output to stderr")
     args = parser.parse_args(argv)
@@ -163,7 +191,11 @@ def main(argv: list[str] | None = None, benchmarks: dict[str, Benchmark] | None 
 
     start = time.perf_counter()
     results = [(name, run_benchmark(name, benchmarks[name], mode, timeout, args.logs, args.verbose)) for name in names]
-    print(f"[run_all] {len(names)} benchmark(s), {mode} mode, {time.perf_counter() - start:.0f} s in total", file=sys.stderr, flush=True)
+    print(
+        f"[run_all] {len(names)} benchmark(s), {mode} mode, {time.perf_counter() - start:.0f} s in total",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.smoke:
         print("smoke mode: tiny shapes and few steps, so the figures below say nothing about speed\n")
     print(summary_table(results))

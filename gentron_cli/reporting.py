@@ -5,12 +5,21 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from pipelines.errors import GentronError, storage_error
 
@@ -68,7 +77,13 @@ class _PlainTask:
     each milestone (a finished shard, a logged step), with done/total, the true rate and the ETA."""
 
     def __init__(self, console: Console, description: str, total: int | None, unit: str, interval: float):
-        self.console, self.description, self.total, self.unit, self.interval = console, description, total, unit, interval
+        self.console, self.description, self.total, self.unit, self.interval = (
+            console,
+            description,
+            total,
+            unit,
+            interval,
+        )
         self.completed, self._rate, self._last = 0, _Rate(total), time.monotonic()
 
     def advance(self, n: int = 1, *, resumed: bool = False, milestone: bool = False, **fields) -> None:
@@ -83,7 +98,10 @@ class _PlainTask:
     def line(self, fields: dict | None = None) -> None:
         of = f"/{self.total}" if self.total is not None else ""
         elapsed = _seconds(time.monotonic() - self._rate.start)
-        text = f"{self.description}: {self.completed}{of} {self.unit}, {self._rate.per_second:.3g} {self.unit}/s, elapsed {elapsed}, ETA {self._rate.eta()}"
+        rate = f"{self._rate.per_second:.3g} {self.unit}/s"
+        text = (
+            f"{self.description}: {self.completed}{of} {self.unit}, {rate}, elapsed {elapsed}, ETA {self._rate.eta()}"
+        )
         if fields:
             text += f"  {_live(fields)}"
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -118,7 +136,12 @@ class RichReporter:
             task.line()  # the final count and rate
             return
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn()]
-        columns += [TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[live]}")]
+        columns += [
+            TextColumn("[cyan]{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[live]}"),
+        ]
         with Progress(*columns, console=self.console) as progress:
             yield _RichTask(progress, progress.add_task(description, total=total, live="", rate=""), unit, total)
 
@@ -128,7 +151,9 @@ class RichReporter:
 
 
 def _print_error(err: GentronError) -> None:
-    from rich.markup import escape  # a message's own brackets (`pip install "gentron[tensorboard]"`) are text, not markup
+    from rich.markup import (
+        escape,
+    )  # a message's own brackets (`pip install "gentron[tensorboard]"`) are text, not markup
 
     console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
     if err.hint:
@@ -157,7 +182,9 @@ def deprecated(old: str, new: str) -> None:
     """Say once that option `old` is an old spelling (it still works this release) and what replaces it."""
     from rich.markup import escape
 
-    console.print(f"[yellow]deprecated:[/] {escape(old)} will be removed in the next release; use {escape(new)}", highlight=False)
+    console.print(
+        f"[yellow]deprecated:[/] {escape(old)} will be removed in the next release; use {escape(new)}", highlight=False
+    )
 
 
 def output_folder(out: Path | None, positional: Path | None) -> Path:
@@ -165,7 +192,12 @@ def output_folder(out: Path | None, positional: Path | None) -> Path:
     this release, with a deprecation message). Both, naming different folders, or neither: one message and exit 2."""
     if positional is not None:
         if out is not None and Path(out) != Path(positional):
-            _print_error(GentronError(f"two output folders: {positional} (the deprecated second argument) and --out {out}", "give only --out OUT (the second argument is the old spelling of it)"))
+            _print_error(
+                GentronError(
+                    f"two output folders: {positional} (the deprecated second argument) and --out {out}",
+                    "give only --out OUT (the second argument is the old spelling of it)",
+                )
+            )
             sys.exit(2)
         deprecated(f"the output folder as second argument ({positional})", f"--out {positional} (or -o)")
         return Path(positional)

@@ -27,16 +27,31 @@ class GentronError(Exception):
 
 # errno -> (what happened, how to fix it): the storage faults a user can fix, whatever stage hits them
 _STORAGE_ERRORS = {
-    errno.ENOSPC: ("disk full while writing {path}", "free some space, then rerun the same command: finished work is kept"),
-    errno.EDQUOT: ("disk quota exceeded while writing {path}", "free some space or raise the quota, then rerun the same command"),
+    errno.ENOSPC: (
+        "disk full while writing {path}",
+        "free some space, then rerun the same command: finished work is kept",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded while writing {path}",
+        "free some space or raise the quota, then rerun the same command",
+    ),
     errno.EROFS: ("{path} is on a read-only file system", "write the output to a writable folder"),
-    errno.EACCES: ("permission denied: {path}", "write the output to a folder you may write to (or fix its permissions)"),
-    errno.EPERM: ("operation not permitted: {path}", "write the output to a folder you may write to (or fix its permissions)"),
-    errno.ENOENT: ("{path} does not exist (its parent folder is missing)", "create the parent folder or pass an existing one"),
+    errno.EACCES: (
+        "permission denied: {path}",
+        "write the output to a folder you may write to (or fix its permissions)",
+    ),
+    errno.EPERM: (
+        "operation not permitted: {path}",
+        "write the output to a folder you may write to (or fix its permissions)",
+    ),
+    errno.ENOENT: (
+        "{path} does not exist (its parent folder is missing)",
+        "create the parent folder or pass an existing one",
+    ),
 }
 
 
-def storage_error(exc: OSError, path=None) -> "GentronError | None":
+def storage_error(exc: OSError, path=None) -> GentronError | None:
     """The user-facing error for an OSError a user can fix (full disk, quota, read-only, permissions,
     missing parent folder), naming `path` (default: the file the OSError names); None for any other OSError."""
     known = _STORAGE_ERRORS.get(exc.errno)

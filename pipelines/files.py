@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from pipelines.errors import storage_error
 
@@ -102,7 +103,6 @@ class AtomicFile(CommitOnSuccess):
         quietly(lambda: self.tmp_path.unlink(missing_ok=True))
 
 
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (see the module docstring)."""
     with AtomicFile(path) as f:
@@ -114,7 +114,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj, *, indent: int = 1, sort_keys: bool = True, ensure_ascii: bool = True, newline: bool = False) -> Path:
+def atomic_write_json(
+    path: str | Path, obj, *, indent: int = 1, sort_keys: bool = True, ensure_ascii: bool = True, newline: bool = False
+) -> Path:
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + ("\n" if newline else "")
     return atomic_write_text(path, text)
 

@@ -10,9 +10,9 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.errors import GentronError
 
@@ -37,11 +37,15 @@ def folder_lock(folder: str | Path, what: str = "output folder", rank: int = 0, 
             holder = f.read().strip() or "another process"
             raise GentronError(
                 f"{what} {Path(folder)} is in use by {holder}",
-                "wait for that run to finish (or stop it), or write to another folder: two writers would destroy each other's files",
+                "wait for that run to finish (or stop it), or write to another folder: two writers would destroy each "
+                "other's files",
             ) from None
         f.seek(0)
         f.truncate()
-        f.write(f"process {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:2]])}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(
+            f"process {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:2]])}) since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         f.flush()
         yield path
     finally:

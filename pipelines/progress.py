@@ -6,8 +6,9 @@ Library code reports through a `Reporter`; the CLI passes a Rich implementation
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Task(Protocol):
@@ -21,7 +22,7 @@ class Task(Protocol):
 
 
 class Reporter(Protocol):
-    def task(self, description: str, total: int | None, unit: str = "it") -> "contextmanager[Task]":
+    def task(self, description: str, total: int | None, unit: str = "it") -> contextmanager[Task]:
         """Context manager yielding a Task for a bar of `total` units (None: unknown total)."""
 
     def log(self, message: str) -> None:

@@ -28,8 +28,15 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only
+        libc.gnu_get_libc_version  # noqa: B018 (looking it up fails off glibc)
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+            (_M_TOP_PAD, _TOP_PAD),
+        )
+    )

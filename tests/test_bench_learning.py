@@ -1,4 +1,5 @@
-"""The learning benchmark's scoring, on ground-truth "samples" written the way `gentron sample` writes them (no training)."""
+"""The learning benchmark's scoring, on ground-truth "samples" written the way `gentron sample` writes them (no
+training)."""
 
 import importlib.util
 import sys
@@ -9,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
-from pipelines.outputs import output_stem, write_sample, write_sidecar
-from pipelines.toydata import SIDES, ToyDataConfig, make_toy_dataset, parse_caption
+from pipelines.sample.outputs import output_stem, write_sample, write_sidecar
+from pipelines.toy.data import SIDES, ToyDataConfig, make_toy_dataset, parse_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,10 @@ def _write_samples(folder: Path, prompts: list[str], pixels: dict[str, np.ndarra
         frames = pixels[prompt]
         files = write_sample(folder, stem, frames, fps=4.0)
         settings = {"frames": 1 if frames.ndim == 3 else len(frames)}
-        write_sidecar(folder / f"{stem}.json", {"prompt": prompt, "index": index, "files": [f.name for f in files], "settings": settings})
+        write_sidecar(
+            folder / f"{stem}.json",
+            {"prompt": prompt, "index": index, "files": [f.name for f in files], "settings": settings},
+        )
 
 
 def _resize(frame: np.ndarray) -> np.ndarray:
@@ -46,10 +50,14 @@ def ground_truth(tmp_path_factory):
     """Each benchmark prompt's ground truth at the training size: one toy image / 8-frame clip per prompt."""
     cfg = ToyDataConfig(images_per_combo=1, videos_per_combo=1, shapes=bench.SHAPES, places=SIDES)  # nothing held out
     dirs = make_toy_dataset(tmp_path_factory.mktemp("toy"), cfg)
-    images = {p.with_suffix(".txt").read_text(): _resize(np.asarray(Image.open(p))) for p in dirs["images"].glob("*.png")}
+    images = {
+        p.with_suffix(".txt").read_text(): _resize(np.asarray(Image.open(p))) for p in dirs["images"].glob("*.png")
+    }
     videos = {}
     for path in dirs["videos"].glob("*.mp4"):
-        clip = decode_clip(path.read_bytes())[: bench.FRAMES * bench.FRAME_STRIDE : bench.FRAME_STRIDE]  # as prep-videos picks
+        clip = decode_clip(path.read_bytes())[
+            : bench.FRAMES * bench.FRAME_STRIDE : bench.FRAME_STRIDE
+        ]  # as prep-videos picks
         videos[path.with_suffix(".txt").read_text()] = np.stack([_resize(f) for f in clip])
     return images, videos
 
@@ -67,11 +75,16 @@ def test_prompts_cover_every_combination_with_the_held_out_pairs():
 def test_ground_truth_scores_perfectly(tmp_path, ground_truth):
     images, videos = ground_truth
     assert set(images) == set(bench.image_prompts()) and set(videos) == set(bench.video_prompts())
-    for stage, prompts, pixels, attributes in (("t2i", bench.image_prompts(), images, bench.IMAGE_ATTRIBUTES), ("t2v", bench.video_prompts(), videos, bench.VIDEO_ATTRIBUTES)):
+    for stage, prompts, pixels, attributes in (
+        ("t2i", bench.image_prompts(), images, bench.IMAGE_ATTRIBUTES),
+        ("t2v", bench.video_prompts(), videos, bench.VIDEO_ATTRIBUTES),
+    ):
         _write_samples(tmp_path / stage, prompts, pixels)
         read = bench.read_samples(tmp_path / stage)
         assert [prompt for prompt, _ in read] == prompts  # sidecars sort by index
-        assert all(np.array_equal(frames, pixels[prompt]) for prompt, frames in read)  # exact pixels, from the film strip
+        assert all(
+            np.array_equal(frames, pixels[prompt]) for prompt, frames in read
+        )  # exact pixels, from the film strip
         groups = bench.tally([(prompt, bench.probe(prompt, frames)) for prompt, frames in read])
         assert (groups["seen"].total, groups["held_out"].total) == (40, 8)
         ratios = bench.ratios_of("gt", stage, groups, attributes)
@@ -87,24 +100,43 @@ def test_aggregation_splits_seen_and_held_out_and_counts_each_attribute(tmp_path
             asked = parse_caption(prompt)
             wrong_images[prompt] = images[bench.image_caption(asked["color"], asked["place"], "square")]
     # Videos: seen prompts moving left play backwards (wrong direction, right axis); held-out ones are right
-    wrong_videos = {p: v[::-1] if p.endswith("moving left") and not bench.is_held_out(p) else v for p, v in videos.items()}
+    wrong_videos = {
+        p: v[::-1] if p.endswith("moving left") and not bench.is_held_out(p) else v for p, v in videos.items()
+    }
     _write_samples(tmp_path / "t2i", bench.image_prompts(), wrong_images)
     _write_samples(tmp_path / "t2v", bench.video_prompts(), wrong_videos)
 
-    score = lambda stage: bench.tally([(p, bench.probe(p, f)) for p, f in bench.read_samples(tmp_path / stage)])
+    def score(stage):
+        return bench.tally([(p, bench.probe(p, f)) for p, f in bench.read_samples(tmp_path / stage)])
+
     images_score, videos_score = score("t2i"), score("t2v")
     assert dict(images_score["seen"].hits) == {"color": 40, "shape": 40, "place": 40}
     assert dict(images_score["held_out"].hits) == {"color": 8, "shape": 0, "place": 8}
-    assert dict(videos_score["seen"].hits) == {"color": 40, "shape": 40, "direction": 30, "axis": 40}  # 10 seen pairs move left
+    assert dict(videos_score["seen"].hits) == {
+        "color": 40,
+        "shape": 40,
+        "direction": 30,
+        "axis": 40,
+    }  # 10 seen pairs move left
     assert dict(videos_score["held_out"].hits) == {"color": 8, "shape": 8, "direction": 8, "axis": 8}
 
-    ratios = bench.ratios_of("flow", "t2i", images_score, bench.IMAGE_ATTRIBUTES) | bench.ratios_of("flow", "t2v", videos_score, bench.VIDEO_ATTRIBUTES)
+    ratios = bench.ratios_of("flow", "t2i", images_score, bench.IMAGE_ATTRIBUTES) | bench.ratios_of(
+        "flow", "t2v", videos_score, bench.VIDEO_ATTRIBUTES
+    )
     assert ratios["flow.t2i.shape"] == 1.0 and ratios["flow.t2i.held_out.shape"] == 0.0
-    assert ratios["flow.t2v.direction"] == 0.75 and ratios["flow.t2v.axis"] == 1.0 and ratios["flow.t2v.held_out.direction"] == 1.0
+    assert (
+        ratios["flow.t2v.direction"] == 0.75
+        and ratios["flow.t2v.axis"] == 1.0
+        and ratios["flow.t2v.held_out.direction"] == 1.0
+    )
 
     result = bench.summary(ratios | {"ddpm.t2i.shape": 0.1}, {"flow.t2i_minutes": 1.5}, candidate="flow", threads=2)
-    assert result["benchmark"] == "learning" and result["threads"] == 2 and result["figures"] == {"flow.t2i_minutes": 1.5}
-    assert set(result["goals"]) == set(result["met"]) and all(k.startswith("flow.") for k in result["goals"])  # the candidate's only
+    assert (
+        result["benchmark"] == "learning" and result["threads"] == 2 and result["figures"] == {"flow.t2i_minutes": 1.5}
+    )
+    assert set(result["goals"]) == set(result["met"]) and all(
+        k.startswith("flow.") for k in result["goals"]
+    )  # the candidate's only
     assert result["goals"]["flow.t2i.color"] == ">= 0.95" and result["goals"]["flow.t2v.held_out.axis"] == ">= 0.70"
     failed = {k for k, ok in result["met"].items() if not ok}
     assert failed == {"flow.t2i.held_out.shape", "flow.t2v.direction"}
@@ -113,7 +145,11 @@ def test_aggregation_splits_seen_and_held_out_and_counts_each_attribute(tmp_path
 def test_a_group_without_prompts_is_left_out_and_missing_goals_are_not_met():
     groups = bench.tally([("a green square on the left", {"color": True, "shape": False, "place": True})])
     assert groups["held_out"].total == 0 and groups["held_out"].rate("color") == 0.0
-    assert bench.ratios_of("ddpm", "t2i", groups, bench.IMAGE_ATTRIBUTES) == {"ddpm.t2i.color": 1.0, "ddpm.t2i.shape": 0.0, "ddpm.t2i.place": 1.0}
+    assert bench.ratios_of("ddpm", "t2i", groups, bench.IMAGE_ATTRIBUTES) == {
+        "ddpm.t2i.color": 1.0,
+        "ddpm.t2i.shape": 0.0,
+        "ddpm.t2i.place": 1.0,
+    }
     result = bench.summary({"ddpm.t2i.color": 1.0}, {}, candidate="ddpm", threads=1)
     assert result["met"]["ddpm.t2i.color"] is True and result["met"]["ddpm.t2v.direction"] is False
 

@@ -55,7 +55,13 @@ def test_goal_strings_and_met():
     assert not results.goal_met(None, ">= 0.5") and not results.goal_met(float("nan"), "<= 1.0")
     with pytest.raises(ValueError):
         results.parse_goal("about 1")
-    obj = results.result("x", {"a": 0.85, "b": 2.0, "c": None, "free": 3.0}, {"a": "<= 0.9", "b": "<= 1.0", "c": ">= 1"}, {"t": float("inf")}, 2)
+    obj = results.result(
+        "x",
+        {"a": 0.85, "b": 2.0, "c": None, "free": 3.0},
+        {"a": "<= 0.9", "b": "<= 1.0", "c": ">= 1"},
+        {"t": float("inf")},
+        2,
+    )
     assert obj["met"] == {"a": True, "b": False, "c": False}
     assert obj["figures"] == {"t": None}  # not finite: null, so the line stays valid JSON
     assert results.check_line(json.loads(json.dumps(obj))) == []
@@ -75,15 +81,31 @@ def _script(folder: Path, name: str, body: str) -> str:
 
 def test_run_all_collects_each_json_line_and_shows_skips_and_failures(tmp_path, capsys):
     run_all = _load("run_all")
-    good = {"benchmark": "good", "ratios": {"speed": 0.8, "free": 1.5}, "goals": {"speed": "<= 0.9"}, "met": {"speed": True},
-            "figures": {"s": 1.0}, "threads": 2}  # fmt: skip
-    skip = {"benchmark": "skip", "skipped": "scikit-video is not installed", "ratios": {}, "goals": {}, "met": {}, "figures": {}, "threads": 1}
+    good = {
+        "benchmark": "good",
+        "ratios": {"speed": 0.8, "free": 1.5},
+        "goals": {"speed": "<= 0.9"},
+        "met": {"speed": True},
+        "figures": {"s": 1.0},
+        "threads": 2,
+    }
+    skip = {
+        "benchmark": "skip",
+        "skipped": "scikit-video is not installed",
+        "ratios": {},
+        "goals": {},
+        "met": {},
+        "figures": {},
+        "threads": 1,
+    }
     fake = {
         "good": _script(tmp_path, "good", f"print('a table')\nprint(json.dumps({good!r}))\n"),
         "skip": _script(tmp_path, "skip", f"print(json.dumps({skip!r}))\n"),
         "crash": _script(tmp_path, "crash", "print('partial')\nsys.exit('boom: no such thing')\n"),
         "nojson": _script(tmp_path, "nojson", "print('done')\n"),
-        "liar": _script(tmp_path, "liar", f"print(json.dumps({ {**good, 'benchmark': 'liar', 'met': {'speed': False}}!r}))\n"),
+        "liar": _script(
+            tmp_path, "liar", f"print(json.dumps({ {**good, 'benchmark': 'liar', 'met': {'speed': False}}!r}))\n"
+        ),
     }
     benchmarks = {name: run_all.Benchmark(path, quick=(), smoke=()) for name, path in fake.items()}
     status = run_all.main(["--logs", str(tmp_path / "logs")], benchmarks=benchmarks)
@@ -115,7 +137,12 @@ def test_run_all_knows_every_benchmark_but_the_learning_one():
     run_all = _load("run_all")
     scripts = {b.script for b in run_all.BENCHMARKS.values()}
     # the learning benchmark and its diagnosis run for minutes to hours: they are run on their own
-    on_disk = {p.name for p in BENCHMARKS.glob("*.py")} - {"results.py", "run_all.py", "bench_learning.py", "learning_diagnosis.py"}
+    on_disk = {p.name for p in BENCHMARKS.glob("*.py")} - {
+        "results.py",
+        "run_all.py",
+        "bench_learning.py",
+        "learning_diagnosis.py",
+    }
     assert scripts == on_disk
 
 
@@ -152,13 +179,21 @@ def test_gpu_check_smoke_mode_runs_every_part_on_the_cpu(capsys):
     obj = _last_json_line(capsys.readouterr().out)
     _assert_well_formed(obj, "gpu_check")
     assert obj["parts"] == {part: "ok" for part in gpu_check.PARTS}
-    assert obj["goals"] == {"t2i_mfu.best": ">= 0.5"} and obj["met"] == {"t2i_mfu.best": False}  # no datasheet peak on a CPU
+    assert obj["goals"] == {"t2i_mfu.best": ">= 0.5"} and obj["met"] == {
+        "t2i_mfu.best": False
+    }  # no datasheet peak on a CPU
     f = obj["figures"]
-    assert f["device"]["type"] == "cpu" and f["peak"]["measured_bf16_tflops"] > 0 and f["peak"]["datasheet_bf16_tflops"] is None
+    assert (
+        f["device"]["type"] == "cpu"
+        and f["peak"]["measured_bf16_tflops"] > 0
+        and f["peak"]["datasheet_bf16_tflops"] is None
+    )
 
     for name in ("t2i_eager", "t2i_checkpointing", "t2i_compile"):
         t2i = f[name]
-        assert t2i["batch"] in (1, 2, 4) and t2i["samples_per_s"] > 0 and t2i["tflops"] > 0 and math.isfinite(t2i["loss"])
+        assert (
+            t2i["batch"] in (1, 2, 4) and t2i["samples_per_s"] > 0 and t2i["tflops"] > 0 and math.isfinite(t2i["loss"])
+        )
         assert t2i["train_flops_per_sample"] > 0 and t2i["peak_memory_gib"] is None  # no allocator statistics on a CPU
         assert 0 < t2i["mfu_measured_peak"] and t2i["mfu_datasheet"] is None
     assert set(f["t2i_eager"]["batch_search"]) == {"1", "2", "4"} and f["t2i_eager"]["capped_at_max_batch"] is True
@@ -184,24 +219,40 @@ def test_gpu_check_smoke_mode_runs_every_part_on_the_cpu(capsys):
     assert fsdp["terms_gib"]["sharded_state"] == pytest.approx(fsdp["params"] * 20 / 8 / 2**30, rel=1e-3)
     assert fsdp["root_params"] == fsdp["params"] - fsdp["depth"] * fsdp["block_params"] > 0
     sampling = f["mfg_sampling"]
-    assert sampling["steps"] == 2 and sampling["seconds"] > 0 and sampling["finite"] is True and sampling["batch_per_forward"] == 3
+    assert (
+        sampling["steps"] == 2
+        and sampling["seconds"] > 0
+        and sampling["finite"] is True
+        and sampling["batch_per_forward"] == 3
+    )
 
 
 def test_gpu_check_estimate_datasheet_and_deadline():
     gpu_check = _load("gpu_check")
     gib = 2**30
     est = gpu_check.fsdp_estimate(
-        params=800 * gib, block_params=10 * gib, depth=48, gpus=8,
-        act_one={"checkpointing": 3 * gib, "no_checkpointing": 5 * gib}, act_two={"checkpointing": 4 * gib, "no_checkpointing": None},
-    )  # fmt: skip
+        params=800 * gib,
+        block_params=10 * gib,
+        depth=48,
+        gpus=8,
+        act_one={"checkpointing": 3 * gib, "no_checkpointing": 5 * gib},
+        act_two={"checkpointing": 4 * gib, "no_checkpointing": None},
+    )
     terms = est["terms_gib"]
-    assert terms["sharded_state"] == 800 * 20 / 8 and terms["unsharded_root"] == (800 - 480) * 2 and terms["unsharded_blocks"] == 2 * 10 * 8
+    assert (
+        terms["sharded_state"] == 800 * 20 / 8
+        and terms["unsharded_root"] == (800 - 480) * 2
+        and terms["unsharded_blocks"] == 2 * 10 * 8
+    )
     assert terms["activations_checkpointing"] == 3 + 47 * 1
     assert est["per_gpu_gib_checkpointing"] == 2000 + 640 + 160 + 50
     assert est["per_gpu_gib_no_checkpointing"] is None and terms["activations_no_checkpointing"] is None
 
     assert gpu_check.datasheet_peak("NVIDIA H200") == gpu_check.datasheet_peak("NVIDIA H100 80GB HBM3") == 989.4
-    assert gpu_check.datasheet_peak("NVIDIA H100 PCIe") == 756.5 and gpu_check.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert (
+        gpu_check.datasheet_peak("NVIDIA H100 PCIe") == 756.5
+        and gpu_check.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    )
     assert gpu_check.datasheet_peak("NVIDIA L40S") == 362.05 and gpu_check.datasheet_peak("NVIDIA L4") == 121.0
     assert gpu_check.datasheet_peak("NVIDIA GeForce RTX 3090") is None
 
@@ -228,7 +279,9 @@ def test_gpu_check_batch_search_stops_at_the_first_out_of_memory(monkeypatch):
     gpu_check.throughput(trainer, gpu_check.replace(s, max_batch=64), gpu_check.Clock(60), out, None)
     assert list(out["batch_search"].values())[2] == "out of memory" and len(out["batch_search"]) == 3
     assert out["batch"] == 2 and out["capped_at_max_batch"] is False and out["samples_per_s"] > 0
-    assert gpu_check.is_oom(RuntimeError("CUDA error: out of memory")) and not gpu_check.is_oom(RuntimeError("shape mismatch"))
+    assert gpu_check.is_oom(RuntimeError("CUDA error: out of memory")) and not gpu_check.is_oom(
+        RuntimeError("shape mismatch")
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")

@@ -9,7 +9,17 @@ from typer.testing import CliRunner
 from gentron_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["quickstart", "prep-videos", "prep-images", "encode-latents", "encode-text", "train", "sample", "info", "stats"]
+COMMANDS = [
+    "quickstart",
+    "prep-videos",
+    "prep-images",
+    "encode-latents",
+    "encode-text",
+    "train",
+    "sample",
+    "info",
+    "stats",
+]
 
 
 def test_help_lists_every_command():
@@ -21,7 +31,10 @@ def test_help_lists_every_command():
 
 def test_cli_start_up_imports_no_deep_learning_library():
     # `gentron --help` and spawned worker processes import the app; the library loads inside commands.
-    code = "import sys, gentron_cli.main; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = (
+        "import sys, gentron_cli.main; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -29,8 +42,21 @@ def test_cli_start_up_imports_no_deep_learning_library():
 def test_cli_reference_is_generated_from_the_app(tmp_path):
     generated = tmp_path / "cli.md"
     subprocess.run(
-        [sys.executable, "-m", "typer", "gentron_cli.main", "utils", "docs", "--name", "gentron", "--output", str(generated)],
-        check=True, capture_output=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "typer",
+            "gentron_cli.main",
+            "utils",
+            "docs",
+            "--name",
+            "gentron",
+            "--output",
+            str(generated),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
     )
     assert generated.read_text() == (ROOT / "docs/cli.md").read_text(), (
         "docs/cli.md is out of date: python -m typer gentron_cli.main utils docs --name gentron --output docs/cli.md"

@@ -17,7 +17,6 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 
 
-
 def dit_alphas_cumprod() -> np.ndarray:
     """DiT's linear schedule, computed the way DiT does (float64 numpy)."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
@@ -109,7 +108,9 @@ def reference_vlb(x0, x_t, t: int, eps, v) -> float:
 
     def posterior(s: int, start):
         prev = alpha_bar[s - 1] if s > 0 else torch.tensor(1.0, dtype=torch.float64)
-        mean = (prev.sqrt() * betas[s] / (1 - alpha_bar[s])) * start + ((1 - betas[s]).sqrt() * (1 - prev) / (1 - alpha_bar[s])) * x_t
+        mean = (prev.sqrt() * betas[s] / (1 - alpha_bar[s])) * start + (
+            (1 - betas[s]).sqrt() * (1 - prev) / (1 - alpha_bar[s])
+        ) * x_t
         variance = betas[s] * (1 - prev) / (1 - alpha_bar[s])
         return mean, variance
 
@@ -274,8 +275,17 @@ def test_oracle_model_ends_at_x0_on_the_training_grid(objective_name, name, step
     noise = torch.randn(x0.shape, generator=generator)
     text = random_text(2, generator)
     oracle = Oracle(objective, x0)
-    out = sample(oracle, make_scheduler(name, objective), noise, text, text, steps=steps, cfg_scale=4.0,
-                 mfg_scale=1.2, generator=torch.Generator().manual_seed(0))
+    out = sample(
+        oracle,
+        make_scheduler(name, objective),
+        noise,
+        text,
+        text,
+        steps=steps,
+        cfg_scale=4.0,
+        mfg_scale=1.2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (out - x0).abs().max().item() < 1e-3
     assert (noise - x0).abs().max().item() > 1.0  # the sample moved
     timesteps = [t for t, _ in oracle.calls]
@@ -291,7 +301,9 @@ def test_oracle_model_ends_at_x0_on_the_training_grid(objective_name, name, step
         eps = (x_start - a * x0.double()) / s
         for t, x in oracle.calls[1:]:
             a, s = oracle.signal_noise(torch.tensor([t]), x)
-            assert (x - (a * x0.double() + s * eps)).abs().max().item() < 1e-4, f"the step to t={t} is off the training grid"
+            assert (x - (a * x0.double() + s * eps)).abs().max().item() < 1e-4, (
+                f"the step to t={t} is off the training grid"
+            )
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)
@@ -302,8 +314,15 @@ def test_ddpm_adds_no_noise_on_its_final_step(steps, v):
     generator = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 4, 8, 8, generator=generator)
     oracle = Oracle(objective, x0, v=v)
-    out = sample(oracle, make_scheduler("ddpm", objective, learned_sigma=True), torch.randn(x0.shape, generator=generator),
-                 random_text(2, generator), steps=steps, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    out = sample(
+        oracle,
+        make_scheduler("ddpm", objective, learned_sigma=True),
+        torch.randn(x0.shape, generator=generator),
+        random_text(2, generator),
+        steps=steps,
+        cfg_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (out - x0).abs().max().item() < 1e-3
 
 
@@ -324,10 +343,15 @@ def test_noise_shift_lowers_the_snr_of_every_step(objective_name):
     base = make_objective(ObjectiveConfig(name=objective_name))
     shifted = make_objective(ObjectiveConfig(name=objective_name, noise_shift=2.0))
     if objective_name == "ddpm":
-        snr = lambda o: o.diffusion.alphas_cumprod / (1 - o.diffusion.alphas_cumprod)
+
+        def snr(o):
+            return o.diffusion.alphas_cumprod / (1 - o.diffusion.alphas_cumprod)
+
         np.testing.assert_allclose((snr(base) / snr(shifted)).numpy(), 4.0, rtol=1e-6)
         scheduler = make_scheduler("ddim", shifted)
-        np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), shifted.diffusion.alphas_cumprod.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            scheduler.alphas_cumprod.double().numpy(), shifted.diffusion.alphas_cumprod.numpy(), rtol=1e-5
+        )
     else:
         for u in (0.1, 0.5, 0.9):
             t0, t1 = base.timestep(u) / 1000, shifted.timestep(u) / 1000
@@ -357,7 +381,10 @@ def test_min_snr_weights_the_epsilon_loss():
     x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0, 100, 500, 999])
-    model = lambda x, t, text, motion_free=None: torch.zeros_like(x)  # eps = 0: mse = mean(noise^2)
+
+    def model(x, t, text, motion_free=None):
+        return torch.zeros_like(x)  # eps = 0: mse = mean(noise^2)
+
     text = random_text(4, torch.Generator().manual_seed(2))
     weighted, unweighted = objective.loss(model, x0, t, text, noise=noise), plain.loss(model, x0, t, text, noise=noise)
     alpha_bar = plain.diffusion.alphas_cumprod[t]
@@ -401,7 +428,7 @@ def test_objective_settings_that_cannot_take_effect_are_refused():
 
 def test_ddpm_uses_the_learned_variance():
     """learned_range with v = -1 is the posterior variance (fixed_small); v = +1 (beta_t) differs."""
-    diffusion = GaussianDiffusion()
+    GaussianDiffusion()
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn(2, 3, 4, 4, 4, generator=generator)  # video: T = 3, C = 4
     text = random_text(2, generator)
@@ -415,7 +442,9 @@ def test_ddpm_uses_the_learned_variance():
 
     def run(model, learned_sigma):
         scheduler = make_scheduler("ddpm", learned_sigma=learned_sigma)
-        return sample(model, scheduler, noise, text, steps=10, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
+        return sample(
+            model, scheduler, noise, text, steps=10, cfg_scale=1.0, generator=torch.Generator().manual_seed(7)
+        )
 
     fixed = run(shrinking_model(None), learned_sigma=False)
     learned_low = run(shrinking_model(-1.0), learned_sigma=True)
@@ -498,8 +527,17 @@ def test_samplers_with_the_real_model_are_seeded(tiny_video_model, name):
 
     def run(noise_seed: int, step_seed: int) -> torch.Tensor:
         noise = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(noise_seed))
-        return sample(model, scheduler, noise, text, uncond, steps=5, cfg_scale=4.0, mfg_scale=1.2,
-                      generator=torch.Generator().manual_seed(step_seed))
+        return sample(
+            model,
+            scheduler,
+            noise,
+            text,
+            uncond,
+            steps=5,
+            cfg_scale=4.0,
+            mfg_scale=1.2,
+            generator=torch.Generator().manual_seed(step_seed),
+        )
 
     first = run(0, 0)
     assert torch.isfinite(first).all() and first.shape == (2, 3, 4, 8, 8)

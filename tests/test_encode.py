@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from gentron_cli.commands import encode as encode_commands
 from pipelines.data import media, schema
 from pipelines.data.shards import ShardWriter, iter_shard, list_shards
-from pipelines.encode_latents import CenterCropResize, EncodeLatentsConfig, encode_latents
-from pipelines.encode_text import EncodeTextConfig, encode_text
+from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
+from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model.vae import load_vae
@@ -43,7 +43,10 @@ def _frames(t, h, w, seed):
 
 def _sample(kind, i, caption=None, h=16, w=24):
     meta = schema.encode_json({"prep": {"source": f"src{i}.mp4", "index": i}})
-    fields = {schema.META: meta, schema.CAPTION: schema.encode_caption(caption if caption is not None else f"a clip number {i}")}
+    fields = {
+        schema.META: meta,
+        schema.CAPTION: schema.encode_caption(caption if caption is not None else f"a clip number {i}"),
+    }
     if kind == "clip":
         fields[schema.VIDEO] = media.encode_clip(_frames(8, h, w, i), fps=4)
     elif kind in ("png", "jpg"):
@@ -90,7 +93,12 @@ def test_encode_latents_pixel_round_trip_flip_and_failures(tmp_path):
     inp = _write_shards(
         tmp_path / "in",
         [
-            [("c0", _sample("clip", 0)), ("bad", _sample("corrupt", 1)), ("i2", _sample("png", 2)), ("nomedia", _sample("none", 3))],
+            [
+                ("c0", _sample("clip", 0)),
+                ("bad", _sample("corrupt", 1)),
+                ("i2", _sample("png", 2)),
+                ("nomedia", _sample("none", 3)),
+            ],
             [("i4", _sample("jpg", 4, h=32, w=48)), ("c5", _sample("clip", 5, h=24, w=16))],
         ],
     )
@@ -128,16 +136,27 @@ def test_encode_latents_pixel_round_trip_flip_and_failures(tmp_path):
 
 
 def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
-    samples = [("c0", _sample("clip", 0, h=16, w=16)), ("i1", _sample("png", 1, h=16, w=16)), ("c2", _sample("clip", 2, h=16, w=16))]
+    samples = [
+        ("c0", _sample("clip", 0, h=16, w=16)),
+        ("i1", _sample("png", 1, h=16, w=16)),
+        ("c2", _sample("clip", 2, h=16, w=16)),
+    ]
     inp = _write_shards(tmp_path / "in", [samples])
     out = tmp_path / "out"
     res = encode_latents(EncodeLatentsConfig(inp, out, vae=str(tiny["vae"]), resolution=16, batch_size=3, device="cpu"))
     assert res.samples_out == 3
     vae = load_vae(str(tiny["vae"]), device="cpu")
-    for key, fields in _read(out)["000000.tar"]:
-        frames = media.decode_clip(fields[schema.VIDEO]) if schema.VIDEO in fields else media.decode_image(fields["png"])[None]
+    for _key, fields in _read(out)["000000.tar"]:
+        frames = (
+            media.decode_clip(fields[schema.VIDEO])
+            if schema.VIDEO in fields
+            else media.decode_image(fields["png"])[None]
+        )
         mean, std = vae.encode(frames)  # one sample alone, where the stage batched three
-        stored_mean, stored_std = schema.decode_npy(fields[schema.LATENT_MEAN]), schema.decode_npy(fields[schema.LATENT_STD])
+        stored_mean, stored_std = (
+            schema.decode_npy(fields[schema.LATENT_MEAN]),
+            schema.decode_npy(fields[schema.LATENT_STD]),
+        )
         if schema.VIDEO not in fields:
             stored_mean, stored_std = stored_mean[None], stored_std[None]
         assert stored_mean.shape == (len(frames), 4, 2, 2)
@@ -156,7 +175,14 @@ def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
 
 def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, tiny):
     long_caption = " ".join(["photo"] * 120)  # over 77 CLIP tokens and 120 bytes
-    captions = {"k0": "a red car at night", "k1": "", "k2": "   ", "k3": "a dog", "k4": long_caption, "k5": "ünïcödé 🙂"}
+    captions = {
+        "k0": "a red car at night",
+        "k1": "",
+        "k2": "   ",
+        "k3": "a dog",
+        "k4": long_caption,
+        "k5": "ünïcödé 🙂",
+    }
     shard0 = [(k, _sample("none", i, c)) for i, (k, c) in enumerate(captions.items())]
     bad = _sample("none", 9)
     bad[schema.CAPTION] = b"\xff\xfe broken"
@@ -174,10 +200,16 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
 
     for key, fields in (s for shard in _read(out).values() for s in shard):
         direct = encoders.encode([schema.decode_caption(fields[schema.CAPTION])])[0]  # alone, unbatched
-        for array_name, field in (("clip", schema.CLIP_TOKENS), ("clip_pooled", schema.CLIP_POOLED), ("t5", schema.T5_TOKENS)):
+        for array_name, field in (
+            ("clip", schema.CLIP_TOKENS),
+            ("clip_pooled", schema.CLIP_POOLED),
+            ("t5", schema.T5_TOKENS),
+        ):
             stored = schema.decode_npy(fields[field])
             assert stored.dtype == np.float16 and stored.shape == direct[array_name].shape
-            np.testing.assert_allclose(stored.astype(np.float32), direct[array_name].astype(np.float32), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(
+                stored.astype(np.float32), direct[array_name].astype(np.float32), atol=2e-3, rtol=2e-3
+            )
         text = schema.decode_json(fields[schema.META])["text"]
         assert text["tokens"] == {"clip": len(direct["clip"]), "t5": len(direct["t5"])}
         assert text["truncated"] == (["clip", "t5"] if key == "k4" else [])
@@ -236,16 +268,42 @@ def _cli_app():
 
 def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny):
     runner = CliRunner()
-    result = runner.invoke(_cli_app(), ["encode-latents", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--vae", "pixel"])
+    result = runner.invoke(
+        _cli_app(), ["encode-latents", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--vae", "pixel"]
+    )
     assert result.exit_code == 2 and "input folder not found" in result.output and "Traceback" not in result.output
     inp = _write_shards(tmp_path / "in", [[("k0", _sample("none", 0)), ("k1", _sample("none", 1, caption=""))]])
-    args = ["encode-text", str(inp), "--out", str(tmp_path / "out"), "--clip", str(tmp_path / "no_clip_here"), "--encoders", "clip"]
+    args = [
+        "encode-text",
+        str(inp),
+        "--out",
+        str(tmp_path / "out"),
+        "--clip",
+        str(tmp_path / "no_clip_here"),
+        "--encoders",
+        "clip",
+    ]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 2 and "no_clip_here" in result.output and "Traceback" not in result.output
-    result = runner.invoke(_cli_app(), ["encode-latents", str(inp), "-o", str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"], env={"COLUMNS": "1000"})
+    result = runner.invoke(
+        _cli_app(),
+        ["encode-latents", str(inp), "-o", str(tmp_path / "o2"), "--vae", "pixel", "--resolution", "16"],
+        env={"COLUMNS": "1000"},
+    )
     assert result.exit_code == 2, result.output  # a stage that keeps nothing fails, with the reasons counted
     assert "kept nothing: all 2 inputs failed (no_media: 2)" in result.output and "Traceback" not in result.output
-    args = ["encode-text", str(inp), "--out", str(tmp_path / "o3"), "--clip", str(tiny["clip"]), "--t5", str(tiny["t5"]), "--device", "cpu"]
+    args = [
+        "encode-text",
+        str(inp),
+        "--out",
+        str(tmp_path / "o3"),
+        "--clip",
+        str(tiny["clip"]),
+        "--t5",
+        str(tiny["t5"]),
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(_cli_app(), args)
     assert result.exit_code == 0, result.output
     assert "1 of 2 samples written, 1 failed" in result.output and "empty_caption" in result.output
@@ -260,14 +318,31 @@ def _env(**extra):
 
 
 def _clip_shards(folder, shards, per_shard, h, w):
-    return _write_shards(folder, [[(f"c{s}_{i}", _sample("clip", 10 * s + i, h=h, w=w)) for i in range(per_shard)] for s in range(shards)])
+    return _write_shards(
+        folder,
+        [[(f"c{s}_{i}", _sample("clip", 10 * s + i, h=h, w=w)) for i in range(per_shard)] for s in range(shards)],
+    )
 
 
 def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     inp = _clip_shards(tmp_path / "in", shards=16, per_shard=3, h=48, w=64)  # resized to 32: some work per shard
     killed = tmp_path / "killed"
-    args = ["encode-latents", str(inp), "--out", str(killed), "--vae", "pixel", "--resolution", "32", "--batch-size", "1", "--flip"]
-    proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = [
+        "encode-latents",
+        str(inp),
+        "--out",
+        str(killed),
+        "--vae",
+        "pixel",
+        "--resolution",
+        "32",
+        "--batch-size",
+        "1",
+        "--flip",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 120
     while not list(killed.glob("*.stats.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -293,16 +368,25 @@ def test_rank_split_covers_every_shard_once(tmp_path):
     args = ["encode-latents", str(inp), "--out", str(out), "--vae", "pixel", "--resolution", "16"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CLI, *args], env=_env(RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "-c", CLI, *args],
+            env=_env(RANK=str(r), WORLD_SIZE="2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         for r in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "3 shards done" in outputs[0] and "2 shards done" in outputs[1]  # jobs[rank::2] of 5: together all, none twice
+    assert (
+        "3 shards done" in outputs[0] and "2 shards done" in outputs[1]
+    )  # jobs[rank::2] of 5: together all, none twice
     single = tmp_path / "single"
     encode_latents(EncodeLatentsConfig(inp, single, vae="pixel", resolution=16))
-    assert [p.name for p in list_shards(out)] == [p.name for p in list_shards(single)] == [f"{s:06d}.tar" for s in range(5)]
+    assert (
+        [p.name for p in list_shards(out)]
+        == [p.name for p in list_shards(single)]
+        == [f"{s:06d}.tar" for s in range(5)]
+    )
     for a, b in zip(list_shards(out), list_shards(single)):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert all(json.loads((out / f"{s:06d}.stats.json").read_text())["samples_out"] == 2 for s in range(5))

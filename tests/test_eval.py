@@ -2,7 +2,7 @@
 
 The models are tiny random ones saved to disk and loaded by path through the same code as the real ones
 (`pipelines.model.tiny_eval`); the samples folders are written in `gentron sample`'s format (outputs +
-sidecars, through pipelines.outputs), from the toy dataset's ground truth.
+sidecars, through pipelines.sample.outputs), from the toy dataset's ground truth.
 """
 
 import json
@@ -16,12 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines import outputs
 from pipelines.data import schema
 from pipelines.data.media import decode_clip, encode_image
 from pipelines.data.shards import ShardWriter, shard_name
 from pipelines.errors import GentronError
-from pipelines.evaluate import (
+from pipelines.evaluate.evaluator import (
     ClipScorer,
     FeatureMoments,
     clip_score_of,
@@ -39,7 +38,8 @@ from pipelines.evaluate import (
 from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1, save_fid_inception
 from pipelines.model.tiny import build_tiny_clip
 from pipelines.model.tiny_eval import build_tiny_clip_model, build_tiny_fid_inception
-from pipelines.toydata import ToyDataConfig, make_toy_dataset
+from pipelines.sample import outputs
+from pipelines.toy.data import ToyDataConfig, make_toy_dataset
 
 FRAMES = 4
 
@@ -55,9 +55,16 @@ def write_samples(folder: Path, items: list[tuple[str, np.ndarray]], fps: float 
         stem = outputs.output_stem(index, prompt)
         files = outputs.write_sample(folder, stem, pixels, fps)
         frames = 1 if pixels.ndim == 3 else len(pixels)
-        record = {"version": 1, "prompt": prompt, "index": index, "seed": 0, "sample_seed": index,
-                  "settings": {"frames": frames, "fps": fps}, "files": [f.name for f in files],
-                  "pixels_sha256": outputs.pixels_sha256(pixels)}
+        record = {
+            "version": 1,
+            "prompt": prompt,
+            "index": index,
+            "seed": 0,
+            "sample_seed": index,
+            "settings": {"frames": frames, "fps": fps},
+            "files": [f.name for f in files],
+            "pixels_sha256": outputs.pixels_sha256(pixels),
+        }
         outputs.write_sidecar(folder / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
     return folder
 
@@ -67,12 +74,22 @@ def toy(tmp_path_factory) -> dict:
     """Ground-truth toy data as samples: 8 images and 8 four-frame videos with their captions."""
     root = tmp_path_factory.mktemp("toy")
     dirs = make_toy_dataset(root / "data", ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0))
-    images = [(p.with_suffix(".txt").read_text(), np.asarray(Image.open(p).convert("RGB"))) for p in sorted(dirs["images"].glob("*.png"))[::2]]
+    images = [
+        (p.with_suffix(".txt").read_text(), np.asarray(Image.open(p).convert("RGB")))
+        for p in sorted(dirs["images"].glob("*.png"))[::2]
+    ]
     videos = []
     for p in sorted(dirs["videos"].glob("*.mp4"))[::2]:
         clip = decode_clip(p.read_bytes())
-        videos.append((p.with_suffix(".txt").read_text(), clip[np.linspace(0, len(clip) - 1, FRAMES).round().astype(int)]))
-    return {"images": images, "videos": videos, "folder": write_samples(root / "samples", images + videos), "image_dir": dirs["images"]}
+        videos.append(
+            (p.with_suffix(".txt").read_text(), clip[np.linspace(0, len(clip) - 1, FRAMES).round().astype(int)])
+        )
+    return {
+        "images": images,
+        "videos": videos,
+        "folder": write_samples(root / "samples", images + videos),
+        "image_dir": dirs["images"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +117,9 @@ def test_clip_score_is_100_times_the_clipped_cosine_by_hand(clip_model):
     # by hand: CLIPModel's own forward pass (its image_embeds and text_embeds), cosines in numpy
     model, processor = CLIPModel.from_pretrained(clip_model), CLIPProcessor.from_pretrained(clip_model)
     with torch.no_grad():
-        out = model(**processor(text=candidates, images=[Image.fromarray(f) for f in frames], return_tensors="pt", padding=True))
+        out = model(
+            **processor(text=candidates, images=[Image.fromarray(f) for f in frames], return_tensors="pt", padding=True)
+        )
     img, txt = out.image_embeds.numpy().astype(np.float64), out.text_embeds.numpy().astype(np.float64)
     cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
     # the image with the prompt it is most like, the video with the one it is least like: both sides of the clipping
@@ -110,7 +129,9 @@ def test_clip_score_is_100_times_the_clipped_cosine_by_hand(clip_model):
     expected_video = np.mean(100 * np.maximum(cos[1:, video_prompt], 0))
     unit = img[1:] / np.linalg.norm(img[1:], axis=1, keepdims=True)
 
-    scores = clip_scores(ClipScorer(str(clip_model), "cpu"), [image, video], [candidates[image_prompt], candidates[video_prompt]])
+    scores = clip_scores(
+        ClipScorer(str(clip_model), "cpu"), [image, video], [candidates[image_prompt], candidates[video_prompt]]
+    )
     assert scores[0].clip_score == pytest.approx(expected_image, abs=1e-4)
     assert scores[0].temporal_consistency is None
     assert scores[1].clip_score == pytest.approx(expected_video, abs=1e-4)
@@ -174,8 +195,10 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_as_it_is_shifted(toy, incept
     samples = [pixels for _, pixels in toy["images"] + toy["videos"][:2]]
     reference = sample_statistics(network, samples)
     assert reference.count == len(toy["images"]) + FRAMES * 2  # videos: FID over frames
-    values = [fid(network, [np.clip(s.astype(int) + shift, 0, 255).astype(np.uint8) for s in samples], reference)
-              for shift in (0, 16, 32)]
+    values = [
+        fid(network, [np.clip(s.astype(int) + shift, 0, 255).astype(np.uint8) for s in samples], reference)
+        for shift in (0, 16, 32)
+    ]
     assert values[0] == pytest.approx(0, abs=1e-6)
     assert 0 < values[1] < values[2]
 
@@ -185,12 +208,19 @@ def test_inception_matches_the_fid_weights_file_layout(tmp_path):
         full = FIDInceptionV3()
     state = full.state_dict()
     assert full.feature_dim == 2048
-    assert sum(p.numel() for p in full.parameters()) == 23_850_960  # torchvision's Inception3 without AuxLogits, 1008 classes
+    assert (
+        sum(p.numel() for p in full.parameters()) == 23_850_960
+    )  # torchvision's Inception3 without AuxLogits, 1008 classes
     assert len([k for k in state if not k.endswith("num_batches_tracked")]) == 94 * 5 + 2
-    shapes = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-              "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
-              "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "Mixed_7c.branch_pool.bn.running_var": (192,),
-              "fc.weight": (1008, 2048)}
+    shapes = {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "Mixed_7c.branch_pool.bn.running_var": (192,),
+        "fc.weight": (1008, 2048),
+    }
     assert {k: tuple(state[k].shape) for k in shapes} == shapes
     # a tiny network saved either way loads back by path, its width read off the file
     tiny = FIDInceptionV3(width=1 / 32).eval()
@@ -246,12 +276,24 @@ def test_reference_folder_shards_and_npz_give_the_same_statistics(toy, inception
 
     # the CLI caches the statistics, and the cached file gives the same FID
     samples = write_samples(tmp_path / "samples", toy["images"][:2] + toy["videos"][:1])
-    first = run_cli("eval", samples, "--reference", folder, "--inception", inception, "--save-reference",
-                    tmp_path / "ref.npz", "--out", tmp_path / "a.json")
+    first = run_cli(
+        "eval",
+        samples,
+        "--reference",
+        folder,
+        "--inception",
+        inception,
+        "--save-reference",
+        tmp_path / "ref.npz",
+        "--out",
+        tmp_path / "a.json",
+    )
     assert first.exit_code == 0, first.output
     cached = load_statistics(tmp_path / "ref.npz")
     assert cached.count == len(images) and cached.inception_sha256
-    second = run_cli("eval", samples, "--reference", tmp_path / "ref.npz", "--inception", inception, "--out", tmp_path / "b.json")
+    second = run_cli(
+        "eval", samples, "--reference", tmp_path / "ref.npz", "--inception", inception, "--out", tmp_path / "b.json"
+    )
     assert second.exit_code == 0, second.output
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["fid"] for n in "ab")
     assert a["value"] > 0 and a["value"] == pytest.approx(b["value"], rel=1e-9)
@@ -267,11 +309,29 @@ def test_reference_folder_shards_and_npz_give_the_same_statistics(toy, inception
 
 def test_eval_command_writes_every_metric(toy, clip_model, inception, tmp_path):
     out = tmp_path / "metrics.json"
-    result = run_cli("eval", toy["folder"], "--clip", clip_model, "--reference", toy["image_dir"], "--inception", inception,
-                     "--probe", "toy", "--out", out)
+    result = run_cli(
+        "eval",
+        toy["folder"],
+        "--clip",
+        clip_model,
+        "--reference",
+        toy["image_dir"],
+        "--inception",
+        inception,
+        "--probe",
+        "toy",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    assert metrics["samples"] | {"folder": None} == {"folder": None, "count": 16, "images": 8, "videos": 8, "frames": 40}
+    assert metrics["samples"] | {"folder": None} == {
+        "folder": None,
+        "count": 16,
+        "images": 8,
+        "videos": 8,
+        "frames": 40,
+    }
     assert "CLIP score" in result.output and "FID" in result.output and "toy probe: direction" in result.output
 
     # ground-truth toy samples follow their prompts every time
@@ -285,7 +345,9 @@ def test_eval_command_writes_every_metric(toy, clip_model, inception, tmp_path):
         np.testing.assert_array_equal(original[1], read)  # videos read exactly, from the film strip
     scores = clip_scores(ClipScorer(str(clip_model), "cpu"), pixels, prompts)
     assert metrics["clip"]["score"] == pytest.approx(np.mean([s.clip_score for s in scores]), abs=1e-5)
-    assert metrics["clip"]["temporal_consistency"] == pytest.approx(np.mean([s.temporal_consistency for s in scores[8:]]), abs=1e-6)
+    assert metrics["clip"]["temporal_consistency"] == pytest.approx(
+        np.mean([s.temporal_consistency for s in scores[8:]]), abs=1e-6
+    )
     assert [r["clip_score"] for r in metrics["per_sample"]] == pytest.approx([s.clip_score for s in scores], abs=1e-5)
     network = load_fid_inception(inception)
     reference = reference_statistics(toy["image_dir"], network)
@@ -318,11 +380,26 @@ def test_errors_exit_2_with_one_clear_message(toy, clip_model, inception, tmp_pa
     fails(folder, "--clip", tmp_path / "no-clip", says=f"CLIP model not found: {tmp_path / 'no-clip'}")
     fails(folder, "--clip", toy["image_dir"], says=f"cannot load the CLIP model from {toy['image_dir']}")
     text_only = build_tiny_clip(tmp_path / "text-only-clip")  # the encoders' CLIP: a text tower only
-    fails(folder, "--clip", text_only, says="holds a 'clip_text_model' model, not a CLIP model with text and image towers")
-    fails(folder, "--reference", toy["image_dir"], "--inception", tmp_path / "none.pth",
-          says=f"FID Inception weights not found: {tmp_path / 'none.pth'}")
+    fails(
+        folder, "--clip", text_only, says="holds a 'clip_text_model' model, not a CLIP model with text and image towers"
+    )
+    fails(
+        folder,
+        "--reference",
+        toy["image_dir"],
+        "--inception",
+        tmp_path / "none.pth",
+        says=f"FID Inception weights not found: {tmp_path / 'none.pth'}",
+    )
     fails(folder, "--reference", toy["image_dir"], says="FID needs both --reference and --inception")
-    fails(folder, "--reference", tmp_path / "no-ref", "--inception", inception, says=f"FID reference not found: {tmp_path / 'no-ref'}")
+    fails(
+        folder,
+        "--reference",
+        tmp_path / "no-ref",
+        "--inception",
+        inception,
+        says=f"FID reference not found: {tmp_path / 'no-ref'}",
+    )
     fails(folder, "--probe", "coco", says="unknown probe 'coco'")
 
     # a sample without a sidecar, and a prompt the toy probe cannot read

@@ -15,27 +15,29 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from train_data import sample_fields, write_empty_caption
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines import train_config
 from pipelines.data import schema
 from pipelines.data.shards import ShardWriter, shard_name
-from pipelines.evaluate import GaussianStats, save_statistics
-from pipelines.metrics import read_metrics
+from pipelines.evaluate.evaluator import GaussianStats, save_statistics
 from pipelines.model.fid_inception import load_fid_inception
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 from pipelines.model.tiny_eval import build_tiny_clip_model, build_tiny_fid_inception
-from pipelines.train import TrainConfig, train
-from pipelines.train_eval import TrainingEvaluator
-from train_data import sample_fields, write_empty_caption
+from pipelines.train import config as train_config
+from pipelines.train.evaluation import TrainingEvaluator
+from pipelines.train.metrics import read_metrics
+from pipelines.train.trainer import TrainConfig, train
 
 TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 IMAGE_PROMPTS = "a red square in the top left\n# a comment\na blue square in the bottom right\n"
 VIDEO_PROMPTS = "a green square moving left\na yellow square moving up\n"
 EVAL_KEYS = {"samples", "seconds"}
-HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # in the test extra; its checks are skipped without it
+HAS_TENSORBOARD = (
+    importlib.util.find_spec("tensorboard") is not None
+)  # in the test extra; its checks are skipped without it
 LOG_TO = "tensorboard" if HAS_TENSORBOARD else "none"
 
 
@@ -59,7 +61,9 @@ def write_shards(folder: Path, kind: str, samples: int, text_meta: dict) -> Path
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("eval-training")
-    text = TextEncoders(clip=str(build_tiny_clip(root / "clip")), t5=str(build_tiny_t5(root / "t5", seed=1)), device="cpu")
+    text = TextEncoders(
+        clip=str(build_tiny_clip(root / "clip")), t5=str(build_tiny_t5(root / "t5", seed=1)), device="cpu"
+    )
     inception = build_tiny_fid_inception(root / "pt_inception-tiny.pth")
     dim = load_fid_inception(inception).feature_dim
     rng = np.random.default_rng(0)
@@ -69,7 +73,9 @@ def setup(tmp_path_factory) -> dict:
     return {
         "images": write_shards(root / "images", "image", 6, text.metadata()),
         "videos": write_shards(root / "videos", "video", 6, text.metadata()),
-        "clip": build_tiny_clip_model(root / "scorer", seed=5),  # a seed whose cosines are positive: CLIP scores above 0
+        "clip": build_tiny_clip_model(
+            root / "scorer", seed=5
+        ),  # a seed whose cosines are positive: CLIP scores above 0
         "inception": inception,
         "reference": save_statistics(root / "reference.npz", GaussianStats(rng.standard_normal(dim), a @ a.T / dim)),
         "image_prompts": root / "image_prompts.txt",
@@ -87,7 +93,8 @@ class Links(HTMLParser):
 
 
 def page_links(run: Path) -> list[tuple[str, str]]:
-    """Every link and image source of RUN/index.html, each checked to be a relative path to an existing file or folder."""
+    """Every link and image source of RUN/index.html, each checked to be a relative path to an existing file or
+    folder."""
     parser = Links()
     parser.feed((run / "index.html").read_text(encoding="utf-8"))
     for _, link in parser.links:
@@ -111,11 +118,49 @@ def eval_lines(run: Path) -> list[dict]:
 def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     run = tmp_path / "run"
     result = run_cli(
-        "train", "--image-data", setup["images"], "--out", run, "--model", TINY, "--steps", 4, "--global-batch", 4,
-        "--lr", "3e-3", "--num-workers", 0, "--checkpoint-every", 2, "--keep-checkpoints", 1, "--log-every", 1,
-        "--ema-decay", "0.9", "--preview-every", 2, "--preview-count", 2, "--eval-every", 2, "--eval-prompts", setup["image_prompts"],
-        "--eval-clip", setup["clip"], "--eval-probe", "toy", "--eval-reference", setup["reference"], "--eval-inception", setup["inception"],
-        "--eval-steps", 3, "--log-to", LOG_TO,
+        "train",
+        "--image-data",
+        setup["images"],
+        "--out",
+        run,
+        "--model",
+        TINY,
+        "--steps",
+        4,
+        "--global-batch",
+        4,
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        0,
+        "--checkpoint-every",
+        2,
+        "--keep-checkpoints",
+        1,
+        "--log-every",
+        1,
+        "--ema-decay",
+        "0.9",
+        "--preview-every",
+        2,
+        "--preview-count",
+        2,
+        "--eval-every",
+        2,
+        "--eval-prompts",
+        setup["image_prompts"],
+        "--eval-clip",
+        setup["clip"],
+        "--eval-probe",
+        "toy",
+        "--eval-reference",
+        setup["reference"],
+        "--eval-inception",
+        setup["inception"],
+        "--eval-steps",
+        3,
+        "--log-to",
+        LOG_TO,
     )
     assert result.exit_code == 0, result.output
     records = read_metrics(run / "metrics.jsonl")
@@ -127,7 +172,14 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
         assert set(e) == {"clip_score", "fid", "probe_color", "probe_place"} | EVAL_KEYS and e["samples"] == 2
         assert 0 < e["clip_score"] <= 100 and np.isfinite(e["fid"]) and e["fid"] >= 0
         assert all(e[k] in (0.0, 0.5, 1.0) for k in ("probe_color", "probe_place"))  # rates over 2 samples
-    assert [(r["step"], "eval" in r) for r in records] == [(1, False), (2, False), (2, True), (3, False), (4, False), (4, True)]
+    assert [(r["step"], "eval" in r) for r in records] == [
+        (1, False),
+        (2, False),
+        (2, True),
+        (3, False),
+        (4, False),
+        (4, True),
+    ]
     assert (run / "eval.png").stat().st_size > 1000
 
     # the samples are `gentron sample`'s, and `gentron eval` on them gives the logged numbers
@@ -137,10 +189,28 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "metrics.json").read_text())
     assert measured["clip"]["score"] == pytest.approx(evals[-1]["eval"]["clip_score"], rel=1e-6)
-    assert measured["probe"]["rates"] == {"color": evals[-1]["eval"]["probe_color"], "place": evals[-1]["eval"]["probe_place"]}
-    result = run_cli("sample", "--model", run, "--prompts", setup["image_prompts"], "--steps", 3, "--cfg", "7.5", "--out", tmp_path / "s")
+    assert measured["probe"]["rates"] == {
+        "color": evals[-1]["eval"]["probe_color"],
+        "place": evals[-1]["eval"]["probe_place"],
+    }
+    result = run_cli(
+        "sample",
+        "--model",
+        run,
+        "--prompts",
+        setup["image_prompts"],
+        "--steps",
+        3,
+        "--cfg",
+        "7.5",
+        "--out",
+        tmp_path / "s",
+    )
     assert result.exit_code == 0, result.output
-    digests = lambda f: sorted(json.loads(p.read_text())["pixels_sha256"] for p in f.glob("*.json") if p.name != "metrics.json")
+
+    def digests(f):
+        return sorted(json.loads(p.read_text())["pixels_sha256"] for p in f.glob("*.json") if p.name != "metrics.json")
+
     assert digests(tmp_path / "s") == digests(folder) and len(digests(folder)) == 2
 
     # TensorBoard: the scalars of every logged step and evaluation, and the previews
@@ -153,7 +223,14 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     assert {"loss.png", "eval.png", "previews/step_0000004.png"} <= sources
     assert {f"eval/step_0000004/{p.name}" for p in folder.glob("*.png")} <= sources
     hrefs = {v for tag, v in links if tag == "a"}
-    assert {"model/", "model_raw/", "config.json", "data_stats.json", "metrics.jsonl", "checkpoints/step_0000004/"} <= hrefs
+    assert {
+        "model/",
+        "model_raw/",
+        "config.json",
+        "data_stats.json",
+        "metrics.jsonl",
+        "checkpoints/step_0000004/",
+    } <= hrefs
     page = (run / "index.html").read_text()
     assert "a blue square in the bottom right" in page and "image number 0" in page  # eval prompts, preview captions
     assert not list(run.glob(".index.html*"))  # written atomically: no temporary file left
@@ -161,11 +238,21 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
 
 def assert_tensorboard_events(events, records: list[dict], evals: list[dict]) -> None:
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "eval/clip_score", "eval/fid", "eval/probe_place"} <= set(tags["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "eval/clip_score",
+        "eval/fid",
+        "eval/probe_place",
+    } <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     loss = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([loss[s] for s in range(1, 5)], rel=1e-6)
-    assert [(e.step, e.value) for e in events.Scalars("eval/clip_score")] == [(r["step"], pytest.approx(r["eval"]["clip_score"], rel=1e-6)) for r in evals]
+    assert [(e.step, e.value) for e in events.Scalars("eval/clip_score")] == [
+        (r["step"], pytest.approx(r["eval"]["clip_score"], rel=1e-6)) for r in evals
+    ]
     assert [e.step for e in events.Images("preview")] == [2, 4]
 
 
@@ -173,10 +260,27 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
     """Killed right after the step-2 checkpoint, before its evaluation: the rerun evaluates step 2 first, then goes
     on; metrics.jsonl (losses and evaluations) and the TensorBoard curves equal those of the uninterrupted run."""
     cfg = TrainConfig(
-        output=str(tmp_path / "whole"), stage="t2v", image_data=str(setup["images"]), video_data=str(setup["videos"]), model=TINY,
-        steps=4, global_batch=4, lr=3e-3, num_workers=0, checkpoint_every=2, log_every=1, ema_decay=0.9, p_motion_free=0.5,
-        preview_every=4, preview_count=2, eval_every=2, eval_prompts=str(setup["video_prompts"]), eval_clip=str(setup["clip"]),
-        eval_probe="toy", eval_steps=2, log_to=LOG_TO,
+        output=str(tmp_path / "whole"),
+        stage="t2v",
+        image_data=str(setup["images"]),
+        video_data=str(setup["videos"]),
+        model=TINY,
+        steps=4,
+        global_batch=4,
+        lr=3e-3,
+        num_workers=0,
+        checkpoint_every=2,
+        log_every=1,
+        ema_decay=0.9,
+        p_motion_free=0.5,
+        preview_every=4,
+        preview_count=2,
+        eval_every=2,
+        eval_prompts=str(setup["video_prompts"]),
+        eval_clip=str(setup["clip"]),
+        eval_probe="toy",
+        eval_steps=2,
+        log_to=LOG_TO,
     )
     whole = train(cfg)
     evaluate = TrainingEvaluator.evaluate
@@ -206,7 +310,14 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         else:
             values = {k: v for k, v in a["eval"].items() if k != "seconds"}
             assert values == pytest.approx({k: v for k, v in b["eval"].items() if k != "seconds"}, rel=1e-5)
-            assert set(values) == {"clip_score", "temporal_consistency", "probe_color", "probe_direction", "probe_axis", "samples"}
+            assert set(values) == {
+                "clip_score",
+                "temporal_consistency",
+                "probe_color",
+                "probe_direction",
+                "probe_axis",
+                "samples",
+            }
             assert 0 < values["clip_score"] <= 100 and 0 <= values["temporal_consistency"] <= 1 + 1e-6
             assert all(0 <= values[k] <= 1 for k in ("probe_color", "probe_direction", "probe_axis"))
     if HAS_TENSORBOARD:
@@ -225,21 +336,53 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         (["--eval-every", "2"], "--eval-every needs --eval-prompts FILE"),
         (["--eval-every", "2", "--eval-prompts", "{prompts}"], "--eval-every needs a metric"),
         (["--eval-clip", "{clip}"], "--eval-clip takes effect only with --eval-every N"),
-        (["--eval-every", "3", "--eval-prompts", "{prompts}", "--eval-probe", "toy"], "--eval-every 3 is not a multiple of --checkpoint-every 2"),
-        (["--eval-every", "2", "--eval-prompts", "{prompts}", "--eval-reference", "{reference}"], "FID needs both --eval-reference and --eval-inception"),
-        (["--eval-every", "2", "--eval-prompts", "{prompts}", "--eval-probe", "shapes"], "unknown --eval-probe 'shapes'"),
+        (
+            ["--eval-every", "3", "--eval-prompts", "{prompts}", "--eval-probe", "toy"],
+            "--eval-every 3 is not a multiple of --checkpoint-every 2",
+        ),
+        (
+            ["--eval-every", "2", "--eval-prompts", "{prompts}", "--eval-reference", "{reference}"],
+            "FID needs both --eval-reference and --eval-inception",
+        ),
+        (
+            ["--eval-every", "2", "--eval-prompts", "{prompts}", "--eval-probe", "shapes"],
+            "unknown --eval-probe 'shapes'",
+        ),
         (["--log-to", "wandb"], "W&B is not supported"),
         (["--eval-every", "2", "--eval-prompts", "{missing}", "--eval-probe", "toy"], "prompts file not found"),
-        (["--eval-every", "2", "--eval-prompts", "{other}", "--eval-probe", "toy"], "--eval-probe toy scores toy captions only"),
+        (
+            ["--eval-every", "2", "--eval-prompts", "{other}", "--eval-probe", "toy"],
+            "--eval-probe toy scores toy captions only",
+        ),
         (["--eval-every", "2", "--eval-prompts", "{prompts}", "--eval-clip", "{missing}"], "CLIP model not found"),
     ],
 )
 def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, message):
     (tmp_path / "other.txt").write_text("a photo of a cat\n")
-    values = {"prompts": setup["image_prompts"], "clip": setup["clip"], "reference": setup["reference"],
-              "missing": tmp_path / "missing", "other": tmp_path / "other.txt"}
-    args = ["train", "--image-data", setup["images"], "--out", tmp_path / "run", "--model", TINY, "--steps", 2,
-            "--global-batch", 2, "--num-workers", 0, "--checkpoint-every", 2] + [str(a).format(**values) for a in extra]
+    values = {
+        "prompts": setup["image_prompts"],
+        "clip": setup["clip"],
+        "reference": setup["reference"],
+        "missing": tmp_path / "missing",
+        "other": tmp_path / "other.txt",
+    }
+    args = [
+        "train",
+        "--image-data",
+        setup["images"],
+        "--out",
+        tmp_path / "run",
+        "--model",
+        TINY,
+        "--steps",
+        2,
+        "--global-batch",
+        2,
+        "--num-workers",
+        0,
+        "--checkpoint-every",
+        2,
+    ] + [str(a).format(**values) for a in extra]
     result = run_cli(*args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
@@ -248,8 +391,24 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, mes
 
 def test_log_to_tensorboard_without_the_package_names_the_extra(tmp_path, setup, monkeypatch):
     find_spec = train_config.importlib.util.find_spec
-    monkeypatch.setattr(train_config.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
-    result = run_cli("train", "--image-data", setup["images"], "--out", tmp_path / "run", "--model", TINY, "--steps", 1, "--log-to", "tensorboard")
+    monkeypatch.setattr(
+        train_config.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a),
+    )
+    result = run_cli(
+        "train",
+        "--image-data",
+        setup["images"],
+        "--out",
+        tmp_path / "run",
+        "--model",
+        TINY,
+        "--steps",
+        1,
+        "--log-to",
+        "tensorboard",
+    )
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "needs the tensorboard package" in text and ".[tensorboard]" in text
@@ -260,11 +419,13 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
     steps give the same pixels (previews sample the stored embeddings, sample encodes the captions itself)."""
     from PIL import Image
 
-    from pipelines.encode_text import write_empty_caption as write_encoded_empty_caption
-    from pipelines.sample import SampleConfig, sample
+    from pipelines.encode.text import write_empty_caption as write_encoded_empty_caption
+    from pipelines.sample.sampling import SampleConfig, sample
 
     root = tmp_path / "enc"
-    text = TextEncoders(clip=str(build_tiny_clip(root / "clip")), t5=str(build_tiny_t5(root / "t5", seed=1)), device="cpu")
+    text = TextEncoders(
+        clip=str(build_tiny_clip(root / "clip")), t5=str(build_tiny_t5(root / "t5", seed=1)), device="cpu"
+    )
     data = tmp_path / "images"
     data.mkdir()
     with ShardWriter(data / f"{shard_name(0)}.tar") as writer:
@@ -276,11 +437,36 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
             writer.write(schema.make_key("image", i), fields | encoded | {schema.META: schema.encode_json(meta)})
     write_encoded_empty_caption(text, data)
     run = tmp_path / "run"
-    train(TrainConfig(output=str(run), image_data=str(data), model=TINY, steps=2, global_batch=4, checkpoint_every=2,
-                      preview_every=2, preview_count=2, preview_steps=3, preview_cfg=4.0, seed=3, flip=False))
+    train(
+        TrainConfig(
+            output=str(run),
+            image_data=str(data),
+            model=TINY,
+            steps=2,
+            global_batch=4,
+            checkpoint_every=2,
+            preview_every=2,
+            preview_count=2,
+            preview_steps=3,
+            preview_cfg=4.0,
+            seed=3,
+            flip=False,
+        )
+    )
     captions = [line.split(": ", 1)[1] for line in (run / "previews" / "prompts.txt").read_text().splitlines()]
-    result = sample(SampleConfig(model=run, out=tmp_path / "samples", prompts=captions, steps=3, cfg_scale=4.0, seed=3,
-                                 batch_size=2, device="cpu", grid=True))
+    result = sample(
+        SampleConfig(
+            model=run,
+            out=tmp_path / "samples",
+            prompts=captions,
+            steps=3,
+            cfg_scale=4.0,
+            seed=3,
+            batch_size=2,
+            device="cpu",
+            grid=True,
+        )
+    )
     preview = np.asarray(Image.open(run / "previews" / "step_0000002.png").convert("RGB"))
     grid = np.asarray(Image.open(result.grid_files[0]).convert("RGB"))
     assert preview.shape == grid.shape and np.array_equal(preview, grid)

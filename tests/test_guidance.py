@@ -1,4 +1,5 @@
-"""Classifier-free and motion-free guidance against the formula of GenTron (pipelines/diffusion/guidance.py), on the real tiny model."""
+"""Classifier-free and motion-free guidance against the formula of GenTron (pipelines/diffusion/guidance.py), on the
+real tiny model."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from pipelines.model.gentron import GenTronTransformer
 BATCH, FRAMES, CHANNELS, SIZE = 2, 3, 4, 8
 
 
-
 def randomised_tiny_model(temporal: bool, learn_sigma: bool = True) -> GenTronTransformer:
     """The T/2 model in float64 with every weight perturbed, so zero-initialised paths (adaLN-Zero,
     TempSelfAttn, cross-attention and final projections) all contribute to the output. float64 keeps
     batched-versus-separate rounding far below the tolerances, so the comparisons are tight."""
     torch.manual_seed(0)
-    model = GenTronTransformer.from_config(model_config("T/2", temporal=temporal, learn_sigma=learn_sigma)).double().eval()
+    model = (
+        GenTronTransformer.from_config(model_config("T/2", temporal=temporal, learn_sigma=learn_sigma)).double().eval()
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))

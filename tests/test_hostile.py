@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from gentron_cli.main import app
 from gentron_cli.reporting import run_command
+from pipelines.data.runner import ShardJob, run_shard_jobs
 from pipelines.data.shards import ShardWriter, list_shards, shard_name
-from pipelines.stages import ShardJob, run_shard_jobs
 from pipelines.errors import GentronError
 from pipelines.progress import NullReporter
 
@@ -41,7 +41,9 @@ def _image(path: pathlib.Path, side: int, caption: str = "a grey square") -> pat
 
 
 def _jobs(shards=3, per_shard=4):
-    return [ShardJob(shard_name(k), list(range(k * per_shard, (k + 1) * per_shard)), items=per_shard) for k in range(shards)]
+    return [
+        ShardJob(shard_name(k), list(range(k * per_shard, (k + 1) * per_shard)), items=per_shard) for k in range(shards)
+    ]
 
 
 # --------------------------------------------------------------------------- a damaged output folder
@@ -60,7 +62,12 @@ def test_rerun_redoes_a_missing_a_truncated_and_a_garbled_shard_byte_identically
     assert (result.done, result.skipped) == (3, 0)
     assert {p.name: p.read_bytes() for p in list_shards(out)} == reference
     said = "\n".join(log.lines)
-    assert "000000.tar is missing" in said and "000001.tar has" in said and "000002" in said and "stats file is damaged" in said
+    assert (
+        "000000.tar is missing" in said
+        and "000001.tar has" in said
+        and "000002" in said
+        and "stats file is damaged" in said
+    )
     stats = json.loads((out / "000000.stats.json").read_text())
     assert stats["tar_size"] == len(reference["000000.tar"]) and len(stats["tar_sha256"]) == 64
 
@@ -120,11 +127,23 @@ def test_disk_full_gives_the_stages_message_not_a_second_error_from_cleanup(tmp_
     with pytest.raises(GentronError) as err:
         run_shard_jobs(_jobs(1), tmp_path / "out", fill_disk)
     assert "disk full while writing" in err.value.message and "000000.tar" in err.value.message
-    assert err.value.__context__ is None or not isinstance(err.value.__context__, OSError) or err.value.__suppress_context__
+    assert (
+        err.value.__context__ is None
+        or not isinstance(err.value.__context__, OSError)
+        or err.value.__suppress_context__
+    )
     assert not list((tmp_path / "out").glob(".000000.tar.tmp-*"))
 
 
-@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"), (errno.EDQUOT, "quota"), (errno.ENOSPC, "disk full")])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.EROFS, "read-only"),
+        (errno.EACCES, "permission denied"),
+        (errno.EDQUOT, "quota"),
+        (errno.ENOSPC, "disk full"),
+    ],
+)
 def test_storage_errors_of_any_stage_are_one_message_naming_the_path(code, words, capsys):
     def body():
         raise OSError(code, os.strerror(code), "/data/out/000003.tar")
@@ -162,7 +181,9 @@ def test_a_second_writer_into_an_output_folder_is_refused_naming_the_holder(tmp_
     with folder_lock(out):
         with pytest.raises(GentronError) as err:
             run_shard_jobs(_jobs(), out, _fn)
-    assert str(out) in err.value.message and f"process {os.getpid()}" in err.value.message and "since" in err.value.message
+    assert (
+        str(out) in err.value.message and f"process {os.getpid()}" in err.value.message and "since" in err.value.message
+    )
     assert run_shard_jobs(_jobs(), out, _fn).done == 3  # released with its holder
 
 
@@ -178,7 +199,7 @@ def _stage_failures(folder) -> dict[str, str]:
 
 def test_broken_symlink_is_missing_file_and_caption_bom_is_stripped(tmp_path):
     from pipelines.data.shards import iter_shard
-    from pipelines.prep_images import PrepImagesConfig, prep_images
+    from pipelines.prep.images import PrepImagesConfig, prep_images
 
     src = tmp_path / "in"
     _image(src / "good.png", 64)
@@ -188,7 +209,7 @@ def test_broken_symlink_is_missing_file_and_caption_bom_is_stripped(tmp_path):
     result = prep_images(PrepImagesConfig(src, tmp_path / "out", size=64))
     assert result.samples_in == 2 and result.samples_out == 1
     assert _stage_failures(tmp_path / "out") == {"gone": "missing_file"}
-    (_, fields), = iter_shard(list_shards(tmp_path / "out")[0])
+    ((_, fields),) = iter_shard(list_shards(tmp_path / "out")[0])
     assert fields["txt"] == b"a grey square"
 
 
@@ -198,7 +219,15 @@ def _tar_with_a_duplicate(path: pathlib.Path) -> None:
     import tarfile
 
     with tarfile.open(path, "w") as tar:
-        for name, data in [("a.txt", b"first a"), ("a.json", b"{}"), ("b.txt", b"b"), ("a.txt", b"second a"), ("c.txt", b"first c"), ("c.json", b"{}"), ("c.txt", b"second c")]:
+        for name, data in [
+            ("a.txt", b"first a"),
+            ("a.json", b"{}"),
+            ("b.txt", b"b"),
+            ("a.txt", b"second a"),
+            ("c.txt", b"first c"),
+            ("c.json", b"{}"),
+            ("c.txt", b"second c"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -215,8 +244,8 @@ def test_a_key_twice_in_one_input_shard_is_recorded_as_duplicate_key_not_merged(
 
 
 def test_encode_text_records_a_duplicate_key_in_its_stats(tmp_path):
-    from pipelines.encode_text import TextShardEncoder
     from pipelines.data.shards import ShardStats
+    from pipelines.encode.text import TextShardEncoder
 
     _tar_with_a_duplicate(tmp_path / "000000.tar")
 
@@ -272,10 +301,20 @@ TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 
 
 def _train_config(tmp_path, images, **kw):
-    from pipelines.train import TrainConfig
+    from pipelines.train.trainer import TrainConfig
 
-    defaults = dict(output=str(tmp_path / "run"), image_data=str(images), model=TINY, steps=2, global_batch=4, lr=1e-3,
-                    num_workers=0, checkpoint_every=2, log_every=1, ema_decay=0.9)  # fmt: skip
+    defaults = dict(
+        output=str(tmp_path / "run"),
+        image_data=str(images),
+        model=TINY,
+        steps=2,
+        global_batch=4,
+        lr=1e-3,
+        num_workers=0,
+        checkpoint_every=2,
+        log_every=1,
+        ema_decay=0.9,
+    )
     return TrainConfig(**(defaults | kw))
 
 
@@ -292,8 +331,9 @@ class _Log(NullReporter):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(image data folder, a finished tiny T2I run folder)."""
-    from pipelines.train import train
     from train_data import write_dataset
+
+    from pipelines.train.trainer import train
 
     root = tmp_path_factory.mktemp("hostile-train")
     images = write_dataset(root / "img", "image", samples=8, shards=2)
@@ -317,7 +357,11 @@ def _model_variant(tmp_path, run, name, edit=None) -> pathlib.Path:
     "name, edit, words",
     [
         ("depth", lambda c: c.update(depth=-1), "depth must be a whole number of at least 1, got -1"),
-        ("hidden", lambda c: c.update(hidden_size="abc"), "hidden_size must be a whole number of at least 1, got 'abc'"),
+        (
+            "hidden",
+            lambda c: c.update(hidden_size="abc"),
+            "hidden_size must be a whole number of at least 1, got 'abc'",
+        ),
         ("patch", lambda c: c.update(patch_size=0), "patch_size must be a whole number of at least 1, got 0"),
         ("wider", lambda c: c.update(hidden_size=64), "do not match the model config"),
     ],
@@ -325,7 +369,19 @@ def _model_variant(tmp_path, run, name, edit=None) -> pathlib.Path:
 def test_a_bad_model_config_is_refused_by_name_when_loaded(tmp_path, trained, name, edit, words):
     images, run = trained
     folder = _model_variant(tmp_path, run, name, edit)
-    args = ["train", "--image-data", str(images), "--init", str(folder), "-o", str(tmp_path / "r"), "--steps", "1", "--num-workers", "0"]
+    args = [
+        "train",
+        "--image-data",
+        str(images),
+        "--init",
+        str(folder),
+        "-o",
+        str(tmp_path / "r"),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert words in result.output and str(folder) in result.output
@@ -334,7 +390,9 @@ def test_a_bad_model_config_is_refused_by_name_when_loaded(tmp_path, trained, na
 def test_a_model_config_that_is_not_json_ends_sample_with_exit_2(tmp_path, trained):
     folder = _model_variant(tmp_path, trained[1], "garbled")
     (folder / "config.json").write_text("{ depth: 2,")
-    result = runner.invoke(app, ["sample", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o")], env=WIDE)
+    result = runner.invoke(
+        app, ["sample", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o")], env=WIDE
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot be read as JSON" in result.output and str(folder / "config.json") in result.output
 
@@ -351,7 +409,19 @@ def test_pickle_weights_are_refused_by_name_and_never_run(tmp_path, trained):
             return (pathlib.Path.touch, (marker,))
 
     (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
-    args = ["train", "--image-data", str(trained[0]), "--init", str(folder), "-o", str(tmp_path / "r"), "--steps", "1", "--num-workers", "0"]
+    args = [
+        "train",
+        "--image-data",
+        str(trained[0]),
+        "--init",
+        str(folder),
+        "-o",
+        str(tmp_path / "r"),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "diffusion_pytorch_model.bin" in result.output and "pickle" in result.output
@@ -361,7 +431,7 @@ def test_pickle_weights_are_refused_by_name_and_never_run(tmp_path, trained):
 def test_resuming_onto_a_checkpoint_of_another_model_size_is_refused(tmp_path, trained):
     import shutil
 
-    from pipelines.train import train
+    from pipelines.train.trainer import train
 
     images, run = trained
     shutil.copytree(run / "checkpoints", tmp_path / "run" / "checkpoints")  # a T/2 width-32 checkpoint
@@ -372,7 +442,7 @@ def test_resuming_onto_a_checkpoint_of_another_model_size_is_refused(tmp_path, t
 
 
 def test_init_accepts_a_run_folder_and_records_the_model_trained(tmp_path, trained):
-    from pipelines.train import train
+    from pipelines.train.trainer import train
 
     images, run = trained
     result = train(_train_config(tmp_path, images, model=None, init=str(run)))
@@ -383,14 +453,28 @@ def test_init_accepts_a_run_folder_and_records_the_model_trained(tmp_path, train
 
 def test_a_model_that_disagrees_with_the_init_model_is_refused(tmp_path, trained):
     images, run = trained
-    args = ["train", "--image-data", str(images), "--init", str(run), "--model", "XL/2", "-o", str(tmp_path / "r"), "--steps", "1", "--num-workers", "0"]
+    args = [
+        "train",
+        "--image-data",
+        str(images),
+        "--init",
+        str(run),
+        "--model",
+        "XL/2",
+        "-o",
+        str(tmp_path / "r"),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "disagrees with the --init model" in result.output and "depth 28" in result.output
 
 
 def test_flip_without_mirrored_latents_is_said_once_and_recorded_and_t2v_on_stills_warns(tmp_path, trained):
-    from pipelines.train import train
+    from pipelines.train.trainer import train
 
     images, _ = trained
     log = _Log()
@@ -411,7 +495,19 @@ def test_a_second_train_into_a_run_folder_is_refused_naming_the_holder(tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     with folder_lock(run):
-        args = ["train", "--image-data", str(images), "--model", TINY, "-o", str(run), "--steps", "1", "--num-workers", "0"]
+        args = [
+            "train",
+            "--image-data",
+            str(images),
+            "--model",
+            TINY,
+            "-o",
+            str(run),
+            "--steps",
+            "1",
+            "--num-workers",
+            "0",
+        ]
         result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert str(run) in result.output and f"process {os.getpid()}" in result.output
@@ -443,8 +539,9 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
     import sys
     import time
 
-    from pipelines.prep_videos import SLEEP_HOOK_ENV
     from videos import write_video
+
+    from pipelines.prep.videos import SLEEP_HOOK_ENV
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -452,9 +549,28 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
         write_video(src / f"{name}.mp4", n_frames=30, fps=25, size=(64, 48))
         (src / f"{name}.txt").write_text("a counter")
     env = os.environ | {SLEEP_HOOK_ENV: ".mp4=60", "COLUMNS": "200"}  # the decode children sleep in their work
-    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", "prep-videos", str(src), "--out", str(out), "--short-side", "32",
-                             "--shard-size", "1", "--workers", str(workers)],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gentron_cli.main",
+            "prep-videos",
+            str(src),
+            "--out",
+            str(out),
+            "--short-side",
+            "32",
+            "--shard-size",
+            "1",
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while len(list(out.glob(".00000*.tar.tmp-*"))) < workers and time.time() < deadline:
         time.sleep(0.05)
@@ -463,7 +579,9 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert not list(out.glob("*.stats.json")) and not list(out.glob("*.tar"))  # nothing counted as done, no shard committed
+    assert not list(out.glob("*.stats.json")) and not list(
+        out.glob("*.tar")
+    )  # nothing counted as done, no shard committed
     time.sleep(0.5)
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"  # the decode children are gone too
@@ -476,7 +594,7 @@ def test_encode_latents_counts_and_says_when_it_upscales_a_small_source(tmp_path
     import numpy as np
 
     from pipelines.data import media, schema
-    from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+    from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
 
     (tmp_path / "in").mkdir()
     with ShardWriter(tmp_path / "in" / "000000.tar") as writer:
@@ -563,14 +681,18 @@ ONE, W = 1 << 16, 1 << 30  # 16.16 and 2.30 fixed point
 
 @pytest.mark.parametrize(
     "matrix, turns",  # turns: counter-clockwise quarter turns that make the stored frames upright
-    [([0, ONE, 0, -ONE, 0, 0, 0, 0, W], 3), ([-ONE, 0, 0, 0, -ONE, 0, 0, 0, W], 2), ([0, -ONE, 0, ONE, 0, 0, 0, 0, W], 1)],
+    [
+        ([0, ONE, 0, -ONE, 0, 0, 0, 0, W], 3),
+        ([-ONE, 0, 0, 0, -ONE, 0, 0, 0, W], 2),
+        ([0, -ONE, 0, ONE, 0, 0, 0, 0, W], 1),
+    ],
 )
 def test_a_rotated_video_comes_out_upright_with_its_displayed_size(tmp_path, matrix, turns):
     import numpy as np
 
     import pipelines.data.video as video
     from pipelines.data.media import decode_clip
-    from pipelines.prep_videos import video_clips
+    from pipelines.prep.videos import video_clips
 
     upright = np.zeros((3, 48, 32, 3), np.uint8)  # 32 wide, 48 high, a white block top left
     upright[:, :16, :16] = 255

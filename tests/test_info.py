@@ -44,15 +44,24 @@ def test_forward_flops_match_the_analytic_matmul_count():
     """Dominant terms of a block, counted by hand, against the counter (2 FLOPs per multiply-add)."""
     config = model_config("S/2")
     d, m, depth, n, text = config["hidden_size"], config["mlp_dim"], config["depth"], 256, CLIP_LENGTH + T5_LENGTH
-    per_block = 2 * n * (
-        3 * d * d + d * d  # self-attention qkv + out
-        + 2 * n * d  # scores + weighted values
-        + d * d + d * d  # cross q + out
-        + 2 * text * d  # cross scores + values
-        + 2 * d * m  # MLP
-    ) + 2 * text * 2 * d * d  # cross k, v from the text tokens
+    per_block = (
+        2
+        * n
+        * (
+            3 * d * d
+            + d * d  # self-attention qkv + out
+            + 2 * n * d  # scores + weighted values
+            + d * d
+            + d * d  # cross q + out
+            + 2 * text * d  # cross scores + values
+            + 2 * d * m  # MLP
+        )
+        + 2 * text * 2 * d * d
+    )  # cross k, v from the text tokens
     widths = config["text_inputs"]
-    text_projections = 2 * CLIP_LENGTH * (widths["clip"]["dim"] * d + d * d) + 2 * T5_LENGTH * (widths["t5"]["dim"] * d + d * d)
+    text_projections = 2 * CLIP_LENGTH * (widths["clip"]["dim"] * d + d * d) + 2 * T5_LENGTH * (
+        widths["t5"]["dim"] * d + d * d
+    )
     forward = model_cost(config, resolution=256).forward_flops
     assert 1.0 < forward / (depth * per_block + text_projections) < 1.03  # the rest: embeddings, adaLN, final layer
 
@@ -129,8 +138,13 @@ def test_the_parameter_tables_of_the_docs_are_what_gentron_info_counts(doc):
         t2i, t2v, temporal = re.findall(r"([\d.]+) M\b", line)[:3]
         image = model_cost(model_config(size))
         video = model_cost(model_config(size), frames=2)
-        assert _same(t2i, image.params / 1e6) and _same(t2v, video.params / 1e6) and _same(temporal, video.temporal_params / 1e6), (
-            f"{doc}: {line!r}; gentron info counts {image.params / 1e6:.2f} M, {video.params / 1e6:.2f} M ({video.temporal_params / 1e6:.2f} M)"
+        assert (
+            _same(t2i, image.params / 1e6)
+            and _same(t2v, video.params / 1e6)
+            and _same(temporal, video.temporal_params / 1e6)
+        ), (
+            f"{doc}: {line!r}; gentron info counts {image.params / 1e6:.2f} M, {video.params / 1e6:.2f} M "
+            f"({video.temporal_params / 1e6:.2f} M)"
         )
         named = MODEL_SIZES[size]
         cells = [int(n) for n in re.findall(r"\b(\d+)\b", line.split("|", 2)[2])[:3]]
@@ -139,7 +153,10 @@ def test_the_parameter_tables_of_the_docs_are_what_gentron_info_counts(doc):
 
 
 def test_the_flop_and_memory_figures_of_the_docs_are_what_gentron_info_computes():
-    readme, model_doc = (ROOT / "README.md").read_text(encoding="utf-8"), (ROOT / "docs/model.md").read_text(encoding="utf-8")
+    readme, model_doc = (
+        (ROOT / "README.md").read_text(encoding="utf-8"),
+        (ROOT / "docs/model.md").read_text(encoding="utf-8"),
+    )
     xl, g = model_config("XL/2"), model_config("G/2")
     train_tflop = lambda cfg, **kw: model_cost(cfg, **kw).train_step_flops / 1e12  # noqa: E731
     figures = [
@@ -151,7 +168,11 @@ def test_the_flop_and_memory_figures_of_the_docs_are_what_gentron_info_computes(
         (readme, r"G/2 T2V about ([\d.]+) GB", 16 * model_cost(g, frames=2).params / 1e9),
         (readme, r"\(([\d.]+) GB each on 8\)", 16 * model_cost(g, frames=2).params / 1e9 / 8),
         (model_doc, r"XL/2 at 256 px: ([\d.]+) GFLOPs forward", model_cost(xl, resolution=256).forward_flops / 1e9),
-        (model_doc, r"GFLOPs forward, ([\d.]+) GFLOPs\s+per training step", model_cost(xl, resolution=256).train_step_flops / 1e9),
+        (
+            model_doc,
+            r"GFLOPs forward, ([\d.]+) GFLOPs\s+per training step",
+            model_cost(xl, resolution=256).train_step_flops / 1e9,
+        ),
     ]
     for text, pattern, value in figures:
         m = re.search(pattern, text)
@@ -162,4 +183,6 @@ def test_the_flop_and_memory_figures_of_the_docs_are_what_gentron_info_computes(
 def test_gentron_info_prints_the_counts_the_docs_print():
     result = CliRunner().invoke(_app(), ["info", "--config", "B/2", "--frames", "8"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert f"{model_cost(model_config('B/2'), frames=8).params / 1e6:.1f}M" in result.output  # 192.4M, as README's table
+    assert (
+        f"{model_cost(model_config('B/2'), frames=8).params / 1e6:.1f}M" in result.output
+    )  # 192.4M, as README's table

@@ -38,10 +38,21 @@ def test_folder_sorted_recursive_with_captions_and_unique_keys(tmp_path):
 def test_manifest_paths_relative_to_manifest_and_start_end(tmp_path):
     (tmp_path / "data").mkdir()
     pd.DataFrame(
-        {"file": ["../v.mp4", "/abs/w.mp4", "../v.mp4"], "text": ["one", None, "three"], "start": [None, 1.5, 2], "end": [4, None, None]}
+        {
+            "file": ["../v.mp4", "/abs/w.mp4", "../v.mp4"],
+            "text": ["one", None, "three"],
+            "start": [None, 1.5, 2],
+            "end": [4, None, None],
+        }
     ).to_parquet(tmp_path / "data" / "m.parquet")
-    items = discover_inputs(tmp_path / "data" / "m.parquet", VIDEO_EXTENSIONS, path_column="file", caption_column="text")
-    assert [str(i.path) for i in items] == [str(tmp_path / "data" / "../v.mp4"), "/abs/w.mp4", str(tmp_path / "data" / "../v.mp4")]
+    items = discover_inputs(
+        tmp_path / "data" / "m.parquet", VIDEO_EXTENSIONS, path_column="file", caption_column="text"
+    )
+    assert [str(i.path) for i in items] == [
+        str(tmp_path / "data" / "../v.mp4"),
+        "/abs/w.mp4",
+        str(tmp_path / "data" / "../v.mp4"),
+    ]
     assert [(i.start, i.end) for i in items] == [(None, 4.0), (1.5, None), (2.0, None)]
     assert [i.key for i in items] == ["---v_000000", "abs-w", "---v_000002"]
     assert items[0].read_caption() == "one"

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.checkpoint import load_model_folder, read_model_config
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays, upgrade_config
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
-from pipelines.sample import SampleConfig, SamplingPipeline, read_model_info
+from pipelines.sample.sampling import SampleConfig, SamplingPipeline, read_model_info
+from pipelines.train.checkpoint import load_model_folder, read_model_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # fixture -> (text_inputs after the upgrade, the arrays that model reads)
@@ -46,7 +46,9 @@ def reference(folder: Path) -> tuple[dict[str, torch.Tensor], TextCondition]:
 
 def run(model: GenTronTransformer, ref: dict, text: TextCondition) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(ref["x"], ref["timestep"], text, motion_free=ref["motion_free"] if ref["x"].ndim == 5 else None)
+        return model.eval()(
+            ref["x"], ref["timestep"], text, motion_free=ref["motion_free"] if ref["x"].ndim == 5 else None
+        )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -78,7 +80,10 @@ def test_resaved_legacy_model_writes_the_new_config(tmp_path):
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "text_inputs" in config and not {"text_encoders", "clip_dim", "t5_dim"} & set(config)
-    assert any(k.startswith("token_embedders.t5.") for k in load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors")))
+    assert any(
+        k.startswith("token_embedders.t5.")
+        for k in load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+    )
     ref, text = reference(FIXTURES / "legacy_model_v1")
     torch.testing.assert_close(run(load_model_folder(tmp_path / "m"), ref, text), ref["output"], rtol=1e-5, atol=1e-6)
 
@@ -86,7 +91,10 @@ def test_resaved_legacy_model_writes_the_new_config(tmp_path):
 def test_upgrade_config_maps_every_old_combination():
     widths = {"clip_dim": 16, "clip_pooled_dim": 24, "t5_dim": 40}
     cases = {
-        ("cross_attention", "clip+t5"): {"clip": {"dim": 16, "pooled_dim": 24, "pooled": True}, "t5": {"dim": 40, "pooled": False}},
+        ("cross_attention", "clip+t5"): {
+            "clip": {"dim": 16, "pooled_dim": 24, "pooled": True},
+            "t5": {"dim": 40, "pooled": False},
+        },
         ("cross_attention", "clip"): {"clip": {"dim": 16, "pooled_dim": 24, "pooled": True}},
         ("cross_attention", "t5"): {"t5": {"dim": 40, "pooled": True}},
         ("adaln", "clip+t5"): {"clip": {"dim": 16, "pooled_dim": 24, "pooled": True}},
@@ -98,7 +106,8 @@ def test_upgrade_config_maps_every_old_combination():
 
 
 def test_legacy_folder_samples_with_its_recorded_pipeline(tmp_path):
-    """pipeline.json of that time ("used": "clip+t5") names the encoders; the empty caption gives the unconditional text."""
+    """pipeline.json of that time ("used": "clip+t5") names the encoders; the empty caption gives the unconditional
+    text."""
     run_folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "legacy_model_v1", run_folder)
     info = read_model_info(run_folder)
@@ -110,5 +119,7 @@ def test_legacy_folder_samples_with_its_recorded_pipeline(tmp_path):
     pipe = SamplingPipeline(SampleConfig(model=run_folder, out=tmp_path / "out", device="cpu"))
     assert pipe.text_encoders.encoders == ["clip", "t5"] and pipe.text_encoders.get("t5").max_length == 120
     assert set(pipe.uncond_arrays) == {"clip", "clip_pooled", "t5"}
-    generated = pipe.generate(["a red fox"], [0], steps=2, scheduler="ddim", cfg_scale=3.0, mfg_scale=1.0, frames=2, resolution=8)
+    generated = pipe.generate(
+        ["a red fox"], [0], steps=2, scheduler="ddim", cfg_scale=3.0, mfg_scale=1.0, frames=2, resolution=8
+    )
     assert generated.frames.shape == (1, 2, 8, 8, 3)

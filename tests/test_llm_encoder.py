@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from train_data import sample_fields
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -22,7 +23,6 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import TINY_LLM_DIM, build_tiny_llm, build_tiny_t5
-from train_data import sample_fields
 
 CAPTIONS = ["a cat", "a dog running on the beach at sunset, filmed from a drone", "ünïcödé 🙂"]
 TEXT_FIELDS = (schema.CLIP_TOKENS, schema.CLIP_POOLED, schema.T5_TOKENS)
@@ -63,11 +63,15 @@ def test_stored_states_equal_the_chosen_layer_at_the_valid_tokens(llm, layer):
 def test_padding_is_right_and_masked_and_long_captions_are_cut(llm):
     encoders = TextEncoders(llm=str(llm), settings={"llm": {"max_length": 6}}, device="cpu")
     tokenizer = encoders.get("llm").tokenizer
-    assert tokenizer.padding_side == "right" and tokenizer.pad_token == tokenizer.eos_token  # Llama's tokenizer has no pad token
+    assert (
+        tokenizer.padding_side == "right" and tokenizer.pad_token == tokenizer.eos_token
+    )  # Llama's tokenizer has no pad token
     encoded = encoders.encode_captions(CAPTIONS)
     short, cut = encoded[0], encoded[1]
     assert short.truncated == () and cut.truncated == ("llm",) and len(cut.arrays["llm"]) == 6
-    np.testing.assert_allclose(cut.arrays["llm"].astype(np.float32), direct_states(llm, CAPTIONS[1], -1)[:6], atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        cut.arrays["llm"].astype(np.float32), direct_states(llm, CAPTIONS[1], -1)[:6], atol=2e-3, rtol=2e-3
+    )
     # collated, the padding is masked: the mask counts exactly the stored tokens
     cond = TextCondition.collate([e.arrays for e in encoded], lengths={"llm": 8})
     assert cond.masks["llm"].sum(1).tolist() == [len(e.arrays["llm"]) for e in encoded]
@@ -95,8 +99,12 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         for i in range(4):
             writer.write(schema.make_key("image", i), sample_fields(i, "image", drop=TEXT_FIELDS))
     data = tmp_path / "data"
-    assert run_cli("encode-text", latents, "--out", data, "--encoders", "clip", "--llm", llm).exit_code == 2  # --llm left out: refused
-    result = run_cli("encode-text", latents, "-o", data, "--encoders", "llm", "--llm", llm, "--llm-layer", -2, "--device", "cpu")
+    assert (
+        run_cli("encode-text", latents, "--out", data, "--encoders", "clip", "--llm", llm).exit_code == 2
+    )  # --llm left out: refused
+    result = run_cli(
+        "encode-text", latents, "-o", data, "--encoders", "llm", "--llm", llm, "--llm-layer", -2, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     for _, fields in iter_shard(data / f"{shard_name(0)}.tar"):
         assert schema.text_field("llm") in fields and not set(TEXT_FIELDS) & set(fields)
@@ -105,23 +113,51 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         assert empty.files == ["llm"] and empty["llm"].shape == (1, TINY_LLM_DIM)  # the empty caption is BOS alone
 
     run = tmp_path / "run"
-    result = run_cli("train", "--stage", "t2i", "--image-data", data, "--out", run, "--model", TINY, "--steps", 2,
-                     "--global-batch", 2, "--lr", 3e-3, "--num-workers", 0, "--checkpoint-every", 2, "--preview-every", 0)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--stage",
+        "t2i",
+        "--image-data",
+        data,
+        "--out",
+        run,
+        "--model",
+        TINY,
+        "--steps",
+        2,
+        "--global-batch",
+        2,
+        "--lr",
+        3e-3,
+        "--num-workers",
+        0,
+        "--checkpoint-every",
+        2,
+        "--preview-every",
+        0,
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((run / "model" / "config.json").read_text())
-    assert config["text_inputs"] == {"llm": {"dim": TINY_LLM_DIM, "pooled": True}}  # its width from the data; pooled by its token mean
+    assert config["text_inputs"] == {
+        "llm": {"dim": TINY_LLM_DIM, "pooled": True}
+    }  # its width from the data; pooled by its token mean
     pipeline = json.loads((run / "model" / "pipeline.json").read_text())
     assert pipeline["text_encoders"]["used"] == ["llm"] and pipeline["text_encoders"]["llm"]["layer"] == 1
 
-    from pipelines.sample import SampleConfig, SamplingPipeline
+    from pipelines.sample.sampling import SampleConfig, SamplingPipeline
 
     # the raw weights (the EMA ones are still the initial ones after two steps, whose zero final layer ignores the text)
     pipe = SamplingPipeline(SampleConfig(model=run / "model_raw", out=tmp_path / "unused", device="cpu"))
     assert pipe.text_encoders.encoders == ["llm"] and pipe.text_encoders.get("llm").layer == 1  # rebuilt as recorded
     np.testing.assert_array_equal(pipe.uncond_arrays["llm"], np.load(data / schema.EMPTY_CAPTION_FILE)["llm"])
-    a, b = (pipe.generate([p], [0], 2, "ddim", 4.0, 1.0, 1, 8).latents for p in ("image number 1", "a very different prompt"))
-    assert (a - b).abs().max() > 1e-6  # the prompt reaches the model through the LLM 
+    a, b = (
+        pipe.generate([p], [0], 2, "ddim", 4.0, 1.0, 1, 8).latents
+        for p in ("image number 1", "a very different prompt")
+    )
+    assert (a - b).abs().max() > 1e-6  # the prompt reaches the model through the LLM
     out = tmp_path / "samples"
-    result = run_cli("sample", "--model", run, "--prompt", "image number 1", "--out", out, "--steps", 2, "--device", "cpu")
+    result = run_cli(
+        "sample", "--model", run, "--prompt", "image number 1", "--out", out, "--steps", 2, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("0000_*.png"))) == 1

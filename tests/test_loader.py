@@ -8,29 +8,41 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from train_data import pattern, truncate, write_dataset
 
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption, make_loader
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from train_data import pattern, truncate, write_dataset
 
 TEXT = (schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS)
-
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    return write_dataset(root / "img", "image", samples=12, shards=3), write_dataset(root / "vid", "video", samples=10, shards=2)
+    return write_dataset(root / "img", "image", samples=12, shards=3), write_dataset(
+        root / "vid", "video", samples=10, shards=2
+    )
 
 
 def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5):
     img = index_source(images, "image") if images else None
     vid = index_source(videos, "video") if videos else None
     empty, _ = load_empty_caption([(img or vid).folder])
-    spec = StreamSpec(stage=stage, seed=7, micro_batch=micro, p_motion_free=p, text_dropout=dropout, buffer_size=buffer, frames=4, text_fields=TEXT)
-    return TrainStream(spec, img, vid, empty, start_index=start, rank=rank, world_size=world, collate_text=TextCondition.collate)
+    spec = StreamSpec(
+        stage=stage,
+        seed=7,
+        micro_batch=micro,
+        p_motion_free=p,
+        text_dropout=dropout,
+        buffer_size=buffer,
+        frames=4,
+        text_fields=TEXT,
+    )
+    return TrainStream(
+        spec, img, vid, empty, start_index=start, rank=rank, world_size=world, collate_text=TextCondition.collate
+    )
 
 
 def binomial_ok(count: int, n: int, p: float) -> bool:
@@ -83,10 +95,15 @@ def test_timestep_draws_are_uniform_per_sample_and_mapped_by_the_objective(data)
 
     images, videos = data
     stream = make_stream(images, videos)
-    draws = torch.cat([stream.make_batch(range(i, i + 50), stream._streams())["timestep_draw"] for i in range(0, 400, 50)])
+    draws = torch.cat(
+        [stream.make_batch(range(i, i + 50), stream._streams())["timestep_draw"] for i in range(0, 400, 50)]
+    )
     assert draws.dtype == torch.float64 and 0 <= draws.min() and draws.max() < 1
     assert binomial_ok(int((draws >= 0.5).sum()), 400, 0.5)
-    uniform, shifted = (make_objective(ObjectiveConfig(timestep_sampling=k, timestep_location=0.5, timestep_scale=0.6)) for k in ("uniform", "logit-normal"))
+    uniform, shifted = (
+        make_objective(ObjectiveConfig(timestep_sampling=k, timestep_location=0.5, timestep_scale=0.6))
+        for k in ("uniform", "logit-normal")
+    )
     assert binomial_ok(int((uniform.timesteps(draws) >= 500).sum()), 400, 0.5)
     assert binomial_ok(int((shifted.timesteps(draws) >= 500).sum()), 400, NormalDist().cdf(0.5 / 0.6))
     again = stream.make_batch(range(100, 150), stream._streams())["timestep_draw"]
@@ -129,7 +146,11 @@ def test_worker_processes_deliver_the_same_batches_in_order(data):
     parallel = [next(it) for _ in range(5)]
     del it
     for a, b in zip(serial, parallel):
-        assert torch.equal(a["index"], b["index"]) and torch.equal(a["x0"], b["x0"]) and torch.equal(a["noise"], b["noise"])
+        assert (
+            torch.equal(a["index"], b["index"])
+            and torch.equal(a["x0"], b["x0"])
+            and torch.equal(a["noise"], b["noise"])
+        )
     assert torch.equal(torch.cat([b["index"] for b in parallel]), torch.arange(20))
 
 
@@ -148,7 +169,9 @@ def test_bad_samples_are_skipped_and_counted_with_shard_and_key(tmp_path):
     kept = {r.key for r in source.refs}
     assert "image_1" not in kept and "image_5" not in kept
     assert {"image_0", "image_2", "image_3", "image_4", "image_6", "image_7", "image_8"} <= kept
-    assert {k for k in kept if int(k.split("_")[1]) >= 8} == whole and whole  # shard 2: exactly the samples before the cut
+    assert {
+        k for k in kept if int(k.split("_")[1]) >= 8
+    } == whole and whole  # shard 2: exactly the samples before the cut
     damaged = next(f for f in source.failures if f.reason == "bad_shard")
     assert damaged.key == f"image_{8 + len(whole)}"  # the sample the cut went through
 

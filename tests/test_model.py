@@ -57,7 +57,11 @@ def changed(text: TextCondition, part: str, name: str, value) -> TextCondition:
 def inputs(batch: int = 2, frames: int | None = None, h: int = 8, w: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = (batch, C, h, w) if frames is None else (batch, frames, C, h, w)
-    return torch.randn(shape, generator=g), torch.tensor([10, 700][:batch] + [3] * max(0, batch - 2)), make_text(batch, seed)
+    return (
+        torch.randn(shape, generator=g),
+        torch.tensor([10, 700][:batch] + [3] * max(0, batch - 2)),
+        make_text(batch, seed),
+    )
 
 
 # ----------------------------------------------------------------------------- init
@@ -163,7 +167,12 @@ def test_frames_know_their_order(video_model):
         assert (out_rev - out.flip(1)).abs().max() > 1e-2  # float noise is ~1e-6
         # Motion-free frames see only themselves, so there the order cannot matter.
         mf = torch.tensor([True, True])
-        torch.testing.assert_close(video_model(x.flip(1), t, text, motion_free=mf), video_model(x, t, text, motion_free=mf).flip(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            video_model(x.flip(1), t, text, motion_free=mf),
+            video_model(x, t, text, motion_free=mf).flip(1),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_identical_frames_still_know_their_index(video_model):
@@ -243,7 +252,11 @@ def test_adaln_mode_uses_every_encoder_through_the_pooled_vector():
 
 def test_adaln_refuses_an_encoder_it_would_not_read():
     with pytest.raises(GentronError, match="text_inputs.t5 has pooled false"):
-        model_config("T/2", text_conditioning="adaln", text_inputs={"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32, "pooled": False}})
+        model_config(
+            "T/2",
+            text_conditioning="adaln",
+            text_inputs={"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32, "pooled": False}},
+        )
 
 
 def test_t5_only_pools_the_masked_mean_of_t5_tokens():
@@ -263,7 +276,10 @@ def test_three_encoders_of_different_widths_cross_attention():
     """Any set of named encoders: each gets its own projection, and every one shapes the output."""
     inputs_ = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}, "llm": {"dim": 24}}
     model = randomize(tiny(text_inputs=inputs_), seed=13)
-    assert model.config.text_inputs["llm"] == {"dim": 24, "pooled": False}  # only CLIP has a pooled vector: it alone is pooled
+    assert model.config.text_inputs["llm"] == {
+        "dim": 24,
+        "pooled": False,
+    }  # only CLIP has a pooled vector: it alone is pooled
     assert required_text_arrays(model.config) == ("clip", "clip_pooled", "llm", "t5")
     x, t, text = inputs()
     text.tokens["llm"] = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(3))
@@ -315,9 +331,14 @@ def test_temporal_model_accepts_images_as_one_frame():
 def test_config_exposes_what_other_stages_read():
     cfg = tiny(temporal=True).config
     assert (cfg.in_channels, cfg.learn_sigma, cfg.temporal, cfg.patch_size) == (4, True, True, 2)
-    assert cfg.text_inputs == {"clip": {"dim": 32, "pooled_dim": 32, "pooled": True}, "t5": {"dim": 32, "pooled": False}}
+    assert cfg.text_inputs == {
+        "clip": {"dim": 32, "pooled_dim": 32, "pooled": True},
+        "t5": {"dim": 32, "pooled": False},
+    }
     # the older spelling of the text settings still builds the same model
-    assert model_config({"size": "T/2", "text_encoders": "t5", "t5_dim": 16})["text_inputs"] == {"t5": {"dim": 16, "pooled": True}}
+    assert model_config({"size": "T/2", "text_encoders": "t5", "t5_dim": 16})["text_inputs"] == {
+        "t5": {"dim": 16, "pooled": True}
+    }
     with pytest.raises(GentronError, match="unknown model config keys"):
         model_config({"size": "T/2", "depht": 3})
     with pytest.raises(GentronError, match="unknown model size"):
@@ -362,7 +383,10 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert sum(g.abs().sum() for g in plain.values()) > 0
 
 
-@pytest.mark.parametrize("overrides", [{}, {"temporal": True, "depth": 3}, {"text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"temporal": True, "depth": 3}, {"text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}}],
+)
 def test_meta_parameter_count_equals_real(overrides):
     config = model_config("T/2", **overrides)
     real_total, real_temporal = count_parameters(GenTronTransformer.from_config(config))
@@ -393,7 +417,7 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     import numpy as np
 
     from pipelines.data import schema
-    from pipelines.train import text_fields_for, text_inputs_from_data
+    from pipelines.train.trainer import text_fields_for, text_inputs_from_data
 
     cfg = model_config("T/2", text_conditioning="adaln")
     assert required_text_arrays(cfg) == ("clip_pooled", "t5")
@@ -407,8 +431,14 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
         model(x, t, changed(text, "tokens", "t5", None))
     # a new model's text inputs are the data's encoders, at the data's widths, unless --model names some
     empty = {"clip": np.zeros((2, 8)), "clip_pooled": np.zeros(12), "llm": np.zeros((1, 24)), "t5": np.zeros((1, 16))}
-    assert text_inputs_from_data({}, empty) == {"clip": {"dim": 8, "pooled_dim": 12}, "llm": {"dim": 24}, "t5": {"dim": 16}}
-    assert text_inputs_from_data({"text_inputs": {"llm": {"pooled": True}}}, empty) == {"llm": {"pooled": True, "dim": 24}}
+    assert text_inputs_from_data({}, empty) == {
+        "clip": {"dim": 8, "pooled_dim": 12},
+        "llm": {"dim": 24},
+        "t5": {"dim": 16},
+    }
+    assert text_inputs_from_data({"text_inputs": {"llm": {"pooled": True}}}, empty) == {
+        "llm": {"pooled": True, "dim": 24}
+    }
     assert text_inputs_from_data({"text_encoders": "t5", "t5_dim": 99}, empty) == {"t5": {"pooled": True, "dim": 16}}
     with pytest.raises(GentronError, match="names text inputs bert"):
         text_inputs_from_data({"text_inputs": {"bert": {}}}, empty)

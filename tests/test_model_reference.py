@@ -37,7 +37,10 @@ def text_for(batch: int) -> TextCondition:
     clip_mask = torch.ones(batch, 5, dtype=torch.bool)
     t5_mask = torch.arange(7).expand(batch, 7) < torch.randint(2, 8, (batch, 1), generator=g)
     return TextCondition(
-        tokens={"clip": torch.randn(batch, 5, TEXT_DIM, generator=g), "t5": torch.randn(batch, 7, TEXT_DIM, generator=g)},
+        tokens={
+            "clip": torch.randn(batch, 5, TEXT_DIM, generator=g),
+            "t5": torch.randn(batch, 7, TEXT_DIM, generator=g),
+        },
         masks={"clip": clip_mask, "t5": t5_mask},
         pooled={"clip": torch.randn(batch, TEXT_DIM, generator=g)},
     )
@@ -52,13 +55,13 @@ def attention(q, k, v, bias=None):
 
 
 def heads(x, n):
-    b, l, d = x.shape
-    return x.reshape(b, l, n, d // n).transpose(1, 2)
+    b, length, d = x.shape
+    return x.reshape(b, length, n, d // n).transpose(1, 2)
 
 
 def merge(x):
-    b, n, l, d = x.shape
-    return x.transpose(1, 2).reshape(b, l, n * d)
+    b, n, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, n * d)
 
 
 def mlp2(module, x):  # fc1, GELU-tanh, fc2 (TextProjection and MLP)
@@ -138,13 +141,20 @@ def values_and_grads(model, run):
 
 
 def assert_same(model, x, t, text, motion_free=None):
-    ours, ours_grads = values_and_grads(model, lambda: model(x, t, text, motion_free=motion_free) if x.ndim == 5 or motion_free is not None else model(x, t, text))
+    ours, ours_grads = values_and_grads(
+        model,
+        lambda: (
+            model(x, t, text, motion_free=motion_free) if x.ndim == 5 or motion_free is not None else model(x, t, text)
+        ),
+    )
     ref_x = x if x.ndim == 5 else x[:, None]
     ref, ref_grads = values_and_grads(model, lambda: reference_forward(model, ref_x, t, text, motion_free))
     torch.testing.assert_close(ours, ref if x.ndim == 5 else ref[:, 0], rtol=1e-4, atol=1e-5)
     assert ours_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        # float32 sums in another order differ by a fraction of the largest term, not of each element
+        atol = 1e-5 + 1e-6 * grad.abs().max().item()
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=atol, msg=name)
     assert ours.abs().mean() > 1e-2  # not a trivially zero output
 
 
@@ -157,7 +167,14 @@ def test_image_model_equals_the_written_out_math():
 
 @pytest.mark.parametrize(
     "flags",
-    [None, [False, False, False, False], [True, True, True, True], [False, False, True, True], [True, False, True, False], [False, True, True, False]],
+    [
+        None,
+        [False, False, False, False],
+        [True, True, True, True],
+        [False, False, True, True],
+        [True, False, True, False],
+        [False, True, True, False],
+    ],
     ids=["no-flags", "all-moving", "all-still", "moving-first", "interleaved", "still-in-the-middle"],
 )
 def test_video_model_equals_the_written_out_math_for_every_motion_free_pattern(flags):

@@ -14,7 +14,6 @@ from pipelines.model.gentron import GenTronTransformer
 PAIRS, EVAL_TIMESTEPS, STEPS = 4, 8, 300
 
 
-
 def captions(batch: int, generator: torch.Generator) -> TextCondition:
     """Stand-in text-encoder outputs at the T/2 widths (32), one distinct caption per pair."""
     # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
@@ -28,7 +27,9 @@ def captions(batch: int, generator: torch.Generator) -> TextCondition:
     )
 
 
-@pytest.mark.parametrize("video, objective_name", [(False, "ddpm"), (True, "ddpm"), (False, "flow")], ids=["t2i", "t2v", "t2i-flow"])
+@pytest.mark.parametrize(
+    "video, objective_name", [(False, "ddpm"), (True, "ddpm"), (False, "flow")], ids=["t2i", "t2v", "t2i-flow"]
+)
 def test_tiny_model_overfits_four_pairs(video, objective_name):
     torch.manual_seed(0)
     flow = objective_name == "flow"

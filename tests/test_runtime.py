@@ -21,7 +21,8 @@ wide = hasattr(libc, "mallinfo2")
 field = ctypes.c_size_t if wide else ctypes.c_int
 
 class Mallinfo(ctypes.Structure):
-    _fields_ = [(n, field) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    NAMES = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    _fields_ = [(n, field) for n in NAMES]
 
 mallinfo = libc.mallinfo2 if wide else libc.mallinfo
 mallinfo.restype = Mallinfo

@@ -21,8 +21,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines import outputs
-from pipelines.checkpoint import export_model
 from pipelines.data import schema
 from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.diffusion.samplers import make_scheduler
@@ -30,8 +28,10 @@ from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
-from pipelines.sample import SampleConfig, SamplingPipeline, sample, sample_seed
-from pipelines.train import TrainConfig, pipeline_record
+from pipelines.sample import outputs
+from pipelines.sample.sampling import SampleConfig, SamplingPipeline, sample, sample_seed
+from pipelines.train.checkpoint import export_model
+from pipelines.train.trainer import TrainConfig, pipeline_record
 
 runner = CliRunner()
 VIDEO_FRAMES, VIDEO_RES = 4, 16  # pixel VAE: latents are the 16x16 frames themselves
@@ -47,7 +47,9 @@ def perturbed_model(config: dict, seed: int) -> GenTronTransformer:
     return model
 
 
-def export_tiny_model(folder: Path, encoders: dict[str, Path], stage: str, vae: str, seed: int = 0, objective: str = "ddpm") -> Path:
+def export_tiny_model(
+    folder: Path, encoders: dict[str, Path], stage: str, vae: str, seed: int = 0, objective: str = "ddpm"
+) -> Path:
     """A run folder (RUN/model) as `gentron train` exports it, for a perturbed T/2 model."""
     text = TextEncoders(clip=str(encoders["clip"]), t5=str(encoders["t5"]), device="cpu")
     empty_path = folder / "data" / schema.EMPTY_CAPTION_FILE
@@ -59,16 +61,29 @@ def export_tiny_model(folder: Path, encoders: dict[str, Path], stage: str, vae: 
     else:
         latent_meta = {"vae": str(encoders["vae"]), "scaling_factor": 0.18215, "resolution": IMAGE_RES, "downsample": 8}
         latent_shape = (4, IMAGE_RES // 8, IMAGE_RES // 8)
-    config = model_config("T/2", in_channels=latent_shape[-3], temporal=stage == "t2v", learn_sigma=objective == "ddpm", text_inputs=text.text_inputs)
+    config = model_config(
+        "T/2",
+        in_channels=latent_shape[-3],
+        temporal=stage == "t2v",
+        learn_sigma=objective == "ddpm",
+        text_inputs=text.text_inputs,
+    )
     trained_with = make_objective(ObjectiveConfig(name=objective, noise_shift=2.0 if objective == "flow" else 1.0))
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
     source = SimpleNamespace(metadata=shard_meta)  # pipeline_record reads only the shard metadata
     pipeline = pipeline_record(
-        TrainConfig(stage=stage), config, None if stage == "t2v" else source, source if stage == "t2v" else None, latent_shape, trained_with
+        TrainConfig(stage=stage),
+        config,
+        None if stage == "t2v" else source,
+        source if stage == "t2v" else None,
+        latent_shape,
+        trained_with,
     )
     model = perturbed_model(config, seed)
     scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
-    export_model(GenTronTransformer, config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
+    export_model(
+        GenTronTransformer, config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler
+    )
     return folder / "run"
 
 
@@ -160,8 +175,23 @@ def test_contact_sheet_layout():
 
 def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("--model", video_run, "--prompt", "a red fox", "--prompt", "a blue car", "--out", out,
-                     "--steps", 2, "--batch-size", 2, "--seed", 7, "--grid")
+    result = run_cli(
+        "--model",
+        video_run,
+        "--prompt",
+        "a red fox",
+        "--prompt",
+        "a blue car",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--seed",
+        7,
+        "--grid",
+    )
     assert result.exit_code == 0, result.output
 
     sidecars = sorted(out.glob("000*.json"))
@@ -172,7 +202,10 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
         assert record["settings"]["frames"] == VIDEO_FRAMES and record["settings"]["mfg_scale"] == 1.1
         assert record["sample_seed"] == sample_seed(7, record["index"])
         digests = record["model"]["weights_sha256"]
-        assert list(digests) == ["diffusion_pytorch_model.safetensors"] and len(digests["diffusion_pytorch_model.safetensors"]) == 64
+        assert (
+            list(digests) == ["diffusion_pytorch_model.safetensors"]
+            and len(digests["diffusion_pytorch_model.safetensors"]) == 64
+        )
         mp4, gif, strip = (out / name for name in record["files"])
         assert mp4.suffix == ".mp4" and gif.suffix == ".gif" and strip.name.endswith(".frames.png")
         gif_frames = read_gif(gif)
@@ -232,8 +265,20 @@ def test_cli_image_model_png_from_prompts_file(image_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na cup of coffee\n\na dog on the beach\n")
     out = tmp_path / "out"
-    result = run_cli("--model", image_run / "model", "--prompts", prompts, "--out", out, "--steps", 2,
-                     "--scheduler", "dpm-solver++", "--cfg", 4)
+    result = run_cli(
+        "--model",
+        image_run / "model",
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--scheduler",
+        "dpm-solver++",
+        "--cfg",
+        4,
+    )
     assert result.exit_code == 0, result.output
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["0000_a-cup-of-coffee.png", "0001_a-dog-on-the-beach.png"]
@@ -327,9 +372,11 @@ def test_mfg_one_is_cfg_and_no_guidance_is_conditional(video_pipe):
     noise = starting_noise(video_pipe, SEEDS)
     text = video_pipe.text_condition(video_pipe.text_encoders.encode(PROMPTS))
     uncond = video_pipe.text_condition([video_pipe.uncond_arrays] * b)
-    run = lambda cfg_scale, mfg_scale: video_pipe.generate(  # noqa: E731
-        PROMPTS, SEEDS, steps, "dpm-solver++", cfg_scale, mfg_scale, VIDEO_FRAMES, VIDEO_RES
-    ).latents
+
+    def run(cfg_scale, mfg_scale):
+        return video_pipe.generate(
+            PROMPTS, SEEDS, steps, "dpm-solver++", cfg_scale, mfg_scale, VIDEO_FRAMES, VIDEO_RES
+        ).latents
 
     cfg_only = run(4.0, 1.0)
     assert_close(cfg_only, manual_sampling(video_pipe, noise, text, uncond, 4.0, steps, motion=True))
@@ -357,7 +404,9 @@ def test_negative_prompt_replaces_the_empty_caption(video_run, video_pipe, tmp_p
 def test_seeds_and_batch_size(image_run, video_pipe, tmp_path):
     prompts = ["a red fox", "a blue car"]
     run = lambda name, **kw: sample(  # noqa: E731
-        SampleConfig(model=image_run, out=tmp_path / name, prompts=prompts, steps=2, scheduler="ddpm", cfg_scale=3, **kw)
+        SampleConfig(
+            model=image_run, out=tmp_path / name, prompts=prompts, steps=2, scheduler="ddpm", cfg_scale=3, **kw
+        )
     )
     first, again = run("a", seed=5, batch_size=2), run("b", seed=5, batch_size=2)
     assert [s.pixels_sha256 for s in first.samples] == [s.pixels_sha256 for s in again.samples]
@@ -372,7 +421,9 @@ def test_seeds_and_batch_size(image_run, video_pipe, tmp_path):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
     # and for videos at the latent level, through the same per-prompt seeds, batch 1 vs batch 2
-    batched = video_pipe.generate(prompts, [sample_seed(5, i) for i in range(2)], 2, "ddpm", 7.5, 1.1, VIDEO_FRAMES, VIDEO_RES)
+    batched = video_pipe.generate(
+        prompts, [sample_seed(5, i) for i in range(2)], 2, "ddpm", 7.5, 1.1, VIDEO_FRAMES, VIDEO_RES
+    )
     for i, prompt in enumerate(prompts):
         alone = video_pipe.generate([prompt], [sample_seed(5, i)], 2, "ddpm", 7.5, 1.1, VIDEO_FRAMES, VIDEO_RES)
         assert_close(alone.latents[0], batched.latents[i])
@@ -411,8 +462,9 @@ def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
 
     wide_t5 = tmp_path / "wide_t5"
     ByT5Tokenizer().save_pretrained(wide_t5)
-    T5EncoderModel(T5Config(vocab_size=384, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                            is_encoder_decoder=False)).save_pretrained(wide_t5)
+    T5EncoderModel(
+        T5Config(vocab_size=384, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2, is_encoder_decoder=False)
+    ).save_pretrained(wide_t5)
     result = run_cli("--model", video_run, "--prompt", "x", "--t5", wide_t5, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "width 48" in result.text and "trained with width 32" in result.text
 

@@ -8,18 +8,21 @@ import pytest
 import webdataset as wds
 
 from pipelines.data import schema
+from pipelines.data.runner import ShardJob, resolve_rank, run_shard_jobs
 from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name
-from pipelines.stages import ShardJob, resolve_rank, run_shard_jobs
 from pipelines.errors import BadSample, GentronError
 
 
 def _samples(n, offset=0):
     for i in range(offset, offset + n):
-        yield schema.make_key("vid", i), {
-            schema.CAPTION: schema.encode_caption(f"caption {i}"),
-            schema.LATENT_MEAN: schema.encode_npy(np.full((2, 3), i, np.float16)),
-            schema.META: schema.encode_json({"i": i, "b": [1, 2]}),
-        }
+        yield (
+            schema.make_key("vid", i),
+            {
+                schema.CAPTION: schema.encode_caption(f"caption {i}"),
+                schema.LATENT_MEAN: schema.encode_npy(np.full((2, 3), i, np.float16)),
+                schema.META: schema.encode_json({"i": i, "b": [1, 2]}),
+            },
+        )
 
 
 def _write(path, n):
@@ -31,7 +34,10 @@ def _write(path, n):
 def test_writer_is_deterministic_and_readable_by_webdataset(tmp_path):
     _write(tmp_path / "a.tar", 5)
     _write(tmp_path / "b.tar", 5)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
     assert digest(tmp_path / "a.tar") == digest(tmp_path / "b.tar")
     ours = list(iter_shard(tmp_path / "a.tar"))
     theirs = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))

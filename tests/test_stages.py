@@ -1,4 +1,4 @@
-"""The stage machinery every stage shares (pipelines/stages.py): the resume declarations, the options record,
+"""The stage machinery every stage shares (pipelines/data/runner.py): the resume declarations, the options record,
 the one tar scanner as both its readers see a damaged shard, and the deprecated spellings of stage options."""
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines import encode_latents, encode_text, prep_images, prep_videos
 from pipelines.data import schema
 from pipelines.data.loader import index_source
+from pipelines.data.runner import ResumeOptions, check_output_options
 from pipelines.data.shards import ShardWriter, iter_shard
+from pipelines.encode import latents as encode_latents
+from pipelines.encode import text as encode_text
 from pipelines.errors import BadSample, GentronError
-from pipelines.stages import ResumeOptions, check_output_options
+from pipelines.prep import images as prep_images
+from pipelines.prep import videos as prep_videos
 
 STAGES = [
     (prep_videos.PrepVideosConfig, prep_videos.RESUME),
@@ -78,12 +81,15 @@ def test_the_options_record_refuses_a_resume_with_other_options_and_upgrades_old
 def _shard(path, n=3):
     with ShardWriter(path) as writer:
         for i in range(n):
-            writer.write(f"s{i}", {
-                schema.LATENT_MEAN: schema.encode_npy(np.full((3, 8, 8), i, np.float16)),
-                schema.LATENT_STD: schema.encode_npy(np.zeros((3, 8, 8), np.float16)),
-                schema.CAPTION: schema.encode_caption(f"caption {i}"),
-                schema.CLIP_TOKENS: schema.encode_npy(np.ones((2, 4), np.float16)),
-            })  # fmt: skip
+            writer.write(
+                f"s{i}",
+                {
+                    schema.LATENT_MEAN: schema.encode_npy(np.full((3, 8, 8), i, np.float16)),
+                    schema.LATENT_STD: schema.encode_npy(np.zeros((3, 8, 8), np.float16)),
+                    schema.CAPTION: schema.encode_caption(f"caption {i}"),
+                    schema.CLIP_TOKENS: schema.encode_npy(np.ones((2, 4), np.float16)),
+                },
+            )
     return path
 
 
@@ -121,11 +127,32 @@ def _images(folder, n=2, side=40):
 def test_old_option_spellings_of_prep_images_still_work_and_say_so(tmp_path):
     src = _images(tmp_path / "in")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["prep-images", str(src), str(out), "--size", "64", "--quality", "90", "--upscale",
-                                      "--node-rank", "0", "--num-nodes", "1"], env={"COLUMNS": "200"})  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "prep-images",
+            str(src),
+            str(out),
+            "--size",
+            "64",
+            "--quality",
+            "90",
+            "--upscale",
+            "--node-rank",
+            "0",
+            "--num-nodes",
+            "1",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
-    for old, new in (("--quality", "--jpeg-quality"), ("--upscale", "--min-size 0"), ("--node-rank", "--rank"), ("--num-nodes", "--world-size"),
-                     ("second argument", f"--out {out}")):
+    for old, new in (
+        ("--quality", "--jpeg-quality"),
+        ("--upscale", "--min-size 0"),
+        ("--node-rank", "--rank"),
+        ("--num-nodes", "--world-size"),
+        ("second argument", f"--out {out}"),
+    ):
         assert "deprecated:" in result.output and old in result.output and new in " ".join(result.output.split())
     record = json.loads((out / prep_images.OPTIONS_FILE).read_text())
     assert (record["quality"], record["min_size"]) == (90, 0)  # the 40 px images were kept, as --upscale did
@@ -136,15 +163,27 @@ def test_old_quality_of_prep_videos_is_the_quantiser_scale_with_a_deprecation(tm
     seen = []
     monkeypatch.setattr(prep_videos, "prep_videos", lambda config, reporter: seen.append(config) or _NoResult())
     runner = CliRunner()
-    result = runner.invoke(app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"}
+    )
     assert "deprecated:" in result.output and "--jpeg-quality" in result.output
     assert seen[-1].effective_qscale == 5
-    runner.invoke(app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"})
+    runner.invoke(
+        app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"}
+    )
     assert seen[-1].qscale is None and seen[-1].effective_qscale == 17  # 1..100, higher is better
 
 
 class _NoResult:
-    summary = {"shards": 0, "samples_in": 0, "samples_out": 0, "failed": 0, "seconds": 0.0, "failures_by_reason": {}, "counters": {}}
+    summary = {
+        "shards": 0,
+        "samples_in": 0,
+        "samples_out": 0,
+        "failed": 0,
+        "seconds": 0.0,
+        "failures_by_reason": {},
+        "counters": {},
+    }
     samples_in = samples_out = failed = skipped = done = 0
     seconds = items_per_second = 0.0
 
@@ -184,7 +223,9 @@ def test_stage_commands_take_their_output_folder_as_out(command, stage_configs, 
         assert "deprecated" not in result.output
         assert Path(_output_of(stage_configs[-1])) == tmp_path / flag
     help_text = _invoke(command, "--help").text
-    assert "--out -o" in help_text and f"gentron {command} [OPTIONS] {{input}} " in help_text  # no second argument shown
+    assert (
+        "--out -o" in help_text and f"gentron {command} [OPTIONS] {{input}} " in help_text
+    )  # no second argument shown
 
 
 @pytest.mark.parametrize("command", STAGE_COMMANDS)
@@ -194,7 +235,9 @@ def test_the_positional_output_folder_still_works_and_says_so(command, stage_con
     assert f"deprecated: the output folder as second argument ({tmp_path / 'old'}) will be removed" in result.text
     assert f"use --out {tmp_path / 'old'}" in result.text
     assert Path(_output_of(stage_configs[-1])) == tmp_path / "old"
-    same = _invoke(command, tmp_path / "in", tmp_path / "old", "--out", tmp_path / "old")  # the same folder twice: no conflict
+    same = _invoke(
+        command, tmp_path / "in", tmp_path / "old", "--out", tmp_path / "old"
+    )  # the same folder twice: no conflict
     assert same.exit_code == 0 and "deprecated:" in same.output, same.output
 
 
@@ -202,11 +245,20 @@ def test_the_positional_output_folder_still_works_and_says_so(command, stage_con
 def test_two_output_folders_or_none_are_refused_with_one_message(command, stage_configs, tmp_path):
     both = _invoke(command, tmp_path / "in", tmp_path / "a", "--out", tmp_path / "b")
     assert both.exit_code == 2 and isinstance(both.exception, SystemExit), both.output  # a clean exit, not an exception
-    assert f"error: two output folders: {tmp_path / 'a'} (the deprecated second argument) and --out {tmp_path / 'b'}" in both.text
-    assert "fix: give only --out OUT" in both.text and "Traceback" not in both.output and "deprecated:" not in both.output
+    assert (
+        f"error: two output folders: {tmp_path / 'a'} (the deprecated second argument) and --out {tmp_path / 'b'}"
+        in both.text
+    )
+    assert (
+        "fix: give only --out OUT" in both.text and "Traceback" not in both.output and "deprecated:" not in both.output
+    )
     neither = _invoke(command, tmp_path / "in")
     assert neither.exit_code == 2 and isinstance(neither.exception, SystemExit), neither.output
-    assert "error: no output folder given" in neither.text and "--out OUT" in neither.text and "Traceback" not in neither.output
+    assert (
+        "error: no output folder given" in neither.text
+        and "--out OUT" in neither.text
+        and "Traceback" not in neither.output
+    )
     assert stage_configs == []  # nothing ran
 
 
@@ -221,10 +273,14 @@ def test_encode_commands_take_rank_and_world_size_like_the_prep_commands(command
 
 
 def test_old_train_output_spelling_still_works_and_says_so(tmp_path, monkeypatch):
-    import pipelines.train
+    import pipelines.train.trainer
 
     seen = []
-    monkeypatch.setattr(pipelines.train, "train", lambda cfg, reporter: seen.append(cfg) or (_ for _ in ()).throw(GentronError("stop here")))
+    monkeypatch.setattr(
+        pipelines.train.trainer,
+        "train",
+        lambda cfg, reporter: seen.append(cfg) or (_ for _ in ()).throw(GentronError("stop here")),
+    )
     result = CliRunner().invoke(app, ["train", "--output", str(tmp_path / "run")], env={"COLUMNS": "200"})
     assert "deprecated:" in result.output and "--output" in result.output and "--out" in result.output
     assert seen[0].output == str(tmp_path / "run")

@@ -10,7 +10,11 @@ from pipelines.model.conditioning import TextCondition
 from pipelines.model.text_encoders import TextEncoders, parse_encoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 
-CAPTIONS = ["a cat", "A dog running on the beach at sunset, filmed from a drone", "ünïcödé 🙂 words the tokenizer never saw"]
+CAPTIONS = [
+    "a cat",
+    "A dog running on the beach at sunset, filmed from a drone",
+    "ünïcödé 🙂 words the tokenizer never saw",
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,11 @@ def test_dims_metadata_selection_and_collate(tiny, encoders):
     np.testing.assert_array_equal(t5_only.encode(CAPTIONS)[1]["t5"], encoders.encode(CAPTIONS)[1]["t5"])
     cond = TextCondition.collate(encoders.encode(CAPTIONS))
     lengths = [len(a["clip"]) for a in encoders.encode(CAPTIONS)]
-    assert cond.masks["clip"].sum(1).tolist() == lengths and cond.pooled["clip"].shape == (3, 32) and not cond.pooled.keys() - {"clip"}
+    assert (
+        cond.masks["clip"].sum(1).tolist() == lengths
+        and cond.pooled["clip"].shape == (3, 32)
+        and not cond.pooled.keys() - {"clip"}
+    )
     assert parse_encoders("t5, clip") == ["clip", "t5"] and parse_encoders("clip+t5") == ["clip", "t5"]
     with pytest.raises(GentronError):
         parse_encoders("clip,bert")
@@ -106,7 +114,9 @@ def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
         TextEncoders(clip=str(tmp_path / "missing_clip"), t5=None)
     assert "missing_clip" in err.value.message and "not found" in err.value.message
     with pytest.raises(GentronError) as err:
-        TextEncoders(clip=str(tiny["t5"]), t5=None)  # a T5 folder given as CLIP would otherwise load with random weights
+        TextEncoders(
+            clip=str(tiny["t5"]), t5=None
+        )  # a T5 folder given as CLIP would otherwise load with random weights
     assert "'t5'" in err.value.message and str(tiny["t5"]) in err.value.message
     with pytest.raises(GentronError) as err:
         TextEncoders(clip="open_clip:ViT-L-14:openai", t5=None)  # open_clip is not installed here (no CPU torchvision)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
-from pipelines.toydata import (
+from pipelines.toy.data import (
     CHANCE,
     COLORS,
     DIRECTIONS,
@@ -34,7 +34,9 @@ from pipelines.toydata import (
 SMALL = ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0)
 HELD_OUT = (("red", "triangle"), ("blue", "circle"))
 # Every shape at the side places (the learning benchmark's data), and every shape at the quadrants
-SIDE_SHAPES = ToyDataConfig(images_per_combo=2, videos_per_combo=1, video_seconds=1.0, shapes=SHAPES, places=SIDES, held_out=HELD_OUT)
+SIDE_SHAPES = ToyDataConfig(
+    images_per_combo=2, videos_per_combo=1, video_seconds=1.0, shapes=SHAPES, places=SIDES, held_out=HELD_OUT
+)
 QUADRANT_SHAPES = ToyDataConfig(images_per_combo=1, videos_per_combo=0, shapes=SHAPES)
 
 # What the generator wrote for SMALL before it learnt shapes and sides (the quickstart's data must not move):
@@ -44,7 +46,10 @@ SMALL_DIGEST = "18fbdb7e25fd074af8060a830c99b0d2837296e855eb5810a577d7ee7272512b
 
 def _resize(frames: np.ndarray, side: int) -> np.ndarray:
     """PIL bilinear resize of an (H, W, 3) image or a (T, H, W, 3) video, as prep does."""
-    resize = lambda f: np.asarray(Image.fromarray(f).resize((side, side), Image.BILINEAR))
+
+    def resize(f):
+        return np.asarray(Image.fromarray(f).resize((side, side), Image.BILINEAR))
+
     return resize(frames) if frames.ndim == 3 else np.stack([resize(f) for f in frames])
 
 
@@ -75,7 +80,9 @@ def side_shapes(tmp_path_factory):
 
 def test_default_dataset_is_unchanged(tmp_path, monkeypatch):
     written = []
-    monkeypatch.setattr("pipelines.toydata.encode_h264", lambda frames, fps, crf: written.append(np.array(frames)) or b"")
+    monkeypatch.setattr(
+        "pipelines.toy.data.encode_h264", lambda frames, fps, crf: written.append(np.array(frames)) or b""
+    )
     dirs = make_toy_dataset(tmp_path, SMALL)
     digest = hashlib.sha256()
     for path, pixels, caption in _images(dirs):
@@ -92,7 +99,7 @@ def test_default_dataset_is_unchanged(tmp_path, monkeypatch):
     image = np.asarray(Image.open(dirs["images"] / "red_top_left_0.png"))
     ys, xs = np.nonzero(image.any(axis=-1))
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (7, 30, 5, 28)
-    assert (image[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == COLORS["red"]).all()
+    assert (image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == COLORS["red"]).all()
     assert (dirs["images"] / "red_top_left_0.txt").read_text() == "a red square in the top left"
     assert (dirs["videos"] / "yellow_down_0.txt").read_text() == "a yellow square moving down"
 
@@ -102,9 +109,9 @@ def test_dataset_matches_its_captions_according_to_the_probe(tmp_path):
     images, videos = list(_images(dirs)), list(_videos(dirs))
     assert len(images) == 16 and len(videos) == 16
     # the quickstart's captions keep the quickstart's score columns (no shape)
-    for path, pixels, caption in images:
+    for _path, pixels, caption in images:
         assert probe_image(pixels, caption) == {"color": True, "place": True}, caption
-    for path, frames, caption in videos:
+    for _path, frames, caption in videos:
         assert probe_video(frames, caption) == {"color": True, "direction": True, "axis": True}, caption
         assert probe_video(frames, caption, with_shape=True)["shape"] is True
 
@@ -129,9 +136,12 @@ def test_probe_reads_every_shape_and_place_of_ground_truth_images(tmp_path, cfg)
     dirs = make_toy_dataset(tmp_path, cfg)
     images = list(_images(dirs))
     assert len(images) == len(cfg.combos()) * len(cfg.places) * cfg.images_per_combo
-    for path, pixels, caption in images:
+    for _path, pixels, caption in images:
         for name, variant in _variants(pixels, rng).items():
-            assert probe_image(variant, caption, with_shape=True) == {"color": True, "place": True, "shape": True}, (caption, name)
+            assert probe_image(variant, caption, with_shape=True) == {"color": True, "place": True, "shape": True}, (
+                caption,
+                name,
+            )
         if cfg.places == SIDES:  # shape is scored by default outside the quickstart's squares at quadrants
             assert "shape" in probe_image(pixels, caption)
 
@@ -140,7 +150,7 @@ def test_probe_reads_every_shape_and_direction_of_ground_truth_videos(side_shape
     rng = np.random.default_rng(1)
     videos = list(_videos(side_shapes))
     assert len(videos) == len(SIDE_SHAPES.combos()) * len(DIRECTIONS)
-    for path, frames, caption in videos:
+    for _path, frames, caption in videos:
         clip = frames[::3]  # 8 of the 24 decoded frames, as prep picks them
         for name, variant in _variants(clip, rng).items():
             scores = probe_video(variant, caption, with_shape=True)
@@ -152,7 +162,7 @@ def test_probe_reads_every_shape_and_direction_of_ground_truth_videos(side_shape
 def test_probe_marks_exactly_the_attribute_a_wrong_prompt_changes(side_shapes):
     """Each ground-truth image against every prompt that differs in one attribute: that one fails, the rest pass."""
     rng = np.random.default_rng(2)
-    for path, pixels, caption in list(_images(side_shapes))[::3]:
+    for _path, pixels, caption in list(_images(side_shapes))[::3]:
         truth = parse_caption(caption)
         image = _noisy(_resize(pixels, 32), rng)
         for attribute, values in (("color", COLORS), ("shape", SHAPES), ("place", SIDES)):
@@ -164,7 +174,12 @@ def test_probe_marks_exactly_the_attribute_a_wrong_prompt_changes(side_shapes):
                 assert scores == {"color": True, "shape": True, "place": True, attribute: False}, (caption, asked)
     path, frames, caption = next(v for v in _videos(side_shapes) if "triangle moving right" in v[2])
     color = parse_caption(caption)["color"]
-    assert probe_video(frames, video_caption(color, "right", "circle")) == {"color": True, "direction": True, "axis": True, "shape": False}
+    assert probe_video(frames, video_caption(color, "right", "circle")) == {
+        "color": True,
+        "direction": True,
+        "axis": True,
+        "shape": False,
+    }
     assert probe_video(frames[::-1], caption) == {"color": True, "direction": False, "axis": True, "shape": True}
 
 
@@ -173,7 +188,10 @@ def test_probe_of_an_empty_frame_reads_nothing():
     assert shape_of(black) is None and object_centre(black) is None and place_of(black, SIDES) is None
     assert probe_image(black, "a red circle on the left") == {"color": False, "place": False, "shape": False}
     assert probe_video(np.zeros((8, 32, 32, 3), np.uint8), "a red circle moving up") == {
-        "color": False, "direction": False, "axis": False, "shape": False,
+        "color": False,
+        "direction": False,
+        "axis": False,
+        "shape": False,
     }
     speck = black.copy()
     speck[5, 5] = 255  # one stray pixel is no object
@@ -183,11 +201,11 @@ def test_probe_of_an_empty_frame_reads_nothing():
 def test_side_places_are_where_the_module_says(side_shapes):
     """A side place's box centre lies in the outer third on that side and within SIDE_BAND of the middle across."""
     pixel = 1 / SIDE_SHAPES.image_size  # a triangle's apex row holds no pixel centre: its visible box is a row short
-    for path, pixels, caption in _images(side_shapes):
+    for _path, pixels, caption in _images(side_shapes):
         side = parse_caption(caption)["place"]
         y, x = object_centre(pixels)
         along, across = (x, y) if side in ("left", "right") else (y, x)
-        assert (along <= 1 / 3 + pixel if side in ("left", "top") else along >= 2 / 3 - pixel), caption
+        assert along <= 1 / 3 + pixel if side in ("left", "top") else along >= 2 / 3 - pixel, caption
         assert abs(across - 0.5) <= SIDE_BAND + pixel, caption
 
 
@@ -195,7 +213,7 @@ def test_shapes_share_one_bounding_box(tmp_path):
     cfg = ToyDataConfig(images_per_combo=1, videos_per_combo=0, shapes=SHAPES, places=("top left",), seed=3)
     dirs = make_toy_dataset(tmp_path, cfg)
     boxes = {}
-    for path, pixels, caption in _images(dirs):
+    for _path, pixels, caption in _images(dirs):
         ys, xs = np.nonzero(pixels.any(axis=-1))
         boxes[parse_caption(caption)["shape"]] = (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
     side = int(cfg.image_size * cfg.square)
@@ -204,7 +222,11 @@ def test_shapes_share_one_bounding_box(tmp_path):
 
 
 def test_held_out_pairs_are_never_written(side_shapes):
-    shown = {(parse_caption(c)["color"], parse_caption(c)["shape"]) for kind in (_images, _videos) for _, _, c in kind(side_shapes)}
+    shown = {
+        (parse_caption(c)["color"], parse_caption(c)["shape"])
+        for kind in (_images, _videos)
+        for _, _, c in kind(side_shapes)
+    }
     assert shown == set(itertools.product(COLORS, SHAPES)) - set(HELD_OUT)
     assert not any("red_triangle" in p.name or "blue_circle" in p.name for p in side_shapes["images"].parent.rglob("*"))
 
@@ -243,8 +265,18 @@ def test_parse_caption():
         for place in PLACES + SIDES:
             assert parse_caption(image_caption(color, place, shape)) == {"color": color, "shape": shape, "place": place}
         for direction in DIRECTIONS:
-            assert parse_caption(video_caption(color, direction, shape)) == {"color": color, "shape": shape, "direction": direction}
-    for bad in ("a red fox in the snow", "a red circle in the left", "a red circle on the top", "a purple square moving up", ""):
+            assert parse_caption(video_caption(color, direction, shape)) == {
+                "color": color,
+                "shape": shape,
+                "direction": direction,
+            }
+    for bad in (
+        "a red fox in the snow",
+        "a red circle in the left",
+        "a red circle on the top",
+        "a purple square moving up",
+        "",
+    ):
         with pytest.raises(ValueError):
             parse_caption(bad)
     assert set(COLORS) == {"red", "green", "blue", "yellow"}

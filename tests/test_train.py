@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_data import truncate, write_dataset
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
-from pipelines import checkpoint as ckpt
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import make_objective
 from pipelines.diffusion.gaussian import GaussianDiffusion
 from pipelines.errors import GentronError
-from pipelines.metrics import read_metrics
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
-from pipelines.train import TrainConfig, batch_text, train
-from train_data import truncate, write_dataset
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.metrics import read_metrics
+from pipelines.train.trainer import TrainConfig, batch_text, train
 
 runner = CliRunner()
 
@@ -39,13 +39,24 @@ TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    return write_dataset(root / "img", "image", samples=6, shards=2), write_dataset(root / "vid", "video", samples=6, shards=2)
+    return write_dataset(root / "img", "image", samples=6, shards=2), write_dataset(
+        root / "vid", "video", samples=6, shards=2
+    )
 
 
 def base(tmp_path, images, **kw) -> TrainConfig:
     defaults = dict(
-        output=str(tmp_path / "run"), image_data=str(images), model=TINY, steps=8, global_batch=4, lr=3e-3,
-        num_workers=0, checkpoint_every=4, log_every=1, text_dropout=0.1, ema_decay=0.9,
+        output=str(tmp_path / "run"),
+        image_data=str(images),
+        model=TINY,
+        steps=8,
+        global_batch=4,
+        lr=3e-3,
+        num_workers=0,
+        checkpoint_every=4,
+        log_every=1,
+        text_dropout=0.1,
+        ema_decay=0.9,
     )
     return TrainConfig(**(defaults | kw))
 
@@ -57,10 +68,39 @@ def losses(run) -> dict[int, float]:
 def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
     images, _ = data
     run = tmp_path / "t2i"
-    args = ["train", "--stage", "t2i", "--image-data", str(images), "--out", str(run), "--model", '{"size": "T/2"}',
-            "--steps", "60", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0", "--text-dropout", "0",
-            "--checkpoint-every", "20", "--keep-checkpoints", "2", "--log-every", "1", "--ema-decay", "0.9",
-            "--preview-every", "30", "--preview-count", "3"]
+    args = [
+        "train",
+        "--stage",
+        "t2i",
+        "--image-data",
+        str(images),
+        "--out",
+        str(run),
+        "--model",
+        '{"size": "T/2"}',
+        "--steps",
+        "60",
+        "--global-batch",
+        "6",
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        "0",
+        "--text-dropout",
+        "0",
+        "--checkpoint-every",
+        "20",
+        "--keep-checkpoints",
+        "2",
+        "--log-every",
+        "1",
+        "--ema-decay",
+        "0.9",
+        "--preview-every",
+        "30",
+        "--preview-count",
+        "3",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     curve = [losses(run)[s] for s in range(1, 61)]
@@ -93,10 +133,39 @@ def test_t2i_overfits_through_the_cli_and_writes_a_complete_run(tmp_path, data):
 def test_t2v_joint_training_overfits_through_the_cli(tmp_path, data):
     images, videos = data
     run = tmp_path / "t2v"
-    args = ["train", "--stage", "t2v", "--image-data", str(images), "--video-data", str(videos), "--out", str(run),
-            "--model", '{"size": "T/2"}', "--steps", "40", "--global-batch", "6", "--lr", "3e-3", "--num-workers", "0",
-            "--text-dropout", "0", "--p-motion-free", "0.5", "--checkpoint-every", "40", "--log-every", "1",
-            "--preview-every", "40", "--preview-count", "2"]
+    args = [
+        "train",
+        "--stage",
+        "t2v",
+        "--image-data",
+        str(images),
+        "--video-data",
+        str(videos),
+        "--out",
+        str(run),
+        "--model",
+        '{"size": "T/2"}',
+        "--steps",
+        "40",
+        "--global-batch",
+        "6",
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        "0",
+        "--text-dropout",
+        "0",
+        "--p-motion-free",
+        "0.5",
+        "--checkpoint-every",
+        "40",
+        "--log-every",
+        "1",
+        "--preview-every",
+        "40",
+        "--preview-count",
+        "2",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     records = read_metrics(run / "metrics.jsonl")
@@ -152,23 +221,47 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data
 def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     images, _ = data
     t2i = train(base(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))
-    cfg = base(tmp_path, images, output=str(tmp_path / "t2v"), stage="t2v", init=str(t2i.run_dir / "model_raw"),
-               steps=1, p_motion_free=1.0, frames=3, text_dropout=0.0)
+    cfg = base(
+        tmp_path,
+        images,
+        output=str(tmp_path / "t2v"),
+        stage="t2v",
+        init=str(t2i.run_dir / "model_raw"),
+        steps=1,
+        p_motion_free=1.0,
+        frames=3,
+        text_dropout=0.0,
+    )
     first = train(cfg).losses[0]
     # the same first batch, through the T2I model frame by frame
     source = index_source(images, "image")
     empty, _ = load_empty_caption([images])
-    spec = StreamSpec(stage="t2v", seed=cfg.seed, micro_batch=cfg.global_batch, p_motion_free=1.0, text_dropout=0.0,
-                      frames=3, buffer_size=cfg.shuffle_buffer, text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS))
+    spec = StreamSpec(
+        stage="t2v",
+        seed=cfg.seed,
+        micro_batch=cfg.global_batch,
+        p_motion_free=1.0,
+        text_dropout=0.0,
+        frames=3,
+        buffer_size=cfg.shuffle_buffer,
+        text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS),
+    )
     stream = TrainStream(spec, source, None, empty, collate_text=TextCondition.collate)
     batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
     assert bool(batch["pseudo_video"].all())
     model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
     b, t = batch["x0"].shape[:2]
-    flat = lambda x: x.reshape(b * t, *x.shape[2:])
+
+    def flat(x):
+        return x.reshape(b * t, *x.shape[2:])
+
     with torch.no_grad():
         per_frame = GaussianDiffusion().training_loss(
-            model, flat(batch["x0"]), make_objective().timesteps(batch["timestep_draw"]).repeat_interleave(t), batch_text(batch).repeat_interleave(t), noise=flat(batch["noise"])
+            model,
+            flat(batch["x0"]),
+            make_objective().timesteps(batch["timestep_draw"]).repeat_interleave(t),
+            batch_text(batch).repeat_interleave(t),
+            noise=flat(batch["noise"]),
         )["loss"]
     assert first == pytest.approx(float(per_frame.mean()), rel=1e-5)
 
@@ -185,7 +278,7 @@ def test_bad_data_is_skipped_and_counted_and_the_run_finishes(tmp_path):
 
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, monkeypatch):
-    import pipelines.train as train_module
+    import pipelines.train.trainer as train_module
 
     images = write_dataset(tmp_path / "data", "image", samples=16, shards=2)
     cfg = base(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
@@ -194,7 +287,9 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, 
 
     def diverging(self, batches):
         loss, grad_norm, motion_free = forward_backward(self, batches)
-        return (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
+        return (
+            (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
+        )
 
     monkeypatch.setattr(train_module.Run, "forward_backward", diverging)
     with pytest.raises(GentronError, match="loss became nan") as err:
@@ -223,14 +318,18 @@ def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tm
         result = train(base(tmp_path, images, output=str(out), steps=12, text_dropout=0.0, on_nan=on_nan), Log())
         assert result.step == 12 and result.skipped_steps == 0 and all(np.isfinite(result.losses))
         stats = json.loads((out / "data_stats.json").read_text())["image"]
-        assert [(f["shard"], f["key"], f["field"], f["reason"]) for f in stats["unreadable"]] == [("000000.tar", "image_3", "latent_mean.npy", "non_finite")]
+        assert [(f["shard"], f["key"], f["field"], f["reason"]) for f in stats["unreadable"]] == [
+            ("000000.tar", "image_3", "latent_mean.npy", "non_finite")
+        ]
         assert read_metrics(out / "metrics.jsonl")[-1]["unreadable_samples"] >= 1
     named = [m for m in logs if "image_3" in m]
     assert len(named) == 2 and "000000.tar" in named[0] and "non_finite" in named[0]  # once per run
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3)
+    ckpt.save_checkpoint(
+        tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3
+    )
 
     def crash(*args, **kwargs):
         raise OSError("disk gone")
@@ -251,7 +350,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         (["--model", '{"size": "T/2", "patch_size": 3}'], "not divisible by the model's patch size"),
         (["--image-data", "/nonexistent/folder"], "not found"),
         (["--timestep-sampling", "cubic"], "unknown timestep sampling 'cubic'"),
-        (["--objective", "flow", "--model", '{"size": "T/2", "learn_sigma": true}'], "does not apply to rectified flow"),
+        (
+            ["--objective", "flow", "--model", '{"size": "T/2", "learn_sigma": true}'],
+            "does not apply to rectified flow",
+        ),
         (["--objective", "flow", "--loss-weighting", "min-snr"], "min-snr weights the epsilon loss"),
         (["--noise-shift", "big"], "is not none, auto or a number"),
         (["--objective", "edm"], "unknown objective 'edm'"),
@@ -259,8 +361,21 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
     images, _ = data
-    args = ["train", "--image-data", str(images), "--out", str(tmp_path / "r"), "--model", "T/2", "--steps", "1",
-            "--global-batch", "2", "--num-workers", "0"] + extra
+    args = [
+        "train",
+        "--image-data",
+        str(images),
+        "--out",
+        str(tmp_path / "r"),
+        "--model",
+        "T/2",
+        "--steps",
+        "1",
+        "--global-batch",
+        "2",
+        "--num-workers",
+        "0",
+    ] + extra
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -274,13 +389,17 @@ def test_the_objective_is_recorded_with_the_model(tmp_path, data):
     from pipelines.diffusion import noise_shift_for
 
     images, _ = data
-    result = train(base(tmp_path, images, steps=2, objective="flow", timestep_sampling="logit-normal", noise_shift="auto"))
+    result = train(
+        base(tmp_path, images, steps=2, objective="flow", timestep_sampling="logit-normal", noise_shift="auto")
+    )
     model = result.run_dir / "model"
     record = json.loads((model / "pipeline.json").read_text())["objective"]
     latent_shape = json.loads((model / "pipeline.json").read_text())["data"]["latent_shape"]
     assert record["name"] == "flow" and record["timestep_sampling"] == "logit-normal"
     assert record["noise_shift"] == pytest.approx(noise_shift_for(tuple(latent_shape)))
-    assert FlowMatchEulerDiscreteScheduler.from_pretrained(model / "scheduler").config.shift == pytest.approx(record["noise_shift"])
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(model / "scheduler").config.shift == pytest.approx(
+        record["noise_shift"]
+    )
     assert json.loads((model / "config.json").read_text())["learn_sigma"] is False
     assert all(np.isfinite(result.losses))
 
@@ -304,11 +423,33 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     """A real `kill -9` of a `gentron train` process, then the same command again."""
     images, _ = data
     run = tmp_path / "killed"
-    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY, "--steps", "80",
-            "--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "5", "--log-every", "1",
-            "--ema-decay", "0.9"]
+    args = [
+        "train",
+        "--image-data",
+        str(images),
+        "--out",
+        str(run),
+        "--model",
+        TINY,
+        "--steps",
+        "80",
+        "--global-batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--num-workers",
+        "0",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "1",
+        "--ema-decay",
+        "0.9",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "gentron_cli.main", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gentron_cli.main", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while ckpt.latest_checkpoint(run) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-
-from pipelines import checkpoint as ckpt
-from pipelines.metrics import read_metrics
-from pipelines.model.gentron import GenTronTransformer
-from pipelines.train import TrainConfig, train
 from train_data import write_dataset
+
+from pipelines.model.gentron import GenTronTransformer
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.metrics import read_metrics
+from pipelines.train.trainer import TrainConfig, train
 
 
 def free_port() -> int:
@@ -40,9 +40,19 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
     images = write_dataset(tmp_path / "img", "image", samples=6, shards=2)
     videos = write_dataset(tmp_path / "vid", "video", samples=6, shards=2)
     config = TrainConfig(
-        stage="t2v", image_data=str(images), video_data=str(videos), model='{"size": "T/2", "hidden_size": 32, "mlp_dim": 64}',
-        steps=5, global_batch=4, lr=3e-3, num_workers=0, checkpoint_every=5, log_every=1, ema_decay=0.9,
-        p_motion_free=0.5, output=str(tmp_path / "single"),
+        stage="t2v",
+        image_data=str(images),
+        video_data=str(videos),
+        model='{"size": "T/2", "hidden_size": 32, "mlp_dim": 64}',
+        steps=5,
+        global_batch=4,
+        lr=3e-3,
+        num_workers=0,
+        checkpoint_every=5,
+        log_every=1,
+        ema_decay=0.9,
+        p_motion_free=0.5,
+        output=str(tmp_path / "single"),
     )
     single = train(config)
     ddp = replace(config, output=str(tmp_path / "ddp"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pipelines.encode_latents import CenterCropResize
+from pipelines.encode.latents import CenterCropResize
 from pipelines.errors import GentronError
 from pipelines.model.tiny import build_tiny_vae
 from pipelines.model.vae import PixelVAE, load_vae

@@ -42,9 +42,19 @@ def sample_fields(
     i: int, kind: str, frames: int = 4, latent: np.ndarray | None = None, drop: tuple[str, ...] = (), side: int = SIDE
 ) -> dict[str, bytes]:
     if latent is None:
-        latent = pattern(i, side=side) if kind == "image" else np.stack([pattern(i, shift=f, side=side) for f in range(frames)])
+        latent = (
+            pattern(i, side=side)
+            if kind == "image"
+            else np.stack([pattern(i, shift=f, side=side) for f in range(frames)])
+        )
     meta = {
-        "latent": {"vae": "pixel", "scaling_factor": 1.0, "shape": list(latent.shape), "resolution": latent.shape[-1], "downsample": 1},
+        "latent": {
+            "vae": "pixel",
+            "scaling_factor": 1.0,
+            "shape": list(latent.shape),
+            "resolution": latent.shape[-1],
+            "downsample": 1,
+        },
         "text": {
             "encoders": ["clip", "t5"],
             "clip": {"name": "tiny-clip", "max_length": 8, "dim": TEXT_DIM, "pooled_dim": TEXT_DIM},
@@ -93,11 +103,18 @@ def write_dataset(
                 defect = bad.get(i)
                 latent, drop = None, ()
                 if defect == "wrong_shape":
-                    latent = np.zeros((CHANNELS, side * 2, side) if kind == "image" else (frames, CHANNELS, side * 2, side), np.float32)
+                    latent = np.zeros(
+                        (CHANNELS, side * 2, side) if kind == "image" else (frames, CHANNELS, side * 2, side),
+                        np.float32,
+                    )
                 elif defect == "missing_field":
                     drop = (schema.LATENT_STD,)
                 elif defect == "nan":
-                    latent = np.full((CHANNELS, side, side) if kind == "image" else (frames, CHANNELS, side, side), np.nan, np.float32)
+                    latent = np.full(
+                        (CHANNELS, side, side) if kind == "image" else (frames, CHANNELS, side, side),
+                        np.nan,
+                        np.float32,
+                    )
                 writer.write(schema.make_key(kind, i), sample_fields(i, kind, frames, latent, drop, side))
     write_empty_caption(folder)
     return folder

@@ -61,7 +61,9 @@ def write_video(
     """
     fps = Fraction(fps).limit_denominator(1001)
     if time_base is None:
-        time_base = Fraction(1, 1000) if codec.startswith("libvpx") else Fraction(1, 90000) if times is not None else 1 / fps
+        time_base = (
+            Fraction(1, 1000) if codec.startswith("libvpx") else Fraction(1, 90000) if times is not None else 1 / fps
+        )
     if times is None:
         times = [float(i / fps) for i in range(n_frames)]
     width, height = size
@@ -71,7 +73,9 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
-            stream.options = {"sc_threshold": "0"} if codec == "libx264" else {}  # keyframes every `gop` frames, no others
+            stream.options = (
+                {"sc_threshold": "0"} if codec == "libx264" else {}
+            )  # keyframes every `gop` frames, no others
         stream.codec_context.time_base = time_base
         stream.time_base = time_base
         for number, t in enumerate(times):

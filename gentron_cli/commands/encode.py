@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from gentron_cli.commands.prep import OLD_OUT_HELP, RANK_HELP, WORLD_HELP, StageCommand
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, output_folder, run_command
-from pipelines.stages import StageResult
-from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH, DEFAULT_VAE
+from pipelines.data.runner import StageResult
+from pipelines.defaults import (
+    DEFAULT_CLIP,
+    DEFAULT_LLM_LAYER,
+    DEFAULT_LLM_MAX_LENGTH,
+    DEFAULT_T5,
+    DEFAULT_T5_MAX_LENGTH,
+    DEFAULT_VAE,
+)
 
 _DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."
 _DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load in this dtype."
@@ -19,7 +25,8 @@ _DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load 
 
 def _report(result: StageResult, output: Path) -> None:
     console.print(
-        f"{result.done} shards done, {result.skipped} already complete; {result.samples_out} of {result.samples_in} samples "
+        f"{result.done} shards done, {result.skipped} already complete; {result.samples_out} of {result.samples_in} "
+        "samples "
         f"written, {result.failed} failed; {result.items_per_second:.2f} samples/s",
         highlight=False,
     )
@@ -30,28 +37,48 @@ def register(app: typer.Typer) -> None:
     @app.command("encode-latents", cls=StageCommand)
     def encode_latents_command(
         input: Path = typer.Argument(..., help="Folder of shards with mp4 clips and/or jpg/png images."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the output shards (required; same names as the input shards); rerun to resume."),
-        vae: str = typer.Option(DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."),
-        resolution: int = typer.Option(512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."),
-        flip: bool = typer.Option(False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        ),
+        vae: str = typer.Option(
+            DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."
+        ),
+        resolution: int = typer.Option(
+            512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."
+        ),
+        flip: bool = typer.Option(
+            False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."
+        ),
         batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP),
-        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
+        rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
+        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
 
         output = output_folder(out, old_output)
 
         def body():
-            from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
+            from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
 
             cfg = EncodeLatentsConfig(
-                input, output, vae=vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device, dtype=dtype,
-                rank=rank, world_size=world_size, verify=verify,
+                input,
+                output,
+                vae=vae,
+                resolution=resolution,
+                flip=flip,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                rank=rank,
+                world_size=world_size,
+                verify=verify,
             )
             _report(encode_latents(cfg, RichReporter()), output)
 
@@ -60,37 +87,66 @@ def register(app: typer.Typer) -> None:
     @app.command("encode-text", cls=StageCommand)
     def encode_text_command(
         input: Path = typer.Argument(..., help="Folder of shards with txt captions."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the output shards (required; same names as the input shards); rerun to resume."),
-        clip: str = typer.Option(DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        ),
+        clip: str = typer.Option(
+            DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."
+        ),
         t5: str = typer.Option(DEFAULT_T5, help="T5 encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."),
-        encoders: Optional[str] = typer.Option(
-            None, help="Which encoders to run, comma-separated, from clip, t5, llm. Default: clip,t5, plus llm when --llm is given."
+        encoders: str | None = typer.Option(
+            None,
+            help="Which encoders to run, comma-separated, from clip, t5, llm. Default: clip,t5, plus llm when --llm "
+            "is given.",
         ),
-        t5_max_length: int = typer.Option(DEFAULT_T5_MAX_LENGTH, help="T5 tokens kept per caption; longer captions are cut and counted."),
-        llm: Optional[str] = typer.Option(
-            None, help="Decoder-only language model (Gemma, Llama, Qwen2, ...) as a text encoder: hub name or folder (NAME_OR_PATH:SUBFOLDER)."
+        t5_max_length: int = typer.Option(
+            DEFAULT_T5_MAX_LENGTH, help="T5 tokens kept per caption; longer captions are cut and counted."
         ),
-        llm_layer: int = typer.Option(DEFAULT_LLM_LAYER, help="Which hidden states of the LLM to store: 0 = embeddings, -1 = last layer, -2 = the one before."),
-        llm_max_length: int = typer.Option(DEFAULT_LLM_MAX_LENGTH, help="LLM tokens kept per caption; longer captions are cut and counted."),
+        llm: str | None = typer.Option(
+            None,
+            help="Decoder-only language model (Gemma, Llama, Qwen2, ...) as a text encoder: hub name or folder "
+            "(NAME_OR_PATH:SUBFOLDER).",
+        ),
+        llm_layer: int = typer.Option(
+            DEFAULT_LLM_LAYER,
+            help="Which hidden states of the LLM to store: 0 = embeddings, -1 = last layer, -2 = the one before.",
+        ),
+        llm_max_length: int = typer.Option(
+            DEFAULT_LLM_MAX_LENGTH, help="LLM tokens kept per caption; longer captions are cut and counted."
+        ),
         batch_size: int = typer.Option(64, help="Captions per encoder call."),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP + " Use bf16 or fp32 for T5 and LLMs (fp16 overflows)."),
-        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
+        rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
+        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
-        """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16) and write the empty caption once."""
+        """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16), and the empty caption once."""
 
         output = output_folder(out, old_output)
 
         def body():
-            from pipelines.encode_text import EncodeTextConfig, encode_text
+            from pipelines.encode.text import EncodeTextConfig, encode_text
 
             cfg = EncodeTextConfig(
-                input, output, clip=clip, t5=t5, encoders=encoders, t5_max_length=t5_max_length,
-                models={"llm": llm} if llm else {}, settings={"llm": {"layer": llm_layer, "max_length": llm_max_length}},
-                batch_size=batch_size, device=device, dtype=dtype, rank=rank, world_size=world_size, verify=verify,
+                input,
+                output,
+                clip=clip,
+                t5=t5,
+                encoders=encoders,
+                t5_max_length=t5_max_length,
+                models={"llm": llm} if llm else {},
+                settings={"llm": {"layer": llm_layer, "max_length": llm_max_length}},
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                rank=rank,
+                world_size=world_size,
+                verify=verify,
             )
             _report(encode_text(cfg, RichReporter()), output)
 

@@ -1,9 +1,9 @@
-"""`gentron eval SAMPLES`: CLIP score, FID and the toy probe of a folder of samples (thin: options -> pipelines.evaluate)."""
+"""`gentron eval SAMPLES`: CLIP score, FID and the toy probe of a folder of samples (thin: options ->
+pipelines.evaluate.evaluator)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -18,54 +18,87 @@ def _number(value, digits: int = 2) -> str:
 def metrics_table(metrics: dict) -> Table:
     """One row per metric: its value and what it was computed over."""
     n = metrics["samples"]
-    table = Table(title=f"{n['count']} samples ({n['images']} images, {n['videos']} videos) in {metrics['samples']['folder']}")
+    table = Table(
+        title=f"{n['count']} samples ({n['images']} images, {n['videos']} videos) in {metrics['samples']['folder']}"
+    )
     for column in ("metric", "value", "over"):
         table.add_column(column)
     if "clip" in metrics:
         clip = metrics["clip"]
         table.add_row(f"CLIP score ({clip['model']})", _number(clip["score"]), f"{clip['samples']} samples")
         if clip["temporal_consistency"] is not None:
-            table.add_row("temporal consistency (CLIP, consecutive frames)", _number(clip["temporal_consistency"], 4), f"{clip['videos']} videos")
+            table.add_row(
+                "temporal consistency (CLIP, consecutive frames)",
+                _number(clip["temporal_consistency"], 4),
+                f"{clip['videos']} videos",
+            )
     if "fid" in metrics:
         fid = metrics["fid"]
-        reference = f"{fid['reference_count']} reference images" if fid["reference_count"] is not None else "reference statistics"
+        reference = (
+            f"{fid['reference_count']} reference images"
+            if fid["reference_count"] is not None
+            else "reference statistics"
+        )
         table.add_row("FID", _number(fid["value"]), f"{fid['frames']} frames vs {reference}")
     if "probe" in metrics:
         probe = metrics["probe"]
         for attribute, rate in probe["rates"].items():
             chance = probe["chance"].get(attribute)
             table.add_row(
-                f"toy probe: {attribute}", f"{rate:.0%}",
-                f"{probe['hits'][attribute]}/{probe['counts'][attribute]}" + (f" (chance {chance:.0%})" if chance is not None else ""),
+                f"toy probe: {attribute}",
+                f"{rate:.0%}",
+                f"{probe['hits'][attribute]}/{probe['counts'][attribute]}"
+                + (f" (chance {chance:.0%})" if chance is not None else ""),
             )
     return table
 
 
 def eval_command(
-    samples: Path = typer.Argument(..., help="Folder written by `gentron sample` (each output's .json sidecar gives its prompt)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON. Default: SAMPLES/metrics.json."),
-    clip: Optional[str] = typer.Option(
-        None, help="CLIP score with this transformers CLIP model (hub name or local folder), e.g. openai/clip-vit-large-patch14."
+    samples: Path = typer.Argument(
+        ..., help="Folder written by `gentron sample` (each output's .json sidecar gives its prompt)."
     ),
-    reference: Optional[Path] = typer.Option(
-        None, help="FID reference: an image folder, a folder of prep-images shards, or an .npz of statistics (--save-reference)."
+    out: Path | None = typer.Option(None, "--out", "-o", help="Metrics JSON. Default: SAMPLES/metrics.json."),
+    clip: str | None = typer.Option(
+        None,
+        help="CLIP score with this transformers CLIP model (hub name or local folder), e.g. "
+        "openai/clip-vit-large-patch14.",
     ),
-    inception: Optional[Path] = typer.Option(
-        None, help="FID Inception-v3 weights file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth); needed with --reference."
+    reference: Path | None = typer.Option(
+        None,
+        help="FID reference: an image folder, a folder of prep-images shards, or an .npz of statistics "
+        "(--save-reference).",
     ),
-    save_reference: Optional[Path] = typer.Option(None, help="Save the reference's FID statistics to this .npz, to pass as --reference next time."),
-    probe: Optional[str] = typer.Option(None, help="'toy': the quickstart's colour / place / motion probe, for samples of toy prompts."),
+    inception: Path | None = typer.Option(
+        None,
+        help="FID Inception-v3 weights file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth); needed with "
+        "--reference.",
+    ),
+    save_reference: Path | None = typer.Option(
+        None, help="Save the reference's FID statistics to this .npz, to pass as --reference next time."
+    ),
+    probe: str | None = typer.Option(
+        None, help="'toy': the quickstart's colour / place / motion probe, for samples of toy prompts."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    batch_size: int = typer.Option(32, help="Images per forward pass of CLIP and Inception (results equal up to float rounding)."),
+    batch_size: int = typer.Option(
+        32, help="Images per forward pass of CLIP and Inception (results equal up to float rounding)."
+    ),
 ) -> None:
     """Measure samples: CLIP score (and temporal consistency of videos), FID against reference images, the toy probe."""
 
     def body() -> None:
-        from pipelines.evaluate import EvalConfig, evaluate
+        from pipelines.evaluate.evaluator import EvalConfig, evaluate
 
         config = EvalConfig(
-            samples=samples, out=out, clip=clip, reference=reference, inception=inception, save_reference=save_reference,
-            probe=probe, device=device, batch_size=batch_size,
+            samples=samples,
+            out=out,
+            clip=clip,
+            reference=reference,
+            inception=inception,
+            save_reference=save_reference,
+            probe=probe,
+            device=device,
+            batch_size=batch_size,
         )
         result = evaluate(config, RichReporter())
         console.print(metrics_table(result.metrics))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich import box
 from rich.console import Console
@@ -13,7 +11,9 @@ from gentron_cli.reporting import run_command
 
 
 def _millions(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n < 1e6 else f"{n / 1e6:.1f}M"  # as README's and docs/model.md's tables (checked by tests)
+    return (
+        f"{n / 1e6:.2f}M" if n < 1e6 else f"{n / 1e6:.1f}M"
+    )  # as README's and docs/model.md's tables (checked by tests)
 
 
 def _flops(n: float) -> str:
@@ -37,7 +37,8 @@ def info_table(config: str | None, resolution: int, frames: int, batch_size: int
         title=f"GenTron {kind} models at {resolution}px, {frames} frame(s), batch {batch_size}",
         caption=(
             f"tokens: image tokens per sample; text: {CLIP_LENGTH} CLIP + {T5_LENGTH} T5 tokens. "
-            "size: depth x width. paper: the paper's T2I count. FLOPs (forward, train) per step for the whole batch, 2 per multiply-add; train = forward + backward, "
+            "size: depth x width. paper: the paper's T2I count. FLOPs (forward, train) per step for the whole batch, "
+            "2 per multiply-add; train = forward + backward, "
             f"taken as {TRAIN_STEP_FACTOR}x forward. Counted on the meta device: no weights allocated."
         ),
     )
@@ -51,7 +52,7 @@ def info_table(config: str | None, resolution: int, frames: int, batch_size: int
         paper = MODEL_SIZES.get(spec)
         row = [
             spec,
-            f'{cfg["depth"]}x{cfg["hidden_size"]}',
+            f"{cfg['depth']}x{cfg['hidden_size']}",
             _millions(cost.params),
             f"{paper.paper_params_m:.1f}M" if paper and paper.paper_params_m else "-",
         ]
@@ -65,8 +66,12 @@ def info_table(config: str | None, resolution: int, frames: int, batch_size: int
 def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
-        config: Optional[str] = typer.Option(
-            None, "--config", "-c", help='Size name (e.g. XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json file. Default: all sizes.'
+        config: str | None = typer.Option(
+            None,
+            "--config",
+            "-c",
+            help='Size name (e.g. XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json file. Default: '
+            "all sizes.",
         ),
         resolution: int = typer.Option(256, help="Image side in pixels (latents are 1/8)."),
         frames: int = typer.Option(1, help="Frames per sample; >1 counts the T2V model with TempSelfAttn."),

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperCommand
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, deprecated, output_folder, run_command
-from pipelines.stages import StageResult
+from pipelines.data.runner import StageResult
 
 
 def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None:
     print_summary(result.summary, f"{output}", console=console)
     rate = result.samples_out / result.seconds if result.seconds > 0 else 0.0
-    line = f"this run: {result.samples_in} {noun} -> {result.samples_out} {out_noun}, {result.failed} failed, in {result.seconds:.1f} s ({rate:.2f} {out_noun}/s)"
+    line = (
+        f"this run: {result.samples_in} {noun} -> {result.samples_out} {out_noun}, {result.failed} failed, "
+        f"in {result.seconds:.1f} s ({rate:.2f} {out_noun}/s)"
+    )
     if result.skipped:
         line += f"; {result.skipped} shards were already complete"
     console.print(line, highlight=False)
@@ -33,7 +35,9 @@ class StageCommand(TyperCommand):
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         params = [p for p in self.get_params(ctx) if not (p.param_type_name == "argument" and p.hidden)]
-        return ([self.options_metavar] if self.options_metavar else []) + [piece for p in params for piece in p.get_usage_pieces(ctx)]
+        return ([self.options_metavar] if self.options_metavar else []) + [
+            piece for p in params for piece in p.get_usage_pieces(ctx)
+        ]
 
 
 def _rank_options(rank, world_size, old_rank, old_world):
@@ -50,71 +54,132 @@ def _rank_options(rank, world_size, old_rank, old_world):
 def register(app: typer.Typer) -> None:
     @app.command("prep-videos", cls=StageCommand)
     def prep_videos_command(
-        input: Path = typer.Argument(..., help="Folder of videos with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the clip shards (required; created; rerun to resume)."),
+        input: Path = typer.Argument(
+            ..., help="Folder of videos with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Output folder for the clip shards (required; created; rerun to resume)."
+        ),
         short_side: int = typer.Option(512, help="Short side of the clips in pixels (aspect kept, sizes even)."),
-        upscale: bool = typer.Option(False, "--upscale", help="Resize videos smaller than --short-side up (default: keep their size)."),
+        upscale: bool = typer.Option(
+            False, "--upscale", help="Resize videos smaller than --short-side up (default: keep their size)."
+        ),
         timeline_fps: float = typer.Option(24.0, help="Frame rate of the timeline the frames are picked from."),
         frames: int = typer.Option(8, help="Frames per clip."),
-        frame_stride: int = typer.Option(6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."),
-        clip_stride: Optional[int] = typer.Option(None, help="Timeline frames between clip starts (default frames x frame-stride: consecutive clips)."),
-        max_clips_per_video: Optional[int] = typer.Option(None, help="At most this many clips from each video (the first ones)."),
-        jpeg_quality: int = typer.Option(100, "--jpeg-quality", help=_QUALITY_HELP + " 100 is Motion-JPEG's finest quantiser (scale 2)."),
+        frame_stride: int = typer.Option(
+            6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."
+        ),
+        clip_stride: int | None = typer.Option(
+            None, help="Timeline frames between clip starts (default frames x frame-stride: consecutive clips)."
+        ),
+        max_clips_per_video: int | None = typer.Option(
+            None, help="At most this many clips from each video (the first ones)."
+        ),
+        jpeg_quality: int = typer.Option(
+            100, "--jpeg-quality", help=_QUALITY_HELP + " 100 is Motion-JPEG's finest quantiser (scale 2)."
+        ),
         shard_size: int = typer.Option(64, help="Source videos per shard (clips per shard vary)."),
         workers: int = typer.Option(1, help="Workers, each with one decode process kept for all the shards it takes."),
-        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
-        timeout: float = typer.Option(60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."),
-        keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."),
+        rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
+        timeout: float = typer.Option(
+            60.0, help="Seconds one step of a video (probing, or one clip) may take before it is skipped."
+        ),
+        keep_uncaptioned: bool = typer.Option(
+            False, "--keep-uncaptioned", help="Keep videos without caption (empty caption) instead of skipping them."
+        ),
         path_column: str = typer.Option("path", help="Manifest column with the video paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_quality: Optional[int] = typer.Option(None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."),
-        old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
-        old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
-        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
+        old_quality: int | None = typer.Option(
+            None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."
+        ),
+        old_node_rank: int | None = typer.Option(
+            None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."
+        ),
+        old_num_nodes: int | None = typer.Option(
+            None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."
+        ),
+        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
-        from pipelines.prep_videos import PrepVideosConfig, prep_videos
+        from pipelines.prep.videos import PrepVideosConfig, prep_videos
 
         output = output_folder(out, old_output)  # first: a refused command says only why
         if old_quality is not None:
-            deprecated(f"--quality {old_quality} (the JPEG quantiser scale, lower is better)", "--jpeg-quality 1..100, higher is better (100: scale 2)")
+            deprecated(
+                f"--quality {old_quality} (the JPEG quantiser scale, lower is better)",
+                "--jpeg-quality 1..100, higher is better (100: scale 2)",
+            )
         rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepVideosConfig(
-            input=input, output=output, short_side=short_side, upscale=upscale, timeline_fps=timeline_fps, frames=frames,
-            frame_stride=frame_stride, clip_stride=clip_stride, max_clips_per_video=max_clips_per_video, quality=jpeg_quality,
-            qscale=old_quality, shard_size=shard_size, workers=workers, rank=rank, world_size=world_size, timeout=timeout,
-            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
-        )  # fmt: skip
+            input=input,
+            output=output,
+            short_side=short_side,
+            upscale=upscale,
+            timeline_fps=timeline_fps,
+            frames=frames,
+            frame_stride=frame_stride,
+            clip_stride=clip_stride,
+            max_clips_per_video=max_clips_per_video,
+            quality=jpeg_quality,
+            qscale=old_quality,
+            shard_size=shard_size,
+            workers=workers,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            keep_uncaptioned=keep_uncaptioned,
+            path_column=path_column,
+            caption_column=caption_column,
+            verify=verify,
+        )
         result = run_command(lambda: prep_videos(config, RichReporter()))
         _report(result, output, "videos", "clips")
 
     @app.command("prep-images", cls=StageCommand)
     def prep_images_command(
-        input: Path = typer.Argument(..., help="Folder of images with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the image shards (required; created; rerun to resume)."),
+        input: Path = typer.Argument(
+            ..., help="Folder of images with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Output folder for the image shards (required; created; rerun to resume)."
+        ),
         size: int = typer.Option(512, help="Short side after resizing; the side of the square crop."),
-        no_crop: bool = typer.Option(False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."),
+        no_crop: bool = typer.Option(
+            False, "--no-crop", help="Keep the aspect ratio (short side = --size) instead of a center square crop."
+        ),
         image_format: str = typer.Option("jpg", "--format", help="Stored format: jpg or png."),
         jpeg_quality: int = typer.Option(95, "--jpeg-quality", help=_QUALITY_HELP),
-        min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (reason too_small); 0 keeps every image. Default: 64, or --size if that is smaller. Smaller images are upscaled to --size."),
+        min_size: int | None = typer.Option(
+            None,
+            help="Skip images whose short side is smaller (reason too_small); 0 keeps every image. Default: 64, or "
+            "--size if that is smaller. Smaller images are upscaled to --size.",
+        ),
         shard_size: int = typer.Option(1000, help="Source images per shard."),
         workers: int = typer.Option(1, help="Worker processes."),
-        rank: Optional[int] = typer.Option(None, "--rank", help=RANK_HELP),
-        world_size: Optional[int] = typer.Option(None, "--world-size", help=WORLD_HELP),
-        keep_uncaptioned: bool = typer.Option(False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."),
+        rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
+        world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
+        keep_uncaptioned: bool = typer.Option(
+            False, "--keep-uncaptioned", help="Keep images without caption (empty caption) instead of skipping them."
+        ),
         path_column: str = typer.Option("path", help="Manifest column with the image paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_quality: Optional[int] = typer.Option(None, "--quality", hidden=True, help="Deprecated spelling of --jpeg-quality."),
+        old_quality: int | None = typer.Option(
+            None, "--quality", hidden=True, help="Deprecated spelling of --jpeg-quality."
+        ),
         old_upscale: bool = typer.Option(False, "--upscale", hidden=True, help="Deprecated: --min-size 0."),
-        old_node_rank: Optional[int] = typer.Option(None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."),
-        old_num_nodes: Optional[int] = typer.Option(None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."),
-        old_output: Optional[Path] = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
+        old_node_rank: int | None = typer.Option(
+            None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."
+        ),
+        old_num_nodes: int | None = typer.Option(
+            None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."
+        ),
+        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Resize and center-crop images (upright RGB) into WebDataset shards."""
-        from pipelines.prep_images import PrepImagesConfig, prep_images
+        from pipelines.prep.images import PrepImagesConfig, prep_images
 
         output = output_folder(out, old_output)  # first: a refused command says only why
         quality = jpeg_quality
@@ -122,13 +187,28 @@ def register(app: typer.Typer) -> None:
             deprecated("--quality", "--jpeg-quality (the same scale: 1..100, higher is better)")
             quality = old_quality
         if old_upscale:
-            deprecated("--upscale on prep-images (it kept images below --min-size)", "--min-size 0 (prep-images always resizes to --size)")
+            deprecated(
+                "--upscale on prep-images (it kept images below --min-size)",
+                "--min-size 0 (prep-images always resizes to --size)",
+            )
             min_size = 0
         rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepImagesConfig(
-            input=input, output=output, size=size, crop=not no_crop, format=image_format, quality=quality, min_size=min_size,
-            shard_size=shard_size, workers=workers, rank=rank, world_size=world_size,
-            keep_uncaptioned=keep_uncaptioned, path_column=path_column, caption_column=caption_column, verify=verify,
-        )  # fmt: skip
+            input=input,
+            output=output,
+            size=size,
+            crop=not no_crop,
+            format=image_format,
+            quality=quality,
+            min_size=min_size,
+            shard_size=shard_size,
+            workers=workers,
+            rank=rank,
+            world_size=world_size,
+            keep_uncaptioned=keep_uncaptioned,
+            path_column=path_column,
+            caption_column=caption_column,
+            verify=verify,
+        )
         result = run_command(lambda: prep_images(config, RichReporter()))
         _report(result, output, "images", "images")

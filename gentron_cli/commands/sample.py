@@ -1,16 +1,15 @@
-"""`gentron sample`: images or videos from an exported model (thin: options -> pipelines.sample)."""
+"""`gentron sample`: images or videos from an exported model (thin: options -> pipelines.sample.sampling)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
 from gentron_cli.reporting import RichReporter, console, run_command
-from pipelines.errors import GentronError
 from pipelines.defaults import DEFAULT_MFG_SCALE
+from pipelines.errors import GentronError
 
 
 def show_result(result) -> None:
@@ -25,39 +24,53 @@ def show_result(result) -> None:
 
 
 def sample_command(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `gentron train` (uses RUN/model) or a model folder."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt a line (# comments)."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Run folder from `gentron train` (uses RUN/model) or a model folder."
+    ),
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="Text file, one prompt a line (# comments)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),
-    from_sidecar: Optional[Path] = typer.Option(
-        None, "--from-sidecar", help="Regenerate the output a sidecar .json describes (its settings; only --out and --model apply) and check its pixels match."
+    from_sidecar: Path | None = typer.Option(
+        None,
+        "--from-sidecar",
+        help="Regenerate the output a sidecar .json describes (its settings; only --out and --model apply) and check "
+        "its pixels match.",
     ),
     steps: int = typer.Option(50, help="Sampling steps."),
-    scheduler: Optional[str] = typer.Option(None, help="Sampler. Default: the model's own (ddim for DDPM models, euler for flow models); DDPM models also take ddpm and dpm-solver++."),
-    cfg: float = typer.Option(7.5, "--cfg", help="Text guidance scale lT (1 = no guidance)."),
-    mfg: Optional[float] = typer.Option(
-        None, "--mfg", help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images."
+    scheduler: str | None = typer.Option(
+        None,
+        help="Sampler. Default: the model's own (ddim for DDPM models, euler for flow models); DDPM models also take "
+        "ddpm and dpm-solver++.",
     ),
-    frames: Optional[int] = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
-    resolution: Optional[int] = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
-    fps: Optional[float] = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
+    cfg: float = typer.Option(7.5, "--cfg", help="Text guidance scale lT (1 = no guidance)."),
+    mfg: float | None = typer.Option(
+        None,
+        "--mfg",
+        help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images.",
+    ),
+    frames: int | None = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
+    resolution: int | None = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
+    fps: float | None = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
     seed: int = typer.Option(0, help="Base seed; prompt i uses seed + i."),
     batch_size: int = typer.Option(4, help="Prompts sampled together (does not change results)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Unconditional text instead of the empty caption."),
-    clip: Optional[str] = typer.Option(None, help="CLIP encoder (hub name or path) instead of the recorded one."),
-    t5: Optional[str] = typer.Option(None, help="T5 encoder (hub name or path) instead of the recorded one."),
-    text_encoder: Optional[list[str]] = typer.Option(
-        None, "--text-encoder", help="NAME=NAME_OR_PATH: that text encoder (by its name in pipeline.json) instead of the recorded one; repeat for several."
+    negative_prompt: str | None = typer.Option(None, help="Unconditional text instead of the empty caption."),
+    clip: str | None = typer.Option(None, help="CLIP encoder (hub name or path) instead of the recorded one."),
+    t5: str | None = typer.Option(None, help="T5 encoder (hub name or path) instead of the recorded one."),
+    text_encoder: list[str] | None = typer.Option(
+        None,
+        "--text-encoder",
+        help="NAME=NAME_OR_PATH: that text encoder (by its name in pipeline.json) instead of the recorded one; repeat "
+        "for several.",
     ),
-    vae: Optional[str] = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
+    vae: str | None = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
     grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
 ) -> None:
     """Generate images (T2I) or videos (T2V) from a trained model; a JSON sidecar beside each output."""
 
     def body() -> None:
-        from pipelines.sample import SampleConfig, read_prompts_file, resample_from_sidecar, sample
+        from pipelines.sample.sampling import SampleConfig, read_prompts_file, resample_from_sidecar, sample
 
         reporter = RichReporter()
         if from_sidecar is not None:
@@ -79,12 +92,30 @@ def sample_command(
         for item in text_encoder or []:
             name, sep, spec = item.partition("=")
             if not sep or not name.strip() or not spec.strip():
-                raise GentronError(f"--text-encoder {item!r} is not NAME=NAME_OR_PATH", "write e.g. --text-encoder t5=google/flan-t5-xl")
+                raise GentronError(
+                    f"--text-encoder {item!r} is not NAME=NAME_OR_PATH",
+                    "write e.g. --text-encoder t5=google/flan-t5-xl",
+                )
             text_encoders[name.strip()] = spec.strip()
         config = SampleConfig(
-            model=model, out=out, prompts=prompts, steps=steps, scheduler=scheduler, cfg_scale=cfg, mfg_scale=mfg,
-            frames=frames, resolution=resolution, fps=fps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, negative_prompt=negative_prompt, text_encoders=text_encoders, vae=vae, grid=grid,
+            model=model,
+            out=out,
+            prompts=prompts,
+            steps=steps,
+            scheduler=scheduler,
+            cfg_scale=cfg,
+            mfg_scale=mfg,
+            frames=frames,
+            resolution=resolution,
+            fps=fps,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            negative_prompt=negative_prompt,
+            text_encoders=text_encoders,
+            vae=vae,
+            grid=grid,
         )
         show_result(sample(config, reporter))
 

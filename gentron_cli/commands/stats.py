@@ -12,7 +12,10 @@ from gentron_cli.reporting import run_command
 from pipelines.data.shards import summarize, verify_folder
 from pipelines.errors import GentronError, require_dir
 
-VERIFY_HELP = "Also read every finished output shard and redo those whose sha256 differs from the one recorded (missing or resized shards are always redone)."
+VERIFY_HELP = (
+    "Also read every finished output shard and redo those whose sha256 differs from the one recorded "
+    "(missing or resized shards are always redone)."
+)
 
 
 def print_summary(summary: dict, title: str, console: Console | None = None) -> None:
@@ -33,7 +36,11 @@ def register(app: typer.Typer) -> None:
     @app.command("stats")
     def stats(
         folder: Path = typer.Argument(..., help="An output folder of any stage."),
-        verify: bool = typer.Option(False, "--verify", help="Also check every shard against its stats file (present, size, sha256) and name the damaged ones."),
+        verify: bool = typer.Option(
+            False,
+            "--verify",
+            help="Also check every shard against its stats file (present, size, sha256) and name the damaged ones.",
+        ),
     ) -> None:
         """Summarise a stage's output folder: samples in and out, failures by reason."""
 

@@ -78,8 +78,14 @@ def resize_image(pixels: np.ndarray, size: int, crop: bool) -> tuple[np.ndarray,
     """
     height, width = pixels.shape[:2]
     scale = size / min(width, height)
-    new_w, new_h = (size, max(size, round(height * scale))) if width <= height else (max(size, round(width * scale)), size)
-    resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC)) if (new_w, new_h) != (width, height) else pixels
+    new_w, new_h = (
+        (size, max(size, round(height * scale))) if width <= height else (max(size, round(width * scale)), size)
+    )
+    resized = (
+        np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC))
+        if (new_w, new_h) != (width, height)
+        else pixels
+    )
     if not crop:
         return resized, [0, 0, new_w, new_h]
     left, top = (new_w - size) // 2, (new_h - size) // 2

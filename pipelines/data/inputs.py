@@ -63,20 +63,27 @@ def discover_inputs(
     """The items of a folder or manifest; a GentronError (naming the path and the fix) if there are none."""
     input_path = Path(input_path)
     if not input_path.exists():
-        raise GentronError(f"input not found: {input_path}", f"pass a folder of {what} or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+        raise GentronError(
+            f"input not found: {input_path}", f"pass a folder of {what} or a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        )
     if input_path.is_dir():
         items = _folder_items(input_path, extensions)
         if not items:
             raise GentronError(
-                f"no {what} found in {input_path}", f"the folder must contain files ending in {', '.join(extensions)} (searched recursively)"
+                f"no {what} found in {input_path}",
+                f"the folder must contain files ending in {', '.join(extensions)} (searched recursively)",
             )
     elif input_path.suffix.lower() in MANIFEST_SUFFIXES:
         items = _manifest_items(input_path, path_column, caption_column)
         if not items:
-            raise GentronError(f"manifest {input_path} has no rows", f"add one row per {what[:-1]} with columns {path_column!r} and {caption_column!r}")
+            raise GentronError(
+                f"manifest {input_path} has no rows",
+                f"add one row per {what[:-1]} with columns {path_column!r} and {caption_column!r}",
+            )
     else:
         raise GentronError(
-            f"input {input_path} is neither a folder nor a manifest", f"pass a folder of {what} or a {'/'.join(MANIFEST_SUFFIXES)} manifest"
+            f"input {input_path} is neither a folder nor a manifest",
+            f"pass a folder of {what} or a {'/'.join(MANIFEST_SUFFIXES)} manifest",
         )
     return _unique_keys(items)
 
@@ -85,13 +92,21 @@ def _folder_items(folder: Path, extensions: tuple[str, ...]) -> list[InputItem]:
     wanted = {e.lower() for e in extensions}
     # a broken symlink is kept: prep reports it as missing_file instead of dropping it without a word
     paths = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in wanted and (p.is_file() or p.is_symlink()) and not p.name.startswith(".")),
+        (
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in wanted and (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
+        ),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     items = []
     for p in paths:
         rel = p.relative_to(folder).as_posix()
-        items.append(InputItem(path=p.resolve(), source=rel, key=make_key(rel.rsplit(".", 1)[0]), caption_file=p.with_suffix(".txt")))
+        items.append(
+            InputItem(
+                path=p.resolve(), source=rel, key=make_key(rel.rsplit(".", 1)[0]), caption_file=p.with_suffix(".txt")
+            )
+        )
     return items
 
 
@@ -107,7 +122,9 @@ def read_manifest(path: Path):
             return pd.read_json(path, lines=True, dtype=False)
         return pd.read_parquet(path)
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
-        raise GentronError(f"cannot read manifest {path}: {exc}", "check that the file is a valid CSV, JSON-lines or parquet table") from exc
+        raise GentronError(
+            f"cannot read manifest {path}: {exc}", "check that the file is a valid CSV, JSON-lines or parquet table"
+        ) from exc
 
 
 def _manifest_items(manifest: Path, path_column: str, caption_column: str) -> list[InputItem]:
@@ -126,9 +143,15 @@ def _manifest_items(manifest: Path, path_column: str, caption_column: str) -> li
             raise GentronError(f"manifest {manifest} row {row} has an empty {path_column!r}", "give every row a path")
         path = Path(source).expanduser()
         path = path if path.is_absolute() else base / path
-        start, end = _seconds(record.get("start"), manifest, row, "start"), _seconds(record.get("end"), manifest, row, "end")
+        start, end = (
+            _seconds(record.get("start"), manifest, row, "start"),
+            _seconds(record.get("end"), manifest, row, "end"),
+        )
         if start is not None and end is not None and end <= start:
-            raise GentronError(f"manifest {manifest} row {row}: end ({end}) is not after start ({start})", "fix the row's start/end seconds")
+            raise GentronError(
+                f"manifest {manifest} row {row}: end ({end}) is not after start ({start})",
+                "fix the row's start/end seconds",
+            )
         items.append(
             InputItem(
                 path=path,
@@ -154,11 +177,17 @@ def _seconds(value, manifest: Path, row: int, name: str) -> float | None:
     try:
         seconds = float(value)
     except (TypeError, ValueError) as exc:
-        raise GentronError(f"manifest {manifest} row {row}: {name} {value!r} is not a number of seconds", f"write {name} as seconds, e.g. 12.5") from exc
+        raise GentronError(
+            f"manifest {manifest} row {row}: {name} {value!r} is not a number of seconds",
+            f"write {name} as seconds, e.g. 12.5",
+        ) from exc
     if math.isnan(seconds):
         return None
     if seconds < 0:
-        raise GentronError(f"manifest {manifest} row {row}: {name} is negative ({seconds})", f"{name} is in seconds from the start of the file")
+        raise GentronError(
+            f"manifest {manifest} row {row}: {name} is negative ({seconds})",
+            f"{name} is in seconds from the start of the file",
+        )
     return seconds
 
 
@@ -168,5 +197,6 @@ def _unique_keys(items: list[InputItem]) -> list[InputItem]:
     if all(n == 1 for n in counts.values()):
         return items
     return [
-        item if counts[item.key] == 1 else InputItem(**{**item.__dict__, "key": make_key(item.key, f"{index:06d}")}) for index, item in enumerate(items)
+        item if counts[item.key] == 1 else InputItem(**{**item.__dict__, "key": make_key(item.key, f"{index:06d}")})
+        for index, item in enumerate(items)
     ]

@@ -25,18 +25,18 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.files import atomic_write_json
 from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -114,10 +114,17 @@ def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]
 
 def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporter()) -> Source:
     """Index every shard of `folder`; skip (and record) samples that cannot be trained on."""
-    folder = require_dir(folder, f"{kind} data folder", "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)")
+    folder = require_dir(
+        folder,
+        f"{kind} data folder",
+        "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)",
+    )
     shards = list_shards(folder)
     if not shards:
-        raise GentronError(f"no shards (*.tar) in {kind} data folder {folder}", "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)")
+        raise GentronError(
+            f"no shards (*.tar) in {kind} data folder {folder}",
+            "pass the output folder of `gentron encode-text` (run on the output of `gentron encode-latents`)",
+        )
     failures: list[Failure] = []
     found: list[tuple[int, str, dict, tuple[int, ...]]] = []  # (shard, key, fields, latent shape)
     with reporter.task(f"indexing {kind} shards", total=len(shards), unit="shard") as task:
@@ -128,7 +135,14 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             with open(path, "rb") as f:
                 for key, fields, duplicate in pending:
                     if duplicate:
-                        failures.append(Failure(path.name, key, "duplicate_key", f"a second sample with key {key!r} in {path.name}; the first one is kept"))
+                        failures.append(
+                            Failure(
+                                path.name,
+                                key,
+                                "duplicate_key",
+                                f"a second sample with key {key!r} in {path.name}; the first one is kept",
+                            )
+                        )
                         continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))
@@ -143,14 +157,18 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
     has_flip, metadata = True, {}
     for s, key, fields, sample_shape in found:
         if sample_shape != shape:
-            failures.append(Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}"))
+            failures.append(
+                Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}")
+            )
             continue
         present = set(schema.text_fields_in(fields))
         if text_fields is None:  # the folder's text encoders: those of its first usable sample
             text_fields = present
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
         if not text_fields <= present:
-            failures.append(Failure(shards[s].name, key, "missing_field", f"text embeddings {sorted(text_fields - present)}"))
+            failures.append(
+                Failure(shards[s].name, key, "missing_field", f"text embeddings {sorted(text_fields - present)}")
+            )
             continue
         has_flip &= schema.LATENT_FLIP_MEAN in fields and schema.LATENT_FLIP_STD in fields
         refs.append(SampleRef(s, key, fields))
@@ -159,7 +177,11 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
     if len(failures) > 20:
         reporter.log(f"... and {len(failures) - 20} more skipped {kind} samples (see data_stats.json)")
     if not refs:
-        raise GentronError(f"no usable {kind} samples in {folder} ({len(failures)} skipped)", "check the reasons above (all in data_stats.json); training data comes from `gentron encode-latents` then `gentron encode-text`")
+        raise GentronError(
+            f"no usable {kind} samples in {folder} ({len(failures)} skipped)",
+            "check the reasons above (all in data_stats.json); training data comes from `gentron encode-latents` then "
+            "`gentron encode-text`",
+        )
     return Source(
         folder=folder,
         kind=kind,
@@ -190,7 +212,9 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
             raise BadSample("missing_field", name)
     text_fields = schema.text_fields_in(fields)
     if not text_fields:
-        raise BadSample("missing_field", "text embeddings (NAME.npy of a text encoder, as gentron encode-text writes them)")
+        raise BadSample(
+            "missing_field", "text embeddings (NAME.npy of a text encoder, as gentron encode-text writes them)"
+        )
     mean_shape, mean_dtype = _npy_shape(f, fields[schema.LATENT_MEAN][0])
     std_shape, std_dtype = _npy_shape(f, fields[schema.LATENT_STD][0])
     for name, dtype in ((schema.LATENT_MEAN, mean_dtype), (schema.LATENT_STD, std_dtype)):
@@ -199,7 +223,9 @@ def _check_sample(f, fields: dict, kind: str) -> tuple[int, ...]:
         shape, dtype = _npy_shape(f, fields[name][0])
         _check_dtype(name, dtype)
         if len(shape) != ndim:
-            raise BadSample("wrong_text_shape", f"{name}: {shape}, text arrays of this field have {ndim} axes", field=name)
+            raise BadSample(
+                "wrong_text_shape", f"{name}: {shape}, text arrays of this field have {ndim} axes", field=name
+            )
     want_ndim = 3 if kind == "image" else 4
     if len(mean_shape) != want_ndim:
         raise BadSample("wrong_latent_shape", f"{kind} latents must have {want_ndim} axes, got {mean_shape}")
@@ -258,7 +284,10 @@ class SourceStream:
     def ref_at(self, position: int) -> SampleRef:
         epoch, k = divmod(position, len(self.source))
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(self.source, self.seed, epoch, self.buffer_size, self.source_id)
+            self._epoch, self._order = (
+                epoch,
+                epoch_order(self.source, self.seed, epoch, self.buffer_size, self.source_id),
+            )
         return self.source.refs[int(self._order[k])]
 
 
@@ -400,7 +429,9 @@ class TrainStream(IterableDataset):
         spec = self.spec
         source, ref, motion_free = self.locate(index, streams)
         flip = spec.flip and source.has_flip and sample_rng(spec.seed, _FLIP, index).random() < 0.5
-        mean_field, std_field = (schema.LATENT_FLIP_MEAN, schema.LATENT_FLIP_STD) if flip else (schema.LATENT_MEAN, schema.LATENT_STD)
+        mean_field, std_field = (
+            (schema.LATENT_FLIP_MEAN, schema.LATENT_FLIP_STD) if flip else (schema.LATENT_MEAN, schema.LATENT_STD)
+        )
         mean = self.read_array(source, ref, mean_field).astype(np.float32)
         std = self.read_array(source, ref, std_field).astype(np.float32)
         latent = mean + std * sample_rng(spec.seed, _LATENT, index).standard_normal(mean.shape, dtype=np.float32)
@@ -418,7 +449,11 @@ class TrainStream(IterableDataset):
             short = schema.text_array_name(name)
             array = self.empty_caption[short] if dropped else self.read_array(source, ref, name)
             if array.shape[1:] != self.empty_caption[short].shape[1:]:
-                raise BadSample("wrong_text_shape", f"{name}: {array.shape}, the empty caption's is {self.empty_caption[short].shape}", field=name)
+                raise BadSample(
+                    "wrong_text_shape",
+                    f"{name}: {array.shape}, the empty caption's is {self.empty_caption[short].shape}",
+                    field=name,
+                )
             text[short] = array
         return {"latent": latent, "text": text, "motion_free": motion_free, "pseudo_video": pseudo_video}
 
@@ -437,8 +472,17 @@ class TrainStream(IterableDataset):
             return self.load_sample(index, streams)
         except BadSample as err:
             source, ref, _ = self.locate(index, streams)
-            failure = {"kind": source.kind, "shard": source.shards[ref.shard].name, "key": ref.key, "field": err.field or "", "reason": err.reason, "detail": err.detail}
-            text = {schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields}
+            failure = {
+                "kind": source.kind,
+                "shard": source.shards[ref.shard].name,
+                "key": ref.key,
+                "field": err.field or "",
+                "reason": err.reason,
+                "detail": err.detail,
+            }
+            text = {
+                schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields
+            }
             latent = np.zeros(self.latent_shape, dtype=np.float32)
             return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": failure}
 
@@ -446,9 +490,15 @@ class TrainStream(IterableDataset):
         """Collate samples into tensors (decoding, latent draw, noise and timesteps: all off the training loop)."""
         samples = [self._load_or_placeholder(i, streams) for i in indices]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
-        noise = torch.from_numpy(np.stack([sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]))
+        noise = torch.from_numpy(
+            np.stack(
+                [sample_rng(self.spec.seed, _NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32) for i in indices]
+            )
+        )
         # the objective maps this uniform draw to the sample's timestep (diffusion/objective.py)
-        timestep_draw = torch.tensor([sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices], dtype=torch.float64)
+        timestep_draw = torch.tensor(
+            [sample_rng(self.spec.seed, _TIMESTEP, i).random() for i in indices], dtype=torch.float64
+        )
         text = self.collate_text([s["text"] for s in samples])
         batch = {
             "x0": x0,
@@ -490,7 +540,8 @@ def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Data
 
 
 def load_empty_caption(folders: list[Path]) -> tuple[dict[str, np.ndarray], Path]:
-    """The empty caption's text arrays (for text dropout and unconditional previews) from the first folder holding them."""
+    """The empty caption's text arrays (for text dropout and unconditional previews) from the first folder holding
+    them."""
     for folder in folders:
         path = Path(folder) / schema.EMPTY_CAPTION_FILE
         if path.is_file():
@@ -524,7 +575,10 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
         }
         unreadable = [f for f in load_failures if f.get("kind") == src.kind]
         if unreadable:
-            out[src.kind] |= {"unreadable": unreadable, "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable))}
+            out[src.kind] |= {
+                "unreadable": unreadable,
+                "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable)),
+            }
     return out
 
 

@@ -5,7 +5,8 @@ One place for both directions, so prep (writes) and encode-latents (reads) canno
 Stored clips are Motion-JPEG in an MP4 container: libx264 proved not reproducible here (the same
 frames gave different bitstreams, and decoded pixels up to 12 levels apart, depending on what the
 process had decoded before), while FFmpeg's JPEG encoder is, and it encodes 8 frames at 512 px about
-7x faster (quantiser scale 2, the default `quality` 100: PSNR 39 dB against x264 crf 15's 40 dB, files ~40 % larger). Videos meant
+7x faster (quantiser scale 2, the default `quality` 100: PSNR 39 dB against x264 crf 15's 40 dB, files ~40 % larger).
+Videos meant
 for people (samples, the toy dataset) are H.264 (`encode_h264`).
 """
 
@@ -43,7 +44,9 @@ def _encode(frames: np.ndarray, fps: float, codec: str, pix_fmt: str, options: d
         converter = VideoReformatter()  # one swscale context for the clip, not one per frame
         for index, frame in enumerate(frames):
             # converted here, single-threaded: PyAV's implicit conversion in encode() runs threaded swscale
-            picture = converter.reformat(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"), format=pix_fmt, threads=1)
+            picture = converter.reformat(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"), format=pix_fmt, threads=1
+            )
             picture.pts = index
             for packet in stream.encode(picture):
                 container.mux(packet)

@@ -31,6 +31,7 @@ LATENT_STD = "latent_std.npy"
 LATENT_FLIP_MEAN = "latent_flip_mean.npy"  # optional: the horizontally flipped frames
 LATENT_FLIP_STD = "latent_flip_std.npy"
 
+
 # encode-text: per text encoder NAME (those of pipelines.model.text_encoders.ENCODERS), float16, valid
 # tokens only (padding dropped; TextCondition.collate pads and masks). Fields are named after the encoder:
 #     NAME.npy          (n, D) token states, e.g. clip.npy (n, 768) for CLIP-L, t5.npy (n, 4096) for T5-XXL
@@ -41,7 +42,8 @@ def text_field(array: str) -> str:
 
 
 def text_array_name(field: str) -> str:
-    """A text field's array name, as TextCondition.collate and empty_caption.npz use it: "clip_pooled.npy" -> "clip_pooled"."""
+    """A text field's array name, as TextCondition.collate and empty_caption.npz use it: "clip_pooled.npy" ->
+    "clip_pooled"."""
     return field.removesuffix(".npy")
 
 

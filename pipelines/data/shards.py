@@ -7,7 +7,7 @@
 - `ShardStats`: per-shard counts, the reason of every failure, and the tar's size and sha256, written
   beside the shard; `shard_damage` / `verify_folder` / `summarize` read them back.
 
-The stage loop that writes shards (jobs, resume, ranks, worker processes) is pipelines/stages.py.
+The stage loop that writes shards (jobs, resume, ranks, worker processes) is pipelines/data/runner.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import io
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly
 from pipelines.data.schema import check_key
 from pipelines.errors import BadSample
+from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly
 
 SHARD_SUFFIX = ".tar"
 STATS_SUFFIX = ".stats.json"
@@ -170,7 +170,9 @@ def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict,
         yield key, fields, duplicate
 
 
-def iter_shard(path: str | Path, on_duplicate: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard(
+    path: str | Path, on_duplicate: Callable[[str, str], None] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of a shard in order, as (key, {field: bytes}) (`scan_shard`).
 
     A truncated or corrupt tar raises BadSample("bad_shard") after the samples read before the damage.
@@ -215,7 +217,7 @@ class ShardStats:
         return json.dumps(asdict(self) | {"failed": self.failed}, indent=1, sort_keys=True).encode()
 
     @staticmethod
-    def load(path: str | Path) -> "ShardStats":
+    def load(path: str | Path) -> ShardStats:
         """The stats of a shard; BadSample("bad_stats") when the file is damaged."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))

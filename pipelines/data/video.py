@@ -22,11 +22,12 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -51,7 +52,9 @@ class VideoInfo:
     pts: np.ndarray  # int64, every frame's presentation timestamp in time_base units, display order
     declared_frames: int  # frame count the container claims (0 when unknown, e.g. webm)
     rotation: int = 0  # display matrix: counter-clockwise degrees (0, 90, 180, 270) to turn decoded frames upright
-    keyframes: np.ndarray | None = None  # display-order indices of the frames whose packets are keyframes (None: unknown)
+    keyframes: np.ndarray | None = (
+        None  # display-order indices of the frames whose packets are keyframes (None: unknown)
+    )
 
     @property
     def times(self) -> np.ndarray:
@@ -136,8 +139,14 @@ def probe_video(path: str | Path) -> VideoInfo:
     unique = np.unique(np.asarray(pts, np.int64))
     keyframes = np.unique(np.searchsorted(unique, np.asarray(key_pts, np.int64)))
     return VideoInfo(
-        width=width, height=height, fps=fps, time_base=time_base, pts=unique, declared_frames=declared,
-        rotation=rotation, keyframes=keyframes,
+        width=width,
+        height=height,
+        fps=fps,
+        time_base=time_base,
+        pts=unique,
+        declared_frames=declared,
+        rotation=rotation,
+        keyframes=keyframes,
     )
 
 
@@ -170,7 +179,10 @@ def _quarter_turns(path: Path, degrees: float | None) -> int:
     degrees = degrees or 0.0
     quarter = round(degrees / 90)
     if abs(degrees - 90 * quarter) > 1:
-        raise BadSample("unsupported_rotation", f"{path}: display matrix rotates by {degrees:g} degrees; only multiples of 90 are supported")
+        raise BadSample(
+            "unsupported_rotation",
+            f"{path}: display matrix rotates by {degrees:g} degrees; only multiples of 90 are supported",
+        )
     return quarter % 4 * 90
 
 
@@ -225,7 +237,9 @@ def pick_frames(times: np.ndarray, targets: np.ndarray, eps: float) -> np.ndarra
     return np.searchsorted(times, targets + eps, side="right") - 1
 
 
-def plan_clips(info: VideoInfo, plan: ClipPlan, start: float | None = None, end: float | None = None) -> list[ClipSelection]:
+def plan_clips(
+    info: VideoInfo, plan: ClipPlan, start: float | None = None, end: float | None = None
+) -> list[ClipSelection]:
     """The clips of one video. Times are seconds from its first frame; `start`/`end` restrict the span."""
     times = info.times - info.times[0]
     video_end = info.end_time - info.times[0]
@@ -283,7 +297,9 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 # Decoding the selected frames
 
 
-def _decode_pyav(path: Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray]]:
+def _decode_pyav(
+    path: Path, info: VideoInfo, selections: list[ClipSelection]
+) -> Iterator[tuple[ClipSelection, np.ndarray]]:
     """Forward passes over the stream, frames matched by pts; only the frames a clip uses become RGB.
 
     Decoding starts at the keyframe before the first needed frame and stops after the last one. Where the
@@ -356,7 +372,9 @@ def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) 
     return selection, np.stack([decoded[int(i)] for i in selection.frame_indices])
 
 
-def read_clips(path: str | Path, info: VideoInfo, selections: list[ClipSelection]) -> Iterator[tuple[ClipSelection, np.ndarray, str]]:
+def read_clips(
+    path: str | Path, info: VideoInfo, selections: list[ClipSelection]
+) -> Iterator[tuple[ClipSelection, np.ndarray, str]]:
     """(selection, frames (T, H, W, 3) uint8 at source size, decoder name) for each clip, in order.
 
     PyAV, single-threaded (the workers are the parallelism). decord's get_batch was measured slower here
@@ -384,10 +402,12 @@ def _test_sleep(path: Path) -> None:
             time.sleep(float(seconds))
 
 
-def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int) -> Iterator[tuple]:
+def video_clips(
+    path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int
+) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child.
 
-    Defined here, not in pipelines.prep_videos, so that the child imports only what decoding needs.
+    Defined here, not in pipelines.prep.videos, so that the child imports only what decoding needs.
     """
     _test_sleep(path)
     if not path.is_file():
@@ -397,7 +417,9 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     selections = plan_clips(info, plan, start, end)
     if not selections:
         span = (plan.span - 1) / plan.timeline_fps + 1 / plan.timeline_fps
-        have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (start or 0.0)
+        have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (
+            start or 0.0
+        )
         raise BadSample("too_short", f"{path}: {max(have, 0):.3f} s usable, one clip needs {span:.3f} s")
     width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
     yield (
@@ -415,7 +437,9 @@ def video_clips(path: Path, plan: ClipPlan, start: float | None, end: float | No
     )
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale)
+        clip = encode_clip(
+            resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale
+        )
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -463,7 +487,9 @@ def _child_main(conn) -> None:
                 return
             conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc}")))
         except Exception as exc:  # an unexpected decoder failure is one bad video, not a dead run
-            conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}")))
+            conn.send(
+                ("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}"))
+            )
 
 
 class Stopped(Exception):
@@ -489,8 +515,13 @@ class IsolatedProcess:
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
-        code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
-        self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL)
+        code = (
+            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL
+        )
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
         # A child that cannot even start is a broken environment, not a bad video: fail loudly.
@@ -516,7 +547,9 @@ class IsolatedProcess:
             self._conn.send((fn, args))
             while True:
                 if not self._conn.poll(self.timeout):
-                    raise BadSample("timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the decode process was killed")
+                    raise BadSample(
+                        "timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the decode process was killed"
+                    )
                 try:
                     kind, payload = self._conn.recv()
                 except (EOFError, OSError) as exc:
@@ -564,7 +597,7 @@ class IsolatedProcess:
                 pass
         self._kill()
 
-    def __enter__(self) -> "IsolatedProcess":
+    def __enter__(self) -> IsolatedProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
-"""Diffusion: training objectives (DDPM, rectified flow), schedules, samplers, classifier-free and motion-free guidance."""
+"""Diffusion: training objectives (DDPM, rectified flow), schedules, samplers, classifier-free and motion-free
+guidance."""
 
 from pipelines.diffusion.gaussian import GaussianDiffusion, split_prediction
 from pipelines.diffusion.guidance import guided_prediction
@@ -6,6 +7,15 @@ from pipelines.diffusion.objective import OBJECTIVES, Objective, ObjectiveConfig
 from pipelines.diffusion.samplers import SAMPLERS, make_scheduler, sample
 
 __all__ = [
-    "GaussianDiffusion", "split_prediction", "guided_prediction", "OBJECTIVES", "Objective", "ObjectiveConfig",
-    "make_objective", "noise_shift_for", "SAMPLERS", "make_scheduler", "sample",
+    "GaussianDiffusion",
+    "split_prediction",
+    "guided_prediction",
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveConfig",
+    "make_objective",
+    "noise_shift_for",
+    "SAMPLERS",
+    "make_scheduler",
+    "sample",
 ]

@@ -11,8 +11,8 @@ Latents are (B, C, H, W) for images or (B, T, C, H, W) for videos; every functio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers import DDPMScheduler
@@ -85,7 +85,12 @@ class GaussianDiffusion:
     noise_shift: float = 1.0
 
     def __post_init__(self):
-        base = dict(num_train_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
+        base = dict(
+            num_train_timesteps=self.num_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
         betas = DDPMScheduler(**base).betas.double()
         if self.noise_shift != 1.0:
             # log SNR - 2 log s, back to alpha_bar, then betas = 1 - alpha_bar_t / alpha_bar_{t-1}
@@ -99,13 +104,20 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0): mean = coef_x0 * x_0 + coef_xt * x_t (DDPM eq. 7)
         self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # the variance is 0 at t = 0; its log is clipped to the t = 1 value (IDDPM)
-        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
         self.posterior_coef_x0 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_coef_xt = (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
 
     def scheduler_config(self) -> dict:
         """The diffusers scheduler arguments that reproduce this schedule (used by the samplers)."""
-        config = dict(num_train_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
+        config = dict(
+            num_train_timesteps=self.num_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
         if self.noise_shift != 1.0:
             config["trained_betas"] = self.betas.tolist()
         return config
@@ -146,7 +158,9 @@ class GaussianDiffusion:
         model_log_variance = frac * max_log + (1.0 - frac) * min_log
 
         kl = mean_flat(normal_kl(true_mean, min_log, model_mean, model_log_variance)) / math.log(2.0)
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)) / math.log(2.0)
+        decoder_nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
+        ) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_loss(

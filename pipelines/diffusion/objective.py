@@ -78,20 +78,32 @@ class ObjectiveConfig:
         if self.name not in OBJECTIVES:
             raise GentronError(f"unknown objective {self.name!r}", f"use one of {', '.join(OBJECTIVES)}")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise GentronError(f"unknown timestep sampling {self.timestep_sampling!r}", f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
+            raise GentronError(
+                f"unknown timestep sampling {self.timestep_sampling!r}", f"use one of {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
         if self.timestep_scale <= 0:
-            raise GentronError(f"timestep scale must be positive, got {self.timestep_scale}", "pass --timestep-scale above 0")
+            raise GentronError(
+                f"timestep scale must be positive, got {self.timestep_scale}", "pass --timestep-scale above 0"
+            )
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise GentronError(f"unknown loss weighting {self.loss_weighting!r}", f"use one of {', '.join(LOSS_WEIGHTINGS)}")
+            raise GentronError(
+                f"unknown loss weighting {self.loss_weighting!r}", f"use one of {', '.join(LOSS_WEIGHTINGS)}"
+            )
         if self.loss_weighting == "min-snr" and self.name != "ddpm":
             raise GentronError(
-                "--loss-weighting min-snr weights the epsilon loss of --objective ddpm; rectified flow has no such weighting here",
+                "--loss-weighting min-snr weights the epsilon loss of --objective ddpm; rectified flow has no such "
+                "weighting here",
                 "drop --loss-weighting, or use --objective ddpm",
             )
         if self.min_snr_gamma <= 0:
-            raise GentronError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}", "pass e.g. --min-snr-gamma 5")
+            raise GentronError(
+                f"--min-snr-gamma must be positive, got {self.min_snr_gamma}", "pass e.g. --min-snr-gamma 5"
+            )
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
-            raise GentronError(f"noise shift must be a positive number, got {self.noise_shift}", "pass --noise-shift auto, none or e.g. 2.0")
+            raise GentronError(
+                f"noise shift must be a positive number, got {self.noise_shift}",
+                "pass --noise-shift auto, none or e.g. 2.0",
+            )
         if self.num_timesteps < 1:
             raise GentronError(f"num_timesteps must be positive, got {self.num_timesteps}", "use 1000")
 
@@ -99,14 +111,17 @@ class ObjectiveConfig:
         return asdict(self)
 
     @staticmethod
-    def from_record(record: dict | None) -> "ObjectiveConfig":
+    def from_record(record: dict | None) -> ObjectiveConfig:
         """The config recorded with a model; None (a folder from before objectives were recorded) is DDPM."""
         if record is None:
             return ObjectiveConfig()
         known = {f.name for f in fields(ObjectiveConfig)}
         unknown = sorted(set(record) - known)
         if unknown:
-            raise GentronError(f"unknown objective settings {unknown} in the model's pipeline.json", "update gentron, or re-export the model")
+            raise GentronError(
+                f"unknown objective settings {unknown} in the model's pipeline.json",
+                "update gentron, or re-export the model",
+            )
         config = ObjectiveConfig(**record)
         config.check()
         return config
@@ -126,7 +141,9 @@ class Objective(ABC):
     def fraction(self, u: float) -> float:
         """The training noise level t / T in [0, 1) for a uniform draw u, before any shift."""
         c = self.config
-        return u if c.timestep_sampling == "uniform" else logit_normal_fraction(u, c.timestep_location, c.timestep_scale)
+        return (
+            u if c.timestep_sampling == "uniform" else logit_normal_fraction(u, c.timestep_location, c.timestep_scale)
+        )
 
     @abstractmethod
     def timestep(self, u: float) -> float:
@@ -137,15 +154,22 @@ class Objective(ABC):
         return torch.tensor([self.timestep(float(v)) for v in u], device=u.device)
 
     @abstractmethod
-    def loss(self, model: Model, x0: torch.Tensor, t: torch.Tensor, text: TextCondition,
-             motion_free: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        text: TextCondition,
+        motion_free: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Per-sample losses (B,): "loss" (what is minimised), "mse" and "vlb"."""
 
     @abstractmethod
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
         """The diffusers scheduler `name` (default: `default_sampler`) for a model trained with this objective."""
 
-    def check_model(self, learn_sigma: bool) -> None:
+    def check_model(self, learn_sigma: bool) -> None:  # noqa: B027 (optional: most objectives train any output)
         """Refuse a model whose output this objective cannot train."""
 
     def _check_sampler(self, name: str) -> str:
@@ -166,9 +190,12 @@ class DDPMObjective(Objective):
     def __init__(self, config: ObjectiveConfig):
         super().__init__(config)
         self.diffusion = GaussianDiffusion(
-            num_timesteps=config.num_timesteps, beta_schedule=config.beta_schedule,
-            beta_start=config.beta_start, beta_end=config.beta_end, noise_shift=config.noise_shift,
-        )  # fmt: skip
+            num_timesteps=config.num_timesteps,
+            beta_schedule=config.beta_schedule,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            noise_shift=config.noise_shift,
+        )
 
     def timestep(self, u: float) -> int:
         n = self.config.num_timesteps
@@ -177,7 +204,9 @@ class DDPMObjective(Objective):
     def loss(self, model, x0, t, text, motion_free=None, noise=None):
         c = self.config
         gamma = c.min_snr_gamma if c.loss_weighting == "min-snr" else None
-        return self.diffusion.training_loss(model, x0, t, text, motion_free=motion_free, noise=noise, min_snr_gamma=gamma)
+        return self.diffusion.training_loss(
+            model, x0, t, text, motion_free=motion_free, noise=noise, min_snr_gamma=gamma
+        )
 
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
         from pipelines.diffusion.samplers import ddpm_family_scheduler
@@ -199,8 +228,10 @@ class FlowObjective(Objective):
     def check_model(self, learn_sigma: bool) -> None:
         if learn_sigma:
             raise GentronError(
-                "a learned variance (learn_sigma) does not apply to rectified flow: it predicts a velocity, not a Gaussian step",
-                'train the flow model without it: --model \'{"size": "XL/2", "learn_sigma": false}\' (the default for --objective flow), '
+                "a learned variance (learn_sigma) does not apply to rectified flow: it predicts a velocity, not a "
+                "Gaussian step",
+                'train the flow model without it: --model \'{"size": "XL/2", "learn_sigma": false}\' (the default for '
+                "--objective flow), "
                 "or use --objective ddpm",
             )
 
@@ -221,7 +252,9 @@ class FlowObjective(Objective):
 
         self._check_sampler(name or self.default_sampler)
         self.check_model(learned_sigma)
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.config.num_timesteps, shift=self.config.noise_shift)
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.config.num_timesteps, shift=self.config.noise_shift
+        )
 
 
 def make_objective(config: ObjectiveConfig | None = None) -> Objective:

@@ -29,7 +29,9 @@ SAMPLERS = sampler_names()
 class GridDDIMScheduler(DDIMScheduler):
     """Deterministic DDIM (eta = 0) whose every step lands on the next timestep of its own grid."""
 
-    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **kwargs):
+    def step(
+        self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **kwargs
+    ):
         if eta != 0.0:
             raise ValueError("GridDDIMScheduler is deterministic (eta = 0)")
         index = int((self.timesteps == timestep).nonzero()[0][0])
@@ -63,7 +65,9 @@ def ddpm_family_scheduler(name: str, diffusion: GaussianDiffusion, learned_sigma
     raise GentronError(f"unknown sampler {name!r}", f"choose one of: {', '.join(SAMPLERS)}")
 
 
-def make_scheduler(name: str | None = None, objective: Objective | None = None, learned_sigma: bool = False) -> SchedulerMixin:
+def make_scheduler(
+    name: str | None = None, objective: Objective | None = None, learned_sigma: bool = False
+) -> SchedulerMixin:
     """The scheduler `name` (default: the objective's own) for a model trained with `objective` (default: DDPM)."""
     return (objective or make_objective()).scheduler(name, learned_sigma)
 
@@ -101,7 +105,9 @@ def sample(
     """
     num_train_timesteps = scheduler.config.num_train_timesteps
     if not 1 <= steps <= num_train_timesteps:
-        raise GentronError(f"sampling steps must be between 1 and {num_train_timesteps}, got {steps}", "pass e.g. 50 steps")
+        raise GentronError(
+            f"sampling steps must be between 1 and {num_train_timesteps}, got {steps}", "pass e.g. 50 steps"
+        )
     scheduler.set_timesteps(steps, device=noise.device)
     video = noise.ndim == 5
     learned_variance = _uses_learned_variance(scheduler)

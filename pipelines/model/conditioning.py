@@ -8,8 +8,8 @@ pads them to a fixed length and builds the masks, so padding never changes the m
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ class TextCondition:
 
     _PARTS = ("tokens", "masks", "pooled")
 
-    def _map(self, fn) -> "TextCondition":
+    def _map(self, fn) -> TextCondition:
         return TextCondition(**{part: {k: fn(v) for k, v in getattr(self, part).items()} for part in self._PARTS})
 
     def _tensors(self):
@@ -63,33 +63,37 @@ class TextCondition:
         mask = self.mask(name).unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def to(self, device=None, dtype=None) -> "TextCondition":
+    def to(self, device=None, dtype=None) -> TextCondition:
         """Move to device; cast floating tensors (not masks) to dtype."""
         return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
 
-    def index(self, idx) -> "TextCondition":
+    def index(self, idx) -> TextCondition:
         return self._map(lambda v: v[idx])
 
-    def repeat_interleave(self, n: int) -> "TextCondition":
+    def repeat_interleave(self, n: int) -> TextCondition:
         """Each sample n times in a row (b -> b*n), e.g. one caption per frame."""
         return self._map(lambda v: v.repeat_interleave(n, dim=0))
 
-    def equal(self, other: "TextCondition") -> bool:
+    def equal(self, other: TextCondition) -> bool:
         """The same encoders with identical tensors."""
         return all(
-            getattr(self, p).keys() == getattr(other, p).keys() and all(torch.equal(v, getattr(other, p)[k]) for k, v in getattr(self, p).items())
+            getattr(self, p).keys() == getattr(other, p).keys()
+            and all(torch.equal(v, getattr(other, p)[k]) for k, v in getattr(self, p).items())
             for p in self._PARTS
         )
 
     @staticmethod
-    def cat(conds: Sequence["TextCondition"]) -> "TextCondition":
+    def cat(conds: Sequence[TextCondition]) -> TextCondition:
         """Concatenate along the batch. All parts need the same encoders; token lengths may differ: the
         shorter parts are zero-padded and masked, which changes no output (padding is never attended)."""
         out = TextCondition()
         for part in TextCondition._PARTS:
             names = [set(getattr(c, part)) for c in conds]
             if any(n != names[0] for n in names):
-                raise ValueError(f"cannot concatenate: {part} of encoders {sorted(names[0] ^ set.union(*names))} missing in some parts")
+                raise ValueError(
+                    f"cannot concatenate: {part} of encoders {sorted(names[0] ^ set.union(*names))} missing in some "
+                    "parts"
+                )
         for name in conds[0].tokens:
             length = max(c.tokens[name].shape[1] for c in conds)
             out.tokens[name] = torch.cat([_pad(c.tokens[name], length) for c in conds])
@@ -99,7 +103,11 @@ class TextCondition:
         return out
 
     @staticmethod
-    def collate(samples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int | None] | None = None, **name_lengths: int | None) -> "TextCondition":
+    def collate(
+        samples: Sequence[Mapping[str, np.ndarray]],
+        lengths: Mapping[str, int | None] | None = None,
+        **name_lengths: int | None,
+    ) -> TextCondition:
         """Batch per-sample arrays as stored in shards.
 
         Each sample maps array names to arrays: "<name>" (n, D) holds encoder <name>'s valid tokens only,
@@ -118,7 +126,9 @@ class TextCondition:
         for name in sorted(names):
             arrays = [s[name] for s in samples]
             if name.endswith(POOLED_SUFFIX):
-                out.pooled[name.removesuffix(POOLED_SUFFIX)] = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]))
+                out.pooled[name.removesuffix(POOLED_SUFFIX)] = torch.from_numpy(
+                    np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+                )
                 continue
             target = lengths.get(name) or max(a.shape[0] for a in arrays)
             tokens = torch.zeros(len(arrays), target, arrays[0].shape[1], dtype=torch.float32)
@@ -130,13 +140,14 @@ class TextCondition:
             out.tokens[name], out.masks[name] = tokens, mask
         return out
 
-    # A flat {key: tensor} form, for a DataLoader batch dict ("text.tokens.clip", "text.masks.clip", "text.pooled.clip").
+    # A flat {key: tensor} form, for a DataLoader batch dict ("text.tokens.clip", "text.masks.clip",
+    # "text.pooled.clip").
 
     def flat(self, prefix: str = "text.") -> dict[str, torch.Tensor]:
         return {f"{prefix}{part}.{name}": v for part in self._PARTS for name, v in getattr(self, part).items()}
 
     @staticmethod
-    def from_flat(batch: Mapping[str, torch.Tensor], prefix: str = "text.") -> "TextCondition":
+    def from_flat(batch: Mapping[str, torch.Tensor], prefix: str = "text.") -> TextCondition:
         out = TextCondition()
         for key, value in batch.items():
             if key.startswith(prefix):

@@ -70,11 +70,18 @@ def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:
         base = upgrade_config(({**_TINY_LEGACY_DIMS} if size_name == "T/2" else {}) | base)
     unknown = sorted(set(base) - set(model_arguments()))
     if unknown:
-        raise GentronError(f"unknown model config keys {unknown}", f"valid keys: size, {', '.join(model_arguments())} (or the older {', '.join(LEGACY_TEXT_KEYS)})")
+        raise GentronError(
+            f"unknown model config keys {unknown}",
+            f"valid keys: size, {', '.join(model_arguments())} (or the older {', '.join(LEGACY_TEXT_KEYS)})",
+        )
     config.update(base)
-    defaults = {k: p.default for k, p in inspect.signature(GenTronTransformer.__init__).parameters.items() if k != "self"}
+    defaults = {
+        k: p.default for k, p in inspect.signature(GenTronTransformer.__init__).parameters.items() if k != "self"
+    }
     config = {**defaults, **config}
-    config["text_inputs"] = canonical_text_inputs(config["text_inputs"] or DEFAULT_TEXT_INPUTS, config["text_conditioning"])
+    config["text_inputs"] = canonical_text_inputs(
+        config["text_inputs"] or DEFAULT_TEXT_INPUTS, config["text_conditioning"]
+    )
     return config
 
 

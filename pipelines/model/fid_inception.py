@@ -109,7 +109,13 @@ class InceptionC(nn.Module):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = conv(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_3x3(x))], 1)
 
@@ -166,7 +172,8 @@ def check_width(width: float) -> float:
 
 
 class FIDInceptionV3(nn.Module):
-    """Inception-v3 up to its 2048-d pool features (width 1), with the FID graph's classifier kept so the file loads strictly."""
+    """Inception-v3 up to its 2048-d pool features (width 1), with the FID graph's classifier kept so the file loads
+    strictly."""
 
     def __init__(self, width: float = 1.0):
         super().__init__()
@@ -199,8 +206,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(dim=(2, 3))
 
@@ -213,7 +231,9 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     reproduces, rows blended after columns as there."""
 
     def taps(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        position = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        position = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(
+            n_in / size, dtype=torch.float32
+        )
         low = position.long()
         return low, (low + 1).clamp(max=n_in - 1), (position - low.float()).to(x.dtype)
 
@@ -230,8 +250,6 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Loading by path: the real weights file and the tiny test network alike
-
-
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -252,8 +270,10 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
     """The FID Inception network from a weights file (pytorch-fid's pt_inception-2015-12-05, or a tiny one
     saved by `save_fid_inception`), frozen in eval mode. Never downloads."""
     path = Path(path).expanduser()
-    hint = (f"download {FID_WEIGHTS_NAME} once ({FID_WEIGHTS_URL}; pytorch-fid and torch-fidelity use the same file) "
-            "and pass its path to --inception")
+    hint = (
+        f"download {FID_WEIGHTS_NAME} once ({FID_WEIGHTS_URL}; pytorch-fid and torch-fidelity use the same file) "
+        "and pass its path to --inception"
+    )
     if not path.is_file():
         raise GentronError(f"FID Inception weights not found: {path}", hint)
     try:
@@ -273,12 +293,15 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         raise GentronError(
             f"{path} does not match the FID Inception-v3: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}", hint,
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}",
+            hint,
         )
     try:
         network.load_state_dict(state, strict=False)  # strict but for batch-norm step counters, which FID never uses
     except RuntimeError as exc:
-        raise GentronError(f"{path} does not match the FID Inception-v3: {str(exc).splitlines()[-1].strip()}", hint) from None
+        raise GentronError(
+            f"{path} does not match the FID Inception-v3: {str(exc).splitlines()[-1].strip()}", hint
+        ) from None
     return network.to(device).eval().requires_grad_(False)
 
 

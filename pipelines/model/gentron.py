@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,10 @@ from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition, pooled_ar
 
 TEXT_CONDITIONINGS = ("cross_attention", "adaln")
 # CLIP-L (tokens and pooled vector) and T5-XXL (tokens), as in the paper
-DEFAULT_TEXT_INPUTS = {"clip": {"dim": 768, "pooled_dim": 768}, "t5": {"dim": 4096}}  # "pooled": see canonical_text_inputs
+DEFAULT_TEXT_INPUTS = {
+    "clip": {"dim": 768, "pooled_dim": 768},
+    "t5": {"dim": 4096},
+}  # "pooled": see canonical_text_inputs
 
 
 # --------------------------------------------------------------------------- text inputs (data, not names)
@@ -88,15 +91,27 @@ def canonical_text_inputs(text_inputs, text_conditioning: str) -> dict[str, dict
     for name in sorted(text_inputs):
         entry = text_inputs[name]
         if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(POOLED_SUFFIX):
-            raise GentronError(f"model config: text input name {name!r} is not an encoder name", "use lower-case encoder names such as clip or t5")
+            raise GentronError(
+                f"model config: text input name {name!r} is not an encoder name",
+                "use lower-case encoder names such as clip or t5",
+            )
         if not isinstance(entry, Mapping) or set(entry) - {"dim", "pooled_dim", "pooled"}:
-            raise GentronError(f"model config: text_inputs.{name} must hold dim, and optionally pooled_dim and pooled, got {entry!r}", hint)
+            raise GentronError(
+                f"model config: text_inputs.{name} must hold dim, and optionally pooled_dim and pooled, got {entry!r}",
+                hint,
+            )
         for key in ("dim", "pooled_dim"):
             value = entry.get(key)
-            if (key == "dim" or value is not None) and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise GentronError(f"model config: text_inputs.{name}.{key} must be a whole number of at least 1, got {value!r}", hint)
+            if (key == "dim" or value is not None) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+            ):
+                raise GentronError(
+                    f"model config: text_inputs.{name}.{key} must be a whole number of at least 1, got {value!r}", hint
+                )
         if not isinstance(entry.get("pooled", False), bool):
-            raise GentronError(f"model config: text_inputs.{name}.pooled must be true or false, got {entry['pooled']!r}", hint)
+            raise GentronError(
+                f"model config: text_inputs.{name}.pooled must be true or false, got {entry['pooled']!r}", hint
+            )
         entries[name] = dict(entry)
     for name, entry in entries.items():
         if "pooled" not in entry:
@@ -104,9 +119,11 @@ def canonical_text_inputs(text_inputs, text_conditioning: str) -> dict[str, dict
             entry["pooled"] = text_conditioning == "adaln" or not with_own or name in with_own
         if text_conditioning == "adaln" and not entry["pooled"]:
             raise GentronError(
-                f"model config: text_conditioning adaln reads text only through the pooled vector, but text_inputs.{name} has pooled false "
+                "model config: text_conditioning adaln reads text only through the pooled vector, but "
+                f"text_inputs.{name} has pooled false "
                 f"(the {name} encoder would be unused)",
-                f"set text_inputs.{name}.pooled to true (its pooled vector or token mean joins adaLN), drop {name}, or use cross_attention",
+                f"set text_inputs.{name}.pooled to true (its pooled vector or token mean joins adaLN), drop {name}, "
+                "or use cross_attention",
             )
     return {name: TextInput(**entry).record() for name, entry in entries.items()}
 
@@ -118,7 +135,9 @@ def required_text_arrays(config) -> tuple[str, ...]:
     and the model's input check all use it. An encoder's tokens are read by cross-attention, and for the
     pooled vector of an encoder without one of its own; its own pooled vector when it is pooled.
     """
-    cross = (config["text_conditioning"] if isinstance(config, Mapping) else config.text_conditioning) == "cross_attention"
+    cross = (
+        config["text_conditioning"] if isinstance(config, Mapping) else config.text_conditioning
+    ) == "cross_attention"
     needed = []
     for name, spec in text_inputs_of(config).items():
         if cross or (spec.pooled and not spec.pooled_dim):
@@ -317,7 +336,7 @@ class GenTronBlock(nn.Module):
         c: torch.Tensor,
         text: torch.Tensor | None,
         text_bias: torch.Tensor | None,
-        motion: "int | torch.Tensor | None",
+        motion: int | torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         num_frames: int,
     ) -> torch.Tensor:
@@ -336,7 +355,9 @@ class GenTronBlock(nn.Module):
 
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-    def temporal_attention(self, h: torch.Tensor, motion: "int | torch.Tensor | None", rope, num_frames: int) -> torch.Tensor:
+    def temporal_attention(
+        self, h: torch.Tensor, motion: int | torch.Tensor | None, rope, num_frames: int
+    ) -> torch.Tensor:
         """TempSelfAttn on (B, T*N, D): each patch attends over its frames; a motion-free sample's frames only to
         themselves, which gives each token its own value, so those samples skip the attention scores (exact).
 
@@ -401,18 +422,24 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         super().__init__()
         _check_config(locals())
         # stored explicit and sorted (see canonical_text_inputs), so config.json says exactly what the model reads
-        self.register_to_config(text_inputs=canonical_text_inputs(DEFAULT_TEXT_INPUTS if text_inputs is None else text_inputs, text_conditioning))
+        self.register_to_config(
+            text_inputs=canonical_text_inputs(
+                DEFAULT_TEXT_INPUTS if text_inputs is None else text_inputs, text_conditioning
+            )
+        )
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         cross_attention = text_conditioning == "cross_attention"
         inputs = text_inputs_of(self.config)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # Each encoder's tokens get their own projection to the model width; cross-attention reads them all, concatenated.
+        # Each encoder's tokens get their own projection to the model width; cross-attention reads them all,
+        # concatenated.
         self.token_embedders = nn.ModuleDict(
             {name: TextProjection(spec.dim, hidden_size) for name, spec in inputs.items()} if cross_attention else {}
         )
-        # Pooled text joins the timestep in adaLN: per pooled encoder its own pooled vector (CLIP's) or its token mean, summed.
+        # Pooled text joins the timestep in adaLN: per pooled encoder its own pooled vector (CLIP's) or its token mean,
+        # summed.
         self.pooled_embedders = nn.ModuleDict(
             {name: TextProjection(spec.pooled_width, hidden_size) for name, spec in inputs.items() if spec.pooled}
         )
@@ -431,7 +458,9 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
 
     def position_embedding(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
         """(grid_h * grid_w, D) sin-cos embedding for this latent grid, computed once per shape and device."""
-        if torch.compiler.is_compiling():  # a cache filled inside a compiled graph would make it recompile; compiled, it is computed once anyway
+        if (
+            torch.compiler.is_compiling()
+        ):  # a cache filled inside a compiled graph would make it recompile; compiled, it is computed once anyway
             return sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
         key = (grid_h, grid_w, str(device))
         if key not in self._pos_embed_cache:
@@ -439,10 +468,14 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         return self._pos_embed_cache[key]
 
     def embed_text(self, text: TextCondition) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Text tokens (B, L, D) and mask (B, L) for cross-attention (None in adaLN mode), and the pooled vector (B, D)."""
+        """Text tokens (B, L, D) and mask (B, L) for cross-attention (None in adaLN mode), and the pooled vector (B,
+        D)."""
         check_text(text, self.config)
         inputs = text_inputs_of(self.config)
-        parts = [embedder(text.pooled[name] if inputs[name].pooled_dim else text.mean_tokens(name)) for name, embedder in self.pooled_embedders.items()]
+        parts = [
+            embedder(text.pooled[name] if inputs[name].pooled_dim else text.mean_tokens(name))
+            for name, embedder in self.pooled_embedders.items()
+        ]
         if parts:
             pooled = sum(parts[1:], parts[0])
         else:  # cross-attention only (as PixArt): no text in adaLN
@@ -481,7 +514,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         motion_free: (B,) bool, True makes each frame of that sample attend only to itself in
         TempSelfAttn. Returns x's layout with out_channels channels.
         """
-        motion = None  # for TempSelfAttn: None (all move), or how many move, the first ones (GenTronBlock.temporal_attention)
+        # for TempSelfAttn: None (all move), or how many move, the first ones (GenTronBlock.temporal_attention)
+        motion = None
         if self.config.temporal and motion_free is not None:
             if torch.compiler.is_compiling():
                 motion = motion_free.bool()
@@ -511,8 +545,14 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
         tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
         if self.frame_embedder is not None:
-            frames = self.frame_embedder(sincos_1d(self.config.hidden_size, torch.arange(num_frames, device=x.device)).to(tokens.dtype))
-            moving = torch.ones(batch, device=x.device, dtype=tokens.dtype) if motion_free is None else (~motion_free.bool()).to(tokens.dtype)
+            frames = self.frame_embedder(
+                sincos_1d(self.config.hidden_size, torch.arange(num_frames, device=x.device)).to(tokens.dtype)
+            )
+            moving = (
+                torch.ones(batch, device=x.device, dtype=tokens.dtype)
+                if motion_free is None
+                else (~motion_free.bool()).to(tokens.dtype)
+            )
             tokens = tokens + rearrange(moving[:, None, None] * frames[None], "b t d -> (b t) 1 d")
         tokens = rearrange(tokens, "(b t) n d -> b (t n) d", b=batch)
 
@@ -534,15 +574,13 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 tokens = block(*args)
 
         out = self.final_layer(tokens, c)
-        out = rearrange(
-            out, "b (t h w) (p q c) -> b t c (h p) (w q)", t=num_frames, h=grid_h, w=grid_w, p=p, q=p
-        )
+        out = rearrange(out, "b (t h w) (p q c) -> b t c (h p) (w q)", t=num_frames, h=grid_h, w=grid_w, p=p, q=p)
         return out if is_video else out[:, 0]
 
     # ----------------------------------------------------------------------- T2I -> T2V
 
     @classmethod
-    def from_t2i(cls, t2i_model_or_path: "GenTronTransformer | str | Path", **overrides) -> "GenTronTransformer":
+    def from_t2i(cls, t2i_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:
         """A T2V model holding every weight of a T2I model; the new temporal layers keep their zero init."""
         if isinstance(t2i_model_or_path, (str, Path)):
             t2i = cls.from_pretrained(t2i_model_or_path)
@@ -551,12 +589,16 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         config = {k: v for k, v in t2i.config.items() if not k.startswith("_")}
         config.update(overrides, temporal=True)
         model = cls(**config).to(t2i.device)
-        if model.dtype != t2i.dtype:  # only then: diffusers' to(dtype=...) warns about float32 modules even when there are none
+        if (
+            model.dtype != t2i.dtype
+        ):  # only then: diffusers' to(dtype=...) warns about float32 modules even when there are none
             model = model.to(dtype=t2i.dtype)
         try:
             missing, unexpected = model.load_state_dict(t2i.state_dict(), strict=False)
         except RuntimeError as err:  # shape mismatch: an override changed a shared layer
-            raise GentronError(f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings") from None
+            raise GentronError(
+                f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings"
+            ) from None
         not_temporal = [k for k in missing if not is_temporal_parameter(k)]
         if unexpected or not_temporal:
             raise GentronError(
@@ -565,8 +607,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             )
         return model
 
-
-    # ----------------------------------------------------------------------- folders of earlier versions (see upgrade_config)
+    # ----------------------------------------------------------------------- folders of earlier versions (see
+    # upgrade_config)
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -579,6 +621,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         upgraded = upgrade_state_dict(dict(state_dict), self.config)
         state_dict.clear()
         state_dict.update(upgraded)
+
 
 def is_temporal_parameter(name: str) -> bool:
     """The layers T2V adds to T2I: TempSelfAttn (and its norm) in every block, and the frame embedder."""
@@ -597,10 +640,15 @@ def _check_config(args: dict) -> None:
     for name in _POSITIVE_INTS:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise GentronError(f"model config: {name} must be a whole number of at least 1, got {value!r}", f"fix {name} in the model config")
+            raise GentronError(
+                f"model config: {name} must be a whole number of at least 1, got {value!r}",
+                f"fix {name} in the model config",
+            )
     for name in _BOOLS:
         if not isinstance(args[name], bool):
-            raise GentronError(f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config")
+            raise GentronError(
+                f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config"
+            )
     hidden_size, num_heads, text_conditioning = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning"))
     if text_conditioning not in TEXT_CONDITIONINGS:
         raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")
@@ -612,7 +660,8 @@ def _check_config(args: dict) -> None:
 
 
 def check_text(text: TextCondition, config) -> None:
-    """Fail with a clear message when the text lacks an array the model reads (`required_text_arrays`) or has another width."""
+    """Fail with a clear message when the text lacks an array the model reads (`required_text_arrays`) or has another
+    width."""
     inputs = text_inputs_of(config)
     for array in required_text_arrays(config):
         name = array.removesuffix(POOLED_SUFFIX)
@@ -636,8 +685,9 @@ def check_text(text: TextCondition, config) -> None:
 # Before text inputs were data, a config named its encoders in one string and gave their widths in fixed
 # arguments, and the weights held one projection per encoder under its own attribute name:
 #     "text_encoders": "clip" | "t5" | "clip+t5", "clip_dim", "clip_pooled_dim", "t5_dim"
-#     clip_embedder.*, t5_embedder.* (cross-attention only), pooled_embedder.* (CLIP's pooled vector, else T5's token mean)
-# With adaLN and clip+t5 that model read CLIP's pooled vector only (T5 changed nothing), so it becomes a CLIP-only model.
+# clip_embedder.*, t5_embedder.* (cross-attention only), pooled_embedder.* (CLIP's pooled vector, else T5's token mean)
+# With adaLN and clip+t5 that model read CLIP's pooled vector only (T5 changed nothing), so it becomes a CLIP-only
+# model.
 
 LEGACY_TEXT_KEYS = ("text_encoders", "clip_dim", "clip_pooled_dim", "t5_dim")
 _LEGACY_DEFAULTS = {"text_encoders": "clip+t5", "clip_dim": 768, "clip_pooled_dim": 768, "t5_dim": 4096}
@@ -655,7 +705,9 @@ def upgrade_config(config: Mapping) -> dict:
         return config
     old = {k: config.pop(k, default) for k, default in _LEGACY_DEFAULTS.items()}
     if old["text_encoders"] not in _LEGACY_ENCODERS:
-        raise GentronError(f"unknown text_encoders {old['text_encoders']!r}", f"use one of {_LEGACY_ENCODERS}, or text_inputs")
+        raise GentronError(
+            f"unknown text_encoders {old['text_encoders']!r}", f"use one of {_LEGACY_ENCODERS}, or text_inputs"
+        )
     used = old["text_encoders"].split("+")
     if config.get("text_conditioning", "cross_attention") == "adaln" and "clip" in used:
         used = ["clip"]  # the only encoder that model read

@@ -14,19 +14,26 @@ This module also holds the loading helpers vae.py shares (`load_pretrained`, `re
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
+from pipelines.defaults import (
+    DEFAULT_CLIP,
+    DEFAULT_LLM_LAYER,
+    DEFAULT_LLM_MAX_LENGTH,
+    DEFAULT_T5,
+    DEFAULT_T5_MAX_LENGTH,
+)
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import pooled_array
 
-from pipelines.defaults import DEFAULT_CLIP, DEFAULT_LLM_LAYER, DEFAULT_LLM_MAX_LENGTH, DEFAULT_T5, DEFAULT_T5_MAX_LENGTH  # noqa: F401  (re-exported)
 CLIP_MAX_LENGTH = 77  # CLIP's context length
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -41,7 +48,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """"auto"/None: cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
+    """ "auto"/None: cuda:LOCAL_RANK when CUDA is available (one GPU per torchrun rank), else cpu."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device in (None, "", "auto"):
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -58,7 +65,7 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """"auto"/None: bf16 on GPU, fp32 on CPU. Otherwise one of fp32, bf16, fp16."""
+    """ "auto"/None: bf16 on GPU, fp32 on CPU. Otherwise one of fp32, bf16, fp16."""
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -67,7 +74,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def split_model_spec(spec: str) -> tuple[str, str | None]:
-    """"NAME_OR_PATH" or "NAME_OR_PATH:SUBFOLDER" -> (name_or_path, subfolder). An existing path wins."""
+    """ "NAME_OR_PATH" or "NAME_OR_PATH:SUBFOLDER" -> (name_or_path, subfolder). An existing path wins."""
     if Path(spec).expanduser().exists():
         return spec, None
     base, sep, subfolder = spec.rpartition(":")
@@ -102,16 +109,26 @@ def load_pretrained(
     if looks_local(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
-            raise GentronError(f"{what} not found: {folder}", f"pass an existing model folder or a hub name for the {what}")
-        if subfolder is None and default_subfolder and not (folder / "config.json").exists() and (folder / default_subfolder).is_dir():
+            raise GentronError(
+                f"{what} not found: {folder}", f"pass an existing model folder or a hub name for the {what}"
+            )
+        if (
+            subfolder is None
+            and default_subfolder
+            and not (folder / "config.json").exists()
+            and (folder / default_subfolder).is_dir()
+        ):
             subfolder = default_subfolder
         where = folder / subfolder if subfolder else folder
         try:
             with _no_weight_loading_bar():
-                return load(str(folder), local_files_only=True, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+                return load(
+                    str(folder), local_files_only=True, **({"subfolder": subfolder} if subfolder else {}), **kwargs
+                )
         except _LOAD_ERRORS as exc:
             raise GentronError(
-                f"cannot load the {what} from {where}: {_first_line(exc)}", f"pass a folder holding a {what} saved with save_pretrained"
+                f"cannot load the {what} from {where}: {_first_line(exc)}",
+                f"pass a folder holding a {what} saved with save_pretrained",
             ) from exc
     try:
         with _no_weight_loading_bar():
@@ -119,13 +136,15 @@ def load_pretrained(
     except _LOAD_ERRORS as exc:
         raise GentronError(
             f"{what} {spec!r} not found locally and could not be downloaded: {_first_line(exc)}",
-            "check the name and your network (or HF token), or pass a local folder; with HF_HUB_OFFLINE=1 only the local cache is used",
+            "check the name and your network (or HF token), or pass a local folder; with HF_HUB_OFFLINE=1 only the "
+            "local cache is used",
         ) from exc
 
 
 @contextmanager
 def _no_weight_loading_bar():
-    """Hide transformers' per-load "Loading weights" tqdm bar, which tears our Rich progress display; download bars stay."""
+    """Hide transformers' per-load "Loading weights" tqdm bar, which tears our Rich progress display; download bars
+    stay."""
     from transformers.utils import logging as hf_logging
 
     set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5
@@ -150,7 +169,9 @@ def _first_line(exc: BaseException) -> str:
 def _check_model_type(spec: str, what: str, model_type: str, allowed: Sequence[str]) -> None:
     # transformers would otherwise load, say, a T5 folder into a CLIP model with random weights and a warning.
     if model_type not in allowed:
-        raise GentronError(f"{spec} holds a {model_type!r} model, not a {what}", f"pass a {what} ({' or '.join(allowed)})")
+        raise GentronError(
+            f"{spec} holds a {model_type!r} model, not a {what}", f"pass a {what} ({' or '.join(allowed)})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +193,9 @@ def _tokenize_checked(tokenizer, captions: list[str], max_length: int, padding: 
     return batch, [len(ids) > max_length for ids in lengths]
 
 
-def _load_text_model(model_class, spec: str, what: str, model_types: Sequence[str], device: torch.device, dtype: torch.dtype):
+def _load_text_model(
+    model_class, spec: str, what: str, model_types: Sequence[str], device: torch.device, dtype: torch.dtype
+):
     """(tokenizer, frozen model in eval mode on `device`) of a transformers text encoder, its type checked first."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -190,7 +213,9 @@ class ClipTextEncoder:
     def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
         from transformers import CLIPTextModel
 
-        self.tokenizer, self.model = _load_text_model(CLIPTextModel, spec, "CLIP text encoder", ("clip", "clip_text_model"), device, dtype)
+        self.tokenizer, self.model = _load_text_model(
+            CLIPTextModel, spec, "CLIP text encoder", ("clip", "clip_text_model"), device, dtype
+        )
         self.device = device
         self.max_length = min(CLIP_MAX_LENGTH, self.model.config.max_position_embeddings)
         self.dim = self.pooled_dim = self.model.config.hidden_size
@@ -225,7 +250,9 @@ class OpenClipTextEncoder:
             ) from exc
         arch, _, pretrained = spec[len(OPEN_CLIP_PREFIX) :].partition(":")
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained or None, device=device, precision=_open_clip_precision(dtype))
+            model = open_clip.create_model(
+                arch, pretrained=pretrained or None, device=device, precision=_open_clip_precision(dtype)
+            )
         except (RuntimeError, ValueError, OSError) as exc:
             raise GentronError(
                 f"cannot load open_clip model {spec!r}: {_first_line(exc)}",
@@ -281,7 +308,9 @@ class T5TextEncoder:
         # valid token's attention, so padding further (PixArt pads to 120) changes nothing but cost.
         batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "longest")
         mask = batch["attention_mask"]
-        hidden = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.model(
+            input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state
         hidden = hidden.float().cpu()
         return EncoderOutput([hidden[i, :n] for i, n in enumerate(mask.sum(dim=1).tolist())], None, truncated)
 
@@ -299,7 +328,14 @@ class LlmTextEncoder:
     The tokenizer's own special tokens are kept (e.g. Gemma's and Llama's BOS).
     """
 
-    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, max_length: int = DEFAULT_LLM_MAX_LENGTH, layer: int = DEFAULT_LLM_LAYER):
+    def __init__(
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_length: int = DEFAULT_LLM_MAX_LENGTH,
+        layer: int = DEFAULT_LLM_LAYER,
+    ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -308,19 +344,32 @@ class LlmTextEncoder:
             raise GentronError(f"LLM max length must be positive, got {max_length}", "pass --llm-max-length 300")
         config = load_pretrained(AutoConfig.from_pretrained, spec, what, default_subfolder="text_encoder")
         if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise GentronError(f"{spec} holds a {config.model_type!r} model, not a {what}", "pass a causal language model such as google/gemma-2-2b (T5 goes to --t5, CLIP to --clip)")
+            raise GentronError(
+                f"{spec} holds a {config.model_type!r} model, not a {what}",
+                "pass a causal language model such as google/gemma-2-2b (T5 goes to --t5, CLIP to --clip)",
+            )
         self.tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, spec, what)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
-                raise GentronError(f"the tokenizer of {spec} has neither a padding nor an EOS token", "pass a language model whose tokenizer defines one")
+                raise GentronError(
+                    f"the tokenizer of {spec} has neither a padding nor an EOS token",
+                    "pass a language model whose tokenizer defines one",
+                )
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_pretrained(AutoModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype)
+        self.model = load_pretrained(
+            AutoModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype
+        )
         self.model.to(device).eval().requires_grad_(False)
-        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        text_config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        )
         layers = text_config.num_hidden_layers
         if not -(layers + 1) <= layer <= layers:
-            raise GentronError(f"--llm-layer {layer} is out of range: {spec} has {layers} layers", f"pass 0..{layers}, or -1 (the last) .. -{layers + 1}")
+            raise GentronError(
+                f"--llm-layer {layer} is out of range: {spec} has {layers} layers",
+                f"pass 0..{layers}, or -1 (the last) .. -{layers + 1}",
+            )
         self.device = device
         self.layer = layer % (layers + 1)  # recorded as a non-negative index: the same layer whatever the sign given
         self.max_length = min(max_length, getattr(text_config, "max_position_embeddings", None) or max_length)
@@ -332,7 +381,9 @@ class LlmTextEncoder:
     def __call__(self, captions: list[str]) -> EncoderOutput:
         batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "longest")
         mask = batch["attention_mask"]
-        out = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
+        out = self.model(
+            input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True
+        )
         hidden = out.hidden_states[self.layer].float().cpu()
         return EncoderOutput([hidden[i][mask[i].bool()] for i in range(len(captions))], None, truncated)
 
@@ -341,7 +392,12 @@ def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
     """The tokenizer beside the model; in a pipeline folder ("...:text_encoder") the sibling tokenizer/ folder."""
     name, subfolder = split_model_spec(spec)
     folder = Path(name).expanduser()
-    if subfolder is None and looks_local(name) and (folder / "tokenizer").is_dir() and not (folder / "tokenizer_config.json").exists():
+    if (
+        subfolder is None
+        and looks_local(name)
+        and (folder / "tokenizer").is_dir()
+        and not (folder / "tokenizer_config.json").exists()
+    ):
         subfolder = "tokenizer"
     if subfolder and subfolder.startswith("text_encoder"):
         subfolder = subfolder.replace("text_encoder", "tokenizer", 1)
@@ -361,17 +417,23 @@ def _load_clip(spec: str, device: torch.device, dtype: torch.dtype):
 class EncoderKind:
     """A text encoder gentron can run, under the name its arrays, model inputs and records carry."""
 
-    load: Callable  # (spec, device, dtype, **settings) -> an encoder: __call__(captions) -> EncoderOutput; dim, pooled_dim, max_length, settings
+    # (spec, device, dtype, **settings) -> an encoder: __call__(captions) -> EncoderOutput; dim, pooled_dim, max_length,
+    # settings
+    load: Callable
     what: str  # for messages
     default: str | None  # the model run when none is named; None: it must be named (e.g. --llm)
-    settings: tuple[str, ...]  # keyword settings of `load`, recorded in shard metadata so sampling rebuilds the encoder alike
+    settings: tuple[
+        str, ...
+    ]  # keyword settings of `load`, recorded in shard metadata so sampling rebuilds the encoder alike
     typical_length: int  # tokens per caption at most with the default settings (cost estimates)
 
 
 ENCODERS: dict[str, EncoderKind] = {
     "clip": EncoderKind(_load_clip, "CLIP text encoder", DEFAULT_CLIP, (), CLIP_MAX_LENGTH),
     "t5": EncoderKind(T5TextEncoder, "T5 encoder", DEFAULT_T5, ("max_length",), DEFAULT_T5_MAX_LENGTH),
-    "llm": EncoderKind(LlmTextEncoder, "decoder-only language model", None, ("max_length", "layer"), DEFAULT_LLM_MAX_LENGTH),
+    "llm": EncoderKind(
+        LlmTextEncoder, "decoder-only language model", None, ("max_length", "layer"), DEFAULT_LLM_MAX_LENGTH
+    ),
 }
 ENCODER_NAMES = tuple(ENCODERS)
 DEFAULT_ENCODERS = ("clip", "t5")  # what encode-text runs when no encoder is chosen, as the paper
@@ -418,7 +480,10 @@ class TextEncoders:
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
         self.names = models  # name -> the model spec it loaded
         settings = settings or {}
-        self.loaded = {name: ENCODERS[name].load(spec, self.device, self.dtype, **dict(settings.get(name) or {})) for name, spec in models.items()}
+        self.loaded = {
+            name: ENCODERS[name].load(spec, self.device, self.dtype, **dict(settings.get(name) or {}))
+            for name, spec in models.items()
+        }
 
     @property
     def encoders(self) -> list[str]:
@@ -434,11 +499,16 @@ class TextEncoders:
 
     @property
     def text_inputs(self) -> dict[str, dict]:
-        """The widths of the arrays produced, as a model config's `text_inputs` takes them: {name: {"dim", ["pooled_dim"]}}."""
-        return {name: {"dim": enc.dim, **({"pooled_dim": enc.pooled_dim} if enc.pooled_dim else {})} for name, enc in self.loaded.items()}
+        """The widths of the arrays produced, as a model config's `text_inputs` takes them: {name: {"dim",
+        ["pooled_dim"]}}."""
+        return {
+            name: {"dim": enc.dim, **({"pooled_dim": enc.pooled_dim} if enc.pooled_dim else {})}
+            for name, enc in self.loaded.items()
+        }
 
     def metadata(self) -> dict:
-        """What a shard's "text" section records: per encoder its model, max length, widths and settings; storage dtype."""
+        """What a shard's "text" section records: per encoder its model, max length, widths and settings; storage
+        dtype."""
         meta: dict = {"encoders": self.encoders, "dtype": "float16"}
         for (name, enc), widths in zip(self.loaded.items(), self.text_inputs.values()):
             meta[name] = {"name": self.names[name], "max_length": enc.max_length, **widths, **enc.settings}
@@ -460,14 +530,18 @@ class TextEncoders:
         return [EncodedCaption(a, tuple(t)) for a, t in zip(arrays, truncated)]
 
     def encode(self, captions: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """{"clip", "clip_pooled", "t5", "llm"} per caption (those of the loaded encoders), float16, valid tokens only."""
+        """{"clip", "clip_pooled", "t5", "llm"} per caption (those of the loaded encoders), float16, valid tokens
+        only."""
         return [e.arrays for e in self.encode_captions(captions)]
 
 
 def parse_encoders(text: str) -> list[str]:
-    """"clip,t5" (or "clip+t5", as older model configs write it) -> ["clip", "t5"], in ENCODER_NAMES order."""
+    """ "clip,t5" (or "clip+t5", as older model configs write it) -> ["clip", "t5"], in ENCODER_NAMES order."""
     names = [n.strip() for n in text.replace("+", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in ENCODER_NAMES]
     if not names or unknown:
-        raise GentronError(f"unknown text encoders {text!r}", f"use --encoders with names from {', '.join(ENCODER_NAMES)}, e.g. clip,t5")
+        raise GentronError(
+            f"unknown text encoders {text!r}",
+            f"use --encoders with names from {', '.join(ENCODER_NAMES)}, e.g. clip,t5",
+        )
     return [n for n in ENCODER_NAMES if n in names]

@@ -7,9 +7,9 @@ quickstart and the sampling stage load the saved folders by path through `TextEn
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -46,7 +46,10 @@ def _byte_level_bpe(vocab_size: int, special_tokens: list[str]):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
     return bpe
@@ -71,7 +74,9 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, vocab_size: int = 512) ->
     )
     bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer)
     bos_id, eos_id = bpe.token_to_id(bos), bpe.token_to_id(eos)
-    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)])
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)]
+    )
     # CLIP pads with its EOS token; the attention mask tells the padding apart.
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77
@@ -131,7 +136,9 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> 
     bpe = _byte_level_bpe(vocab_size, [bos, eos])
     bos_id, eos_id = bpe.token_to_id(bos), bpe.token_to_id(eos)
     bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, model_max_length=64).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, model_max_length=64).save_pretrained(
+        folder
+    )
     config = LlamaConfig(
         vocab_size=bpe.get_vocab_size(),
         hidden_size=TINY_LLM_DIM,

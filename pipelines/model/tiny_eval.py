@@ -1,7 +1,8 @@
 """Tiny random models for the evaluation metrics, saved to disk so they load by path exactly like the real ones.
 
 - `build_tiny_clip_model`: a CLIPModel (text and vision towers, 32 wide, 32 px images in 8 px patches) with
-  its CLIPProcessor, in the Hugging Face layout that `pipelines.evaluate.ClipScorer` loads `openai/clip-vit-large-patch14`
+  its CLIPProcessor, in the Hugging Face layout that `pipelines.evaluate.evaluator.ClipScorer` loads
+  `openai/clip-vit-large-patch14`
   from; the tokenizer is `pipelines.model.tiny`'s small byte-level BPE.
 - `build_tiny_fid_inception`: the FID Inception-v3 of `pipelines.model.fid_inception` at 1/16 of its widths
   (128-d features), written as the real `pt_inception-2015-12-05` file is (a torch.save state dict); the real
@@ -36,15 +37,21 @@ def build_tiny_clip_model(folder: str | Path, seed: int = 0) -> Path:
         build_tiny_clip(folder, seed)  # tokenizer + text tower; the full model below replaces the text-only one
         text = CLIPTextConfig.from_pretrained(folder)
         vision = dict(
-            hidden_size=TINY_CLIP_DIM, intermediate_size=2 * TINY_CLIP_DIM, num_hidden_layers=2, num_attention_heads=4,
-            image_size=TINY_CLIP_IMAGE_SIZE, patch_size=TINY_CLIP_PATCH,
+            hidden_size=TINY_CLIP_DIM,
+            intermediate_size=2 * TINY_CLIP_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_CLIP_IMAGE_SIZE,
+            patch_size=TINY_CLIP_PATCH,
         )
         config = CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=TINY_CLIP_DIM)
         with _seeded(seed):
             CLIPModel(config).save_pretrained(folder)
         size = {"shortest_edge": TINY_CLIP_IMAGE_SIZE}
         crop = {"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE}
-        CLIPProcessor(image_processor=_clip_image_processor(size, crop), tokenizer=AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)
+        CLIPProcessor(
+            image_processor=_clip_image_processor(size, crop), tokenizer=AutoTokenizer.from_pretrained(folder)
+        ).save_pretrained(folder)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from pipelines.defaults import DEFAULT_VAE
+from pipelines.defaults import PIXEL_VAE as PIXEL
 from pipelines.errors import GentronError
 from pipelines.model.text_encoders import load_pretrained, resolve_device, resolve_dtype
-
-from pipelines.defaults import DEFAULT_VAE, PIXEL_VAE as PIXEL  # noqa: F401  (re-exported)
 
 
 class VAE(Protocol):
@@ -34,7 +34,9 @@ class VAE(Protocol):
 
 def frames_to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
-    frames = frames if isinstance(frames, torch.Tensor) else torch.tensor(np.asarray(frames))  # a copy: decoded frames may be read-only
+    frames = (
+        frames if isinstance(frames, torch.Tensor) else torch.tensor(np.asarray(frames))
+    )  # a copy: decoded frames may be read-only
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {tuple(frames.shape)} {frames.dtype}")
     return rearrange(frames, "n h w c -> n c h w").float() / 127.5 - 1.0
@@ -90,8 +92,11 @@ class DiffusersVAE:
         return pixels_to_frames(self.model.decode(z.to(self.device, self.dtype)).sample)
 
 
-def load_vae(spec: str = DEFAULT_VAE, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> VAE:
-    """"pixel", or an AutoencoderKL by hub name or folder ("NAME_OR_PATH[:SUBFOLDER]"; a model folder's vae/ is found)."""
+def load_vae(
+    spec: str = DEFAULT_VAE, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> VAE:
+    """ "pixel", or an AutoencoderKL by hub name or folder ("NAME_OR_PATH[:SUBFOLDER]"; a model folder's vae/ is
+    found)."""
     if spec == PIXEL:
         return PixelVAE()
     from diffusers import AutoencoderKL
@@ -100,5 +105,7 @@ def load_vae(spec: str = DEFAULT_VAE, device: str | torch.device | None = None, 
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     model = load_pretrained(AutoencoderKL.from_pretrained, spec, "VAE", default_subfolder="vae", torch_dtype=dtype)
     if not isinstance(model, AutoencoderKL):
-        raise GentronError(f"{spec} is not an AutoencoderKL", "pass a diffusers AutoencoderKL folder or hub name, or 'pixel'")
+        raise GentronError(
+            f"{spec} is not an AutoencoderKL", "pass a diffusers AutoencoderKL folder or hub name, or 'pixel'"
+        )
     return DiffusersVAE(model, spec, device)

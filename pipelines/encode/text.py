@@ -2,7 +2,8 @@
 
 Each input shard gives an output shard of the same name with the same samples in order, every field
 byte-identical, plus the arrays of each encoder, named after it (`clip.npy`, `clip_pooled.npy`,
-`t5.npy`, ...: float16, valid tokens only) and a "text" section in the json. The empty caption's embeddings (for classifier-free guidance dropout) are
+`t5.npy`, ...: float16, valid tokens only) and a "text" section in the json. The empty caption's embeddings (for
+classifier-free guidance dropout) are
 written once per output folder to `empty_caption.npz`.
 """
 
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data import schema
-from pipelines.files import atomic_write_bytes
+from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import atomic_write_bytes
 from pipelines.model.text_encoders import (
     DEFAULT_CLIP,
     DEFAULT_ENCODERS,
@@ -28,7 +30,6 @@ from pipelines.model.text_encoders import (
     parse_encoders,
 )
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 
 
 @dataclass
@@ -37,10 +38,16 @@ class EncodeTextConfig:
     output_dir: Path
     clip: str = DEFAULT_CLIP  # transformers CLIP (hub name / folder) or "open_clip:ARCH:PRETRAINED"
     t5: str = DEFAULT_T5
-    encoders: str | None = None  # which to run, e.g. "clip,t5" or "t5"; default: clip and t5, plus every encoder given in `models`
+    encoders: str | None = (
+        None  # which to run, e.g. "clip,t5" or "t5"; default: clip and t5, plus every encoder given in `models`
+    )
     t5_max_length: int = DEFAULT_T5_MAX_LENGTH
-    models: dict[str, str] = field(default_factory=dict)  # encoder name -> model, e.g. {"t5": "google/t5-v1_1-xxl"}; wins over clip/t5
-    settings: dict[str, dict] = field(default_factory=dict)  # encoder name -> settings, e.g. {"t5": {"max_length": 300}}; wins over t5_max_length
+    models: dict[str, str] = field(
+        default_factory=dict
+    )  # encoder name -> model, e.g. {"t5": "google/t5-v1_1-xxl"}; wins over clip/t5
+    settings: dict[str, dict] = field(
+        default_factory=dict
+    )  # encoder name -> settings, e.g. {"t5": {"max_length": 300}}; wins over t5_max_length
     batch_size: int = 64  # captions per encoder call
     device: str | None = None  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
@@ -53,7 +60,9 @@ def selected_encoders(cfg: EncodeTextConfig) -> dict[str, str]:
     """The encoders to run, name -> model: --encoders, else clip and t5 plus every other encoder given a model."""
     models = {"clip": cfg.clip, "t5": cfg.t5} | {k: v for k, v in cfg.models.items() if v}
     chosen = {k for k, v in cfg.models.items() if v}
-    names = parse_encoders(cfg.encoders) if cfg.encoders else [n for n in ENCODERS if n in DEFAULT_ENCODERS or n in chosen]
+    names = (
+        parse_encoders(cfg.encoders) if cfg.encoders else [n for n in ENCODERS if n in DEFAULT_ENCODERS or n in chosen]
+    )
     left_out = sorted(chosen - set(names))
     if left_out:
         raise GentronError(
@@ -62,7 +71,9 @@ def selected_encoders(cfg: EncodeTextConfig) -> dict[str, str]:
         )
     for name in names:
         if not models.get(name) and ENCODERS[name].default is None:
-            raise GentronError(f"the {name} encoder has no default model", f"pass --{name} NAME_OR_PATH (hub name or local folder)")
+            raise GentronError(
+                f"the {name} encoder has no default model", f"pass --{name} NAME_OR_PATH (hub name or local folder)"
+            )
     return {name: models.get(name) or ENCODERS[name].default for name in names}
 
 
@@ -70,12 +81,16 @@ def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
     settings = {"t5": {"max_length": cfg.t5_max_length}}
     settings |= {name: settings.get(name, {}) | dict(values) for name, values in cfg.settings.items()}
     models = selected_encoders(cfg)
-    return TextEncoders(models, settings={n: v for n, v in settings.items() if n in models}, device=cfg.device, dtype=cfg.dtype)
+    return TextEncoders(
+        models, settings={n: v for n, v in settings.items() if n in models}, device=cfg.device, dtype=cfg.dtype
+    )
 
 
 def _check_finite(arrays: dict[str, np.ndarray]) -> None:
     if not all(np.isfinite(a).all() for a in arrays.values()):
-        raise BadSample("non_finite_embedding", "the encoder gave inf/nan (in float16); run the encoders in --dtype bf16 or fp32")
+        raise BadSample(
+            "non_finite_embedding", "the encoder gave inf/nan (in float16); run the encoders in --dtype bf16 or fp32"
+        )
 
 
 def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
@@ -122,7 +137,9 @@ class TextShardEncoder:
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Caption] = []
         try:
-            for key, fields in iter_shard(job.payload, on_duplicate=lambda k, detail: _count_duplicate(stats, k, detail, tick)):
+            for key, fields in iter_shard(
+                job.payload, on_duplicate=lambda k, detail: _count_duplicate(stats, k, detail, tick)
+            ):
                 stats.samples_in += 1
                 try:
                     batch.append(self._read(key, fields))
@@ -160,7 +177,9 @@ class TextShardEncoder:
                 stats.count(f"truncated_{name}")
             tokens = {name: len(encoded.arrays[name]) for name in self.encoders.encoders}
             text_meta = self.text_meta | {"tokens": tokens, "truncated": list(encoded.truncated)}
-            out = dict(item.fields) | {schema.text_field(name): schema.encode_npy(a) for name, a in encoded.arrays.items()}
+            out = dict(item.fields) | {
+                schema.text_field(name): schema.encode_npy(a) for name, a in encoded.arrays.items()
+            }
             out[schema.META] = schema.encode_json(item.meta | {"text": text_meta})
             writer.write(item.key, out)
             tick(1)
@@ -174,8 +193,11 @@ RESUME = ResumeOptions(
 )
 
 
-def encode_text(cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), encoders: TextEncoders | None = None) -> StageResult:
-    """Encode every pending input shard's captions; finished shards are skipped (resume). `encoders`: already loaded ones."""
+def encode_text(
+    cfg: EncodeTextConfig, reporter: Reporter = NullReporter(), encoders: TextEncoders | None = None
+) -> StageResult:
+    """Encode every pending input shard's captions; finished shards are skipped (resume). `encoders`: already loaded
+    ones."""
     jobs = start_shard_stage(cfg, RESUME, batch_hint=64)
     if encoders is None:
         encoders = load_text_encoders(cfg)

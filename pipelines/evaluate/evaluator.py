@@ -12,7 +12,7 @@ or (T, H, W, 3) for a video.
 - FID (`inception_features`, `FeatureMoments`, `frechet_distance`): the Fréchet distance between Gaussians
   fitted to the FID Inception-v3 pool features (`pipelines.model.fid_inception`) of the samples' frames
   and of reference images (an image folder, prep-images / prep-videos shards, or cached `.npz` statistics).
-- The toy probe (`probe_sample`, `ProbeTally`): `pipelines.toydata`'s pixel probe, for samples of toy captions.
+- The toy probe (`probe_sample`, `ProbeTally`): `pipelines.toy.data`'s pixel probe, for samples of toy captions.
 """
 
 from __future__ import annotations
@@ -20,25 +20,25 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import outputs
-from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.data import schema
 from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception
 from pipelines.model.text_encoders import load_pretrained, resolve_device
 from pipelines.progress import NullReporter, Reporter
-from pipelines.toydata import CHANCE, parse_caption, probe_image, probe_video
+from pipelines.sample import outputs
+from pipelines.toy.data import CHANCE, parse_caption, probe_image, probe_video
 
 METRICS_FILE = "metrics.json"
 METRICS_VERSION = 1
@@ -55,7 +55,8 @@ REFERENCE_HINT = "pass an image folder, a folder of prep-images shards, or an .n
 
 @dataclass
 class SampleFile:
-    """One output of `gentron sample`: its name (the file stem), prompt, sidecar, and the file holding its exact pixels."""
+    """One output of `gentron sample`: its name (the file stem), prompt, sidecar, and the file holding its exact
+    pixels."""
 
     name: str
     prompt: str
@@ -92,7 +93,9 @@ def _read_sidecar(path: Path, has_media: bool) -> dict | None:
         problem = f"it is not valid JSON: {exc}"
     if not has_media:
         return None
-    raise GentronError(f"{path} is not a gentron sample sidecar ({problem})", "regenerate the sample with `gentron sample`")
+    raise GentronError(
+        f"{path} is not a gentron sample sidecar ({problem})", "regenerate the sample with `gentron sample`"
+    )
 
 
 def _sample_from_sidecar(folder: Path, path: Path, record: dict) -> SampleFile:
@@ -110,7 +113,9 @@ def _sample_from_sidecar(folder: Path, path: Path, record: dict) -> SampleFile:
         frames = 1
         pixels = next((f for f in files if f.endswith(".png")), None)
         if pixels is None:
-            raise GentronError(f"{path} lists neither a .png image nor a {STRIP_SUFFIX} film strip (files: {files})", hint)
+            raise GentronError(
+                f"{path} lists neither a .png image nor a {STRIP_SUFFIX} film strip (files: {files})", hint
+            )
     if not (folder / pixels).is_file():
         raise GentronError(f"sample file {folder / pixels} (listed in {path.name}) not found", hint)
     return SampleFile(path.stem, record["prompt"], path, folder / pixels, frames)
@@ -173,7 +178,9 @@ class ClipScorer:
         self.model.to(self.device).eval().requires_grad_(False)
         processor = load_pretrained(CLIPProcessor.from_pretrained, spec, "CLIP processor")
         self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
-        self.max_length = self.model.config.text_config.max_position_embeddings  # longer prompts are cut, as torchmetrics does
+        self.max_length = (
+            self.model.config.text_config.max_position_embeddings
+        )  # longer prompts are cut, as torchmetrics does
 
     @torch.no_grad()
     def image_embeddings(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
@@ -191,10 +198,16 @@ class ClipScorer:
         """(N, D) float32 on the CPU, unit length."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(list(prompts[start : start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            pooled = self.model.text_model(input_ids=batch["input_ids"].to(self.device),
-                                           attention_mask=batch["attention_mask"].to(self.device)).pooler_output
+            batch = self.tokenizer(
+                list(prompts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            pooled = self.model.text_model(
+                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+            ).pooler_output
             out.append(self.model.text_projection(pooled).float().cpu())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
@@ -229,7 +242,9 @@ def clip_scores(scorer: ClipScorer, samples: Sequence[np.ndarray], prompts: Sequ
     for video, prompt in zip(frames, prompts):
         embeddings = images[start : start + len(video)]
         start += len(video)
-        scores.append(SampleClipScore(float(clip_score_of(embeddings, texts[prompt]).mean()), consecutive_similarity(embeddings)))
+        scores.append(
+            SampleClipScore(float(clip_score_of(embeddings, texts[prompt]).mean()), consecutive_similarity(embeddings))
+        )
     return scores
 
 
@@ -274,7 +289,10 @@ class FeatureMoments:
     def stats(self, inception_sha256: str | None = None) -> GaussianStats:
         """Mean and unbiased covariance (as numpy.cov, pytorch-fid and torch-fidelity compute it)."""
         if self.count < 2:
-            raise GentronError(f"FID needs at least 2 images, got {self.count}", "evaluate more samples (FID is usually computed on 10 000 to 50 000)")
+            raise GentronError(
+                f"FID needs at least 2 images, got {self.count}",
+                "evaluate more samples (FID is usually computed on 10 000 to 50 000)",
+            )
         mu = self.total / self.count
         sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
         return GaussianStats(mu, (sigma + sigma.T) / 2, self.count, inception_sha256)
@@ -327,21 +345,29 @@ def sample_statistics(network: FIDInceptionV3, samples: Sequence[np.ndarray], ba
     return moments.stats()
 
 
-def fid(network: FIDInceptionV3, samples: Sequence[np.ndarray], reference: GaussianStats, batch_size: int = 32) -> float:
+def fid(
+    network: FIDInceptionV3, samples: Sequence[np.ndarray], reference: GaussianStats, batch_size: int = 32
+) -> float:
     """FID of samples (images and/or videos, over frames) against reference statistics."""
     check_reference_matches(reference, network, "the reference statistics")
     return fid_between(sample_statistics(network, samples, batch_size), reference)
 
 
 def save_statistics(path: str | Path, stats: GaussianStats) -> Path:
-    """An `.npz` with `mu` and `sigma` (the keys pytorch-fid and ADM's reference batches use), `count` and the network's sha256."""
+    """An `.npz` with `mu` and `sigma` (the keys pytorch-fid and ADM's reference batches use), `count` and the network's
+    sha256."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise GentronError(f"reference statistics are saved as .npz, got {path}", f"use e.g. --save-reference {path.with_suffix('.npz')}")
+        raise GentronError(
+            f"reference statistics are saved as .npz, got {path}",
+            f"use e.g. --save-reference {path.with_suffix('.npz')}",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"inception_sha256": np.array(stats.inception_sha256)} if stats.inception_sha256 else {}
     buf = io.BytesIO()
-    np.savez(buf, mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count if stats.count is not None else -1), **extra)
+    np.savez(
+        buf, mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count if stats.count is not None else -1), **extra
+    )
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -364,7 +390,9 @@ def load_statistics(path: str | Path) -> GaussianStats:
     return GaussianStats(mu, sigma, count, sha)
 
 
-def check_reference_matches(reference: GaussianStats, network: FIDInceptionV3, where: str, network_sha256: str | None = None) -> None:
+def check_reference_matches(
+    reference: GaussianStats, network: FIDInceptionV3, where: str, network_sha256: str | None = None
+) -> None:
     """Refuse statistics of other features: another width, or (when both are known) another weights file."""
     if len(reference.mu) != network.feature_dim:
         raise GentronError(
@@ -387,14 +415,16 @@ def iter_reference_images(path: str | Path) -> Iterator[np.ndarray]:
     if shards:
         for shard in shards:
             try:
-                for key, fields in iter_shard(shard):
+                for _key, fields in iter_shard(shard):
                     image = next((fields[f] for f in schema.IMAGE_FIELDS if f in fields), None)
                     if image is not None:
                         yield decode_image(image)
                     elif schema.VIDEO in fields:
                         yield from decode_clip(fields[schema.VIDEO])
             except BadSample as exc:
-                raise GentronError(f"cannot read reference shard {shard}: {exc}", "rerun the prep stage that wrote it") from None
+                raise GentronError(
+                    f"cannot read reference shard {shard}: {exc}", "rerun the prep stage that wrote it"
+                ) from None
         return
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         try:
@@ -416,7 +446,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def reference_statistics(
-    path: str | Path, network: FIDInceptionV3, batch_size: int = 32, network_sha256: str | None = None,
+    path: str | Path,
+    network: FIDInceptionV3,
+    batch_size: int = 32,
+    network_sha256: str | None = None,
     reporter: Reporter = NullReporter(),
 ) -> GaussianStats:
     """Statistics of a reference: loaded from an `.npz`, or computed from an image folder or shards."""
@@ -444,7 +477,7 @@ def reference_statistics(
 
 
 def probe_sample(sample: np.ndarray, prompt: str) -> dict[str, bool]:
-    """`pipelines.toydata`'s probe: colour and place of an image, colour, direction and axis of a video.
+    """`pipelines.toy.data`'s probe: colour and place of an image, colour, direction and axis of a video.
     Raises ValueError for a prompt that is not a toy caption."""
     return probe_video(sample, prompt) if sample.ndim == 4 else probe_image(sample, prompt)
 
@@ -465,8 +498,12 @@ class ProbeTally:
         return {a: self.hits[a] / self.counts[a] for a in self.counts}
 
     def record(self) -> dict:
-        return {"rates": self.rates(), "hits": dict(self.hits), "counts": dict(self.counts),
-                "chance": {a: CHANCE[a] for a in self.counts if a in CHANCE}}
+        return {
+            "rates": self.rates(),
+            "hits": dict(self.hits),
+            "counts": dict(self.counts),
+            "chance": {a: CHANCE[a] for a in self.counts if a in CHANCE},
+        }
 
 
 def probe_samples(samples: Sequence[np.ndarray], prompts: Sequence[str]) -> ProbeTally:
@@ -502,13 +539,19 @@ class EvalResult:
 def check_config(cfg: EvalConfig) -> None:
     """The option errors, before anything is read or loaded."""
     if cfg.clip is None and cfg.reference is None and cfg.inception is None and cfg.probe is None:
-        raise GentronError("no metric asked for", "pass --clip NAME_OR_PATH, --reference REF --inception WEIGHTS, and/or --probe toy")
+        raise GentronError(
+            "no metric asked for", "pass --clip NAME_OR_PATH, --reference REF --inception WEIGHTS, and/or --probe toy"
+        )
     if (cfg.reference is None) != (cfg.inception is None):
-        raise GentronError("FID needs both --reference and --inception",
-                           "pass --reference FOLDER_OR_SHARDS_OR_NPZ --inception pt_inception-2015-12-05-6726825d.pth")
+        raise GentronError(
+            "FID needs both --reference and --inception",
+            "pass --reference FOLDER_OR_SHARDS_OR_NPZ --inception pt_inception-2015-12-05-6726825d.pth",
+        )
     if cfg.save_reference is not None and (cfg.reference is None or Path(cfg.reference).is_file()):
-        raise GentronError("--save-reference saves statistics computed from a reference folder",
-                           "pass --reference IMAGE_FOLDER_OR_SHARDS with it (an .npz reference is already saved)")
+        raise GentronError(
+            "--save-reference saves statistics computed from a reference folder",
+            "pass --reference IMAGE_FOLDER_OR_SHARDS with it (an .npz reference is already saved)",
+        )
     if cfg.probe is not None and cfg.probe not in PROBES:
         raise GentronError(f"unknown probe {cfg.probe!r}", f"use --probe {' or '.join(PROBES)}")
     if cfg.batch_size < 1:
@@ -523,7 +566,7 @@ def check_toy_prompts(samples: Sequence[SampleFile]) -> None:
         except ValueError:
             raise GentronError(
                 f"--probe toy scores toy captions only; sample {sample.sidecar} has the prompt {sample.prompt!r}",
-                "use --probe toy on samples of the quickstart's prompts (e.g. \"a red square in the top left\")",
+                'use --probe toy on samples of the quickstart\'s prompts (e.g. "a red square in the top left")',
             ) from None
 
 
@@ -537,9 +580,16 @@ class _Scores:
     probe: ProbeTally = field(default_factory=ProbeTally)
 
 
-def _score_samples(samples: list[SampleFile], scorer: ClipScorer | None, network: FIDInceptionV3 | None, probe: str | None,
-                   batch_size: int, reporter: Reporter) -> _Scores:
-    """One pass over the samples, `batch_size` at a time, so memory holds one chunk's pixels whatever the folder's size."""
+def _score_samples(
+    samples: list[SampleFile],
+    scorer: ClipScorer | None,
+    network: FIDInceptionV3 | None,
+    probe: str | None,
+    batch_size: int,
+    reporter: Reporter,
+) -> _Scores:
+    """One pass over the samples, `batch_size` at a time, so memory holds one chunk's pixels whatever the folder's
+    size."""
     scores = _Scores([{"sample": s.name, "prompt": s.prompt, "frames": s.frames} for s in samples])
     scores.moments = FeatureMoments(network.feature_dim) if network is not None else None
     with reporter.task("samples", total=len(samples), unit="sample") as task:
@@ -591,20 +641,37 @@ def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult
     videos = sum(s.frames > 1 for s in samples)
     metrics: dict = {
         "version": METRICS_VERSION,
-        "samples": {"folder": str(Path(cfg.samples).resolve()), "count": len(samples), "images": len(samples) - videos,
-                    "videos": videos, "frames": sum(s.frames for s in samples)},
-        "settings": {"clip": cfg.clip, "reference": str(cfg.reference) if cfg.reference else None,
-                     "inception": str(cfg.inception) if cfg.inception else None, "probe": cfg.probe,
-                     "device": str(device), "batch_size": cfg.batch_size, "torch": torch.__version__},
+        "samples": {
+            "folder": str(Path(cfg.samples).resolve()),
+            "count": len(samples),
+            "images": len(samples) - videos,
+            "videos": videos,
+            "frames": sum(s.frames for s in samples),
+        },
+        "settings": {
+            "clip": cfg.clip,
+            "reference": str(cfg.reference) if cfg.reference else None,
+            "inception": str(cfg.inception) if cfg.inception else None,
+            "probe": cfg.probe,
+            "device": str(device),
+            "batch_size": cfg.batch_size,
+            "torch": torch.__version__,
+        },
         "notes": [],
     }
     if scorer is not None:
         metrics["clip"] = {"model": cfg.clip, **summarize_clip_scores(scores.clip)}
     if network is not None:
         frames = scores.moments.count
-        metrics["fid"] = {"value": fid_between(scores.moments.stats(), reference), "frames": frames,
-                          "reference": str(cfg.reference), "reference_count": reference.count,
-                          "feature_dim": network.feature_dim, "inception": str(cfg.inception), "inception_sha256": sha}
+        metrics["fid"] = {
+            "value": fid_between(scores.moments.stats(), reference),
+            "frames": frames,
+            "reference": str(cfg.reference),
+            "reference_count": reference.count,
+            "feature_dim": network.feature_dim,
+            "inception": str(cfg.inception),
+            "inception_sha256": sha,
+        }
         if frames < network.feature_dim:
             metrics["notes"].append(
                 f"FID from {frames} frames (fewer than the {network.feature_dim} feature dimensions) is biased upward; "

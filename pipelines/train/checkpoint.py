@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
+from pipelines.files import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained(safe_serialization=True) writes
@@ -101,13 +101,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict]:
 
 
 def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, where: str, hint: str) -> None:
-    """Weights must have exactly the model's parameter names and shapes (a GentronError naming the first differences)."""
+    """Weights must have exactly the model's parameter names and shapes (a GentronError naming the first
+    differences)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    resized = [f"{k} {found[k]} (the config needs {expected[k]})" for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
+    resized = [
+        f"{k} {found[k]} (the config needs {expected[k]})"
+        for k in sorted(expected.keys() & found.keys())
+        if found[k] != expected[k]
+    ]
     if missing or unexpected or resized:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "", "shapes " + ", ".join(resized[:3]) if resized else ""]
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "",
+            "shapes " + ", ".join(resized[:3]) if resized else "",
+        ]
         raise GentronError(f"{where} do not match the model config: " + "; ".join(p for p in parts if p), hint)
 
 
@@ -116,7 +125,9 @@ def find_model_folder(path: Path, option: str = "--model") -> Path:
     RUN/model comes first: a run folder's own config.json holds the run's settings, not a model's."""
     path = Path(path)
     if not path.exists():
-        raise GentronError(f"model not found: {path} ({option})", "pass a run folder from `gentron train` or its model/ folder")
+        raise GentronError(
+            f"model not found: {path} ({option})", "pass a run folder from `gentron train` or its model/ folder"
+        )
     for candidate in (path / "model", path):
         if (candidate / "config.json").is_file():
             return candidate
@@ -155,7 +166,8 @@ def load_model_folder(folder: str | Path):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise GentronError(
-                f"{folder} holds its weights as a pickle ({', '.join(pickles)}), which can run code when loaded: gentron loads only {WEIGHTS_FILE}",
+                f"{folder} holds its weights as a pickle ({', '.join(pickles)}), which can run code when loaded: "
+                f"gentron loads only {WEIGHTS_FILE}",
                 "convert the weights to safetensors where you trust them, or re-export the model with `gentron train`",
             )
         raise GentronError(f"no weights in {folder}: {WEIGHTS_FILE} is missing", hint)
@@ -169,7 +181,9 @@ def load_model_folder(folder: str | Path):
         weights = load_file(str(weights_path))
     except (OSError, SafetensorError) as exc:
         raise GentronError(f"{weights_path} cannot be read: {exc}", hint) from None
-    weights = upgrade_state_dict(weights, config)  # a folder of an earlier version: its weights renamed (config: from_config)
+    weights = upgrade_state_dict(
+        weights, config
+    )  # a folder of an earlier version: its weights renamed (config: from_config)
     check_weights(weights, model, f"the weights in {weights_path}", hint)
     model.load_state_dict(weights, strict=True)
     return model

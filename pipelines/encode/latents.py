@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pipelines.data import media, schema
+from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 
 
 @dataclass
@@ -147,7 +148,9 @@ def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _
     """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
     duplicates: list[_Failed] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))):
+        for key, fields in iter_shard(
+            path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))
+        ):
             yield from duplicates
             duplicates.clear()
             try:
@@ -243,12 +246,17 @@ RESUME = ResumeOptions(
 )
 
 
-def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None) -> StageResult:
+def encode_latents(
+    cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None
+) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
     jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
     if vae is None:
         vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
-        reporter.log(f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor {vae.scaling_factor}")
+        reporter.log(
+            f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor "
+            f"{vae.scaling_factor}"
+        )
     if cfg.resolution < 1 or cfg.resolution % vae.downsample:
         raise GentronError(
             f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
@@ -268,7 +276,9 @@ def encode_latents(cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter()
     upscaled = result.summary["counters"].get("upscaled_samples", 0)
     if upscaled:
         reporter.log(
-            f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than --resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless --upscale)"
+            f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than "
+            f"--resolution {cfg.resolution} "
+            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless "
+            "--upscale)"
         )
     return result

@@ -19,11 +19,12 @@ from pathlib import Path
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
 from pipelines.data.media import clip_qscale
+from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, IsolatedProcess, Stopped, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
+
 
 @dataclass
 class PrepVideosConfig:
@@ -36,8 +37,12 @@ class PrepVideosConfig:
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
-    quality: int = 100  # JPEG quality of the stored clips, 1 .. 100 (best), as for images (pipelines/data/media.py: clip_qscale)
-    qscale: int | None = None  # the Motion-JPEG quantiser scale itself (2 best .. 31) instead of `quality` (what --quality was)
+    quality: int = (
+        100  # JPEG quality of the stored clips, 1 .. 100 (best), as for images (pipelines/data/media.py: clip_qscale)
+    )
+    qscale: int | None = (
+        None  # the Motion-JPEG quantiser scale itself (2 best .. 31) instead of `quality` (what --quality was)
+    )
     shard_size: int = 64  # source videos per shard
     workers: int = 1
     rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
@@ -56,7 +61,9 @@ class PrepVideosConfig:
         """The options that decide the shards' contents (checked on resume)."""
         record = RESUME.record(self)
         del record["quality"]
-        record["qscale"] = self.effective_qscale  # what decides the bytes (quality 100 and qscale 2 make the same clips)
+        record["qscale"] = (
+            self.effective_qscale
+        )  # what decides the bytes (quality 100 and qscale 2 make the same clips)
         return record
 
     @property
@@ -66,8 +73,22 @@ class PrepVideosConfig:
 
 RESUME = ResumeOptions(
     "_prep_videos.json",
-    must_match=("input", "short_side", "upscale", "timeline_fps", "frames", "frame_stride", "clip_stride", "max_clips_per_video",
-                "quality", "qscale", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+    must_match=(
+        "input",
+        "short_side",
+        "upscale",
+        "timeline_fps",
+        "frames",
+        "frame_stride",
+        "clip_stride",
+        "max_clips_per_video",
+        "quality",
+        "qscale",
+        "shard_size",
+        "keep_uncaptioned",
+        "path_column",
+        "caption_column",
+    ),
     may_differ=("output", "workers", "rank", "world_size", "timeout", "verify"),
     paths=("input",),
 )
@@ -81,9 +102,15 @@ def _validate(config: PrepVideosConfig) -> None:
         (config.frames >= 1, "--frames must be at least 1"),
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
-        (config.max_clips_per_video is None or config.max_clips_per_video >= 1, "--max-clips-per-video must be at least 1"),
+        (
+            config.max_clips_per_video is None or config.max_clips_per_video >= 1,
+            "--max-clips-per-video must be at least 1",
+        ),
         (1 <= config.quality <= 100, "--jpeg-quality must be in [1, 100]"),
-        (config.qscale is None or 2 <= config.qscale <= 31, "the JPEG quantiser scale (--quality, deprecated) must be in [2, 31]"),
+        (
+            config.qscale is None or 2 <= config.qscale <= 31,
+            "the JPEG quantiser scale (--quality, deprecated) must be in [2, 31]",
+        ),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
         (config.timeout > 0, "--timeout must be positive"),
@@ -144,10 +171,13 @@ def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> 
     for item in items:
         stats.samples_in += 1
         tick(1, clips=_prep_one(item, config, children.get(), writer, stats))
-    children.get()  # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
+    # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
+    children.get()
 
 
-def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats) -> int:
+def _prep_one(
+    item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats
+) -> int:
     """Write one video's clips; a bad video is recorded in the stats. Returns the number of clips written."""
     try:
         caption = item.read_caption()
@@ -160,7 +190,18 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
     plan = config.plan
     try:
         # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(child.run(video_clips, item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale))
+        messages = list(
+            child.run(
+                video_clips,
+                item.path,
+                plan,
+                item.start,
+                item.end,
+                config.short_side,
+                config.upscale,
+                config.effective_qscale,
+            )
+        )
     except BadSample as exc:
         stats.fail(item.key, exc.reason, exc.detail or str(item.path))
         return 0
@@ -175,7 +216,14 @@ def _prep_one(item: InputItem, config: PrepVideosConfig, child: IsolatedProcess,
         base |= {"start": item.start, "end": item.end}
     for _, meta, clip in messages[1:]:
         key = schema.make_key(item.key, f"{meta['clip_index']:04d}")
-        writer.write(key, {schema.VIDEO: clip, schema.CAPTION: schema.encode_caption(caption), schema.META: schema.encode_json({"prep": base | meta})})
+        writer.write(
+            key,
+            {
+                schema.VIDEO: clip,
+                schema.CAPTION: schema.encode_caption(caption),
+                schema.META: schema.encode_json({"prep": base | meta}),
+            },
+        )
         stats.count(f"clips_{meta['decoder']}")
     stats.count("source_frames", video["source_frames"])
     stats.count("upscaled_videos", int(video["upscaled"]))
@@ -218,12 +266,24 @@ def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -
     global _active
     _validate(config)
     if _active is not None:
-        raise GentronError("prep_videos is already running in this process", "run one prep-videos at a time per process")
+        raise GentronError(
+            "prep_videos is already running in this process", "run one prep-videos at a time per process"
+        )
     children = _active = DecodeChildren(config.timeout)
     try:
         # Worker threads, not processes: the work is in the decode children; a worker only writes the tar.
-        return run_prep(config, _prep_shard, VIDEO_EXTENSIONS, config.output_options(), OPTIONS_FILE, "video", _ClipRateReporter(reporter),
-                        upgrade=_upgrade_record, threads=True, on_stop=children.stop)
+        return run_prep(
+            config,
+            _prep_shard,
+            VIDEO_EXTENSIONS,
+            config.output_options(),
+            OPTIONS_FILE,
+            "video",
+            _ClipRateReporter(reporter),
+            upgrade=_upgrade_record,
+            threads=True,
+            on_stop=children.stop,
+        )
     finally:
         _active = None
         children.close()

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines import checkpoint as ckpt
 from pipelines.data import schema
 from pipelines.data.loader import (
     Source,
@@ -36,22 +35,43 @@ from pipelines.data.loader import (
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
-from pipelines.locking import folder_lock
 from pipelines.files import atomic_write_text
-from pipelines.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
-from pipelines.outputs import write_sheet
+from pipelines.locking import folder_lock
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
-from pipelines.train_config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
-from pipelines.train_eval import TrainingEvaluator, eval_due
+from pipelines.sample.outputs import write_sheet
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import ON_NAN, STAGES, TrainConfig  # noqa: F401  (TrainConfig is re-exported)
+from pipelines.train.evaluation import TrainingEvaluator, eval_due
+from pipelines.train.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
 
 # Fields that may change when a run is resumed; any other difference would break exact resume.
 RESUMABLE_CHANGES = {
-    "steps", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count", "preview_steps",
-    "preview_cfg", "log_every", "num_workers", "compile", "gradient_checkpointing", "grad_accum", "fsdp",
-    "on_nan", "resume",
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "preview_every",
+    "preview_count",
+    "preview_steps",
+    "preview_cfg",
+    "log_every",
+    "num_workers",
+    "compile",
+    "gradient_checkpointing",
+    "grad_accum",
+    "fsdp",
+    "on_nan",
+    "resume",
     # evaluation and logging: they read the run, they do not shape it
-    "eval_every", "eval_prompts", "eval_clip", "eval_reference", "eval_inception", "eval_probe", "eval_steps", "eval_cfg", "log_to",
+    "eval_every",
+    "eval_prompts",
+    "eval_clip",
+    "eval_reference",
+    "eval_inception",
+    "eval_probe",
+    "eval_steps",
+    "eval_cfg",
+    "log_to",
 }
 
 
@@ -128,7 +148,8 @@ def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None
 
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
-    """The shard fields of the text arrays the model reads (`required_text_arrays`); a clear error when the data lacks them."""
+    """The shard fields of the text arrays the model reads (`required_text_arrays`); a clear error when the data lacks
+    them."""
     from pipelines.model.conditioning import POOLED_SUFFIX
     from pipelines.model.gentron import required_text_arrays
 
@@ -138,9 +159,10 @@ def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...
         if missing:
             have = sorted({schema.text_array_name(f).removesuffix(POOLED_SUFFIX) for f in src.text_fields})
             raise GentronError(
-                f"the model reads text inputs {', '.join(model_config['text_inputs'])} but samples in {src.folder} lack {missing}",
+                f"the model reads text inputs {', '.join(model_config['text_inputs'])} but samples in {src.folder} "
+                f"lack {missing}",
                 "encode the captions with those encoders, or train a model on the ones the data has: "
-                f"--model '{{\"size\": \"XL/2\", \"text_inputs\": {json.dumps({n: {} for n in have})}}}'",
+                f'--model \'{{"size": "XL/2", "text_inputs": {json.dumps({n: {} for n in have})}}}\'',
             )
     return tuple(needed)
 
@@ -159,7 +181,8 @@ def text_inputs_from_data(spec: dict, empty: dict[str, np.ndarray]) -> dict:
     if missing:
         raise GentronError(
             f"--model names text inputs {', '.join(missing)} but the data was encoded with {', '.join(in_data)} only",
-            f"encode the captions with {', '.join(missing)} too (`gentron encode-text`), or leave text_inputs out to use what the data has",
+            f"encode the captions with {', '.join(missing)} too (`gentron encode-text`), or leave text_inputs out to "
+            "use what the data has",
         )
     inputs = {}
     for name, entry in asked.items():
@@ -173,7 +196,13 @@ def text_inputs_from_data(spec: dict, empty: dict[str, np.ndarray]) -> dict:
 # --------------------------------------------------------------------------- model
 
 
-def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[str, np.ndarray], objective: Objective, reporter: Reporter):
+def build_model(
+    config: TrainConfig,
+    latent_shape: tuple[int, ...],
+    empty: dict[str, np.ndarray],
+    objective: Objective,
+    reporter: Reporter,
+):
     """The model to train: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
     from pipelines.model.configs import DEFAULT_SIZE, model_config, model_spec
     from pipelines.model.gentron import GenTronTransformer
@@ -206,7 +235,10 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, ...], empty: dict[
     objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
     if cfg["in_channels"] != channels:
-        raise GentronError(f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}", "use data encoded with the model's VAE")
+        raise GentronError(
+            f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}",
+            "use data encoded with the model's VAE",
+        )
     p = cfg["patch_size"]
     if height % p or width % p:
         raise GentronError(
@@ -231,18 +263,29 @@ def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
     size = asked.pop("size", None)
     if size is not None and size in MODEL_SIZES:
         named = MODEL_SIZES[size]
-        base = {"depth": named.depth, "hidden_size": named.hidden_size, "mlp_dim": named.mlp_dim, "num_heads": named.num_heads}
+        base = {
+            "depth": named.depth,
+            "hidden_size": named.hidden_size,
+            "mlp_dim": named.mlp_dim,
+            "num_heads": named.num_heads,
+        }
         asked = base | asked
     if "text_encoders" in asked and "text_inputs" not in asked:  # the older spelling names the encoders only
         asked["text_inputs"] = {name: {} for name in parse_encoders(str(asked["text_encoders"]))}
     asked = {k: v for k, v in asked.items() if k not in LEGACY_TEXT_KEYS}
     have = dict(model.config)
-    differ = sorted(k for k, v in asked.items() if k not in ignore and k in have and k != "text_inputs" and have[k] != v)
+    differ = sorted(
+        k for k, v in asked.items() if k not in ignore and k in have and k != "text_inputs" and have[k] != v
+    )
     text = asked.get("text_inputs")
     if text is not None and (
-        not isinstance(text, dict) or set(text) != set(have["text_inputs"])
-        or any(not isinstance(e, dict) or any(have["text_inputs"][n].get(k) != v for k, v in e.items()) for n, e in text.items())
-    ):  # fmt: skip
+        not isinstance(text, dict)
+        or set(text) != set(have["text_inputs"])
+        or any(
+            not isinstance(e, dict) or any(have["text_inputs"][n].get(k) != v for k, v in e.items())
+            for n, e in text.items()
+        )
+    ):
         differ.append("text_inputs")  # the encoders it names, and what it says of them, must be the model's
     if differ:
         detail = ", ".join(f"{k} {asked[k]!r} (the init model has {have[k]!r})" for k in differ)
@@ -254,8 +297,17 @@ def _check_model_agrees_with_init(spec, model, init: Path, ignore=()) -> None:
 
 def trained_model_spec(model_cfg: dict) -> str:
     """The --model that builds exactly this architecture (what a run's config.json records with --init)."""
-    keep = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "learn_sigma", "text_conditioning", "text_inputs",
-            "frame_embedding")  # fmt: skip
+    keep = (
+        "patch_size",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "mlp_dim",
+        "learn_sigma",
+        "text_conditioning",
+        "text_inputs",
+        "frame_embedding",
+    )
     return json.dumps({k: model_cfg[k] for k in keep if k in model_cfg}, sort_keys=True)
 
 
@@ -269,7 +321,11 @@ def wrap_model(model, config: TrainConfig, d: Dist):
     if d.world > 1 and config.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if d.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -337,7 +393,11 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     if not stored_path.is_file():
         return
     stored = json.loads(stored_path.read_text())
-    diffs = [k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and k in stored and stored[k] != v and k != "output"]
+    diffs = [
+        k
+        for k, v in asdict(config).items()
+        if k not in RESUMABLE_CHANGES and k in stored and stored[k] != v and k != "output"
+    ]
     if diffs:
         detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
         raise GentronError(
@@ -347,7 +407,12 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
 
 
 def pipeline_record(
-    config: TrainConfig, model_cfg: dict, images: Source | None, videos: Source | None, latent_shape, objective: Objective
+    config: TrainConfig,
+    model_cfg: dict,
+    images: Source | None,
+    videos: Source | None,
+    latent_shape,
+    objective: Objective,
 ) -> dict:
     """What sampling needs besides the weights: objective, VAE, text encoders, data geometry (from shard metadata)."""
     primary = videos if videos is not None else images
@@ -370,7 +435,8 @@ def pipeline_record(
             "channels": int(latent_shape[-3]),
             "downsample": downsample,
         },
-        "text_encoders": {  # the shard metadata's text section (encoders, their models and settings), and what the model reads
+        # the shard metadata's text section (encoders, their models and settings), and what the model reads
+        "text_encoders": {
             **text_meta,
             "used": list(model_cfg["text_inputs"]),
             "inputs": model_cfg["text_inputs"],
@@ -391,22 +457,41 @@ def pipeline_record(
 
 class Previewer:
     """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds, sampled as `gentron sample`
-    samples them (pipelines.sample.SamplingPipeline.generate_encoded: the objective's own sampler, its default
+    samples them (pipelines.sample.sampling.SamplingPipeline.generate_encoded: the objective's own sampler, its default
     guidance, the VAE named in the shard metadata, loaded on first use)."""
 
-    def __init__(self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path, objective: Objective):
-        primary = stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
+    def __init__(
+        self, stream: TrainStream, empty: dict, pipeline: dict, config: TrainConfig, run_dir: Path, objective: Objective
+    ):
+        primary = (
+            stream.videos if config.stage == "t2v" and stream.videos is not None else (stream.images or stream.videos)
+        )
         refs = primary.refs[: config.preview_count]
-        self.arrays = [{schema.text_array_name(n): schema.decode_npy(stream.read_field(primary, r, n)) for n in stream.spec.text_fields} for r in refs]
-        self.captions = [stream.read_field(primary, r, schema.CAPTION).decode("utf-8", "replace") if schema.CAPTION in r.fields else r.key for r in refs]
+        self.arrays = [
+            {
+                schema.text_array_name(n): schema.decode_npy(stream.read_field(primary, r, n))
+                for n in stream.spec.text_fields
+            }
+            for r in refs
+        ]
+        self.captions = [
+            stream.read_field(primary, r, schema.CAPTION).decode("utf-8", "replace")
+            if schema.CAPTION in r.fields
+            else r.key
+            for r in refs
+        ]
         self.empty = {schema.text_array_name(n): empty[schema.text_array_name(n)] for n in stream.spec.text_fields}
         self.shape = tuple(stream.latent_shape)
         self.pipeline, self.config, self.folder, self.objective = pipeline, config, run_dir / "previews", objective
         # padded as sampling pads: to the encoders' recorded lengths (or the longest text, where none is recorded)
         recorded = pipeline["text_encoders"]
         self.text_lengths = {
-            k: max([int((recorded.get(k) or {}).get("max_length") or 0)] + [a[k].shape[0] for a in self.arrays + [self.empty]])
-            for k in recorded["used"] if k in self.empty
+            k: max(
+                [int((recorded.get(k) or {}).get("max_length") or 0)]
+                + [a[k].shape[0] for a in self.arrays + [self.empty]]
+            )
+            for k in recorded["used"]
+            if k in self.empty
         }
         self.pipe = None
 
@@ -414,29 +499,39 @@ class Previewer:
         """The SamplingPipeline around `model` (its VAE loaded once)."""
         from pipelines.model.text_encoders import resolve_dtype
         from pipelines.model.vae import load_vae
-        from pipelines.sample import SamplingPipeline
+        from pipelines.sample.sampling import SamplingPipeline
 
         model.eval().requires_grad_(False)
         if self.pipe is None:
             device = next(model.parameters()).device
             dtype = resolve_dtype("auto", device)
             vae = load_vae(self.pipeline["vae"]["name"], device=device, dtype=dtype)
-            self.pipe = SamplingPipeline.from_parts(model, vae, self.objective.config, self.empty, self.text_lengths, device, dtype)
+            self.pipe = SamplingPipeline.from_parts(
+                model, vae, self.objective.config, self.empty, self.text_lengths, device, dtype
+            )
         self.pipe.model = model
         return self.pipe
 
     def render(self, model, step: int) -> list[Path]:
         """Sample the fixed prompts from their fixed seeds and write them (a contact sheet; videos also as a GIF)."""
-        from pipelines.sample import default_mfg_scale, sample_seed
+        from pipelines.sample.sampling import default_mfg_scale, sample_seed
 
         frames = self.shape[0] if len(self.shape) == 4 else 1
         seeds = [sample_seed(self.config.seed, k) for k in range(len(self.arrays))]
         generated = self.sampling_pipeline(model).generate_encoded(
-            self.arrays, seeds, self.config.preview_steps, None, self.config.preview_cfg, default_mfg_scale(frames), self.shape
+            self.arrays,
+            seeds,
+            self.config.preview_steps,
+            None,
+            self.config.preview_cfg,
+            default_mfg_scale(frames),
+            self.shape,
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "prompts.txt", "".join(f"{k}: {c}\n" for k, c in enumerate(self.captions)))
-        return write_sheet(self.folder / ckpt.step_dir_name(step), generated.frames, fps=float(self.pipeline["data"].get("fps") or 4))
+        return write_sheet(
+            self.folder / ckpt.step_dir_name(step), generated.frames, fps=float(self.pipeline["data"].get("fps") or 4)
+        )
 
 
 # --------------------------------------------------------------------------- the run
@@ -472,9 +567,12 @@ class Run:
     board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
 
     def forward_backward(self, batches) -> tuple[float, float, float]:
-        """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free share)."""
+        """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free
+        share)."""
         cfg, d = self.config, self.d
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
+        )
         total, motion_free_share = torch.zeros((), device=d.device), 0.0
         for micro_step in range(cfg.grad_accum):
             batch = next(batches)
@@ -510,7 +608,10 @@ class Run:
         if not self.new_failures:
             return
         for f in self.new_failures:
-            reporter.log(f"skipped {f['kind']} sample {f['shard']}/{f['key']} (field {f['field'] or '?'}): {f['reason']} {f['detail']}".rstrip())
+            reporter.log(
+                f"skipped {f['kind']} sample {f['shard']}/{f['key']} (field {f['field'] or '?'}): {f['reason']} "
+                f"{f['detail']}".rstrip()
+            )
         self.new_failures.clear()
         if self.d.main:
             write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
@@ -534,11 +635,26 @@ class Run:
         path = None
         if self.d.main:
             trainer_state = {"optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
-            info = {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "unreadable_samples": self.unreadable_samples}
-            path = ckpt.save_checkpoint(self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints)
+            info = {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "skipped_steps": self.skipped_steps,
+                "unreadable_samples": self.unreadable_samples,
+            }
+            path = ckpt.save_checkpoint(
+                self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints
+            )
             scheduler = self.objective.scheduler(learned_sigma=self.model_cfg["learn_sigma"])
             for weights, name in ((averaged, "model"), (raw, "model_raw")):
-                ckpt.export_model(GenTronTransformer, self.model_cfg, weights, self.folder / name, self.pipeline, self.empty_caption, scheduler)
+                ckpt.export_model(
+                    GenTronTransformer,
+                    self.model_cfg,
+                    weights,
+                    self.folder / name,
+                    self.pipeline,
+                    self.empty_caption,
+                    scheduler,
+                )
             plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
         barrier(self.d)
         return path
@@ -559,7 +675,8 @@ class Run:
 
     def evaluate(self, reporter: Reporter) -> dict | None:
         """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, sampled and scored on
-        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to metrics.jsonl."""
+        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to
+        metrics.jsonl."""
         averaged, record = self.ema.full_state(), None
         if self.evaluator is not None:
             record = self.evaluator.evaluate(averaged, self.step)
@@ -567,17 +684,23 @@ class Run:
             plot_eval(self.folder / "metrics.jsonl", self.folder / "eval.png")
             if self.board is not None:
                 self.board.scalars(self.step, {f"eval/{k}": v for k, v in metric_values(record).items()})
-            reporter.log(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metric_values(record).items()))
+            reporter.log(
+                f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metric_values(record).items())
+            )
         barrier(self.d)
         return record
 
     def evaluation_missing(self) -> bool:
         """A resumed run whose checkpoint step is an evaluation step without its metrics line (killed between the
         checkpoint and the evaluation): the same on every rank (rank 0 reads metrics.jsonl and tells the others)."""
-        missing = [bool(
-            self.evaluator is not None and self.step > 0 and eval_due(self.config, self.step)
-            and all(step != self.step for step, _ in eval_records(self.folder / "metrics.jsonl"))
-        )]
+        missing = [
+            bool(
+                self.evaluator is not None
+                and self.step > 0
+                and eval_due(self.config, self.step)
+                and all(step != self.step for step, _ in eval_records(self.folder / "metrics.jsonl"))
+            )
+        ]
         if self.d.world > 1:
             dist.broadcast_object_list(missing, src=0)
         return missing[0]
@@ -585,7 +708,7 @@ class Run:
     def after_checkpoint(self) -> None:
         """Rank 0, after a checkpoint step's save, preview and evaluation: the run page and TensorBoard's files."""
         if self.d.main:
-            from pipelines.run_page import write_run_page
+            from pipelines.train.run_page import write_run_page
 
             write_run_page(self.folder)
             if self.board is not None:
@@ -593,17 +716,31 @@ class Run:
 
     def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
         if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
-            self.metrics.write({
-                "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.config), "grad_norm": grad_norm,
-                "samples_per_s": self.config.global_batch / seconds, "seconds": seconds, "memory_mb": _memory_mb(self.d),
-                "motion_free": motion_free, "skipped_samples": self.skipped_samples, "unreadable_samples": self.unreadable_samples,
-                "skipped_steps": self.skipped_steps,
-            })  # fmt: skip
+            self.metrics.write(
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr_at(self.step - 1, self.config),
+                    "grad_norm": grad_norm,
+                    "samples_per_s": self.config.global_batch / seconds,
+                    "seconds": seconds,
+                    "memory_mb": _memory_mb(self.d),
+                    "motion_free": motion_free,
+                    "skipped_samples": self.skipped_samples,
+                    "unreadable_samples": self.unreadable_samples,
+                    "skipped_steps": self.skipped_steps,
+                }
+            )
             if self.board is not None:
-                self.board.scalars(self.step, {
-                    "train/loss": loss, "train/lr": lr_at(self.step - 1, self.config), "train/grad_norm": grad_norm,
-                    "train/samples_per_s": self.config.global_batch / seconds,
-                })  # fmt: skip
+                self.board.scalars(
+                    self.step,
+                    {
+                        "train/loss": loss,
+                        "train/lr": lr_at(self.step - 1, self.config),
+                        "train/grad_norm": grad_norm,
+                        "train/samples_per_s": self.config.global_batch / seconds,
+                    },
+                )
 
 
 def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
@@ -611,10 +748,13 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     folder = Path(config.output)
     previous = ckpt.latest_checkpoint(folder)
     if config.resume and previous is None:
-        raise GentronError(f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there")
+        raise GentronError(
+            f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there"
+        )
     if config.global_batch % (config.grad_accum * d.world):
         raise GentronError(
-            f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x {d.world} processes",
+            f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x "
+            f"{d.world} processes",
             "choose a global batch that is a multiple of grad_accum x world size",
         )
 
@@ -627,12 +767,19 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         )
     empty, empty_path = load_empty_caption([s.folder for s in sources])
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    shape = (config.frames, *images.latent_shape) if config.stage == "t2v" and videos is None else (videos or images).latent_shape
+    shape = (
+        (config.frames, *images.latent_shape)
+        if config.stage == "t2v" and videos is None
+        else (videos or images).latent_shape
+    )
     if config.stage == "t2i" and len(shape) == 4:
         shape = shape[1:]  # T2I on clips trains on single frames
     objective = make_objective(config.objective_config(tuple(shape)))
     if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
-        reporter.log(f"noise shift {objective.config.noise_shift:.3g} for latents {tuple(shape)} (--noise-shift {config.noise_shift})")
+        reporter.log(
+            f"noise shift {objective.config.noise_shift:.3g} for latents {tuple(shape)} (--noise-shift "
+            f"{config.noise_shift})"
+        )
     model, model_cfg = build_model(config, tuple(shape), empty, objective, reporter)
     if config.init:
         _announce_objective_change(Path(config.init), objective, reporter)
@@ -640,10 +787,16 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     if previous is not None:
         check_resume(folder, config)
     spec = StreamSpec(
-        stage=config.stage, seed=config.seed, micro_batch=config.global_batch // (config.grad_accum * d.world),
-        p_motion_free=config.p_motion_free, text_dropout=config.text_dropout, flip=config.flip,
-        buffer_size=config.shuffle_buffer, frames=config.frames, text_fields=text_fields_for(model_cfg, sources),
-    )  # fmt: skip
+        stage=config.stage,
+        seed=config.seed,
+        micro_batch=config.global_batch // (config.grad_accum * d.world),
+        p_motion_free=config.p_motion_free,
+        text_dropout=config.text_dropout,
+        flip=config.flip,
+        buffer_size=config.shuffle_buffer,
+        frames=config.frames,
+        text_fields=text_fields_for(model_cfg, sources),
+    )
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
     if saved is not None:
@@ -652,7 +805,9 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         model.load_state_dict(saved[0])
         reporter.log(f"resuming from {previous} (step {saved[3]['step']})")
     net = wrap_model(model, config, d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+    )
     ema = EMA(model, config.ema_decay)
     counters = {}
     if saved is not None:
@@ -660,12 +815,23 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
 
         _, ema_state, trainer_state, state = saved
         # strict=False: parameters that never had a gradient have no Adam state, as in the uninterrupted run
-        set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(
+            model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         ema.load_full(ema_state)
         torch.set_rng_state(trainer_state["rng_cpu"])
         counters = {k: state[k] for k in ("step", "samples_seen", "skipped_steps", "unreadable_samples")}
 
-    stream = TrainStream(spec, images, videos, empty, counters.get("samples_seen", 0), rank=d.rank, world_size=d.world, collate_text=TextCondition.collate)
+    stream = TrainStream(
+        spec,
+        images,
+        videos,
+        empty,
+        counters.get("samples_seen", 0),
+        rank=d.rank,
+        world_size=d.world,
+        collate_text=TextCondition.collate,
+    )
     pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape, objective)
     stats = data_stats(sources)
     load_failures = _earlier_load_failures(folder) if previous is not None else []
@@ -674,16 +840,33 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         write_json(folder / "config.json", asdict(config))
         write_json(folder / "data_stats.json", data_stats(sources, load_failures))
     return Run(
-        config=config, d=d, folder=folder, model=model, net=net, model_cfg=model_cfg, optimizer=optimizer, ema=ema,
+        config=config,
+        d=d,
+        folder=folder,
+        model=model,
+        net=net,
+        model_cfg=model_cfg,
+        optimizer=optimizer,
+        ema=ema,
         objective=objective,
         loader=make_loader(stream, config.num_workers, pin_memory=d.device.type == "cuda"),
-        pipeline=pipeline, empty_caption=empty_path,
-        previewer=Previewer(stream, empty, pipeline, config, folder, objective) if d.main and config.preview_every > 0 else None,
+        pipeline=pipeline,
+        empty_caption=empty_path,
+        previewer=Previewer(stream, empty, pipeline, config, folder, objective)
+        if d.main and config.preview_every > 0
+        else None,
         metrics=MetricsLog(folder / "metrics.jsonl", resume_step=counters.get("step", 0)) if d.main else None,
-        skipped_samples=sum(s["skipped"] for s in stats.values()), sources=sources, load_failures=load_failures, **counters,
-        evaluator=TrainingEvaluator(config, folder, pipeline, d.device, reporter) if d.main and config.eval_every > 0 else None,
-        board=TensorBoardLog(folder / "tensorboard", resume_step=counters.get("step", 0)) if d.main and config.log_to == "tensorboard" else None,
-    )  # fmt: skip
+        skipped_samples=sum(s["skipped"] for s in stats.values()),
+        sources=sources,
+        load_failures=load_failures,
+        **counters,
+        evaluator=TrainingEvaluator(config, folder, pipeline, d.device, reporter)
+        if d.main and config.eval_every > 0
+        else None,
+        board=TensorBoardLog(folder / "tensorboard", resume_step=counters.get("step", 0))
+        if d.main and config.log_to == "tensorboard"
+        else None,
+    )
 
 
 def _settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
@@ -699,8 +882,10 @@ def _settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], 
         unmirrored = [s for s in sources if not s.has_flip]
         for s in unmirrored:
             reporter.log(
-                f"--flip: the {s.kind} data in {s.folder} has no mirrored latents (they are made by `gentron encode-latents --flip`), "
-                f"so its samples are never flipped" + ("; the run records flip: false" if len(unmirrored) == len(sources) else "")
+                f"--flip: the {s.kind} data in {s.folder} has no mirrored latents (they are made by `gentron "
+                "encode-latents --flip`), "
+                f"so its samples are never flipped"
+                + ("; the run records flip: false" if len(unmirrored) == len(sources) else "")
             )
         if len(unmirrored) == len(sources):
             changes["flip"] = False
@@ -722,13 +907,19 @@ def _announce_objective_change(init: Path, objective: Objective, reporter: Repor
 
     record_path = init / ckpt.PIPELINE_FILE
     try:
-        before = ObjectiveConfig.from_record(json.loads(record_path.read_text()).get("objective")) if record_path.is_file() else ObjectiveConfig()
+        before = (
+            ObjectiveConfig.from_record(json.loads(record_path.read_text()).get("objective"))
+            if record_path.is_file()
+            else ObjectiveConfig()
+        )
     except (OSError, ValueError, GentronError):
         return
     if before.name != objective.config.name:
         reporter.log(
-            f"warning: {init} was trained with --objective {before.name}; this run trains it with --objective {objective.config.name}, "
-            f"so it starts from a model that predicts the wrong target (pass --objective {before.name} to continue as it was trained)"
+            f"warning: {init} was trained with --objective {before.name}; this run trains it with --objective "
+            f"{objective.config.name}, "
+            f"so it starts from a model that predicts the wrong target (pass --objective {before.name} to continue as "
+            "it was trained)"
         )
 
 
@@ -739,7 +930,11 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
     """Train (or continue) the run in `config.output`; see the module docstring."""
     config.check()
     # absolute paths: the stored run config works from any folder, and reruns compare equal
-    absolute = {k: str(Path(v).resolve()) for k in ("image_data", "video_data", "init", "eval_prompts", "eval_reference", "eval_inception") if (v := getattr(config, k))}
+    absolute = {
+        k: str(Path(v).resolve())
+        for k in ("image_data", "video_data", "init", "eval_prompts", "eval_reference", "eval_inception")
+        if (v := getattr(config, k))
+    }
     if config.eval_clip and Path(config.eval_clip).expanduser().exists():  # a folder, not a hub name
         absolute["eval_clip"] = str(Path(config.eval_clip).expanduser().resolve())
     if config.init:  # a run folder stands for its exported model, as in `gentron sample --model`
@@ -783,8 +978,10 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
                 else:
                     raise GentronError(
                         f"the loss became {loss} (gradient norm {grad_norm}) at step {run.step + 1}; training stopped",
-                        f"the last good checkpoint is {ckpt.latest_checkpoint(run.folder) or 'none (none was saved yet)'}; continue "
-                        "from it with a lower --lr or more --warmup-steps, check the data for NaN latents, or pass --on-nan skip",
+                        "the last good checkpoint is "
+                        f"{ckpt.latest_checkpoint(run.folder) or 'none (none was saved yet)'}; continue "
+                        "from it with a lower --lr or more --warmup-steps, check the data for NaN latents, or pass "
+                        "--on-nan skip",
                     )
                 run.step += 1
                 losses.append(loss)
@@ -798,7 +995,9 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
                     run.evaluate(reporter)
                 if run.step % config.checkpoint_every == 0 or run.step == config.steps:
                     run.after_checkpoint()
-                task.advance(1, loss=loss, samples_s=config.global_batch / seconds, milestone=run.step % config.log_every == 0)
+                task.advance(
+                    1, loss=loss, samples_s=config.global_batch / seconds, milestone=run.step % config.log_every == 0
+                )
     except KeyboardInterrupt:
         # the weights and optimizer hold `run.step` complete steps: save them so a rerun continues from here
         latest = ckpt.latest_checkpoint(run.folder)

@@ -1,6 +1,6 @@
 """The one writer of pictures and videos for people: PNG, GIF, MP4, film strips, contact sheets, and JSON sidecars.
 
-Used by `gentron sample`'s outputs, training previews (pipelines/train.py), the quickstart's report
+Used by `gentron sample`'s outputs, training previews (pipelines/train/trainer.py), the quickstart's report
 and evaluation's readers; shard media (the stored Motion-JPEG clips and JPEG/PNG images) are
 encoded in pipelines/data/media.py, and every file goes through pipelines/files.py.
 
@@ -22,8 +22,8 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
-from pipelines.files import atomic_write_bytes, atomic_write_json
 from pipelines.data.media import encode_h264, encode_image
+from pipelines.files import atomic_write_bytes, atomic_write_json
 
 SIDECAR_SUFFIX = ".json"
 
@@ -83,7 +83,10 @@ def write_sheet(stem: Path, samples: np.ndarray, fps: float) -> list[Path]:
     if samples.ndim == 4:
         return [write_png(png, contact_sheet(list(samples)))]
     strips = [film_strip(video, gap=2) for video in samples]
-    return [write_png(png, contact_sheet(strips, columns=1)), write_gif(gif, contact_sheet(list(samples), columns=len(samples)), fps)]
+    return [
+        write_png(png, contact_sheet(strips, columns=1)),
+        write_gif(gif, contact_sheet(list(samples), columns=len(samples)), fps),
+    ]
 
 
 def film_strip(frames: np.ndarray, gap: int = 0, fill: int = 255) -> np.ndarray:

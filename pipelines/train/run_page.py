@@ -16,17 +16,19 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from pipelines import checkpoint as ckpt
 from pipelines.files import atomic_write_bytes
-from pipelines.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
 
 PAGE = "index.html"
 MAX_SAMPLES = 64  # evaluation samples shown on the page (the folder holds them all)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 72em; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; }
+td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #777; } .curves img { max-width: 100%; margin-right: 1em; }
 .samples { display: flex; flex-wrap: wrap; gap: 0.8em; } figure { margin: 0; width: 10.5em; }
@@ -47,7 +49,8 @@ def href(run_dir: Path, path: Path) -> str:
 
 
 def link(run_dir: Path, path: Path, text: str | None = None) -> str:
-    return f'<a href="{href(run_dir, path)}">{escape(text if text is not None else Path(path).relative_to(run_dir).as_posix())}</a>'
+    label = text if text is not None else Path(path).relative_to(run_dir).as_posix()
+    return f'<a href="{href(run_dir, path)}">{escape(label)}</a>'
 
 
 def _number(value) -> str:
@@ -76,7 +79,11 @@ def _cell(value, numeric: bool = False) -> str:
 
 
 def _latest_step_file(folder: Path, suffix: str) -> Path | None:
-    found = sorted((int(m.group(1)), p) for p in folder.glob(f"step_*{suffix}") if (m := ckpt.STEP_RE.match(p.name[: -len(suffix)])))
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in folder.glob(f"step_*{suffix}")
+        if (m := ckpt.STEP_RE.match(p.name[: -len(suffix)]))
+    )
     return found[-1][1] if found else None
 
 
@@ -88,16 +95,28 @@ def _header(run_dir: Path, config: dict, records: list[dict]) -> str:
     latest = ckpt.latest_checkpoint(run_dir)
     state = _read_json(latest / "state.json") if latest is not None else None
     step = state.get("step") if isinstance(state, dict) else (losses[-1]["step"] if losses else 0)
-    parts = [f"<h1>{escape(run_dir.resolve().name)}</h1>",
-             f'<p class="muted">{escape(config.get("stage", "?"))} run, step {_number(step)} of {_number(config.get("steps", "?"))}; '
-             f"page written {escape(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>"]
+    parts = [
+        f"<h1>{escape(run_dir.resolve().name)}</h1>",
+        f'<p class="muted">{escape(config.get("stage", "?"))} run, step {_number(step)} of '
+        f"{_number(config.get('steps', '?'))}; "
+        f"page written {escape(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>",
+    ]
     if losses:
         last = losses[-1]
-        facts = [("step", last["step"]), ("loss", last["loss"]), ("learning rate", last.get("lr")),
-                 ("samples/s", last.get("samples_per_s")), ("memory (MB)", last.get("memory_mb")),
-                 ("skipped steps", last.get("skipped_steps"))]
-        parts.append("<p>" + " &middot; ".join(f"{escape(k)} <b>{_number(v)}</b>" for k, v in facts if v is not None) + "</p>")
-    files = [p for p in (run_dir / "config.json", run_dir / "metrics.jsonl", run_dir / "data_stats.json") if p.is_file()]
+        facts = [
+            ("step", last["step"]),
+            ("loss", last["loss"]),
+            ("learning rate", last.get("lr")),
+            ("samples/s", last.get("samples_per_s")),
+            ("memory (MB)", last.get("memory_mb")),
+            ("skipped steps", last.get("skipped_steps")),
+        ]
+        parts.append(
+            "<p>" + " &middot; ".join(f"{escape(k)} <b>{_number(v)}</b>" for k, v in facts if v is not None) + "</p>"
+        )
+    files = [
+        p for p in (run_dir / "config.json", run_dir / "metrics.jsonl", run_dir / "data_stats.json") if p.is_file()
+    ]
     if files:
         parts.append("<p>files: " + ", ".join(link(run_dir, p) for p in files) + "</p>")
     return "\n".join(parts)
@@ -108,34 +127,50 @@ def _models(run_dir: Path) -> str:
     for name, what in (("model", "EMA weights: what `gentron sample --model RUN` loads"), ("model_raw", "raw weights")):
         folder = run_dir / name
         if (folder / "config.json").is_file():
-            extra = [link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()]
+            extra = [
+                link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()
+            ]
             rows.append([_cell(link(run_dir, folder, name + "/")), _cell(escape(what)), _cell(", ".join(extra))])
     checkpoints = ckpt.list_checkpoints(run_dir)
     out = ["<h2>Exported models</h2>"]
-    out.append(_table(["folder", "what", "files"], rows) if rows else '<p class="muted">none yet (written at the first checkpoint)</p>')
+    out.append(
+        _table(["folder", "what", "files"], rows)
+        if rows
+        else '<p class="muted">none yet (written at the first checkpoint)</p>'
+    )
     if checkpoints:
         out.append("<p>checkpoints: " + ", ".join(link(run_dir, p, p.name) for p in checkpoints) + "</p>")
     return "\n".join(out)
 
 
 def _curves(run_dir: Path) -> str:
-    images = [(run_dir / name, alt) for name, alt in (("loss.png", "training loss"), ("eval.png", "evaluation metrics"))]
-    shown = [f'<a href="{href(run_dir, p)}"><img src="{href(run_dir, p)}" alt="{escape(alt)}"></a>' for p, alt in images if p.is_file()]
+    images = [
+        (run_dir / name, alt) for name, alt in (("loss.png", "training loss"), ("eval.png", "evaluation metrics"))
+    ]
+    shown = [
+        f'<a href="{href(run_dir, p)}"><img src="{href(run_dir, p)}" alt="{escape(alt)}"></a>'
+        for p, alt in images
+        if p.is_file()
+    ]
     if not shown:
         return ""
     return '<h2>Curves</h2>\n<div class="curves">' + "".join(shown) + "</div>"
 
 
 def _evaluation(run_dir: Path, metrics_path: Path) -> str:
-    from pipelines.train_eval import latest_eval_folder
+    from pipelines.train.evaluation import latest_eval_folder
 
     records = eval_records(metrics_path) if metrics_path.is_file() else []
     if not records:
         return ""
     names = list(dict.fromkeys(k for _, e in records for k in metric_values(e)))
     headers = ["step"] + [EVAL_LABELS.get(n, n.replace("probe_", "probe: ")) for n in names] + ["samples", "seconds"]
-    rows = [[_cell(step, True)] + [_cell(e.get(n, ""), True) for n in names] + [_cell(e.get("samples", ""), True), _cell(e.get("seconds", ""), True)]
-            for step, e in reversed(records)]
+    rows = [
+        [_cell(step, True)]
+        + [_cell(e.get(n, ""), True) for n in names]
+        + [_cell(e.get("samples", ""), True), _cell(e.get("seconds", ""), True)]
+        for step, e in reversed(records)
+    ]
     out = ["<h2>Evaluation</h2>", _table(headers, rows)]
     folder = latest_eval_folder(run_dir)
     if folder is not None:
@@ -153,14 +188,21 @@ def _samples(run_dir: Path, folder: Path) -> str:
             continue
         files = [folder / f for f in record["files"] if isinstance(f, str)]
         shown = next((f for f in files if f.suffix == ".gif" and f.is_file()), None) or next(
-            (f for f in files if f.suffix == ".png" and f.is_file()), None)
+            (f for f in files if f.suffix == ".png" and f.is_file()), None
+        )
         if shown is None:
             continue
-        figures.append(f'<figure><a href="{href(run_dir, shown)}"><img src="{href(run_dir, shown)}" alt="{escape(record.get("prompt", ""))}"></a>'
-                       f"<figcaption>{escape(record.get('prompt', ''))}</figcaption></figure>")
+        figures.append(
+            f'<figure><a href="{href(run_dir, shown)}"><img src="{href(run_dir, shown)}" '
+            f'alt="{escape(record.get("prompt", ""))}"></a>'
+            f"<figcaption>{escape(record.get('prompt', ''))}</figcaption></figure>"
+        )
     more = f" (the first {MAX_SAMPLES} of {len(sidecars)})" if len(sidecars) > MAX_SAMPLES else ""
-    return (f"<p>samples of the latest evaluation{more}: {link(run_dir, folder)} (<code>gentron eval</code> reads this folder)</p>"
-            f'<div class="samples">{"".join(figures)}</div>')
+    return (
+        f"<p>samples of the latest evaluation{more}: {link(run_dir, folder)} (<code>gentron eval</code> reads this "
+        "folder)</p>"
+        f'<div class="samples">{"".join(figures)}</div>'
+    )
 
 
 def _previews(run_dir: Path) -> str:
@@ -173,8 +215,16 @@ def _previews(run_dir: Path) -> str:
         return ""
     step = max(latest, key=lambda p: p.name).name.split(".")[0]
     shown = [p for p in latest if p.name.split(".")[0] == step]
-    out = [f"<h2>Latest previews ({escape(step)})</h2>", "<p>" + "".join(
-        f'<a href="{href(run_dir, p)}"><img class="preview" src="{href(run_dir, p)}" alt="preview {escape(p.name)}"></a> ' for p in shown) + "</p>"]
+    out = [
+        f"<h2>Latest previews ({escape(step)})</h2>",
+        "<p>"
+        + "".join(
+            f'<a href="{href(run_dir, p)}"><img class="preview" src="{href(run_dir, p)}" alt="preview '
+            f'{escape(p.name)}"></a> '
+            for p in shown
+        )
+        + "</p>",
+    ]
     prompts = folder / "prompts.txt"
     if prompts.is_file():
         lines = prompts.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -192,18 +242,44 @@ def _data(run_dir: Path) -> str:
             continue
         reasons = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("skipped_by_reason") or {}).items()) or "-"
         unreadable = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("unreadable_by_reason") or {}).items()) or "-"
-        rows.append([_cell(escape(kind)), _cell(escape(s.get("folder", ""))), _cell(s.get("shards", ""), True), _cell(s.get("samples", ""), True),
-                     _cell(s.get("skipped", ""), True), _cell(reasons), _cell(unreadable)])
-    return ("<h2>Data</h2>\n" + _table(["kind", "folder", "shards", "samples", "skipped when indexing", "skipped by reason", "unreadable when read"], rows)
-            + f"<p>every skipped sample with its shard, key and reason: {link(run_dir, run_dir / 'data_stats.json')}</p>")
+        rows.append(
+            [
+                _cell(escape(kind)),
+                _cell(escape(s.get("folder", ""))),
+                _cell(s.get("shards", ""), True),
+                _cell(s.get("samples", ""), True),
+                _cell(s.get("skipped", ""), True),
+                _cell(reasons),
+                _cell(unreadable),
+            ]
+        )
+    return (
+        "<h2>Data</h2>\n"
+        + _table(
+            [
+                "kind",
+                "folder",
+                "shards",
+                "samples",
+                "skipped when indexing",
+                "skipped by reason",
+                "unreadable when read",
+            ],
+            rows,
+        )
+        + f"<p>every skipped sample with its shard, key and reason: {link(run_dir, run_dir / 'data_stats.json')}</p>"
+    )
 
 
 def _settings(run_dir: Path, config: dict) -> str:
     if not config:
         return ""
     rows = [[_cell(f"<code>{escape(k)}</code>"), _cell(escape(json.dumps(v)))] for k, v in config.items()]
-    return (f"<h2>Settings</h2>\n<p>{link(run_dir, run_dir / 'config.json')}: <code>gentron train --config RUN/config.json</code> "
-            "repeats or continues the run</p>\n" + _table(["setting", "value"], rows))
+    return (
+        f"<h2>Settings</h2>\n<p>{link(run_dir, run_dir / 'config.json')}: <code>gentron train --config "
+        "RUN/config.json</code> "
+        "repeats or continues the run</p>\n" + _table(["setting", "value"], rows)
+    )
 
 
 # --------------------------------------------------------------------------- the page
@@ -216,11 +292,21 @@ def render_run_page(run_dir: str | Path) -> str:
     config = config if isinstance(config, dict) else {}
     metrics_path = run_dir / "metrics.jsonl"
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
-    sections = [_header(run_dir, config, records), _curves(run_dir), _evaluation(run_dir, metrics_path), _previews(run_dir),
-                _models(run_dir), _data(run_dir), _settings(run_dir, config)]
+    sections = [
+        _header(run_dir, config, records),
+        _curves(run_dir),
+        _evaluation(run_dir, metrics_path),
+        _previews(run_dir),
+        _models(run_dir),
+        _data(run_dir),
+        _settings(run_dir, config),
+    ]
     body = "\n".join(s for s in sections if s)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron run {escape(run_dir.resolve().name)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron run '
+        f"{escape(run_dir.resolve().name)}</title>\n"
+        f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def write_run_page(run_dir: str | Path) -> Path:

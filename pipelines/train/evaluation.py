@@ -1,12 +1,12 @@
 """Evaluation during training (`gentron train --eval-every N --eval-prompts FILE` and one or more metrics).
 
 At every N-th step (a checkpoint step) and the last, rank 0 samples the prompts with the EMA weights through
-`gentron sample`'s own code: `pipelines.sample.sample` with a `SamplingPipeline` loaded once from RUN/model
+`gentron sample`'s own code: `pipelines.sample.sampling.sample` with a `SamplingPipeline` loaded once from RUN/model
 (the text encoders, VAE and objective recorded in its pipeline.json), whose model gets the EMA weights just
 exported. The samples are written as `gentron sample` writes them, outputs and sidecars, to
 RUN/eval/step_XXXXXXX/ (the newest `--keep-checkpoints` are kept), so `gentron eval` on that folder, or
 `gentron sample --model RUN` with the same settings, gives the same pixels and numbers. The metrics are
-`pipelines.evaluate`'s functions; `Run.evaluate` appends them to metrics.jsonl as {"step": S, "eval": {...}}.
+`pipelines.evaluate.evaluator`'s functions; `Run.evaluate` appends them to metrics.jsonl as {"step": S, "eval": {...}}.
 
 What can fail is checked when the run starts, before any training: the prompts file, toy prompts for the
 probe, the CLIP model, the Inception weights and the FID reference (its statistics are computed once), and
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint as ckpt
-from pipelines.files import atomic_dir
 from pipelines.errors import GentronError
+from pipelines.files import atomic_dir
 from pipelines.progress import NullReporter, Reporter
-from pipelines.train_config import TrainConfig
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import TrainConfig
 
 EVAL_DIR = "eval"  # RUN/eval/step_XXXXXXX/: the samples of each evaluation, in `gentron sample`'s format
 
@@ -50,27 +50,43 @@ def check_sampling_models(pipeline: dict) -> None:
         spec = (text.get(name) or {}).get("name")
         if not spec:
             raise GentronError(
-                f"--eval-every: the training data's metadata names no {name} encoder, so the evaluation prompts cannot be encoded",
+                f"--eval-every: the training data's metadata names no {name} encoder, so the evaluation prompts "
+                "cannot be encoded",
                 "encode the data with `gentron encode-text` (it records the encoders), or train without --eval-every",
             )
         if not spec.startswith(OPEN_CLIP_PREFIX):
-            load_pretrained(AutoConfig.from_pretrained, spec, f"{name} text encoder (to encode the evaluation prompts)", default_subfolder="text_encoder")
+            load_pretrained(
+                AutoConfig.from_pretrained,
+                spec,
+                f"{name} text encoder (to encode the evaluation prompts)",
+                default_subfolder="text_encoder",
+            )
     vae = pipeline["vae"]["name"]
     if vae != "pixel":
         from diffusers import AutoencoderKL
 
-        load_pretrained(AutoencoderKL.load_config, vae, "VAE (to decode the evaluation samples)", default_subfolder="vae")
+        load_pretrained(
+            AutoencoderKL.load_config, vae, "VAE (to decode the evaluation samples)", default_subfolder="vae"
+        )
 
 
 class TrainingEvaluator:
-    """The evaluation of one run: prompts, metric models and FID reference loaded at start; sampling loaded at first use."""
+    """The evaluation of one run: prompts, metric models and FID reference loaded at start; sampling loaded at first
+    use."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, pipeline: dict, device: torch.device, reporter: Reporter = NullReporter()):
-        from pipelines.evaluate import ClipScorer, reference_statistics
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        pipeline: dict,
+        device: torch.device,
+        reporter: Reporter = NullReporter(),
+    ):
+        from pipelines.evaluate.evaluator import ClipScorer, reference_statistics
         from pipelines.files import file_sha256
         from pipelines.model.fid_inception import load_fid_inception
-        from pipelines.sample import read_prompts_file
-        from pipelines.toydata import parse_caption
+        from pipelines.sample.sampling import read_prompts_file
+        from pipelines.toy.data import parse_caption
 
         self.config, self.run_dir, self.device = config, Path(run_dir), device
         self.prompts = read_prompts_file(Path(config.eval_prompts))
@@ -81,41 +97,58 @@ class TrainingEvaluator:
                 except ValueError:
                     raise GentronError(
                         f"--eval-probe toy scores toy captions only; {config.eval_prompts} has the prompt {prompt!r}",
-                        "use toy prompts (e.g. \"a red square in the top left\"), or drop --eval-probe",
+                        'use toy prompts (e.g. "a red square in the top left"), or drop --eval-probe',
                     ) from None
         frames = int(pipeline["data"]["frames"])
         if config.eval_reference and len(self.prompts) * frames < 2:
-            raise GentronError(f"FID needs at least 2 images, and {config.eval_prompts} gives {len(self.prompts) * frames}",
-                               "write more prompts into --eval-prompts")
+            raise GentronError(
+                f"FID needs at least 2 images, and {config.eval_prompts} gives {len(self.prompts) * frames}",
+                "write more prompts into --eval-prompts",
+            )
         check_sampling_models(pipeline)
         self.scorer = ClipScorer(config.eval_clip, device) if config.eval_clip else None
         self.network = self.reference = None
         if config.eval_inception:
             self.network = load_fid_inception(Path(config.eval_inception), device)
             if not Path(config.eval_reference).exists():
-                from pipelines.evaluate import REFERENCE_HINT
+                from pipelines.evaluate.evaluator import REFERENCE_HINT
 
-                raise GentronError(f"FID reference not found: {config.eval_reference} (--eval-reference)", REFERENCE_HINT)
+                raise GentronError(
+                    f"FID reference not found: {config.eval_reference} (--eval-reference)", REFERENCE_HINT
+                )
             reporter.log(f"FID reference {config.eval_reference}")
             sha = file_sha256(Path(config.eval_inception).expanduser())
-            self.reference = reference_statistics(config.eval_reference, self.network, network_sha256=sha, reporter=reporter)
+            self.reference = reference_statistics(
+                config.eval_reference, self.network, network_sha256=sha, reporter=reporter
+            )
         self.pipe = None  # the SamplingPipeline, loaded from RUN/model at the first evaluation
 
     def sample_config(self, out: Path):
-        """The `gentron sample` settings of the evaluation samples (seeds seed + prompt index, as `gentron sample --seed`)."""
-        from pipelines.sample import SampleConfig
+        """The `gentron sample` settings of the evaluation samples (seeds seed + prompt index, as `gentron sample
+        --seed`)."""
+        from pipelines.sample.sampling import SampleConfig
 
-        return SampleConfig(model=self.run_dir, out=out, prompts=list(self.prompts), steps=self.config.eval_steps,
-                            cfg_scale=self.config.eval_cfg, seed=self.config.seed, device=str(self.device))
+        return SampleConfig(
+            model=self.run_dir,
+            out=out,
+            prompts=list(self.prompts),
+            steps=self.config.eval_steps,
+            cfg_scale=self.config.eval_cfg,
+            seed=self.config.seed,
+            device=str(self.device),
+        )
 
     @torch.no_grad()
     def evaluate(self, weights: dict[str, torch.Tensor], step: int) -> dict:
-        """Sample the prompts with `weights` (the EMA weights exported at `step`) and score them: the record of metrics.jsonl's "eval"."""
-        from pipelines.sample import SamplingPipeline, sample
+        """Sample the prompts with `weights` (the EMA weights exported at `step`) and score them: the record of
+        metrics.jsonl's "eval"."""
+        from pipelines.sample.sampling import SamplingPipeline, sample
 
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # loading a model draws initial weights: keep training's RNG untouched
+        with torch.random.fork_rng(
+            devices=devices
+        ):  # loading a model draws initial weights: keep training's RNG untouched
             cfg = self.sample_config(self.run_dir / EVAL_DIR / ckpt.step_dir_name(step))
             if self.pipe is None:
                 self.pipe = SamplingPipeline(cfg)
@@ -129,7 +162,7 @@ class TrainingEvaluator:
 
     def score(self, folder: Path) -> dict:
         """The asked metrics of a folder of samples, read back from the files as `gentron eval` reads them."""
-        from pipelines.evaluate import clip_scores, fid, list_samples, probe_samples, summarize_clip_scores
+        from pipelines.evaluate.evaluator import clip_scores, fid, list_samples, probe_samples, summarize_clip_scores
 
         samples = list_samples(folder)
         pixels, prompts = [s.read_pixels() for s in samples], [s.prompt for s in samples]
@@ -160,4 +193,3 @@ def latest_eval_folder(run_dir: Path) -> Path | None:
     """RUN/eval/step_XXXXXXX of the newest evaluation, if any."""
     found = ckpt.step_folders(Path(run_dir) / EVAL_DIR)
     return found[-1] if found else None
-

@@ -25,12 +25,12 @@ import queue as queue_lib
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error
 from pipelines.data.shards import (
     SHARD_SUFFIX,
     STATS_SUFFIX,
@@ -44,6 +44,7 @@ from pipelines.data.shards import (
     summarize,
 )
 from pipelines.errors import GentronError, require_dir
+from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
 
@@ -90,7 +91,9 @@ class ResumeOptions:
         return out
 
 
-def check_output_options(output: Path, options: dict, options_file: str, upgrade: Callable[[dict], dict] | None = None) -> None:
+def check_output_options(
+    output: Path, options: dict, options_file: str, upgrade: Callable[[dict], dict] | None = None
+) -> None:
     """Refuse to resume into a folder made with different options (its shards would not match); record them
     in a new folder. `upgrade`: turns a record written by an earlier version into today's names."""
     output = Path(output)
@@ -151,12 +154,16 @@ def _file_size(item) -> int:
 
 def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
     """One job per input shard (same name, payload its path); errors for a missing/empty input or input == output."""
-    input_dir = require_dir(input_dir, "input folder", "pass a folder of shards written by a gentron stage (prep-*, encode-*)")
+    input_dir = require_dir(
+        input_dir, "input folder", "pass a folder of shards written by a gentron stage (prep-*, encode-*)"
+    )
     if Path(output_dir).resolve() == input_dir.resolve():
         raise GentronError(f"the output folder is the input folder: {input_dir}", "write to a new folder")
     shards = list_shards(input_dir)
     if not shards:
-        raise GentronError(f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage")
+        raise GentronError(
+            f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage"
+        )
     return [ShardJob(path.name[: -len(SHARD_SUFFIX)], path, items=_input_samples(path)) for path in shards]
 
 
@@ -277,11 +284,23 @@ def run_shard_jobs(
         raise disk_error(output_dir, exc) from None
     rank, world_size = resolve_rank(rank, world_size)
     with folder_lock(output_dir, "output folder", rank, world_size):
-        return _run_locked(jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop)
+        return _run_locked(
+            jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
+        )
 
 
-def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: str, unit: str, reporter: Reporter, verify: bool,
-                threads: bool = False, on_stop: Callable[[], None] | None = None) -> StageResult:
+def _run_locked(
+    mine,
+    output_dir: Path,
+    fn: ShardFn,
+    workers: int,
+    description: str,
+    unit: str,
+    reporter: Reporter,
+    verify: bool,
+    threads: bool = False,
+    on_stop: Callable[[], None] | None = None,
+) -> StageResult:
     todo = []
     for job in mine:
         damage = shard_damage(output_dir, job.name, verify)
@@ -318,10 +337,14 @@ def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: 
     summary = summarize(output_dir)
     atomic_write_json(output_dir / SUMMARY_FILE, summary)
     if summary["samples_in"] > 0 and summary["samples_out"] == 0:  # the next stage would run on empty shards
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in summary["failures_by_reason"].items()) or "no reason recorded"
+        reasons = (
+            ", ".join(f"{reason}: {n}" for reason, n in summary["failures_by_reason"].items()) or "no reason recorded"
+        )
         raise GentronError(
-            f"{description} kept nothing: all {summary['samples_in']} inputs failed ({reasons}); each file and its reason are in {output_dir}/*{STATS_SUFFIX}",
-            f"`gentron stats {output_dir}` lists them; fix the inputs or the options the reasons point to, then rerun the same command",
+            f"{description} kept nothing: all {summary['samples_in']} inputs failed ({reasons}); each file and its "
+            f"reason are in {output_dir}/*{STATS_SUFFIX}",
+            f"`gentron stats {output_dir}` lists them; fix the inputs or the options the reasons point to, then rerun "
+            "the same command",
         )
     return StageResult(
         done=len(results),
@@ -334,10 +357,14 @@ def _run_locked(mine, output_dir: Path, fn: ShardFn, workers: int, description: 
     )
 
 
-def _run_pool(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int, task, shard_done: Callable[[ShardStats], None]) -> None:
+def _run_pool(
+    fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int, task, shard_done: Callable[[ShardStats], None]
+) -> None:
     ctx = mp.get_context("spawn")  # fork after torch's threads have started can deadlock
     q = ctx.Queue()
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(q,))
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(q,)
+    )
     try:
         pending = {pool.submit(_worker_run, fn, job, output_dir) for job in todo}
         while pending:
@@ -348,14 +375,22 @@ def _run_pool(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int,
         _drain(q, task)
     except BaseException:
         for p in list(getattr(pool, "_processes", {}).values()):
-            p.terminate()  # a KeyboardInterrupt must not wait for running shards; their temp files are cleaned on resume
+            # a KeyboardInterrupt must not wait for running shards; their temp files are cleaned on resume
+            p.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
 
 
-def _run_threads(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: int, task, shard_done: Callable[[ShardStats], None],
-                 on_stop: Callable[[], None] | None) -> None:
+def _run_threads(
+    fn: ShardFn,
+    todo: list[ShardJob],
+    output_dir: Path,
+    workers: int,
+    task,
+    shard_done: Callable[[ShardStats], None],
+    on_stop: Callable[[], None] | None,
+) -> None:
     """`workers` threads take the jobs in order; progress and results come back to this thread through a queue."""
     jobs: queue_lib.SimpleQueue = queue_lib.SimpleQueue()
     for job in todo:
@@ -370,13 +405,17 @@ def _run_threads(fn: ShardFn, todo: list[ShardJob], output_dir: Path, workers: i
             except queue_lib.Empty:
                 break
             try:
-                events.put(("done", _run_one(fn, job, output_dir, lambda n=1, **fields: events.put(("tick", (n, fields))))))
-            except BaseException as exc:  # noqa: BLE001 (re-raised in the main thread)
+                events.put(
+                    ("done", _run_one(fn, job, output_dir, lambda n=1, **fields: events.put(("tick", (n, fields)))))
+                )
+            except BaseException as exc:
                 events.put(("error", exc))
                 break
         events.put(("exit", None))
 
-    pool = [threading.Thread(target=work, name=f"shard-worker-{i}", daemon=True) for i in range(min(workers, len(todo)))]
+    pool = [
+        threading.Thread(target=work, name=f"shard-worker-{i}", daemon=True) for i in range(min(workers, len(todo)))
+    ]
     for thread in pool:
         thread.start()
     running = len(pool)
@@ -412,18 +451,43 @@ def _drain(q, task) -> None:
             return
 
 
-def run_prep(config, shard_fn: ShardFn, extensions: Sequence[str], options: dict, options_file: str, kind: str, reporter: Reporter,
-             upgrade: Callable[[dict], dict] | None = None, threads: bool = False, on_stop: Callable[[], None] | None = None) -> StageResult:
+def run_prep(
+    config,
+    shard_fn: ShardFn,
+    extensions: Sequence[str],
+    options: dict,
+    options_file: str,
+    kind: str,
+    reporter: Reporter,
+    upgrade: Callable[[dict], dict] | None = None,
+    threads: bool = False,
+    on_stop: Callable[[], None] | None = None,
+) -> StageResult:
     """The prep stages' common run: find the inputs, refuse a resume with other options, shard, go."""
     from pipelines.data.inputs import discover_inputs
 
-    items = discover_inputs(config.input, extensions, path_column=config.path_column, caption_column=config.caption_column, what=f"{kind}s")
+    items = discover_inputs(
+        config.input, extensions, path_column=config.path_column, caption_column=config.caption_column, what=f"{kind}s"
+    )
     output = Path(config.output)
     check_output_options(output, options, options_file, upgrade)
     rank, world_size = resolve_rank(config.rank, config.world_size)
     jobs = item_shard_jobs(items, config.shard_size, config)
-    reporter.log(f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s" + (f"; rank {rank} of {world_size}" if world_size > 1 else ""))
+    reporter.log(
+        f"{len(items)} {kind}s in {len(jobs)} shards of up to {config.shard_size} {kind}s"
+        + (f"; rank {rank} of {world_size}" if world_size > 1 else "")
+    )
     return run_shard_jobs(
-        jobs, output, shard_fn, workers=config.workers, rank=rank, world_size=world_size,
-        description=f"prep-{kind}s", unit=kind, reporter=reporter, verify=config.verify, threads=threads, on_stop=on_stop,
+        jobs,
+        output,
+        shard_fn,
+        workers=config.workers,
+        rank=rank,
+        world_size=world_size,
+        description=f"prep-{kind}s",
+        unit=kind,
+        reporter=reporter,
+        verify=config.verify,
+        threads=threads,
+        on_stop=on_stop,
     )

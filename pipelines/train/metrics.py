@@ -1,6 +1,6 @@
 """Training records: the JSONL metrics log, the loss and evaluation curves (PNG) and TensorBoard event files.
 
-(Preview pictures are written by pipelines/outputs.py, like every picture for people.)"""
+(Preview pictures are written by pipelines/sample/outputs.py, like every picture for people.)"""
 
 from __future__ import annotations
 
@@ -76,7 +76,9 @@ def _save_figure(fig, png_path: str | Path) -> None:
 
 
 EVAL_LABELS = {
-    "clip_score": "CLIP score", "temporal_consistency": "temporal consistency", "fid": "FID",
+    "clip_score": "CLIP score",
+    "temporal_consistency": "temporal consistency",
+    "fid": "FID",
 }
 
 
@@ -90,7 +92,9 @@ def metric_values(record: dict) -> dict[str, float]:
 
 def eval_records(metrics_path: str | Path) -> list[tuple[int, dict]]:
     """(step, eval record) of every evaluation line of a metrics log (`gentron train --eval-every`)."""
-    return [(r["step"], r["eval"]) for r in read_metrics(metrics_path) if isinstance(r.get("eval"), dict) and "step" in r]
+    return [
+        (r["step"], r["eval"]) for r in read_metrics(metrics_path) if isinstance(r.get("eval"), dict) and "step" in r
+    ]
 
 
 def plot_eval(metrics_path: str | Path, png_path: str | Path) -> bool:

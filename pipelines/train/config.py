@@ -11,7 +11,7 @@ from pipelines.errors import GentronError
 
 STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
-EVAL_PROBES = ("toy",)  # as pipelines.evaluate.PROBES (not imported here: it loads torch)
+EVAL_PROBES = ("toy",)  # as pipelines.evaluate.evaluator.PROBES (not imported here: it loads torch)
 LOG_TO = ("none", "tensorboard")
 
 
@@ -23,7 +23,10 @@ class TrainConfig:
     stage: str = "t2i"  # t2i or t2v
     image_data: str | None = None  # encoded image shards
     video_data: str | None = None  # encoded clip shards
-    model: str | None = None  # size name, JSON overrides or a .json file (see pipelines/model/configs.py); None: XL/2, or the --init model
+    model: str | None = (
+        # size name, JSON overrides or a .json file (see pipelines/model/configs.py); None: XL/2, or the --init model
+        None
+    )
     init: str | None = None  # exported model folder to start from (T2I -> T2V adds zero temporal layers)
     steps: int = 400_000
     global_batch: int = 256  # samples per optimizer step over all processes
@@ -61,7 +64,7 @@ class TrainConfig:
     log_every: int = 10
     on_nan: str = "stop"  # stop, or skip the step
     resume: bool = False  # require a checkpoint to continue from (a rerun into the folder resumes anyway)
-    # evaluation during training (pipelines/train_eval.py): at checkpoints, sample the prompts with the EMA model
+    # evaluation during training (pipelines/train/evaluation.py): at checkpoints, sample the prompts with the EMA model
     eval_every: int = 0  # 0: no evaluation; else a multiple of checkpoint_every
     eval_prompts: str | None = None  # text file, one prompt a line
     eval_clip: str | None = None  # CLIP model for the CLIP score (hub name or folder)
@@ -74,7 +77,10 @@ class TrainConfig:
 
     def objective_config(self, latent_shape: tuple[int, ...]):
         """The training objective of this run for latents of `latent_shape` ((C, h, w) or (T, C, h, w))."""
-        from pipelines.diffusion.objective import ObjectiveConfig, noise_shift_for  # here: importing torch would slow --help
+        from pipelines.diffusion.objective import (
+            ObjectiveConfig,
+            noise_shift_for,
+        )  # here: importing torch would slow --help
 
         shift = str(self.noise_shift).strip().lower()
         if shift == "none":
@@ -85,14 +91,22 @@ class TrainConfig:
             try:
                 value = float(shift)
             except ValueError:
-                raise GentronError(f"--noise-shift {self.noise_shift!r} is not none, auto or a number", "pass e.g. --noise-shift auto or --noise-shift 2") from None
+                raise GentronError(
+                    f"--noise-shift {self.noise_shift!r} is not none, auto or a number",
+                    "pass e.g. --noise-shift auto or --noise-shift 2",
+                ) from None
         return ObjectiveConfig(
-            name=self.objective, timestep_sampling=self.timestep_sampling, timestep_location=self.timestep_location,
-            timestep_scale=self.timestep_scale, noise_shift=value, loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
-        )  # fmt: skip
+            name=self.objective,
+            timestep_sampling=self.timestep_sampling,
+            timestep_location=self.timestep_location,
+            timestep_scale=self.timestep_scale,
+            noise_shift=value,
+            loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
+        )
 
     @staticmethod
-    def from_json(path: str | Path) -> "TrainConfig":
+    def from_json(path: str | Path) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise GentronError(f"run config not found: {path}", "pass RUN/config.json of an earlier run")
@@ -113,7 +127,9 @@ class TrainConfig:
         if self.on_nan not in ON_NAN:
             raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
         if not self.image_data and not self.video_data:
-            raise GentronError("no training data given", "pass --image-data and/or --video-data (folders of encoded shards)")
+            raise GentronError(
+                "no training data given", "pass --image-data and/or --video-data (folders of encoded shards)"
+            )
         for name in ("text_dropout", "p_motion_free"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise GentronError(f"{name} must be in [0, 1], got {getattr(self, name)}", "pass a probability")
@@ -123,24 +139,46 @@ class TrainConfig:
 
     def check_logging(self) -> None:
         """Evaluation and TensorBoard options that cannot take effect are refused (no file is read here)."""
-        metrics = [o for o, v in (("--eval-clip", self.eval_clip), ("--eval-reference", self.eval_reference),
-                                  ("--eval-inception", self.eval_inception), ("--eval-probe", self.eval_probe)) if v]
+        metrics = [
+            o
+            for o, v in (
+                ("--eval-clip", self.eval_clip),
+                ("--eval-reference", self.eval_reference),
+                ("--eval-inception", self.eval_inception),
+                ("--eval-probe", self.eval_probe),
+            )
+            if v
+        ]
         if self.eval_every < 0:
             raise GentronError(f"--eval-every must be 0 (no evaluation) or positive, got {self.eval_every}")
         if self.eval_every == 0:
             given = metrics + (["--eval-prompts"] if self.eval_prompts else [])
             if given:
-                raise GentronError(f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with --eval-every N", "add --eval-every N (steps between evaluations), or drop them")
+                raise GentronError(
+                    f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with --eval-every N",
+                    "add --eval-every N (steps between evaluations), or drop them",
+                )
         else:
             if not self.eval_prompts:
-                raise GentronError("--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)", "pass --eval-prompts prompts.txt")
+                raise GentronError(
+                    "--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)",
+                    "pass --eval-prompts prompts.txt",
+                )
             if not metrics:
-                raise GentronError("--eval-every needs a metric", "pass --eval-clip NAME_OR_PATH, --eval-reference REF --eval-inception WEIGHTS, and/or --eval-probe toy")
+                raise GentronError(
+                    "--eval-every needs a metric",
+                    "pass --eval-clip NAME_OR_PATH, --eval-reference REF --eval-inception WEIGHTS, and/or "
+                    "--eval-probe toy",
+                )
             if bool(self.eval_reference) != bool(self.eval_inception):
-                raise GentronError("FID needs both --eval-reference and --eval-inception",
-                                   "pass --eval-reference FOLDER_OR_NPZ --eval-inception pt_inception-2015-12-05-6726825d.pth")
+                raise GentronError(
+                    "FID needs both --eval-reference and --eval-inception",
+                    "pass --eval-reference FOLDER_OR_NPZ --eval-inception pt_inception-2015-12-05-6726825d.pth",
+                )
             if self.eval_probe and self.eval_probe not in EVAL_PROBES:
-                raise GentronError(f"unknown --eval-probe {self.eval_probe!r}", f"use --eval-probe {' or '.join(EVAL_PROBES)}")
+                raise GentronError(
+                    f"unknown --eval-probe {self.eval_probe!r}", f"use --eval-probe {' or '.join(EVAL_PROBES)}"
+                )
             if self.checkpoint_every < 1 or self.eval_every % self.checkpoint_every:
                 raise GentronError(
                     f"--eval-every {self.eval_every} is not a multiple of --checkpoint-every {self.checkpoint_every}: "
@@ -155,5 +193,6 @@ class TrainConfig:
         if self.log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise GentronError(
                 "--log-to tensorboard needs the tensorboard package, which is not installed",
-                "install the extra: pip install -c constraints.txt -e \".[tensorboard]\" (or pip install -c constraints.txt tensorboard)",
+                'install the extra: pip install -c constraints.txt -e ".[tensorboard]" (or pip install -c '
+                "constraints.txt tensorboard)",
             )

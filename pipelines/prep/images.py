@@ -17,11 +17,10 @@ from pipelines.data import schema
 from pipelines.data.image import load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
+from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
-from pipelines.stages import ResumeOptions, ShardJob, StageResult, run_prep
-
 
 
 @dataclass
@@ -32,7 +31,9 @@ class PrepImagesConfig:
     crop: bool = True  # center-crop to size x size
     format: str = "jpg"  # "jpg" or "png"
     quality: int = 95  # JPEG quality, 1 .. 100 (best)
-    min_size: int | None = None  # smaller short sides are skipped ("too_small"); None: 64, or `size` if smaller; 0: keep all
+    min_size: int | None = (
+        None  # smaller short sides are skipped ("too_small"); None: 64, or `size` if smaller; 0: keep all
+    )
     shard_size: int = 1000  # source images per shard
     workers: int = 1
     rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
@@ -49,7 +50,18 @@ class PrepImagesConfig:
 
 RESUME = ResumeOptions(
     "_prep_images.json",
-    must_match=("input", "size", "crop", "format", "quality", "min_size", "shard_size", "keep_uncaptioned", "path_column", "caption_column"),
+    must_match=(
+        "input",
+        "size",
+        "crop",
+        "format",
+        "quality",
+        "min_size",
+        "shard_size",
+        "keep_uncaptioned",
+        "path_column",
+        "caption_column",
+    ),
     may_differ=("output", "workers", "rank", "world_size", "verify"),
     paths=("input",),
 )
@@ -99,7 +111,10 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
     loaded = load_image(item.path)
     height, width = loaded.pixels.shape[:2]
     if min(width, height) < config.min_size:
-        raise BadSample("too_small", f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (--min-size 0 keeps it)")
+        raise BadSample(
+            "too_small",
+            f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (--min-size 0 keeps it)",
+        )
     pixels, crop_box = resize_image(loaded.pixels, config.size, config.crop)
     upscaled = min(width, height) < config.size
     stats.count("upscaled_images", int(upscaled))
@@ -125,7 +140,16 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     _validate(config)
     if config.min_size is None:  # images of the asked size itself must pass
         config = replace(config, min_size=min(DEFAULT_MIN_SIZE, config.size))
-    return run_prep(config, _prep_shard, IMAGE_EXTENSIONS, config.output_options(), OPTIONS_FILE, "image", reporter, upgrade=_upgrade_record)
+    return run_prep(
+        config,
+        _prep_shard,
+        IMAGE_EXTENSIONS,
+        config.output_options(),
+        OPTIONS_FILE,
+        "image",
+        reporter,
+        upgrade=_upgrade_record,
+    )
 
 
 def _upgrade_record(previous: dict) -> dict:

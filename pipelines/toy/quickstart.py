@@ -21,11 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import atomic_write_bytes
 from pipelines.errors import GentronError
-from pipelines.outputs import contact_sheet, film_strip, write_png
+from pipelines.files import atomic_write_bytes
 from pipelines.progress import NullReporter, Reporter
-from pipelines.toydata import CHANCE, COLORS, DIRECTIONS, PLACES, ToyDataConfig, image_caption, make_toy_dataset, video_caption
+from pipelines.sample.outputs import contact_sheet, film_strip, write_png
+from pipelines.toy.data import (
+    CHANCE,
+    COLORS,
+    DIRECTIONS,
+    PLACES,
+    ToyDataConfig,
+    image_caption,
+    make_toy_dataset,
+    video_caption,
+)
 
 QUICKSTART_MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_heads": 4}'
 
@@ -60,7 +69,7 @@ class QuickstartConfig:
     workers: int = 0  # data-loader workers in training (0: in the training process)
 
     @staticmethod
-    def smoke(out: Path) -> "QuickstartConfig":
+    def smoke(out: Path) -> QuickstartConfig:
         """Every stage at a size that runs in well under a minute (the test suite's quickstart)."""
         return QuickstartConfig(
             out=out,
@@ -110,12 +119,12 @@ def follows_prompts(t2i: ProbeScore, t2v_mfg: ProbeScore) -> bool:
 
 
 def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> QuickstartResult:
-    from pipelines.encode_latents import EncodeLatentsConfig, encode_latents
-    from pipelines.encode_text import EncodeTextConfig, encode_text
+    from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
+    from pipelines.encode.text import EncodeTextConfig, encode_text
     from pipelines.model.tiny import build_tiny_encoders
-    from pipelines.prep_images import PrepImagesConfig, prep_images
-    from pipelines.prep_videos import PrepVideosConfig, prep_videos
-    from pipelines.train import TrainConfig, train
+    from pipelines.prep.images import PrepImagesConfig, prep_images
+    from pipelines.prep.videos import PrepVideosConfig, prep_videos
+    from pipelines.train.trainer import TrainConfig, train
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
@@ -137,35 +146,97 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     with stage(2, "tiny text encoders"):
         encoders = build_tiny_encoders(out / "encoders", cfg.seed)
     with stage(3, "prep-images"):
-        prep_images(PrepImagesConfig(input=raw["images"], output=out / "data/images-prep", size=cfg.size, format="png", min_size=cfg.size), reporter)
+        prep_images(
+            PrepImagesConfig(
+                input=raw["images"], output=out / "data/images-prep", size=cfg.size, format="png", min_size=cfg.size
+            ),
+            reporter,
+        )
     with stage(4, "prep-videos"):
         prep_videos(
             PrepVideosConfig(
-                input=raw["videos"], output=out / "data/videos-prep", short_side=cfg.size,
-                frames=cfg.frames, frame_stride=cfg.frame_stride, clip_stride=cfg.clip_stride,
+                input=raw["videos"],
+                output=out / "data/videos-prep",
+                short_side=cfg.size,
+                frames=cfg.frames,
+                frame_stride=cfg.frame_stride,
+                clip_stride=cfg.clip_stride,
             ),
             reporter,
         )
     with stage(5, "encode-latents + encode-text"):
         for kind in ("images", "videos"):
-            encode_latents(EncodeLatentsConfig(input_dir=out / f"data/{kind}-prep", output_dir=out / f"data/{kind}-latents", vae="pixel", resolution=cfg.size), reporter)
-            encode_text(EncodeTextConfig(input_dir=out / f"data/{kind}-latents", output_dir=out / f"data/{kind}", clip=str(encoders["clip"]), t5=str(encoders["t5"])), reporter)
+            encode_latents(
+                EncodeLatentsConfig(
+                    input_dir=out / f"data/{kind}-prep",
+                    output_dir=out / f"data/{kind}-latents",
+                    vae="pixel",
+                    resolution=cfg.size,
+                ),
+                reporter,
+            )
+            encode_text(
+                EncodeTextConfig(
+                    input_dir=out / f"data/{kind}-latents",
+                    output_dir=out / f"data/{kind}",
+                    clip=str(encoders["clip"]),
+                    t5=str(encoders["t5"]),
+                ),
+                reporter,
+            )
 
-    common = dict(model=cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, objective=cfg.objective, timestep_sampling=cfg.timestep_sampling,
-                  noise_shift=cfg.noise_shift, flip=False, seed=cfg.seed, num_workers=cfg.workers,
-                  log_every=max(1, cfg.t2i_steps // 100), checkpoint_every=100, keep_checkpoints=1)
+    common = dict(
+        model=cfg.model,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        objective=cfg.objective,
+        timestep_sampling=cfg.timestep_sampling,
+        noise_shift=cfg.noise_shift,
+        flip=False,
+        seed=cfg.seed,
+        num_workers=cfg.workers,
+        log_every=max(1, cfg.t2i_steps // 100),
+        checkpoint_every=100,
+        keep_checkpoints=1,
+    )
     with stage(6, "train t2i"):
-        t2i = train(TrainConfig(output=str(out / "runs/t2i"), stage="t2i", image_data=str(out / "data/images"),
-                                steps=cfg.t2i_steps, global_batch=cfg.t2i_batch, ema_decay=cfg.ema_decay, **common), reporter)
+        t2i = train(
+            TrainConfig(
+                output=str(out / "runs/t2i"),
+                stage="t2i",
+                image_data=str(out / "data/images"),
+                steps=cfg.t2i_steps,
+                global_batch=cfg.t2i_batch,
+                ema_decay=cfg.ema_decay,
+                **common,
+            ),
+            reporter,
+        )
     with stage(7, "train t2v (from t2i, joint image/video, motion-free)"):
-        t2v = train(TrainConfig(output=str(out / "runs/t2v"), stage="t2v", init=str(Path(t2i.run_dir) / "model"),
-                                video_data=str(out / "data/videos"), image_data=str(out / "data/images"), frames=cfg.frames,
-                                p_motion_free=cfg.p_motion_free, steps=cfg.t2v_steps, global_batch=cfg.t2v_batch,
-                                ema_decay=cfg.t2v_ema_decay, **common), reporter)
+        t2v = train(
+            TrainConfig(
+                output=str(out / "runs/t2v"),
+                stage="t2v",
+                init=str(Path(t2i.run_dir) / "model"),
+                video_data=str(out / "data/videos"),
+                image_data=str(out / "data/images"),
+                frames=cfg.frames,
+                p_motion_free=cfg.p_motion_free,
+                steps=cfg.t2v_steps,
+                global_batch=cfg.t2v_batch,
+                ema_decay=cfg.t2v_ema_decay,
+                **common,
+            ),
+            reporter,
+        )
     with stage(8, "sample"):
-        t2i_score, images = _sample_and_probe(cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter)
+        t2i_score, images = _sample_and_probe(
+            cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter
+        )
         t2v_cfg, _ = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-cfg", _video_prompts(), 1.0, reporter)
-        t2v_mfg, videos = _sample_and_probe(cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter)
+        t2v_mfg, videos = _sample_and_probe(
+            cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter
+        )
     with stage(9, "report"):
         write_png(out / "overview.png", overview(images, videos))
         report = _write_report(cfg, out, timings, t2i_score, t2v_cfg, t2v_mfg, Path(t2i.run_dir), Path(t2v.run_dir))
@@ -184,9 +255,15 @@ def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4)
     """One picture of the quickstart: a 4x4 sheet of images (rows: colours, columns: places) beside a 4x4 sheet
     of videos as film strips (rows: colours, columns: directions; frames left to right), enlarged `scale` times."""
     strips = [film_strip(frames, gap=1, fill=128) for frames in videos]
-    image_sheet, video_sheet = contact_sheet(images, columns=len(PLACES)), contact_sheet(strips, columns=len(DIRECTIONS))
+    image_sheet, video_sheet = (
+        contact_sheet(images, columns=len(PLACES)),
+        contact_sheet(strips, columns=len(DIRECTIONS)),
+    )
     height = max(image_sheet.shape[0], video_sheet.shape[0])
-    pad = lambda sheet: np.pad(sheet, ((0, height - sheet.shape[0]), (0, 0), (0, 0)), constant_values=255)
+
+    def pad(sheet):
+        return np.pad(sheet, ((0, height - sheet.shape[0]), (0, 0), (0, 0)), constant_values=255)
+
     picture = np.concatenate([pad(image_sheet), np.full((height, 6, 3), 255, np.uint8), pad(video_sheet)], axis=1)
     return picture.repeat(scale, axis=0).repeat(scale, axis=1)
 
@@ -197,15 +274,25 @@ def _sample_and_probe(
     """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe.
 
     Returns the score and the exact pixels of each prompt's first sample."""
-    from pipelines.evaluate import list_samples, probe_sample
-    from pipelines.sample import SampleConfig, sample
+    from pipelines.evaluate.evaluator import list_samples, probe_sample
+    from pipelines.sample.sampling import SampleConfig, sample
 
     if out.exists():
         shutil.rmtree(out)  # samples are cheap to redo; stale ones would be scored otherwise
     asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     result = sample(
-        SampleConfig(model=run, out=out, prompts=asked, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                     mfg_scale=mfg, seed=cfg.seed, batch_size=16, device="cpu", grid=True),
+        SampleConfig(
+            model=run,
+            out=out,
+            prompts=asked,
+            steps=cfg.sample_steps,
+            cfg_scale=cfg.cfg_scale,
+            mfg_scale=mfg,
+            seed=cfg.seed,
+            batch_size=16,
+            device="cpu",
+            grid=True,
+        ),
         reporter,
     )
     hits: dict[str, int] = {}
@@ -218,15 +305,22 @@ def _sample_and_probe(
     return ProbeScore(hits, len(result.samples)), list(firsts.values())
 
 
-def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path) -> Path:
-    """OUT/index.html: the quickstart's page, built like a run page (pipelines/run_page.py) and linking both runs' pages."""
-    from pipelines.run_page import PAGE, STYLE, escape, href, link
+def _write_report(
+    cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path
+) -> Path:
+    """OUT/index.html: the quickstart's page, built like a run page (pipelines/train/run_page.py) and linking both runs'
+    pages."""
+    from pipelines.train.run_page import PAGE, STYLE, escape, href, link
 
     def cell(score: ProbeScore, attribute: str) -> str:
         return f"{score.rate(attribute):.0%} ({score.hits[attribute]}/{score.total}; chance {CHANCE[attribute]:.0%})"
 
     def row(name: str, score: ProbeScore) -> str:
-        cells = [cell(score, "color"), cell(score, "place" if "place" in score.hits else "direction"), cell(score, "axis") if "axis" in score.hits else "-"]
+        cells = [
+            cell(score, "color"),
+            cell(score, "place" if "place" in score.hits else "direction"),
+            cell(score, "axis") if "axis" in score.hits else "-",
+        ]
         return "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in [name, *cells]) + "</tr>"
 
     def image(path: Path, alt: str) -> str:
@@ -236,36 +330,54 @@ def _write_report(cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore,
     verdict = "yes" if follows_prompts(t2i, t2v_mfg) else "no"
     body = [
         "<h1>gentron quickstart</h1>",
-        f"<p>Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: <b>{verdict}</b>.</p>",
+        f"<p>Total time: {sum(timings.values()):.0f} s. Verdict: samples follow their prompts more often than chance: "
+        f"<b>{verdict}</b>.</p>",
         image(out / "overview.png", "overview: T2I images and T2V videos with motion-free guidance"),
-        "<p>Left: one T2I sample per prompt (rows red, green, blue, yellow; columns top left, top right, bottom left, bottom right). "
-        "Right: one T2V sample per prompt with motion-free guidance, its frames left to right (rows red, green, blue, yellow; "
+        "<p>Left: one T2I sample per prompt (rows red, green, blue, yellow; columns top left, top right, bottom left, "
+        "bottom right). "
+        "Right: one T2V sample per prompt with motion-free guidance, its frames left to right (rows red, green, blue, "
+        "yellow; "
         "columns moving left, right, up, down).</p>",
         "<h2>Prompt following (automatic probe of the generated pixels)</h2>",
-        "<p>The probe reads the colour of the generated square (nearest palette colour of the foreground), its place (quadrant of the "
-        "foreground's centre) and, for videos, its motion (centroid travel from first to last frame). The axis column counts videos "
+        "<p>The probe reads the colour of the generated square (nearest palette colour of the foreground), its place "
+        "(quadrant of the "
+        "foreground's centre) and, for videos, its motion (centroid travel from first to last frame). The axis column "
+        "counts videos "
         "moving along the asked axis (horizontal or vertical) in either sense.</p>",
         "<table><tr><th>samples</th><th>colour</th><th>place / direction</th><th>axis of motion</th></tr>",
-        row("T2I images", t2i), row("T2V videos, CFG only (lM = 1)", t2v_cfg),
-        row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg), "</table>",
+        row("T2I images", t2i),
+        row("T2V videos, CFG only (lM = 1)", t2v_cfg),
+        row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg),
+        "</table>",
         "<h2>Samples</h2>",
-        f"<p>T2I, every prompt ({link(out, samples['t2i'] / 'grid.png')}):</p>", image(samples["t2i"] / "grid.png", "T2I samples"),
-        f"<p>T2V with motion-free guidance, every prompt, frames left to right within each sample ({link(out, samples['t2v-mfg'] / 'grid.gif')}, "
-        f"{link(out, samples['t2v-mfg'] / 'grid.mp4')}):</p>", image(samples["t2v-mfg"] / "grid.frames.png", "T2V samples with motion-free guidance"),
-        f"<p>T2V without motion-free guidance ({link(out, samples['t2v-cfg'] / 'grid.gif')}, {link(out, samples['t2v-cfg'] / 'grid.mp4')}):</p>",
+        f"<p>T2I, every prompt ({link(out, samples['t2i'] / 'grid.png')}):</p>",
+        image(samples["t2i"] / "grid.png", "T2I samples"),
+        "<p>T2V with motion-free guidance, every prompt, frames left to right within each sample "
+        f"({link(out, samples['t2v-mfg'] / 'grid.gif')}, "
+        f"{link(out, samples['t2v-mfg'] / 'grid.mp4')}):</p>",
+        image(samples["t2v-mfg"] / "grid.frames.png", "T2V samples with motion-free guidance"),
+        f"<p>T2V without motion-free guidance ({link(out, samples['t2v-cfg'] / 'grid.gif')}, "
+        f"{link(out, samples['t2v-cfg'] / 'grid.mp4')}):</p>",
         image(samples["t2v-cfg"] / "grid.frames.png", "T2V samples without motion-free guidance"),
-        "<p>Each sample has its own file and a JSON sidecar that regenerates it (<code>gentron sample --from-sidecar</code>); "
+        "<p>Each sample has its own file and a JSON sidecar that regenerates it (<code>gentron sample "
+        "--from-sidecar</code>); "
         "<code>gentron eval FOLDER --probe toy</code> scores a sample folder again.</p>",
         "<h2>Training</h2>",
-        f"<p>Run pages: {link(out, t2i_run / PAGE, 'T2I run')}, {link(out, t2v_run / PAGE, 'T2V run')} (settings, curves, previews, data, models).</p>",
+        f"<p>Run pages: {link(out, t2i_run / PAGE, 'T2I run')}, {link(out, t2v_run / PAGE, 'T2V run')} (settings, "
+        "curves, previews, data, models).</p>",
         image(t2i_run / "loss.png", "T2I loss") + " " + image(t2v_run / "loss.png", "T2V loss"),
         "<h2>Settings and timings</h2>",
         "<table><tr><th>stage</th><th>seconds</th></tr>"
-        + "".join(f'<tr><td>{escape(name)}</td><td class="num">{seconds:.1f}</td></tr>' for name, seconds in timings.items()) + "</table>",
+        + "".join(
+            f'<tr><td>{escape(name)}</td><td class="num">{seconds:.1f}</td></tr>' for name, seconds in timings.items()
+        )
+        + "</table>",
         f"<pre>{escape(json.dumps(_jsonable(asdict(cfg)), indent=1))}</pre>",
     ]
-    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron quickstart</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>gentron quickstart</title>\n'
+        f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
     path = out / PAGE
     atomic_write_bytes(path, page.encode("utf-8"))
     return path

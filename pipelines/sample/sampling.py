@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import outputs
-from pipelines.checkpoint import PIPELINE_FILE, find_model_folder, load_model_folder, read_model_config
 from pipelines.data import schema
+
+# GenTron found motion-free guidance best for lM in [1.0, 1.3]; 1.1 is a mild default at the low end.
+from pipelines.defaults import DEFAULT_MFG_SCALE
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
-from pipelines.diffusion.samplers import SAMPLERS, sample as run_sampler
+from pipelines.diffusion.samplers import SAMPLERS
+from pipelines.diffusion.samplers import sample as run_sampler
 from pipelines.errors import GentronError
 from pipelines.files import file_sha256
 from pipelines.model.conditioning import TextCondition
@@ -35,9 +37,9 @@ from pipelines.model.gentron import GenTronTransformer, required_text_arrays, te
 from pipelines.model.text_encoders import DTYPES, ENCODERS, TextEncoders, resolve_device, resolve_dtype
 from pipelines.model.vae import VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
+from pipelines.sample import outputs
+from pipelines.train.checkpoint import PIPELINE_FILE, find_model_folder, load_model_folder, read_model_config
 
-# GenTron found motion-free guidance best for lM in [1.0, 1.3]; 1.1 is a mild default at the low end.
-from pipelines.defaults import DEFAULT_MFG_SCALE  # noqa: E402,F401  (re-exported)
 SIDECAR_VERSION = 1
 
 
@@ -63,7 +65,9 @@ class SampleConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # compute precision (autocast): fp32, bf16, fp16; auto = bf16 on cuda, fp32 on cpu
     negative_prompt: str | None = None  # replaces the empty caption as the unconditional text
-    text_encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
+    text_encoders: dict[str, str] = field(
+        default_factory=dict
+    )  # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
     vae: str | None = None  # instead of the recorded VAE
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
@@ -103,14 +107,15 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
-
 @dataclass
 class ModelInfo:
     """What `pipeline.json` (written by `gentron train` beside the weights) says sampling needs."""
 
     vae: str
     vae_scaling_factor: float
-    text_encoders: dict[str, dict]  # encoder name -> what the data's metadata records of it: "name" (hub name or path), settings
+    text_encoders: dict[
+        str, dict
+    ]  # encoder name -> what the data's metadata records of it: "name" (hub name or path), settings
     frames: int
     resolution: int
     fps: float
@@ -118,7 +123,7 @@ class ModelInfo:
 
 
 def read_model_info(folder: Path) -> ModelInfo:
-    """The one reader of a model folder's pipeline.json (see pipelines/train.py: pipeline_record)."""
+    """The one reader of a model folder's pipeline.json (see pipelines/train/trainer.py: pipeline_record)."""
     path = Path(folder) / PIPELINE_FILE
     hint = "export the model with `gentron train` (it writes pipeline.json beside config.json)"
     if not path.is_file():
@@ -126,10 +131,14 @@ def read_model_info(folder: Path) -> ModelInfo:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         vae, text, data = record["vae"], record["text_encoders"], record["data"]
-        used = text["used"].split("+") if isinstance(text["used"], str) else list(text["used"])  # "clip+t5" in older records
+        used = (
+            text["used"].split("+") if isinstance(text["used"], str) else list(text["used"])
+        )  # "clip+t5" in older records
         names = [*used, *(n for n in text.get("encoders") or () if n not in used)]
         # the training latents' side times the VAE's downsampling is the size the model learned
-        resolution = int(data["latent_shape"][-1]) * int(vae["downsample"]) if vae.get("downsample") else data["resolution"]
+        resolution = (
+            int(data["latent_shape"][-1]) * int(vae["downsample"]) if vae.get("downsample") else data["resolution"]
+        )
         return ModelInfo(
             vae=vae["name"],
             vae_scaling_factor=float(vae["scaling_factor"]),
@@ -149,7 +158,7 @@ def read_empty_caption(folder: Path, fields: set[str]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise GentronError(
             f"{path} not found: the unconditional text for guidance is missing",
-            "export the model with `gentron train`, or pass --negative-prompt \"\" to encode the empty caption now",
+            'export the model with `gentron train`, or pass --negative-prompt "" to encode the empty caption now',
         )
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -170,11 +179,17 @@ def load_text_encoders(
     models, settings = {}, {}
     for name in inputs:
         if name not in ENCODERS:
-            raise GentronError(f"the model reads a text encoder {name!r} this version does not know", f"use a gentron version with a {name!r} encoder")
+            raise GentronError(
+                f"the model reads a text encoder {name!r} this version does not know",
+                f"use a gentron version with a {name!r} encoder",
+            )
         recorded = info.text_encoders.get(name, {})
         models[name] = cfg.text_encoders.get(name) or recorded.get("name")
         if not models[name]:
-            raise GentronError(f"the model reads the {name} encoder but its pipeline.json names none", f"pass --text-encoder {name}=NAME_OR_PATH")
+            raise GentronError(
+                f"the model reads the {name} encoder but its pipeline.json names none",
+                f"pass --text-encoder {name}=NAME_OR_PATH",
+            )
         settings[name] = {k: recorded[k] for k in ENCODERS[name].settings if recorded.get(k) is not None}
     encoders = TextEncoders(models, settings=settings, device=device, dtype=dtype)
     for name, widths in encoders.text_inputs.items():
@@ -184,23 +199,32 @@ def load_text_encoders(
                 raise GentronError(
                     f"the {name} encoder {models[name]} gives {'pooled ' if key == 'pooled_dim' else ''}width {width}, "
                     f"but the model was trained with width {expected}",
-                    f"pass the encoder the model was trained with (recorded in pipeline.json: {info.text_encoders.get(name, {}).get('name')})",
+                    "pass the encoder the model was trained with (recorded in pipeline.json: "
+                    f"{info.text_encoders.get(name, {}).get('name')})",
                 )
     return encoders
 
 
 def load_model_vae(
-    info: ModelInfo, cfg: SampleConfig, model: GenTronTransformer, device: torch.device, dtype: torch.dtype, reporter: Reporter
+    info: ModelInfo,
+    cfg: SampleConfig,
+    model: GenTronTransformer,
+    device: torch.device,
+    dtype: torch.dtype,
+    reporter: Reporter,
 ) -> VAE:
     """The VAE recorded in pipeline.json unless overridden; its latent channels checked against the model."""
     vae = load_vae(cfg.vae or info.vae, device=device, dtype=dtype)
     if vae.latent_channels != model.config.in_channels:
         raise GentronError(
-            f"the VAE {vae.name} has {vae.latent_channels} latent channels but the model takes {model.config.in_channels}",
+            f"the VAE {vae.name} has {vae.latent_channels} latent channels but the model takes "
+            f"{model.config.in_channels}",
             f"pass --vae with the VAE the model was trained with (recorded in pipeline.json: {info.vae})",
         )
     if cfg.vae is None and abs(vae.scaling_factor - info.vae_scaling_factor) > 1e-6:
-        reporter.log(f"warning: VAE scaling factor {vae.scaling_factor} differs from the recorded {info.vae_scaling_factor}")
+        reporter.log(
+            f"warning: VAE scaling factor {vae.scaling_factor} differs from the recorded {info.vae_scaling_factor}"
+        )
     return vae
 
 
@@ -244,7 +268,8 @@ class SamplingPipeline:
         self.objective_config = self.info.objective
 
     def _unconditional_arrays(self, cfg: SampleConfig) -> dict[str, np.ndarray]:
-        """The text of the unconditional branch: the negative prompt, else the empty caption the model saw in training."""
+        """The text of the unconditional branch: the negative prompt, else the empty caption the model saw in
+        training."""
         if cfg.negative_prompt is not None:
             return self.text_encoders.encode([cfg.negative_prompt])[0]
         if not cfg.text_encoders:
@@ -252,7 +277,8 @@ class SamplingPipeline:
         return self.text_encoders.encode([""])[0]  # other encoders: their own empty caption
 
     def text_condition(self, arrays: list[dict[str, np.ndarray]]) -> TextCondition:
-        """The arrays the model reads, padded to the encoders' fixed lengths, so a caption's padding does not depend on its batch."""
+        """The arrays the model reads, padded to the encoders' fixed lengths, so a caption's padding does not depend on
+        its batch."""
         arrays = [{name: a[name] for name in self.text_arrays} for a in arrays]
         return TextCondition.collate(arrays, lengths=self.text_encoders.max_lengths).to(self.device)
 
@@ -284,7 +310,9 @@ class SamplingPipeline:
     ) -> Generated:
         """Sample one batch: prompt i starts from noise drawn with seeds[i]."""
         shape = self.latent_shape(frames, resolution)
-        return self.generate_encoded(self.text_encoders.encode(prompts), seeds, steps, scheduler, cfg_scale, mfg_scale, shape, reporter)
+        return self.generate_encoded(
+            self.text_encoders.encode(prompts), seeds, steps, scheduler, cfg_scale, mfg_scale, shape, reporter
+        )
 
     @torch.no_grad()
     def generate_encoded(
@@ -308,22 +336,34 @@ class SamplingPipeline:
         uncond = self.text_condition([self.uncond_arrays] * len(text_arrays))
         objective = make_objective(self.objective_config)
         sched = objective.scheduler(scheduler, learned_sigma=self.model.config.learn_sigma)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        )
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         with autocast:
             latents = run_sampler(
-                self.model, sched, noise, text, uncond, steps=steps, cfg_scale=cfg_scale, mfg_scale=mfg_scale,
-                generator=generators, reporter=reporter,
+                self.model,
+                sched,
+                noise,
+                text,
+                uncond,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                mfg_scale=mfg_scale,
+                generator=generators,
+                reporter=reporter,
             )
         latents = latents.float()
         return Generated(latents=latents, frames=self.decode(latents))
 
     @classmethod
     def from_parts(
-        cls, model: GenTronTransformer, vae: VAE, objective: ObjectiveConfig, uncond_arrays: dict[str, np.ndarray],
-        text_lengths: dict[str, int], device: torch.device, dtype: torch.dtype,
-    ) -> "SamplingPipeline":
+        cls,
+        model: GenTronTransformer,
+        vae: VAE,
+        objective: ObjectiveConfig,
+        uncond_arrays: dict[str, np.ndarray],
+        text_lengths: dict[str, int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> SamplingPipeline:
         """A pipeline around a model in memory, for text already encoded (training previews sample the stored
         embeddings of the first samples' captions, no text encoder loaded): `generate_encoded` as `gentron sample`
         runs it. `text_lengths`: the encoders' fixed lengths ({"clip": 77, "t5": 120}) the text is padded to."""
@@ -381,12 +421,16 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
         )
     mfg = cfg.mfg_scale if cfg.mfg_scale is not None else default_mfg_scale(frames)
     if mfg != 1.0 and frames == 1:
-        raise GentronError(f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images")
+        raise GentronError(
+            f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images"
+        )
     objective = make_objective(info.objective)
     scheduler = cfg.scheduler or objective.default_sampler
     if scheduler not in SAMPLERS:
         raise GentronError(f"unknown scheduler {scheduler!r}", f"use one of {', '.join(SAMPLERS)}")
-    objective.scheduler(scheduler, learned_sigma=bool(model_config.get("learn_sigma", True)))  # refuses a sampler of another objective
+    objective.scheduler(
+        scheduler, learned_sigma=bool(model_config.get("learn_sigma", True))
+    )  # refuses a sampler of another objective
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise GentronError(f"--steps and --batch-size must be at least 1, got {cfg.steps} and {cfg.batch_size}")
     return {
@@ -406,7 +450,9 @@ def resolved_settings(cfg: SampleConfig, folder: Path, info: ModelInfo) -> dict:
     }
 
 
-def sample(cfg: SampleConfig, reporter: Reporter = NullReporter(), pipe: SamplingPipeline | None = None) -> SampleResult:
+def sample(
+    cfg: SampleConfig, reporter: Reporter = NullReporter(), pipe: SamplingPipeline | None = None
+) -> SampleResult:
     """Generate one output per prompt into cfg.out, each with a JSON sidecar; optionally a contact sheet.
 
     `pipe`: a SamplingPipeline already loaded from cfg.model (training's evaluation keeps one and swaps in the
@@ -430,8 +476,15 @@ def sample(cfg: SampleConfig, reporter: Reporter = NullReporter(), pipe: Samplin
             prompts = [cfg.prompts[i - cfg.start_index] for i in batch]
             seeds = [sample_seed(cfg.seed, i) for i in batch]
             generated = pipe.generate(
-                prompts, seeds, settings["steps"], settings["scheduler"], settings["cfg_scale"], settings["mfg_scale"],
-                settings["frames"], settings["resolution"], reporter,
+                prompts,
+                seeds,
+                settings["steps"],
+                settings["scheduler"],
+                settings["cfg_scale"],
+                settings["mfg_scale"],
+                settings["frames"],
+                settings["resolution"],
+                reporter,
             )
             for index, prompt, seed, frames in zip(batch, prompts, seeds, generated.frames):
                 stem = outputs.output_stem(index, prompt)
@@ -450,7 +503,11 @@ def sample(cfg: SampleConfig, reporter: Reporter = NullReporter(), pipe: Samplin
                     "settings": settings,
                     "files": [f.name for f in files],
                     "pixels_sha256": digest,
-                    "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+                    "environment": {
+                        "torch": torch.__version__,
+                        "python": platform.python_version(),
+                        "machine": platform.machine(),
+                    },
                 }
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))
@@ -482,19 +539,35 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
             # older sidecars record the encoder overrides as "clip" and "t5"
-            text_encoders=settings["text_encoders"] if "text_encoders" in settings else {k: settings[k] for k in ("clip", "t5") if settings.get(k)},
+            text_encoders=settings["text_encoders"]
+            if "text_encoders" in settings
+            else {k: settings[k] for k in ("clip", "t5") if settings.get(k)},
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
             raise ValueError("the prompt is not in its recorded batch")
     except FileNotFoundError:
         raise GentronError(f"sidecar not found: {path}", "pass the .json file written next to a sample") from None
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise GentronError(f"{path} is not a gentron sample sidecar ({err!r})", "pass the .json file written next to a sample") from None
+        raise GentronError(
+            f"{path} is not a gentron sample sidecar ({err!r})", "pass the .json file written next to a sample"
+        ) from None
     return cfg, record
 
 
-_SIDECAR_SETTINGS = ("steps", "scheduler", "cfg_scale", "mfg_scale", "frames", "resolution", "fps", "batch_size",
-                     "device", "dtype", "negative_prompt", "vae")
+_SIDECAR_SETTINGS = (
+    "steps",
+    "scheduler",
+    "cfg_scale",
+    "mfg_scale",
+    "frames",
+    "resolution",
+    "fps",
+    "batch_size",
+    "device",
+    "dtype",
+    "negative_prompt",
+    "vae",
+)
 
 
 def resample_from_sidecar(

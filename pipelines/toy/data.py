@@ -62,7 +62,10 @@ class ToyDataConfig:
                 raise ValueError(f"toy {kind}s must be some of {known}, got {given}")
         for pair in self.held_out:
             if len(pair) != 2 or pair[0] not in COLORS or pair[1] not in SHAPES:
-                raise ValueError(f"held-out pairs are (colour, shape) with colour in {tuple(COLORS)} and shape in {SHAPES}, got {pair}")
+                raise ValueError(
+                    f"held-out pairs are (colour, shape) with colour in {tuple(COLORS)} and shape in {SHAPES}, got "
+                    f"{pair}"
+                )
 
     def combos(self) -> list[tuple[str, str]]:
         """The (colour, shape) pairs the data shows: all of them but the held-out ones, colour-major."""
@@ -125,7 +128,9 @@ def shape_mask(shape: str, size: int, side: int, top_left: tuple[float, float]) 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw(size: int, side: int, top_left: tuple[float, float], color: tuple[int, int, int], shape: str = "square") -> np.ndarray:
+def _draw(
+    size: int, side: int, top_left: tuple[float, float], color: tuple[int, int, int], shape: str = "square"
+) -> np.ndarray:
     """A frame with one filled shape on the background."""
     frame = np.zeros((size, size, 3), np.uint8)
     frame[:] = BACKGROUND
@@ -218,7 +223,9 @@ def centroid(frame: np.ndarray) -> tuple[float, float] | None:
     if weight.sum() == 0:
         return None
     ys, xs = np.mgrid[0 : frame.shape[0], 0 : frame.shape[1]]
-    return float((ys * weight).sum() / weight.sum() / (frame.shape[0] - 1)), float((xs * weight).sum() / weight.sum() / (frame.shape[1] - 1))
+    return float((ys * weight).sum() / weight.sum() / (frame.shape[0] - 1)), float(
+        (xs * weight).sum() / weight.sum() / (frame.shape[1] - 1)
+    )
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -311,7 +318,7 @@ def object_centre(frame: np.ndarray) -> tuple[float, float] | None:
 
 
 def shape_of(frame: np.ndarray) -> str | None:
-    """"square", "circle" or "triangle" from the object's coverage, or None without an object.
+    """ "square", "circle" or "triangle" from the object's coverage, or None without an object.
 
     Two numbers, each measured on ground truth at 64 and 32 pixels, clean and with noise (std 20):
     - skew of the vertical profile (coverage summed along each row): the upward triangle's rows widen
@@ -410,4 +417,10 @@ def probe_video(frames: np.ndarray, caption: str, with_shape: bool | None = None
 
 
 # Chance of guessing each attribute right (4 quadrants or 4 sides alike).
-CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "place": 1 / len(PLACES), "direction": 1 / len(DIRECTIONS), "axis": 0.5}
+CHANCE = {
+    "color": 1 / len(COLORS),
+    "shape": 1 / len(SHAPES),
+    "place": 1 / len(PLACES),
+    "direction": 1 / len(DIRECTIONS),
+    "axis": 0.5,
+}
