@@ -37,19 +37,18 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.evaluate.evaluator import list_samples
-from pipelines.toy.data import (
+from pipelines.evaluate.probe import (
     CHANCE,
     COLORS,
     DIRECTIONS,
     SIDES,
-    ToyDataConfig,
     image_caption,
-    make_toy_dataset,
     parse_caption,
     probe_image,
     probe_video,
     video_caption,
 )
+from pipelines.toy.data import ToyDataConfig, make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ import torch
 from pipelines.data import schema
 from pipelines.data.loader import StreamSpec, TrainStream, index_source, load_empty_caption
 from pipelines.diffusion import ObjectiveConfig, make_objective
+from pipelines.evaluate import probe
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays
-from pipelines.toy import data as toydata
 from pipelines.train.trainer import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
@@ -76,7 +76,7 @@ def main() -> None:
                 x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
                 eps = model(x_t, t, text)[:, : x0.shape[1]]
                 x0_pred = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        scores = [toydata.probe_image(p, c, with_shape=True) for p, c in zip(to_pixels(x0_pred), captions)]
+        scores = [probe.probe_image(p, c, with_shape=True) for p, c in zip(to_pixels(x0_pred), captions)]
         shape, place = (np.mean([s[k] for s in scores]) for k in ("shape", "place"))
         print(
             f"t in [{lo:.1f}, {hi:.1f}): loss {float(loss):.4f}; x0 prediction shows the caption's shape {shape:.0%}, "
@@ -88,7 +88,7 @@ def main() -> None:
     uncond = TextCondition.collate([{name: empty[name] for name in required_text_arrays(model.config)}] * args.samples)
     for t0 in REGENERATE_FROM:
         pixels = to_pixels(regenerate(model, x0, noise, text, uncond, t0, n))
-        scores = [toydata.probe_image(p, c, with_shape=True) for p, c in zip(pixels, captions)]
+        scores = [probe.probe_image(p, c, with_shape=True) for p, c in zip(pixels, captions)]
         shape, place = (np.mean([s[k] for s in scores]) for k in ("shape", "place"))
         print(f"regenerated from x_t at t0 = {t0:.1f}: shows the caption's shape {shape:.0%}, place {place:.0%}")
 

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
+from pipelines.evaluate.probe import SIDES, parse_caption
 from pipelines.sample.outputs import output_stem, write_sample, write_sidecar
-from pipelines.toy.data import SIDES, ToyDataConfig, make_toy_dataset, parse_caption
+from pipelines.toy.data import ToyDataConfig, make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from gentron_cli.main import app
 from pipelines.data.shards import summarize
+from pipelines.evaluate.probe import probe_image, probe_video
 from pipelines.sample.outputs import read_frame_strip
-from pipelines.toy.data import probe_image, probe_video
 
 
 def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):

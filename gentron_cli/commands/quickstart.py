@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
                 ("T2V, motion-free guidance", result.t2v_mfg),
             ):
                 rates = ", ".join(f"{a} {score.rate(a):.0%}" for a in score.hits)
-                console.print(f"{name}: {rates}  (of {score.total} samples)")
+                console.print(f"{name}: {rates}  (of {max(score.counts.values(), default=0)} samples)")
             console.print(f"report: {result.report}")
             console.print(f"total time: {time.perf_counter() - start:.0f} s")
             if not smoke and not result.passed:

@@ -12,7 +12,7 @@ or (T, H, W, 3) for a video.
 - FID (`inception_features`, `FeatureMoments`, `frechet_distance`): the Fréchet distance between Gaussians
   fitted to the FID Inception-v3 pool features (`pipelines.model.fid_inception`) of the samples' frames
   and of reference images (an image folder, prep-images / prep-videos shards, or cached `.npz` statistics).
-- The toy probe (`probe_sample`, `ProbeTally`): `pipelines.toy.data`'s pixel probe, for samples of toy captions.
+- The toy probe (`pipelines.evaluate.probe`), for samples of toy captions.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.evaluate.probe import ProbeTally, parse_caption, probe_sample
 from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception
 from pipelines.model.text_encoders import load_pretrained, resolve_device
 from pipelines.progress import NullReporter, Reporter
 from pipelines.sample import outputs
-from pipelines.toy.data import CHANCE, parse_caption, probe_image, probe_video
 
 METRICS_FILE = "metrics.json"
 METRICS_VERSION = 1
@@ -474,43 +474,6 @@ def reference_statistics(
 
 
 # --------------------------------------------------------------------------- the toy probe
-
-
-def probe_sample(sample: np.ndarray, prompt: str) -> dict[str, bool]:
-    """`pipelines.toy.data`'s probe: colour and place of an image, colour, direction and axis of a video.
-    Raises ValueError for a prompt that is not a toy caption."""
-    return probe_video(sample, prompt) if sample.ndim == 4 else probe_image(sample, prompt)
-
-
-@dataclass
-class ProbeTally:
-    """Hits and counts per attribute over samples (images score place, videos direction and axis)."""
-
-    hits: dict[str, int] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, scores: dict[str, bool]) -> None:
-        for attribute, ok in scores.items():
-            self.hits[attribute] = self.hits.get(attribute, 0) + int(ok)
-            self.counts[attribute] = self.counts.get(attribute, 0) + 1
-
-    def rates(self) -> dict[str, float]:
-        return {a: self.hits[a] / self.counts[a] for a in self.counts}
-
-    def record(self) -> dict:
-        return {
-            "rates": self.rates(),
-            "hits": dict(self.hits),
-            "counts": dict(self.counts),
-            "chance": {a: CHANCE[a] for a in self.counts if a in CHANCE},
-        }
-
-
-def probe_samples(samples: Sequence[np.ndarray], prompts: Sequence[str]) -> ProbeTally:
-    tally = ProbeTally()
-    for sample, prompt in zip(samples, prompts, strict=True):
-        tally.add(probe_sample(sample, prompt))
-    return tally
 
 
 # --------------------------------------------------------------------------- evaluate: the command's library function

@@ -22,19 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import GentronError
-from pipelines.files import atomic_write_bytes
-from pipelines.progress import NullReporter, Reporter
-from pipelines.sample.outputs import contact_sheet, film_strip, write_png
-from pipelines.toy.data import (
+from pipelines.evaluate.probe import (
     CHANCE,
     COLORS,
     DIRECTIONS,
     PLACES,
-    ToyDataConfig,
+    ProbeTally,
     image_caption,
-    make_toy_dataset,
+    probe_sample,
     video_caption,
 )
+from pipelines.files import atomic_write_bytes
+from pipelines.progress import NullReporter, Reporter
+from pipelines.sample.outputs import contact_sheet, film_strip, write_png
+from pipelines.toy.data import ToyDataConfig, make_toy_dataset
 
 QUICKSTART_MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 128, "mlp_dim": 512, "num_heads": 4}'
 
@@ -86,26 +87,12 @@ class QuickstartConfig:
 
 
 @dataclass
-class ProbeScore:
-    """How many samples showed each asked attribute, out of how many."""
-
-    hits: dict[str, int]
-    total: int
-
-    def rate(self, attribute: str) -> float:
-        return self.hits[attribute] / self.total if self.total else 0.0
-
-    def beats_chance(self) -> bool:
-        return all(self.rate(a) > CHANCE[a] for a in self.hits)
-
-
-@dataclass
 class QuickstartResult:
     out: Path
     timings: dict[str, float]
-    t2i: ProbeScore
-    t2v_cfg: ProbeScore
-    t2v_mfg: ProbeScore
+    t2i: ProbeTally
+    t2v_cfg: ProbeTally
+    t2v_mfg: ProbeTally
     report: Path
 
     @property
@@ -113,7 +100,7 @@ class QuickstartResult:
         return follows_prompts(self.t2i, self.t2v_mfg)
 
 
-def follows_prompts(t2i: ProbeScore, t2v_mfg: ProbeScore) -> bool:
+def follows_prompts(t2i: ProbeTally, t2v_mfg: ProbeTally) -> bool:
     """The quickstart's check: images and videos with motion-free guidance beat chance on every attribute."""
     return t2i.beats_chance() and t2v_mfg.beats_chance()
 
@@ -270,17 +257,17 @@ def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4)
 
 def _sample_and_probe(
     cfg: QuickstartConfig, run: Path, out: Path, prompts: list[str], mfg: float | None, reporter: Reporter
-) -> tuple[ProbeScore, list[np.ndarray]]:
+) -> tuple[ProbeTally, list[np.ndarray]]:
     """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe.
 
     Returns the score and the exact pixels of each prompt's first sample."""
-    from pipelines.evaluate.evaluator import list_samples, probe_sample
+    from pipelines.evaluate.evaluator import list_samples
     from pipelines.sample.sampling import SampleConfig, sample
 
     if out.exists():
         shutil.rmtree(out)  # samples are cheap to redo; stale ones would be scored otherwise
     asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    result = sample(
+    sample(
         SampleConfig(
             model=run,
             out=out,
@@ -295,27 +282,27 @@ def _sample_and_probe(
         ),
         reporter,
     )
-    hits: dict[str, int] = {}
+    tally = ProbeTally()
     firsts: dict[str, np.ndarray] = {}
     for s in list_samples(out):  # as `gentron eval` reads them: a video's exact frames, not the lossy MP4/GIF
         pixels = s.read_pixels()
         firsts.setdefault(s.prompt, pixels)
-        for attribute, ok in probe_sample(pixels, s.prompt).items():
-            hits[attribute] = hits.get(attribute, 0) + int(ok)
-    return ProbeScore(hits, len(result.samples)), list(firsts.values())
+        tally.add(probe_sample(pixels, s.prompt))
+    return tally, list(firsts.values())
 
 
 def _write_report(
-    cfg, out: Path, timings, t2i: ProbeScore, t2v_cfg: ProbeScore, t2v_mfg: ProbeScore, t2i_run: Path, t2v_run: Path
+    cfg, out: Path, timings, t2i: ProbeTally, t2v_cfg: ProbeTally, t2v_mfg: ProbeTally, t2i_run: Path, t2v_run: Path
 ) -> Path:
     """OUT/index.html: the quickstart's page, built like a run page (pipelines/train/run_page.py) and linking both runs'
     pages."""
     from pipelines.train.run_page import PAGE, STYLE, escape, href, link
 
-    def cell(score: ProbeScore, attribute: str) -> str:
-        return f"{score.rate(attribute):.0%} ({score.hits[attribute]}/{score.total}; chance {CHANCE[attribute]:.0%})"
+    def cell(score: ProbeTally, attribute: str) -> str:
+        hits, count = score.hits[attribute], score.counts[attribute]
+        return f"{score.rate(attribute):.0%} ({hits}/{count}; chance {CHANCE[attribute]:.0%})"
 
-    def row(name: str, score: ProbeScore) -> str:
+    def row(name: str, score: ProbeTally) -> str:
         cells = [
             cell(score, "color"),
             cell(score, "place" if "place" in score.hits else "direction"),

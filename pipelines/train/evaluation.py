@@ -83,10 +83,10 @@ class TrainingEvaluator:
         reporter: Reporter = NullReporter(),
     ):
         from pipelines.evaluate.evaluator import ClipScorer, reference_statistics
+        from pipelines.evaluate.probe import parse_caption
         from pipelines.files import file_sha256
         from pipelines.model.fid_inception import load_fid_inception
         from pipelines.sample.sampling import read_prompts_file
-        from pipelines.toy.data import parse_caption
 
         self.config, self.run_dir, self.device = config, Path(run_dir), device
         self.prompts = read_prompts_file(Path(config.eval_prompts))
@@ -162,7 +162,8 @@ class TrainingEvaluator:
 
     def score(self, folder: Path) -> dict:
         """The asked metrics of a folder of samples, read back from the files as `gentron eval` reads them."""
-        from pipelines.evaluate.evaluator import clip_scores, fid, list_samples, probe_samples, summarize_clip_scores
+        from pipelines.evaluate.evaluator import clip_scores, fid, list_samples, summarize_clip_scores
+        from pipelines.evaluate.probe import probe_samples
 
         samples = list_samples(folder)
         pixels, prompts = [s.read_pixels() for s in samples], [s.prompt for s in samples]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
-from pipelines.toy.data import (
+from pipelines.evaluate.probe import (
     CHANCE,
     COLORS,
     DIRECTIONS,
@@ -16,12 +16,10 @@ from pipelines.toy.data import (
     SHAPES,
     SIDE_BAND,
     SIDES,
-    ToyDataConfig,
     centroid,
     direction_of,
     image_caption,
     largest_component,
-    make_toy_dataset,
     object_centre,
     parse_caption,
     place_of,
@@ -30,6 +28,7 @@ from pipelines.toy.data import (
     shape_of,
     video_caption,
 )
+from pipelines.toy.data import ToyDataConfig, make_toy_dataset
 
 SMALL = ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0)
 HELD_OUT = (("red", "triangle"), ("blue", "circle"))
