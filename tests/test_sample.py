@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from gentron_cli.main import app
 from pipelines.data import schema
 from pipelines.diffusion import ObjectiveConfig, make_objective
-from pipelines.diffusion.samplers import make_scheduler
+from pipelines.diffusion.objective import make_scheduler
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import TextEncoders

@@ -28,8 +28,8 @@ from pipelines.data import schema
 # GenTron found motion-free guidance best for lM in [1.0, 1.3]; 1.1 is a mild default at the low end.
 from pipelines.defaults import DEFAULT_MFG_SCALE
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
-from pipelines.diffusion.samplers import SAMPLERS
 from pipelines.diffusion.samplers import sample as run_sampler
+from pipelines.diffusion.schedulers import SAMPLERS
 from pipelines.errors import GentronError
 from pipelines.files import file_sha256
 from pipelines.model.conditioning import TextCondition
