@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from gentron_cli.commands import encode as encode_commands
 from pipelines.data import media, schema
 from pipelines.data.shards import ShardWriter, iter_shard, list_shards
-from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
+from pipelines.encode.latents import CoverCrop, EncodeLatentsConfig, encode_latents
 from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
@@ -126,7 +126,7 @@ def test_encode_latents_pixel_round_trip_flip_and_failures(tmp_path):
         elif key == "c5":
             expected = source[:, 4:20, :]
         else:
-            expected = CenterCropResize(16)(source)[0]
+            expected = CoverCrop.square(16)(source)[0]
         np.testing.assert_array_equal(pixel.decode(torch.from_numpy(mean)), expected)
         np.testing.assert_array_equal(pixel.decode(torch.from_numpy(flip_mean)), expected[:, :, ::-1])
         latent = schema.decode_json(fields[schema.META])["latent"]

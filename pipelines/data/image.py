@@ -1,4 +1,4 @@
-"""Loading images for prep: any PIL-readable file -> upright 8-bit RGB; resize and center crop.
+"""Loading images for prep: any PIL-readable file -> upright 8-bit RGB; resize and center crop (to a bucket).
 
 Normalisation: EXIF orientation applied; CMYK/YCbCr/grayscale/1-bit converted; transparency (RGBA,
 LA, palette with transparency) composited onto white; 16-bit and float images scaled to 8 bit.
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.data.buckets import Fit, fit
 from pipelines.errors import BadSample
 
 
@@ -76,17 +77,28 @@ def resize_image(pixels: np.ndarray, size: int, crop: bool) -> tuple[np.ndarray,
 
     Returns the image and the crop box [left, top, right, bottom] in resized coordinates.
     """
+    if crop:
+        cut, box = cover_crop(pixels, fit(pixels.shape[1], pixels.shape[0], (size, size)))
+        return cut, box
     height, width = pixels.shape[:2]
     scale = size / min(width, height)
     new_w, new_h = (
         (size, max(size, round(height * scale))) if width <= height else (max(size, round(width * scale)), size)
     )
-    resized = (
-        np.asarray(Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC))
-        if (new_w, new_h) != (width, height)
-        else pixels
-    )
-    if not crop:
-        return resized, [0, 0, new_w, new_h]
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.ascontiguousarray(resized[top : top + size, left : left + size]), [left, top, left + size, top + size]
+    return _resize(pixels, new_w, new_h), [0, 0, new_w, new_h]
+
+
+def cover_crop(pixels: np.ndarray, cut: Fit) -> tuple[np.ndarray, list[int]]:
+    """(H, W, 3) -> the bucket of `cut` (pipelines/data/buckets.py: fit): resized to cover it, then cropped.
+
+    Returns the image and the crop box [left, top, right, bottom] in resized coordinates."""
+    left, top, right, bottom = cut.crop_box
+    resized = _resize(pixels, *cut.resized)
+    return np.ascontiguousarray(resized[top:bottom, left:right]), [left, top, right, bottom]
+
+
+def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bicubic (antialiased when shrinking); the pixels themselves when the size is already right."""
+    if (width, height) == (pixels.shape[1], pixels.shape[0]):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))

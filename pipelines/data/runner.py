@@ -167,13 +167,18 @@ def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
     return [ShardJob(path.name[: -len(SHARD_SUFFIX)], path, items=_input_samples(path)) for path in shards]
 
 
-def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[ShardJob]:
+def start_shard_stage(
+    cfg, resume: ResumeOptions, batch_hint: int, upgrade: Callable[[dict], dict] | None = None
+) -> list[ShardJob]:
     """What a stage over another stage's shards (encode-latents, encode-text) does first: its jobs, a checked
-    `batch_size`, and its options record checked or written (a dtype of None records as "auto")."""
+    `batch_size`, and its options record checked or written (a dtype of None records as "auto"; `upgrade`: as
+    check_output_options)."""
     jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", f"pass --batch-size {batch_hint}")
-    check_output_options(Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file)
+    check_output_options(
+        Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file, upgrade
+    )
     return jobs
 
 

@@ -33,6 +33,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipelines.data.buckets import assign
 from pipelines.data.media import encode_clip
 from pipelines.errors import BadSample
 from pipelines.files import file_sha256
@@ -203,10 +204,11 @@ class ClipPlan:
 
     Paper defaults: 24 FPS timeline, 8 frames every 6th (4 FPS, 2 s per clip); clips start every
     `clip_stride` timeline frames (default frames * frame_stride: consecutive, non-overlapping).
+    `frames` may list several lengths (1, 9, 17, 33): each clip position takes the longest that fits.
     """
 
     timeline_fps: float = 24.0
-    frames: int = 8
+    frames: int | tuple[int, ...] = 8
     frame_stride: int = 6
     clip_stride: int | None = None
     max_clips: int | None = None
@@ -216,13 +218,17 @@ class ClipPlan:
         return self.timeline_fps / self.frame_stride
 
     @property
-    def stride(self) -> int:
-        return self.clip_stride or self.frames * self.frame_stride
+    def lengths(self) -> tuple[int, ...]:
+        """The clip lengths, longest first."""
+        return tuple(sorted(set(self.frames), reverse=True)) if isinstance(self.frames, tuple) else (self.frames,)
 
-    @property
-    def span(self) -> int:
-        """Timeline frames from the first selected frame to the last, inclusive."""
-        return (self.frames - 1) * self.frame_stride + 1
+    def stride(self, frames: int) -> int:
+        """Timeline frames from the start of a clip of `frames` frames to the start of the next."""
+        return self.clip_stride or frames * self.frame_stride
+
+    def span(self, frames: int) -> int:
+        """Timeline frames from the first selected frame of a clip of `frames` frames to its last, inclusive."""
+        return (frames - 1) * self.frame_stride + 1
 
 
 @dataclass
@@ -249,17 +255,17 @@ def plan_clips(
     # Timestamps in coarse clocks (webm: 1 ms) are rounded; allow half a unit, never a large part of a frame.
     eps = min(float(info.time_base), 0.25 * info.frame_duration) if info.frame_duration > 0 else float(info.time_base)
     selections = []
-    offsets = np.arange(plan.frames) * plan.frame_stride
     clip_start = 0
-    while clip_start + plan.span <= n_timeline:
-        if plan.max_clips is not None and len(selections) >= plan.max_clips:
+    while plan.max_clips is None or len(selections) < plan.max_clips:
+        frames = next((n for n in plan.lengths if clip_start + plan.span(n) <= n_timeline), None)
+        if frames is None:
             break
-        targets = first + (clip_start + offsets) / plan.timeline_fps
+        targets = first + (clip_start + np.arange(frames) * plan.frame_stride) / plan.timeline_fps
         indices = pick_frames(times, targets, eps)
         if indices[0] < 0:  # start before the first frame cannot happen (t >= 0), kept as a guard
             break
         selections.append(ClipSelection(index=len(selections), timeline_times=targets, frame_indices=indices))
-        clip_start += plan.stride
+        clip_start += plan.stride(frames)
     return selections
 
 
@@ -403,10 +409,20 @@ def _test_sleep(path: Path) -> None:
 
 
 def video_clips(
-    path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int
+    path: Path,
+    plan: ClipPlan,
+    start: float | None,
+    end: float | None,
+    short_side: int,
+    upscale: bool,
+    qscale: int,
+    buckets: tuple[tuple[int, int], ...] | None = None,
 ) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child.
 
+    `buckets`: (width, height) sizes (pipelines/data/buckets.py); the video goes to the one nearest its aspect
+    ratio, resized to cover it and center-cropped (a video smaller than its bucket only with `upscale`).
+    None: short side resized to `short_side`, aspect kept.
     Defined here, not in pipelines.prep.videos, so that the child imports only what decoding needs.
     """
     _test_sleep(path)
@@ -416,30 +432,42 @@ def video_clips(
     info = probe_video(path)
     selections = plan_clips(info, plan, start, end)
     if not selections:
-        span = (plan.span - 1) / plan.timeline_fps + 1 / plan.timeline_fps
+        span = plan.span(min(plan.lengths)) / plan.timeline_fps
         have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (
             start or 0.0
         )
         raise BadSample("too_short", f"{path}: {max(have, 0):.3f} s usable, one clip needs {span:.3f} s")
-    width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
-    yield (
-        "video",
-        {
-            "source_sha256": sha256,
-            "source_fps": round(info.fps, 6),
-            "source_vfr": info.vfr,
-            "source_frames": len(info.pts),
-            "source_size": [info.width, info.height],  # as displayed: after the rotation
-            "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
-            "size": [width, height],
-            "upscaled": upscaled,
-        },
-    )
+    cut = assign(info.width, info.height, buckets) if buckets else None
+    if cut is None:
+        width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
+    else:
+        (width, height), upscaled = cut.bucket, cut.upscaled
+        if upscaled and not upscale:
+            raise BadSample(
+                "too_small",
+                f"{path}: {info.width}x{info.height} is smaller than its bucket {width}x{height} "
+                "(--upscale enlarges it)",
+            )
+    video = {
+        "source_sha256": sha256,
+        "source_fps": round(info.fps, 6),
+        "source_vfr": info.vfr,
+        "source_frames": len(info.pts),
+        "source_size": [info.width, info.height],  # as displayed: after the rotation
+        "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
+        "size": [width, height],
+        "upscaled": upscaled,
+    }
+    yield ("video", video if cut is None else video | cut.record())
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(
-            resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale
-        )
+        upright = rotate_frames(frames, info.rotation)
+        if cut is None:
+            pixels = resize_frames(upright, width, height)
+        else:
+            left, top, right, bottom = cut.crop_box
+            pixels = np.ascontiguousarray(resize_frames(upright, *cut.resized)[:, top:bottom, left:right])
+        clip = encode_clip(pixels, plan.clip_fps, qscale=qscale)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),

@@ -1,7 +1,10 @@
 """`prep-videos`: raw videos + captions -> WebDataset shards of clips (key.mp4, key.txt, key.json).
 
 Each clip is `frames` frames taken every `frame_stride` frames of a `timeline_fps` timeline
-(paper: 8 frames at 4 FPS from a 24 FPS timeline, short side 512), selected by timestamp.
+(paper: 8 frames at 4 FPS from a 24 FPS timeline, short side 512), selected by timestamp; with several
+lengths (`frames=(1, 9, 17, 33)`) each clip position takes the longest that fits. Frames keep the aspect
+ratio (short side `short_side`), or with `buckets` (pipelines/data/buckets.py) are cut to the bucket
+nearest the video's aspect ratio at short_side x short_side pixels (bucket, crop box and sizes recorded).
 Shards are formed over the sorted input videos (`shard_size` videos per shard), so their contents
 are stable and a killed run resumes by skipping complete shards. Each video is decoded in a child
 process killed after `timeout` seconds without progress; a bad video is counted and skipped. Each
@@ -13,10 +16,11 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
+from pipelines.data.buckets import SQUARE, parse_buckets
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
 from pipelines.data.media import clip_qscale
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
@@ -33,7 +37,7 @@ class PrepVideosConfig:
     short_side: int = 512
     upscale: bool = False  # resize sources smaller than short_side up (default: keep their size)
     timeline_fps: float = 24.0
-    frames: int = 8
+    frames: int | list[int] = 8  # frames per clip, or several lengths: each clip position takes the longest that fits
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
@@ -52,10 +56,18 @@ class PrepVideosConfig:
     path_column: str = "path"
     caption_column: str = "caption"
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
+    buckets: str = SQUARE  # "square": short side only, aspect kept; a named set or "WxH,...": cut to buckets
 
     @property
     def plan(self) -> ClipPlan:
-        return ClipPlan(self.timeline_fps, self.frames, self.frame_stride, self.clip_stride, self.max_clips_per_video)
+        frames = tuple(self.frames) if isinstance(self.frames, (list, tuple)) else self.frames
+        return ClipPlan(self.timeline_fps, frames, self.frame_stride, self.clip_stride, self.max_clips_per_video)
+
+    @property
+    def bucket_sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The (width, height) buckets, None for "square" (prep-videos' square keeps the aspect ratio)."""
+        spec = parse_buckets(self.buckets)
+        return None if spec.square else spec.sizes(self.short_side)
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
@@ -88,6 +100,7 @@ RESUME = ResumeOptions(
         "keep_uncaptioned",
         "path_column",
         "caption_column",
+        "buckets",
     ),
     may_differ=("output", "workers", "rank", "world_size", "timeout", "verify"),
     paths=("input",),
@@ -99,7 +112,7 @@ def _validate(config: PrepVideosConfig) -> None:
     checks = [
         (config.short_side >= 16, "--short-side must be at least 16"),
         (config.timeline_fps > 0, "--timeline-fps must be positive"),
-        (config.frames >= 1, "--frames must be at least 1"),
+        (all(n >= 1 for n in config.plan.lengths), "--frames must be at least 1"),
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
         (
@@ -118,6 +131,16 @@ def _validate(config: PrepVideosConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise GentronError(f"invalid option: {message}", message)
+    config.bucket_sizes  # noqa: B018 (refuses a --buckets the budget cannot use)
+
+
+def parse_frames(text: str) -> int | list[int]:
+    """`--frames`: "8" -> 8, "1,9,17,33" -> [1, 9, 17, 33] (several clip lengths)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise GentronError(f"--frames {text}: not a frame count or a list of them", "pass e.g. --frames 8 or 1,9,17,33")
+    counts = sorted({int(p) for p in parts})
+    return counts[0] if len(counts) == 1 else counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +223,7 @@ def _prep_one(
                 config.short_side,
                 config.upscale,
                 config.effective_qscale,
+                config.bucket_sizes,
             )
         )
     except BadSample as exc:
@@ -229,6 +253,11 @@ def _prep_one(
     stats.count("upscaled_videos", int(video["upscaled"]))
     stats.count("vfr_videos", int(video["source_vfr"]))
     stats.count("rotated_videos", int(video["source_rotation"] != 0))
+    if "bucket" in video:
+        stats.count(f"bucket_{video['bucket'][0]}x{video['bucket'][1]}", len(messages) - 1)
+    if len(config.plan.lengths) > 1:
+        for _, meta, _ in messages[1:]:
+            stats.count(f"clips_of_{len(meta['source_frame_indices'])}_frames")
     return len(messages) - 1
 
 
@@ -265,6 +294,10 @@ def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -
     """Prepare every video of `config.input` into clip shards under `config.output`."""
     global _active
     _validate(config)
+    lengths = sorted(config.plan.lengths)  # recorded as parsed: 8, or [1, 9, 17, 33]
+    config = replace(
+        config, buckets=parse_buckets(config.buckets).text, frames=lengths[0] if len(lengths) == 1 else lengths
+    )
     if _active is not None:
         raise GentronError(
             "prep_videos is already running in this process", "run one prep-videos at a time per process"
@@ -290,8 +323,9 @@ def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -
 
 
 def _upgrade_record(previous: dict) -> dict:
-    """An options record of before `quality` became JPEG quality: its "quality" was the quantiser scale."""
+    """An options record of before `quality` became JPEG quality (its "quality" was the quantiser scale), or before
+    `buckets` existed."""
     if "qscale" not in previous and "quality" in previous:
         previous = dict(previous)
         previous["qscale"] = previous.pop("quality")
-    return previous
+    return {"buckets": SQUARE} | previous  # made before --buckets: the square
