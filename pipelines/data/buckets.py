@@ -24,12 +24,10 @@ from pipelines.errors import GentronError
 SQUARE = "square"
 NAMED_RATIOS = {"aspect": ((1, 2), (9, 16), (2, 3), (3, 4), (1, 1), (4, 3), (3, 2), (16, 9), (2, 1))}
 NAMED_MULTIPLE = 16  # 8 x patch size 2
-BUCKETS_HELP = (
-    "square (the paper's single square), a named aspect-ratio set at this stage's pixel budget "
-    f"({', '.join(NAMED_RATIOS)}; NAME:M rounds sides to multiples of M, default {NAMED_MULTIPLE}), or W x H sizes "
-    "in pixels: 64x32,32x64,48x48. Each sample goes to the bucket nearest its aspect ratio, resized to cover it and "
-    "center-cropped."
+NAMED_BUCKETS = (
+    f"{', '.join(NAMED_RATIOS)}: 1:2 to 2:1 in 9 ratios, sides multiples of {NAMED_MULTIPLE}; NAME:M for multiples of M"
 )
+BUCKETS_HELP = f"square, a named set ({NAMED_BUCKETS}), or W x H sizes in pixels: 64x32,32x64,48x48"
 
 
 @dataclass(frozen=True)
