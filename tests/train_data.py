@@ -92,7 +92,8 @@ def write_dataset(
     side: int = SIDE,
 ) -> Path:
     """`samples` samples over `shards` shards. `bad` maps a sample number to a defect:
-    "wrong_shape" (latent of another size), "missing_field" (no latent std), "nan" (NaN latent)."""
+    "wrong_shape" (latent with another channel count), "other_size" (twice as tall: a bucket of its own),
+    "missing_field" (no latent std), "nan" (NaN latent)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bad = bad or {}
@@ -103,6 +104,11 @@ def write_dataset(
                 defect = bad.get(i)
                 latent, drop = None, ()
                 if defect == "wrong_shape":
+                    latent = np.zeros(
+                        (CHANNELS + 1, side, side) if kind == "image" else (frames, CHANNELS + 1, side, side),
+                        np.float32,
+                    )
+                elif defect == "other_size":
                     latent = np.zeros(
                         (CHANNELS, side * 2, side) if kind == "image" else (frames, CHANNELS, side * 2, side),
                         np.float32,

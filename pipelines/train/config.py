@@ -13,6 +13,7 @@ STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
 EVAL_PROBES = ("toy",)  # as pipelines.evaluate.evaluator.PROBES (not imported here: it loads torch)
 LOG_TO = ("none", "tensorboard")
+BUCKET_BATCH = ("fixed", "tokens")  # as pipelines.data.bucket_plan.BUCKET_BATCH (not imported here: numpy)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainConfig:
     steps: int = 400_000
     global_batch: int = 256  # samples per optimizer step over all processes
     grad_accum: int = 1  # micro-batch = global_batch / (grad_accum * world size)
+    bucket_batch: str = "fixed"  # fixed: every bucket the global batch; tokens: scaled to the reference bucket's tokens
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -126,6 +128,8 @@ class TrainConfig:
         self.objective_config(latent_shape=(1, 1)).check()
         if self.on_nan not in ON_NAN:
             raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
+        if self.bucket_batch not in BUCKET_BATCH:
+            raise GentronError(f"unknown --bucket-batch {self.bucket_batch!r}", f"use {' or '.join(BUCKET_BATCH)}")
         if not self.image_data and not self.video_data:
             raise GentronError(
                 "no training data given", "pass --image-data and/or --video-data (folders of encoded shards)"

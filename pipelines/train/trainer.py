@@ -31,6 +31,7 @@ from pipelines.data.loader import (
     index_source,
     load_empty_caption,
     make_loader,
+    stream_plan,
     write_json,
 )
 from pipelines.diffusion.objective import Objective, make_objective
@@ -139,10 +140,10 @@ def batch_text(batch: dict[str, torch.Tensor], device=None) -> TextCondition:
 def load_sources(config: TrainConfig, reporter: Reporter) -> tuple[Source | None, Source | None]:
     images = index_source(config.image_data, "image", reporter) if config.image_data else None
     videos = index_source(config.video_data, "video", reporter) if config.video_data else None
-    if images is not None and videos is not None and tuple(videos.latent_shape[1:]) != tuple(images.latent_shape):
+    if images is not None and videos is not None and videos.latent_shape[1] != images.latent_shape[0]:
         raise GentronError(
-            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} differ in size",
-            "encode images and clips with the same VAE and resolution",
+            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} have other channels",
+            "encode images and clips with the same VAE",
         )
     return images, videos
 
@@ -566,9 +567,9 @@ class Run:
     evaluator: TrainingEvaluator | None = None  # --eval-every (rank 0)
     board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
 
-    def forward_backward(self, batches) -> tuple[float, float, float]:
+    def forward_backward(self, batches) -> tuple[float, float, float, int]:
         """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free
-        share)."""
+        share, the step's samples over all ranks: its bucket's batch)."""
         cfg, d = self.config, self.d
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
@@ -593,7 +594,7 @@ class Run:
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        return float(all_mean(total, d)), float(_full(grad_norm)), motion_free_share
+        return float(all_mean(total, d)), float(_full(grad_norm)), motion_free_share, int(batch["step_batch"])
 
     def _note_failures(self, failures: list[dict]) -> None:
         known = {(f["shard"], f["key"], f["field"]) for f in self.load_failures}
@@ -767,13 +768,20 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         )
     empty, empty_path = load_empty_caption([s.folder for s in sources])
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    shape = (
-        (config.frames, *images.latent_shape)
-        if config.stage == "t2v" and videos is None
-        else (videos or images).latent_shape
+    spec = StreamSpec(
+        stage=config.stage,
+        seed=config.seed,
+        global_batch=config.global_batch,
+        grad_accum=config.grad_accum,
+        bucket_batch=config.bucket_batch,
+        p_motion_free=config.p_motion_free,
+        text_dropout=config.text_dropout,
+        flip=config.flip,
+        buffer_size=config.shuffle_buffer,
+        frames=config.frames,
     )
-    if config.stage == "t2i" and len(shape) == 4:
-        shape = shape[1:]  # T2I on clips trains on single frames
+    plan = stream_plan(spec, images, videos, d.world)
+    shape = tuple(plan.reference.shape)  # the model's size, its noise shift: the bucket with the most samples
     objective = make_objective(config.objective_config(tuple(shape)))
     if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
         reporter.log(
@@ -786,17 +794,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     config = _settings_used(config, model_cfg, sources, reporter)
     if previous is not None:
         check_resume(folder, config)
-    spec = StreamSpec(
-        stage=config.stage,
-        seed=config.seed,
-        micro_batch=config.global_batch // (config.grad_accum * d.world),
-        p_motion_free=config.p_motion_free,
-        text_dropout=config.text_dropout,
-        flip=config.flip,
-        buffer_size=config.shuffle_buffer,
-        frames=config.frames,
-        text_fields=text_fields_for(model_cfg, sources),
-    )
+    spec = replace(spec, flip=config.flip, text_fields=text_fields_for(model_cfg, sources))
+    _check_buckets_patchify(plan, model_cfg["patch_size"])
 
     saved = ckpt.load_checkpoint(previous) if previous is not None else None
     if saved is not None:
@@ -827,10 +826,11 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         images,
         videos,
         empty,
-        counters.get("samples_seen", 0),
+        counters.get("step", 0),
         rank=d.rank,
         world_size=d.world,
         collate_text=TextCondition.collate,
+        plan=plan,
     )
     pipeline = pipeline_record(config, model_cfg, images, videos, stream.latent_shape, objective)
     stats = data_stats(sources)
@@ -867,6 +867,20 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         if d.main and config.log_to == "tensorboard"
         else None,
     )
+
+
+def _check_buckets_patchify(plan, patch_size: int) -> None:
+    """Every bucket's latent rows and columns must split into patches (the reference one is checked with the
+    model)."""
+    bad = [b.shape for b in plan.buckets if b.shape[-1] % patch_size or b.shape[-2] % patch_size]
+    if bad:
+        listing = ", ".join(f"{s[-1]}x{s[-2]}" for s in bad)
+        raise GentronError(
+            f"latent sizes {listing} (width x height) of the data's buckets are not divisible by the model's patch "
+            f"size {patch_size}",
+            f"encode with buckets whose sides are multiples of {patch_size} x the VAE's downsampling (the named sets "
+            "use multiples of 16)",
+        )
 
 
 def _settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
@@ -966,9 +980,9 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter) -> TrainResult:
                 run.after_checkpoint()
             while run.step < config.steps:
                 start = time.perf_counter()
-                loss, grad_norm, motion_free = run.forward_backward(batches)
+                loss, grad_norm, motion_free, step_batch = run.forward_backward(batches)
                 run.report_new_failures(reporter)
-                run.samples_seen += config.global_batch
+                run.samples_seen += step_batch
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     run.update()
                 elif config.on_nan == "skip":
