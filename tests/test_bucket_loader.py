@@ -203,3 +203,32 @@ def test_joint_t2v_pseudo_videos_take_their_clip_buckets_frames(joint):
                 assert ref.shape == tuple(batch["x0"].shape[1:])
     assert abs(motion_free - total * 0.5) <= 4 * np.sqrt(total * 0.25)
     assert pseudo == motion_free  # both clip sizes have images of their size: every motion-free sample is a still
+
+
+def test_gentron_buckets_prints_the_table_from_the_shards(joint, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gentron_cli.main import app
+    from pipelines.data.loader import describe_buckets
+
+    images, videos = joint
+    runner = CliRunner()
+    result = runner.invoke(app, ["buckets", str(images), str(videos), "--global-batch", "4"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("16x8" in line and "50.0%" in line for line in lines) and any(" 8x8 " in line for line in lines)
+    assert "merged: 5 samples of 16x16 into 8x8 (no_clip_bucket" in result.output
+    assert "dropped: 3 samples of 4x4 (no_clip_bucket" in result.output
+    as_json = runner.invoke(app, ["buckets", str(videos), str(images), "--global-batch", "4", "--json"])
+    assert json.loads(as_json.output) == json.loads(json.dumps(describe_buckets([images, videos], global_batch=4)))
+    assert json.loads(as_json.output)["buckets"]["stage"] == "t2v"  # clips given: t2v by default
+    twice = runner.invoke(app, ["buckets", str(images), str(images)])
+    assert twice.exit_code == 2 and "two folders of images" in twice.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = runner.invoke(app, ["buckets", str(empty)])
+    assert missing.exit_code == 2 and "no latents" in missing.output
+    odd = runner.invoke(app, ["buckets", str(videos), "--global-batch", "5", "--world-size", "2"])
+    assert odd.exit_code == 2 and "not divisible" in odd.output

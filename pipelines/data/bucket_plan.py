@@ -237,9 +237,7 @@ def _size(shape) -> str:
 
 
 def _too_small(shape, samples: int, batch: int) -> str:
-    return (
-        f"{samples} samples, fewer than one batch of {batch}, and no larger bucket's shape fits inside {_size(shape)}"
-    )
+    return f"{samples} samples, fewer than one batch of {batch}, and no kept bucket fits inside {_size(shape)}"
 
 
 def _table(plan, stage, global_batch, bucket_batch, reference, merged, dropped, patch_size, downsample) -> dict:
@@ -275,6 +273,42 @@ def _table(plan, stage, global_batch, bucket_batch, reference, merged, dropped, 
         "dropped_samples": sum(d["samples"] for d in dropped),
         "dropped_by_reason": _samples_by_reason(dropped),
     }
+
+
+TABLE_COLUMNS = ("latent", "pixels", "frames", "images", "clips", "batch", "tokens", "steps", "merged")
+
+
+def table_rows(table: dict) -> tuple[list[list[str]], list[str]]:
+    """A bucket table as text: one row of TABLE_COLUMNS per bucket (latent and pixel sizes width x height, tokens
+    per step, share of steps, samples merged in), then one line per merged or dropped group (what `gentron buckets`,
+    the run page and TensorBoard show)."""
+    rows = [
+        [
+            r["latent"],
+            r.get("pixels", "?"),
+            str(r["frames"]),
+            str(r["images"]),
+            str(r["clips"]),
+            str(r["batch"]),
+            str(r.get("tokens_per_step", "?")),
+            f"{100 * r['share_of_steps']:.1f}%",  # of the steps
+            str(r["merged_in"]),
+        ]
+        for r in table["buckets"]
+    ]
+    notes = [
+        f"merged: {m['samples']} samples of {_size(m['shape'])}"
+        + (f"x{m['shape'][0]}f" if len(m["shape"]) == 4 else "")
+        + f" into {_size(m['into'])} ({m['reason']}: latents center-cropped)"
+        for m in table["merged"]
+    ]
+    notes += [
+        f"dropped: {d['samples']} samples of {_size(d['shape'])}"
+        + (f"x{d['shape'][0]}f" if len(d["shape"]) == 4 else "")
+        + f" ({d['reason']}: {d['detail']})"
+        for d in table["dropped"]
+    ]
+    return rows, notes
 
 
 def _samples_by_reason(records: list[dict]) -> dict[str, int]:

@@ -591,10 +591,11 @@ def load_empty_caption(folders: list[Path]) -> tuple[dict[str, np.ndarray], Path
     )
 
 
-def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
-    """What indexing found (samples kept, every skipped sample with its reason) and, per kind, the samples
-    found unusable when read during training (`unreadable`: shard, key, field, reason, detail)."""
-    out = {}
+def data_stats(sources: list[Source], load_failures: list[dict] = (), plan: BucketPlan | None = None) -> dict:
+    """What indexing found (samples kept, every skipped sample with its reason), per kind the samples
+    found unusable when read during training (`unreadable`: shard, key, field, reason, detail), and the buckets
+    (`plan.table`: every bucket, and the samples merged or dropped with their reasons)."""
+    out = {"buckets": plan.table} if plan is not None else {}
     for src in sources:
         reasons: dict[str, int] = {}
         for f in src.failures:
@@ -614,6 +615,65 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
                 "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable)),
             }
     return out
+
+
+def describe_buckets(
+    folders: list[str | Path],
+    stage: str | None = None,
+    global_batch: int = 256,
+    grad_accum: int = 1,
+    world_size: int = 1,
+    bucket_batch: str = "fixed",
+    p_motion_free: float = 0.5,
+    frames: int = 8,
+    patch_size: int | None = 2,
+) -> dict:
+    """`gentron buckets`: the data stats (`data_stats`, with the bucket table) a run with these settings would have,
+    from one folder of images and/or one of clips (each folder's kind read from its latents)."""
+    kinds: dict[str, Path] = {}
+    for folder in folders:
+        kind = folder_kind(folder)
+        if kind in kinds:
+            raise GentronError(
+                f"two folders of {kind}s: {kinds[kind]} and {folder}",
+                "pass one folder of images and/or one of clips (as `gentron train --image-data/--video-data`)",
+            )
+        kinds[kind] = Path(folder)
+    stage = stage or ("t2v" if "video" in kinds else "t2i")
+    if stage not in ("t2i", "t2v"):
+        raise GentronError(f"unknown stage {stage!r}", "use --stage t2i or --stage t2v")
+    images = index_source(kinds["image"], "image") if "image" in kinds else None
+    videos = index_source(kinds["video"], "video") if "video" in kinds else None
+    spec = StreamSpec(
+        stage=stage,
+        seed=0,
+        global_batch=global_batch,
+        grad_accum=grad_accum,
+        bucket_batch=bucket_batch,
+        p_motion_free=p_motion_free,
+        frames=frames,
+        patch_size=patch_size,
+    )
+    plan = stream_plan(spec, images, videos, world_size)
+    return data_stats([s for s in (images, videos) if s is not None], plan=plan)
+
+
+def folder_kind(folder: str | Path) -> str:
+    """ "image" or "video": what the latents of an encoded folder are, from the first sample's npy header."""
+    folder = require_dir(folder, "data folder", "pass a folder of encoded shards (`gentron encode-latents`)")
+    for shard in list_shards(folder):
+        pending, _ = _scan_tar(shard)
+        for _, fields, _ in pending:
+            if schema.LATENT_MEAN in fields:
+                with open(shard, "rb") as f:
+                    try:
+                        shape, _ = _npy_shape(f, fields[schema.LATENT_MEAN][0])
+                    except BadSample:
+                        continue
+                return "image" if len(shape) == 3 else "video"
+    raise GentronError(
+        f"no latents in {folder}", "pass a folder written by `gentron encode-latents` (then `gentron encode-text`)"
+    )
 
 
 def write_json(path: Path, obj) -> None:
