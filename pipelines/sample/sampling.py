@@ -25,6 +25,7 @@ from pipelines.defaults import DEFAULT_MFG_SCALE
 from pipelines.diffusion.objective import make_objective
 from pipelines.diffusion.schedulers import SAMPLERS
 from pipelines.errors import GentronError
+from pipelines.model.gentron import check_patchable
 from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
@@ -49,7 +50,9 @@ class SampleConfig:
     cfg_scale: float = 7.5  # lT, text guidance
     mfg_scale: float | None = None  # lM, motion guidance: DEFAULT_MFG_SCALE for videos; images use 1.0
     frames: int | None = None  # 1 = image; default: the frames the model was trained on
-    resolution: int | None = None  # pixels, square; default: the training resolution
+    resolution: int | None = None  # pixels, a square: width = height = resolution (instead of width and height)
+    width: int | None = None  # pixels; default: the training size recorded in the model folder
+    height: int | None = None
     fps: float | None = None  # of the written videos; default: the training clips' frame rate
     seed: int = 0
     batch_size: int = 4
@@ -131,6 +134,7 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         raise GentronError(
             f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images"
         )
+    width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
     if scheduler not in SAMPLERS:
@@ -145,7 +149,8 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "cfg_scale": cfg.cfg_scale,
         "mfg_scale": mfg,
         "frames": frames,
-        "resolution": cfg.resolution if cfg.resolution is not None else folder.record.resolution,
+        "width": width,
+        "height": height,
         "fps": cfg.fps if cfg.fps is not None else folder.record.fps,
         "batch_size": cfg.batch_size,
         "device": str(device),
@@ -156,17 +161,33 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
     }
 
 
+def sample_size(cfg: SampleConfig, folder: ModelFolder) -> tuple[int, int]:
+    """(width, height) in pixels: --width/--height, or the --resolution square, else the training size recorded in the
+    model folder (the main bucket's). A size the model cannot patchify is refused with the nearest that it can."""
+    if cfg.resolution is not None and (cfg.width is not None or cfg.height is not None):
+        raise GentronError(
+            f"--resolution {cfg.resolution} (a square) and --width/--height both give the size",
+            "pass --width W --height H, or --resolution S for S x S",
+        )
+    record = folder.record
+    width = cfg.width if cfg.width is not None else cfg.resolution if cfg.resolution is not None else record.width
+    height = cfg.height if cfg.height is not None else cfg.resolution if cfg.resolution is not None else record.height
+    if width < 1 or height < 1:
+        raise GentronError(f"--width and --height must be positive, got {width}x{height}", "pass sizes in pixels")
+    check_patchable(height, width, int(folder.config.get("patch_size", 2)), record.vae.downsample)
+    return width, height
+
+
 def generation_of(settings: dict) -> Generation:
-    """The generation core's settings of a sidecar's settings."""
-    side = settings["resolution"]
+    """The generation core's settings of a sidecar's settings (a sidecar of before --width/--height: its square)."""
     return Generation(
         steps=settings["steps"],
         scheduler=settings["scheduler"],
         cfg_scale=settings["cfg_scale"],
         mfg_scale=settings["mfg_scale"],
         frames=settings["frames"],
-        height=side,
-        width=side,
+        height=settings.get("height", settings.get("resolution")),
+        width=settings.get("width", settings.get("resolution")),
     )
 
 
@@ -198,6 +219,16 @@ def sample(
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
+    trained = folder.record.trained_sizes
+    if (settings["frames"], settings["height"], settings["width"]) not in trained and not (
+        settings["frames"] == 1 and any((h, w) == (settings["height"], settings["width"]) for _, h, w in trained)
+    ):
+        sizes = ", ".join(f"{w}x{h}" + (f"x{t}" if t > 1 else "") for t, h, w in trained)
+        reporter.log(
+            f"note: sampling at {settings['width']}x{settings['height']}"
+            + (f"x{settings['frames']}" if settings["frames"] > 1 else "")
+            + f", a size the model was not trained at (it was at {sizes}; width x height x frames)"
+        )
     pipe = pipe if pipe is not None else load_pipeline(cfg, folder, reporter)
     generation = generation_of(settings)
     out = Path(cfg.out)
@@ -265,6 +296,9 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            # sidecars of before --width/--height record the square's side
+            **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
+            resolution=None if "width" in settings else settings["resolution"],
             text_encoders=dict(settings["text_encoders"]),
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
@@ -284,7 +318,6 @@ _SIDECAR_SETTINGS = (
     "cfg_scale",
     "mfg_scale",
     "frames",
-    "resolution",
     "fps",
     "batch_size",
     "device",

@@ -153,10 +153,12 @@ class TrainingEvaluator:
                 self.pipe = load_pipeline(cfg)
             self.pipe.model.load_state_dict(weights)
             with atomic_dir(cfg.out) as tmp:
-                sample(replace(cfg, out=tmp), pipe=self.pipe)
+                settings = sample(replace(cfg, out=tmp), pipe=self.pipe).settings
             record = self.score(cfg.out)
         self.prune()
-        record |= {"samples": len(self.prompts), "seconds": time.perf_counter() - start}
+        frames = f"x{settings['frames']}" if settings["frames"] > 1 else ""
+        size = f"{settings['width']}x{settings['height']}{frames}"  # the stated size: width x height (x frames)
+        record |= {"samples": len(self.prompts), "size": size, "seconds": time.perf_counter() - start}
         return record
 
     def score(self, folder: Path) -> dict:

@@ -82,7 +82,7 @@ EVAL_LABELS = {
 }
 
 
-EVAL_SUMMARY_KEYS = ("samples", "seconds")  # what an eval record holds besides metric values
+EVAL_SUMMARY_KEYS = ("samples", "size", "seconds")  # what an eval record holds besides metric values
 
 
 def metric_values(record: dict) -> dict[str, float]:

@@ -227,7 +227,8 @@ def _previews(run_dir: Path) -> str:
     prompts = folder / "prompts.txt"
     if prompts.is_file():
         lines = prompts.read_text(encoding="utf-8", errors="replace").splitlines()
-        out.append("<ol start=0>" + "".join(f"<li>{escape(line.split(': ', 1)[-1])}</li>" for line in lines) + "</ol>")
+        # "k (W x H[, T frames]): caption": the size each prompt was sampled at, then the caption
+        out.append("<ol start=0>" + "".join(f"<li>{escape(line.split(' ', 1)[-1])}</li>" for line in lines) + "</ol>")
     return "\n".join(out)
 
 

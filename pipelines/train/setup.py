@@ -282,10 +282,11 @@ def restore_checkpoint(path: Path, model, optimizer, ema: EMA, folder: Path, rep
 
 
 def pipeline_record(
-    config: TrainConfig, model_cfg: dict, meta: dict, latent_shape, objective: Objective
+    config: TrainConfig, model_cfg: dict, meta: dict, latent_shape, objective: Objective, buckets=None
 ) -> PipelineRecord:
     """What sampling needs besides the weights: objective, VAE, text encoders, data geometry (from the metadata `meta`
-    of the training data's first shard: the clips' when there are clips)."""
+    of the training data's first shard: the clips' when there are clips). `latent_shape`: the default size (the main
+    bucket's); `buckets`: every bucket's latent shape when there were several."""
     latent_meta = meta.get("latent", {}) if isinstance(meta.get("latent"), dict) else {}
     text_meta = meta.get("text", {}) if isinstance(meta.get("text"), dict) else {}
     prep_meta = meta.get("prep", {}) if isinstance(meta.get("prep"), dict) else {}
@@ -310,6 +311,7 @@ def pipeline_record(
             frames=int(latent_shape[0]) if config.stage == "t2v" else 1,
             resolution=resolution,
             fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
+            buckets=tuple(tuple(shape) for shape in buckets) if buckets and len(buckets) > 1 else None,
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
     )
@@ -354,7 +356,9 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         check_resumed_buckets(folder, data.plan)
     stream = open_stream(config, data, model_cfg, d, counters.get("step", 0))
     primary = data.videos if data.videos is not None else data.images
-    record = pipeline_record(config, model_cfg, primary.metadata, stream.latent_shape, objective)
+    record = pipeline_record(
+        config, model_cfg, primary.metadata, stream.latent_shape, objective, [b.shape for b in data.plan.buckets]
+    )
     load_failures = earlier_load_failures(folder) if previous is not None else []
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
