@@ -32,6 +32,7 @@ from pipelines.sample import outputs
 from pipelines.sample.pipeline import Generation, SamplingPipeline
 
 SIDECAR_VERSION = 1
+ENVIRONMENT = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
 
 # --------------------------------------------------------------------------- settings
@@ -230,11 +231,7 @@ def sample(
                     "settings": settings,
                     "files": [f.name for f in files],
                     "pixels_sha256": digest,
-                    "environment": {
-                        "torch": torch.__version__,
-                        "python": platform.python_version(),
-                        "machine": platform.machine(),
-                    },
+                    "environment": ENVIRONMENT,
                 }
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))

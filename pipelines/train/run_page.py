@@ -19,6 +19,7 @@ from urllib.parse import quote
 from pipelines.files import atomic_write_bytes
 from pipelines.model_folder import PIPELINE_FILE
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.evaluation import latest_eval_folder
 from pipelines.train.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
 
 PAGE = "index.html"
@@ -157,7 +158,6 @@ def _curves(run_dir: Path) -> str:
 
 
 def _evaluation(run_dir: Path, metrics_path: Path) -> str:
-    from pipelines.train.evaluation import latest_eval_folder
 
     records = eval_records(metrics_path) if metrics_path.is_file() else []
     if not records:

@@ -286,6 +286,17 @@ def earlier_load_failures(folder: Path) -> list[dict]:
         return []
 
 
+def run_objective(config: TrainConfig, latent_shape: tuple[int, ...], reporter: Reporter) -> Objective:
+    """The training objective for the data's latents; a noise shift other than none is said."""
+    objective = make_objective(config.objective_config(latent_shape))
+    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
+        reporter.log(
+            f"noise shift {objective.config.noise_shift:.3g} for latents {latent_shape} (--noise-shift "
+            f"{config.noise_shift})"
+        )
+    return objective
+
+
 def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     """Index the data, build (or restore) model, optimizer and EMA, and open the run folder."""
     folder = Path(config.output)
@@ -296,12 +307,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         )
     data = load_data(config, reporter)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    objective = make_objective(config.objective_config(data.latent_shape))
-    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
-        reporter.log(
-            f"noise shift {objective.config.noise_shift:.3g} for latents {data.latent_shape} (--noise-shift "
-            f"{config.noise_shift})"
-        )
+    objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
