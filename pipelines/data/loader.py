@@ -43,7 +43,6 @@ from pipelines.data import schema
 from pipelines.data.bucket_plan import BucketPlan, StepSchedule, UniformDraws, plan_buckets
 from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -674,7 +673,3 @@ def folder_kind(folder: str | Path) -> str:
     raise GentronError(
         f"no latents in {folder}", "pass a folder written by `gentron encode-latents` (then `gentron encode-text`)"
     )
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)

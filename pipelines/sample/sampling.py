@@ -11,7 +11,6 @@ round differently for other batch shapes). Bit-for-bit regeneration therefore re
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pipelines.sample import outputs
 from pipelines.sample.pipeline import Generation, SamplingPipeline
 
 SIDECAR_VERSION = 1
+ENVIRONMENT = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
 
 # --------------------------------------------------------------------------- settings
@@ -261,11 +261,7 @@ def sample(
                     "settings": settings,
                     "files": [f.name for f in files],
                     "pixels_sha256": digest,
-                    "environment": {
-                        "torch": torch.__version__,
-                        "python": platform.python_version(),
-                        "machine": platform.machine(),
-                    },
+                    "environment": ENVIRONMENT,
                 }
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))
@@ -286,8 +282,8 @@ def sample(
 def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
     """The SampleConfig that regenerates the output described by sidecar `path`, and the sidecar itself."""
     path = Path(path)
+    record = outputs.read_sidecar(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
         settings = record["settings"]
         cfg = SampleConfig(
             model=Path(record["model"]["path"]),
@@ -303,12 +299,8 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
             raise ValueError("the prompt is not in its recorded batch")
-    except FileNotFoundError:
-        raise GentronError(f"sidecar not found: {path}", "pass the .json file written next to a sample") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise GentronError(
-            f"{path} is not a gentron sample sidecar ({err!r})", "pass the .json file written next to a sample"
-        ) from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise GentronError(f"{path} is not a gentron sample sidecar ({err!r})", outputs.SIDECAR_HINT) from None
     return cfg, record
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.train.config import TrainConfig
 
@@ -66,8 +69,6 @@ def wrap_model(model, config: TrainConfig, d: Dist):
     if config.compile:
         model.compile()  # in place: parameter names stay those of the model
     if d.world > 1 and config.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if d.device.type == "cuda"
@@ -78,8 +79,6 @@ def wrap_model(model, config: TrainConfig, d: Dist):
         fully_shard(model, mp_policy=policy)
         return model
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
 
@@ -94,8 +93,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`full` laid out like `param` (sharded the same way under FSDP)."""
     if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
     return full.to(param.device, param.dtype)
 

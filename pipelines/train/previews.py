@@ -10,8 +10,12 @@ from pipelines.data import schema
 from pipelines.data.loader import TrainStream
 from pipelines.diffusion.objective import Objective
 from pipelines.files import atomic_write_text
+from pipelines.model.text_encoders import resolve_dtype
+from pipelines.model.vae import load_vae
 from pipelines.model_folder import PipelineRecord
 from pipelines.sample.outputs import write_sheet
+from pipelines.sample.pipeline import Generation, SamplingPipeline
+from pipelines.sample.sampling import default_mfg_scale, sample_seed
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
 
@@ -72,9 +76,6 @@ class Previewer:
 
     def sampling_pipeline(self, model):
         """The SamplingPipeline around `model` (its VAE loaded once)."""
-        from pipelines.model.text_encoders import resolve_dtype
-        from pipelines.model.vae import load_vae
-        from pipelines.sample.pipeline import SamplingPipeline
 
         model.eval().requires_grad_(False)
         if self.pipe is None:
@@ -89,8 +90,6 @@ class Previewer:
 
     def render(self, model, step: int) -> list[Path]:
         """Sample the fixed prompts from their fixed seeds and write them (a contact sheet; videos also as a GIF)."""
-        from pipelines.sample.pipeline import Generation
-        from pipelines.sample.sampling import default_mfg_scale, sample_seed
 
         pipe = self.sampling_pipeline(model)
         outputs: list = [None] * len(self.arrays)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from pipelines.data.loader import data_stats, write_json
+from pipelines.data.loader import data_stats
 from pipelines.diffusion.objective import Objective
+from pipelines.files import atomic_write_json
 from pipelines.model.conditioning import TextCondition
+from pipelines.model.gentron import GenTronTransformer
 from pipelines.model_folder import PipelineRecord, export_model
 from pipelines.progress import Reporter
 from pipelines.train import checkpoint as ckpt
@@ -22,6 +25,7 @@ from pipelines.train.ema import EMA
 from pipelines.train.evaluation import TrainingEvaluator, eval_due
 from pipelines.train.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
 from pipelines.train.previews import Previewer
+from pipelines.train.run_page import write_run_page
 
 
 def batch_text(batch: dict[str, torch.Tensor], device=None) -> TextCondition:
@@ -113,7 +117,7 @@ class Run:
             )
         self.new_failures.clear()
         if self.d.main:
-            write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
+            atomic_write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
 
     def update(self) -> None:
         for group in self.optimizer.param_groups:
@@ -124,7 +128,6 @@ class Run:
 
     def save(self) -> Path | None:
         """Checkpoint and exported models (collective under FSDP; rank 0 writes)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
@@ -157,7 +160,6 @@ class Run:
 
     def preview(self) -> list[Path]:
         """Preview samples of the EMA model (gathered on every rank, rendered on rank 0)."""
-        from pipelines.model.gentron import GenTronTransformer
 
         averaged, files = self.ema.full_state(), []
         if self.previewer is not None:
@@ -204,8 +206,6 @@ class Run:
     def after_checkpoint(self) -> None:
         """Rank 0, after a checkpoint step's save, preview and evaluation: the run page and TensorBoard's files."""
         if self.d.main:
-            from pipelines.train.run_page import write_run_page
-
             write_run_page(self.folder)
             if self.board is not None:
                 self.board.flush()

@@ -25,10 +25,10 @@ from pipelines.data.loader import (
     load_empty_caption,
     make_loader,
     stream_plan,
-    write_json,
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
+from pipelines.files import atomic_write_json, read_json
 from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition
 from pipelines.model.configs import (
     DEFAULT_SIZE,
@@ -252,7 +252,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    stored = json.loads(stored_path.read_text())
+    stored = read_json(stored_path, "run config", "delete it to start the run afresh, or pass another --out")
     diffs = [
         k
         for k, v in asdict(config).items()
@@ -320,10 +320,21 @@ def pipeline_record(
 def earlier_load_failures(folder: Path) -> list[dict]:
     """Samples found unusable when read by the run being resumed (kept in its data_stats.json)."""
     try:
-        stats = json.loads((folder / "data_stats.json").read_text())
-        return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
-    except (OSError, ValueError):
-        return []
+        stats = read_json(folder / "data_stats.json", "data statistics", "")
+    except GentronError:
+        return []  # none (yet), or damaged: the samples are found again when read
+    return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
+
+
+def run_objective(config: TrainConfig, latent_shape: tuple[int, ...], reporter: Reporter) -> Objective:
+    """The training objective for the data's latents; a noise shift other than none is said."""
+    objective = make_objective(config.objective_config(latent_shape))
+    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
+        reporter.log(
+            f"noise shift {objective.config.noise_shift:.3g} for latents {latent_shape} (--noise-shift "
+            f"{config.noise_shift})"
+        )
+    return objective
 
 
 def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
@@ -336,12 +347,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         )
     data = load_data(config, reporter, d.world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    objective = make_objective(config.objective_config(data.latent_shape))
-    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
-        reporter.log(
-            f"noise shift {objective.config.noise_shift:.3g} for latents {data.latent_shape} (--noise-shift "
-            f"{config.noise_shift})"
-        )
+    objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
@@ -362,8 +368,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     load_failures = earlier_load_failures(folder) if previous is not None else []
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "config.json", asdict(config))
-        write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
+        atomic_write_json(folder / "config.json", asdict(config))
+        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
     main, step = d.main, counters.get("step", 0)
     return Run(
         config=config,
@@ -413,9 +419,9 @@ def check_resumed_buckets(folder: Path, plan: BucketPlan) -> None:
     """A resumed run must draw the buckets and batch sizes it drew before (token-scaled batches are rounded to
     gradient accumulation x processes, so changing those changes them)."""
     try:
-        before = json.loads((folder / "data_stats.json").read_text()).get("buckets")
-    except (OSError, ValueError):
-        return
+        before = read_json(folder / "data_stats.json", "data statistics", "").get("buckets")
+    except GentronError:
+        return  # none, or damaged: nothing recorded to compare with
     if not isinstance(before, dict):
         return  # a run of before buckets: one bucket of the global batch, as now when the data is one shape
     was = {tuple(r["shape"]): r["batch"] for r in before.get("buckets", [])}
