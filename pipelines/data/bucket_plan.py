@@ -311,6 +311,20 @@ def table_rows(table: dict) -> tuple[list[list[str]], list[str]]:
     return rows, notes
 
 
+def table_markdown(table: dict) -> str:
+    """The bucket table as Markdown (TensorBoard's text tab)."""
+    rows, notes = table_rows(table)
+    lines = [
+        f"{table['stage']} buckets, {table['bucket_batch']} batches (global batch {table['global_batch']}); sizes "
+        "width x height, tokens per step, share of steps",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes])
+
+
 def _samples_by_reason(records: list[dict]) -> dict[str, int]:
     out: Counter = Counter()
     for record in records:

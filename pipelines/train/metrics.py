@@ -142,6 +142,10 @@ class TensorBoardLog:
             if value is not None:
                 self.writer.add_scalar(tag, float(value), step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (the bucket table) in TensorBoard's text tab."""
+        self.writer.add_text(tag, text, step)
+
     def image(self, tag: str, path: str | Path, step: int) -> None:
         """A PNG file (a preview grid or film strip) as an image event."""
         from PIL import Image

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from pipelines.data import schema
-from pipelines.data.bucket_plan import BucketPlan
+from pipelines.data.bucket_plan import BucketPlan, table_markdown
 from pipelines.data.loader import (
     Source,
     StreamSpec,
@@ -371,6 +371,10 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         atomic_write_json(folder / "config.json", asdict(config))
         atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
     main, step = d.main, counters.get("step", 0)
+    board = None
+    if main and config.log_to == "tensorboard":
+        board = TensorBoardLog(folder / "tensorboard", resume_step=step)
+        board.text("data/buckets", table_markdown(data.plan.table), step)
     return Run(
         config=config,
         d=d,
@@ -393,9 +397,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         load_failures=load_failures,
         **counters,
         evaluator=TrainingEvaluator(config, folder, record, d.device, reporter) if main and config.eval_every else None,
-        board=TensorBoardLog(folder / "tensorboard", resume_step=step)
-        if main and config.log_to == "tensorboard"
-        else None,
+        board=board,
     )
 
 
