@@ -296,7 +296,7 @@ def test_text_mismatch_is_a_clear_error():
         model(x, t, changed(text, "tokens", "t5", torch.zeros(2, 7, 16)))
     with pytest.raises(GentronError, match="reads the text array 'clip_pooled'"):
         model(x, t, changed(text, "pooled", "clip", None))
-    with pytest.raises(GentronError, match="7x8 latents do not split into 2x2 patches"):
+    with pytest.raises(GentronError, match=r"7x8 latents \(height x width\) do not split into 2x2 patches"):
         model(torch.zeros(2, C, 7, 8), t, text)
 
 
