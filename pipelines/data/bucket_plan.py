@@ -7,7 +7,8 @@ Every batch holds one latent shape (frames, height, width): no padding and no re
   (C, h, w); T2V: clips by (T, C, h, w), and images (the motion-free pseudo-videos) join the clip buckets of
   their (C, h, w), taking those buckets' frame counts; T2V from images alone: (frames, C, h, w).
 - Batch sizes: `fixed` (every bucket the global batch) or `tokens` (a bucket's batch scaled so its tokens per
-  step stay near the global batch times the tokens of the reference bucket, the one with the most samples;
+  step stay near the global batch times the tokens of the reference bucket, the one with the most samples (on a
+  tie the squarest, then the one with the most tokens);
   rounded to a multiple of gradient accumulation x processes).
 - A bucket with fewer samples than one batch (the reference excepted) is merged into the nearest bucket that
   fits inside it (same channels; no more frames, rows or columns; nearest aspect ratio, then most tokens), its
@@ -135,7 +136,8 @@ def plan_buckets(
     def positions(shape):
         return math.prod(shape[:-3] or (1,)) * shape[-2] * shape[-1]
 
-    reference = max(keys, key=lambda k: (supply[k], positions(k)))
+    # the reference: most samples; on a tie the squarest, then the most tokens
+    reference = max(keys, key=lambda k: (supply[k], -abs(math.log(k[-1] / k[-2])), positions(k)))
     batch = {}
     for k in keys:
         if bucket_batch == "fixed":
