@@ -232,3 +232,19 @@ def test_gentron_buckets_prints_the_table_from_the_shards(joint, tmp_path):
     assert missing.exit_code == 2 and "no latents" in missing.output
     odd = runner.invoke(app, ["buckets", str(videos), "--global-batch", "5", "--world-size", "2"])
     assert odd.exit_code == 2 and "not divisible" in odd.output
+
+
+def test_sizes_that_do_not_split_into_patches_are_merged_or_dropped_by_reason(tmp_path):
+    from pipelines.data.bucket_plan import plan_buckets
+
+    # 8x8: 8; 9 rows x 8: 6 (enough for a batch, but 9 rows do not split into 2x2 patches: 8x8 fits inside);
+    # 6x5: 6 (odd, and nothing fits inside): dropped
+    images = index_source(write_buckets(tmp_path / "img", "image", [(8, 8, 8, 1), (6, 9, 8, 1), (6, 6, 5, 1)]), "image")
+    plan = plan_buckets("t2i", images, None, global_batch=4, patch_size=2)
+    assert [tuple(b.shape) for b in plan.buckets] == [(3, 8, 8)]
+    assert [(m["shape"], m["into"], m["reason"]) for m in plan.table["merged"]] == [
+        ([3, 9, 8], [3, 8, 8], "not_patchable")
+    ]
+    assert [(d["shape"], d["reason"]) for d in plan.table["dropped"]] == [([3, 6, 5], "not_patchable")]
+    unaware = plan_buckets("t2i", images, None, global_batch=4)  # without the patch size every size is a bucket
+    assert len(unaware.buckets) == 3

@@ -7,14 +7,15 @@ Every batch holds one latent shape (frames, height, width): no padding and no re
   (C, h, w); T2V: clips by (T, C, h, w), and images (the motion-free pseudo-videos) join the clip buckets of
   their (C, h, w), taking those buckets' frame counts; T2V from images alone: (frames, C, h, w).
 - Batch sizes: `fixed` (every bucket the global batch) or `tokens` (a bucket's batch scaled so its tokens per
-  step stay near the global batch times the tokens of the reference bucket, the one with the most samples (on a
-  tie the squarest, then the one with the most tokens);
-  rounded to a multiple of gradient accumulation x processes).
-- A bucket with fewer samples than one batch (the reference excepted) is merged into the nearest bucket that
-  fits inside it (same channels; no more frames, rows or columns; nearest aspect ratio, then most tokens), its
-  latents center-cropped (and clips cut to their first frames) to that shape when read; when none fits it is
-  dropped. T2V images whose size has no clip bucket are merged the same way or dropped. Nothing is silent:
-  `BucketPlan.table` lists every bucket, merge and drop with its reason.
+  step stay near the global batch times the tokens of the reference bucket, rounded to a multiple of gradient
+  accumulation x processes). The reference bucket has the most samples (on a tie the squarest, then the one
+  with the most tokens); it is the model's default size.
+- A bucket with fewer samples than one batch (the reference excepted), or whose latents do not split into the
+  model's patches, is merged into the nearest bucket that fits inside it (same channels; no more frames, rows
+  or columns; nearest aspect ratio, then most tokens), its latents center-cropped (and clips cut to their
+  first frames) to that shape when read; when none fits it is dropped. T2V images whose size has no clip
+  bucket are merged the same way or dropped. Nothing is silent: `BucketPlan.table` lists every bucket, merge
+  and drop with its reason.
 - `StepSchedule`: the bucket of step s is a seeded draw (probability proportional to samples / batch, so every
   sample is drawn at the same rate), a function of (seed, s) alone: every rank draws the same bucket, and a
   resumed run continues exactly. Within a bucket each pool of samples (its images, its clips) is an endless
@@ -110,7 +111,9 @@ def plan_buckets(
     """The buckets of a run over indexed sources (pipelines/data/loader.py: Source; either may be None).
 
     `granule`: gradient accumulation x processes (every batch splits evenly into micro-batches).
-    `patch_size`, `downsample`: only to state tokens and pixel sizes in the table."""
+    `patch_size`: the model's, when known: shapes that do not split into patches are no bucket of their own
+    (merged into one that fits inside them, or dropped, as "not_patchable"); and tokens in the table.
+    `downsample`: to state pixel sizes in the table."""
     if bucket_batch not in BUCKET_BATCH:
         raise GentronError(f"unknown --bucket-batch {bucket_batch!r}", f"use {' or '.join(BUCKET_BATCH)}")
     if global_batch % granule:
@@ -136,15 +139,25 @@ def plan_buckets(
     def positions(shape):
         return math.prod(shape[:-3] or (1,)) * shape[-2] * shape[-1]
 
+    def patchable(shape) -> bool:
+        return patch_size is None or (shape[-1] % patch_size == 0 and shape[-2] % patch_size == 0)
+
+    candidates = [k for k in keys if patchable(k)]
+    if not candidates:
+        sizes = ", ".join(_size(k) for k in keys)
+        raise GentronError(
+            f"no latent size of the data ({sizes}, width x height) splits into {patch_size}x{patch_size} patches",
+            f"encode with sizes whose latent sides are multiples of {patch_size}",
+        )
     # the reference: most samples; on a tie the squarest, then the most tokens
-    reference = max(keys, key=lambda k: (supply[k], -abs(math.log(k[-1] / k[-2])), positions(k)))
+    reference = max(candidates, key=lambda k: (supply[k], -abs(math.log(k[-1] / k[-2])), positions(k)))
     batch = {}
     for k in keys:
         if bucket_batch == "fixed":
             batch[k] = global_batch
         else:
             batch[k] = max(granule, round(global_batch * positions(reference) / positions(k) / granule) * granule)
-    kept = [k for k in keys if k == reference or supply[k] >= batch[k]]
+    kept = [k for k in candidates if k == reference or supply[k] >= batch[k]]
     merged, dropped = [], []
     into = {k: k for k in kept}
     for k in keys:
@@ -153,11 +166,16 @@ def plan_buckets(
         target = _nearest_inside(k, kept)
         n_img, n_vid = len(image_groups.get(k, ())), len(video_groups.get(k, ()))
         record = {"shape": list(k), "images": n_img, "clips": n_vid, "samples": supply[k], "batch": batch[k]}
+        if patchable(k):
+            reason, detail = "bucket_too_small", _too_small(k, supply[k], batch[k])
+        else:
+            reason = "not_patchable"
+            detail = f"{_size(k)} latents do not split into {patch_size}x{patch_size} patches, and no kept bucket fits"
         if target is None:
-            dropped.append(record | {"reason": "bucket_too_small", "detail": _too_small(k, supply[k], batch[k])})
+            dropped.append(record | {"reason": reason, "detail": detail})
         else:
             into[k] = target
-            merged.append(record | {"into": list(target), "reason": "bucket_too_small"})
+            merged.append(record | {"into": list(target), "reason": reason})
     # T2V with clips: images join the clip buckets of their size (the kept ones, or one that fits inside)
     image_into: dict[tuple[int, ...], tuple[int, ...]] = {}
     if stage == "t2v" and videos is not None:

@@ -131,10 +131,7 @@ def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> Traini
         buffer_size=config.shuffle_buffer,
         frames=config.frames,
     )
-    plan = stream_plan(spec, images, videos, world)
-    if len(plan.buckets) > 1 or plan.table["merged"] or plan.table["dropped"]:
-        reporter.log(bucket_summary(plan.table))
-    return TrainingData(images, videos, empty, empty_path, spec, plan)
+    return TrainingData(images, videos, empty, empty_path, spec, stream_plan(spec, images, videos, world))
 
 
 def bucket_summary(table: dict) -> str:
@@ -188,9 +185,18 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
             f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}",
             "use data encoded with the model's VAE",
         )
-    for bucket in data.plan.buckets:  # every batch's size, the reference one first
-        check_patchable(*bucket.shape[-2:], cfg["patch_size"])
+    check_patchable(height, width, cfg["patch_size"])  # the reference bucket: the model's size
     return model, cfg
+
+
+def with_patch_size(data: TrainingData, patch_size: int, world: int, reporter: Reporter) -> TrainingData:
+    """The data's buckets once the model's patch size is known: sizes that do not split into its patches are merged
+    into a bucket that fits inside them or dropped (as "not_patchable"), and the table states tokens."""
+    spec = replace(data.spec, patch_size=patch_size)
+    plan = stream_plan(spec, data.images, data.videos, world)
+    if len(plan.buckets) > 1 or plan.table["merged"] or plan.table["dropped"]:
+        reporter.log(bucket_summary(plan.table))
+    return replace(data, spec=spec, plan=plan)
 
 
 def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) -> GenTronTransformer:
@@ -349,6 +355,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
+    data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
         check_resume(folder, config)
