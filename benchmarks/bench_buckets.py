@@ -9,6 +9,7 @@ to back, in alternating order, and the ratio is the median over rounds of each r
 (bucketed seconds per token) / (fixed seconds per token) (benchmarks/results.py: paired_ratio).
 
     python benchmarks/bench_buckets.py [--rounds 7] [--steps 6] [--threads 1] [--batch 16]
+    python benchmarks/bench_buckets.py --quick     # 5 rounds of 4 steps
     python benchmarks/bench_buckets.py --smoke     # 2 rounds of 2 steps, batch 4, a 2-layer model: seconds
 
 Goal: bucketed_over_fixed_per_token <= 1.05. The last stdout line is the JSON summary (benchmarks/results.py).
@@ -78,14 +79,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=4, help="steps of each run before the rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="5 rounds of 4 steps")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 5, 4
     if args.smoke:
         args.rounds, args.steps, args.warmup, args.batch = 2, 2, 1, 4
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        per_token, drawn = measure(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was: --smoke runs in the caller's process
+    report(args, per_token, drawn)
+
+
+def measure(args) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per token of each run in each round, and the steps the bucketed run drew of each bucket."""
     from train_data import write_buckets
 
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         per = 8 if args.smoke else 48
@@ -113,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
             )
             for s in sorted(shapes)
         }
+    return per_token, drawn
+
+
+def report(args, per_token: dict[str, list[float]], drawn: dict[str, int]) -> None:
     value, spread = paired_ratio(per_token["buckets"], per_token["fixed"])
     tokens_per_step = args.batch * 64
     print(
