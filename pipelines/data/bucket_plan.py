@@ -214,29 +214,46 @@ def plan_buckets(
 
     buckets = []
     for k in kept:
-        if stage == "t2i":
+        if stage == "t2i":  # images and single frames of clips, mixed by their counts
             image_pool, video_pool = image_pool_of.get(k), video_pool_of.get(k)
             n_img = len(pools[image_pool].ref_ids) if image_pool is not None else 0
             n_vid = len(pools[video_pool].ref_ids) if video_pool is not None else 0
-            head = n_img / (n_img + n_vid) if image_pool is not None and video_pool is not None else 0.0
-            buckets.append(Bucket(k, batch[k], image_pool, video_pool, head, False, False, n_img + n_vid))
-        elif videos is not None:
-            video_pool = video_pool_of[k]
-            buckets.append(
-                Bucket(
-                    k,
-                    batch[k],
-                    image_pool_of.get(_spatial(k)),
-                    video_pool,
-                    p_motion_free,
-                    True,
-                    False,
-                    len(pools[video_pool].ref_ids),
-                )
+            both = image_pool is not None and video_pool is not None
+            bucket = Bucket(
+                k,
+                batch[k],
+                image_pool,
+                video_pool,
+                head=n_img / (n_img + n_vid) if both else 0.0,
+                heads_motion_free=False,
+                all_motion_free=False,
+                samples=n_img + n_vid,
             )
-        else:
+        elif videos is not None:  # clips; motion-free samples are the stills of the size, else clips
+            video_pool = video_pool_of[k]
+            bucket = Bucket(
+                k,
+                batch[k],
+                image_pool_of.get(_spatial(k)),
+                video_pool,
+                head=p_motion_free,
+                heads_motion_free=True,
+                all_motion_free=False,
+                samples=len(pools[video_pool].ref_ids),
+            )
+        else:  # stills alone
             image_pool = image_pool_of[k]
-            buckets.append(Bucket(k, batch[k], image_pool, None, 0.0, True, True, len(pools[image_pool].ref_ids)))
+            bucket = Bucket(
+                k,
+                batch[k],
+                image_pool,
+                None,
+                head=0.0,
+                heads_motion_free=True,
+                all_motion_free=True,
+                samples=len(pools[image_pool].ref_ids),
+            )
+        buckets.append(bucket)
     weights = np.array([b.samples / b.batch for b in buckets], dtype=np.float64)
     for b, w in zip(buckets, weights / weights.sum()):
         b.share = float(w)
