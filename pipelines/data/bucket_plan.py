@@ -458,9 +458,12 @@ class StepSchedule:
         starts = first + np.concatenate([[0], np.cumsum(sizes)[:-1]])
         stop = int(starts[-1] + sizes[-1])
         # heads per step: draws below the step's bucket's probability, over its samples' indices
-        below = self.draws.range(first, stop) < np.repeat(self.head[bucket], sizes)
-        counted = np.concatenate([[0], np.cumsum(below)])
-        heads = counted[starts + sizes - first] - counted[starts - first]
+        if self.head.any():
+            below = self.draws.range(first, stop) < np.repeat(self.head[bucket], sizes)
+            counted = np.concatenate([[0], np.cumsum(below)])
+            heads = counted[starts + sizes - first] - counted[starts - first]
+        else:  # no bucket mixes kinds or flags motion-free samples: nothing to draw
+            heads = np.zeros(self.CHUNK, dtype=np.int64)
         split = self.split[bucket]
         image_take = np.where(split, heads, np.where(self.video_pool[bucket] < 0, sizes, 0))
         video_take = sizes - image_take
