@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -36,6 +37,7 @@ from pipelines.train.setup import pipeline_record
 
 runner = CliRunner()
 VIDEO_FRAMES, VIDEO_RES = 4, 16  # pixel VAE: latents are the 16x16 frames themselves
+TRAINED_STEPS = 7  # what the exported folders record as their training step
 IMAGE_RES = 32  # tiny 8x VAE: 4 x 4 x 4 latents
 
 
@@ -72,6 +74,7 @@ def export_tiny_model(
     trained_with = make_objective(ObjectiveConfig(name=objective, noise_shift=2.0 if objective == "flow" else 1.0))
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
     pipeline = pipeline_record(TrainConfig(stage=stage), config, shard_meta, latent_shape, trained_with)
+    pipeline = replace(pipeline, step=TRAINED_STEPS)
     model = perturbed_model(config, seed)
     scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
     export_model(config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
@@ -184,6 +187,7 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
         "--grid",
     )
     assert result.exit_code == 0, result.output
+    assert f"(training step {TRAINED_STEPS})" in " ".join(result.output.split())  # which export was loaded
 
     sidecars = sorted(out.glob("000*.json"))
     assert [p.name for p in sidecars] == ["0000_a-red-fox.json", "0001_a-blue-car.json"]
@@ -192,6 +196,7 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     for record in records:
         assert record["settings"]["frames"] == VIDEO_FRAMES and record["settings"]["mfg_scale"] == 1.1
         assert record["sample_seed"] == sample_seed(7, record["index"])
+        assert record["model"]["step"] == TRAINED_STEPS
         digests = record["model"]["weights_sha256"]
         assert (
             list(digests) == ["diffusion_pytorch_model.safetensors"]
@@ -424,6 +429,47 @@ def test_seeds_and_batch_size(image_run, video_pipe, tmp_path):
 
 
 # --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+        (["--seed", "-1"], "--seed must be in [0, 2^63)"),
+        (["--resolution", "0"], "--resolution must be at least 1, got 0"),
+        (["--resolution", "-16"], "--resolution must be at least 1, got -16"),
+        (["--frames", "0"], "--frames must be at least 1, got 0"),
+        (["--out", "{tmp}/cat.png"], "names a file, but it is the folder the samples and their sidecars are"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_anything_loads(video_run, tmp_path, options, message):
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    out = ["--out", str(tmp_path / "o")] if "--out" not in options else []
+    result = run_cli("--model", video_run, "--prompt", "x", *out, *options)
+    assert result.exit_code == 2 and message in result.text and "Traceback" not in result.text, result.text
+    assert "loading model" not in result.text and not (tmp_path / "cat.png").exists()
+
+
+def test_two_samplers_never_write_one_folder(video_run, tmp_path):
+    """A second `gentron sample` into a folder another one is writing is refused instead of mixing their files."""
+    from pipelines.locking import folder_lock
+
+    (tmp_path / "o").mkdir()
+    with folder_lock(tmp_path / "o", "samples folder"):
+        result = run_cli("--model", video_run, "--prompt", "x", "--steps", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "is in use by" in result.text, result.text
+    assert not list((tmp_path / "o").glob("*.json"))
+    assert run_cli("--model", video_run, "--prompt", "x", "--steps", "1", "--out", tmp_path / "o").exit_code == 0
+
+
+def test_a_model_config_with_settings_of_a_newer_version_is_refused_by_name(video_run, tmp_path):
+    """Unknown architecture keys may change the maths: refused, named, instead of diffusers' generic warning."""
+    folder = tmp_path / "newer"
+    shutil.copytree(video_run / "model", folder)
+    config = json.loads((folder / "config.json").read_text()) | {"qk_norm": True, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("--model", folder, "--prompt", "x", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "qk_norm, rope_theta" in result.text and "Traceback" not in result.text
 
 
 def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
