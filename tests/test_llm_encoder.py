@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_SPEC
 from train_data import sample_fields
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
@@ -26,7 +27,6 @@ from pipelines.model.tiny import TINY_LLM_DIM, build_tiny_llm, build_tiny_t5
 
 CAPTIONS = ["a cat", "a dog running on the beach at sunset, filmed from a drone", "ünïcödé 🙂"]
 TEXT_FIELDS = (schema.CLIP_TOKENS, schema.CLIP_POOLED, schema.T5_TOKENS)
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         "--out",
         run,
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         2,
         "--global-batch",

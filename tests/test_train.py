@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import TINY_SPEC
 from train_data import truncate, write_dataset
 from typer.testing import CliRunner
 
@@ -38,8 +39,6 @@ from pipelines.train.trainer import train
 
 runner = CliRunner()
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -53,7 +52,7 @@ def base(tmp_path, images, **kw) -> TrainConfig:
     defaults = dict(
         output=str(tmp_path / "run"),
         image_data=str(images),
-        model=TINY,
+        model=TINY_SPEC,
         steps=8,
         global_batch=4,
         lr=3e-3,
@@ -474,7 +473,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_
     (not the last periodic one), one line says so, the exit code is 143, and the same command continues."""
     images, _ = data
     run = tmp_path / "preempted"
-    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY, "--steps", "40"]
+    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY_SPEC, "--steps", "40"]
     args += ["--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "1000"]
     args += ["--log-every", "1", "--ema-decay", "0.9"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -493,7 +492,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_
     assert json.loads((run / "model" / "pipeline.json").read_text())["step"] == int(saved.name[5:])
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
-    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=40, checkpoint_every=40))
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=40, checkpoint_every=40)
+    )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 41))
     np.testing.assert_allclose([logged[s] for s in range(1, 41)], whole.losses, rtol=1e-5, atol=1e-6)
@@ -552,7 +553,7 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
         "--out",
         str(run),
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         "80",
         "--global-batch",
@@ -582,7 +583,9 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     assert killed_at is not None and killed_at.name != "step_0000080"  # killed mid-run
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
-    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=80, checkpoint_every=80))
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=80, checkpoint_every=80)
+    )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 81))
     np.testing.assert_allclose([logged[s] for s in range(1, 81)], whole.losses, rtol=1e-5, atol=1e-6)
