@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-# Widths match pipelines.model.configs.TINY_TEXT_DIMS, which the "T/2" model size expects.
+# Widths match pipelines.model.configs.TINY_TEXT_INPUTS, which the "T/2" model size expects.
 TINY_CLIP_DIM = 32
 TINY_T5_DIM = 32
 TINY_LLM_DIM = 24  # unlike the others, so a test can tell the LLM's width from theirs
