@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from pipelines.errors import GentronError
@@ -140,3 +141,18 @@ def test_loading_draws_no_weight_bar_and_restores_the_hook(tiny_encoders, capfd)
     assert previous is None
     T5EncoderModel.from_pretrained(str(tiny_encoders["t5"]))
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_weights_stored_as_a_pickle_are_refused_by_name(tmp_path, tiny_encoders):
+    """A folder whose weights are a pickle (pytorch_model.bin) can run code when loaded: one message, no load."""
+    import shutil
+
+    folder = tmp_path / "pickled-clip"
+    shutil.copytree(tiny_encoders["clip"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(GentronError) as err:
+        TextEncoders(clip=str(folder), t5=None, device="cpu")
+    assert "pytorch_model.bin" in err.value.message and "pickle" in err.value.message
+    assert str(folder) in err.value.message

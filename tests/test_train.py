@@ -330,6 +330,30 @@ def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tm
     assert len(named) == 2 and "000000.tar" in named[0] and "non_finite" in named[0]  # once per run
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_message(tmp_path, monkeypatch):
+    """safetensors and torch.save report a full disk in their own exceptions, without an errno: while the file
+    system is full, the failed save is the "disk full" message, and the previous checkpoint stays."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {}, {"step": 1}, keep=3)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
+    with pytest.raises(GentronError) as err:
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+    assert "disk full while writing" in err.value.message and "step_0000002" in err.value.message
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
+    # with space left, the same failure is a bug of its own and keeps its type and traceback
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1 << 20, f_frsize=4096))
+    with pytest.raises(SafetensorError):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(
         tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3
