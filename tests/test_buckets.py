@@ -267,3 +267,36 @@ def _png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="png")
     return buf.getvalue()
+
+
+def test_encode_latents_says_when_it_cuts_bucketed_samples_to_its_square(tmp_path):
+    from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
+    from pipelines.prep.images import PrepImagesConfig, prep_images
+    from pipelines.progress import NullReporter
+
+    class Log(NullReporter):
+        lines: list = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (w, h) in {"wide": (64, 32), "even": (32, 32)}.items():
+        Image.fromarray(_gradient(w, h)).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text(name)
+    prep_images(PrepImagesConfig(src, tmp_path / "prep", size=32, format="png", buckets="32x16,32x32"))
+    log = Log()
+    result = encode_latents(EncodeLatentsConfig(tmp_path / "prep", tmp_path / "sq", vae="pixel", resolution=16), log)
+    assert result.summary["counters"]["bucketed_samples_cut_square"] == 2
+    assert any("prepared in aspect-ratio buckets" in line and "--buckets" in line for line in log.lines)
+    kept = encode_latents(
+        EncodeLatentsConfig(tmp_path / "prep", tmp_path / "b", vae="pixel", resolution=32, buckets="32x16,32x32")
+    )
+    assert "bucketed_samples_cut_square" not in kept.summary["counters"]
+    out = _shard_samples(tmp_path / "b")
+    assert schema.decode_npy(out["wide"][schema.LATENT_MEAN]).shape == (3, 16, 32)  # the prep cut, kept as is
+    prep_meta = schema.decode_json(out["wide"][schema.META])["prep"]
+    latent_meta = schema.decode_json(out["wide"][schema.META])["latent"]
+    assert prep_meta["bucket"] == latent_meta["crop"]["bucket"] == [32, 16]
+    assert latent_meta["crop"]["resized_size"] == latent_meta["crop"]["source_size"] == [16, 32]  # no resampling

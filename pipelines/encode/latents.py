@@ -183,6 +183,7 @@ class LatentShardEncoder:
     def __init__(self, vae: VAE, cfg: EncodeLatentsConfig):
         self.vae, self.cfg = vae, cfg
         spec = parse_buckets(cfg.buckets)
+        self.square = spec.square
         self.crop = CoverCrop(spec.sizes(cfg.resolution), record_bucket=not spec.square)
 
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
@@ -229,6 +230,8 @@ class LatentShardEncoder:
             (h, w), (rh, rw) = item.crop["source_size"], item.crop["resized_size"]
             if rh > h or rw > w:  # prep may have kept it small on purpose: said at the end of the stage
                 stats.count("upscaled_samples")
+            if self.square and isinstance(item.meta.get("prep"), dict) and "bucket" in item.meta["prep"]:
+                stats.count("bucketed_samples_cut_square")  # prep kept its aspect: said at the end of the stage
             meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, item.crop)}
             out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
             out[schema.META] = schema.encode_json(meta)
@@ -299,12 +302,21 @@ def encode_latents(
         reporter=reporter,
         verify=cfg.verify,
     )
-    upscaled = result.summary["counters"].get("upscaled_samples", 0)
+    counters, size = result.summary["counters"], f"--resolution {cfg.resolution}"
+    if not parse_buckets(cfg.buckets).square:
+        size = f"their bucket (--buckets {cfg.buckets})"
+    upscaled = counters.get("upscaled_samples", 0)
     if upscaled:
         reporter.log(
             f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than "
-            f"--resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless "
-            "--upscale)"
+            f"{size} and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small "
+            "unless --upscale)"
+        )
+    squared = counters.get("bucketed_samples_cut_square", 0)
+    if squared:
+        reporter.log(
+            f"warning: {squared} samples in {cfg.output_dir} were prepared in aspect-ratio buckets and were cut to "
+            f"the --resolution {cfg.resolution} square here (counted as bucketed_samples_cut_square); pass "
+            "encode-latents the --buckets of the prep stage to keep their aspect ratios"
         )
     return result
