@@ -52,10 +52,10 @@ def raw_decode(paths: list[Path]) -> tuple[int, float]:
 def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]:
     """Seconds per video of each step of prep's per-video work (in this process, single-threaded, one pass),
     and the start-up of one decode child (median of 3): where a run's time goes."""
+    from pipelines.data.isolated import IsolatedProcess
     from pipelines.data.media import encode_clip
     from pipelines.data.video import (
         ClipPlan,
-        IsolatedProcess,
         output_size,
         plan_clips,
         probe_video,
@@ -86,7 +86,7 @@ def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]
         out[path.stem] = t | {"clips": len(selections)}
     starts = []
     for _ in range(3):
-        child = IsolatedProcess(timeout=60)
+        child = IsolatedProcess(timeout=60, preload=("pipelines.data.video",))
         s = time.perf_counter()
         child._start()
         starts.append(time.perf_counter() - s)

@@ -520,7 +520,7 @@ def test_the_decode_child_leaves_ctrl_c_to_its_parent_and_prints_nothing(capfd):
     import signal
     import time
 
-    from pipelines.data.video import IsolatedProcess
+    from pipelines.data.isolated import IsolatedProcess
 
     child = IsolatedProcess(timeout=30)
     child._start()

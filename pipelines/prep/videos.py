@@ -18,10 +18,11 @@ from pathlib import Path
 
 from pipelines.data import schema
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
+from pipelines.data.isolated import IsolatedProcess, Stopped
 from pipelines.data.media import clip_qscale
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
-from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, IsolatedProcess, Stopped, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
+from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
 
@@ -143,7 +144,7 @@ class DecodeChildren:
             with self._lock:
                 if self._stopped:
                     raise Stopped("the run is stopping")
-                child = self._local.child = IsolatedProcess(self.timeout)
+                child = self._local.child = IsolatedProcess(self.timeout, preload=("pipelines.data.video",))
                 self._children.append(child)
         return child
 
