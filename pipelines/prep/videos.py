@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipelines.data.isolated import IsolatedProcess, Stopped
 from pipelines.data.media import clip_qscale
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
-from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
+from pipelines.data.video import ClipPlan, video_clips
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
 
@@ -163,21 +164,31 @@ class DecodeChildren:
             child.close()
 
 
-_active: DecodeChildren | None = None  # the running prep_videos call's children (its worker threads share them)
+class VideoShardPrep:
+    """The per-shard function of the stage (a ShardFn), shared by its worker threads: it holds the run's decode
+    children and `work`, what a decode child runs for one video (`video_clips`; tests pass a slower one)."""
 
+    def __init__(self, config: PrepVideosConfig, work: Callable[..., Iterator[tuple]] = video_clips):
+        self.config, self.work = config, work
+        self.children = DecodeChildren(config.timeout)
 
-def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
-    config, items = job.payload
-    children = _active  # set by prep_videos for its whole run; its worker threads share it
-    for item in items:
-        stats.samples_in += 1
-        tick(1, clips=_prep_one(item, config, children.get(), writer, stats))
-    # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
-    children.get()
+    def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
+        _, items = job.payload
+        for item in items:
+            stats.samples_in += 1
+            tick(1, clips=_prep_one(item, self.config, self.work, self.children.get(), writer, stats))
+        # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted
+        # as failed
+        self.children.get()
 
 
 def _prep_one(
-    item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats
+    item: InputItem,
+    config: PrepVideosConfig,
+    work: Callable[..., Iterator[tuple]],
+    child: IsolatedProcess,
+    writer: ShardWriter,
+    stats: ShardStats,
 ) -> int:
     """Write one video's clips; a bad video is recorded in the stats. Returns the number of clips written."""
     try:
@@ -193,7 +204,7 @@ def _prep_one(
         # All of a video's clips or none: a video failing halfway is one clean failure.
         messages = list(
             child.run(
-                video_clips,
+                work,
                 item.path,
                 plan,
                 item.start,
@@ -262,20 +273,24 @@ class _ClipRateTask:
         self.task.advance(n, clips=self.clips, **{"clips/s": round(rate, 2)}, **fields)
 
 
-def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
-    """Prepare every video of `config.input` into clip shards under `config.output`."""
-    global _active
+def prep_videos(
+    config: PrepVideosConfig,
+    reporter: Reporter = NullReporter(),
+    *,
+    video_work: Callable[..., Iterator[tuple]] = video_clips,
+) -> StageResult:
+    """Prepare every video of `config.input` into clip shards under `config.output`.
+
+    `video_work`: what a decode child runs for one video (a module-level function with `video_clips`'s
+    arguments and messages); tests pass one that is slow or hangs on purpose.
+    """
     _validate(config)
-    if _active is not None:
-        raise GentronError(
-            "prep_videos is already running in this process", "run one prep-videos at a time per process"
-        )
-    children = _active = DecodeChildren(config.timeout)
+    prep_shard = VideoShardPrep(config, video_work)
     try:
         # Worker threads, not processes: the work is in the decode children; a worker only writes the tar.
         return run_prep(
             config,
-            _prep_shard,
+            prep_shard,
             VIDEO_EXTENSIONS,
             config.output_options(),
             OPTIONS_FILE,
@@ -283,11 +298,10 @@ def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -
             _ClipRateReporter(reporter),
             upgrade=_upgrade_record,
             threads=True,
-            on_stop=children.stop,
+            on_stop=prep_shard.children.stop,
         )
     finally:
-        _active = None
-        children.close()
+        prep_shard.children.close()
 
 
 def _upgrade_record(previous: dict) -> dict:
