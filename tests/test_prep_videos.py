@@ -39,9 +39,11 @@ from pipelines.data.media import decode_clip
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.data.video import (
     ClipPlan,
+    ClipSelection,
     VideoInfo,
     output_size,
     plan_clips,
+    plan_passes,
     probe_video,
     read_clips,
 )
@@ -314,6 +316,20 @@ def test_read_clips_gives_exactly_the_selected_frames(tmp_path, clip_stride):
         assert decoder == "pyav"
         assert [read_counter(f) for f in frames] == selection.frame_indices.tolist()
         assert all(np.array_equal(f, reference[i]) for f, i in zip(frames, selection.frame_indices))
+
+
+def test_the_seek_planner_joins_near_clips_and_seeks_over_far_ones():
+    info = _info([k / 25 for k in range(100)], Fraction(1, 25), 25.0)
+    info.keyframes = np.arange(0, 100, 10)  # a keyframe every 10 frames
+
+    def clip(*indices):
+        return ClipSelection(index=0, timeline_times=np.zeros(len(indices)), frame_indices=np.asarray(indices))
+
+    clips = [clip(3, 5), clip(5, 8), clip(30, 32), clip(33, 40), clip(44, 46), clip(55, 56), clip(70, 71)]
+    # 5-8 overlaps; 30 is past keyframe 30, more than 4 frames after 8: a seek; 44's keyframe (40) is where the
+    # stretch ends, 55's (50) 4 frames after 46: decoding on is cheaper; 70's keyframe is 14 frames ahead: a seek
+    assert plan_passes(info, clips) == [(3, 8), (30, 56), (70, 71)]
+    assert plan_passes(info, [clip(0, 9), clip(9, 9)]) == [(0, 9)]  # a clip inside the stretch before it
 
 
 def test_video_clips_match_a_plain_decode_resize_encode(tmp_path):

@@ -5,8 +5,9 @@
   frame (for its rotation) and notes the keyframes.
 - `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
   target time the source frame on screen at that time (last frame with pts <= t).
-- `read_clips`: PyAV, forward from the keyframe before the first needed frame to the last needed one,
-  seeking over spans no clip uses; frames matched by pts; only the frames clips use become RGB.
+- `plan_passes` (the seek planner): the stretches of the stream to decode, seeking over spans no clip uses;
+  `decode_frames`: the frames PyAV presents in those stretches, matched to the timeline by pts;
+  `read_clips`: each clip's frames from them (only the frames clips use become RGB).
 - `rotate_frames`: the display matrix's rotation (0/90/180/270, from `probe_video`) turns decoded frames upright.
 - `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in a decode child
   (pipelines/data/isolated.py) so that a decoder stuck in native code costs one video, not the run.
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -287,72 +289,99 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 # Decoding the selected frames
 
 
+# A seek is worth it when it skips more than this many frames (a seek costs about one frame's decode).
+_SEEK_GAIN = 4
+
+
+def plan_passes(info: VideoInfo, selections: list[ClipSelection]) -> list[tuple[int, int]]:
+    """The seek planner: the stretches of the stream to decode, as (first, last) display indices, in order.
+
+    Each stretch is one forward pass, after a seek to the keyframe at or before `first` (none for a first stretch
+    at frame 0). A clip joins the stretch before it, unless the keyframe before its first frame that stretch does
+    not decode is more than _SEEK_GAIN frames past the stretch's end: then a seek skips the frames between.
+    """
+    passes: list[tuple[int, int]] = []
+    for selection in selections:
+        indices = [int(i) for i in selection.frame_indices]
+        if passes:
+            first, last = passes[-1]
+            upcoming = [i for i in indices if i > last]  # frames up to `last` are decoded by that stretch
+            if not upcoming or info.keyframe_before(upcoming[0]) <= last + _SEEK_GAIN:
+                passes[-1] = (first, max(last, *indices))
+                continue
+            indices = upcoming
+        passes.append((indices[0], max(indices)))
+    return passes
+
+
+class _LandedLate(Exception):
+    """A seek landed after the frame it was for (a container index that disagrees with the probe)."""
+
+
+def decode_frames(path: Path, info: VideoInfo, passes: list[tuple[int, int]]) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(display index, frame) for every frame the decoder presents in each stretch of `passes`, in order.
+
+    Frames are matched to the probe's timeline by pts. A seek that lands after the frame it was for falls back
+    to one pass from the start over everything left, without seeks. Stops where the stream ends.
+    """
+    index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+
+        def one_pass(first: int, last: int, seek: bool) -> Iterator[tuple[int, av.VideoFrame]]:
+            """Frames `first`..`last`; returns whether `last` was reached (False: the stream ended before)."""
+            if seek:
+                container.seek(int(info.pts[first]), stream=stream, backward=True, any_frame=False)
+            check_landing = seek and first > 0
+            for frame in container.decode(stream):
+                index = index_of_pts.get(frame.pts) if frame.pts is not None else None
+                if index is None:
+                    continue
+                if check_landing:
+                    check_landing = False
+                    if index > first:
+                        raise _LandedLate
+                yield index, frame
+                if index >= last:
+                    return True
+            return False
+
+        for number, (first, last) in enumerate(passes):
+            try:
+                reached = yield from one_pass(first, last, seek=number > 0 or first > 0)
+            except _LandedLate:
+                yield from one_pass(0, passes[-1][1], seek=True)
+                return
+            if not reached:
+                return
+
+
 def _decode_pyav(
     path: Path, info: VideoInfo, selections: list[ClipSelection]
 ) -> Iterator[tuple[ClipSelection, np.ndarray]]:
-    """Forward passes over the stream, frames matched by pts; only the frames a clip uses become RGB.
-
-    Decoding starts at the keyframe before the first needed frame and stops after the last one. Where the
-    next clip's first frame is past a keyframe well ahead (clips further apart than a keyframe interval),
-    a seek skips the frames between. A seek that lands after the frame it was for (a container index
-    that disagrees with the probe) falls back to one pass from the start, without seeks.
-    """
-    index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    """Each clip's frames, in order, as the decoder presents the planned stretches; only the frames a clip uses
+    become RGB, and each is kept only until no later clip needs it."""
     wanted = {int(i) for s in selections for i in s.frame_indices}
-    pending = list(selections)
+    pending = deque(selections)
     decoded: dict[int, np.ndarray] = {}
     rgb = VideoReformatter()  # one swscale context for every frame (the same pixels as a new one per frame)
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_count = 1
-            start, may_seek = _first_missing(pending[0], decoded), True
-            seek = start > 0
-            while pending:
-                if seek:
-                    container.seek(int(info.pts[start]), stream=stream, backward=True, any_frame=False)
-                check_landing, jump = seek and start > 0, None
-                for frame in container.decode(stream):
-                    index = index_of_pts.get(frame.pts) if frame.pts is not None else None
-                    if index is None:
-                        continue
-                    if check_landing:
-                        check_landing = False
-                        if index > start:  # landed too late: decode everything from the start instead
-                            may_seek, jump = False, 0
-                            break
-                    if index in wanted and index not in decoded:
-                        decoded[index] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
-                    finished_one = False
-                    while pending and index >= pending[0].frame_indices.max():
-                        yield _take(pending.pop(0), decoded, path)
-                        finished_one = True
-                        if pending:  # overlapping clips share frames: drop only those no later clip needs
-                            needed_from = int(pending[0].frame_indices.min())
-                            for i in [i for i in decoded if i < needed_from]:
-                                del decoded[i]
-                    if not pending:
-                        return
-                    if finished_one and may_seek:
-                        upcoming = _first_missing(pending[0], decoded)
-                        if info.keyframe_before(upcoming) > index + _SEEK_GAIN:
-                            jump = upcoming  # nothing up to the next clip's keyframe is needed
-                            break
-                if jump is None:
-                    break  # the stream ended
-                start, seek = jump, True
+        for index, frame in decode_frames(path, info, plan_passes(info, selections)):
+            if index in wanted and index not in decoded:
+                decoded[index] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+            while pending and index >= pending[0].frame_indices.max():
+                yield _take(pending.popleft(), decoded, path)
+                if pending:  # overlapping clips share frames: drop only those no later clip needs
+                    needed_from = int(pending[0].frame_indices.min())
+                    for i in [i for i in decoded if i < needed_from]:
+                        del decoded[i]
+            if not pending:
+                return
     except av.error.FFmpegError as exc:
         raise BadSample("corrupt", f"{path}: {exc}") from exc
     while pending:
-        yield _take(pending.pop(0), decoded, path)
-
-
-def _first_missing(selection: ClipSelection, decoded: dict[int, np.ndarray]) -> int:
-    return min(int(i) for i in selection.frame_indices if int(i) not in decoded)
-
-
-# A seek is worth it when it skips more than this many frames (a seek costs about one frame's decode).
-_SEEK_GAIN = 4
+        yield _take(pending.popleft(), decoded, path)
 
 
 def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) -> tuple[ClipSelection, np.ndarray]:
