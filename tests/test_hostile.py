@@ -260,7 +260,7 @@ def test_encode_text_records_a_duplicate_key_in_its_stats(tmp_path):
     encoder = TextShardEncoder(Encoders(), batch_size=64)
     encoder._encode_batch = lambda batch, writer, stats, tick: None
     encoder(ShardJob("000000", tmp_path / "000000.tar"), None, stats, lambda n=1, **_: None)
-    assert [(f["key"], f["reason"]) for f in stats.failures] == [("a", "duplicate_key"), ("c", "duplicate_key")]
+    assert [(f.key, f.reason) for f in stats.failures] == [("a", "duplicate_key"), ("c", "duplicate_key")]
     assert stats.samples_in == 5
 
 

@@ -88,7 +88,7 @@ def _job_fn(job, writer, stats, tick):
     for i in job.payload:
         stats.samples_in += 1
         if i % 4 == 3:
-            stats.fail(f"item_{i}", "too_short", "test")
+            stats.fail(f"item_{i}", BadSample("too_short", "test"))
         else:
             writer.write(f"item_{i}", {"txt": str(i).encode()})
         tick(1)

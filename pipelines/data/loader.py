@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
+from pipelines.data.shards import Failure, ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
@@ -58,15 +58,6 @@ class SampleRef:
     shard: int
     key: str
     fields: dict
-
-
-@dataclass
-class Failure:
-    shard: str
-    key: str
-    reason: str
-    detail: str = ""
-    field: str = ""  # the sample's field at fault, when one is
 
 
 @dataclass
@@ -108,7 +99,7 @@ def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]
     try:
         samples.extend(scan_shard(path, read=False))
     except ShardDamaged as damage:
-        return samples, Failure(path.name, damage.key or "?", damage.reason, damage.detail)
+        return samples, Failure(damage.key or "?", damage.reason, damage.detail, shard=path.name)
     return samples, None
 
 
@@ -137,17 +128,17 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
                     if duplicate:
                         failures.append(
                             Failure(
-                                path.name,
                                 key,
                                 "duplicate_key",
                                 f"a second sample with key {key!r} in {path.name}; the first one is kept",
+                                shard=path.name,
                             )
                         )
                         continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))
                     except BadSample as err:
-                        failures.append(Failure(path.name, key, err.reason, err.detail, err.field or ""))
+                        failures.append(Failure.of(key, err, shard=path.name))
             task.advance(1)
     # the folder's latent size is the most common one; samples of another size are skipped
     shapes = Counter(shape for *_, shape in found)
@@ -158,7 +149,9 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
     for s, key, fields, sample_shape in found:
         if sample_shape != shape:
             failures.append(
-                Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}")
+                Failure(
+                    key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}", shard=shards[s].name
+                )
             )
             continue
         present = set(schema.text_fields_in(fields))
@@ -167,7 +160,7 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
         if not text_fields <= present:
             failures.append(
-                Failure(shards[s].name, key, "missing_field", f"text embeddings {sorted(text_fields - present)}")
+                Failure(key, "missing_field", f"text embeddings {sorted(text_fields - present)}", shard=shards[s].name)
             )
             continue
         has_flip &= schema.LATENT_FLIP_MEAN in fields and schema.LATENT_FLIP_STD in fields
@@ -472,14 +465,7 @@ class TrainStream(IterableDataset):
             return self.load_sample(index, streams)
         except BadSample as err:
             source, ref, _ = self.locate(index, streams)
-            failure = {
-                "kind": source.kind,
-                "shard": source.shards[ref.shard].name,
-                "key": ref.key,
-                "field": err.field or "",
-                "reason": err.reason,
-                "detail": err.detail,
-            }
+            failure = Failure.of(ref.key, err, shard=source.shards[ref.shard].name).as_dict() | {"kind": source.kind}
             text = {
                 schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields
             }
@@ -571,7 +557,7 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
             "samples": len(src),
             "skipped": len(src.failures),
             "skipped_by_reason": reasons,
-            "failures": [vars(f) for f in src.failures],
+            "failures": [f.as_dict() for f in src.failures],
         }
         unreadable = [f for f in load_failures if f.get("kind") == src.kind]
         if unreadable:

@@ -4,7 +4,8 @@
   temporary name and renames it into place only when complete (pipelines/files.py).
 - `scan_shard`: the one tar reader (training's index reads headers only, the stages read the bytes);
   `iter_shard` gives (key, {field: bytes}) in order; a damaged tar is reported.
-- `ShardStats`: per-shard counts, the reason of every failure, and the tar's size and sha256, written
+- `Failure`: the one record of an item that could not be used (every stage, and training's index).
+- `ShardStats`: per-shard counts, every failure, and the tar's size and sha256, written
   beside the shard; `shard_damage` / `verify_folder` / `summarize` read them back.
 
 The stage loop that writes shards (jobs, resume, ranks, worker processes) is pipelines/data/runner.py.
@@ -12,6 +13,7 @@ The stage loop that writes shards (jobs, resume, ranks, worker processes) is pip
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -190,6 +192,31 @@ def iter_shard(
         on_duplicate(key, detail)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """The one record of an input item that could not be used, wherever it is kept: a shard's stats file (every
+    data stage), training's index and data_stats.json, the failures of a training batch."""
+
+    key: str  # the sample's key (its source's, in prep), or the shard's file name when the tar itself is damaged
+    reason: str  # short and stable, for counting (BadSample.reason): "corrupt", "too_short", "duplicate_key", ...
+    detail: str = ""  # what exactly, naming the file
+    field: str = ""  # the sample's field at fault, when one is (e.g. "latent_mean.npy")
+    shard: str = ""  # the shard it is in, where that is not already said by where the record is kept
+
+    @classmethod
+    def of(cls, key: str, bad: BadSample, shard: str = "") -> Failure:
+        return cls(key, bad.reason, bad.detail, bad.field or "", shard)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Failure:
+        """A record as written by as_dict (by any version: fields it lacks take their defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
+
+
 @dataclass
 class ShardStats:
     """What happened to one shard: counts and every failure with its reason."""
@@ -197,14 +224,15 @@ class ShardStats:
     shard: str
     samples_in: int = 0
     samples_out: int = 0
-    failures: list[dict] = field(default_factory=list)  # {"key", "reason", "detail"}
+    failures: list[Failure] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)  # stage-specific counts (e.g. truncated captions)
     seconds: float = 0.0
     tar_size: int | None = None  # the finished tar's bytes and digest, to find a damaged shard on rerun
     tar_sha256: str | None = None  # (None in stats files written before they were recorded)
 
-    def fail(self, key: str, reason: str, detail: str = "") -> None:
-        self.failures.append({"key": key, "reason": reason, "detail": detail})
+    def fail(self, key: str, bad: BadSample) -> None:
+        """Record that item `key` could not be used, and why."""
+        self.failures.append(Failure.of(key, bad))
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -222,6 +250,7 @@ class ShardStats:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             data.pop("failed", None)
+            data["failures"] = [Failure.from_dict(f) for f in data.get("failures", [])]
             return ShardStats(**data)
         except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
             raise BadSample("bad_stats", f"{path}: {exc}") from None
@@ -284,7 +313,7 @@ def summarize(output_dir: str | Path) -> dict:
         total["samples_out"] += s.samples_out
         total["failed"] += s.failed
         total["seconds"] += s.seconds
-        reasons.update(f["reason"] for f in s.failures)
+        reasons.update(f.reason for f in s.failures)
         counters.update(s.counters)
     summary = total | {"failures_by_reason": dict(sorted(reasons.items())), "counters": dict(sorted(counters.items()))}
     return summary | ({"unreadable_stats": unreadable} if unreadable else {})

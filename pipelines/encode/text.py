@@ -115,7 +115,7 @@ def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
 
 def _count_duplicate(stats: ShardStats, key: str, detail: str, tick) -> None:
     stats.samples_in += 1
-    stats.fail(key, "duplicate_key", detail)
+    stats.fail(key, BadSample("duplicate_key", detail))
     tick(1)
 
 
@@ -144,14 +144,14 @@ class TextShardEncoder:
                 try:
                     batch.append(self._read(key, fields))
                 except BadSample as bad:
-                    stats.fail(key, bad.reason, bad.detail)
+                    stats.fail(key, bad)
                     tick(1)
                     continue
                 if len(batch) == self.batch_size:
                     self._encode_batch(batch, writer, stats, tick)
                     batch = []
         except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-            stats.fail(Path(job.payload).name, bad.reason, bad.detail)
+            stats.fail(Path(job.payload).name, bad)
         if batch:
             self._encode_batch(batch, writer, stats, tick)
 
@@ -170,7 +170,7 @@ class TextShardEncoder:
             try:
                 _check_finite(encoded.arrays)
             except BadSample as bad:
-                stats.fail(item.key, bad.reason, bad.detail)
+                stats.fail(item.key, bad)
                 tick(1)
                 continue
             for name in encoded.truncated:

@@ -93,7 +93,7 @@ def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> 
             key, fields = _prep_one(item, config, stats)
             writer.write(key, fields)
         except BadSample as exc:
-            stats.fail(item.key, exc.reason, exc.detail)
+            stats.fail(item.key, exc)
         tick(1)
 
 

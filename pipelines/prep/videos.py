@@ -195,7 +195,7 @@ def _prep_one(
         caption = item.read_caption()
     except BadSample as exc:
         if not (exc.reason == "missing_caption" and config.keep_uncaptioned):
-            stats.fail(item.key, exc.reason, exc.detail)
+            stats.fail(item.key, exc)
             return 0
         caption = ""
         stats.count("uncaptioned_kept")
@@ -215,7 +215,7 @@ def _prep_one(
             )
         )
     except BadSample as exc:
-        stats.fail(item.key, exc.reason, exc.detail or str(item.path))
+        stats.fail(item.key, exc)
         return 0
     video = messages[0][1]
     base = {
