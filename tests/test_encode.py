@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 import typer
+from test_shards import tar_with_a_duplicate
 from typer.testing import CliRunner
 
 from gentron_cli.commands import encode as encode_commands
 from pipelines.data import media, schema
+from pipelines.data.runner import ShardJob
 from pipelines.data.shards import ShardWriter, iter_shard, list_shards
 from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
 from pipelines.encode.text import EncodeTextConfig, encode_text
@@ -390,3 +392,62 @@ def test_rank_split_covers_every_shard_once(tmp_path):
     for a, b in zip(list_shards(out), list_shards(single)):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert all(json.loads((out / f"{s:06d}.stats.json").read_text())["samples_out"] == 2 for s in range(5))
+
+
+# --------------------------------------------------------------------------- hostile cases
+
+
+class _Log:
+    """A reporter that keeps the stage's messages."""
+
+    def __init__(self):
+        from pipelines.progress import NullReporter
+
+        self._null, self.lines = NullReporter(), []
+
+    def task(self, *args, **kwargs):
+        return self._null.task(*args, **kwargs)
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_encode_text_records_a_duplicate_key_in_its_stats(tmp_path):
+    from pipelines.data.shards import ShardStats
+    from pipelines.encode.text import TextShardEncoder
+
+    tar_with_a_duplicate(tmp_path / "000000.tar")
+
+    class Encoders:
+        def metadata(self):
+            return {}
+
+        def encode_captions(self, texts):
+            raise AssertionError("not reached: batch size is larger than the shard")
+
+    stats = ShardStats("000000")
+    encoder = TextShardEncoder(Encoders(), batch_size=64)
+    encoder._encode_batch = lambda batch, writer, stats, tick: None
+    encoder(ShardJob("000000", tmp_path / "000000.tar"), None, stats, lambda n=1, **_: None)
+    assert [(f.key, f.reason) for f in stats.failures] == [("a", "duplicate_key"), ("c", "duplicate_key")]
+    assert stats.samples_in == 5
+
+
+# --------------------------------------------------------------------------- encode-latents upscaling a small clip
+
+
+def test_encode_latents_counts_and_says_when_it_upscales_a_small_source(tmp_path):
+    import numpy as np
+
+    from pipelines.data import media, schema
+    from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
+
+    (tmp_path / "in").mkdir()
+    with ShardWriter(tmp_path / "in" / "000000.tar") as writer:
+        for key, side in (("small", 8), ("big", 16)):
+            frames = np.full((2, side, side, 3), 100, np.uint8)
+            writer.write(key, {schema.VIDEO: media.encode_clip(frames, fps=4), schema.CAPTION: b"a clip"})
+    log = _Log()
+    result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16), log)
+    assert result.summary["counters"]["upscaled_samples"] == 1
+    assert any("1 of 2 samples" in m and "upscaled" in m for m in log.lines)

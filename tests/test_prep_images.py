@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from gentron_cli.main import app
 from pipelines.data import schema
 from pipelines.data.image import load_image, resize_image
 from pipelines.data.media import decode_image
@@ -183,3 +186,80 @@ def test_cli(prepared, tmp_path):
     assert bad_format.exit_code == 2 and "--format" in bad_format.output
     with pytest.raises(GentronError):
         prep_images(PrepImagesConfig(src, tmp_path / "o4", quality=0))
+
+
+# --------------------------------------------------------------------------- hostile cases
+
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "1000"}  # no path folded mid-word in the CLI's messages
+
+
+def _image(path: pathlib.Path, side: int, caption: str = "a grey square") -> pathlib.Path:
+    """A `side` x `side` PNG with a same-stem caption file."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(path)
+    path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def test_a_read_only_output_folder_ends_prep_images_with_exit_2(tmp_path, monkeypatch):
+    _image(tmp_path / "in" / "a.png", 64)
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *a, **k):
+        if "out" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    result = runner.invoke(app, ["prep-images", str(tmp_path / "in"), "--out", str(tmp_path / "out")], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "read-only" in result.output and str(tmp_path / "out") in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- inputs that vanished without a word
+
+
+def _stage_failures(folder) -> dict[str, str]:
+    out = {}
+    for p in pathlib.Path(folder).glob("*.stats.json"):
+        out |= {f["key"]: f["reason"] for f in json.loads(p.read_text())["failures"]}
+    return out
+
+
+def test_broken_symlink_is_missing_file_and_caption_bom_is_stripped(tmp_path):
+    from pipelines.data.shards import iter_shard
+    from pipelines.prep.images import PrepImagesConfig, prep_images
+
+    src = tmp_path / "in"
+    _image(src / "good.png", 64)
+    (src / "good.txt").write_bytes("\ufeffa grey square".encode("utf-8"))
+    (src / "gone.png").symlink_to(src / "nowhere.png")
+    (src / "gone.txt").write_text("a caption")
+    result = prep_images(PrepImagesConfig(src, tmp_path / "out", size=64))
+    assert result.samples_in == 2 and result.samples_out == 1
+    assert _stage_failures(tmp_path / "out") == {"gone": "missing_file"}
+    ((_, fields),) = iter_shard(list_shards(tmp_path / "out")[0])
+    assert fields["txt"] == b"a grey square"
+
+
+# --------------------------------------------------------------------------- a stage that keeps nothing
+
+
+def test_prep_images_at_32_px_keeps_32_px_images_and_a_stage_keeping_nothing_exits_2(tmp_path):
+    src = tmp_path / "in"
+    _image(src / "a.png", 32)
+    _image(src / "b.png", 32)
+    ok = runner.invoke(app, ["prep-images", str(src), "--out", str(tmp_path / "out"), "--size", "32"], env=WIDE)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["samples_out"] == 2
+
+    (src / "a.txt").unlink()
+    (src / "b.txt").unlink()
+    none = runner.invoke(app, ["prep-images", str(src), "-o", str(tmp_path / "none"), "--size", "32"], env=WIDE)
+    assert none.exit_code == 2 and "Traceback" not in none.output
+    assert "kept nothing" in none.output and "missing_caption: 2" in none.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -593,3 +594,60 @@ def test_cli_success_and_wrong_input(small_folder, tmp_path):
     bad = runner.invoke(_app(), ["prep-videos", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out2")])
     assert bad.exit_code == 2
     assert str(tmp_path / "nowhere") in bad.output and "Traceback" not in bad.output
+
+
+# --------------------------------------------------------------------------- rotated videos
+
+
+def _rotated_video(path: pathlib.Path, upright, tkhd_matrix) -> None:
+    """Frames stored turned (as a phone stores a portrait video), with `tkhd_matrix` patched into the track header."""
+    import struct
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=4)
+        stream.width, stream.height, stream.pix_fmt = upright.shape[2], upright.shape[1], "yuvj420p"
+        for i, image in enumerate(upright):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd")
+    matrix = at + 4 + (40 if data[at + 4] == 0 else 52)  # after version/flags, times, track id, duration, layer, volume
+    data[matrix : matrix + 36] = struct.pack(">9i", *tkhd_matrix)
+    path.write_bytes(bytes(data))
+
+
+ONE, W = 1 << 16, 1 << 30  # 16.16 and 2.30 fixed point
+
+
+@pytest.mark.parametrize(
+    "matrix, turns",  # turns: counter-clockwise quarter turns that make the stored frames upright
+    [
+        ([0, ONE, 0, -ONE, 0, 0, 0, 0, W], 3),
+        ([-ONE, 0, 0, 0, -ONE, 0, 0, 0, W], 2),
+        ([0, -ONE, 0, ONE, 0, 0, 0, 0, W], 1),
+    ],
+)
+def test_a_rotated_video_comes_out_upright_with_its_displayed_size(tmp_path, matrix, turns):
+    import numpy as np
+
+    import pipelines.data.video as video
+    from pipelines.data.media import decode_clip
+    from pipelines.prep.videos import video_clips
+
+    upright = np.zeros((3, 48, 32, 3), np.uint8)  # 32 wide, 48 high, a white block top left
+    upright[:, :16, :16] = 255
+    _rotated_video(tmp_path / "phone.mp4", np.rot90(upright, k=-turns, axes=(1, 2)), matrix)
+    messages = list(video_clips(tmp_path / "phone.mp4", video.ClipPlan(4.0, 2, 1), None, None, 32, False, 2))
+    meta = messages[0][1]
+    assert meta["source_size"] == [32, 48] and meta["size"] == [32, 48] and meta["source_rotation"] == 90 * turns
+    _, clip_meta, clip = messages[1]
+    assert clip_meta["decoder"] == "pyav"
+    frames = decode_clip(clip)
+    assert frames.shape == (2, 48, 32, 3)
+    assert np.abs(frames.astype(int) - upright[:2]).mean() < 8  # JPEG twice: close, not exact

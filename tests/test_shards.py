@@ -1,16 +1,21 @@
 """The shard contract: deterministic atomic writing, reading, stats, resume, rank and worker split."""
 
+import errno
 import hashlib
 import json
+import pathlib
 
 import numpy as np
 import pytest
 import webdataset as wds
+from typer.testing import CliRunner
 
+from gentron_cli.main import app
 from pipelines.data import schema
 from pipelines.data.runner import ShardJob, resolve_rank, run_shard_jobs
-from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name
+from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name, verify_folder
 from pipelines.errors import BadSample, GentronError
+from pipelines.progress import NullReporter
 
 
 def _samples(n, offset=0):
@@ -210,3 +215,151 @@ def test_progress_total_counts_only_this_ranks_unfinished_items(tmp_path):
     assert totals == [15, 10]
     run_shard_jobs(_jobs(40, 5), tmp_path / "unknown", _job_fn, reporter=Rep())  # jobs without counts
     assert totals[-1] is None
+
+
+# --------------------------------------------------------------------------- hostile cases: damaged folders, faults
+
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "1000"}  # no path folded mid-word in the CLI's messages
+
+
+def _text_fn(job, writer, stats, tick):
+    for i in job.payload:
+        stats.samples_in += 1
+        writer.write(f"item_{i}", {"txt": f"caption {i}".encode() * 20})
+        tick(1)
+
+
+def _text_jobs(shards=3, per_shard=4):
+    return [
+        ShardJob(shard_name(k), list(range(k * per_shard, (k + 1) * per_shard)), items=per_shard) for k in range(shards)
+    ]
+
+
+class _Log(NullReporter):
+    """A reporter that keeps the stage's messages."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+# --------------------------------------------------------------------------- a damaged output folder
+
+
+def test_rerun_redoes_a_missing_a_truncated_and_a_garbled_shard_byte_identically(tmp_path):
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    reference = {p.name: p.read_bytes() for p in list_shards(out)}
+    (out / "000000.tar").unlink()
+    data = (out / "000001.tar").read_bytes()
+    (out / "000001.tar").write_bytes(data[: len(data) // 2])
+    (out / "000002.stats.json").write_text("{ not json")
+    log = _Log()
+    result = run_shard_jobs(_text_jobs(), out, _text_fn, reporter=log)
+    assert (result.done, result.skipped) == (3, 0)
+    assert {p.name: p.read_bytes() for p in list_shards(out)} == reference
+    said = "\n".join(log.lines)
+    assert (
+        "000000.tar is missing" in said
+        and "000001.tar has" in said
+        and "000002" in said
+        and "stats file is damaged" in said
+    )
+    stats = json.loads((out / "000000.stats.json").read_text())
+    assert stats["tar_size"] == len(reference["000000.tar"]) and len(stats["tar_sha256"]) == 64
+
+
+def test_verify_redoes_a_tampered_shard_of_the_right_size_and_stats_verify_names_it(tmp_path):
+
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    reference = (out / "000001.tar").read_bytes()
+    tampered = bytearray(reference)
+    tampered[700] ^= 0xFF  # inside the first member's data: same size, other content
+    (out / "000001.tar").write_bytes(bytes(tampered))
+
+    result = runner.invoke(app, ["stats", str(out), "--verify"], env=WIDE)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "000001" in result.output and "sha256" in result.output
+    assert [name for name, _ in verify_folder(out)] == ["000001"]
+
+    assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 0  # a plain rerun trusts the size
+    assert run_shard_jobs(_text_jobs(), out, _text_fn, verify=True).done == 1
+    assert (out / "000001.tar").read_bytes() == reference
+    assert runner.invoke(app, ["stats", str(out), "--verify"], env=WIDE).exit_code == 0
+
+
+def test_stats_of_a_folder_with_a_garbled_stats_file_names_it_instead_of_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    (out / "000002.stats.json").write_bytes(b"\xff\xfe garbage")
+    result = runner.invoke(app, ["stats", str(out)], env=WIDE)
+    assert result.exit_code == 0 and "000002.stats.json" in result.output and "damaged" in result.output
+
+
+# --------------------------------------------------------------------------- storage faults
+
+
+class _FullDisk:
+    """A file on a full disk: every write and the flush on close fail with ENOSPC."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def tell(self):
+        return 0
+
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    flush = close
+
+
+def test_disk_full_gives_the_stages_message_not_a_second_error_from_cleanup(tmp_path):
+    def fill_disk(job, writer, stats, tick):
+        writer._file.file = writer._tar.fileobj = _FullDisk()  # the disk fills up under the writer (its AtomicFile)
+        writer.write("k", {"txt": b"x" * 10_000})
+
+    with pytest.raises(GentronError) as err:
+        run_shard_jobs(_text_jobs(1), tmp_path / "out", fill_disk)
+    assert "disk full while writing" in err.value.message and "000000.tar" in err.value.message
+    assert (
+        err.value.__context__ is None
+        or not isinstance(err.value.__context__, OSError)
+        or err.value.__suppress_context__
+    )
+    assert not list((tmp_path / "out").glob(".000000.tar.tmp-*"))
+
+
+def tar_with_a_duplicate(path: pathlib.Path) -> None:
+    """Members a.txt, a.json, b.txt, a.txt: `a` twice, the second time after `b`; and c.txt, c.json, c.txt."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in [
+            ("a.txt", b"first a"),
+            ("a.json", b"{}"),
+            ("b.txt", b"b"),
+            ("a.txt", b"second a"),
+            ("c.txt", b"first c"),
+            ("c.json", b"{}"),
+            ("c.txt", b"second c"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_key_twice_in_one_input_shard_is_recorded_as_duplicate_key_not_merged(tmp_path):
+    from pipelines.data.shards import iter_shard
+
+    tar_with_a_duplicate(tmp_path / "in.tar")
+    found = []
+    samples = list(iter_shard(tmp_path / "in.tar", on_duplicate=lambda key, detail: found.append(key)))
+    assert [(k, f["txt"]) for k, f in samples] == [("a", b"first a"), ("b", b"b"), ("c", b"first c")]
+    assert found == ["a", "c"]
