@@ -17,7 +17,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipelines.files import atomic_write_bytes
+from pipelines.model_folder import PIPELINE_FILE
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.evaluation import latest_eval_folder
 from pipelines.train.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
 
 PAGE = "index.html"
@@ -127,9 +129,7 @@ def _models(run_dir: Path) -> str:
     for name, what in (("model", "EMA weights: what `gentron sample --model RUN` loads"), ("model_raw", "raw weights")):
         folder = run_dir / name
         if (folder / "config.json").is_file():
-            extra = [
-                link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()
-            ]
+            extra = [link(run_dir, folder / f, f) for f in ("config.json", PIPELINE_FILE) if (folder / f).is_file()]
             rows.append([_cell(link(run_dir, folder, name + "/")), _cell(escape(what)), _cell(", ".join(extra))])
     checkpoints = ckpt.list_checkpoints(run_dir)
     out = ["<h2>Exported models</h2>"]
@@ -158,7 +158,6 @@ def _curves(run_dir: Path) -> str:
 
 
 def _evaluation(run_dir: Path, metrics_path: Path) -> str:
-    from pipelines.train.evaluation import latest_eval_folder
 
     records = eval_records(metrics_path) if metrics_path.is_file() else []
     if not records:
