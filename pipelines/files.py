@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipelines.errors import storage_error
+from pipelines.errors import GentronError, storage_error
 
 
 def temp_path(path: str | Path) -> Path:
@@ -54,6 +54,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _create_new(path: Path) -> int:
+    """A descriptor of a new file at `path`, never through a symlink (O_EXCL: a name already there, a symlink
+    planted in a shared folder included, is not opened). A leftover of this name (a killed run whose process id
+    came round again) is removed first: unlinking removes the name, never what a symlink points to."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            raise GentronError(
+                f"{path} is a folder; gentron writes a temporary file of that name", f"remove the folder {path}"
+            ) from None
+        return os.open(path, flags, 0o666)
+
+
 class CommitOnSuccess:
     """Context manager of a writer with `commit()` and `abort()`: committed on success, aborted on any exception."""
 
@@ -76,7 +93,7 @@ class AtomicFile(CommitOnSuccess):
         self.path = Path(path)
         self.tmp_path = temp_path(self.path)
         try:
-            self.file: BinaryIO = open(self.tmp_path, "wb")
+            self.file: BinaryIO = os.fdopen(_create_new(self.tmp_path), "wb")
         except OSError as exc:
             raise disk_error(self.tmp_path, exc) from None
 
