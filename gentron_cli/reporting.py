@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from pipelines.errors import GentronError, storage_error
+from pipelines.runtime import Terminated
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -173,7 +174,12 @@ def run_command(fn: Callable[[], T]) -> T:
             raise
         _print_error(err)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):  # a scheduler's preemption notice: the exit status schedulers expect
+            console.print(
+                "[yellow]terminated (SIGTERM).[/] Finished work is kept; run the same command again to continue."
+            )
+            sys.exit(143)
         console.print("[yellow]interrupted.[/] Finished work is kept; run the same command again to continue.")
         sys.exit(130)
 

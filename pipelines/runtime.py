@@ -1,9 +1,14 @@
-"""Settings of the running process that gentron applies at start-up (the `gentron` command and the benchmarks)."""
+"""Settings of the running process that gentron applies: at start-up (the `gentron` command and the benchmarks,
+`keep_freed_memory`) and while a stage runs (`sigterm_as_interrupt`)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -40,3 +45,34 @@ def keep_freed_memory() -> bool:
             (_M_TOP_PAD, _TOP_PAD),
         )
     )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: what Slurm, Kubernetes and other schedulers send before they kill a job (preemption, the
+    end of its time). A KeyboardInterrupt, so every cleanup Ctrl-C runs also runs for it; the CLI ends with exit
+    status 143 (128 + 15, the convention schedulers expect) instead of Ctrl-C's 130."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt.
+
+    Nothing changes outside the main thread (Python delivers signals there only), or where SIGTERM is ignored
+    (the process was started to ignore it). The handler before the block is restored after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

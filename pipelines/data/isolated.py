@@ -5,9 +5,10 @@ FFmpeg loop) then costs one video, not the run, and a decoder that crashes the p
 too. One child serves many calls (starting one costs about as much as preparing a small video).
 
 The child is a plain `python -c` process (not multiprocessing's spawn, which would re-import the
-parent's __main__, e.g. the whole CLI, in every child). It ignores SIGINT: Ctrl-C reaches the whole
-process group, and the parent, which handles it, stops its children (`IsolatedProcess.stop`, `close`);
-a child left alone by a dead parent sees the socket close and exits.
+parent's __main__, e.g. the whole CLI, in every child). It ignores SIGINT and SIGTERM: Ctrl-C and a
+scheduler's SIGTERM reach the whole process group, and the parent, which handles them, stops its
+children (`IsolatedProcess.stop`, `close`); a child left alone by a dead parent sees the socket close and
+exits.
 """
 
 from __future__ import annotations
@@ -86,10 +87,11 @@ class IsolatedProcess:
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
+        # The signals are ignored before anything is imported: a Ctrl-C while the child starts must not print a
+        # traceback, and a SIGTERM to the group must not kill it as a "crashed" video before the parent stops the run
         code = (
-            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-            f"from pipelines.data.isolated import _child_entry; _child_entry({child_sock.fileno()}, {self.preload!r})"
+            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+            f"; from pipelines.data.isolated import _child_entry; _child_entry({child_sock.fileno()}, {self.preload!r})"
         )
         self._process = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL

@@ -12,7 +12,8 @@
   the recorded size, and with `verify` the recorded digest) are skipped, so a killed run resumes where it
   was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
   across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
-  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py).
+  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py). SIGTERM stops
+  a run as Ctrl-C does (pipelines/runtime.py): the shards being written are dropped, finished ones kept.
 - `run_prep`: the prep stages' whole run (inputs, options record, shards).
 """
 
@@ -47,6 +48,7 @@ from pipelines.errors import GentronError, require_dir
 from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
+from pipelines.runtime import sigterm_as_interrupt
 
 # --------------------------------------------------------------------------------------------- options
 
@@ -239,9 +241,10 @@ _worker_queue: Any = None
 def _worker_init(q) -> None:
     global _worker_queue
     _worker_queue = q
-    # Ctrl-C reaches every process of the group: the parent handles it and terminates the workers,
-    # which would otherwise each print a KeyboardInterrupt traceback.
+    # Ctrl-C, and a scheduler's SIGTERM, reach every process of the group: the parent handles them and kills the
+    # workers, which would otherwise each print a KeyboardInterrupt traceback (or die mid-shard without a word).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The pool provides the parallelism; threads per worker would oversubscribe the cores. Set before
     # the stage's modules (and torch, if they use it) are imported in this fresh process.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -283,7 +286,8 @@ def run_shard_jobs(
     except OSError as exc:
         raise disk_error(output_dir, exc) from None
     rank, world_size = resolve_rank(rank, world_size)
-    with folder_lock(output_dir, "output folder", rank, world_size):
+    # SIGTERM (a scheduler's preemption notice) stops the run as Ctrl-C does: finished shards are kept
+    with sigterm_as_interrupt(), folder_lock(output_dir, "output folder", rank, world_size):
         return _run_locked(
             jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
         )
@@ -376,7 +380,7 @@ def _run_pool(
     except BaseException:
         for p in list(getattr(pool, "_processes", {}).values()):
             # a KeyboardInterrupt must not wait for running shards; their temp files are cleaned on resume
-            p.terminate()
+            p.kill()  # SIGKILL: the workers ignore SIGTERM
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
