@@ -465,6 +465,21 @@ def test_sigterm_stops_prep_videos_like_ctrl_c_keeping_finished_shards_with_exit
     assert (result.skipped, result.done, result.failed) == (2, 1, 0)
 
 
+def test_a_video_that_timed_out_is_tried_again_on_the_next_run(small_folder, tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])  # the decode child imports tests/held.py
+    config = PrepVideosConfig(small_folder, tmp_path / "out", short_side=32, shard_size=2, timeout=3)
+    stuck = partial(video_clips_held, str(markers), ("v3",))  # stuck once (a loaded machine, a slow network disk)
+    first = prep_videos(config, video_work=stuck)
+    assert _failures(tmp_path / "out") == {"v3": "timeout"} and first.summary["shards_to_redo"] == ["000001"]
+    again = prep_videos(config)
+    assert (again.skipped, again.done, again.failed) == (2, 1, 0) and again.summary["shards_to_redo"] == []
+    reference = tmp_path / "reference"
+    prep_videos(PrepVideosConfig(small_folder, reference, short_side=32, shard_size=2))
+    assert [p.read_bytes() for p in list_shards(tmp_path / "out")] == [p.read_bytes() for p in list_shards(reference)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests
 

@@ -121,8 +121,10 @@ class IsolatedProcess:
             self._conn.send((fn, args))
             while True:
                 if not self._conn.poll(self.timeout):
-                    raise BadSample(
-                        "timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the child process was killed"
+                    raise BadSample(  # transient: a loaded machine or a slow network disk can cause it
+                        "timeout",
+                        f"no progress in {self.timeout:g} s (decoder stuck?); the child process was killed",
+                        transient=True,
                     )
                 try:
                     kind, payload = self._conn.recv()

@@ -340,6 +340,14 @@ def _run_locked(
     seconds = time.perf_counter() - start
     summary = summarize(output_dir)
     atomic_write_json(output_dir / SUMMARY_FILE, summary)
+    transient = [f for s in results for f in s.transient]
+    if transient:
+        reasons = ", ".join(sorted({f.reason for f in transient}))
+        reporter.log(
+            f"{len(transient)} items failed for a reason that may pass ({reasons}; each named in its shard's stats): "
+            f"their {len({s.shard for s in results if s.transient})} shards are kept for now and made again when "
+            "the same command runs again"
+        )
     if summary["samples_in"] > 0 and summary["samples_out"] == 0:  # the next stage would run on empty shards
         reasons = (
             ", ".join(f"{reason}: {n}" for reason, n in summary["failures_by_reason"].items()) or "no reason recorded"

@@ -202,10 +202,11 @@ class Failure:
     detail: str = ""  # what exactly, naming the file
     field: str = ""  # the sample's field at fault, when one is (e.g. "latent_mean.npy")
     shard: str = ""  # the shard it is in, where that is not already said by where the record is kept
+    transient: bool = False  # the cause may pass (I/O, permission, timeout): the shard is redone on the next run
 
     @classmethod
     def of(cls, key: str, bad: BadSample, shard: str = "") -> Failure:
-        return cls(key, bad.reason, bad.detail, bad.field or "", shard)
+        return cls(key, bad.reason, bad.detail, bad.field or "", shard, bad.transient)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +242,11 @@ class ShardStats:
     def failed(self) -> int:
         return len(self.failures)
 
+    @property
+    def transient(self) -> list[Failure]:
+        """The failures whose cause may pass: while there are any, the shard is made again on every run."""
+        return [f for f in self.failures if f.transient]
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self) | {"failed": self.failed}, indent=1, sort_keys=True).encode()
 
@@ -261,8 +267,9 @@ def stats_path(output_dir: Path, name: str) -> Path:
 
 
 def shard_damage(output_dir: Path, name: str, verify: bool = False) -> str | None:
-    """Why shard `name` of a folder is not complete (None: it is): no or unreadable stats file, tar missing,
-    of another size than recorded, or (`verify`: reading the whole tar) of another sha256."""
+    """Why shard `name` of a folder is not complete (None: it is): no or unreadable stats file, items that failed
+    for a reason that may pass (transient), tar missing, of another size than recorded, or (`verify`: reading the
+    whole tar) of another sha256."""
     stats_file = stats_path(output_dir, name)
     if not stats_file.exists():
         return "not made yet"
@@ -270,6 +277,9 @@ def shard_damage(output_dir: Path, name: str, verify: bool = False) -> str | Non
         stats = ShardStats.load(stats_file)
     except BadSample as bad:
         return f"its stats file is damaged ({bad.detail})"
+    if stats.transient:
+        reasons = ", ".join(sorted({f.reason for f in stats.transient}))
+        return f"{len(stats.transient)} of its items failed for a reason that may have passed ({reasons})"
     tar = output_dir / f"{name}{SHARD_SUFFIX}"
     if not tar.is_file():
         return f"{tar.name} is missing"
@@ -300,7 +310,8 @@ def summarize(output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
     reasons: Counter = Counter()
     counters: Counter = Counter()
-    total = {"shards": 0, "samples_in": 0, "samples_out": 0, "failed": 0, "seconds": 0.0}
+    total = {"shards": 0, "samples_in": 0, "samples_out": 0, "failed": 0, "transient": 0, "seconds": 0.0}
+    to_redo = []
     unreadable = []
     for p in sorted(output_dir.glob(f"*{STATS_SUFFIX}")):
         try:
@@ -312,8 +323,12 @@ def summarize(output_dir: str | Path) -> dict:
         total["samples_in"] += s.samples_in
         total["samples_out"] += s.samples_out
         total["failed"] += s.failed
+        total["transient"] += len(s.transient)
         total["seconds"] += s.seconds
+        if s.transient:
+            to_redo.append(s.shard)
         reasons.update(f.reason for f in s.failures)
         counters.update(s.counters)
     summary = total | {"failures_by_reason": dict(sorted(reasons.items())), "counters": dict(sorted(counters.items()))}
-    return summary | ({"unreadable_stats": unreadable} if unreadable else {})
+    # `transient`: failures whose cause may pass; `shards_to_redo`: the shards holding them, made again next run
+    return summary | {"shards_to_redo": to_redo} | ({"unreadable_stats": unreadable} if unreadable else {})

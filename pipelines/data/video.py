@@ -27,7 +27,7 @@ from av.video.reformatter import VideoReformatter
 
 from pipelines.data.media import encode_clip
 from pipelines.errors import BadSample
-from pipelines.files import file_sha256
+from pipelines.files import file_sha256, readable_file, unreadable
 
 # --------------------------------------------------------------------------------------------
 # Probing
@@ -118,7 +118,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             time_base = stream.time_base
             declared = stream.frames
     except av.error.FFmpegError as exc:
-        raise BadSample("corrupt", f"{path}: {exc}") from exc
+        raise _decode_failure(path, exc) from exc
     if not pts or not width or not height:
         raise BadSample("empty", f"{path} has a video stream without frames")
     if declared and len(pts) < 0.95 * declared - 1:
@@ -140,6 +140,13 @@ def probe_video(path: str | Path) -> VideoInfo:
         rotation=rotation,
         keyframes=keyframes,
     )
+
+
+def _decode_failure(path: Path, exc: av.error.FFmpegError) -> BadSample:
+    """A damaged file is "corrupt"; an error reading it (permission, I/O) is the read error it is (transient)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return unreadable(path, exc, "video")
+    return BadSample("corrupt", f"{path}: {exc}")
 
 
 class _FirstFrame:
@@ -379,7 +386,7 @@ def _decode_pyav(
             if not pending:
                 return
     except av.error.FFmpegError as exc:
-        raise BadSample("corrupt", f"{path}: {exc}") from exc
+        raise _decode_failure(path, exc) from exc
     while pending:
         yield _take(pending.popleft(), decoded, path)
 
@@ -416,9 +423,11 @@ def video_clips(
 
     Defined here, not in pipelines.prep.videos, so that the child imports only what decoding needs.
     """
-    if not path.is_file():
-        raise BadSample("missing_file", f"{path} does not exist")
-    sha256 = file_sha256(path)
+    readable_file(path, "video")
+    try:
+        sha256 = file_sha256(path)
+    except OSError as exc:
+        raise unreadable(path, exc, "video") from exc
     info = probe_video(path)
     selections = plan_clips(info, plan, start, end)
     if not selections:

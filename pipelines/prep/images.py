@@ -14,12 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
-from pipelines.data.image import load_image, resize_image
+from pipelines.data.image import OTHER_IMAGE_EXTENSIONS, load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import read_input
 from pipelines.progress import NullReporter, Reporter
 
 
@@ -105,10 +106,8 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
             raise
         caption = ""
         stats.count("uncaptioned_kept")
-    data = item.path.read_bytes() if item.path.is_file() else None
-    if data is None:
-        raise BadSample("missing_file", f"{item.path} does not exist")
-    loaded = load_image(item.path)
+    data = read_input(item.path, "image")
+    loaded = load_image(item.path, data)
     height, width = loaded.pixels.shape[:2]
     if min(width, height) < config.min_size:
         raise BadSample(
@@ -128,6 +127,9 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
         "crop_box": crop_box,
         "upscaled": upscaled,
     }
+    if loaded.color_profile is not None:  # absent for sRGB and untagged images: their metadata is unchanged
+        meta["color_profile"] = loaded.color_profile
+        stats.count("color_profiles_converted" if loaded.color_profile["converted_to_srgb"] else "color_profiles_kept")
     return item.key, {
         config.format: encode_image(pixels, config.format, config.quality),
         schema.CAPTION: schema.encode_caption(caption),
@@ -143,7 +145,7 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     return run_prep(
         config,
         _prep_shard,
-        IMAGE_EXTENSIONS,
+        IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS,  # those Pillow cannot read are counted, not left out
         config.output_options(),
         OPTIONS_FILE,
         "image",
