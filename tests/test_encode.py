@@ -451,3 +451,29 @@ def test_encode_latents_counts_and_says_when_it_upscales_a_small_source(tmp_path
     result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16), log)
     assert result.summary["counters"]["upscaled_samples"] == 1
     assert any("1 of 2 samples" in m and "upscaled" in m for m in log.lines)
+
+
+def test_an_input_shard_that_could_not_be_read_is_made_again_on_the_next_run(tmp_path, monkeypatch):
+    import errno
+    import tarfile
+
+    inp = _write_shards(tmp_path / "in", [[(f"s{i}", _sample("png", i)) for i in range(2)] for _ in range(2)])
+    config = EncodeLatentsConfig(inp, tmp_path / "out", vae="pixel", resolution=16)
+    real_open = tarfile.open
+
+    def hiccup(name=None, *args, **kwargs):  # the network filesystem fails once on the second input shard
+        if str(name).endswith("000001.tar"):
+            raise OSError(errno.EIO, "Input/output error", str(name))
+        return real_open(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile, "open", hiccup)
+        first = encode_latents(config)
+    ((failure),) = first.summary["failures_by_reason"].items()
+    assert failure == ("read_error", 1) and first.summary["shards_to_redo"] == ["000001"]
+    assert first.samples_in == 2  # the unreadable shard is one failure, not a sample
+    again = encode_latents(config)
+    assert (again.skipped, again.done, again.failed) == (1, 1, 0)
+    reference = encode_latents(EncodeLatentsConfig(inp, tmp_path / "reference", vae="pixel", resolution=16))
+    assert reference.failed == 0
+    assert _read(tmp_path / "out") == _read(tmp_path / "reference")

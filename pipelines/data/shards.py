@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipelines.data.schema import check_key
 from pipelines.errors import BadSample
-from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly
+from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly, unreadable
 
 SHARD_SUFFIX = ".tar"
 STATS_SUFFIX = ".stats.json"
@@ -116,15 +116,16 @@ class ShardWriter(CommitOnSuccess):
 
 
 class ShardDamaged(BadSample):
-    """A truncated or corrupt tar (reason "bad_shard"); `key`: the sample being read when it was found (None
-    before the first)."""
+    """A truncated or corrupt tar (reason "bad_shard"), or one that could not be read (the reasons of
+    files.unreadable: a permission or I/O error is transient); `key`: the sample being read when it was found
+    (None before the first)."""
 
-    def __init__(self, detail: str, key: str | None = None):
-        super().__init__("bad_shard", detail)
+    def __init__(self, detail: str, key: str | None = None, reason: str = "bad_shard", transient: bool = False):
+        super().__init__(reason, detail, transient=transient)
         self.key = key
 
     def __reduce__(self):
-        return (ShardDamaged, (self.detail, self.key))
+        return (ShardDamaged, (self.detail, self.key, self.reason, self.transient))
 
 
 def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict, bool]]:
@@ -166,8 +167,11 @@ def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict,
             f.seek(end)
             if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
                 raise tarfile.ReadError("truncated: no end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError) as exc:
         raise ShardDamaged(f"{path}: {exc}", key) from exc
+    except OSError as exc:  # not damage: the file could not be read
+        bad = unreadable(path, exc, "shard")
+        raise ShardDamaged(bad.detail, key, bad.reason, bad.transient) from exc
     if key is not None:
         yield key, fields, duplicate
 

@@ -170,7 +170,7 @@ class LatentShardEncoder:
         batch: list[_Prepared] = []
         for item in prefetch(_prepare_shard(job.payload, self.crop), depth=2 * self.cfg.batch_size):
             if isinstance(item, Failure):
-                if item.reason != "bad_shard":
+                if item.key != Path(job.payload).name:  # a sample, not the shard itself (damaged or unreadable)
                     stats.samples_in += 1
                 stats.failures.append(item)
                 tick(1)
