@@ -14,7 +14,6 @@ earlier versions load through pipelines/model/legacy.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -28,7 +27,7 @@ from safetensors.torch import load_file
 from pipelines.data.schema import EMPTY_CAPTION_FILE
 from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir, file_sha256
+from pipelines.files import atomic_dir, atomic_write_json, file_sha256, read_json
 from pipelines.model.legacy import upgrade_pipeline_record
 
 CONFIG_FILE = "config.json"
@@ -37,7 +36,7 @@ PIPELINE_FILE = "pipeline.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
 DEFAULT_FPS = 4.0  # the paper's clips; what a record without a frame rate means
 MODEL_HINT = "pass a model folder exported by `gentron train` (RUN/model), or re-export it"
-_RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json beside config.json)"
+_RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, naming the VAE and text encoders)"
 
 
 # --------------------------------------------------------------------------- pipeline.json
@@ -133,27 +132,16 @@ class PipelineRecord:
     def read(folder: str | Path) -> PipelineRecord:
         """The one reader of a model folder's pipeline.json."""
         path = Path(folder) / PIPELINE_FILE
-        if not path.is_file():
-            raise GentronError(
-                f"{path} not found: the model folder does not name its VAE and text encoders", _RECORD_HINT
-            )
+        content = read_json(path, "model record pipeline.json", _RECORD_HINT)
         try:
-            return PipelineRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+            return PipelineRecord.from_json(content)
         except GentronError as err:
             raise GentronError(f"{path}: {err.message}", err.hint) from None
-        except (
-            OSError,
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            ValueError,
-            AttributeError,
-        ) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise GentronError(f"{path} is not a valid pipeline record ({err!r})", _RECORD_HINT) from None
 
     def write(self, folder: Path) -> None:
-        (Path(folder) / PIPELINE_FILE).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        atomic_write_json(Path(folder) / PIPELINE_FILE, self.to_json())
 
 
 # --------------------------------------------------------------------------- the folder
@@ -178,14 +166,7 @@ def find_model_folder(path: str | Path, option: str = "--model") -> Path:
 
 def read_model_config(folder: str | Path) -> dict:
     """A model folder's config.json as a dict (a GentronError naming the file when it is not a JSON object)."""
-    config_path = Path(folder) / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GentronError(f"{config_path} cannot be read as JSON: {exc}", MODEL_HINT) from None
-    if not isinstance(config, dict):
-        raise GentronError(f"{config_path} is not a JSON object", MODEL_HINT)
-    return config
+    return read_json(Path(folder) / CONFIG_FILE, "model config", MODEL_HINT)
 
 
 def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, where: str, hint: str) -> None:

@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.data import schema
 from pipelines.data.shards import Failure, ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -571,7 +570,3 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
                 "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable)),
             }
     return out
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)

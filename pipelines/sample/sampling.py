@@ -11,7 +11,6 @@ round differently for other batch shapes). Bit-for-bit regeneration therefore re
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -252,8 +251,8 @@ def sample(
 def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
     """The SampleConfig that regenerates the output described by sidecar `path`, and the sidecar itself."""
     path = Path(path)
+    record = outputs.read_sidecar(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
         settings = record["settings"]
         cfg = SampleConfig(
             model=Path(record["model"]["path"]),
@@ -266,12 +265,8 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
             raise ValueError("the prompt is not in its recorded batch")
-    except FileNotFoundError:
-        raise GentronError(f"sidecar not found: {path}", "pass the .json file written next to a sample") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise GentronError(
-            f"{path} is not a gentron sample sidecar ({err!r})", "pass the .json file written next to a sample"
-        ) from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise GentronError(f"{path} is not a gentron sample sidecar ({err!r})", outputs.SIDECAR_HINT) from None
     return cfg, record
 
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir
+from pipelines.files import atomic_dir, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -70,7 +70,7 @@ def save_checkpoint(
         save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
         save_file(_contiguous(ema_state), str(tmp / "ema.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        atomic_write_json(tmp / "state.json", state)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / CHECKPOINTS).glob(".step_*"):  # left by a crash while saving

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from pipelines.data.loader import data_stats, write_json
+from pipelines.data.loader import data_stats
 from pipelines.diffusion.objective import Objective
+from pipelines.files import atomic_write_json
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model_folder import PipelineRecord, export_model
@@ -116,7 +117,7 @@ class Run:
             )
         self.new_failures.clear()
         if self.d.main:
-            write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
+            atomic_write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
 
     def update(self) -> None:
         for group in self.optimizer.param_groups:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from pipelines.files import atomic_write_bytes
+from pipelines.errors import GentronError
+from pipelines.files import atomic_write_bytes, read_json
 from pipelines.model_folder import PIPELINE_FILE
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.evaluation import latest_eval_folder
@@ -64,9 +65,10 @@ def _number(value) -> str:
 
 
 def _read_json(path: Path):
+    """A JSON file the page shows, or None: a run page is written whatever state the run folder is in."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "run file", "", expect=None)
+    except GentronError:
         return None
 
 

@@ -24,10 +24,10 @@ from pipelines.data.loader import (
     load_empty_caption,
     make_loader,
     training_latent_shape,
-    write_json,
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
+from pipelines.files import atomic_write_json, read_json
 from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition
 from pipelines.model.configs import (
     DEFAULT_SIZE,
@@ -214,7 +214,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    stored = json.loads(stored_path.read_text())
+    stored = read_json(stored_path, "run config", "delete it to start the run afresh, or pass another --out")
     diffs = [
         k
         for k, v in asdict(config).items()
@@ -280,10 +280,10 @@ def pipeline_record(
 def earlier_load_failures(folder: Path) -> list[dict]:
     """Samples found unusable when read by the run being resumed (kept in its data_stats.json)."""
     try:
-        stats = json.loads((folder / "data_stats.json").read_text())
-        return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
-    except (OSError, ValueError):
-        return []
+        stats = read_json(folder / "data_stats.json", "data statistics", "")
+    except GentronError:
+        return []  # none (yet), or damaged: the samples are found again when read
+    return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
 
 
 def run_objective(config: TrainConfig, latent_shape: tuple[int, ...], reporter: Reporter) -> Objective:
@@ -324,8 +324,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     load_failures = earlier_load_failures(folder) if previous is not None else []
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "config.json", asdict(config))
-        write_json(folder / "data_stats.json", data_stats(data.sources, load_failures))
+        atomic_write_json(folder / "config.json", asdict(config))
+        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures))
     main, step = d.main, counters.get("step", 0)
     return Run(
         config=config,
