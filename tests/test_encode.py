@@ -477,3 +477,16 @@ def test_an_input_shard_that_could_not_be_read_is_made_again_on_the_next_run(tmp
     reference = encode_latents(EncodeLatentsConfig(inp, tmp_path / "reference", vae="pixel", resolution=16))
     assert reference.failed == 0
     assert _read(tmp_path / "out") == _read(tmp_path / "reference")
+
+
+def test_input_keys_with_folders_come_out_as_they_went_in(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "in").mkdir()
+    with ShardWriter(tmp_path / "in" / "000000.tar") as writer:  # as a WebDataset writer with folders makes them
+        for key in ("cats/0001", "dogs/0001", "dogs/0002"):
+            writer.write(key, _sample("png", len(key)))
+    result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16))
+    assert result.failed == 0 and result.samples_out == 3
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False)]
+    assert keys == ["cats/0001", "dogs/0001", "dogs/0002"]

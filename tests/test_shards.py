@@ -366,9 +366,9 @@ def test_a_key_twice_in_one_input_shard_is_recorded_as_duplicate_key_not_merged(
 
     tar_with_a_duplicate(tmp_path / "in.tar")
     found = []
-    samples = list(iter_shard(tmp_path / "in.tar", on_duplicate=lambda key, detail: found.append(key)))
+    samples = list(iter_shard(tmp_path / "in.tar", on_skip=lambda key, bad: found.append((key, bad.reason))))
     assert [(k, f["txt"]) for k, f in samples] == [("a", b"first a"), ("b", b"b"), ("c", b"first c")]
-    assert found == ["a", "c"]
+    assert found == [("a", "duplicate_key"), ("c", "duplicate_key")]
 
 
 def test_sigterm_stops_a_stage_with_worker_processes_keeping_finished_shards_with_exit_143(tmp_path):
@@ -410,3 +410,38 @@ def test_sigterm_stops_a_stage_with_worker_processes_keeping_finished_shards_wit
     assert [p.name for p in list_shards(out)] == ["000000.tar", "000001.tar"]
     wait_for(lambda: not subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout, 60, "the end")
     assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 1  # a rerun makes only the shard that was stopped
+
+
+def _tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> pathlib.Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_keys_keep_their_folders_as_webdataset_defines_them(tmp_path):
+    members = [("cats/0001.txt", b"a cat"), ("cats/0001.json", b"{}"), ("dogs/0001.txt", b"a dog")]
+    members += [("./birds/a.b/0001.txt", b"a bird"), ("0001.txt", b"no folder")]
+    path = _tar(tmp_path / "in.tar", members)
+    theirs = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
+    ours = [key for key, _ in iter_shard(path)]
+    assert ours == theirs == ["cats/0001", "dogs/0001", "./birds/a.b/0001", "0001"]  # none dropped as a duplicate
+    with ShardWriter(tmp_path / "out.tar") as writer:  # and a stage writes them back as they were
+        for key, fields in iter_shard(path):
+            writer.write(key, fields)
+    assert [key for key, _ in iter_shard(tmp_path / "out.tar")] == theirs
+
+
+def test_a_key_that_would_unpack_outside_its_folder_is_skipped_and_named(tmp_path):
+    path = _tar(tmp_path / "in.tar", [("../evil.txt", b"x"), ("/etc/evil.txt", b"x"), ("good.txt", b"y")])
+    skipped = []
+    kept = [key for key, _ in iter_shard(path, on_skip=lambda key, bad: skipped.append((key, bad.reason)))]
+    assert kept == ["good"] and skipped == [("../evil", "bad_key"), ("/etc/evil", "bad_key")]
+    for key in ("../evil", "/etc/evil", "a//b", "a/b.c", "a\\b"):
+        with pytest.raises(ValueError, match="invalid sample key"), ShardWriter(tmp_path / "x.tar") as writer:
+            writer.write(key, {"txt": b"x"})

@@ -91,10 +91,10 @@ def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]:
-    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, BadSample | None]], Failure | None]:
+    """[(key, {field: (offset, size)}, problem)] of the complete samples, from tar headers only
     (`scan_shard`), and the damage if any: the samples before it are complete and kept."""
-    samples: list[tuple[str, dict, bool]] = []
+    samples: list[tuple[str, dict, BadSample | None]] = []
     try:
         samples.extend(scan_shard(path, read=False))
     except ShardDamaged as damage:
@@ -123,16 +123,9 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             if damage is not None:
                 failures.append(damage)
             with open(path, "rb") as f:
-                for key, fields, duplicate in pending:
-                    if duplicate:
-                        failures.append(
-                            Failure(
-                                key,
-                                "duplicate_key",
-                                f"a second sample with key {key!r} in {path.name}; the first one is kept",
-                                shard=path.name,
-                            )
-                        )
+                for key, fields, problem in pending:
+                    if problem is not None:  # a duplicate key, a key no shard may hold
+                        failures.append(Failure.of(key, problem, shard=path.name))
                         continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))

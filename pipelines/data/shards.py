@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines.data.schema import check_key
+from pipelines.data.schema import check_key, split_member
 from pipelines.errors import BadSample
 from pipelines.files import AtomicFile, CommitOnSuccess, disk_error, file_sha256, quietly, unreadable
 
@@ -128,30 +128,33 @@ class ShardDamaged(BadSample):
         return (ShardDamaged, (self.detail, self.key, self.reason, self.transient))
 
 
-def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict, bool]]:
-    """The one reader of a shard's tar: (key, fields, duplicate) per sample in order, grouped by key as
-    WebDataset does (key = name up to the first dot).
+def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict, BadSample | None]]:
+    """The one reader of a shard's tar: (key, fields, problem) per sample in order, grouped by key as
+    WebDataset does (`schema.split_member`: the member's name up to the first dot of its last part, folders
+    included: `cats/0001.jpg` and `dogs/0001.jpg` are two samples).
 
     fields: {field: bytes} with `read`, else {field: (offset, size)} of the data in the tar, from the
-    headers only (what training's index keeps). `duplicate`: the sample repeats a key seen before (later
-    in the tar, or a field repeated, starts a second sample under that key, never merged into the first).
+    headers only (what training's index keeps). `problem`: None for a usable sample, else why it must be
+    skipped: "duplicate_key" (it repeats a key seen before: later in the tar, or a field repeated, starts a
+    second sample under that key, never merged into the first) or "bad_key" (a key no shard may hold:
+    `schema.check_key`, e.g. a `..` part, which would write outside its folder when unpacked).
     A cut inside a member, or a missing end-of-archive marker (tarfile takes a file cut on a member
     boundary for a clean end), raises ShardDamaged after the complete samples before the damage.
     """
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
-    key, fields, duplicate, seen = None, {}, False, set()
+    key, fields, problem, seen = None, {}, None, set()
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if not member.isfile() or "." not in base:
+                split = split_member(member.name) if member.isfile() else None
+                if split is None:
                     continue
-                k, name = base.split(".", 1)
+                k, name = split
                 if k != key or name in fields:
                     if key is not None:
-                        yield key, fields, duplicate
-                    key, fields, duplicate = k, {}, k in seen
+                        yield key, fields, problem
+                    key, fields, problem = k, {}, _key_problem(path, k, seen)
                     seen.add(k)
                 if member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {member.name} is truncated")
@@ -173,27 +176,35 @@ def scan_shard(path: str | Path, read: bool = True) -> Iterator[tuple[str, dict,
         bad = unreadable(path, exc, "shard")
         raise ShardDamaged(bad.detail, key, bad.reason, bad.transient) from exc
     if key is not None:
-        yield key, fields, duplicate
+        yield key, fields, problem
+
+
+def _key_problem(path: Path, key: str, seen: set[str]) -> BadSample | None:
+    if key in seen:
+        return BadSample("duplicate_key", f"{path.name}: a second sample with key {key!r}; the first one is kept")
+    try:
+        check_key(key)
+    except ValueError as exc:
+        return BadSample("bad_key", f"{path.name}: {exc}")
+    return None
 
 
 def iter_shard(
-    path: str | Path, on_duplicate: Callable[[str, str], None] | None = None
+    path: str | Path, on_skip: Callable[[str, BadSample], None] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of a shard in order, as (key, {field: bytes}) (`scan_shard`).
 
     A truncated or corrupt tar raises BadSample("bad_shard") after the samples read before the damage.
-    A key seen before is a second sample under that key: the first is kept, the second is skipped and
-    reported to `on_duplicate(key, detail)` (None: it raises BadSample("duplicate_key")).
+    A sample that must be skipped (a second one under a key seen before: the first is kept; a key no shard may
+    hold) is reported to `on_skip(key, why)` (None: `why`, a BadSample, is raised).
     """
-    path = Path(path)
-    for key, fields, duplicate in scan_shard(path, read=True):
-        if not duplicate:
+    for key, fields, problem in scan_shard(path, read=True):
+        if problem is None:
             yield key, fields
-            continue
-        detail = f"{path.name}: a second sample with key {key!r} (fields {sorted(fields)}); the first one is kept"
-        if on_duplicate is None:
-            raise BadSample("duplicate_key", detail)
-        on_duplicate(key, detail)
+        elif on_skip is None:
+            raise problem
+        else:
+            on_skip(key, problem)
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,11 @@ class _Prepared:
 
 def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | Failure]:
     """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a Failure."""
-    duplicates: list[Failure] = []  # reported by iter_shard while it reads on: yielded in the order found
+    skipped: list[Failure] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(
-            path, on_duplicate=lambda k, detail: duplicates.append(Failure(k, "duplicate_key", detail))
-        ):
-            yield from duplicates
-            duplicates.clear()
+        for key, fields in iter_shard(path, on_skip=lambda k, bad: skipped.append(Failure.of(k, bad))):
+            yield from skipped
+            skipped.clear()
             try:
                 meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
                 frames, is_clip = decode_media(fields)
@@ -153,9 +151,9 @@ def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | F
                 yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
             except BadSample as bad:
                 yield Failure.of(key, bad)
-        yield from duplicates
+        yield from skipped
     except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-        yield from duplicates
+        yield from skipped
         yield Failure.of(path.name, bad)
 
 

@@ -113,9 +113,9 @@ def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
     return path
 
 
-def _count_duplicate(stats: ShardStats, key: str, detail: str, tick) -> None:
+def _count_skipped(stats: ShardStats, key: str, bad: BadSample, tick) -> None:
     stats.samples_in += 1
-    stats.fail(key, BadSample("duplicate_key", detail))
+    stats.fail(key, bad)
     tick(1)
 
 
@@ -137,9 +137,7 @@ class TextShardEncoder:
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Caption] = []
         try:
-            for key, fields in iter_shard(
-                job.payload, on_duplicate=lambda k, detail: _count_duplicate(stats, k, detail, tick)
-            ):
+            for key, fields in iter_shard(job.payload, on_skip=lambda k, bad: _count_skipped(stats, k, bad, tick)):
                 stats.samples_in += 1
                 try:
                     batch.append(self._read(key, fields))
