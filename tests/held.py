@@ -31,16 +31,38 @@ def held_text_shard(folder: str, held: tuple[str, ...], job, writer, stats, tick
         tick(1)
 
 
-def video_clips_held(folder: str, stems: tuple[str, ...], path, *args):
+def video_clips_held(folder: str, stems: tuple[str, ...], path, *args, after: int = 0):
     """`video_clips` as prep-videos' decode child runs it, except for the videos whose stem is in `stems` ("*": all):
-    those are held first (`_hold`: a decoder that hangs until the test says go, or for ever). Pass it as
-    `prep_videos(..., video_work=functools.partial(video_clips_held, folder, stems))`."""
+    those are held (`_hold`: a decoder that hangs until the test says go, or for ever) once `after` of their clips
+    were sent (0: before anything). Pass it as `prep_videos(..., video_work=functools.partial(video_clips_held,
+    folder, stems))`."""
     from pipelines.data.video import video_clips
 
     path = Path(path)
-    if path.stem in stems or "*" in stems:
+    held = path.stem in stems or "*" in stems
+    clips = 0
+    if held and after == 0:
         _hold(folder, path.stem)
-    yield from video_clips(path, *args)
+    for message in video_clips(path, *args):
+        yield message
+        clips += message[0] == "clip"
+        if held and after and clips == after:
+            _hold(folder, path.stem)
+
+
+def video_clips_failing(stems: tuple[str, ...], after: int, path, *args):
+    """`video_clips`, except that the videos whose stem is in `stems` fail as a damaged file would once `after`
+    of their clips were made."""
+    from pipelines.data.video import video_clips
+    from pipelines.errors import BadSample
+
+    clips = 0
+    for message in video_clips(path, *args):
+        if message[0] == "clip" and Path(path).stem in stems:
+            if clips == after:
+                raise BadSample("corrupt", f"{path}: damaged after clip {after}")
+            clips += 1
+        yield message
 
 
 TESTS_DIR = str(Path(__file__).resolve().parent)

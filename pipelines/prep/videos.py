@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,24 +201,43 @@ def _prep_one(
         caption = ""
         stats.count("uncaptioned_kept")
     plan = config.plan
+    args = (item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale)
+    clips, decoders = 0, Counter()
     try:
-        # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(
-            child.run(
-                work,
-                item.path,
-                plan,
-                item.start,
-                item.end,
-                config.short_side,
-                config.upscale,
-                config.effective_qscale,
-            )
-        )
+        # Each clip goes into the tar as soon as the child sends it (memory does not grow with the video's length);
+        # all of a video's clips or none: a video failing halfway is one clean failure.
+        with writer.all_or_none():
+            for message in child.run(work, *args):
+                if message[0] == "video":  # the first message: what the clips' metadata shares
+                    video = message[1]
+                    base = _video_meta(item, plan, video)
+                    continue
+                _, meta, clip = message
+                key = schema.make_key(item.key, f"{meta['clip_index']:04d}")
+                writer.write(
+                    key,
+                    {
+                        schema.VIDEO: clip,
+                        schema.CAPTION: schema.encode_caption(caption),
+                        schema.META: schema.encode_json({"prep": base | meta}),
+                    },
+                )
+                clips += 1
+                decoders[meta["decoder"]] += 1
     except BadSample as exc:
         stats.fail(item.key, exc)
         return 0
-    video = messages[0][1]
+    for decoder, n in decoders.items():
+        stats.count(f"clips_{decoder}", n)
+    stats.count("source_frames", video["source_frames"])
+    stats.count("upscaled_videos", int(video["upscaled"]))
+    stats.count("vfr_videos", int(video["source_vfr"]))
+    stats.count("rotated_videos", int(video["source_rotation"] != 0))
+    return clips
+
+
+def _video_meta(item: InputItem, plan: ClipPlan, video: dict) -> dict:
+    """The `prep` metadata every clip of one video shares."""
     base = {
         "source": item.source,
         "clip_fps": plan.clip_fps,
@@ -226,22 +246,7 @@ def _prep_one(
     } | video
     if item.start is not None or item.end is not None:
         base |= {"start": item.start, "end": item.end}
-    for _, meta, clip in messages[1:]:
-        key = schema.make_key(item.key, f"{meta['clip_index']:04d}")
-        writer.write(
-            key,
-            {
-                schema.VIDEO: clip,
-                schema.CAPTION: schema.encode_caption(caption),
-                schema.META: schema.encode_json({"prep": base | meta}),
-            },
-        )
-        stats.count(f"clips_{meta['decoder']}")
-    stats.count("source_frames", video["source_frames"])
-    stats.count("upscaled_videos", int(video["upscaled"]))
-    stats.count("vfr_videos", int(video["source_vfr"]))
-    stats.count("rotated_videos", int(video["source_rotation"] != 0))
-    return len(messages) - 1
+    return base
 
 
 # --------------------------------------------------------------------------------------------
