@@ -1,5 +1,5 @@
-"""Settings of the running process that gentron applies: at start-up (the `gentron` command and the benchmarks,
-`keep_freed_memory`) and while a stage runs (`sigterm_as_interrupt`)."""
+"""Settings of the running process that gentron applies at start-up (the `gentron` command and the benchmarks)
+and while a stage runs (`StopRequest`: what SIGTERM does)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,49 @@ import ctypes
 import os
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts: blocks up to 32 MiB come from the heap and are reused
 _TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of giving it back to the OS
 _TOP_PAD = 256 << 20  # grow the heap in large steps (address space; pages are only touched when used)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived in a `StopRequest(at_once=True)` block. A KeyboardInterrupt, so that every cleanup Ctrl-C
+    runs also runs for it and no `except Exception` on its way swallows it; the block's owner turns it into
+    `errors.Preempted` once it has cleaned up."""
+
+
+class StopRequest:
+    """Notes SIGTERM instead of dying of it, for the duration of a `with` block in the main thread.
+
+    Schedulers (Slurm, Kubernetes) send SIGTERM some time before SIGKILL. A long loop checks `requested` between
+    units of work (a training step), saves what it has and raises `errors.Preempted`. With `at_once`, SIGTERM
+    instead raises `Terminated` where the main thread is, as Ctrl-C does: for work whose unfinished unit is
+    cheap to drop and may be long to finish (a data stage's shard). Outside the main thread, where Python cannot
+    install handlers, it does nothing (SIGTERM keeps its default action).
+    """
+
+    def __init__(self, at_once: bool = False):
+        self.requested = False
+        self.at_once = at_once
+        self._previous = None
+
+    def _note(self, signum, frame) -> None:
+        first, self.requested = not self.requested, True
+        if self.at_once and first:  # a second SIGTERM must not cut short the cleanup the first one started
+            raise Terminated()
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def keep_freed_memory() -> bool:
@@ -45,34 +80,3 @@ def keep_freed_memory() -> bool:
             (_M_TOP_PAD, _TOP_PAD),
         )
     )
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: what Slurm, Kubernetes and other schedulers send before they kill a job (preemption, the
-    end of its time). A KeyboardInterrupt, so every cleanup Ctrl-C runs also runs for it; the CLI ends with exit
-    status 143 (128 + 15, the convention schedulers expect) instead of Ctrl-C's 130."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt.
-
-    Nothing changes outside the main thread (Python delivers signals there only), or where SIGTERM is ignored
-    (the process was started to ignore it). The handler before the block is restored after it.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

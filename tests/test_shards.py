@@ -406,7 +406,7 @@ def test_sigterm_stops_a_stage_with_worker_processes_keeping_finished_shards_wit
             os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
-    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr, stderr
+    assert "preempted: SIGTERM stopped shards" in stderr and "Traceback" not in stderr, stderr
     assert [p.name for p in list_shards(out)] == ["000000.tar", "000001.tar"]
     wait_for(lambda: not subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout, 60, "the end")
     assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 1  # a rerun makes only the shard that was stopped

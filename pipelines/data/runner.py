@@ -13,7 +13,8 @@
   was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
   across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
   processes of its own). One process writes a folder (share) at a time (pipelines/locking.py). SIGTERM stops
-  a run as Ctrl-C does (pipelines/runtime.py): the shards being written are dropped, finished ones kept.
+  a run at once, as Ctrl-C does (pipelines/runtime.py StopRequest): the shards being written are dropped,
+  finished ones kept, and errors.Preempted says so (exit status 143 in the CLI).
 - `run_prep`: the prep stages' whole run (inputs, options record, shards).
 """
 
@@ -43,11 +44,11 @@ from pipelines.data.shards import (
     stats_path,
     summarize,
 )
-from pipelines.errors import GentronError, require_dir
+from pipelines.errors import GentronError, Preempted, require_dir
 from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error, read_json
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
-from pipelines.runtime import sigterm_as_interrupt
+from pipelines.runtime import StopRequest, Terminated
 
 # --------------------------------------------------------------------------------------------- options
 
@@ -285,11 +286,17 @@ def run_shard_jobs(
     except OSError as exc:
         raise disk_error(output_dir, exc) from None
     rank, world_size = resolve_rank(rank, world_size)
-    # SIGTERM (a scheduler's preemption notice) stops the run as Ctrl-C does: finished shards are kept
-    with sigterm_as_interrupt(), folder_lock(output_dir, "output folder", rank, world_size):
-        return _run_locked(
-            jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
-        )
+    try:
+        # SIGTERM (a scheduler's preemption notice) stops the run at once, as Ctrl-C does: finished shards are kept
+        with StopRequest(at_once=True), folder_lock(output_dir, "output folder", rank, world_size):
+            return _run_locked(
+                jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
+            )
+    except Terminated:
+        raise Preempted(
+            f"SIGTERM stopped {description} in {output_dir}: finished shards are kept, those being written were "
+            "dropped; run the same command again to continue"
+        ) from None
 
 
 def _run_locked(

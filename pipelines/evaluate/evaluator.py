@@ -42,7 +42,6 @@ from pipelines.sample import outputs
 METRICS_FILE = "metrics.json"
 METRICS_VERSION = 1
 PROBES = ("toy",)
-MEDIA_SUFFIXES = (".png", ".mp4", ".gif")  # what `gentron sample` writes
 GRID_STEM = "grid"  # `gentron sample --grid`'s contact sheet: no sidecar, not a sample
 STRIP_SUFFIX = ".frames.png"
 SAMPLES_HINT = "pass a folder written by `gentron sample` (an output and a .json sidecar per prompt)"
@@ -121,7 +120,7 @@ def list_samples(folder: str | Path, skip: Iterable[Path] = ()) -> list[SampleFi
     JSON files that are not sidecars and have no output beside them (metrics.json) are ignored, as is `skip`."""
     folder = require_dir(folder, "samples folder", SAMPLES_HINT)
     skip = {Path(p).resolve() for p in skip}
-    media = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES]
+    media = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in outputs.MEDIA_SUFFIXES]
     stems = {_media_stem(p.name) for p in media}
     samples, listed = [], set()
     for path in sorted(folder.glob("*.json")):
