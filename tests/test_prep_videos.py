@@ -118,7 +118,7 @@ def mixed(tmp_path_factory):
         mp.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])  # the decode child imports tests/videos.py
         hang = partial(video_clips_held, str(markers), ("hang",))  # hang.mp4's decoder never returns
         result = prep_videos(
-            PrepVideosConfig(src, root / "out", short_side=SHORT, shard_size=4, timeout=5), video_work=hang
+            PrepVideosConfig(src, root / "out", short_side=SHORT, shard_size=4, timeout=10), video_work=hang
         )
     assert (markers / "hang.started").exists()
     return root, written, result
@@ -517,7 +517,7 @@ def test_a_video_that_timed_out_is_tried_again_on_the_next_run(small_folder, tmp
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv("PYTHONPATH", env_with_tests_on_path()["PYTHONPATH"])  # the decode child imports tests/held.py
-    config = PrepVideosConfig(small_folder, tmp_path / "out", short_side=32, shard_size=2, timeout=3)
+    config = PrepVideosConfig(small_folder, tmp_path / "out", short_side=32, shard_size=2, timeout=8)
     stuck = partial(video_clips_held, str(markers), ("v3",))  # stuck once (a loaded machine, a slow network disk)
     first = prep_videos(config, video_work=stuck)
     assert _failures(tmp_path / "out") == {"v3": "timeout"} and first.summary["shards_to_redo"] == ["000001"]
