@@ -488,3 +488,36 @@ def test_input_keys_with_folders_come_out_as_they_went_in(tmp_path):
     assert result.failed == 0 and result.samples_out == 3
     keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False)]
     assert keys == ["cats/0001", "dogs/0001", "dogs/0002"]
+
+
+def test_a_shard_the_stage_before_made_again_is_encoded_again(tmp_path, monkeypatch):
+    """prep-images redoes a shard that held a transient failure; encode-latents then sees its input changed and
+    encodes that shard again (and only it): the chain ends as if nothing had failed."""
+    from PIL import Image
+
+    from pipelines.prep.images import PrepImagesConfig, prep_images
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_frames(1, 24, 24, i)[0]).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"image {i}")
+    prep = PrepImagesConfig(src, tmp_path / "prep", size=16, shard_size=2)
+    encode = EncodeLatentsConfig(tmp_path / "prep", tmp_path / "latents", vae="pixel", resolution=16)
+    real_read = Path.read_bytes
+
+    def hiccup(self):  # the network filesystem fails on one image, once
+        if self == src / "3.png":
+            raise OSError(5, "Input/output error", str(self))
+        return real_read(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_bytes", hiccup)
+        assert prep_images(prep).summary["shards_to_redo"] == ["000001"]
+    assert encode_latents(encode).samples_out == 3  # encoded what there was
+    assert prep_images(prep).done == 1  # the cause passed: prep makes shard 000001 again
+    again = encode_latents(encode)
+    assert (again.skipped, again.done, again.samples_out) == (1, 1, 2)
+    prep_images(PrepImagesConfig(src, tmp_path / "prep_ref", size=16, shard_size=2))
+    encode_latents(EncodeLatentsConfig(tmp_path / "prep_ref", tmp_path / "latents_ref", vae="pixel", resolution=16))
+    assert _read(tmp_path / "latents") == _read(tmp_path / "latents_ref")

@@ -8,9 +8,10 @@
   SLURM's environment).
 - `item_shard_jobs` / `input_shard_jobs`: a stage's list of output shards, from sorted input items
   (prep: `shard_size` items each) or one per input shard (encode: same names).
-- `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, tar present with
-  the recorded size, and with `verify` the recorded digest) are skipped, so a killed run resumes where it
-  was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
+- `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, no transient failures,
+  tar present with the recorded size, with `verify` the recorded digest, and made from the input shard that
+  is there now) are skipped, so a killed run resumes where it was, and a damaged shard, or one whose input
+  the stage before made again, is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
   across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
   processes of its own). One process writes a folder (share) at a time (pipelines/locking.py). SIGTERM stops
   a run at once, as Ctrl-C does (pipelines/runtime.py StopRequest): the shards being written are dropped,
@@ -44,7 +45,7 @@ from pipelines.data.shards import (
     stats_path,
     summarize,
 )
-from pipelines.errors import GentronError, Preempted, require_dir
+from pipelines.errors import BadSample, GentronError, Preempted, require_dir
 from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error, read_json
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
@@ -136,6 +137,7 @@ class ShardJob:
     payload: Any
     items: int | None = None
     weight: float | None = None  # how much work, relatively (bytes of input): workers take the largest first
+    input_sha256: str | None = None  # the input shard's digest, as its stats record it: a change redoes the shard
 
 
 def item_shard_jobs(items: list, shard_size: int, config) -> list[ShardJob]:
@@ -166,7 +168,7 @@ def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
         raise GentronError(
             f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage"
         )
-    return [ShardJob(path.name[: -len(SHARD_SUFFIX)], path, items=_input_samples(path)) for path in shards]
+    return [_input_job(path) for path in shards]
 
 
 def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[ShardJob]:
@@ -179,10 +181,18 @@ def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[Shard
     return jobs
 
 
-def _input_samples(shard: Path) -> int | None:
-    """Samples in an input shard, from the stats file the stage that wrote it left beside it."""
+def _input_job(shard: Path) -> ShardJob:
+    """The job of one input shard: its samples and digest from the stats file the stage that wrote it left beside
+    it (None where there is none, or it is damaged: the stage reading the shard reports what is wrong with it)."""
     source = stats_path(shard.parent, shard.name[: -len(SHARD_SUFFIX)])
-    return ShardStats.load(source).samples_out if source.exists() else None
+    try:
+        stats = ShardStats.load(source) if source.exists() else None
+    except BadSample:
+        stats = None
+    name = shard.name[: -len(SHARD_SUFFIX)]
+    if stats is None:
+        return ShardJob(name, shard)
+    return ShardJob(name, shard, items=stats.samples_out, input_sha256=stats.tar_sha256)
 
 
 # --------------------------------------------------------------------------------------------- the stage loop
@@ -223,7 +233,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 def _run_one(fn: ShardFn, job: ShardJob, output_dir: Path, tick: Callable[[int], None]) -> ShardStats:
     for stale in output_dir.glob(f".{job.name}{SHARD_SUFFIX}.tmp-*"):
         stale.unlink(missing_ok=True)  # left by a killed run of this same job
-    stats = ShardStats(shard=job.name)
+    stats = ShardStats(shard=job.name, input_sha256=job.input_sha256)
     start = time.perf_counter()
     with ShardWriter(output_dir / f"{job.name}{SHARD_SUFFIX}") as writer:
         fn(job, writer, stats, tick)
@@ -313,7 +323,7 @@ def _run_locked(
 ) -> StageResult:
     todo = []
     for job in mine:
-        damage = shard_damage(output_dir, job.name, verify)
+        damage = shard_damage(output_dir, job.name, verify, job.input_sha256)
         if damage is None:
             continue
         if damage != "not made yet":

@@ -264,6 +264,7 @@ class ShardStats:
     seconds: float = 0.0
     tar_size: int | None = None  # the finished tar's bytes and digest, to find a damaged shard on rerun
     tar_sha256: str | None = None  # (None in stats files written before they were recorded)
+    input_sha256: str | None = None  # stages over shards: the input shard's digest when this one was made
 
     def fail(self, key: str, bad: BadSample) -> None:
         """Record that item `key` could not be used, and why."""
@@ -300,10 +301,11 @@ def stats_path(output_dir: Path, name: str) -> Path:
     return output_dir / f"{name}{STATS_SUFFIX}"
 
 
-def shard_damage(output_dir: Path, name: str, verify: bool = False) -> str | None:
+def shard_damage(output_dir: Path, name: str, verify: bool = False, input_sha256: str | None = None) -> str | None:
     """Why shard `name` of a folder is not complete (None: it is): no or unreadable stats file, items that failed
-    for a reason that may pass (transient), tar missing, of another size than recorded, or (`verify`: reading the
-    whole tar) of another sha256."""
+    for a reason that may pass (transient), made from another input shard than `input_sha256` (the stage before
+    made it again), tar missing, of another size than recorded, or (`verify`: reading the whole tar) of another
+    sha256."""
     stats_file = stats_path(output_dir, name)
     if not stats_file.exists():
         return "not made yet"
@@ -314,6 +316,8 @@ def shard_damage(output_dir: Path, name: str, verify: bool = False) -> str | Non
     if stats.transient:
         reasons = ", ".join(sorted({f.reason for f in stats.transient}))
         return f"{len(stats.transient)} of its items failed for a reason that may have passed ({reasons})"
+    if None not in (input_sha256, stats.input_sha256) and input_sha256 != stats.input_sha256:
+        return "its input shard was made again since (by the stage before)"
     tar = output_dir / f"{name}{SHARD_SUFFIX}"
     if not tar.is_file():
         return f"{tar.name} is missing"
