@@ -442,6 +442,9 @@ def _held_prep_videos(
     default) held (video_clips_held) until the test ends it: the run cannot finish on its own, however slow the
     machine."""
     code = (
+        # SIGINT as in a terminal: a test runner started in the background (`cmd &` in a script) passes it on ignored
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import functools\n"
         "from held import video_clips_held\n"
         "import pipelines.prep.videos as stage\n"
