@@ -75,6 +75,8 @@ class TrainConfig:
     eval_steps: int = 25  # sampler steps of the evaluation samples
     eval_cfg: float = 7.5  # their classifier-free guidance scale
     log_to: str = "none"  # none, or tensorboard (event files in RUN/tensorboard)
+    # torchrun: minutes a rank waits for the others in one collective (a checkpoint, an evaluation) before failing
+    process_group_timeout: int = 30
 
     def objective_config(self, latent_shape: tuple[int, ...]):
         """The training objective of this run for latents of `latent_shape` ((C, h, w) or (T, C, h, w))."""
@@ -138,6 +140,7 @@ class TrainConfig:
             _require_at_least(self, name, 1)
         for name in ("log_every", "preview_count", "preview_steps", "eval_steps"):
             _require_at_least(self, name, 1)
+        _require_at_least(self, "process_group_timeout", 1)
         for name in ("warmup_steps", "num_workers", "keep_checkpoints", "preview_every", "eval_every"):
             _require_at_least(self, name, 0)
         require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}", "pass a non-negative seed")
