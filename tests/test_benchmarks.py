@@ -293,3 +293,15 @@ def test_gpu_check_without_a_gpu_says_skipped(capsys):
     obj = _last_json_line(capsys.readouterr().out)
     _assert_well_formed(obj, "gpu_check")
     assert "no CUDA GPU" in obj["skipped"]
+
+
+def test_prep_memory_smoke_mode_reads_each_runs_peak_from_a_fresh_process(capsys):
+    module = _load("bench_prep")
+    module.main(["--memory", "--smoke"])
+    obj = _last_json_line(capsys.readouterr().out)
+    _assert_well_formed(obj, "prep_memory")
+    rows = obj["figures"]["by_length"]
+    assert [row["minutes"] for row in rows] == list(module.SMOKE_MEMORY_MINUTES)
+    assert rows[-1]["clips"] > rows[0]["clips"] > 0  # a clip per timeline frame: more for the longer video
+    assert all(row["stage_peak_mb"] > 20 and row["decode_child_peak_mb"] > 20 for row in rows)  # real processes
+    assert obj["goals"] == module.MEMORY_GOALS and set(obj["ratios"]) == set(module.MEMORY_GOALS)

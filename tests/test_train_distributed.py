@@ -4,35 +4,18 @@ with data of several sizes and lengths (buckets: every rank draws the same bucke
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from train_data import write_buckets, write_dataset
+from train_data import free_port, rank_main, write_buckets, write_dataset
 
 from pipelines.data.loader import StreamSpec, TrainStream, index_source
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.metrics import read_metrics
 from pipelines.train.trainer import TrainConfig, train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, ports: list[int], configs: list[TrainConfig]) -> None:
-    """One torchrun-like process: the same `train` call as a single process, with RANK/WORLD_SIZE set."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    for port, config in zip(ports, configs):
-        os.environ["MASTER_PORT"] = str(port)
-        train(config)
 
 
 def losses(run) -> list[float]:
@@ -70,7 +53,7 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
     single_buckets = train(bucketed)
     ddp_buckets = replace(bucketed, output=str(tmp_path / "ddp_buckets"), grad_accum=2)
     ports = [free_port(), free_port(), free_port()]
-    mp.spawn(_rank_main, args=(2, ports, [ddp, fsdp, ddp_buckets]), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, ports, [ddp, fsdp, ddp_buckets]), nprocs=2, join=True)
     stats = json.loads((tmp_path / "ddp_buckets" / "data_stats.json").read_text())["buckets"]
     assert len(stats["buckets"]) == 2  # (4, 8x8) and (2, 8x16) clips
     images, videos = (index_source(bucketed.image_data, "image"), index_source(bucketed.video_data, "video"))

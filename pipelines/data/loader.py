@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
 from pipelines.data.bucket_plan import BucketPlan, StepSchedule, UniformDraws, plan_buckets
-from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
+from pipelines.data.shards import Failure, ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter
 
@@ -65,15 +65,6 @@ class SampleRef:
     key: str
     fields: dict
     shape: tuple[int, ...] = ()
-
-
-@dataclass
-class Failure:
-    shard: str
-    key: str
-    reason: str
-    detail: str = ""
-    field: str = ""  # the sample's field at fault, when one is
 
 
 @dataclass
@@ -108,14 +99,14 @@ def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]:
-    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, BadSample | None]], Failure | None]:
+    """[(key, {field: (offset, size)}, problem)] of the complete samples, from tar headers only
     (`scan_shard`), and the damage if any: the samples before it are complete and kept."""
-    samples: list[tuple[str, dict, bool]] = []
+    samples: list[tuple[str, dict, BadSample | None]] = []
     try:
         samples.extend(scan_shard(path, read=False))
     except ShardDamaged as damage:
-        return samples, Failure(path.name, damage.key or "?", damage.reason, damage.detail)
+        return samples, Failure(damage.key or "?", damage.reason, damage.detail, shard=path.name)
     return samples, None
 
 
@@ -140,21 +131,14 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             if damage is not None:
                 failures.append(damage)
             with open(path, "rb") as f:
-                for key, fields, duplicate in pending:
-                    if duplicate:
-                        failures.append(
-                            Failure(
-                                path.name,
-                                key,
-                                "duplicate_key",
-                                f"a second sample with key {key!r} in {path.name}; the first one is kept",
-                            )
-                        )
+                for key, fields, problem in pending:
+                    if problem is not None:  # a duplicate key, a key no shard may hold
+                        failures.append(Failure.of(key, problem, shard=path.name))
                         continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))
                     except BadSample as err:
-                        failures.append(Failure(path.name, key, err.reason, err.detail, err.field or ""))
+                        failures.append(Failure.of(key, err, shard=path.name))
             task.advance(1)
     # latents of any size are kept (each size is a bucket); the channels are the most common ones
     shapes = Counter(shape for *_, shape in found)
@@ -166,10 +150,10 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
         if sample_shape[-3] != shape[-3]:
             failures.append(
                 Failure(
-                    shards[s].name,
                     key,
                     "wrong_latent_shape",
                     f"{sample_shape}: {sample_shape[-3]} channels, the folder's latents have {shape[-3]}",
+                    shard=shards[s].name,
                 )
             )
             continue
@@ -179,7 +163,7 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
         if not text_fields <= present:
             failures.append(
-                Failure(shards[s].name, key, "missing_field", f"text embeddings {sorted(text_fields - present)}")
+                Failure(key, "missing_field", f"text embeddings {sorted(text_fields - present)}", shard=shards[s].name)
             )
             continue
         has_flip &= schema.LATENT_FLIP_MEAN in fields and schema.LATENT_FLIP_STD in fields
@@ -498,14 +482,7 @@ class TrainStream(IterableDataset):
             return self.load_sample(step, j)
         except BadSample as err:
             source, ref, _ = self.locate(step, j)
-            failure = {
-                "kind": source.kind,
-                "shard": source.shards[ref.shard].name,
-                "key": ref.key,
-                "field": err.field or "",
-                "reason": err.reason,
-                "detail": err.detail,
-            }
+            failure = Failure.of(ref.key, err, shard=source.shards[ref.shard].name).as_dict() | {"kind": source.kind}
             text = {
                 schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields
             }
@@ -605,7 +582,7 @@ def data_stats(sources: list[Source], load_failures: list[dict] = (), plan: Buck
             "samples": len(src),
             "skipped": len(src.failures),
             "skipped_by_reason": reasons,
-            "failures": [vars(f) for f in src.failures],
+            "failures": [f.as_dict() for f in src.failures],
         }
         unreadable = [f for f in load_failures if f.get("kind") == src.kind]
         if unreadable:

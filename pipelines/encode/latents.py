@@ -27,7 +27,7 @@ from einops import rearrange
 from pipelines.data import media, schema
 from pipelines.data.buckets import SQUARE, assign, parse_buckets
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
-from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
+from pipelines.data.shards import Failure, ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
@@ -148,33 +148,24 @@ class _Prepared:
     crop: dict
 
 
-@dataclass
-class _Failed:
-    key: str
-    reason: str
-    detail: str
-
-
-def _prepare_shard(path: Path, crop: CoverCrop) -> Iterator[_Prepared | _Failed]:
-    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
-    duplicates: list[_Failed] = []  # reported by iter_shard while it reads on: yielded in the order found
+def _prepare_shard(path: Path, crop: CoverCrop) -> Iterator[_Prepared | Failure]:
+    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a Failure."""
+    skipped: list[Failure] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(
-            path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))
-        ):
-            yield from duplicates
-            duplicates.clear()
+        for key, fields in iter_shard(path, on_skip=lambda k, bad: skipped.append(Failure.of(k, bad))):
+            yield from skipped
+            skipped.clear()
             try:
                 meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
                 frames, is_clip = decode_media(fields)
                 frames, crop_info = crop(frames)
                 yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
             except BadSample as bad:
-                yield _Failed(key, bad.reason, bad.detail)
-        yield from duplicates
+                yield Failure.of(key, bad)
+        yield from skipped
     except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-        yield from duplicates
-        yield _Failed(path.name, bad.reason, bad.detail)
+        yield from skipped
+        yield Failure.of(path.name, bad)
 
 
 class LatentShardEncoder:
@@ -189,10 +180,10 @@ class LatentShardEncoder:
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Prepared] = []
         for item in prefetch(_prepare_shard(job.payload, self.crop), depth=2 * self.cfg.batch_size):
-            if isinstance(item, _Failed):
-                if item.reason != "bad_shard":
+            if isinstance(item, Failure):
+                if item.key != Path(job.payload).name:  # a sample, not the shard itself (damaged or unreadable)
                     stats.samples_in += 1
-                stats.fail(item.key, item.reason, item.detail)
+                stats.failures.append(item)
                 tick(1)
                 continue
             stats.samples_in += 1
@@ -224,7 +215,10 @@ class LatentShardEncoder:
             if not item.is_clip:
                 arrays = {name: a[0] for name, a in arrays.items()}  # an image is (C, h, w)
             if not all(np.isfinite(a).all() for a in arrays.values()):
-                stats.fail(item.key, "non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32")
+                stats.fail(
+                    item.key,
+                    BadSample("non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32"),
+                )
                 tick(1)
                 continue
             (h, w), (rh, rw) = item.crop["source_size"], item.crop["resized_size"]

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from pipelines.data import schema
 from pipelines.data.buckets import SQUARE, assign, parse_buckets
-from pipelines.data.image import cover_crop, load_image, resize_image
+from pipelines.data.image import OTHER_IMAGE_EXTENSIONS, cover_crop, load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import read_input
 from pipelines.progress import NullReporter, Reporter
 
 
@@ -107,7 +108,7 @@ def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> 
             key, fields = _prep_one(item, config, stats)
             writer.write(key, fields)
         except BadSample as exc:
-            stats.fail(item.key, exc.reason, exc.detail)
+            stats.fail(item.key, exc)
         tick(1)
 
 
@@ -119,10 +120,8 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
             raise
         caption = ""
         stats.count("uncaptioned_kept")
-    data = item.path.read_bytes() if item.path.is_file() else None
-    if data is None:
-        raise BadSample("missing_file", f"{item.path} does not exist")
-    loaded = load_image(item.path)
+    data = read_input(item.path, "image")
+    loaded = load_image(item.path, data)
     height, width = loaded.pixels.shape[:2]
     if min(width, height) < config.min_size:
         raise BadSample(
@@ -152,6 +151,9 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
     }
     if bucket is not None:
         meta |= bucket.record()
+    if loaded.color_profile is not None:  # absent for sRGB and untagged images: their metadata is unchanged
+        meta["color_profile"] = loaded.color_profile
+        stats.count("color_profiles_converted" if loaded.color_profile["converted_to_srgb"] else "color_profiles_kept")
     return item.key, {
         config.format: encode_image(pixels, config.format, config.quality),
         schema.CAPTION: schema.encode_caption(caption),
@@ -168,7 +170,7 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     return run_prep(
         config,
         _prep_shard,
-        IMAGE_EXTENSIONS,
+        IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS,  # those Pillow cannot read are counted, not left out
         config.output_options(),
         OPTIONS_FILE,
         "image",

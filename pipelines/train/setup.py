@@ -78,6 +78,7 @@ RESUMABLE_CHANGES = {
     "eval_steps",
     "eval_cfg",
     "log_to",
+    "process_group_timeout",
 }
 
 
@@ -403,7 +404,9 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         sources=data.sources,
         load_failures=load_failures,
         **counters,
-        evaluator=TrainingEvaluator(config, folder, record, d.device, reporter) if main and config.eval_every else None,
+        evaluator=TrainingEvaluator(config, folder, record, d.device, reporter, d.rank, d.world)
+        if config.eval_every
+        else None,
         board=board,
     )
 
