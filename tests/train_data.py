@@ -163,17 +163,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank: int, world: int, ports: list[int], configs: list) -> None:
+def rank_main(rank: int, world: int, port: int, configs: list) -> None:
     """One torchrun-like process (for torch.multiprocessing.spawn): the same `train` call as a single process, with
-    RANK/WORLD_SIZE set, once per config."""
+    RANK/WORLD_SIZE set, once per config. One config: `train` makes and ends the process group itself; several: they
+    share one group made here, as a script calling `train` in a loop would (no teardown and rebuild between runs)."""
     import os
 
     import torch
+    import torch.distributed as dist
 
     from pipelines.train.trainer import train
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    for port, config in zip(ports, configs):
-        os.environ["MASTER_PORT"] = str(port)
-        train(config)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    if len(configs) == 1:
+        train(configs[0])
+        assert not dist.is_initialized()  # train ended the group it made
+        return
+    dist.init_process_group("gloo")
+    try:
+        for config in configs:
+            train(config)
+            assert dist.is_initialized()  # the caller's group outlives each run
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
