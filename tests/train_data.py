@@ -190,3 +190,25 @@ def rank_main(rank: int, world: int, port: int, configs: list) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def train_config(tmp_path, images, **kw):
+    """The tests' tiny T2I run on `images` into tmp_path/run (8 steps, checkpoints every 4); `kw` overrides."""
+    from tiny import TINY_SPEC
+
+    from pipelines.train.config import TrainConfig
+
+    defaults = dict(
+        output=str(tmp_path / "run"),
+        image_data=str(images),
+        model=TINY_SPEC,
+        steps=8,
+        global_batch=4,
+        lr=3e-3,
+        num_workers=0,
+        checkpoint_every=4,
+        log_every=1,
+        text_dropout=0.1,
+        ema_decay=0.9,
+    )
+    return TrainConfig(**(defaults | kw))
