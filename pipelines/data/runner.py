@@ -62,6 +62,11 @@ class ResumeOptions:
     must_match: tuple[str, ...]
     may_differ: tuple[str, ...]
     paths: tuple[str, ...] = ()
+    added: tuple[tuple[str, object], ...] = ()  # must_match options added later, with the value older folders had
+
+    def upgrade(self, record: dict) -> dict:
+        """A record written before the `added` options existed, with their values then (so those folders resume)."""
+        return dict(self.added) | record
 
     def check_complete(self, config_type: type) -> None:
         """Every field of `config_type` declared exactly once (a programming error otherwise)."""
@@ -173,7 +178,12 @@ def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[Shard
     jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", f"pass --batch-size {batch_hint}")
-    check_output_options(Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file)
+    check_output_options(
+        Path(cfg.output_dir),
+        resume.record(cfg) | {"dtype": cfg.dtype or "auto"},
+        resume.record_file,
+        upgrade=resume.upgrade if resume.added else None,
+    )
     return jobs
 
 
