@@ -77,22 +77,24 @@ class FrameRule:
         """ "4k+1", or "any" for an image VAE."""
         return "any" if self.step == 1 else f"{self.step}k+1"
 
-    def examples(self, around: int = 8) -> tuple[int, ...]:
-        """Valid clip lengths near `around` frames: the one at or below and the two above (e.g. 5, 9, 13 for 8)."""
-        below = around - (around - 1) % self.step
-        return tuple(n for n in (below, below + self.step, below + 2 * self.step) if n >= 1 and n != around)
+    def suggestions(self, frames: int) -> tuple[int, ...]:
+        """Two valid clip lengths for a clip of `frames`: the next one up, then the one below (or the second one up
+        when the one below would be a single frame). 8 frames: (9, 5) for 4k+1, (9, 17) for 8k+1."""
+        below = frames - (frames - 1) % self.step
+        above = below + self.step if below < frames or frames < 1 else below
+        return (above, below) if 1 < below < frames else (above, above + self.step)
 
     def check(self, frames: int, what: str, vae: str) -> None:
         """GentronError naming the rule and the `prep-videos --frames` to use when `frames` breaks it."""
         if self.ok(frames):
             return
         latent = self.latent_frames(frames)
-        options = " or ".join(str(n) for n in self.examples(frames)[:2])
+        first, second = self.suggestions(frames)
         raise GentronError(
             f"{what} has {frames} frames, but the VAE {vae} takes clips of {self.describe()} frames "
             f"(1, {', '.join(str(1 + self.step * k) for k in (1, 2, 3))}, ...): {frames} frames would encode to "
             f"{latent} latent frames that decode to {self.decoded_frames(latent)}",
-            f"make the clips with `gentron prep-videos --frames {options}` (nothing is truncated silently)",
+            f"make the clips with `gentron prep-videos --frames {first}` (or {second}); nothing is truncated silently",
         )
 
     def record(self) -> dict:
