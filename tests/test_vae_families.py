@@ -4,11 +4,11 @@ adapters); frame rules, causality, frames per call, slicing and tiling; the pixe
 
 import json
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-import diffusers
 from pipelines.errors import GentronError
 from pipelines.model.tiny import TINY_VIDEO_VAE_FAMILIES, build_tiny_video_vae
 from pipelines.model.vae import FrameRule, Normalisation, PixelVideoVAE, load_vae
@@ -252,7 +252,7 @@ def test_encode_latents_stores_each_familys_normalised_posterior_and_records_it(
     result = encode_latents(cfg)
     assert (result.samples_out, result.failed) == (3, 0)
     direct = getattr(diffusers, class_name).from_pretrained(folder).eval()
-    for key, fields in iter_shard(tmp_path / "out" / "000000.tar"):
+    for _key, fields in iter_shard(tmp_path / "out" / "000000.tar"):
         is_clip = schema.VIDEO in fields
         pixels = media.decode_clip(fields[schema.VIDEO]) if is_clip else media.decode_image(fields["png"])[None]
         with torch.no_grad():
