@@ -84,8 +84,8 @@ class FrameRule:
         above = below + self.step if below < frames or frames < 1 else below
         return (above, below) if 1 < below < frames else (above, above + self.step)
 
-    def check(self, frames: int, what: str, vae: str) -> None:
-        """GentronError naming the rule and the `prep-videos --frames` to use when `frames` breaks it."""
+    def check(self, frames: int, what: str, vae: str, option: str = "gentron prep-videos --frames") -> None:
+        """GentronError naming the rule and the `option` (`prep-videos --frames`) to use when `frames` breaks it."""
         if self.ok(frames):
             return
         latent = self.latent_frames(frames)
@@ -94,7 +94,7 @@ class FrameRule:
             f"{what} has {frames} frames, but the VAE {vae} takes clips of {self.describe()} frames "
             f"(1, {', '.join(str(1 + self.step * k) for k in (1, 2, 3))}, ...): {frames} frames would encode to "
             f"{latent} latent frames that decode to {self.decoded_frames(latent)}",
-            f"make the clips with `gentron prep-videos --frames {first}` (or {second}); nothing is truncated silently",
+            f"use `{option} {first}` (or {second}); nothing is truncated silently",
         )
 
     def record(self) -> dict:
