@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import C, inputs, randomize
 
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.model import GenTronTransformer, model_config
-
-from test_model import C, inputs, randomize
 
 
 def video_model(frame_embedding: bool, learn_sigma: bool = True) -> GenTronTransformer:

@@ -13,6 +13,11 @@ The data stream is a pure function of (seed, global sample index i):
 - In T2V, sample i is motion-free with probability p (a seeded draw); a motion-free sample takes the
   next image (repeated into a pseudo-video) when images are given, else the next clip with the
   temporal mask off. Image/video positions are counts of earlier draws (computed by blocks).
+  With `image_frames="one"` an image is one latent frame under the same mask instead of a pseudo-video;
+  a batch holds one latent shape, so the draw is then per micro-batch: micro-batch b (indices
+  [b * micro, (b + 1) * micro)) is all images with probability p, else all clips.
+- In T2I, a clip gives one latent frame: a random one, or its first with a video VAE (the only one that is
+  an image's kind of latent; the others each hold several frames).
 - Everything random about sample i (latent draw, flip, text dropout, noise, timestep, frame) comes
   from a generator seeded by (seed, purpose, i).
 
@@ -40,7 +45,7 @@ from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
-_SHUFFLE, _MOTION_FREE, _LATENT, _FLIP, _DROPOUT, _NOISE, _TIMESTEP, _FRAME, _MIX = range(9)
+_SHUFFLE, _MOTION_FREE, _LATENT, _FLIP, _DROPOUT, _NOISE, _TIMESTEP, _FRAME, _MIX, _IMAGE_BLOCK = range(10)
 
 
 def sample_rng(seed: int, purpose: int, index: int) -> np.random.Generator:
@@ -333,8 +338,18 @@ class StreamSpec:
     text_dropout: float = 0.1
     flip: bool = True
     buffer_size: int = 1000
-    frames: int = 8  # pseudo-video length when no clips give it
+    frames: int = 8  # pseudo-video length (latent frames) when no clips give it
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
+    image_frames: str = "pseudo-video"  # t2v: an image as the paper's pseudo-video, or as "one" latent frame
+
+
+IMAGE_FRAMES = ("pseudo-video", "one")
+
+
+def temporal_downsample(source: Source | None) -> int:
+    """How many frames a latent frame of the source's VAE holds (1 for image VAEs and older shards)."""
+    latent = source.metadata.get("latent") if source is not None else None
+    return int((latent or {}).get("temporal_downsample") or 1) if isinstance(latent, dict) else 1
 
 
 class TrainStream(IterableDataset):
@@ -364,7 +379,18 @@ class TrainStream(IterableDataset):
             self.latent_shape = (spec.frames, *images.latent_shape)
         else:
             self.latent_shape = images.latent_shape if images is not None else videos.latent_shape[1:]
+        # t2v with image_frames "one": an image is one latent frame, in micro-batches of images only
+        self.one_frame_images = spec.stage == "t2v" and spec.image_frames == "one" and images is not None
+        # t2i from clips of a video VAE: their first latent frame (the others each hold several frames)
+        self.first_frame_only = temporal_downsample(videos) > 1
         self._files: OrderedDict = OrderedDict()
+
+    def sample_shape(self, kind: str) -> tuple[int, ...]:
+        """The latent shape of a sample of `kind` in a batch: the stream's, or one frame for an image in one-frame
+        mode."""
+        if self.one_frame_images and kind == "image":
+            return (1, *self.images.latent_shape)
+        return tuple(self.latent_shape)
 
     # -- where sample i comes from
 
@@ -372,7 +398,9 @@ class TrainStream(IterableDataset):
         seed, buf = self.spec.seed, self.spec.buffer_size
         images = SourceStream(self.images, seed, buf, 0) if self.images is not None else None
         videos = SourceStream(self.videos, seed, buf, 1) if self.videos is not None else None
-        if self.spec.stage == "t2v":
+        if self.one_frame_images and videos is not None:  # per micro-batch: images only, or clips only
+            mix = CoinSchedule(seed, _IMAGE_BLOCK, self.spec.p_motion_free)
+        elif self.spec.stage == "t2v":
             mix = CoinSchedule(seed, _MOTION_FREE, self.spec.p_motion_free)
         elif images is not None and videos is not None:
             mix = CoinSchedule(seed, _MIX, len(self.images) / (len(self.images) + len(self.videos)))
@@ -395,6 +423,13 @@ class TrainStream(IterableDataset):
             return self.videos, videos.ref_at(index - images_before), False
         if videos is None:
             return self.images, images.ref_at(index), True
+        if self.one_frame_images:
+            micro = self.spec.micro_batch
+            block, offset = divmod(index, micro)
+            image_block, image_blocks_before = mix.at(block)
+            if image_block:
+                return self.images, images.ref_at(image_blocks_before * micro + offset), True
+            return self.videos, videos.ref_at((block - image_blocks_before) * micro + offset), False
         motion_free, before = mix.at(index)
         if motion_free and images is not None:
             return self.images, images.ref_at(before), True
@@ -437,12 +472,15 @@ class TrainStream(IterableDataset):
         latent = mean + std * sample_rng(spec.seed, _LATENT, index).standard_normal(mean.shape, dtype=np.float32)
         pseudo_video = False
         if spec.stage == "t2i" and source.kind == "video":
-            latent = latent[sample_rng(spec.seed, _FRAME, index).integers(latent.shape[0])]
+            frame = 0 if self.first_frame_only else sample_rng(spec.seed, _FRAME, index).integers(latent.shape[0])
+            latent = latent[frame]
         elif spec.stage == "t2v" and source.kind == "image":
-            latent = np.repeat(latent[None], self.latent_shape[0], axis=0)  # exact copies: a still video
+            # the paper's pseudo-video (exact copies: a still video), or one latent frame under the same mask
+            frames = 1 if self.one_frame_images else self.latent_shape[0]
+            latent = np.repeat(latent[None], frames, axis=0)
             pseudo_video = True
-        if latent.shape != tuple(self.latent_shape):
-            raise BadSample("wrong_latent_shape", f"{latent.shape} != {tuple(self.latent_shape)}")
+        if latent.shape != self.sample_shape(source.kind):
+            raise BadSample("wrong_latent_shape", f"{latent.shape} != {self.sample_shape(source.kind)}")
         dropped = sample_rng(spec.seed, _DROPOUT, index).random() < spec.text_dropout
         text = {}
         for name in spec.text_fields:
@@ -483,7 +521,7 @@ class TrainStream(IterableDataset):
             text = {
                 schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields
             }
-            latent = np.zeros(self.latent_shape, dtype=np.float32)
+            latent = np.zeros(self.sample_shape(source.kind), dtype=np.float32)
             return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": failure}
 
     def make_batch(self, indices, streams) -> dict[str, torch.Tensor]:
