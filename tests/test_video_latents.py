@@ -91,3 +91,10 @@ def test_patch_size_one_is_a_valid_setting_and_unpatchifies_in_place():
         b = model(x2, t, text, motion_free=torch.tensor([True, True]))
     changed = (a - b).abs().amax(dim=2) > 1e-6  # (B, T, h, w)
     assert changed[:, 1, 1, 2].all() and changed.sum() == 2
+
+
+def test_new_models_take_patch_size_one_from_vaes_compressing_more_than_8x():
+    from pipelines.model.configs import patch_size_for
+
+    assert [patch_size_for(d) for d in (1, 8, 16, 32)] == [2, 2, 1, 1]  # pixel, SD/Wan 2.1, Wan 2.2, LTX
+    assert patch_size_for(1, named=4) == 4 and patch_size_for(32, named=4) == 1

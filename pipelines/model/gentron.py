@@ -538,7 +538,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         if height % p or width % p:
             raise GentronError(
                 f"latent size {height}x{width} is not divisible by the patch size {p}",
-                f"use an image resolution divisible by {8 * p} (latents are 1/8 of the pixels)",
+                f"use a resolution divisible by {p} x the VAE's downsampling (SD's VAE: {8 * p}), or patch size 1",
             )
         grid_h, grid_w = height // p, width // p
 
