@@ -149,7 +149,7 @@ def test_run_all_knows_every_benchmark_but_the_learning_one():
 # --------------------------------------------------------------------------- each benchmark's smoke mode
 
 
-@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep"])
+@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep", "image_frames"])
 def test_benchmark_smoke_mode_ends_with_a_well_formed_json_line(name, capsys):
     module = _load(f"bench_{name}")
     threads = torch.get_num_threads()
