@@ -16,7 +16,7 @@ from pipelines.model.vae import FrameRule, Normalisation, PixelVideoVAE, load_va
 # family -> (diffusers class, adapter family name, latent channels, spatial, temporal, frame rule)
 EXPECTED = {
     "wan": ("AutoencoderKLWan", "wan", 16, 8, 4, "4k+1"),
-    "wan2.2": ("AutoencoderKLWan", "wan", 12, 8, 4, "4k+1"),
+    "wan2.2": ("AutoencoderKLWan", "wan", 12, 16, 4, "4k+1"),
     "cogvideox": ("AutoencoderKLCogVideoX", "cogvideox", 4, 8, 4, "8k+1"),
     "hunyuanvideo": ("AutoencoderKLHunyuanVideo", "hunyuanvideo", 4, 8, 4, "4k+1"),
     "ltx": ("AutoencoderKLLTXVideo", "ltx", 8, 8, 8, "8k+1"),

@@ -204,8 +204,8 @@ TINY_VIDEO_VAE_FAMILIES = ("wan", "wan2.2", "cogvideox", "hunyuanvideo", "ltx")
 
 
 def build_tiny_video_vae(folder: str | Path, family: str, seed: int = 0) -> Path:
-    """A tiny random video VAE of `family` (one of TINY_VIDEO_VAE_FAMILIES), 8x in space and 4x in time (LTX 8x),
-    saved to `folder` in the diffusers layout. Its normalisation is made non-trivial (random per-channel mean and
+    """A tiny random video VAE of `family` (one of TINY_VIDEO_VAE_FAMILIES), 8x in space (Wan 2.2 16x, as the real
+    one) and 4x in time (LTX 8x), saved to `folder` in the diffusers layout. Its normalisation is made non-trivial (random per-channel mean and
     std, scaling factors other than 1), so a test can tell a normalised latent from a raw one."""
     import diffusers
 
@@ -226,9 +226,9 @@ def build_tiny_video_vae(folder: str | Path, family: str, seed: int = 0) -> Path
             vae = diffusers.AutoencoderKLWan(
                 base_dim=3 if family == "wan" else 4,
                 z_dim=channels,
-                dim_mult=[1, 1, 1, 1] if family == "wan" else [1, 1, 1],
+                dim_mult=[1, 1, 1, 1],
                 num_res_blocks=1,
-                temperal_downsample=[False, True, True] if family == "wan" else [True, True],
+                temperal_downsample=[False, True, True],
                 latents_mean=mean,
                 latents_std=std,
                 **(
