@@ -26,7 +26,7 @@ from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.evaluate import probe
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays
-from pipelines.train.trainer import batch_text
+from pipelines.train.run import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 

@@ -205,8 +205,9 @@ TINY_VIDEO_VAE_FAMILIES = ("wan", "wan2.2", "cogvideox", "hunyuanvideo", "ltx")
 
 def build_tiny_video_vae(folder: str | Path, family: str, seed: int = 0) -> Path:
     """A tiny random video VAE of `family` (one of TINY_VIDEO_VAE_FAMILIES), 8x in space (Wan 2.2 16x, as the real
-    one) and 4x in time (LTX 8x), saved to `folder` in the diffusers layout. Its normalisation is made non-trivial (random per-channel mean and
-    std, scaling factors other than 1), so a test can tell a normalised latent from a raw one."""
+    one) and 4x in time (LTX 8x), saved to `folder` in the diffusers layout. Its normalisation is made non-trivial
+    (random per-channel mean and std, scaling factors other than 1), so a test can tell a normalised latent from a
+    raw one."""
     import diffusers
 
     if family not in TINY_VIDEO_VAE_FAMILIES:
