@@ -29,6 +29,7 @@ from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
 from pipelines.files import atomic_dir, atomic_write_json, file_sha256, read_json
 from pipelines.model.legacy import upgrade_pipeline_record
+from pipelines.model.vae import FrameRule
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained(safe_serialization=True) writes
@@ -44,13 +45,26 @@ _RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, 
 
 @dataclass(frozen=True)
 class VAERecord:
-    """The VAE whose latents the model was trained on."""
+    """The VAE whose latents the model was trained on: what encode-latents recorded of it (pipelines/model/vae.py
+    `VAE.record`); records written before video VAEs hold the first five fields only (a per-frame SD-style VAE)."""
 
-    name: str  # hub name, folder or "pixel"
+    name: str  # hub name, folder, "pixel" or "pixel-video"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     channels: int | None = None  # latent channels
     downsample: int | None = None  # pixels per latent, per side
+    family: str | None = None  # sd, wan, cogvideox, hunyuanvideo, ltx, pixel, pixel-video
+    temporal_downsample: int = 1  # frames per latent frame after the first
+    frame_step: int | None = None  # clips of 1 + frame_step * k frames (None: temporal_downsample)
+    frame_rule: str | None = None  # "4k+1", "any"
+    causal: bool | None = None  # an image's latent equals the first latent frame of a clip starting with it
+    normalisation: dict | None = None  # {"formula", "shift", "scale"}: normalised = (z - shift) * scale per channel
+    decode_options: dict = field(default_factory=dict)  # what decoding passes besides the latents (LTX's timestep)
+
+    @property
+    def frames(self) -> FrameRule:
+        """The VAE's frame arithmetic (frames <-> latent frames), read without loading it."""
+        return FrameRule.from_record(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,10 @@ class DataRecord:
     """The training latents' geometry."""
 
     latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w)
-    frames: int  # 1 for a T2I model
+    frames: int  # pixel frames of a training clip (what its latent frames decode to); 1 for a T2I model
     resolution: int | None  # pixels of the training data's side, as the encode stage recorded it
     fps: float | None  # of the training clips
+    latent_frames: int | None = None  # T of latent_shape for T2V (records before video VAEs: equal to frames)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,7 @@ class PipelineRecord:
                 frames=int(data["frames"]),
                 resolution=data.get("resolution"),
                 fps=data.get("fps"),
+                latent_frames=data.get("latent_frames"),
             ),
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),
             shard_metadata=dict(record.get("shard_metadata") or {}),

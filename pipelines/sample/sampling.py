@@ -60,6 +60,8 @@ class SampleConfig:
         default_factory=dict
     )  # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
     vae: str | None = None  # instead of the recorded VAE
+    vae_slicing: bool = False  # the VAE decodes a call's samples one at a time (less memory)
+    vae_tiling: bool = False  # the VAE decodes large frames in overlapping tiles (less memory; values change slightly)
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
 
@@ -153,6 +155,8 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "negative_prompt": cfg.negative_prompt,
         "text_encoders": dict(cfg.text_encoders),
         "vae": cfg.vae,
+        "vae_slicing": cfg.vae_slicing,
+        "vae_tiling": cfg.vae_tiling,
     }
 
 
@@ -183,6 +187,8 @@ def load_pipeline(
         vae=cfg.vae,
         negative_prompt=cfg.negative_prompt,
         reporter=reporter,
+        vae_slicing=cfg.vae_slicing,
+        vae_tiling=cfg.vae_tiling,
     )
 
 
@@ -261,6 +267,7 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            **{k: settings[k] for k in _SIDECAR_NEWER_SETTINGS if k in settings},  # older sidecars: their defaults
             text_encoders=dict(settings["text_encoders"]),
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
@@ -284,6 +291,7 @@ _SIDECAR_SETTINGS = (
     "negative_prompt",
     "vae",
 )
+_SIDECAR_NEWER_SETTINGS = ("vae_slicing", "vae_tiling")
 
 
 def resample_from_sidecar(

@@ -13,6 +13,7 @@ STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
 EVAL_PROBES = ("toy",)  # as pipelines.evaluate.evaluator.PROBES (not imported here: it loads torch)
 LOG_TO = ("none", "tensorboard")
+IMAGE_FRAMES = ("auto", "pseudo-video", "one")  # as pipelines.data.loader.IMAGE_FRAMES, plus auto
 
 
 @dataclass
@@ -47,7 +48,8 @@ class TrainConfig:
     noise_shift: str = "none"  # resolution shift of the noise: none, auto (from the latent size and frames) or a number
     loss_weighting: str = "none"  # ddpm: none or min-snr
     min_snr_gamma: float = 5.0
-    frames: int = 8  # t2v without clips: pseudo-video length
+    frames: int = 8  # t2v without clips: pseudo-video length in frames (latent frames through the data's VAE)
+    image_frames: str = "auto"  # t2v: an image as the paper's pseudo-video, or "one" latent frame; auto: by the VAE
     flip: bool = True  # use the stored mirrored latents half of the time, when present
     shuffle_buffer: int = 1000
     num_workers: int = 2
@@ -125,6 +127,8 @@ class TrainConfig:
             raise GentronError(
                 "no training data given", "pass --image-data and/or --video-data (folders of encoded shards)"
             )
+        if self.image_frames not in IMAGE_FRAMES:
+            raise GentronError(f"unknown --image-frames {self.image_frames!r}", f"use one of {', '.join(IMAGE_FRAMES)}")
         for name in ("text_dropout", "p_motion_free"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise GentronError(f"{name} must be in [0, 1], got {getattr(self, name)}", "pass a probability")

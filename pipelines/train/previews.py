@@ -81,7 +81,9 @@ class Previewer:
         """Sample the fixed prompts from their fixed seeds and write them (a contact sheet; videos also as a GIF)."""
 
         pipe = self.sampling_pipeline(model)
-        frames = self.shape[0] if len(self.shape) == 4 else 1
+        frames = (
+            self.record.data.frames if len(self.shape) == 4 else 1
+        )  # pixel frames: what the latent frames decode to
         height, width = (side * pipe.vae.downsample for side in self.shape[-2:])
         generation = Generation(
             steps=self.config.preview_steps,

@@ -23,6 +23,7 @@ from pipelines.data.loader import (
     index_source,
     load_empty_caption,
     make_loader,
+    temporal_downsample,
     training_latent_shape,
 )
 from pipelines.diffusion.objective import Objective, make_objective
@@ -36,9 +37,11 @@ from pipelines.model.configs import (
     init_conflicts,
     model_config,
     model_spec,
+    patch_size_for,
     text_inputs_from_data,
 )
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays
+from pipelines.model.vae import FrameRule
 from pipelines.model_folder import DataRecord, ModelFolder, PipelineRecord, VAERecord, check_weights
 from pipelines.progress import Reporter
 from pipelines.train import checkpoint as ckpt
@@ -103,14 +106,40 @@ def load_data(config: TrainConfig, reporter: Reporter) -> TrainingData:
             f"image latents {images.latent_shape} and clip latents {videos.latent_shape} differ in size",
             "encode images and clips with the same VAE and resolution",
         )
+    if images is not None and videos is not None:
+        check_same_vae(images, videos)
     if config.stage == "t2v" and videos is None:
         reporter.log(
             "warning: --stage t2v without --video-data trains on still images repeated as videos only: "
             "motion cannot be learnt from stills; pass --video-data (clips from `gentron encode-text`) to learn it"
         )
     empty, empty_path = load_empty_caption([s.folder for s in (images, videos) if s is not None])
-    shape = training_latent_shape(config.stage, config.frames, images, videos)
+    frames = config.frames  # t2v without clips: the pseudo-videos' frames, as latent frames of the data's VAE
+    if config.stage == "t2v" and videos is None:
+        vae = vae_metadata(images)
+        rule = FrameRule.from_record(vae)
+        rule.check(config.frames, f"--frames {config.frames}", vae.get("vae", "of the data"), option="--frames")
+        frames = rule.latent_frames(config.frames)
+    shape = training_latent_shape(config.stage, frames, images, videos)
     return TrainingData(images, videos, empty, empty_path, shape)
+
+
+def vae_metadata(source: Source) -> dict:
+    """What encode-latents recorded of the source's VAE (the latent section of its first sample)."""
+    latent = source.metadata.get("latent")
+    return latent if isinstance(latent, dict) else {}
+
+
+def check_same_vae(images: Source, videos: Source) -> None:
+    """Images and clips trained together must come from one VAE: one family, time layout and normalisation."""
+    vae = {"image": vae_metadata(images), "clip": vae_metadata(videos)}
+    if any(vae["image"].get(k) != vae["clip"].get(k) for k in ("family", "temporal_downsample", "normalisation")):
+        raise GentronError(
+            f"the image latents in {images.folder} were encoded with the VAE {vae['image'].get('vae')} "
+            f"({vae['image'].get('family', '?')}) and the clip latents in {videos.folder} with "
+            f"{vae['clip'].get('vae')} ({vae['clip'].get('family', '?')}), whose latents differ",
+            "encode images and clips with the same VAE (`gentron encode-latents --vae`)",
+        )
 
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
@@ -131,7 +160,8 @@ def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...
 
 
 def build_model(config: TrainConfig, data: TrainingData, objective: Objective, reporter: Reporter):
-    """The model to train and its config: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
+    """The model to train and its config: from --init (T2I -> T2V when needed) or a fresh config sized to the data
+    (latent channels; patch size 1 when the VAE compresses space more than 8x, unless --model sets one)."""
     channels, height, width = data.latent_shape[-3:]
     if config.init:
         model = init_model(config, objective, reporter)
@@ -142,6 +172,13 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
         text = {"text_inputs": text_inputs_from_data(spec, widths)}
         if objective.config.name == "flow" and "learn_sigma" not in spec:
             text["learn_sigma"] = False  # a velocity model has no variance to learn
+        downsample = vae_metadata(data.sources[0]).get("downsample")
+        if "patch_size" not in spec and downsample and patch_size_for(int(downsample)) != 2:
+            text["patch_size"] = patch_size_for(int(downsample))  # a VAE compressing space more than 8x
+            reporter.log(
+                f"patch size {text['patch_size']} for latents {int(downsample)}x smaller than the pixels "
+                "(--model patch_size sets another)"
+            )
         cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
         model = GenTronTransformer.from_config(cfg)
     objective.check_model(bool(model.config.learn_sigma))
@@ -192,6 +229,13 @@ def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) ->
 def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
     """The run's settings as they take effect (recorded in RUN/config.json): a setting that cannot is said once."""
     changes = {}
+    if config.image_frames == "auto":  # pseudo-videos with an image VAE; one latent frame with a video VAE
+        video_vae = any(temporal_downsample(s) > 1 for s in sources)
+        changes["image_frames"] = "one" if video_vae else "pseudo-video"
+    elif config.stage != "t2v" or not config.image_data:
+        reporter.log(
+            f"--image-frames {config.image_frames} applies to --stage t2v with --image-data: it changes nothing"
+        )
     if config.init:
         changes["model"] = architecture_spec(model_cfg)  # the --init model's architecture, not the --model default
     elif config.model is None:
@@ -220,6 +264,8 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         for k, v in asdict(config).items()
         if k not in RESUMABLE_CHANGES and k in stored and stored[k] != v and k != "output"
     ]
+    if stored.get("image_frames") == "one" and stored.get("grad_accum", 1) != config.grad_accum:
+        diffs.append("grad_accum")  # images as one latent frame fill whole micro-batches: their size shapes the data
     if diffs:
         detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
         raise GentronError(
@@ -255,26 +301,42 @@ def pipeline_record(
     downsample = latent_meta.get("downsample")
     if downsample is None and isinstance(resolution, (int, float)) and resolution:
         downsample = int(resolution) // latent_shape[-1]
+    recorded = {k: latent_meta[k] for k in _VAE_RECORD_FIELDS if k in latent_meta}  # family, ratios, normalisation
+    vae = VAERecord(
+        name=latent_meta.get("vae", "pixel"),
+        scaling_factor=latent_meta.get("scaling_factor", 1.0),
+        shift_factor=latent_meta.get("shift_factor", 0.0),
+        channels=int(latent_shape[-3]),
+        downsample=downsample,
+        **recorded,
+    )
+    latent_frames = int(latent_shape[0]) if config.stage == "t2v" else 1
     return PipelineRecord(
         stage=config.stage,
         objective=objective.config,
-        vae=VAERecord(
-            name=latent_meta.get("vae", "pixel"),
-            scaling_factor=latent_meta.get("scaling_factor", 1.0),
-            shift_factor=latent_meta.get("shift_factor", 0.0),
-            channels=int(latent_shape[-3]),
-            downsample=downsample,
-        ),
+        vae=vae,
         # the shard metadata's text section (encoders, their models and settings), and what the model reads
         text_encoders={**text_meta, "used": list(model_cfg["text_inputs"]), "inputs": model_cfg["text_inputs"]},
         data=DataRecord(
             latent_shape=tuple(latent_shape),
-            frames=int(latent_shape[0]) if config.stage == "t2v" else 1,
+            frames=vae.frames.decoded_frames(latent_frames),  # what the latent frames decode to
             resolution=resolution,
             fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
+            latent_frames=latent_frames,
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
     )
+
+
+_VAE_RECORD_FIELDS = (
+    "family",
+    "temporal_downsample",
+    "frame_step",
+    "frame_rule",
+    "causal",
+    "normalisation",
+    "decode_options",
+)
 
 
 def earlier_load_failures(folder: Path) -> list[dict]:
@@ -371,8 +433,9 @@ def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dis
         text_dropout=config.text_dropout,
         flip=config.flip,
         buffer_size=config.shuffle_buffer,
-        frames=config.frames,
+        frames=data.latent_shape[0] if config.stage == "t2v" else config.frames,  # pseudo-videos' latent frames
         text_fields=text_fields_for(model_cfg, data.sources),
+        image_frames=config.image_frames,
     )
     return TrainStream(
         spec,
