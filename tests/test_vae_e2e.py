@@ -172,6 +172,55 @@ def test_pseudo_video_frames_follow_the_vae_and_sources_must_share_a_vae(tmp_pat
     )
     assert refused.exit_code == 2 and "encode images and clips with the same VAE" in refused.output
 
+    # sampling a model of wan_b's latents with wan_a: same channels and time layout, other normalisation: said
+    _cli("train", "--stage", "t2v", "--video-data", b, "--out", tmp_path / "wan-run", *common)
+    said = _cli(
+        "sample",
+        "--model",
+        tmp_path / "wan-run",
+        "--prompt",
+        "p",
+        "--out",
+        tmp_path / "s",
+        "--steps",
+        1,
+        "--vae",
+        wan_a,
+    )
+    assert "normalises its latents" in said and "with other values" in said
+
+
+def test_images_as_one_latent_frame_refuse_another_micro_batch_on_resume(tmp_path, encoders):
+    images = _encode(tmp_path, encoders, "image", "pixel-video", 1, "images")
+    clips = _encode(tmp_path, encoders, "clip", "pixel-video", 9, "clips")
+    common = ["--model", json.dumps(TINY), "--global-batch", 4, "--num-workers", 0, "--p-motion-free", 0.5]
+    run = ["train", "--stage", "t2v", "--image-data", images, "--video-data", clips, "--out", tmp_path / "run"]
+    _cli(*run, *common, "--steps", 2, "--checkpoint-every", 1)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["image_frames"] == "one"
+    refused = runner.invoke(
+        app, [str(a) for a in (*run, *common, "--steps", 3, "--grad-accum", 2)], env={"COLUMNS": "1000"}
+    )
+    assert refused.exit_code == 2 and "grad_accum" in refused.output
+    # with the paper's pseudo-videos the micro-batch size may change on resume, as before
+    run[-1] = tmp_path / "pseudo"
+    _cli(*run, *common, "--steps", 2, "--image-frames", "pseudo-video")
+    _cli(*run, *common, "--steps", 3, "--image-frames", "pseudo-video", "--grad-accum", 2)
+    said = _cli(
+        "train",
+        "--stage",
+        "t2i",
+        "--image-data",
+        images,
+        "--out",
+        tmp_path / "t2i",
+        *common,
+        "--steps",
+        1,
+        "--image-frames",
+        "one",
+    )
+    assert "--image-frames one applies to --stage t2v" in said
+
 
 def test_sample_vae_options_are_recorded_and_a_vae_of_another_frame_rule_is_refused(tmp_path, encoders):
     hunyuan = str(build_tiny_video_vae(tmp_path / "hunyuan", "hunyuanvideo", seed=0))
