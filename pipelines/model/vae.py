@@ -230,7 +230,7 @@ class VAE:
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(clips)
         for run in _runs_of_one_shape(clips, frame_size_only=not self.video):
             if self.video:  # whole clips, as many per call as the frame budget allows (at least one)
-                per_call = max(1, (frames_per_call or 0) // len(clips[run[0]])) if frames_per_call else len(run)
+                per_call = max(1, frames_per_call // len(clips[run[0]])) if frames_per_call else len(run)
                 for begin in range(0, len(run), per_call):
                     group = run[begin : begin + per_call]
                     means, stds = self._encode_call(np.stack([clips[i] for i in group]))
