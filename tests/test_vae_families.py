@@ -182,8 +182,9 @@ def test_pixel_video_latent_packs_four_frames_into_channels_and_is_invertible():
     ((mean, std),) = vae.encode_clips([clip])
     assert mean.shape == (3, 12, 6, 6) and torch.equal(std, torch.zeros_like(std))
     pixels = torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, H, W)
+    torch.testing.assert_close(mean[0, :3], pixels[0])  # the first frame alone, zeros beside it
+    assert not mean[0, 3:].any()
     for f in range(4):
-        torch.testing.assert_close(mean[0, 3 * f : 3 * f + 3], pixels[0])  # the first frame alone, 4 times
         torch.testing.assert_close(mean[1, 3 * f : 3 * f + 3], pixels[1 + f])  # then frames 1-4, 5-8
         torch.testing.assert_close(mean[2, 3 * f : 3 * f + 3], pixels[5 + f])
     stored = torch.from_numpy(mean.numpy().astype(np.float16))  # as the shard keeps it

@@ -325,10 +325,11 @@ class PixelVAE(VAE):
 class PixelVideoVAE(PixelVAE):
     """A deterministic, invertible video latent laid out in time as the causal video VAEs lay it out: the first
     frame alone, then every 4 frames packed into the channels (12 = 4 frames x RGB, frame-major). The first latent
-    frame holds its one frame 4 times, so every latent frame has the same channels (the causal VAEs also pad the
-    first frame with copies of itself); decoding takes their mean. Clips of 4k+1 frames; an image is one latent
-    frame, equal to the first latent frame of a clip that starts with it. For tiny runs and the learning
-    benchmark, which must read decoded pixels (a random VAE would decode to noise)."""
+    frame holds its one frame in channels 0-2 and zeros in the other 9, so every latent frame has the same channels
+    (copies of the frame there would give a still 4 times the signal of each noise draw, as if at a lower noise
+    level than the per-frame latents). Clips of 4k+1 frames; an image is one latent frame, equal to the first
+    latent frame of a clip that starts with it. For tiny runs and the learning benchmark, which must read decoded
+    pixels (a random VAE would decode to noise)."""
 
     family = PIXEL_VIDEO
     frame_rule = FrameRule(temporal=4, step=4)
@@ -341,7 +342,7 @@ class PixelVideoVAE(PixelVAE):
     def _encode_call(self, clips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, _ = super()._encode_call(clips)  # (B, T, 3, H, W)
         f = self.frame_rule.temporal
-        first = pixels[:, :1].repeat(1, 1, f, 1, 1)  # (B, 1, f*3, H, W): the frame f times, frame-major like the rest
+        first = torch.cat([pixels[:, :1], pixels.new_zeros(pixels[:, :1].shape).repeat(1, 1, f - 1, 1, 1)], dim=2)
         rest = rearrange(pixels[:, 1:], "b (t f) c h w -> b t (f c) h w", f=f)
         mean = torch.cat([first, rest], dim=1)
         return mean, torch.zeros_like(mean)
@@ -349,7 +350,7 @@ class PixelVideoVAE(PixelVAE):
     def _decode_call(self, latents: torch.Tensor) -> np.ndarray:
         f = self.frame_rule.temporal
         latents = latents.float()
-        first = rearrange(latents[:, :1], "b 1 (f c) h w -> b f c h w", f=f).mean(dim=1, keepdim=True)
+        first = latents[:, :1, :3]  # the first frame; the zero channels beside it carry nothing
         rest = rearrange(latents[:, 1:], "b t (f c) h w -> b (t f) c h w", f=f)
         return super()._decode_call(torch.cat([first, rest], dim=1))
 
