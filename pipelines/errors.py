@@ -62,6 +62,23 @@ def storage_error(exc: OSError, path=None) -> GentronError | None:
     return GentronError(message.format(path=where) + f" ({exc.strerror or exc})", hint)
 
 
+class Preempted(Exception):
+    """SIGTERM (what Slurm, Kubernetes and other schedulers send before SIGKILL) stopped a stage after it saved its
+    work. The CLI says so in one line and exits with 143 (128 + SIGTERM), the code schedulers expect."""
+
+    EXIT_CODE = 143
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def require(ok: bool, message: str, hint: str | None = None) -> None:
+    """The one way a config refuses a setting: its `check()` states each rule as `require(rule, message, hint)`."""
+    if not ok:
+        raise GentronError(message, hint)
+
+
 class BadSample(Exception):
     """One input item cannot be used. Pipelines catch it, record `reason` in the stats, and go on."""
 

@@ -27,14 +27,14 @@ from safetensors.torch import load_file
 from pipelines.data.schema import EMPTY_CAPTION_FILE
 from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir, atomic_write_json, file_sha256, read_json
+from pipelines.files import PICKLE_SUFFIXES, atomic_dir, atomic_write_json, file_sha256, read_json, storage_errors
 from pipelines.model.legacy import upgrade_pipeline_record
 from pipelines.model.vae import FrameRule
 
+EXPORTED_EMA, EXPORTED_RAW = "model", "model_raw"  # a run folder's exported models (EMA and raw weights)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained(safe_serialization=True) writes
 PIPELINE_FILE = "pipeline.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
 DEFAULT_FPS = 4.0  # the paper's clips; what a record without a frame rate means
 MODEL_HINT = "pass a model folder exported by `gentron train` (RUN/model), or re-export it"
 _RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, naming the VAE and text encoders)"
@@ -91,6 +91,7 @@ class PipelineRecord:
     data: DataRecord
     empty_caption: str = EMPTY_CAPTION_FILE
     shard_metadata: dict = field(default_factory=dict)  # the first training shard's latent, text and prep metadata
+    step: int | None = None  # the training step whose weights the folder holds (None: written before it was recorded)
 
     @property
     def encoder_names(self) -> list[str]:
@@ -142,6 +143,7 @@ class PipelineRecord:
             ),
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),
             shard_metadata=dict(record.get("shard_metadata") or {}),
+            step=None if record.get("step") is None else int(record["step"]),
         )
 
     @staticmethod
@@ -171,7 +173,7 @@ def find_model_folder(path: str | Path, option: str = "--model") -> Path:
         raise GentronError(
             f"model not found: {path} ({option})", "pass a run folder from `gentron train` or its model/ folder"
         )
-    for candidate in (path / "model", path):
+    for candidate in (path / EXPORTED_EMA, path):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     raise GentronError(
@@ -221,7 +223,7 @@ class ModelFolder:
     def load_model(self):
         """The GenTronTransformer with the folder's weights (see the module docstring for what is refused)."""
         from pipelines.model.gentron import GenTronTransformer
-        from pipelines.model.legacy import upgrade_state_dict
+        from pipelines.model.legacy import LEGACY_TEXT_KEYS, upgrade_state_dict
 
         config_path, weights_path = self.path / CONFIG_FILE, self.path / WEIGHTS_FILE
         if not weights_path.is_file():
@@ -234,6 +236,14 @@ class ModelFolder:
                     "`gentron train`",
                 )
             raise GentronError(f"no weights in {self.path}: {WEIGHTS_FILE} is missing", MODEL_HINT)
+        unknown = sorted(set(self.config) - set(GenTronTransformer.config_keys()) - set(LEGACY_TEXT_KEYS))
+        if unknown:
+            raise GentronError(
+                f"{config_path} has settings this version of gentron does not know: {', '.join(unknown)}; they may "
+                "change what the model computes",
+                "sample with the gentron version that trained the model (or a newer one), or remove the settings if "
+                "you know they do not change the model",
+            )
         try:
             model = GenTronTransformer.from_config(self.config)
         except GentronError as err:
@@ -275,6 +285,14 @@ def weights_sha256(folder: str | Path) -> dict[str, str]:
     return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
+def exported_step(folder: Path) -> int | None:
+    """The training step an exported folder holds; None when it is missing, damaged or does not say."""
+    try:
+        return PipelineRecord.read(folder).step
+    except GentronError:
+        return None
+
+
 def load_model_folder(path: str | Path, option: str = "--model"):
     """The GenTronTransformer of the model folder at `path` (a run folder stands for its model/)."""
     return ModelFolder(path, option).load_model()
@@ -294,7 +312,7 @@ def export_model(
 
     model = GenTronTransformer.from_config(config)
     model.load_state_dict(weights, strict=True)
-    with atomic_dir(Path(folder)) as tmp:
+    with atomic_dir(Path(folder)) as tmp, storage_errors(Path(folder)):
         model.save_pretrained(tmp, safe_serialization=True)
         record.write(tmp)
         if empty_caption is not None:

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts: blocks up to 32 MiB come from the heap and are reused
 _TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of giving it back to the OS
 _TOP_PAD = 256 << 20  # grow the heap in large steps (address space; pages are only touched when used)
+
+
+class StopRequest:
+    """Notes SIGTERM instead of dying of it, for the duration of a `with` block in the main thread.
+
+    Schedulers (Slurm, Kubernetes) send SIGTERM some time before SIGKILL. A long loop checks `requested` between
+    units of work (a training step, a shard), saves what it has and raises `errors.Preempted`. Outside the main
+    thread, where Python cannot install handlers, it does nothing (SIGTERM keeps its default action).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _note(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def keep_freed_memory() -> bool:

@@ -50,7 +50,7 @@ def patch_size_for(downsample: int, named: int = 2) -> int:
 
 def model_arguments() -> list[str]:
     """Names a config may set: the arguments of GenTronTransformer."""
-    return [name for name in inspect.signature(GenTronTransformer.__init__).parameters if name != "self"]
+    return [name for name in GenTronTransformer.config_keys() if not name.startswith("_")]
 
 
 def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:

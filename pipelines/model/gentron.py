@@ -18,6 +18,7 @@ pipelines/model/legacy.py.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -574,6 +575,12 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         return out if is_video else out[:, 0]
 
     # ----------------------------------------------------------------------- T2I -> T2V
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        """What a config.json may hold: the constructor's arguments and diffusers' own bookkeeping keys."""
+        arguments = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        return (*arguments, "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
     @classmethod
     def from_t2i(cls, t2i_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:

@@ -27,6 +27,9 @@ from pipelines.errors import GentronError
 from pipelines.files import atomic_write_bytes, atomic_write_json, read_json
 
 SIDECAR_SUFFIX = ".json"
+MEDIA_SUFFIXES = (".png", ".mp4", ".gif")  # what `gentron sample` writes
+# names that look like one output file, not the samples folder `--out` names
+FILE_SUFFIXES = (*MEDIA_SUFFIXES, ".jpg", ".jpeg", ".webp", ".webm", ".mov", ".avi", ".mkv")
 
 
 def output_stem(index: int, prompt: str, max_words: int = 6) -> str:
