@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import C, inputs, randomize
+from test_model import C, inputs
+from tiny import perturbed
 
 from pipelines.diffusion.objective import ObjectiveConfig, make_objective
 from pipelines.model import GenTronTransformer, model_config
@@ -17,7 +18,7 @@ def video_model(frame_embedding: bool, learn_sigma: bool = True) -> GenTronTrans
     model = GenTronTransformer.from_config(
         model_config("T/2", temporal=True, frame_embedding=frame_embedding, learn_sigma=learn_sigma)
     )
-    return randomize(model, seed=5).train()  # non-zero temporal layers and frame embedder: they could matter
+    return perturbed(model, seed=5).train()  # non-zero temporal layers and frame embedder: they could matter
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -71,7 +72,7 @@ def test_pseudo_video_and_one_latent_frame_give_the_same_per_frame_loss_and_grad
 
 def test_patch_size_one_is_a_valid_setting_and_unpatchifies_in_place():
     torch.manual_seed(0)
-    model = randomize(GenTronTransformer.from_config(model_config("T/2", patch_size=1, temporal=True)), seed=2)
+    model = perturbed(GenTronTransformer.from_config(model_config("T/2", patch_size=1, temporal=True)), seed=2)
     x, t, text = inputs(batch=2, frames=3, h=2, w=3, seed=4)  # a 2x3 latent: 6 tokens per frame
     out = model(x, t, text, motion_free=torch.tensor([False, True]))
     assert out.shape == (2, 3, 2 * C, 2, 3)
