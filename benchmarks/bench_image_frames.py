@@ -1,7 +1,7 @@
 """T2V training-step cost of an image as one latent frame (`--image-frames one`) against the paper's pseudo-video
 (the image latent repeated over the clips' latent frames), same model, in paired rounds.
 
-The shapes are the learning benchmark's with `--vae pixel-video` (6 layers x 128, patch 4, 12 x 32 x 32 latents,
+The shapes are the learning benchmark's with `--vae pixel-video` (6 layers x 192, patch 4, 12 x 32 x 32 latents,
 clips of 9 frames = 3 latent frames, micro-batch 8, flow objective). A step is forward + backward of the
 objective's loss. Each round times three micro-batches back to back (order rotated): motion-free images as
 pseudo-videos, the same images as one latent frame, and moving clips. Ratios (medians of per-round ratios):
@@ -31,7 +31,7 @@ from pipelines.model import GenTronTransformer, TextCondition, model_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import emit, paired_ratio, result
 
-SHAPE = {"batch": 8, "channels": 12, "side": 32, "patch": 4, "depth": 6, "width": 128, "heads": 4, "frames": 3}
+SHAPE = {"batch": 8, "channels": 12, "side": 32, "patch": 4, "depth": 6, "width": 192, "heads": 6, "frames": 3}
 SMOKE = SHAPE | {"batch": 2, "side": 8, "depth": 1, "width": 32, "heads": 2}
 
 
