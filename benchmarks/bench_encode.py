@@ -29,7 +29,7 @@ import torch
 
 from pipelines.data import media, schema
 from pipelines.data.shards import ShardWriter
-from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
+from pipelines.encode.latents import CoverCrop, EncodeLatentsConfig, encode_latents
 from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
@@ -153,7 +153,7 @@ def video_vae_rounds(root: Path, clips: int, frames: int, resolution: int, batch
             writer.write(f"c{i}", {schema.VIDEO: mp4s[-1], schema.META: schema.encode_json({"prep": {"i": i}})})
     vae = load_vae(str(folder), device="cpu")
     # the bare call's input: the same pixels the stage encodes (decoded, cropped), as (B, 3, T, H, W) in [-1, 1]
-    crop = CenterCropResize(resolution)
+    crop = CoverCrop.square(resolution)
     pixels = torch.stack(
         [torch.from_numpy(crop(media.decode_clip(m))[0]).permute(3, 0, 1, 2).float() / 127.5 - 1 for m in mp4s]
     )

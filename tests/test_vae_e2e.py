@@ -190,21 +190,20 @@ def test_pseudo_video_frames_follow_the_vae_and_sources_must_share_a_vae(tmp_pat
     assert "normalises its latents" in said and "with other values" in said
 
 
-def test_images_as_one_latent_frame_refuse_another_micro_batch_on_resume(tmp_path, encoders):
+def test_images_as_one_latent_frame_fill_buckets_of_their_own(tmp_path, encoders):
     images = _encode(tmp_path, encoders, "image", "pixel-video", 1, "images")
     clips = _encode(tmp_path, encoders, "clip", "pixel-video", 9, "clips")
     common = ["--model", json.dumps(TINY), "--global-batch", 4, "--num-workers", 0, "--p-motion-free", 0.5]
     run = ["train", "--stage", "t2v", "--image-data", images, "--video-data", clips, "--out", tmp_path / "run"]
     _cli(*run, *common, "--steps", 2, "--checkpoint-every", 1)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_frames"] == "one"
-    refused = runner.invoke(
-        app, [str(a) for a in (*run, *common, "--steps", 3, "--grad-accum", 2)], env={"COLUMNS": "1000"}
-    )
-    assert refused.exit_code == 2 and "grad_accum" in refused.output
-    # with the paper's pseudo-videos the micro-batch size may change on resume, as before
-    run[-1] = tmp_path / "pseudo"
-    _cli(*run, *common, "--steps", 2, "--image-frames", "pseudo-video")
-    _cli(*run, *common, "--steps", 3, "--image-frames", "pseudo-video", "--grad-accum", 2)
+    table = json.loads((tmp_path / "run" / "data_stats.json").read_text())["buckets"]
+    rows = {(r["frames"], r["images"] > 0, r["clips"] > 0): r for r in table["buckets"]}
+    # the images: a bucket of one latent frame, no clips; the clips (3 latent frames): no images; p each way
+    assert set(rows) == {(1, True, False), (3, False, True)}, table["buckets"]
+    assert rows[(1, True, False)]["share_of_steps"] == rows[(3, False, True)]["share_of_steps"] == 0.5
+    # a step is all images or all clips: the data does not depend on the micro-batch size, so this resumes
+    _cli(*run, *common, "--steps", 3, "--grad-accum", 2)
     said = _cli(
         "train",
         "--stage",

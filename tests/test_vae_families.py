@@ -310,4 +310,4 @@ def test_encode_latents_refuses_clips_breaking_the_frame_rule_with_the_frames_to
     result = encode_latents(EncodeLatentsConfig(mixed, tmp_path / "out2", vae="pixel-video", resolution=16))
     assert (result.samples_out, result.summary["failures_by_reason"]) == (2, {"frames_break_vae_rule": 1})
     stats = ShardStats.load(next((tmp_path / "out2").glob("*.stats.json")))
-    assert [f["key"] for f in stats.failures] == ["odd"] and "--frames 9" in stats.failures[0]["detail"]
+    assert [f.key for f in stats.failures] == ["odd"] and "--frames 9" in stats.failures[0].detail

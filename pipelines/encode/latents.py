@@ -4,9 +4,12 @@ Each input shard gives an output shard of the same name with the same samples in
 byte-identical, plus `latent_mean.npy` / `latent_std.npy` (float16, normalised the VAE family's way;
 (t, C, h, w) for clips, t latent frames, (C, h, w) for images: one latent frame) and a "latent" section in the
 json recording the VAE (family, ratios, frame rule, normalisation, memory options). Frames are resized (short
-side) and center-cropped to a square of `resolution` first. A clip whose frame count breaks a video VAE's frame
-rule is refused with the `prep-videos --frames` to use (nothing is truncated). With `flip` the mirrored frames
-are encoded too, since a latent cannot be flipped after encoding. Decoding runs in a thread ahead of the VAE.
+side) and center-cropped to a square of `resolution` first; with `buckets` (pipelines/data/buckets.py) each
+sample is cut to the bucket nearest its aspect ratio at resolution x resolution pixels instead (resized to cover
+it, center-cropped; the bucket is recorded in the crop record), and a VAE call only takes samples of one size.
+A clip whose frame count breaks a video VAE's frame rule is refused with the `prep-videos --frames` to use
+(nothing is truncated). With `flip` the mirrored frames are encoded too, since a latent cannot be flipped after
+encoding. Decoding runs in a thread ahead of the VAE.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pipelines.data import media, schema
+from pipelines.data.buckets import SQUARE, assign, parse_buckets
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
-from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
+from pipelines.data.shards import Failure, ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, FrameRule, load_vae
 from pipelines.progress import NullReporter, Reporter
@@ -47,30 +51,37 @@ class EncodeLatentsConfig:
     rank: int | None = None  # default: torchrun's / SLURM's environment
     world_size: int | None = None
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
+    buckets: str = SQUARE  # "square", a named aspect-ratio set at resolution x resolution pixels, or "WxH,..."
 
 
 # ---------------------------------------------------------------------------------------------
 # Transformations, one job each
 
 
-class CenterCropResize:
-    """(T, H, W, 3) uint8 -> (T, S, S, 3) uint8: short side resized to S (antialiased bilinear), then center crop."""
+class CoverCrop:
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8 at the bucket nearest the frames' aspect ratio: resized to cover it
+    (antialiased bilinear, aspect kept), then center-cropped. One square bucket of side S: short side to S, then the
+    center square (the paper's). `record_bucket`: name the bucket in the crop record (not for the square)."""
 
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    def __init__(self, sizes: tuple[tuple[int, int], ...], record_bucket: bool):
+        self.sizes, self.record_bucket = sizes, record_bucket
+
+    @classmethod
+    def square(cls, side: int) -> CoverCrop:
+        return cls(((side, side),), record_bucket=False)
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, dict]:
         t, h, w, _ = frames.shape
-        s = self.resolution
-        scale = s / min(h, w)
-        rh, rw = max(s, round(h * scale)), max(s, round(w * scale))
+        cut = assign(w, h, self.sizes)
+        (rw, rh), (left, top, right, bottom) = cut.resized, cut.crop_box
         if (rh, rw) != (h, w):
             pixels = rearrange(torch.tensor(frames), "t h w c -> t c h w").float()
             pixels = F.interpolate(pixels, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
             frames = rearrange(pixels.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy()
-        top, left = (rh - s) // 2, (rw - s) // 2
         crop = {"mode": "center", "source_size": [h, w], "resized_size": [rh, rw], "top": top, "left": left}
-        return np.ascontiguousarray(frames[:, top : top + s, left : left + s]), crop
+        if self.record_bucket:
+            crop["bucket"] = list(cut.bucket)  # width, height
+        return np.ascontiguousarray(frames[:, top:bottom, left:right]), crop
 
 
 def decode_media(fields: dict[str, bytes]) -> tuple[np.ndarray, bool]:
@@ -137,38 +148,29 @@ class _Prepared:
     key: str
     fields: dict[str, bytes]
     meta: dict
-    frames: np.ndarray  # (T, S, S, 3) uint8
+    frames: np.ndarray  # (T, h, w, 3) uint8, cut to its bucket
     is_clip: bool
     crop: dict
 
 
-@dataclass
-class _Failed:
-    key: str
-    reason: str
-    detail: str
-
-
-def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _Failed]:
-    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
-    duplicates: list[_Failed] = []  # reported by iter_shard while it reads on: yielded in the order found
+def _prepare_shard(path: Path, crop: CoverCrop) -> Iterator[_Prepared | Failure]:
+    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a Failure."""
+    skipped: list[Failure] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(
-            path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))
-        ):
-            yield from duplicates
-            duplicates.clear()
+        for key, fields in iter_shard(path, on_skip=lambda k, bad: skipped.append(Failure.of(k, bad))):
+            yield from skipped
+            skipped.clear()
             try:
                 meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
                 frames, is_clip = decode_media(fields)
                 frames, crop_info = crop(frames)
                 yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
             except BadSample as bad:
-                yield _Failed(key, bad.reason, bad.detail)
-        yield from duplicates
+                yield Failure.of(key, bad)
+        yield from skipped
     except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-        yield from duplicates
-        yield _Failed(path.name, bad.reason, bad.detail)
+        yield from skipped
+        yield Failure.of(path.name, bad)
 
 
 class LatentShardEncoder:
@@ -176,7 +178,9 @@ class LatentShardEncoder:
 
     def __init__(self, vae: VAE, cfg: EncodeLatentsConfig):
         self.vae, self.cfg = vae, cfg
-        self.crop = CenterCropResize(cfg.resolution)
+        spec = parse_buckets(cfg.buckets)
+        self.square = spec.square
+        self.crop = CoverCrop(spec.sizes(cfg.resolution), record_bucket=not spec.square)
         self.vae_record = vae.record() | {"frames_per_call": cfg.frames_per_call}
 
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
@@ -187,14 +191,17 @@ class LatentShardEncoder:
                 try:
                     rule.check(len(item.frames), f"clip {item.key}", self.vae.name)
                 except GentronError as err:
-                    item = _Failed(item.key, "frames_break_vae_rule", f"{err.message}; {err.hint}")
-            if isinstance(item, _Failed):
-                if item.reason != "bad_shard":
+                    item = Failure(item.key, "frames_break_vae_rule", f"{err.message}; {err.hint}")
+            if isinstance(item, Failure):
+                if item.key != Path(job.payload).name:  # a sample, not the shard itself (damaged or unreadable)
                     stats.samples_in += 1
-                stats.fail(item.key, item.reason, item.detail)
+                stats.failures.append(item)
                 tick(1)
                 continue
             stats.samples_in += 1
+            if batch and batch[0].frames.shape[1:] != item.frames.shape[1:]:  # one VAE call takes one size
+                self._encode_batch(batch, writer, stats, tick)
+                batch = []
             batch.append(item)
             if len(batch) == self.cfg.batch_size:
                 self._encode_batch(batch, writer, stats, tick)
@@ -216,11 +223,17 @@ class LatentShardEncoder:
             if not item.is_clip:
                 arrays = {name: a[0] for name, a in arrays.items()}  # an image is one latent frame: (C, h, w)
             if not all(np.isfinite(a).all() for a in arrays.values()):
-                stats.fail(item.key, "non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32")
+                stats.fail(
+                    item.key,
+                    BadSample("non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32"),
+                )
                 tick(1)
                 continue
-            if min(item.crop["source_size"]) < self.cfg.resolution:
-                stats.count("upscaled_samples")  # prep may have kept it small on purpose: said at the end of the stage
+            (h, w), (rh, rw) = item.crop["source_size"], item.crop["resized_size"]
+            if rh > h or rw > w:  # prep may have kept it small on purpose: said at the end of the stage
+                stats.count("upscaled_samples")
+            if self.square and isinstance(item.meta.get("prep"), dict) and "bucket" in item.meta["prep"]:
+                stats.count("bucketed_samples_cut_square")  # prep kept its aspect: said at the end of the stage
             meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, len(item.frames), item)}
             out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
             out[schema.META] = schema.encode_json(meta)
@@ -229,16 +242,21 @@ class LatentShardEncoder:
 
     def _latent_meta(self, shape: tuple[int, ...], frames: int, item: _Prepared) -> dict:
         latent_frames = shape[0] if item.is_clip else 1
-        return self.vae_record | {
-            "shape": list(shape),
-            "frames": frames,  # pixel frames in; they decode back to decoded_frames
-            "latent_frames": latent_frames,
-            "decoded_frames": self.vae.frame_rule.decoded_frames(latent_frames),
-            "resolution": self.cfg.resolution,
-            "crop": item.crop,
-            "flip": self.cfg.flip,
-            "dtype": "float16",
-        }
+        buckets = {} if self.square else {"buckets": self.cfg.buckets}
+        return (
+            self.vae_record
+            | buckets
+            | {
+                "shape": list(shape),
+                "frames": frames,  # pixel frames in; they decode back to decoded_frames
+                "latent_frames": latent_frames,
+                "decoded_frames": self.vae.frame_rule.decoded_frames(latent_frames),
+                "resolution": self.cfg.resolution,
+                "crop": item.crop,
+                "flip": self.cfg.flip,
+                "dtype": "float16",
+            }
+        )
 
 
 def check_first_clip(jobs: list[ShardJob], rule: FrameRule, vae: str) -> None:
@@ -267,10 +285,9 @@ def check_first_clip(jobs: list[ShardJob], rule: FrameRule, vae: str) -> None:
 
 RESUME = ResumeOptions(
     "_encode_latents.json",
-    must_match=("input_dir", "vae", "resolution", "flip", "dtype", "vae_tiling"),
+    must_match=("input_dir", "vae", "resolution", "flip", "dtype", "vae_tiling", "buckets"),
     may_differ=("output_dir", "batch_size", "frames_per_call", "vae_slicing", "device", "rank", "world_size", "verify"),
     paths=("input_dir",),
-    added=(("vae_tiling", False),),
 )
 
 
@@ -278,7 +295,12 @@ def encode_latents(
     cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None
 ) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
+    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text)  # recorded as parsed
+    sizes = parse_buckets(cfg.buckets).sizes(cfg.resolution)  # refuses a budget the set cannot use
+    # folders written before these options existed: the values they were made with
+    jobs = start_shard_stage(
+        cfg, RESUME, batch_hint=4, upgrade=lambda previous: {"buckets": SQUARE, "vae_tiling": False} | previous
+    )
     if cfg.frames_per_call is not None and cfg.frames_per_call < 1:
         raise GentronError(
             f"frames per VAE call must be at least 1, got {cfg.frames_per_call}",
@@ -292,6 +314,13 @@ def encode_latents(
             f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
             f"pass --resolution {max(vae.downsample, cfg.resolution // vae.downsample * vae.downsample)}",
         )
+    uneven = [f"{w}x{h}" for w, h in sizes if w % vae.downsample or h % vae.downsample]
+    if uneven:
+        raise GentronError(
+            f"--buckets {cfg.buckets}: {', '.join(uneven)} not a multiple of the VAE's downsampling factor "
+            f"{vae.downsample} on both sides",
+            f"use sizes whose sides are multiples of {vae.downsample} (the named sets use multiples of 16)",
+        )
     check_first_clip(jobs, vae.frame_rule, vae.name)
     result = run_shard_jobs(
         jobs,
@@ -304,12 +333,21 @@ def encode_latents(
         reporter=reporter,
         verify=cfg.verify,
     )
-    upscaled = result.summary["counters"].get("upscaled_samples", 0)
+    counters, size = result.summary["counters"], f"--resolution {cfg.resolution}"
+    if not parse_buckets(cfg.buckets).square:
+        size = f"their bucket (--buckets {cfg.buckets})"
+    upscaled = counters.get("upscaled_samples", 0)
     if upscaled:
         reporter.log(
             f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than "
-            f"--resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless "
-            "--upscale)"
+            f"{size} and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small "
+            "unless --upscale)"
+        )
+    squared = counters.get("bucketed_samples_cut_square", 0)
+    if squared:
+        reporter.log(
+            f"warning: {squared} samples in {cfg.output_dir} were prepared in aspect-ratio buckets and were cut to "
+            f"the --resolution {cfg.resolution} square here (counted as bucketed_samples_cut_square); pass "
+            "encode-latents the --buckets of the prep stage to keep their aspect ratios"
         )
     return result

@@ -26,6 +26,7 @@ from pipelines.diffusion.objective import make_objective
 from pipelines.diffusion.schedulers import SAMPLERS
 from pipelines.errors import GentronError, require
 from pipelines.locking import folder_lock
+from pipelines.model.gentron import check_patchable
 from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
@@ -51,7 +52,9 @@ class SampleConfig:
     cfg_scale: float = 7.5  # lT, text guidance
     mfg_scale: float | None = None  # lM, motion guidance: DEFAULT_MFG_SCALE for videos; images use 1.0
     frames: int | None = None  # 1 = image; default: the frames the model was trained on
-    resolution: int | None = None  # pixels, square; default: the training resolution
+    resolution: int | None = None  # pixels, a square: width = height = resolution (instead of width and height)
+    width: int | None = None  # pixels; default: the training size recorded in the model folder
+    height: int | None = None
     fps: float | None = None  # of the written videos; default: the training clips' frame rate
     seed: int = 0
     batch_size: int = 4
@@ -87,12 +90,12 @@ class SampleConfig:
             f"--seed must be in [0, 2^63) for every prompt's seed (seed + prompt index), got {self.seed}",
             "pass a smaller non-negative seed",
         )
-        for name in ("frames", "resolution"):
+        for name in ("frames", "resolution", "width", "height"):
             value = getattr(self, name)
             require(
                 value is None or value >= 1,
                 f"--{name} must be at least 1, got {value}",
-                f"leave --{name} out to use the model's training {name}",
+                f"leave --{name} out to use the model's training {'frames' if name == 'frames' else 'size'}",
             )
         require(self.fps is None or self.fps > 0, f"--fps must be positive, got {self.fps}")
         require(0 <= self.rank < self.world_size, f"rank {self.rank} is not one of {self.world_size} processes")
@@ -169,6 +172,7 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         raise GentronError(
             f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images"
         )
+    width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
     if scheduler not in SAMPLERS:
@@ -181,7 +185,8 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "cfg_scale": cfg.cfg_scale,
         "mfg_scale": mfg,
         "frames": frames,
-        "resolution": cfg.resolution if cfg.resolution is not None else folder.record.resolution,
+        "width": width,
+        "height": height,
         "fps": cfg.fps if cfg.fps is not None else folder.record.fps,
         "batch_size": cfg.batch_size,
         "device": str(device),
@@ -194,17 +199,31 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
     }
 
 
+def sample_size(cfg: SampleConfig, folder: ModelFolder) -> tuple[int, int]:
+    """(width, height) in pixels: --width/--height, or the --resolution square, else the training size recorded in the
+    model folder (the main bucket's). A size the model cannot patchify is refused with the nearest that it can."""
+    if cfg.resolution is not None and (cfg.width is not None or cfg.height is not None):
+        raise GentronError(
+            f"--resolution {cfg.resolution} (a square) and --width/--height both give the size",
+            "pass --width W --height H, or --resolution S for S x S",
+        )
+    record = folder.record
+    width = cfg.width if cfg.width is not None else cfg.resolution if cfg.resolution is not None else record.width
+    height = cfg.height if cfg.height is not None else cfg.resolution if cfg.resolution is not None else record.height
+    check_patchable(height, width, int(folder.config.get("patch_size", 2)), record.vae.downsample)
+    return width, height
+
+
 def generation_of(settings: dict) -> Generation:
-    """The generation core's settings of a sidecar's settings."""
-    side = settings["resolution"]
+    """The generation core's settings of a sidecar's settings (a sidecar of before --width/--height: its square)."""
     return Generation(
         steps=settings["steps"],
         scheduler=settings["scheduler"],
         cfg_scale=settings["cfg_scale"],
         mfg_scale=settings["mfg_scale"],
         frames=settings["frames"],
-        height=side,
-        width=side,
+        height=settings.get("height", settings.get("resolution")),
+        width=settings.get("width", settings.get("resolution")),
     )
 
 
@@ -237,6 +256,16 @@ def sample(
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
+    trained = folder.record.trained_sizes
+    if (settings["frames"], settings["height"], settings["width"]) not in trained and not (
+        settings["frames"] == 1 and any((h, w) == (settings["height"], settings["width"]) for _, h, w in trained)
+    ):
+        sizes = ", ".join(f"{w}x{h}" + (f"x{t}" if t > 1 else "") for t, h, w in trained)
+        reporter.log(
+            f"note: sampling at {settings['width']}x{settings['height']}"
+            + (f"x{settings['frames']}" if settings["frames"] > 1 else "")
+            + f", a size the model was not trained at (it was at {sizes}; width x height x frames)"
+        )
     pipe = pipe if pipe is not None else load_pipeline(cfg, folder, reporter)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +342,9 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
             **{k: settings[k] for k in _SIDECAR_NEWER_SETTINGS if k in settings},  # older sidecars: their defaults
+            # sidecars of before --width/--height record the square's side
+            **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
+            resolution=None if "width" in settings else settings["resolution"],
             text_encoders=dict(settings["text_encoders"]),
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
@@ -328,7 +360,6 @@ _SIDECAR_SETTINGS = (
     "cfg_scale",
     "mfg_scale",
     "frames",
-    "resolution",
     "fps",
     "batch_size",
     "device",
