@@ -8,7 +8,7 @@ pseudo-videos, the same images as one latent frame, and moving clips. Ratios (me
 
 - image_one_frame_over_pseudo_video: an image micro-batch's step, one frame over pseudo-video;
 - t2v_step_one_frame_over_pseudo_video: the T2V stage's mean step at --p-motion-free P (a share P of image
-  micro-batches, the rest clips), one frame over pseudo-video.
+  steps, the rest clips), one frame over pseudo-video.
 
     python benchmarks/bench_image_frames.py [--repeats 10] [--threads 1] [--p-motion-free 0.25]
     python benchmarks/bench_image_frames.py --smoke
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--p-motion-free", type=float, default=0.25, help="share of image micro-batches in T2V")
+    parser.add_argument("--p-motion-free", type=float, default=0.25, help="share of image steps in T2V")
     parser.add_argument("--quick", action="store_true", help="6 rounds")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds")
     args = parser.parse_args(argv)
