@@ -148,9 +148,15 @@ def test_pseudo_video_frames_follow_the_vae_and_sources_must_share_a_vae(tmp_pat
     images = _encode(tmp_path, encoders, "image", "pixel-video", 1, "images")
     common = ["--model", json.dumps(TINY), "--steps", 1, "--global-batch", 2, "--num-workers", 0]
     # t2v from images alone: --frames counts frames, the pseudo-videos have its latent frames (9 -> 3)
-    _cli("train", "--stage", "t2v", "--image-data", images, "--frames", 9, "--out", tmp_path / "still", *common)
+    # (--image-frames one needs clips to differ from: without them it is announced, and pseudo-videos are used)
+    said = _cli(
+        "train", "--stage", "t2v", "--image-data", images, "--frames", 9, "--image-frames", "one",
+        "--out", tmp_path / "still", *common,
+    )  # fmt: skip
+    assert "stills alone train as pseudo-videos" in said
     record = json.loads((tmp_path / "still" / "model" / "pipeline.json").read_text())
     assert record["data"]["latent_shape"][0] == 3 and record["data"]["frames"] == 9
+    assert json.loads((tmp_path / "still" / "config.json").read_text())["image_frames"] == "pseudo-video"
     refused = runner.invoke(
         app,
         ["train", "--stage", "t2v", "--image-data", str(images), "--frames", "8", "--out", str(tmp_path / "x")]

@@ -139,7 +139,7 @@ def plan_buckets(
         supply = {k: len(video_groups[k]) for k in keys}
     else:  # T2V from stills alone: pseudo-videos of `frames` frames
         video_groups = {}
-        image_groups = {(1 if one_frame else frames, *k): ids for k, ids in image_groups.items()}
+        image_groups = {(frames, *k): ids for k, ids in image_groups.items()}  # `one` needs clips to differ from
         keys = sorted(image_groups)
         supply = {k: len(image_groups[k]) for k in keys}
 

@@ -150,6 +150,8 @@ def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> Traini
 def image_frames_used(config: TrainConfig, sources: list[Source]) -> str:
     """--image-frames as it takes effect: auto is pseudo-videos with an image VAE, one latent frame with a video
     VAE."""
+    if config.stage == "t2v" and not config.video_data:
+        return "pseudo-video"  # T2V from stills alone: --frames long pseudo-videos, with any VAE
     if config.image_frames != "auto":
         return config.image_frames
     return "one" if any(temporal_downsample(s) > 1 for s in sources) else "pseudo-video"
@@ -289,6 +291,9 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
         reporter.log(
             f"--image-frames {config.image_frames} applies to --stage t2v with --image-data: it changes nothing"
         )
+    elif config.image_frames == "one" and not config.video_data:
+        reporter.log("--image-frames one applies to --stage t2v with --video-data: stills alone train as pseudo-videos")
+        changes["image_frames"] = "pseudo-video"
     if config.init:
         changes["model"] = architecture_spec(model_cfg)  # the --init model's architecture, not the --model default
     elif config.model is None:
