@@ -42,7 +42,9 @@ def register(app: typer.Typer) -> None:
             ..., "--out", "-o", help="Folder for the output shards (same names as the input shards); rerun to resume."
         ),
         vae: str = typer.Option(
-            DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."
+            DEFAULT_VAE,
+            help="VAE hub name or folder (NAME_OR_PATH:SUBFOLDER): SD AutoencoderKL, Wan, CogVideoX, HunyuanVideo or "
+            "LTX-Video, picked from its config.json; or 'pixel' / 'pixel-video'.",
         ),
         resolution: int = typer.Option(
             512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."
@@ -51,6 +53,17 @@ def register(app: typer.Typer) -> None:
             False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."
         ),
         batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
+        frames_per_call: int | None = typer.Option(
+            None, help="At most this many frames per VAE call (a video VAE never splits a clip). Default: the batch."
+        ),
+        vae_slicing: bool = typer.Option(
+            False, "--vae-slicing/--no-vae-slicing", help="Run a call's samples through the VAE one at a time."
+        ),
+        vae_tiling: bool = typer.Option(
+            False,
+            "--vae-tiling/--no-vae-tiling",
+            help="Run large frames through the VAE in overlapping tiles (less memory; values change slightly).",
+        ),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP),
         rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
@@ -64,7 +77,7 @@ def register(app: typer.Typer) -> None:
             + ") or W x H sizes: 64x32,32x64,48x48 (sides multiples of the VAE's downsampling).",
         ),
     ) -> None:
-        """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
+        """Encode clips and images into VAE latents (posterior mean and std, normalised, float16)."""
 
         def body():
             from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
@@ -76,6 +89,9 @@ def register(app: typer.Typer) -> None:
                 resolution=resolution,
                 flip=flip,
                 batch_size=batch_size,
+                frames_per_call=frames_per_call,
+                vae_slicing=vae_slicing,
+                vae_tiling=vae_tiling,
                 device=device,
                 dtype=dtype,
                 rank=rank,
