@@ -31,7 +31,8 @@ from pipelines.data.buckets import SQUARE, assign, parse_buckets
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 from pipelines.data.shards import Failure, ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
-from pipelines.model.vae import DEFAULT_VAE, VAE, FrameRule, load_vae
+from pipelines.model.text_encoders import absolute_model_spec
+from pipelines.model.vae import DEFAULT_VAE, PIXEL, PIXEL_VIDEO, VAE, FrameRule, load_vae
 from pipelines.progress import NullReporter, Reporter
 
 
@@ -295,7 +296,9 @@ def encode_latents(
     cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None
 ) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text)  # recorded as parsed
+    # recorded as parsed; a VAE folder as an absolute path (sampling loads it from any working folder)
+    vae_spec = cfg.vae if cfg.vae in (PIXEL, PIXEL_VIDEO) else absolute_model_spec(cfg.vae)
+    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text, vae=vae_spec)
     sizes = parse_buckets(cfg.buckets).sizes(cfg.resolution)  # refuses a budget the set cannot use
     jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
     if cfg.frames_per_call is not None and cfg.frames_per_call < 1:
