@@ -3,6 +3,7 @@ training)."""
 
 import importlib.util
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
-from pipelines.evaluate.probe import SIDES, parse_caption
+from pipelines.evaluate.probe import RELATIONS, SIDES, parse_caption, parse_pair_caption
 from pipelines.sample.outputs import output_stem, write_sample, write_sidecar
-from pipelines.toy.data import ToyDataConfig, make_toy_dataset
+from pipelines.toy.data import ToyDataConfig, draw_pair, make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +178,83 @@ def test_the_diagnosis_regeneration_ends_at_x0_with_an_oracle_velocity_and_follo
     both = lambda x, timestep, text: oracle(x0 if text == "text" else other)(x, timestep, text)  # noqa: E731
     out = diagnosis.regenerate(both, x0, noise, "text", "empty", 0.5, 1000, steps=1, cfg=2.0)
     assert torch.allclose(out, 2.0 * x0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- two objects
+
+
+def _pair_truth(prompts: list[str], swap_held_out: bool = False) -> dict[str, np.ndarray]:
+    """Each two-object prompt drawn as the generator draws it, at the training size; with swap_held_out, prompts of a
+    held-out pair get the classic failure instead: each colour on the other's shape."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for prompt in prompts:
+        want = parse_pair_caption(prompt)
+        first, second = want["first"], want["second"]
+        if swap_held_out and bench.is_pair_held_out(prompt):
+            first, second = (first[0], second[1]), (second[0], first[1])
+        out[prompt] = _resize(draw_pair(first, want["relation"], second, bench.PAIR_DATA, rng))
+    return out
+
+
+def test_pair_prompts_cover_every_relation_and_name_each_held_out_pair_both_ways():
+    prompts = bench.pair_prompts()
+    assert len(prompts) == len(set(prompts)) == 96 and prompts == bench.pair_prompts()  # fixed
+    held = [p for p in prompts if bench.is_pair_held_out(p)]
+    assert len(held) == 32
+    seen_pairs = set(bench.PAIR_DATA.combos())
+    for prompt in prompts:
+        want = parse_pair_caption(prompt)
+        named = {want["first"], want["second"]}
+        assert len(named & set(bench.PAIR_HELD_OUT)) == (1 if prompt in held else 0)
+        assert len(named & seen_pairs) == (1 if prompt in held else 2)
+    for pair in bench.PAIR_HELD_OUT:
+        for relation in RELATIONS:
+            firsts = [p for p in held if parse_pair_caption(p)["relation"] == relation]
+            assert sum(parse_pair_caption(p)["first"] == pair for p in firsts) == 2
+            assert sum(parse_pair_caption(p)["second"] == pair for p in firsts) == 2
+    relations = Counter(parse_pair_caption(p)["relation"] for p in prompts if p not in held)
+    assert relations == {r: 16 for r in RELATIONS}
+    assert bench.PAIR_DATA.images == 4000 and set(bench.PAIR_DATA.held_out) == set(bench.PAIR_HELD_OUT)
+
+
+def test_pair_ground_truth_scores_perfectly_and_a_binding_swap_is_caught(tmp_path):
+    prompts = bench.pair_prompts()
+    held = [p for p in prompts if bench.is_pair_held_out(p)]
+    # held-out prompts whose two asked shapes differ; where they are the same, a swap changes nothing
+    differ = sum(parse_pair_caption(p)["first"][1] != parse_pair_caption(p)["second"][1] for p in held)
+    assert 16 <= differ < 32
+    for name, truth in (("right", _pair_truth(prompts)), ("swapped", _pair_truth(prompts, swap_held_out=True))):
+        _write_samples(tmp_path / name, prompts, truth)
+        read = bench.read_samples(tmp_path / name)
+        assert [p for p, _ in read] == prompts
+        groups = bench.tally([(p, bench.probe(p, f)) for p, f in read], is_held=bench.is_pair_held_out)
+        assert (groups["seen"].total, groups["held_out"].total) == (64, 32)
+        ratios = bench.ratios_of("flow", "pairs", groups, bench.PAIR_COLUMNS)
+        assert ratios["flow.pairs.colors"] == ratios["flow.pairs.binding"] == ratios["flow.pairs.all"] == 1.0
+        assert ratios["flow.pairs.relation"] == ratios["flow.pairs.held_out.relation"] == 1.0
+        assert ratios["flow.pairs.swapped"] == 0.0 and ratios["flow.pairs.held_out.colors"] == 1.0
+        swapped = differ if name == "swapped" else 0
+        assert dict(groups["held_out"].hits) == {
+            "colors": 32,
+            "binding": 32 - swapped,
+            "relation": 32,
+            "all": 32 - swapped,
+            "swapped": swapped,
+        }
+        result = bench.summary(
+            ratios, {}, candidate="flow", threads=1, goals=bench.PAIR_GOALS, benchmark="learning-pairs"
+        )
+        assert result["benchmark"] == "learning-pairs" and set(result["goals"]) == {
+            f"flow.{k}" for k in bench.PAIR_GOALS
+        }
+        assert result["met"]["flow.pairs.held_out.all"] is (name == "right")
+        assert result["met"]["flow.pairs.all"] is True
+
+
+def test_figures_over_seeds_are_the_mean_with_the_lowest_and_highest():
+    mean, spread = bench.over_seeds([{"a": 0.5, "b": 1.0}, {"a": 0.75, "b": 1.0, "c": 0.1}, {"a": 1.0, "b": 0.25}])
+    assert mean == {"a": 0.75, "b": 0.75} and spread == {"a": [0.5, 1.0], "b": [0.25, 1.0]}  # c: not in every seed
+    assert bench._cell([0.5]) == "0.50" and bench._cell([0.5, 1.0]) == "0.75 (0.50-1.00)"
+    result = bench.summary(mean, {}, candidate="x", threads=1, spread=spread, seeds=[0, 1, 2])
+    assert result["spread"] == spread and result["seeds"] == [0, 1, 2]
