@@ -258,3 +258,74 @@ def test_figures_over_seeds_are_the_mean_with_the_lowest_and_highest():
     assert bench._cell([0.5]) == "0.50" and bench._cell([0.5, 1.0]) == "0.75 (0.50-1.00)"
     result = bench.summary(mean, {}, candidate="x", threads=1, spread=spread, seeds=[0, 1, 2])
     assert result["spread"] == spread and result["seeds"] == [0, 1, 2]
+
+
+def _load_diagnosis():
+    spec = importlib.util.spec_from_file_location("learning_diagnosis", ROOT / "benchmarks" / "learning_diagnosis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_diagnosis_reads_the_cross_attention_each_block_computes(tmp_path):
+    """cross_attention_probs: probabilities over real tokens only, and the very ones the module's output is made of
+    (its output projection of probabilities times values)."""
+    import torch
+    from einops import rearrange
+
+    from pipelines.model.conditioning import TextCondition
+    from pipelines.model.configs import model_config
+    from pipelines.model.gentron import GenTronTransformer
+
+    diagnosis = _load_diagnosis()
+    torch.manual_seed(0)
+    model = GenTronTransformer.from_config(model_config("T/2", in_channels=3, patch_size=4, learn_sigma=False))
+    for p in model.parameters():  # away from the zero init, so attention and outputs are not trivial
+        torch.nn.init.normal_(p, std=0.2)
+    rng = np.random.default_rng(0)
+    text = TextCondition.collate(
+        [
+            {"clip": rng.normal(size=(n, 32)), "clip_pooled": rng.normal(size=32), "t5": rng.normal(size=(n + 2, 32))}
+            for n in (3, 5)
+        ]
+    )
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300.0, 800.0])
+    seen = []
+    handle = model.blocks[1].cross_attn.register_forward_hook(lambda m, i, o: seen.append((i[1], o)))
+    probs = diagnosis.cross_attention_probs(model, x, t, text)
+    handle.remove()
+    assert len(probs) == len(model.blocks) and probs[0].shape == (2, 4, 16, 5 + 7)
+    mask = torch.cat([text.mask("clip"), text.mask("t5")], dim=1)  # the model's token order: clip, then t5
+    for p in probs:
+        assert torch.allclose(p.sum(dim=-1), torch.ones(2, 4, 16), atol=1e-5)
+        assert (p[0][..., ~mask[0]] == 0).all() and (p[0][..., mask[0]] > 0).all()
+    module = model.blocks[1].cross_attn
+    text_tokens, output = seen[0]
+    _, v = rearrange(module.kv(text_tokens), "b l (two h d) -> two b h l d", two=2, h=module.num_heads)
+    rebuilt = module.proj(rearrange(probs[1] @ v, "b h n d -> b n (h d)"))
+    assert torch.allclose(rebuilt, output, atol=1e-4)
+
+
+def test_the_diagnosis_finds_each_word_among_the_tokens_of_every_encoder(tmp_path):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    from pipelines.model.tiny import build_tiny_clip
+
+    diagnosis = _load_diagnosis()
+    clip = AutoTokenizer.from_pretrained(build_tiny_clip(tmp_path / "clip"))
+    byt5 = ByT5Tokenizer()
+    caption = "a yellow triangle above a red square"
+    for word, index in (("yellow", 1), ("red", 5), ("square", 6)):
+        start = caption.index(f" {word}") + 1
+        ids = clip(caption)["input_ids"]
+        found = diagnosis.word_tokens(clip, caption, start, start + len(word))
+        assert clip.decode([ids[j] for j in found]).strip() == word
+        assert diagnosis.word_tokens(byt5, caption, start, start + len(word)) == list(range(start, start + len(word)))
+
+        class Encoders:
+            def get(self, name):
+                return type("E", (), {"tokenizer": {"clip": clip, "t5": byt5}[name]})
+
+        lengths = {"clip": 20, "t5": 50}
+        both = diagnosis.caption_word_tokens(Encoders(), ["clip", "t5"], lengths, caption, index)
+        assert both == found + [20 + j for j in range(start, start + len(word))]
