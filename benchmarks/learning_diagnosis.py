@@ -38,7 +38,7 @@ from pipelines.diffusion import ObjectiveConfig, make_objective
 from pipelines.evaluate import probe
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, required_text_arrays
-from pipelines.train.trainer import batch_text
+from pipelines.train.run import batch_text
 
 RANGES = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 
@@ -212,7 +212,7 @@ def binding_attention(model, folder: str, objective, out: Path) -> None:
     of each colour word's cross-attention on its own object, per block, seen and never-drawn pairs apart."""
     from pipelines.model.gentron import text_inputs_of
     from pipelines.model.text_encoders import ENCODERS, TextEncoders
-    from pipelines.sample.sampling import read_model_info
+    from pipelines.model_folder import PipelineRecord
     from pipelines.toy.data import draw_pair
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -222,12 +222,12 @@ def binding_attention(model, folder: str, objective, out: Path) -> None:
     if model.config.text_conditioning != "cross_attention":
         print("cross-attention: none in this model (adaLN-only text conditioning)")
         return
-    info = read_model_info(Path(folder))
+    record = PipelineRecord.read(folder)
     names = list(text_inputs_of(model.config))
     encoders = TextEncoders(
-        {name: info.text_encoders[name]["name"] for name in names},
+        {name: record.text_encoder(name)["name"] for name in names},
         settings={
-            name: {k: v for k, v in info.text_encoders[name].items() if k in ENCODERS[name].settings} for name in names
+            name: {k: v for k, v in record.text_encoder(name).items() if k in ENCODERS[name].settings} for name in names
         },
         device="cpu",
         dtype="fp32",

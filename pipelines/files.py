@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipelines.errors import storage_error
+from pipelines.errors import GentronError, storage_error
 
 
 def temp_path(path: str | Path) -> Path:
@@ -117,8 +117,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(
     path: str | Path, obj, *, indent: int = 1, sort_keys: bool = True, ensure_ascii: bool = True, newline: bool = False
 ) -> Path:
+    """The one JSON writer: `obj` as JSON, atomically."""
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + ("\n" if newline else "")
     return atomic_write_text(path, text)
+
+
+def read_json(path: str | Path, what: str, hint: str, expect: type | None = dict):
+    """The one JSON reader: the content of `path`, or a GentronError naming the file (`what`: what it should be,
+    e.g. "run config") and the fix `hint` when it is missing, unreadable, not JSON or not an `expect` value."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GentronError(f"{what} not found: {path}", hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GentronError(f"{what} {path} cannot be read as JSON: {exc}", hint) from None
+    if expect is not None and not isinstance(value, expect):
+        raise GentronError(f"{what} {path} is not a JSON {'object' if expect is dict else expect.__name__}", hint)
+    return value
 
 
 @contextmanager

@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.gentron import GenTronTransformer, required_text_arrays, upgrade_config
+from pipelines.model.gentron import GenTronTransformer, required_text_arrays
+from pipelines.model.legacy import upgrade_config
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
-from pipelines.sample.sampling import SampleConfig, SamplingPipeline, read_model_info
-from pipelines.train.checkpoint import load_model_folder, read_model_config
+from pipelines.model_folder import PipelineRecord, load_model_folder, read_model_config
+from pipelines.sample.pipeline import Generation
+from pipelines.sample.sampling import SampleConfig, load_pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # fixture -> (text_inputs after the upgrade, the arrays that model reads)
@@ -110,16 +112,15 @@ def test_legacy_folder_samples_with_its_recorded_pipeline(tmp_path):
     text."""
     run_folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "legacy_model_v1", run_folder)
-    info = read_model_info(run_folder)
-    assert set(info.text_encoders) == {"clip", "t5"} and info.text_encoders["t5"]["max_length"] == 120
+    record = PipelineRecord.read(run_folder)
+    assert record.encoder_names == ["clip", "t5"] and record.text_encoder("t5")["max_length"] == 120
     clip, t5 = build_tiny_clip(tmp_path / "clip", seed=0), build_tiny_t5(tmp_path / "t5", seed=1)
     pipeline = json.loads((run_folder / "pipeline.json").read_text())
     pipeline["text_encoders"]["clip"]["name"], pipeline["text_encoders"]["t5"]["name"] = str(clip), str(t5)
     (run_folder / "pipeline.json").write_text(json.dumps(pipeline))
-    pipe = SamplingPipeline(SampleConfig(model=run_folder, out=tmp_path / "out", device="cpu"))
+    pipe = load_pipeline(SampleConfig(model=run_folder, out=tmp_path / "out", device="cpu"))
     assert pipe.text_encoders.encoders == ["clip", "t5"] and pipe.text_encoders.get("t5").max_length == 120
     assert set(pipe.uncond_arrays) == {"clip", "clip_pooled", "t5"}
-    generated = pipe.generate(
-        ["a red fox"], [0], steps=2, scheduler="ddim", cfg_scale=3.0, mfg_scale=1.0, frames=2, resolution=8
-    )
+    generation = Generation(steps=2, scheduler="ddim", cfg_scale=3.0, mfg_scale=1.0, frames=2, height=8, width=8)
+    generated = pipe.generate(["a red fox"], [0], generation)
     assert generated.frames.shape == (1, 2, 8, 8, 3)

@@ -144,14 +144,15 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
     pipeline = json.loads((run / "model" / "pipeline.json").read_text())
     assert pipeline["text_encoders"]["used"] == ["llm"] and pipeline["text_encoders"]["llm"]["layer"] == 1
 
-    from pipelines.sample.sampling import SampleConfig, SamplingPipeline
+    from pipelines.sample.pipeline import Generation
+    from pipelines.sample.sampling import SampleConfig, load_pipeline
 
     # the raw weights (the EMA ones are still the initial ones after two steps, whose zero final layer ignores the text)
-    pipe = SamplingPipeline(SampleConfig(model=run / "model_raw", out=tmp_path / "unused", device="cpu"))
+    pipe = load_pipeline(SampleConfig(model=run / "model_raw", out=tmp_path / "unused", device="cpu"))
     assert pipe.text_encoders.encoders == ["llm"] and pipe.text_encoders.get("llm").layer == 1  # rebuilt as recorded
     np.testing.assert_array_equal(pipe.uncond_arrays["llm"], np.load(data / schema.EMPTY_CAPTION_FILE)["llm"])
     a, b = (
-        pipe.generate([p], [0], 2, "ddim", 4.0, 1.0, 1, 8).latents
+        pipe.generate([p], [0], Generation(2, "ddim", 4.0, 1.0, 1, 8, 8)).latents
         for p in ("image number 1", "a very different prompt")
     )
     assert (a - b).abs().max() > 1e-6  # the prompt reaches the model through the LLM

@@ -296,7 +296,7 @@ def test_text_mismatch_is_a_clear_error():
         model(x, t, changed(text, "tokens", "t5", torch.zeros(2, 7, 16)))
     with pytest.raises(GentronError, match="reads the text array 'clip_pooled'"):
         model(x, t, changed(text, "pooled", "clip", None))
-    with pytest.raises(GentronError, match="not divisible by the patch size"):
+    with pytest.raises(GentronError, match="7x8 latents do not split into 2x2 patches"):
         model(torch.zeros(2, C, 7, 8), t, text)
 
 
@@ -335,10 +335,9 @@ def test_config_exposes_what_other_stages_read():
         "clip": {"dim": 32, "pooled_dim": 32, "pooled": True},
         "t5": {"dim": 32, "pooled": False},
     }
-    # the older spelling of the text settings still builds the same model
-    assert model_config({"size": "T/2", "text_encoders": "t5", "t5_dim": 16})["text_inputs"] == {
-        "t5": {"dim": 16, "pooled": True}
-    }
+    # the spelling of the text settings before text inputs were data is a model folder's only (model/legacy.py)
+    with pytest.raises(GentronError, match="unknown model config keys"):
+        model_config({"size": "T/2", "text_encoders": "t5", "t5_dim": 16})
     with pytest.raises(GentronError, match="unknown model config keys"):
         model_config({"size": "T/2", "depht": 3})
     with pytest.raises(GentronError, match="unknown model size"):
@@ -414,10 +413,9 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     """adaLN with CLIP+T5 reads CLIP's pooled vector and T5's tokens: training loads both, and the model needs both."""
     from types import SimpleNamespace
 
-    import numpy as np
-
     from pipelines.data import schema
-    from pipelines.train.trainer import text_fields_for, text_inputs_from_data
+    from pipelines.model.configs import text_inputs_from_data
+    from pipelines.train.setup import text_fields_for
 
     cfg = model_config("T/2", text_conditioning="adaln")
     assert required_text_arrays(cfg) == ("clip_pooled", "t5")
@@ -430,7 +428,7 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     with pytest.raises(GentronError, match="'t5'"):
         model(x, t, changed(text, "tokens", "t5", None))
     # a new model's text inputs are the data's encoders, at the data's widths, unless --model names some
-    empty = {"clip": np.zeros((2, 8)), "clip_pooled": np.zeros(12), "llm": np.zeros((1, 24)), "t5": np.zeros((1, 16))}
+    empty = {"clip": 8, "clip_pooled": 12, "llm": 24, "t5": 16}  # the widths of the empty caption's arrays
     assert text_inputs_from_data({}, empty) == {
         "clip": {"dim": 8, "pooled_dim": 12},
         "llm": {"dim": 24},
@@ -439,6 +437,5 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     assert text_inputs_from_data({"text_inputs": {"llm": {"pooled": True}}}, empty) == {
         "llm": {"pooled": True, "dim": 24}
     }
-    assert text_inputs_from_data({"text_encoders": "t5", "t5_dim": 99}, empty) == {"t5": {"pooled": True, "dim": 16}}
     with pytest.raises(GentronError, match="names text inputs bert"):
         text_inputs_from_data({"text_inputs": {"bert": {}}}, empty)

@@ -1,7 +1,7 @@
 """`gentron sample`: outputs, sidecar regeneration, guidance inside the sampler, determinism, errors.
 
-Model folders are written the way `gentron train` writes them (`checkpoint.export_model` with
-`train.pipeline_record`), around tiny random-initialised encoders saved by `build_tiny_encoders`.
+Model folders are written the way `gentron train` writes them (`model_folder.export_model` with
+`train.setup.pipeline_record`), around tiny random-initialised encoders saved by `build_tiny_encoders`.
 Every weight of the tiny model is perturbed, so zero-initialised paths (adaLN-Zero, cross-attention,
 TempSelfAttn, final layer) all shape the output and every comparison below can fail.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -23,15 +22,17 @@ from typer.testing import CliRunner
 from gentron_cli.main import app
 from pipelines.data import schema
 from pipelines.diffusion import ObjectiveConfig, make_objective
-from pipelines.diffusion.samplers import make_scheduler
+from pipelines.diffusion.objective import make_scheduler
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_encoders
+from pipelines.model_folder import export_model
 from pipelines.sample import outputs
-from pipelines.sample.sampling import SampleConfig, SamplingPipeline, sample, sample_seed
-from pipelines.train.checkpoint import export_model
-from pipelines.train.trainer import TrainConfig, pipeline_record
+from pipelines.sample.pipeline import Generation, SamplingPipeline
+from pipelines.sample.sampling import SampleConfig, load_pipeline, sample, sample_seed
+from pipelines.train.config import TrainConfig
+from pipelines.train.setup import pipeline_record
 
 runner = CliRunner()
 VIDEO_FRAMES, VIDEO_RES = 4, 16  # pixel VAE: latents are the 16x16 frames themselves
@@ -70,20 +71,10 @@ def export_tiny_model(
     )
     trained_with = make_objective(ObjectiveConfig(name=objective, noise_shift=2.0 if objective == "flow" else 1.0))
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
-    source = SimpleNamespace(metadata=shard_meta)  # pipeline_record reads only the shard metadata
-    pipeline = pipeline_record(
-        TrainConfig(stage=stage),
-        config,
-        None if stage == "t2v" else source,
-        source if stage == "t2v" else None,
-        latent_shape,
-        trained_with,
-    )
+    pipeline = pipeline_record(TrainConfig(stage=stage), config, shard_meta, latent_shape, trained_with)
     model = perturbed_model(config, seed)
     scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
-    export_model(
-        GenTronTransformer, config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler
-    )
+    export_model(config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
     return folder / "run"
 
 
@@ -299,14 +290,18 @@ def test_cli_image_model_png_from_prompts_file(image_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def video_pipe(video_run, tmp_path_factory) -> SamplingPipeline:
-    return SamplingPipeline(SampleConfig(model=video_run, out=tmp_path_factory.mktemp("unused"), device="cpu"))
+    return load_pipeline(SampleConfig(model=video_run, out=tmp_path_factory.mktemp("unused"), device="cpu"))
 
 
 PROMPTS, SEEDS = ["a red fox", "a blue car"], [3, 4]
 
 
+def video_generation(steps: int, scheduler: str, cfg_scale: float, mfg_scale: float) -> Generation:
+    return Generation(steps, scheduler, cfg_scale, mfg_scale, VIDEO_FRAMES, VIDEO_RES, VIDEO_RES)
+
+
 def starting_noise(pipe: SamplingPipeline, seeds: list[int]) -> torch.Tensor:
-    shape = pipe.latent_shape(VIDEO_FRAMES, VIDEO_RES)
+    shape = pipe.latent_shape(VIDEO_FRAMES, VIDEO_RES, VIDEO_RES)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
@@ -323,7 +318,7 @@ def test_guided_prediction_inside_sampler_matches_formula(video_pipe):
     )
     try:
         cfg_scale, mfg_scale = 3.0, 1.25
-        latents = video_pipe.generate(PROMPTS, SEEDS, 1, "ddim", cfg_scale, mfg_scale, VIDEO_FRAMES, VIDEO_RES).latents
+        latents = video_pipe.generate(PROMPTS, SEEDS, video_generation(1, "ddim", cfg_scale, mfg_scale)).latents
     finally:
         hook.remove()
 
@@ -375,7 +370,7 @@ def test_mfg_one_is_cfg_and_no_guidance_is_conditional(video_pipe):
 
     def run(cfg_scale, mfg_scale):
         return video_pipe.generate(
-            PROMPTS, SEEDS, steps, "dpm-solver++", cfg_scale, mfg_scale, VIDEO_FRAMES, VIDEO_RES
+            PROMPTS, SEEDS, video_generation(steps, "dpm-solver++", cfg_scale, mfg_scale)
         ).latents
 
     cfg_only = run(4.0, 1.0)
@@ -390,7 +385,7 @@ def test_negative_prompt_replaces_the_empty_caption(video_run, video_pipe, tmp_p
     empty = np.load(video_run / "model" / schema.EMPTY_CAPTION_FILE)
     for name, value in video_pipe.uncond_arrays.items():
         np.testing.assert_array_equal(value, empty[name])
-    negative = SamplingPipeline(SampleConfig(model=video_run, out=tmp_path, negative_prompt="blurry, static"))
+    negative = load_pipeline(SampleConfig(model=video_run, out=tmp_path, negative_prompt="blurry, static"))
     expected = negative.text_encoders.encode(["blurry, static"])[0]
     assert set(negative.uncond_arrays) == set(expected)
     for name, value in negative.uncond_arrays.items():
@@ -421,11 +416,9 @@ def test_seeds_and_batch_size(image_run, video_pipe, tmp_path):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
     # and for videos at the latent level, through the same per-prompt seeds, batch 1 vs batch 2
-    batched = video_pipe.generate(
-        prompts, [sample_seed(5, i) for i in range(2)], 2, "ddpm", 7.5, 1.1, VIDEO_FRAMES, VIDEO_RES
-    )
+    batched = video_pipe.generate(prompts, [sample_seed(5, i) for i in range(2)], video_generation(2, "ddpm", 7.5, 1.1))
     for i, prompt in enumerate(prompts):
-        alone = video_pipe.generate([prompt], [sample_seed(5, i)], 2, "ddpm", 7.5, 1.1, VIDEO_FRAMES, VIDEO_RES)
+        alone = video_pipe.generate([prompt], [sample_seed(5, i)], video_generation(2, "ddpm", 7.5, 1.1))
         assert_close(alone.latents[0], batched.latents[i])
     assert (batched.latents[0] - batched.latents[1]).abs().max() > 0.1 * batched.latents.abs().max()
 
@@ -469,7 +462,7 @@ def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
     assert result.exit_code == 2 and "width 48" in result.text and "trained with width 32" in result.text
 
     result = run_cli("--model", video_run, "--prompt", "x", "--resolution", 15, "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "resolution 15" in result.text
+    assert result.exit_code == 2 and "15x15 pixels" in result.text and "e.g. 16x16" in result.text
 
     not_sidecar = tmp_path / "notes.json"
     not_sidecar.write_text("{}")

@@ -28,9 +28,10 @@ from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
 from pipelines.train import checkpoint as ckpt
-from pipelines.train.config import recipe_settings
+from pipelines.train.config import TrainConfig, recipe_settings
 from pipelines.train.metrics import read_metrics
-from pipelines.train.trainer import TrainConfig, batch_text, train
+from pipelines.train.run import batch_text
+from pipelines.train.trainer import train
 
 runner = CliRunner()
 
@@ -279,12 +280,12 @@ def test_bad_data_is_skipped_and_counted_and_the_run_finishes(tmp_path):
 
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, monkeypatch):
-    import pipelines.train.trainer as train_module
+    from pipelines.train.run import Run
 
     images = write_dataset(tmp_path / "data", "image", samples=16, shards=2)
     cfg = base(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
     nan_step = 5  # the loss of this step diverges (NaN data no longer can: such samples are skipped when read)
-    forward_backward = train_module.Run.forward_backward
+    forward_backward = Run.forward_backward
 
     def diverging(self, batches):
         loss, grad_norm, motion_free = forward_backward(self, batches)
@@ -292,7 +293,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, 
             (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
         )
 
-    monkeypatch.setattr(train_module.Run, "forward_backward", diverging)
+    monkeypatch.setattr(Run, "forward_backward", diverging)
     with pytest.raises(GentronError, match="loss became nan") as err:
         train(cfg)
     last = ckpt.latest_checkpoint(tmp_path / "run")
@@ -348,7 +349,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     "extra, message",
     [
         (["--model", "Q/9"], "unknown model config"),
-        (["--model", '{"size": "T/2", "patch_size": 3}'], "not divisible by the model's patch size"),
+        (["--model", '{"size": "T/2", "patch_size": 3}'], "do not split into 3x3 patches"),
         (["--image-data", "/nonexistent/folder"], "not found"),
         (["--timestep-sampling", "cubic"], "unknown timestep sampling 'cubic'"),
         (

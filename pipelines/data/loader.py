@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.data import schema
 from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
-from pipelines.files import atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
@@ -337,6 +336,16 @@ class StreamSpec:
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
 
 
+def training_latent_shape(stage: str, frames: int, images: Source | None, videos: Source | None) -> tuple[int, ...]:
+    """The latent shape of one training sample: a clip's (T, C, h, w) for T2V, or an image's repeated over `frames`
+    (a still video) when there are no clips; (C, h, w) for T2I, which trains on images or on single frames of clips."""
+    if stage == "t2v" and videos is not None:
+        return tuple(videos.latent_shape)
+    if stage == "t2v":
+        return (frames, *images.latent_shape)
+    return tuple(images.latent_shape if images is not None else videos.latent_shape[1:])
+
+
 class TrainStream(IterableDataset):
     """Micro-batches for one rank, split across DataLoader workers (batch k -> worker k % workers)."""
 
@@ -358,12 +367,7 @@ class TrainStream(IterableDataset):
         self.spec, self.images, self.videos, self.empty_caption = spec, images, videos, empty_caption
         self.collate_text = collate_text
         self.start_index, self.rank, self.world_size = start_index, rank, world_size
-        if spec.stage == "t2v" and videos is not None:
-            self.latent_shape = videos.latent_shape
-        elif spec.stage == "t2v":
-            self.latent_shape = (spec.frames, *images.latent_shape)
-        else:
-            self.latent_shape = images.latent_shape if images is not None else videos.latent_shape[1:]
+        self.latent_shape = training_latent_shape(spec.stage, spec.frames, images, videos)
         self._files: OrderedDict = OrderedDict()
 
     # -- where sample i comes from
@@ -580,7 +584,3 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
                 "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable)),
             }
     return out
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)

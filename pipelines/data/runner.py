@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import queue as queue_lib
@@ -44,7 +43,7 @@ from pipelines.data.shards import (
     summarize,
 )
 from pipelines.errors import GentronError, require_dir
-from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error
+from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error, read_json
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
 
@@ -101,7 +100,7 @@ def check_output_options(
     if output.exists() and not output.is_dir():
         raise GentronError(f"output {output} is a file", "pass a folder (it is created if missing)")
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path, "options record", f"delete {path} to record the options of this run")
         if upgrade is not None:
             previous = upgrade(previous)
         if previous == options:

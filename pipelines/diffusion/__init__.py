@@ -3,8 +3,16 @@ guidance."""
 
 from pipelines.diffusion.gaussian import GaussianDiffusion, split_prediction
 from pipelines.diffusion.guidance import guided_prediction
-from pipelines.diffusion.objective import OBJECTIVES, Objective, ObjectiveConfig, make_objective, noise_shift_for
-from pipelines.diffusion.samplers import SAMPLERS, make_scheduler, sample
+from pipelines.diffusion.objective import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveConfig,
+    make_objective,
+    make_scheduler,
+    noise_shift_for,
+)
+from pipelines.diffusion.samplers import sample
+from pipelines.diffusion.schedulers import SAMPLERS
 
 __all__ = [
     "GaussianDiffusion",

@@ -29,6 +29,7 @@ from statistics import NormalDist
 import torch
 
 from pipelines.diffusion.gaussian import GaussianDiffusion, Model, mean_flat, split_prediction
+from pipelines.diffusion.schedulers import DDPM_SAMPLERS, FLOW_SAMPLERS, ddpm_family_scheduler, flow_scheduler
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 
@@ -184,7 +185,7 @@ class Objective(ABC):
 class DDPMObjective(Objective):
     """The paper's: epsilon MSE (+ IDDPM's variational bound for a learned variance) on a discrete schedule."""
 
-    samplers = ("ddim", "ddpm", "dpm-solver++")
+    samplers = DDPM_SAMPLERS
     default_sampler = "ddim"
 
     def __init__(self, config: ObjectiveConfig):
@@ -209,15 +210,13 @@ class DDPMObjective(Objective):
         )
 
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
-        from pipelines.diffusion.samplers import ddpm_family_scheduler
-
         return ddpm_family_scheduler(self._check_sampler(name or self.default_sampler), self.diffusion, learned_sigma)
 
 
 class FlowObjective(Objective):
     """Rectified flow: x_t = (1 - t) x0 + t eps, velocity target eps - x0, the model conditioned on 1000 t."""
 
-    samplers = ("euler",)
+    samplers = FLOW_SAMPLERS
     default_sampler = "euler"
 
     def timestep(self, u: float) -> float:
@@ -248,13 +247,9 @@ class FlowObjective(Objective):
         return {"loss": mse, "mse": mse, "vlb": torch.zeros_like(mse)}
 
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self._check_sampler(name or self.default_sampler)
         self.check_model(learned_sigma)
-        return FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=self.config.num_timesteps, shift=self.config.noise_shift
-        )
+        return flow_scheduler(self.config.num_timesteps, self.config.noise_shift)
 
 
 def make_objective(config: ObjectiveConfig | None = None) -> Objective:
@@ -263,6 +258,6 @@ def make_objective(config: ObjectiveConfig | None = None) -> Objective:
     return {"ddpm": DDPMObjective, "flow": FlowObjective}[config.name](config)
 
 
-def sampler_names() -> tuple[str, ...]:
-    """Every sampler of every objective, for option help and validation."""
-    return tuple(dict.fromkeys(DDPMObjective.samplers + FlowObjective.samplers))
+def make_scheduler(name: str | None = None, objective: Objective | None = None, learned_sigma: bool = False):
+    """The scheduler `name` (default: the objective's own) for a model trained with `objective` (default: DDPM)."""
+    return (objective or make_objective()).scheduler(name, learned_sigma)

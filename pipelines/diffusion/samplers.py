@@ -1,75 +1,20 @@
-"""Sampling: diffusers schedulers driven by a GenTron model through `guided_prediction`.
+"""The guided denoising loop: a diffusers scheduler driven by a GenTron model through `guided_prediction`.
 
-A scheduler comes from the model's training objective (`Objective.scheduler`, objective.py). DDPM-family
-schedulers are built from the training schedule (`GaussianDiffusion.scheduler_config()`) with trailing timestep
-spacing, so the first step is t = T - 1, where the starting noise actually lives. Two corrections to diffusers,
-found against DiT's own loops with an oracle model:
-- DDIM steps to the next timestep of its grid (`GridDDIMScheduler`); diffusers steps to t - T // steps, which
-  leaves the grid whenever the step count does not divide T.
-- The final DDPM step returns its prediction of x0 and adds no noise (DiT's last step adds none).
+The scheduler comes from the model's training objective (`Objective.scheduler`, objective.py; built in
+schedulers.py). The final DDPM step returns its prediction of x0 and adds no noise (DiT's last step adds none).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
-from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers import DDPMScheduler, SchedulerMixin
 from einops import rearrange
 
-from pipelines.diffusion.gaussian import GaussianDiffusion, Model, split_prediction
+from pipelines.diffusion.gaussian import Model, split_prediction
 from pipelines.diffusion.guidance import guided_prediction
-from pipelines.diffusion.objective import Objective, make_objective, sampler_names
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.progress import NullReporter, Reporter
-
-SAMPLERS = sampler_names()
-
-
-class GridDDIMScheduler(DDIMScheduler):
-    """Deterministic DDIM (eta = 0) whose every step lands on the next timestep of its own grid."""
-
-    def step(
-        self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **kwargs
-    ):
-        if eta != 0.0:
-            raise ValueError("GridDDIMScheduler is deterministic (eta = 0)")
-        index = int((self.timesteps == timestep).nonzero()[0][0])
-        alpha_bar = self.alphas_cumprod[int(timestep)]
-        if index + 1 < len(self.timesteps):
-            alpha_bar_prev = self.alphas_cumprod[int(self.timesteps[index + 1])]
-        else:
-            alpha_bar_prev = self.final_alpha_cumprod  # 1 with set_alpha_to_one: the last step lands on x0
-        eps = model_output
-        pred_x0 = (sample - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        prev = alpha_bar_prev.sqrt() * pred_x0 + (1 - alpha_bar_prev).sqrt() * eps
-        if not return_dict:
-            return (prev, pred_x0)
-        return DDIMSchedulerOutput(prev_sample=prev.to(sample.dtype), pred_original_sample=pred_x0.to(sample.dtype))
-
-
-def ddpm_family_scheduler(name: str, diffusion: GaussianDiffusion, learned_sigma: bool = False) -> SchedulerMixin:
-    """A diffusers scheduler for sampler `name` on the training schedule of `diffusion`.
-
-    With `learned_sigma`, DDPM samples with the model's variance ("learned_range"); DDIM and
-    DPM-Solver++ are deterministic and use only the epsilon half of the output.
-    """
-    config = dict(diffusion.scheduler_config(), prediction_type="epsilon", timestep_spacing="trailing")
-    if name == "ddpm":
-        variance_type = "learned_range" if learned_sigma else "fixed_small"
-        return DDPMScheduler(**config, variance_type=variance_type, clip_sample=False)
-    if name == "ddim":
-        return GridDDIMScheduler(**config, clip_sample=False, set_alpha_to_one=True)
-    if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
-    raise GentronError(f"unknown sampler {name!r}", f"choose one of: {', '.join(SAMPLERS)}")
-
-
-def make_scheduler(
-    name: str | None = None, objective: Objective | None = None, learned_sigma: bool = False
-) -> SchedulerMixin:
-    """The scheduler `name` (default: the objective's own) for a model trained with `objective` (default: DDPM)."""
-    return (objective or make_objective()).scheduler(name, learned_sigma)
 
 
 def _uses_learned_variance(scheduler: SchedulerMixin) -> bool:

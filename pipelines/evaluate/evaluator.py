@@ -18,7 +18,6 @@ or (T, H, W, 3) for a video.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,17 +84,11 @@ def _media_stem(name: str) -> str:
 def _read_sidecar(path: Path, has_media: bool) -> dict | None:
     """The sidecar record, or None for a JSON file that is not a sidecar and has no sample beside it (metrics.json)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("files"), list):
-            return record
-        problem = "it has no prompt and file list"
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problem = f"it is not valid JSON: {exc}"
-    if not has_media:
-        return None
-    raise GentronError(
-        f"{path} is not a gentron sample sidecar ({problem})", "regenerate the sample with `gentron sample`"
-    )
+        return outputs.read_sidecar(path)
+    except GentronError as err:
+        if not has_media:
+            return None
+        raise GentronError(err.message, "regenerate the sample with `gentron sample`") from None
 
 
 def _sample_from_sidecar(folder: Path, path: Path, record: dict) -> SampleFile:

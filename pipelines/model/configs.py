@@ -2,7 +2,9 @@
 
 A config is a dict of `GenTronTransformer` arguments. It is given by a size name ("XL/2"), or by a
 dict / JSON object / .json file of overrides whose optional "size" key names the base (default XL/2):
-`GenTronTransformer.from_config(model_config("T/2", temporal=True))`.
+`GenTronTransformer.from_config(model_config("T/2", temporal=True))`. Training resolves its `--model`
+here: the text inputs come from the data (`text_inputs_from_data`), and beside `--init` a spec may only restate
+the init model's architecture (`init_conflicts`); `architecture_spec` is the spec that rebuilds a model.
 """
 
 from __future__ import annotations
@@ -13,14 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import GentronError
-from pipelines.model.gentron import (
-    DEFAULT_TEXT_INPUTS,
-    LEGACY_TEXT_KEYS,
-    GenTronTransformer,
-    canonical_text_inputs,
-    is_legacy_config,
-    upgrade_config,
-)
+from pipelines.model.conditioning import POOLED_SUFFIX, pooled_array
+from pipelines.model.gentron import DEFAULT_TEXT_INPUTS, GenTronTransformer, canonical_text_inputs
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,6 @@ MODEL_SIZES: dict[str, ModelSize] = {
 DEFAULT_SIZE = "XL/2"
 # The tiny size pairs with tiny text encoders (pipelines.model.tiny) so the whole pipeline runs on a laptop CPU.
 TINY_TEXT_INPUTS = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}  # "pooled" by text_conditioning
-_TINY_LEGACY_DIMS = {"clip_dim": 32, "clip_pooled_dim": 32, "t5_dim": 32}
 
 
 def model_arguments() -> list[str]:
@@ -66,14 +61,9 @@ def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:
         "num_heads": size.num_heads,
         **({"text_inputs": TINY_TEXT_INPUTS} if size_name == "T/2" else {}),
     }
-    if is_legacy_config(base):  # {"text_encoders": "t5"} and the like, as configs were written before text_inputs
-        base = upgrade_config(({**_TINY_LEGACY_DIMS} if size_name == "T/2" else {}) | base)
     unknown = sorted(set(base) - set(model_arguments()))
     if unknown:
-        raise GentronError(
-            f"unknown model config keys {unknown}",
-            f"valid keys: size, {', '.join(model_arguments())} (or the older {', '.join(LEGACY_TEXT_KEYS)})",
-        )
+        raise GentronError(f"unknown model config keys {unknown}", f"valid keys: size, {', '.join(model_arguments())}")
     config.update(base)
     defaults = {
         k: p.default for k, p in inspect.signature(GenTronTransformer.__init__).parameters.items() if k != "self"
@@ -113,3 +103,69 @@ def _load_json(text: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise GentronError(f"{where} must be a JSON object", 'write e.g. {"size": "B/2", "depth": 8}')
     return value
+
+
+# What --model may still choose when a T2I --init becomes T2V (the rest comes from the T2I model).
+TEMPORAL_SETTINGS = ("frame_embedding",)
+ARCHITECTURE_KEYS = (
+    "patch_size",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "learn_sigma",
+    "text_conditioning",
+    "text_inputs",
+    "frame_embedding",
+)
+
+
+def text_inputs_from_data(spec: dict, widths: dict[str, int]) -> dict:
+    """The `text_inputs` of a new model: the encoders the spec names (`text_inputs`), else every encoder the data
+    holds; their widths always the data's. `widths`: the width of each text array of the data (its empty caption's
+    arrays: "clip", "clip_pooled", "t5", ...)."""
+    in_data = sorted(k for k in widths if not k.endswith(POOLED_SUFFIX))
+    asked = spec.get("text_inputs") or {name: {} for name in in_data}
+    missing = sorted(set(asked) - set(in_data))
+    if missing:
+        raise GentronError(
+            f"--model names text inputs {', '.join(missing)} but the data was encoded with {', '.join(in_data)} only",
+            f"encode the captions with {', '.join(missing)} too (`gentron encode-text`), or leave text_inputs out to "
+            "use what the data has",
+        )
+    inputs = {}
+    for name, entry in asked.items():
+        entry = {k: v for k, v in dict(entry).items() if k == "pooled"} | {"dim": int(widths[name])}
+        if pooled_array(name) in widths:
+            entry["pooled_dim"] = int(widths[pooled_array(name)])
+        inputs[name] = entry
+    return inputs
+
+
+def init_conflicts(spec, config: dict, ignore=()) -> dict[str, tuple]:
+    """{key: (asked, the model's)} where --model `spec` disagrees with an --init model's `config` (any such value
+    would be ignored)."""
+    if not spec:
+        return {}
+    asked = model_spec(spec)
+    size = asked.pop("size", None)
+    if size is not None and size in MODEL_SIZES:
+        named = MODEL_SIZES[size]
+        base = {"depth": named.depth, "hidden_size": named.hidden_size, "mlp_dim": named.mlp_dim}
+        asked = base | {"num_heads": named.num_heads} | asked
+    differ = sorted(
+        k for k, v in asked.items() if k not in ignore and k in config and k != "text_inputs" and config[k] != v
+    )
+    text, have = asked.get("text_inputs"), config["text_inputs"]
+    if text is not None and (
+        not isinstance(text, dict)
+        or set(text) != set(have)
+        or any(not isinstance(e, dict) or any(have[n].get(k) != v for k, v in e.items()) for n, e in text.items())
+    ):
+        differ.append("text_inputs")  # the encoders it names, and what it says of them, must be the model's
+    return {k: (asked[k], config[k]) for k in differ}
+
+
+def architecture_spec(config: dict) -> str:
+    """The --model that builds exactly this architecture (what a run's config.json records with --init)."""
+    return json.dumps({k: config[k] for k in ARCHITECTURE_KEYS if k in config}, sort_keys=True)

@@ -13,7 +13,7 @@ Text inputs are data: the config's `text_inputs` maps each text encoder's name t
 whether its pooled vector joins the timestep in adaLN (`TextInput`); `required_text_arrays` is the one
 answer to "which text arrays does this model read", used by training, the data loader, sampling and
 the model's own input check. Model folders written before text inputs were data load through
-`upgrade_config` and `upgrade_state_dict` (see the end of this file).
+pipelines/model/legacy.py.
 """
 
 from __future__ import annotations
@@ -535,11 +535,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             x = x.unsqueeze(1)
         batch, num_frames, _, height, width = x.shape
         p = self.config.patch_size
-        if height % p or width % p:
-            raise GentronError(
-                f"latent size {height}x{width} is not divisible by the patch size {p}",
-                f"use an image resolution divisible by {8 * p} (latents are 1/8 of the pixels)",
-            )
+        check_patchable(height, width, p)
         grid_h, grid_w = height // p, width // p
 
         tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
@@ -607,16 +603,19 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             )
         return model
 
-    # ----------------------------------------------------------------------- folders of earlier versions (see
-    # upgrade_config)
+    # ----------------------------------------------------------------------- folders of earlier versions
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         # from_config and from_pretrained both pass here: a config of an earlier version gets text_inputs
+        from pipelines.model.legacy import upgrade_config
+
         return super().extract_init_dict(upgrade_config(config_dict), **kwargs)
 
     def _fix_state_dict_keys_on_load(self, state_dict) -> None:
         # from_pretrained's hook on the loaded weights: rename those of an earlier version in place
+        from pipelines.model.legacy import upgrade_state_dict
+
         super()._fix_state_dict_keys_on_load(state_dict)
         upgraded = upgrade_state_dict(dict(state_dict), self.config)
         state_dict.clear()
@@ -629,6 +628,23 @@ def is_temporal_parameter(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def check_patchable(height: int, width: int, patch_size: int, downsample: int | None = None) -> None:
+    """The one size check of training, sampling and the model: a sample of `height` x `width` latents, or pixels
+    when the VAE's `downsample` is given, must split into whole patches."""
+    multiple = (downsample or 1) * patch_size
+    if height % multiple or width % multiple:
+
+        def nearest(side: int) -> int:
+            return max(multiple, round(side / multiple) * multiple)
+
+        unit = "latents" if downsample is None else f"pixels (VAE downsampling {downsample} x patch size {patch_size})"
+        raise GentronError(
+            f"{height}x{width} {unit} do not split into {patch_size}x{patch_size} patches: each side must be a "
+            f"multiple of {multiple}",
+            f"use sides that are multiples of {multiple}, e.g. {nearest(height)}x{nearest(width)}",
+        )
 
 
 _POSITIVE_INTS = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")
@@ -678,59 +694,3 @@ def check_text(text: TextCondition, config) -> None:
                 f"{array} has width {value.shape[-1]} but the model expects {width}",
                 "encode the captions with the encoders the model was trained with",
             )
-
-
-# --------------------------------------------------------------------------- model folders of earlier versions
-#
-# Before text inputs were data, a config named its encoders in one string and gave their widths in fixed
-# arguments, and the weights held one projection per encoder under its own attribute name:
-#     "text_encoders": "clip" | "t5" | "clip+t5", "clip_dim", "clip_pooled_dim", "t5_dim"
-# clip_embedder.*, t5_embedder.* (cross-attention only), pooled_embedder.* (CLIP's pooled vector, else T5's token mean)
-# With adaLN and clip+t5 that model read CLIP's pooled vector only (T5 changed nothing), so it becomes a CLIP-only
-# model.
-
-LEGACY_TEXT_KEYS = ("text_encoders", "clip_dim", "clip_pooled_dim", "t5_dim")
-_LEGACY_DEFAULTS = {"text_encoders": "clip+t5", "clip_dim": 768, "clip_pooled_dim": 768, "t5_dim": 4096}
-_LEGACY_ENCODERS = ("clip", "t5", "clip+t5")
-
-
-def is_legacy_config(config: Mapping) -> bool:
-    return "text_inputs" not in config and any(k in config for k in LEGACY_TEXT_KEYS)
-
-
-def upgrade_config(config: Mapping) -> dict:
-    """A config of an earlier version (see above) with `text_inputs` in place of its text settings; others unchanged."""
-    config = dict(config)
-    if not is_legacy_config(config):
-        return config
-    old = {k: config.pop(k, default) for k, default in _LEGACY_DEFAULTS.items()}
-    if old["text_encoders"] not in _LEGACY_ENCODERS:
-        raise GentronError(
-            f"unknown text_encoders {old['text_encoders']!r}", f"use one of {_LEGACY_ENCODERS}, or text_inputs"
-        )
-    used = old["text_encoders"].split("+")
-    if config.get("text_conditioning", "cross_attention") == "adaln" and "clip" in used:
-        used = ["clip"]  # the only encoder that model read
-    inputs = {}
-    if "clip" in used:
-        inputs["clip"] = {"dim": old["clip_dim"], "pooled_dim": old["clip_pooled_dim"], "pooled": True}
-    if "t5" in used:
-        inputs["t5"] = {"dim": old["t5_dim"], "pooled": "clip" not in used}
-    config["text_inputs"] = inputs
-    return config
-
-
-_LEGACY_MODULES = {"clip_embedder.": "token_embedders.clip.", "t5_embedder.": "token_embedders.t5."}
-
-
-def upgrade_state_dict(weights: dict[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """Weights of an earlier version renamed for `upgrade_config(config)`'s model; current weights unchanged."""
-    if not any(k.startswith(("clip_embedder.", "t5_embedder.", "pooled_embedder.")) for k in weights):
-        return weights
-    pooled_by = "clip" if "clip" in text_inputs_of(upgrade_config(config)) else "t5"
-    renames = _LEGACY_MODULES | {"pooled_embedder.": f"pooled_embedders.{pooled_by}."}
-    out = {}
-    for key, value in weights.items():
-        prefix = next((p for p in renames if key.startswith(p)), None)
-        out[renames[prefix] + key[len(prefix) :] if prefix else key] = value
-    return out

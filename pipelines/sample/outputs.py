@@ -23,7 +23,8 @@ from einops import rearrange
 from PIL import Image
 
 from pipelines.data.media import encode_h264, encode_image
-from pipelines.files import atomic_write_bytes, atomic_write_json
+from pipelines.errors import GentronError
+from pipelines.files import atomic_write_bytes, atomic_write_json, read_json
 
 SIDECAR_SUFFIX = ".json"
 
@@ -124,3 +125,14 @@ def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: in
 def write_sidecar(path: Path, record: dict) -> Path:
     """JSON sidecar, keys sorted, so the same settings give the same bytes."""
     return atomic_write_json(path, record, indent=2, ensure_ascii=False, newline=True)
+
+
+SIDECAR_HINT = "pass the .json file written next to a sample by `gentron sample`"
+
+
+def read_sidecar(path: Path) -> dict:
+    """The record of a sidecar: a JSON object with the sample's prompt and files (a GentronError otherwise)."""
+    record = read_json(path, "sample sidecar", SIDECAR_HINT)
+    if not isinstance(record.get("prompt"), str) or not isinstance(record.get("files"), list):
+        raise GentronError(f"{path} is not a gentron sample sidecar (it has no prompt and file list)", SIDECAR_HINT)
+    return record

@@ -32,7 +32,7 @@ from pipelines.evaluate.probe import (
     probe_sample,
     video_caption,
 )
-from pipelines.files import atomic_write_bytes
+from pipelines.files import atomic_write_bytes, atomic_write_json
 from pipelines.progress import NullReporter, Reporter
 from pipelines.sample.outputs import contact_sheet, film_strip, write_png
 from pipelines.toy.data import ToyDataConfig, make_toy_dataset
@@ -116,7 +116,7 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     if out.exists() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
         raise GentronError(f"{out} exists and is not a quickstart folder", "pass an empty or new folder with --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quickstart.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+    atomic_write_json(out / "quickstart.json", _jsonable(asdict(cfg)), sort_keys=False)
     timings: dict[str, float] = {}
     steps = 9
 

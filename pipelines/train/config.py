@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipelines.errors import GentronError
+from pipelines.files import read_json
 
 STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
@@ -139,12 +139,7 @@ class TrainConfig:
     @staticmethod
     def from_json(path: str | Path) -> TrainConfig:
         path = Path(path)
-        if not path.is_file():
-            raise GentronError(f"run config not found: {path}", "pass RUN/config.json of an earlier run")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise GentronError(f"{path} is not valid JSON: {err}", "pass RUN/config.json of an earlier run") from None
+        data = read_json(path, "run config", "pass RUN/config.json of an earlier run")
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(data) - known)
         if unknown:

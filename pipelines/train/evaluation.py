@@ -22,10 +22,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from transformers import AutoConfig
 
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir
+from pipelines.evaluate.evaluator import (
+    REFERENCE_HINT,
+    ClipScorer,
+    clip_scores,
+    fid,
+    list_samples,
+    reference_statistics,
+    summarize_clip_scores,
+)
+from pipelines.evaluate.probe import parse_caption, probe_samples
+from pipelines.files import atomic_dir, file_sha256
+from pipelines.model.fid_inception import load_fid_inception
+from pipelines.model.text_encoders import OPEN_CLIP_PREFIX, load_pretrained
+from pipelines.model_folder import PipelineRecord
 from pipelines.progress import NullReporter, Reporter
+from pipelines.sample.sampling import SampleConfig, load_pipeline, read_prompts_file, sample
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
 
@@ -37,17 +53,13 @@ def eval_due(config: TrainConfig, step: int) -> bool:
     return config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
 
 
-def check_sampling_models(pipeline: dict) -> None:
+def check_sampling_models(record: PipelineRecord) -> None:
     """The text encoders and VAE that sampling loads (named by the training data) can be found: their configs load.
 
     Only the small config files are read here; the weights are loaded at the first evaluation."""
-    from transformers import AutoConfig
 
-    from pipelines.model.text_encoders import OPEN_CLIP_PREFIX, load_pretrained
-
-    text = pipeline["text_encoders"]
-    for name in text["used"]:
-        spec = (text.get(name) or {}).get("name")
+    for name in record.text_encoders["used"]:
+        spec = record.text_encoder(name).get("name")
         if not spec:
             raise GentronError(
                 f"--eval-every: the training data's metadata names no {name} encoder, so the evaluation prompts "
@@ -61,10 +73,8 @@ def check_sampling_models(pipeline: dict) -> None:
                 f"{name} text encoder (to encode the evaluation prompts)",
                 default_subfolder="text_encoder",
             )
-    vae = pipeline["vae"]["name"]
+    vae = record.vae.name
     if vae != "pixel":
-        from diffusers import AutoencoderKL
-
         load_pretrained(
             AutoencoderKL.load_config, vae, "VAE (to decode the evaluation samples)", default_subfolder="vae"
         )
@@ -78,15 +88,10 @@ class TrainingEvaluator:
         self,
         config: TrainConfig,
         run_dir: Path,
-        pipeline: dict,
+        record: PipelineRecord,
         device: torch.device,
         reporter: Reporter = NullReporter(),
     ):
-        from pipelines.evaluate.evaluator import ClipScorer, reference_statistics
-        from pipelines.evaluate.probe import parse_caption
-        from pipelines.files import file_sha256
-        from pipelines.model.fid_inception import load_fid_inception
-        from pipelines.sample.sampling import read_prompts_file
 
         self.config, self.run_dir, self.device = config, Path(run_dir), device
         self.prompts = read_prompts_file(Path(config.eval_prompts))
@@ -99,20 +104,18 @@ class TrainingEvaluator:
                         f"--eval-probe toy scores toy captions only; {config.eval_prompts} has the prompt {prompt!r}",
                         'use toy prompts (e.g. "a red square in the top left"), or drop --eval-probe',
                     ) from None
-        frames = int(pipeline["data"]["frames"])
+        frames = record.data.frames
         if config.eval_reference and len(self.prompts) * frames < 2:
             raise GentronError(
                 f"FID needs at least 2 images, and {config.eval_prompts} gives {len(self.prompts) * frames}",
                 "write more prompts into --eval-prompts",
             )
-        check_sampling_models(pipeline)
+        check_sampling_models(record)
         self.scorer = ClipScorer(config.eval_clip, device) if config.eval_clip else None
         self.network = self.reference = None
         if config.eval_inception:
             self.network = load_fid_inception(Path(config.eval_inception), device)
             if not Path(config.eval_reference).exists():
-                from pipelines.evaluate.evaluator import REFERENCE_HINT
-
                 raise GentronError(
                     f"FID reference not found: {config.eval_reference} (--eval-reference)", REFERENCE_HINT
                 )
@@ -126,7 +129,6 @@ class TrainingEvaluator:
     def sample_config(self, out: Path):
         """The `gentron sample` settings of the evaluation samples (seeds seed + prompt index, as `gentron sample
         --seed`)."""
-        from pipelines.sample.sampling import SampleConfig
 
         return SampleConfig(
             model=self.run_dir,
@@ -142,16 +144,14 @@ class TrainingEvaluator:
     def evaluate(self, weights: dict[str, torch.Tensor], step: int) -> dict:
         """Sample the prompts with `weights` (the EMA weights exported at `step`) and score them: the record of
         metrics.jsonl's "eval"."""
-        from pipelines.sample.sampling import SamplingPipeline, sample
 
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(
-            devices=devices
-        ):  # loading a model draws initial weights: keep training's RNG untouched
+        # loading a model draws initial weights: keep training's RNG untouched
+        with torch.random.fork_rng(devices=devices):
             cfg = self.sample_config(self.run_dir / EVAL_DIR / ckpt.step_dir_name(step))
             if self.pipe is None:
-                self.pipe = SamplingPipeline(cfg)
+                self.pipe = load_pipeline(cfg)
             self.pipe.model.load_state_dict(weights)
             with atomic_dir(cfg.out) as tmp:
                 sample(replace(cfg, out=tmp), pipe=self.pipe)
@@ -162,8 +162,6 @@ class TrainingEvaluator:
 
     def score(self, folder: Path) -> dict:
         """The asked metrics of a folder of samples, read back from the files as `gentron eval` reads them."""
-        from pipelines.evaluate.evaluator import clip_scores, fid, list_samples, summarize_clip_scores
-        from pipelines.evaluate.probe import probe_samples
 
         samples = list_samples(folder)
         pixels, prompts = [s.read_pixels() for s in samples], [s.prompt for s in samples]

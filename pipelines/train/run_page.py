@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from pipelines.files import atomic_write_bytes
+from pipelines.errors import GentronError
+from pipelines.files import atomic_write_bytes, read_json
+from pipelines.model_folder import PIPELINE_FILE
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.evaluation import latest_eval_folder
 from pipelines.train.metrics import EVAL_LABELS, eval_records, metric_values, read_metrics
 
 PAGE = "index.html"
@@ -62,9 +65,10 @@ def _number(value) -> str:
 
 
 def _read_json(path: Path):
+    """A JSON file the page shows, or None: a run page is written whatever state the run folder is in."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "run file", "", expect=None)
+    except GentronError:
         return None
 
 
@@ -127,9 +131,7 @@ def _models(run_dir: Path) -> str:
     for name, what in (("model", "EMA weights: what `gentron sample --model RUN` loads"), ("model_raw", "raw weights")):
         folder = run_dir / name
         if (folder / "config.json").is_file():
-            extra = [
-                link(run_dir, folder / f, f) for f in ("config.json", ckpt.PIPELINE_FILE) if (folder / f).is_file()
-            ]
+            extra = [link(run_dir, folder / f, f) for f in ("config.json", PIPELINE_FILE) if (folder / f).is_file()]
             rows.append([_cell(link(run_dir, folder, name + "/")), _cell(escape(what)), _cell(", ".join(extra))])
     checkpoints = ckpt.list_checkpoints(run_dir)
     out = ["<h2>Exported models</h2>"]
@@ -158,7 +160,6 @@ def _curves(run_dir: Path) -> str:
 
 
 def _evaluation(run_dir: Path, metrics_path: Path) -> str:
-    from pipelines.train.evaluation import latest_eval_folder
 
     records = eval_records(metrics_path) if metrics_path.is_file() else []
     if not records:

@@ -1,0 +1,239 @@
+"""A training run in memory: model (and its DDP/FSDP wrapper), optimizer, EMA, data and counters, and the
+work of one step (`forward_backward`, `update`) and of a checkpoint step (`save`, `preview`, `evaluate`)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+from pipelines.data.loader import data_stats
+from pipelines.diffusion.objective import Objective
+from pipelines.files import atomic_write_json
+from pipelines.model.conditioning import TextCondition
+from pipelines.model.gentron import GenTronTransformer
+from pipelines.model_folder import PipelineRecord, export_model
+from pipelines.progress import Reporter
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import TrainConfig
+from pipelines.train.distributed import Dist, all_mean, barrier, full_model_state, full_tensor, peak_memory_mb
+from pipelines.train.ema import EMA
+from pipelines.train.evaluation import TrainingEvaluator, eval_due
+from pipelines.train.metrics import MetricsLog, TensorBoardLog, eval_records, metric_values, plot_eval, plot_loss
+from pipelines.train.previews import Previewer
+from pipelines.train.run_page import write_run_page
+
+
+def batch_text(batch: dict[str, torch.Tensor], device=None) -> TextCondition:
+    """The TextCondition of a collated batch (its "text.NAME" tensors; pipelines/data/loader.py)."""
+    return TextCondition.from_flat(batch, "text.").to(device)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr, then constant (the paper's recipe has no decay)."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+@dataclass
+class Run:
+    """Everything a training loop holds: model (and its DDP/FSDP wrapper), optimizer, EMA, data and counters."""
+
+    config: TrainConfig
+    d: Dist
+    folder: Path
+    model: torch.nn.Module  # own parameter names: state dicts and EMA
+    net: torch.nn.Module  # what the loop calls: the DDP wrapper, or the (FSDP-sharded) model itself
+    model_cfg: dict
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    objective: Objective
+    loader: torch.utils.data.DataLoader
+    pipeline: PipelineRecord
+    empty_caption: Path
+    previewer: Previewer | None
+    metrics: MetricsLog | None
+    skipped_samples: int  # found bad when indexing
+    sources: list = field(default_factory=list)
+    load_failures: list = field(default_factory=list)  # samples found unusable when read: each named once
+    unreadable_samples: int = 0  # indexed fine, unusable when read (zero weight in their batch), every time drawn
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    new_failures: list = field(default_factory=list)  # found since report_new_failures last ran
+    evaluator: TrainingEvaluator | None = None  # --eval-every (rank 0)
+    board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
+
+    def forward_backward(self, batches) -> tuple[float, float, float]:
+        """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free
+        share)."""
+        cfg, d = self.config, self.d
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
+        )
+        total, motion_free_share = torch.zeros((), device=d.device), 0.0
+        for micro_step in range(cfg.grad_accum):
+            batch = next(batches)
+            x0, noise = batch["x0"].to(d.device, non_blocking=True), batch["noise"].to(d.device, non_blocking=True)
+            t, text = self.objective.timesteps(batch["timestep_draw"]).to(d.device), batch_text(batch, d.device)
+            motion_free = batch["motion_free"].to(d.device) if cfg.stage == "t2v" else None
+            motion_free_share += float(batch["motion_free"].float().mean()) / cfg.grad_accum
+            last = micro_step == cfg.grad_accum - 1
+            if d.world > 1 and cfg.fsdp:
+                self.net.set_requires_gradient_sync(last)  # reduce-scatter once per step
+            sync = self.net.no_sync() if d.world > 1 and not cfg.fsdp and not last else nullcontext()
+            weight = batch["weight"].to(d.device)  # 0 for a sample unusable when read (NaN, damaged bytes)
+            self.unreadable_samples += int((batch["weight"] == 0).sum())
+            self._note_failures(batch["failures"])
+            with sync, autocast:
+                per_sample = self.objective.loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
+                loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        return float(all_mean(total, d)), float(full_tensor(grad_norm)), motion_free_share
+
+    def _note_failures(self, failures: list[dict]) -> None:
+        known = {(f["shard"], f["key"], f["field"]) for f in self.load_failures}
+        for failure in failures:
+            if (failure["shard"], failure["key"], failure["field"]) not in known:
+                known.add((failure["shard"], failure["key"], failure["field"]))
+                self.load_failures.append(dict(failure))
+                self.new_failures.append(dict(failure))
+
+    def report_new_failures(self, reporter: Reporter) -> None:
+        """Name each newly found unusable sample once, in the log and in data_stats.json."""
+        if not self.new_failures:
+            return
+        for f in self.new_failures:
+            reporter.log(
+                f"skipped {f['kind']} sample {f['shard']}/{f['key']} (field {f['field'] or '?'}): {f['reason']} "
+                f"{f['detail']}".rstrip()
+            )
+        self.new_failures.clear()
+        if self.d.main:
+            atomic_write_json(self.folder / "data_stats.json", data_stats(self.sources, self.load_failures))
+
+    def update(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+
+    def save(self) -> Path | None:
+        """Checkpoint and exported models (collective under FSDP; rank 0 writes)."""
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        raw, averaged = full_model_state(self.model), self.ema.full_state()
+        path = None
+        if self.d.main:
+            trainer_state = {"optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
+            info = {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "skipped_steps": self.skipped_steps,
+                "unreadable_samples": self.unreadable_samples,
+            }
+            path = ckpt.save_checkpoint(
+                self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints
+            )
+            scheduler = self.objective.scheduler(learned_sigma=self.model_cfg["learn_sigma"])
+            for weights, name in ((averaged, "model"), (raw, "model_raw")):
+                export_model(
+                    self.model_cfg,
+                    weights,
+                    self.folder / name,
+                    self.pipeline,
+                    self.empty_caption,
+                    scheduler,
+                )
+            plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
+        barrier(self.d)
+        return path
+
+    def preview(self) -> list[Path]:
+        """Preview samples of the EMA model (gathered on every rank, rendered on rank 0)."""
+
+        averaged, files = self.ema.full_state(), []
+        if self.previewer is not None:
+            preview_model = GenTronTransformer.from_config(self.model_cfg)
+            preview_model.load_state_dict(averaged)
+            files = self.previewer.render(preview_model.to(self.d.device), self.step)
+            if self.board is not None:
+                self.board.image("preview", next(f for f in files if f.suffix == ".png"), self.step)
+        barrier(self.d)
+        return files
+
+    def evaluate(self, reporter: Reporter) -> dict | None:
+        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, sampled and scored on
+        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to
+        metrics.jsonl."""
+        averaged, record = self.ema.full_state(), None
+        if self.evaluator is not None:
+            record = self.evaluator.evaluate(averaged, self.step)
+            self.metrics.write({"step": self.step, "eval": record})
+            plot_eval(self.folder / "metrics.jsonl", self.folder / "eval.png")
+            if self.board is not None:
+                self.board.scalars(self.step, {f"eval/{k}": v for k, v in metric_values(record).items()})
+            reporter.log(
+                f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metric_values(record).items())
+            )
+        barrier(self.d)
+        return record
+
+    def evaluation_missing(self) -> bool:
+        """A resumed run whose checkpoint step is an evaluation step without its metrics line (killed between the
+        checkpoint and the evaluation): the same on every rank (rank 0 reads metrics.jsonl and tells the others)."""
+        missing = [
+            bool(
+                self.evaluator is not None
+                and self.step > 0
+                and eval_due(self.config, self.step)
+                and all(step != self.step for step, _ in eval_records(self.folder / "metrics.jsonl"))
+            )
+        ]
+        if self.d.world > 1:
+            dist.broadcast_object_list(missing, src=0)
+        return missing[0]
+
+    def after_checkpoint(self) -> None:
+        """Rank 0, after a checkpoint step's save, preview and evaluation: the run page and TensorBoard's files."""
+        if self.d.main:
+            write_run_page(self.folder)
+            if self.board is not None:
+                self.board.flush()
+
+    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
+        if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
+            self.metrics.write(
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr_at(self.step - 1, self.config),
+                    "grad_norm": grad_norm,
+                    "samples_per_s": self.config.global_batch / seconds,
+                    "seconds": seconds,
+                    "memory_mb": peak_memory_mb(self.d),
+                    "motion_free": motion_free,
+                    "skipped_samples": self.skipped_samples,
+                    "unreadable_samples": self.unreadable_samples,
+                    "skipped_steps": self.skipped_steps,
+                }
+            )
+            if self.board is not None:
+                self.board.scalars(
+                    self.step,
+                    {
+                        "train/loss": loss,
+                        "train/lr": lr_at(self.step - 1, self.config),
+                        "train/grad_norm": grad_norm,
+                        "train/samples_per_s": self.config.global_batch / seconds,
+                    },
+                )

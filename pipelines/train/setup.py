@@ -1,0 +1,386 @@
+"""Starting (or resuming) a training run: the steps of `start_run`, in order.
+
+Index the data, choose the latent shape and the objective, build the model (fresh, or from --init), record the
+settings that take effect, restore a checkpoint, and open the data stream and the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+from pipelines.data import schema
+from pipelines.data.loader import (
+    Source,
+    StreamSpec,
+    TrainStream,
+    data_stats,
+    index_source,
+    load_empty_caption,
+    make_loader,
+    training_latent_shape,
+)
+from pipelines.diffusion.objective import Objective, make_objective
+from pipelines.errors import GentronError
+from pipelines.files import atomic_write_json, read_json
+from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition
+from pipelines.model.configs import (
+    DEFAULT_SIZE,
+    TEMPORAL_SETTINGS,
+    architecture_spec,
+    init_conflicts,
+    model_config,
+    model_spec,
+    text_inputs_from_data,
+)
+from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays
+from pipelines.model_folder import DataRecord, ModelFolder, PipelineRecord, VAERecord, check_weights
+from pipelines.progress import Reporter
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import TrainConfig
+from pipelines.train.distributed import Dist, wrap_model
+from pipelines.train.ema import EMA
+from pipelines.train.evaluation import TrainingEvaluator
+from pipelines.train.metrics import MetricsLog, TensorBoardLog
+from pipelines.train.previews import Previewer
+from pipelines.train.run import Run
+
+# Fields that may change when a run is resumed; any other difference would break exact resume.
+RESUMABLE_CHANGES = {
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "preview_every",
+    "preview_count",
+    "preview_steps",
+    "preview_cfg",
+    "log_every",
+    "num_workers",
+    "compile",
+    "gradient_checkpointing",
+    "grad_accum",
+    "fsdp",
+    "on_nan",
+    "resume",
+    # evaluation and logging: they read the run, they do not shape it
+    "eval_every",
+    "eval_prompts",
+    "eval_clip",
+    "eval_reference",
+    "eval_inception",
+    "eval_probe",
+    "eval_steps",
+    "eval_cfg",
+    "log_to",
+}
+
+
+@dataclass
+class TrainingData:
+    """The indexed training data: image and/or clip shards, the empty caption, and the latent shape of a sample."""
+
+    images: Source | None
+    videos: Source | None
+    empty: dict[str, np.ndarray]  # the empty caption's text arrays
+    empty_path: Path
+    latent_shape: tuple[int, ...]  # (C, h, w) for T2I, (T, C, h, w) for T2V
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for s in (self.images, self.videos) if s is not None]
+
+
+def load_data(config: TrainConfig, reporter: Reporter) -> TrainingData:
+    images = index_source(config.image_data, "image", reporter) if config.image_data else None
+    videos = index_source(config.video_data, "video", reporter) if config.video_data else None
+    if images is not None and videos is not None and tuple(videos.latent_shape[1:]) != tuple(images.latent_shape):
+        raise GentronError(
+            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} differ in size",
+            "encode images and clips with the same VAE and resolution",
+        )
+    if config.stage == "t2v" and videos is None:
+        reporter.log(
+            "warning: --stage t2v without --video-data trains on still images repeated as videos only: "
+            "motion cannot be learnt from stills; pass --video-data (clips from `gentron encode-text`) to learn it"
+        )
+    empty, empty_path = load_empty_caption([s.folder for s in (images, videos) if s is not None])
+    shape = training_latent_shape(config.stage, config.frames, images, videos)
+    return TrainingData(images, videos, empty, empty_path, shape)
+
+
+def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
+    """The shard fields of the text arrays the model reads (`required_text_arrays`); a clear error when the data lacks
+    them."""
+    needed = [schema.text_field(array) for array in required_text_arrays(model_config)]
+    for src in sources:
+        missing = [n for n in needed if n not in src.text_fields]
+        if missing:
+            have = sorted({schema.text_array_name(f).removesuffix(POOLED_SUFFIX) for f in src.text_fields})
+            raise GentronError(
+                f"the model reads text inputs {', '.join(model_config['text_inputs'])} but samples in {src.folder} "
+                f"lack {missing}",
+                "encode the captions with those encoders, or train a model on the ones the data has: "
+                f'--model \'{{"size": "XL/2", "text_inputs": {json.dumps({n: {} for n in have})}}}\'',
+            )
+    return tuple(needed)
+
+
+def build_model(config: TrainConfig, data: TrainingData, objective: Objective, reporter: Reporter):
+    """The model to train and its config: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
+    channels, height, width = data.latent_shape[-3:]
+    if config.init:
+        model = init_model(config, objective, reporter)
+    else:
+        spec = model_spec(config.model or DEFAULT_SIZE)
+        # the text inputs come from the data: their names (unless --model names them) and always their widths
+        widths = {name: int(array.shape[-1]) for name, array in data.empty.items()}
+        text = {"text_inputs": text_inputs_from_data(spec, widths)}
+        if objective.config.name == "flow" and "learn_sigma" not in spec:
+            text["learn_sigma"] = False  # a velocity model has no variance to learn
+        cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
+        model = GenTronTransformer.from_config(cfg)
+    objective.check_model(bool(model.config.learn_sigma))
+    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if cfg["in_channels"] != channels:
+        raise GentronError(
+            f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}",
+            "use data encoded with the model's VAE",
+        )
+    check_patchable(height, width, cfg["patch_size"])
+    return model, cfg
+
+
+def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) -> GenTronTransformer:
+    """The --init model (a T2I model gains zero-initialised temporal layers for --stage t2v); --model beside it may
+    only restate its architecture, or choose the temporal settings of a T2I model becoming T2V."""
+    folder = ModelFolder(config.init, option="--init")
+    model = folder.load_model()
+    becomes_video = config.stage == "t2v" and not model.config.temporal
+    temporal = (
+        {k: v for k, v in model_spec(config.model or {}).items() if k in TEMPORAL_SETTINGS} if becomes_video else {}
+    )
+    conflicts = init_conflicts(config.model, dict(model.config), ignore=temporal.keys())
+    if conflicts:
+        detail = ", ".join(f"{k} {asked!r} (the init model has {have!r})" for k, (asked, have) in conflicts.items())
+        raise GentronError(
+            f"--model {config.model} disagrees with the --init model {folder.path}: {detail}",
+            "drop --model (the run trains the --init model's architecture), or pass --init of the size you want",
+        )
+    if config.stage == "t2i" and model.config.temporal:
+        raise GentronError(f"--init {folder.path} is a T2V model but --stage is t2i", "use --stage t2v, or a T2I model")
+    try:
+        trained_with = folder.record.objective.name
+    except GentronError:
+        trained_with = None  # a folder without a readable pipeline.json: nothing to compare with
+    if trained_with is not None and trained_with != objective.config.name:
+        reporter.log(
+            f"warning: {folder.path} was trained with --objective {trained_with}; this run trains it with "
+            f"--objective {objective.config.name}, so it starts from a model that predicts the wrong target (pass "
+            f"--objective {trained_with} to continue as it was trained)"
+        )
+    if becomes_video:
+        reporter.log(f"initialising T2V from the T2I model {folder.path}: temporal layers start at zero")
+        model = GenTronTransformer.from_t2i(model, **temporal)
+    return model
+
+
+def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
+    """The run's settings as they take effect (recorded in RUN/config.json): a setting that cannot is said once."""
+    changes = {}
+    if config.init:
+        changes["model"] = architecture_spec(model_cfg)  # the --init model's architecture, not the --model default
+    elif config.model is None:
+        changes["model"] = DEFAULT_SIZE
+    if config.flip:
+        unmirrored = [s for s in sources if not s.has_flip]
+        for s in unmirrored:
+            reporter.log(
+                f"--flip: the {s.kind} data in {s.folder} has no mirrored latents (they are made by `gentron "
+                "encode-latents --flip`), so its samples are never flipped"
+                + ("; the run records flip: false" if len(unmirrored) == len(sources) else "")
+            )
+        if len(unmirrored) == len(sources):
+            changes["flip"] = False
+    return replace(config, **changes) if changes else config
+
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """A run folder's stored config must agree with this one on everything that shapes the run."""
+    stored_path = run_dir / "config.json"
+    if not stored_path.is_file():
+        return
+    stored = read_json(stored_path, "run config", "delete it to start the run afresh, or pass another --out")
+    diffs = [
+        k
+        for k, v in asdict(config).items()
+        if k not in RESUMABLE_CHANGES and k in stored and stored[k] != v and k != "output"
+    ]
+    if diffs:
+        detail = ", ".join(f"{k}: {stored[k]!r} -> {getattr(config, k)!r}" for k in diffs)
+        raise GentronError(
+            f"{run_dir} holds a run with other settings ({detail})",
+            f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --out",
+        )
+
+
+def restore_checkpoint(path: Path, model, optimizer, ema: EMA, folder: Path, reporter: Reporter) -> dict:
+    """Load checkpoint `path` into the model, optimizer, EMA and the RNG; its counters (step, samples seen, ...)."""
+    weights, ema_state, trainer_state, state = ckpt.load_checkpoint(path)
+    hint = f"{folder} holds a checkpoint of another model: pass another --out, or the --model of that run"
+    check_weights(weights, model, f"the weights of checkpoint {path}", hint)
+    model.load_state_dict(weights)
+    # strict=False: parameters that never had a gradient have no Adam state, as in the uninterrupted run
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=options)
+    ema.load_full(ema_state)
+    torch.set_rng_state(trainer_state["rng_cpu"])
+    reporter.log(f"resuming from {path} (step {state['step']})")
+    return {k: state[k] for k in ("step", "samples_seen", "skipped_steps", "unreadable_samples")}
+
+
+def pipeline_record(
+    config: TrainConfig, model_cfg: dict, meta: dict, latent_shape, objective: Objective
+) -> PipelineRecord:
+    """What sampling needs besides the weights: objective, VAE, text encoders, data geometry (from the metadata `meta`
+    of the training data's first shard: the clips' when there are clips)."""
+    latent_meta = meta.get("latent", {}) if isinstance(meta.get("latent"), dict) else {}
+    text_meta = meta.get("text", {}) if isinstance(meta.get("text"), dict) else {}
+    prep_meta = meta.get("prep", {}) if isinstance(meta.get("prep"), dict) else {}
+    resolution = latent_meta.get("resolution", prep_meta.get("resolution"))
+    downsample = latent_meta.get("downsample")
+    if downsample is None and isinstance(resolution, (int, float)) and resolution:
+        downsample = int(resolution) // latent_shape[-1]
+    return PipelineRecord(
+        stage=config.stage,
+        objective=objective.config,
+        vae=VAERecord(
+            name=latent_meta.get("vae", "pixel"),
+            scaling_factor=latent_meta.get("scaling_factor", 1.0),
+            shift_factor=latent_meta.get("shift_factor", 0.0),
+            channels=int(latent_shape[-3]),
+            downsample=downsample,
+        ),
+        # the shard metadata's text section (encoders, their models and settings), and what the model reads
+        text_encoders={**text_meta, "used": list(model_cfg["text_inputs"]), "inputs": model_cfg["text_inputs"]},
+        data=DataRecord(
+            latent_shape=tuple(latent_shape),
+            frames=int(latent_shape[0]) if config.stage == "t2v" else 1,
+            resolution=resolution,
+            fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
+        ),
+        shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
+    )
+
+
+def earlier_load_failures(folder: Path) -> list[dict]:
+    """Samples found unusable when read by the run being resumed (kept in its data_stats.json)."""
+    try:
+        stats = read_json(folder / "data_stats.json", "data statistics", "")
+    except GentronError:
+        return []  # none (yet), or damaged: the samples are found again when read
+    return [f for kind in stats.values() if isinstance(kind, dict) for f in kind.get("unreadable", [])]
+
+
+def run_objective(config: TrainConfig, latent_shape: tuple[int, ...], reporter: Reporter) -> Objective:
+    """The training objective for the data's latents; a noise shift other than none is said."""
+    objective = make_objective(config.objective_config(latent_shape))
+    if objective.config.noise_shift != 1.0 or str(config.noise_shift).lower() == "auto":
+        reporter.log(
+            f"noise shift {objective.config.noise_shift:.3g} for latents {latent_shape} (--noise-shift "
+            f"{config.noise_shift})"
+        )
+    return objective
+
+
+def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
+    """Index the data, build (or restore) model, optimizer and EMA, and open the run folder."""
+    folder = Path(config.output)
+    previous = ckpt.latest_checkpoint(folder)
+    if config.resume and previous is None:
+        raise GentronError(
+            f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there"
+        )
+    data = load_data(config, reporter)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    objective = run_objective(config, data.latent_shape, reporter)
+    model, model_cfg = build_model(config, data, objective, reporter)
+    config = settings_used(config, model_cfg, data.sources, reporter)
+    if previous is not None:
+        check_resume(folder, config)
+    net = wrap_model(model, config, d)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+    )
+    ema = EMA(model, config.ema_decay)
+    counters = restore_checkpoint(previous, model, optimizer, ema, folder, reporter) if previous is not None else {}
+    stream = open_stream(config, data, model_cfg, d, counters.get("samples_seen", 0))
+    primary = data.videos if data.videos is not None else data.images
+    record = pipeline_record(config, model_cfg, primary.metadata, stream.latent_shape, objective)
+    load_failures = earlier_load_failures(folder) if previous is not None else []
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "config.json", asdict(config))
+        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures))
+    main, step = d.main, counters.get("step", 0)
+    return Run(
+        config=config,
+        d=d,
+        folder=folder,
+        model=model,
+        net=net,
+        model_cfg=model_cfg,
+        optimizer=optimizer,
+        ema=ema,
+        objective=objective,
+        loader=make_loader(stream, config.num_workers, pin_memory=d.device.type == "cuda"),
+        pipeline=record,
+        empty_caption=data.empty_path,
+        previewer=Previewer(stream, data.empty, record, config, folder, objective)
+        if main and config.preview_every > 0
+        else None,
+        metrics=MetricsLog(folder / "metrics.jsonl", resume_step=step) if main else None,
+        skipped_samples=sum(s["skipped"] for s in data_stats(data.sources).values()),
+        sources=data.sources,
+        load_failures=load_failures,
+        **counters,
+        evaluator=TrainingEvaluator(config, folder, record, d.device, reporter) if main and config.eval_every else None,
+        board=TensorBoardLog(folder / "tensorboard", resume_step=step)
+        if main and config.log_to == "tensorboard"
+        else None,
+    )
+
+
+def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dist, samples_seen: int) -> TrainStream:
+    """This rank's training stream, continuing after `samples_seen` samples (exact resume)."""
+    if config.global_batch % (config.grad_accum * d.world):
+        raise GentronError(
+            f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x "
+            f"{d.world} processes",
+            "choose a global batch that is a multiple of grad_accum x world size",
+        )
+    spec = StreamSpec(
+        stage=config.stage,
+        seed=config.seed,
+        micro_batch=config.global_batch // (config.grad_accum * d.world),
+        p_motion_free=config.p_motion_free,
+        text_dropout=config.text_dropout,
+        flip=config.flip,
+        buffer_size=config.shuffle_buffer,
+        frames=config.frames,
+        text_fields=text_fields_for(model_cfg, data.sources),
+    )
+    return TrainStream(
+        spec,
+        data.images,
+        data.videos,
+        data.empty,
+        samples_seen,
+        rank=d.rank,
+        world_size=d.world,
+        collate_text=TextCondition.collate,
+    )
