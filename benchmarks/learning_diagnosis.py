@@ -298,17 +298,16 @@ def binding_attention(model, folder: str, objective, out: Path) -> None:
 
 
 def write_attention_maps(maps: list[tuple[np.ndarray, list[np.ndarray]]], path: Path, patch: int) -> None:
-    """One row per (image, word): the image, then each block's attention map (patches, scaled to the row's
-    maximum) at the image's size."""
+    """One row per (image, word): the image, then each block's attention map (patches, each map stretched from its
+    lowest to its highest value: where the word's attention concentrates) at the image's size."""
     from PIL import Image
 
     rows = []
     for image, per_block in maps:
         side = image.shape[0]
-        top = max(float(m.max()) for m in per_block) or 1.0
         tiles = [image]
         for m in per_block:
-            grid = rearrange(m / top, "(h w) -> h w", h=side // patch)
+            grid = rearrange((m - m.min()) / max(float(m.max() - m.min()), 1e-12), "(h w) -> h w", h=side // patch)
             tile = np.kron(grid, np.ones((patch, patch)))
             tiles.append(np.repeat((tile * 255).astype(np.uint8)[..., None], 3, axis=-1))
         rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=128) for t in tiles], axis=1))
