@@ -502,7 +502,12 @@ def train_stage(stage: str, run: Path, data: dict[str, Path], steps: int, shared
     if stage == "t2v":
         inputs = ["--init", run / "t2i" / "model", "--video-data", data["videos"], *inputs]
     command = ["train", "--stage", stage, "--out", run / stage, *inputs, "--steps", steps, *shared]
-    command += [*shlex.split(stage_flags[stage]), *shlex.split(args.extra)]  # last: a variation overrides
+    # last: a variation overrides (--extra both stages, --t2i-extra / --t2v-extra one)
+    command += [
+        *shlex.split(stage_flags[stage]),
+        *shlex.split(args.extra),
+        *shlex.split(getattr(args, f"{stage}_extra")),
+    ]
     return gentron(command, logs / f"train-{stage}-{steps}.log", args.threads) / 60
 
 
@@ -572,9 +577,7 @@ def run_config(
             }
             if not final:
                 print(
-                    pair_table(
-                        f"{name} after {steps} T2I steps", f"{flags} {args.extra}".rstrip(), [scores], [minutes], [seed]
-                    ),
+                    pair_table(f"{name} after {steps} T2I steps", variation(flags, args), [scores], [minutes], [seed]),
                     flush=True,
                 )
         return scores, minutes
@@ -589,12 +592,21 @@ def run_config(
     return scores, minutes
 
 
+def variation(flags: str, args) -> str:
+    """A configuration's flags with the run's variations, as the tables name them."""
+    parts = [flags, args.extra]
+    parts += [f"T2I: {args.t2i_extra}"] * bool(args.t2i_extra) + [f"T2V: {args.t2v_extra}"] * bool(args.t2v_extra)
+    parts += [f"model: {args.model_overrides}"] * bool(args.model_overrides)
+    parts += [f"+ {args.pair_singles} one-object images per pair and side"] * bool(args.pair_singles)
+    return " ".join(p for p in parts if p)
+
+
 def run_benchmark(benchmark: str, names: list[str], data: dict[str, Path], out: Path, args, seeds: list[int]) -> dict:
     """Every configuration over the seeds: prints each one's table, returns the benchmark's JSON object."""
     per_seed_ratios: dict[int, dict[str, float]] = {seed: {} for seed in seeds}
     figures: dict[str, float] = {}
     for name in names:
-        flags = f"{CONFIGS[name]} {args.extra}".rstrip()
+        flags = variation(CONFIGS[name], args)
         log(f"{benchmark}: configuration {name}: {flags}")
         results = [run_config(benchmark, name, CONFIGS[name], data, out, args, seed) for seed in seeds]
         scores, minutes = [r[0] for r in results], [r[1] for r in results]
@@ -674,6 +686,8 @@ def main() -> None:
     parser.add_argument(
         "--extra", default="", help='flags appended to every train call, e.g. --extra="--timestep-location 0.5"'
     )
+    parser.add_argument("--t2i-extra", default="", help="flags appended to the T2I train call only (after --extra)")
+    parser.add_argument("--t2v-extra", default="", help="flags appended to the T2V train call only (after --extra)")
     parser.add_argument(
         "--model-overrides",
         default="",
