@@ -329,3 +329,17 @@ def test_the_diagnosis_finds_each_word_among_the_tokens_of_every_encoder(tmp_pat
         lengths = {"clip": 20, "t5": 50}
         both = diagnosis.caption_word_tokens(Encoders(), ["clip", "t5"], lengths, caption, index)
         assert both == found + [20 + j for j in range(start, start + len(word))]
+
+
+def test_the_benchmark_recipe_is_the_small_data_preset():
+    """The learning benchmark's candidate (COMMON, the flow configuration and each stage's flags, last flag wins) sets
+    what `gentron train --recipe small-data` sets: the preset the quickstart uses is the one the benchmark measures."""
+    from pipelines.train.config import recipe_settings
+
+    for stage in ("t2i", "t2v"):
+        words = [*bench.COMMON.split(), *bench.CONFIGS["flow"].split(), *bench.STAGE_FLAGS[stage].split()]
+        words.remove("--no-flip")  # the one flag without a value
+        flags = dict(zip(words[::2], words[1::2]))  # a later flag overrides an earlier one, as for the CLI
+        for key, value in recipe_settings("small-data", stage).items():
+            given = flags[f"--{key.replace('_', '-')}"]
+            assert given == str(value) if isinstance(value, str) else float(given) == value, (stage, key, given)
