@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipelines.errors import GentronError, storage_error
+from pipelines.errors import GentronError, Preempted, storage_error
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -151,10 +152,7 @@ class RichReporter:
 
 
 def _print_error(err: GentronError) -> None:
-    from rich.markup import (
-        escape,
-    )  # a message's own brackets (`pip install "gentron[tensorboard]"`) are text, not markup
-
+    # a message's own brackets (`pip install "gentron[tensorboard]"`) are text, not markup: escaped
     console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
     if err.hint:
         console.print(f"[yellow]fix:[/] {escape(err.hint)}", highlight=False)
@@ -173,6 +171,9 @@ def run_command(fn: Callable[[], T]) -> T:
             raise
         _print_error(err)
         sys.exit(2)
+    except Preempted as stop:
+        console.print(f"[yellow]preempted:[/] {escape(stop.message)}", highlight=False)
+        sys.exit(Preempted.EXIT_CODE)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Finished work is kept; run the same command again to continue.")
         sys.exit(130)

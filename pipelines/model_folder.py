@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 from pipelines.data.schema import EMPTY_CAPTION_FILE
 from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir, atomic_write_json, file_sha256, read_json
+from pipelines.files import PICKLE_SUFFIXES, atomic_dir, atomic_write_json, file_sha256, read_json, storage_errors
 from pipelines.model.legacy import upgrade_pipeline_record
 
+EXPORTED_EMA, EXPORTED_RAW = "model", "model_raw"  # a run folder's exported models (EMA and raw weights)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained(safe_serialization=True) writes
 PIPELINE_FILE = "pipeline.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
 DEFAULT_FPS = 4.0  # the paper's clips; what a record without a frame rate means
 MODEL_HINT = "pass a model folder exported by `gentron train` (RUN/model), or re-export it"
 _RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, naming the VAE and text encoders)"
@@ -57,10 +57,12 @@ class VAERecord:
 class DataRecord:
     """The training latents' geometry."""
 
-    latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w)
+    latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w): the default size (the bucket with the most samples)
     frames: int  # 1 for a T2I model
     resolution: int | None  # pixels of the training data's side, as the encode stage recorded it
     fps: float | None  # of the training clips
+    # the latent shapes of every training bucket, when there were several (pipelines/data/bucket_plan.py); None: one
+    buckets: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class PipelineRecord:
     data: DataRecord
     empty_caption: str = EMPTY_CAPTION_FILE
     shard_metadata: dict = field(default_factory=dict)  # the first training shard's latent, text and prep metadata
+    step: int | None = None  # the training step whose weights the folder holds (None: written before it was recorded)
 
     @property
     def encoder_names(self) -> list[str]:
@@ -90,9 +93,27 @@ class PipelineRecord:
     @property
     def resolution(self) -> int:
         """The pixel side the model was trained at: the latents' side times the VAE's downsampling."""
+        return self.width
+
+    @property
+    def width(self) -> int:
+        """The default sample width in pixels: the training latents' (the main bucket's) times the downsampling."""
         if self.vae.downsample:
             return int(self.data.latent_shape[-1]) * int(self.vae.downsample)
         return int(self.data.resolution)
+
+    @property
+    def height(self) -> int:
+        if self.vae.downsample:
+            return int(self.data.latent_shape[-2]) * int(self.vae.downsample)
+        return int(self.data.resolution)
+
+    @property
+    def trained_sizes(self) -> list[tuple[int, int, int]]:
+        """(frames, height, width) in pixels of every training bucket (one when the data had one size)."""
+        shapes = self.data.buckets or (self.data.latent_shape,)
+        scale = int(self.vae.downsample or 1)
+        return [(int(s[0]) if len(s) == 4 else 1, int(s[-2]) * scale, int(s[-1]) * scale) for s in shapes]
 
     @property
     def fps(self) -> float:
@@ -102,6 +123,10 @@ class PipelineRecord:
         record = asdict(self)
         record["objective"] = self.objective.record()
         record["data"]["latent_shape"] = list(self.data.latent_shape)
+        if self.data.buckets is None:
+            del record["data"]["buckets"]  # a model of one size: pipeline.json as before buckets
+        else:
+            record["data"]["buckets"] = [list(shape) for shape in self.data.buckets]
         return record
 
     @staticmethod
@@ -123,9 +148,11 @@ class PipelineRecord:
                 frames=int(data["frames"]),
                 resolution=data.get("resolution"),
                 fps=data.get("fps"),
+                buckets=tuple(tuple(int(n) for n in s) for s in data["buckets"]) if data.get("buckets") else None,
             ),
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),
             shard_metadata=dict(record.get("shard_metadata") or {}),
+            step=None if record.get("step") is None else int(record["step"]),
         )
 
     @staticmethod
@@ -155,7 +182,7 @@ def find_model_folder(path: str | Path, option: str = "--model") -> Path:
         raise GentronError(
             f"model not found: {path} ({option})", "pass a run folder from `gentron train` or its model/ folder"
         )
-    for candidate in (path / "model", path):
+    for candidate in (path / EXPORTED_EMA, path):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     raise GentronError(
@@ -205,7 +232,7 @@ class ModelFolder:
     def load_model(self):
         """The GenTronTransformer with the folder's weights (see the module docstring for what is refused)."""
         from pipelines.model.gentron import GenTronTransformer
-        from pipelines.model.legacy import upgrade_state_dict
+        from pipelines.model.legacy import LEGACY_TEXT_KEYS, upgrade_state_dict
 
         config_path, weights_path = self.path / CONFIG_FILE, self.path / WEIGHTS_FILE
         if not weights_path.is_file():
@@ -218,6 +245,14 @@ class ModelFolder:
                     "`gentron train`",
                 )
             raise GentronError(f"no weights in {self.path}: {WEIGHTS_FILE} is missing", MODEL_HINT)
+        unknown = sorted(set(self.config) - set(GenTronTransformer.config_keys()) - set(LEGACY_TEXT_KEYS))
+        if unknown:
+            raise GentronError(
+                f"{config_path} has settings this version of gentron does not know: {', '.join(unknown)}; they may "
+                "change what the model computes",
+                "sample with the gentron version that trained the model (or a newer one), or remove the settings if "
+                "you know they do not change the model",
+            )
         try:
             model = GenTronTransformer.from_config(self.config)
         except GentronError as err:
@@ -259,6 +294,14 @@ def weights_sha256(folder: str | Path) -> dict[str, str]:
     return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}
 
 
+def exported_step(folder: Path) -> int | None:
+    """The training step an exported folder holds; None when it is missing, damaged or does not say."""
+    try:
+        return PipelineRecord.read(folder).step
+    except GentronError:
+        return None
+
+
 def load_model_folder(path: str | Path, option: str = "--model"):
     """The GenTronTransformer of the model folder at `path` (a run folder stands for its model/)."""
     return ModelFolder(path, option).load_model()
@@ -278,7 +321,7 @@ def export_model(
 
     model = GenTronTransformer.from_config(config)
     model.load_state_dict(weights, strict=True)
-    with atomic_dir(Path(folder)) as tmp:
+    with atomic_dir(Path(folder)) as tmp, storage_errors(Path(folder)):
         model.save_pretrained(tmp, safe_serialization=True)
         record.write(tmp)
         if empty_caption is not None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from tiny import TINY_SPEC
 from train_data import sample_fields, write_empty_caption
 from typer.testing import CliRunner
 
@@ -26,15 +28,16 @@ from pipelines.model.fid_inception import load_fid_inception
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 from pipelines.model.tiny_eval import build_tiny_clip_model, build_tiny_fid_inception
+from pipelines.model_folder import PipelineRecord
 from pipelines.train import config as train_config
+from pipelines.train.config import TrainConfig
 from pipelines.train.evaluation import TrainingEvaluator
 from pipelines.train.metrics import read_metrics
-from pipelines.train.trainer import TrainConfig, train
+from pipelines.train.trainer import train
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 IMAGE_PROMPTS = "a red square in the top left\n# a comment\na blue square in the bottom right\n"
 VIDEO_PROMPTS = "a green square moving left\na yellow square moving up\n"
-EVAL_KEYS = {"samples", "seconds"}
+EVAL_KEYS = {"samples", "size", "seconds"}
 HAS_TENSORBOARD = (
     importlib.util.find_spec("tensorboard") is not None
 )  # in the test extra; its checks are skipped without it
@@ -124,7 +127,7 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
         "--out",
         run,
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         4,
         "--global-batch",
@@ -170,6 +173,8 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     for r in evals:
         e = r["eval"]
         assert set(e) == {"clip_score", "fid", "probe_color", "probe_place"} | EVAL_KEYS and e["samples"] == 2
+        record = PipelineRecord.read(run / "model")
+        assert e["size"] == f"{record.width}x{record.height}"  # sampled at the stated size: the training size
         assert 0 < e["clip_score"] <= 100 and np.isfinite(e["fid"]) and e["fid"] >= 0
         assert all(e[k] in (0.0, 0.5, 1.0) for k in ("probe_color", "probe_place"))  # rates over 2 samples
     assert [(r["step"], "eval" in r) for r in records] == [
@@ -264,7 +269,7 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         stage="t2v",
         image_data=str(setup["images"]),
         video_data=str(setup["videos"]),
-        model=TINY,
+        model=TINY_SPEC,
         steps=4,
         global_batch=4,
         lr=3e-3,
@@ -286,11 +291,11 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
     evaluate = TrainingEvaluator.evaluate
     calls = []
 
-    def killed_at_step_2(self, weights, step):
+    def killed_at_step_2(self, weights, step, **kwargs):
         calls.append(step)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return evaluate(self, weights, step)
+        return evaluate(self, weights, step, **kwargs)
 
     monkeypatch.setattr(TrainingEvaluator, "evaluate", killed_at_step_2)
     cut = tmp_path / "cut"
@@ -308,8 +313,9 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         else:
-            values = {k: v for k, v in a["eval"].items() if k != "seconds"}
-            assert values == pytest.approx({k: v for k, v in b["eval"].items() if k != "seconds"}, rel=1e-5)
+            assert a["eval"]["size"] == b["eval"]["size"]
+            values, expected = ({k: v for k, v in r["eval"].items() if k not in ("seconds", "size")} for r in (a, b))
+            assert values == pytest.approx(expected, rel=1e-5)
             assert set(values) == {
                 "clip_score",
                 "temporal_consistency",
@@ -373,7 +379,7 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, mes
         "--out",
         tmp_path / "run",
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         2,
         "--global-batch",
@@ -403,7 +409,7 @@ def test_log_to_tensorboard_without_the_package_names_the_extra(tmp_path, setup,
         "--out",
         tmp_path / "run",
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         1,
         "--log-to",
@@ -441,7 +447,7 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
         TrainConfig(
             output=str(run),
             image_data=str(data),
-            model=TINY,
+            model=TINY_SPEC,
             steps=2,
             global_batch=4,
             checkpoint_every=2,
@@ -470,3 +476,43 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
     preview = np.asarray(Image.open(run / "previews" / "step_0000002.png").convert("RGB"))
     grid = np.asarray(Image.open(result.grid_files[0]).convert("RGB"))
     assert preview.shape == grid.shape and np.array_equal(preview, grid)
+
+
+def test_evaluation_is_spread_over_ranks_and_equals_one_process(tmp_path, setup):
+    """Under torchrun every rank samples its share of the evaluation prompts (whole batches, as one process forms
+    them), rank 0 scores: the same samples, pixel for pixel, and the same metrics as one process."""
+    import torch.multiprocessing as mp
+    from train_data import free_port, rank_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "".join(f"a {c} square in the {p}\n" for c in ("red", "blue") for p in ("top left", "bottom right"))
+    )
+    config = TrainConfig(
+        image_data=str(setup["images"]),
+        model=TINY_SPEC,
+        steps=2,
+        global_batch=4,
+        num_workers=0,
+        checkpoint_every=2,
+        eval_every=2,
+        eval_prompts=str(prompts),
+        eval_probe="toy",
+        eval_steps=2,
+        output=str(tmp_path / "single"),
+    )
+    train(config)
+    mp.spawn(rank_main, args=(2, [free_port()], [replace(config, output=str(tmp_path / "ranks"))]), nprocs=2, join=True)
+    single, ranks = (eval_lines(tmp_path / run) for run in ("single", "ranks"))
+    assert len(single) == len(ranks) == 1 and single[0]["eval"]["samples"] == ranks[0]["eval"]["samples"] == 4
+    drop = {"seconds"}
+    assert {k: v for k, v in single[0]["eval"].items() if k not in drop} == {
+        k: v for k, v in ranks[0]["eval"].items() if k not in drop
+    }
+
+    def pixels(run):
+        folder = tmp_path / run / "eval" / "step_0000002"
+        return {p.name: json.loads(p.read_text())["pixels_sha256"] for p in folder.glob("0*.json")}
+
+    assert len(pixels("single")) == 4 and pixels("single") == pixels("ranks")
+    assert not list((tmp_path / "ranks" / "eval").glob(".*"))  # the staging folder became step_0000002

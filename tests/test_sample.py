@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import perturbed
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -26,7 +28,6 @@ from pipelines.diffusion.objective import make_scheduler
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import TextEncoders
-from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model_folder import export_model
 from pipelines.sample import outputs
 from pipelines.sample.pipeline import Generation, SamplingPipeline
@@ -36,16 +37,8 @@ from pipelines.train.setup import pipeline_record
 
 runner = CliRunner()
 VIDEO_FRAMES, VIDEO_RES = 4, 16  # pixel VAE: latents are the 16x16 frames themselves
+TRAINED_STEPS = 7  # what the exported folders record as their training step
 IMAGE_RES = 32  # tiny 8x VAE: 4 x 4 x 4 latents
-
-
-def perturbed_model(config: dict, seed: int) -> GenTronTransformer:
-    torch.manual_seed(seed)
-    model = GenTronTransformer.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def export_tiny_model(
@@ -72,25 +65,21 @@ def export_tiny_model(
     trained_with = make_objective(ObjectiveConfig(name=objective, noise_shift=2.0 if objective == "flow" else 1.0))
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
     pipeline = pipeline_record(TrainConfig(stage=stage), config, shard_meta, latent_shape, trained_with)
-    model = perturbed_model(config, seed)
+    pipeline = replace(pipeline, step=TRAINED_STEPS)
+    model = perturbed(GenTronTransformer.from_config(config), seed)
     scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
     export_model(config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
     return folder / "run"
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory) -> dict[str, Path]:
-    return build_tiny_encoders(tmp_path_factory.mktemp("encoders"), seed=0)
+def video_run(tmp_path_factory, tiny_encoders) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("video"), tiny_encoders, "t2v", "pixel")
 
 
 @pytest.fixture(scope="module")
-def video_run(tmp_path_factory, encoders) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("video"), encoders, "t2v", "pixel")
-
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory, encoders) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("image"), encoders, "t2i", "tiny")
+def image_run(tmp_path_factory, tiny_encoders) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("image"), tiny_encoders, "t2i", "tiny")
 
 
 def run_cli(*args: str):
@@ -184,6 +173,7 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
         "--grid",
     )
     assert result.exit_code == 0, result.output
+    assert f"(training step {TRAINED_STEPS})" in " ".join(result.output.split())  # which export was loaded
 
     sidecars = sorted(out.glob("000*.json"))
     assert [p.name for p in sidecars] == ["0000_a-red-fox.json", "0001_a-blue-car.json"]
@@ -192,6 +182,7 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     for record in records:
         assert record["settings"]["frames"] == VIDEO_FRAMES and record["settings"]["mfg_scale"] == 1.1
         assert record["sample_seed"] == sample_seed(7, record["index"])
+        assert record["model"]["step"] == TRAINED_STEPS
         digests = record["model"]["weights_sha256"]
         assert (
             list(digests) == ["diffusion_pytorch_model.safetensors"]
@@ -226,12 +217,12 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     assert read_mp4(again / "0001_a-blue-car.mp4").shape == read_mp4(out / "0001_a-blue-car.mp4").shape
 
 
-def test_the_sampler_follows_the_recorded_objective(tmp_path, encoders, image_run):
+def test_the_sampler_follows_the_recorded_objective(tmp_path, tiny_encoders, image_run):
     """A flow model samples with its Euler flow scheduler and its recorded shift, refuses DDPM samplers; a model
     folder from before objectives were recorded samples as DDPM (ddim)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow_run = export_tiny_model(tmp_path / "flow", encoders, "t2i", "tiny", objective="flow")
+    flow_run = export_tiny_model(tmp_path / "flow", tiny_encoders, "t2i", "tiny", objective="flow")
     saved = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_run / "model" / "scheduler")
     assert saved.config.shift == 2.0
     result = run_cli("--model", flow_run, "--prompt", "a red circle", "--out", tmp_path / "flow-out", "--steps", 3)
@@ -426,6 +417,47 @@ def test_seeds_and_batch_size(image_run, video_pipe, tmp_path):
 # --------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+        (["--seed", "-1"], "--seed must be in [0, 2^63)"),
+        (["--resolution", "0"], "--resolution must be at least 1, got 0"),
+        (["--resolution", "-16"], "--resolution must be at least 1, got -16"),
+        (["--frames", "0"], "--frames must be at least 1, got 0"),
+        (["--out", "{tmp}/cat.png"], "names a file, but it is the folder the samples and their sidecars are"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_anything_loads(video_run, tmp_path, options, message):
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    out = ["--out", str(tmp_path / "o")] if "--out" not in options else []
+    result = run_cli("--model", video_run, "--prompt", "x", *out, *options)
+    assert result.exit_code == 2 and message in result.text and "Traceback" not in result.text, result.text
+    assert "loading model" not in result.text and not (tmp_path / "cat.png").exists()
+
+
+def test_two_samplers_never_write_one_folder(video_run, tmp_path):
+    """A second `gentron sample` into a folder another one is writing is refused instead of mixing their files."""
+    from pipelines.locking import folder_lock
+
+    (tmp_path / "o").mkdir()
+    with folder_lock(tmp_path / "o", "samples folder"):
+        result = run_cli("--model", video_run, "--prompt", "x", "--steps", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "is in use by" in result.text, result.text
+    assert not list((tmp_path / "o").glob("*.json"))
+    assert run_cli("--model", video_run, "--prompt", "x", "--steps", "1", "--out", tmp_path / "o").exit_code == 0
+
+
+def test_a_model_config_with_settings_of_a_newer_version_is_refused_by_name(video_run, tmp_path):
+    """Unknown architecture keys may change the maths: refused, named, instead of diffusers' generic warning."""
+    folder = tmp_path / "newer"
+    shutil.copytree(video_run / "model", folder)
+    config = json.loads((folder / "config.json").read_text()) | {"qk_norm": True, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("--model", folder, "--prompt", "x", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "qk_norm, rope_theta" in result.text and "Traceback" not in result.text
+
+
 def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
     result = run_cli("--model", tmp_path / "nowhere", "--prompt", "x", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "model not found" in result.text and "nowhere" in result.text
@@ -462,7 +494,8 @@ def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
     assert result.exit_code == 2 and "width 48" in result.text and "trained with width 32" in result.text
 
     result = run_cli("--model", video_run, "--prompt", "x", "--resolution", 15, "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "15x15 pixels" in result.text and "e.g. 16x16" in result.text
+    message = " ".join(result.text.split())
+    assert result.exit_code == 2 and "15x15 pixels" in message and "height 16 and width 16" in message
 
     not_sidecar = tmp_path / "notes.json"
     not_sidecar.write_text("{}")

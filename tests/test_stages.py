@@ -272,7 +272,8 @@ def test_encode_commands_take_rank_and_world_size_like_the_prep_commands(command
     assert (stage_configs[-1].rank, stage_configs[-1].world_size) == (None, None)  # the stage reads the environment
 
 
-def test_old_train_output_spelling_still_works_and_says_so(tmp_path, monkeypatch):
+def test_train_takes_its_run_folder_as_out_only(tmp_path, monkeypatch):
+    """The pre-release spelling --output is gone: refused by the option parser, not silently mapped."""
     import pipelines.train.trainer
 
     seen = []
@@ -282,7 +283,6 @@ def test_old_train_output_spelling_still_works_and_says_so(tmp_path, monkeypatch
         lambda cfg, reporter: seen.append(cfg) or (_ for _ in ()).throw(GentronError("stop here")),
     )
     result = CliRunner().invoke(app, ["train", "--output", str(tmp_path / "run")], env={"COLUMNS": "200"})
-    assert "deprecated:" in result.output and "--output" in result.output and "--out" in result.output
-    assert seen[0].output == str(tmp_path / "run")
+    assert result.exit_code == 2 and "No such option" in result.output and not seen
     CliRunner().invoke(app, ["train", "-o", str(tmp_path / "new")], env={"COLUMNS": "200"})
-    assert seen[1].output == str(tmp_path / "new")
+    assert seen[0].output == str(tmp_path / "new")

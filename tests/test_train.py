@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from tiny import TINY_SPEC
 from train_data import truncate, write_dataset
 from typer.testing import CliRunner
 
@@ -35,8 +39,6 @@ from pipelines.train.trainer import train
 
 runner = CliRunner()
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -50,7 +52,7 @@ def base(tmp_path, images, **kw) -> TrainConfig:
     defaults = dict(
         output=str(tmp_path / "run"),
         image_data=str(images),
-        model=TINY,
+        model=TINY_SPEC,
         steps=8,
         global_batch=4,
         lr=3e-3,
@@ -241,7 +243,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     spec = StreamSpec(
         stage="t2v",
         seed=cfg.seed,
-        micro_batch=cfg.global_batch,
+        global_batch=cfg.global_batch,
         p_motion_free=1.0,
         text_dropout=0.0,
         frames=3,
@@ -249,7 +251,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
         text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS),
     )
     stream = TrainStream(spec, source, None, empty, collate_text=TextCondition.collate)
-    batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
+    batch = stream.make_batch(0)
     assert bool(batch["pseudo_video"].all())
     model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
     b, t = batch["x0"].shape[:2]
@@ -288,10 +290,10 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, 
     forward_backward = Run.forward_backward
 
     def diverging(self, batches):
-        loss, grad_norm, motion_free = forward_backward(self, batches)
-        return (
-            (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
-        )
+        loss, grad_norm, motion_free, step_batch = forward_backward(self, batches)
+        if self.step + 1 == nan_step:
+            loss, grad_norm = float("nan"), float("nan")
+        return loss, grad_norm, motion_free, step_batch
 
     monkeypatch.setattr(Run, "forward_backward", diverging)
     with pytest.raises(GentronError, match="loss became nan") as err:
@@ -328,6 +330,30 @@ def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tm
     assert len(named) == 2 and "000000.tar" in named[0] and "non_finite" in named[0]  # once per run
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_message(tmp_path, monkeypatch):
+    """safetensors and torch.save report a full disk in their own exceptions, without an errno: while the file
+    system is full, the failed save is the "disk full" message, and the previous checkpoint stays."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {}, {"step": 1}, keep=3)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
+    with pytest.raises(GentronError) as err:
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+    assert "disk full while writing" in err.value.message and "step_0000002" in err.value.message
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
+    # with space left, the same failure is a bug of its own and keeps its type and traceback
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1 << 20, f_frsize=4096))
+    with pytest.raises(SafetensorError):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(
         tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3
@@ -359,6 +385,16 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         (["--objective", "flow", "--loss-weighting", "min-snr"], "min-snr weights the epsilon loss"),
         (["--noise-shift", "big"], "is not none, auto or a number"),
         (["--objective", "edm"], "unknown objective 'edm'"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--lr", "-1e-4"], "--lr must be a positive number"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be positive, got 0"),
+        (["--log-every", "0"], "--log-every must be positive, got 0"),
+        (["--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),
+        (["--shuffle-buffer", "0"], "--shuffle-buffer must be positive, got 0"),
+        (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1), got 1.0"),
+        (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1)"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (no clipping) or a positive norm"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
     ],
 )
 def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
@@ -381,6 +417,41 @@ def test_user_errors_are_one_clear_message(tmp_path, data, extra, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", "fast", "lr must be float, got 'fast'"),
+        ("steps", 2.5, "steps must be int, got 2.5"),
+        ("flip", "yes", "flip must be bool, got 'yes'"),
+        ("image_data", 3, "image_data must be str or None, got 3"),
+        ("checkpoint_every", 0, "--checkpoint-every must be positive, got 0"),
+        ("ema_decay", 1.5, "--ema-decay must be in [0, 1), got 1.5"),
+    ],
+)
+def test_a_config_json_with_wrong_types_or_values_is_one_clear_message(tmp_path, data, field, value, message):
+    """--config RUN/config.json is checked as the options are: types when read, values by the same check()."""
+    images, _ = data
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(asdict(base(tmp_path, images)) | {field: value}))
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 2, result.output
+    assert message in said and "Traceback" not in said
+
+
+def test_max_grad_norm_zero_trains_without_clipping(tmp_path, data):
+    """0 means no clipping (clip_grad_norm_ with 0 would zero every gradient): the same run with a norm far above the
+    gradients' gives the same weights."""
+    images, _ = data
+    unclipped = train(base(tmp_path / "a", images, steps=2, checkpoint_every=1, max_grad_norm=0.0))
+    loose = train(base(tmp_path / "b", images, steps=2, checkpoint_every=1, max_grad_norm=1e9))
+    (first, a), (_, b) = (
+        [ckpt.load_checkpoint(p)[0] for p in ckpt.list_checkpoints(r.run_dir)] for r in (unclipped, loose)
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], first[k]) for k in a)  # the second step moved the weights
 
 
 def test_the_objective_is_recorded_with_the_model(tmp_path, data):
@@ -409,7 +480,7 @@ def test_the_objective_is_recorded_with_the_model(tmp_path, data):
 def test_a_recipe_sets_its_settings_per_stage_and_options_beside_it_win(tmp_path, data):
     images, videos = data
     run = tmp_path / "recipe"
-    common = ["--model", TINY, "--num-workers", "0", "--log-every", "1", "--checkpoint-every", "2"]
+    common = ["--model", TINY_SPEC, "--num-workers", "0", "--log-every", "1", "--checkpoint-every", "2"]
     args = ["train", "--recipe", "small-data", "--image-data", str(images), "--out", str(run), "--steps", "2"]
     result = runner.invoke(app, args + common + ["--global-batch", "4", "--lr", "5e-4"])
     assert result.exit_code == 0, result.output
@@ -454,6 +525,80 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, data):
     np.testing.assert_allclose(recomputed.losses, plain.losses, rtol=1e-5)
 
 
+def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_exactly(tmp_path, data):
+    """What Slurm and Kubernetes send before SIGKILL: the step in flight completes, a checkpoint of it is saved
+    (not the last periodic one), one line says so, the exit code is 143, and the same command continues."""
+    images, _ = data
+    run = tmp_path / "preempted"
+    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY_SPEC, "--steps", "40"]
+    args += ["--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "1000"]
+    args += ["--log-every", "1", "--ema-decay", "0.9"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gentron_cli.main", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # polling for the run's own progress: training has started
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143, output[-2000:]
+    saved = ckpt.latest_checkpoint(run)
+    assert saved is not None and saved.name != "step_0000040", output[-2000:]  # a mid-run checkpoint
+    assert "preempted:" in output and f"at step {int(saved.name[5:])} of 40" in output and "Traceback" not in output
+    assert json.loads((run / "model" / "pipeline.json").read_text())["step"] == int(saved.name[5:])
+    result = runner.invoke(app, args)  # the same command: resumes
+    assert result.exit_code == 0, result.output
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=40, checkpoint_every=40)
+    )
+    logged = losses(run)
+    assert sorted(logged) == list(range(1, 41))
+    np.testing.assert_allclose([logged[s] for s in range(1, 41)], whole.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_a_kill_during_the_final_export_is_repaired_by_the_rerun(tmp_path, data):
+    """The last checkpoint is saved before model/ is exported: a kill between leaves model/ at an earlier step (or
+    half a temporary folder). The rerun has nothing to train, exports the checkpoint's step again and cleans up."""
+    images, _ = data
+    cfg = base(tmp_path, images, steps=4, checkpoint_every=2)
+    train(cfg)
+    run = Path(cfg.output)
+    last = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    stale = train(replace(cfg, output=str(tmp_path / "stale"), steps=2))  # model/ as the export of step 2 left it
+    shutil.rmtree(run / "model")
+    shutil.copytree(stale.run_dir / "model", run / "model")
+    shutil.rmtree(run / "model_raw")  # never written
+    (run / ".model_raw.tmp-999999").mkdir()  # a kill mid-export leaves its temporary folder
+    assert json.loads((run / "model" / "pipeline.json").read_text())["step"] == 2
+    result = runner.invoke(app, ["train", "--config", str(run / "config.json")])
+    assert result.exit_code == 0, result.output
+    assert "lagged the checkpoint of step 4" in " ".join(result.output.split())
+    for name, weights in (("model", last[1]), ("model_raw", last[0])):
+        assert json.loads((run / name / "pipeline.json").read_text())["step"] == 4
+        exported = load_file(str(run / name / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(exported[k], weights[k].to(exported[k].dtype)) for k in weights)
+    assert not list(run.glob(".model*"))
+
+
+def test_config_json_from_another_folder_continues_the_same_run(tmp_path, data, monkeypatch):
+    """RUN/config.json records the run folder as an absolute path: `--config` from any working directory continues
+    that run instead of starting a new one where the relative path would point."""
+    images, _ = data
+    monkeypatch.chdir(tmp_path)
+    train(base(tmp_path, images, output="relative-run", steps=2))
+    assert json.loads((tmp_path / "relative-run" / "config.json").read_text())["output"] == str(
+        tmp_path / "relative-run"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["train", "--config", str(tmp_path / "relative-run" / "config.json"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert ckpt.latest_checkpoint(tmp_path / "relative-run").name == "step_0000003"
+    assert not (elsewhere / "relative-run").exists()
+
+
 def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     """A real `kill -9` of a `gentron train` process, then the same command again."""
     images, _ = data
@@ -465,7 +610,7 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
         "--out",
         str(run),
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         "80",
         "--global-batch",
@@ -495,7 +640,9 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     assert killed_at is not None and killed_at.name != "step_0000080"  # killed mid-run
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
-    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=80, checkpoint_every=80))
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=80, checkpoint_every=80)
+    )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 81))
     np.testing.assert_allclose([logged[s] for s in range(1, 81)], whole.losses, rtol=1e-5, atol=1e-6)

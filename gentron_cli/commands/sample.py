@@ -49,10 +49,20 @@ def sample_command(
         help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images.",
     ),
     frames: int | None = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
-    resolution: int | None = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
+    width: int | None = typer.Option(
+        None, help="Width in pixels. Default: the training size recorded in the model folder."
+    ),
+    height: int | None = typer.Option(
+        None, help="Height in pixels. Default: the training size recorded in the model folder."
+    ),
+    resolution: int | None = typer.Option(None, help="A square of this side in pixels (instead of --width/--height)."),
     fps: float | None = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
     seed: int = typer.Option(0, help="Base seed; prompt i uses seed + i."),
-    batch_size: int = typer.Option(4, help="Prompts sampled together (does not change results)."),
+    batch_size: int = typer.Option(
+        4,
+        help="Prompts sampled together. A prompt's output depends on its batch only up to float rounding; the batch "
+        "is recorded in each sidecar so --from-sidecar regenerates it bit for bit.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     negative_prompt: str | None = typer.Option(None, help="Unconditional text instead of the empty caption."),
@@ -107,6 +117,8 @@ def sample_command(
             mfg_scale=mfg,
             frames=frames,
             resolution=resolution,
+            width=width,
+            height=height,
             fps=fps,
             seed=seed,
             batch_size=batch_size,

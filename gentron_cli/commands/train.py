@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gentron_cli.reporting import RichReporter, console, deprecated, run_command
+from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.train.config import RECIPES, TrainConfig, recipe_settings
 
 _D = TrainConfig()  # defaults shown in --help
@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(
             _D.model,
             "--model",
-            help='Size name (T/2, S/2, B/2, XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json file. '
+            help='Size name (T/2, S/2, B/2, L/2, XL/2, G/2), JSON overrides ({"size": "B/2", "depth": 8}) or a .json '
+            "file. "
             "Default: XL/2, or the --init model (a --model that disagrees with it is refused).",
         ),
         init: Path | None = typer.Option(
@@ -52,11 +53,22 @@ def register(app: typer.Typer) -> None:
         grad_accum: int = typer.Option(
             _D.grad_accum, "--grad-accum", help="Micro-batches per step; micro-batch = global / (accum x processes)."
         ),
+        bucket_batch: str = typer.Option(
+            _D.bucket_batch,
+            "--bucket-batch",
+            help="Data of several sizes trains in buckets, one latent shape per batch (`gentron buckets` shows them). "
+            "fixed: every bucket's batch is the global batch; tokens: scaled per bucket so a step holds about the "
+            "tokens of a global batch of the bucket with the most samples.",
+        ),
         lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
         weight_decay: float = typer.Option(_D.weight_decay, help="AdamW weight decay."),
         warmup_steps: int = typer.Option(_D.warmup_steps, help="Linear learning-rate warm-up steps."),
-        max_grad_norm: float = typer.Option(_D.max_grad_norm, help="Gradient clipping norm."),
-        ema_decay: float = typer.Option(_D.ema_decay, help="EMA decay of the exported model."),
+        max_grad_norm: float = typer.Option(
+            _D.max_grad_norm, help="Gradient clipping norm; 0 trains without clipping."
+        ),
+        ema_decay: float = typer.Option(
+            _D.ema_decay, help="EMA decay of the exported model, in [0, 1); 0 exports the raw weights."
+        ),
         text_dropout: float = typer.Option(
             _D.text_dropout, help="Probability of training on the empty caption (for classifier-free guidance)."
         ),
@@ -167,7 +179,12 @@ def register(app: typer.Typer) -> None:
             )
             + ". Without it the defaults are the paper's.",
         ),
-        old_output: Path | None = typer.Option(None, "--output", hidden=True, help="Deprecated spelling of --out."),
+        process_group_timeout: int = typer.Option(
+            _D.process_group_timeout,
+            "--process-group-timeout",
+            help="torchrun: minutes a rank waits for the others in one collective (a checkpoint, an evaluation) "
+            "before the run fails.",
+        ),
     ) -> None:
         """Train GenTron on encoded shards (one process, or torchrun for DDP/FSDP: same command)."""
         # options typed on the command line override --config (compared by name: typer vendors its own click)
@@ -177,9 +194,6 @@ def register(app: typer.Typer) -> None:
             for name, value in ctx.params.items()
             if name != "config" and getattr(ctx.get_parameter_source(name), "name", None) in typed
         }
-        if old_output is not None:
-            deprecated("--output", "--out (or -o)")
-            given["output"] = old_output
 
         def body():
             from pipelines.train.trainer import train

@@ -43,7 +43,7 @@ TINY_TEXT_INPUTS = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}  #
 
 def model_arguments() -> list[str]:
     """Names a config may set: the arguments of GenTronTransformer."""
-    return [name for name in inspect.signature(GenTronTransformer.__init__).parameters if name != "self"]
+    return [name for name in GenTronTransformer.config_keys() if not name.startswith("_")]
 
 
 def model_config(spec: str | dict | Path = DEFAULT_SIZE, **overrides) -> dict:

@@ -18,6 +18,7 @@ pipelines/model/legacy.py.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -576,6 +577,12 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------- T2I -> T2V
 
     @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        """What a config.json may hold: the constructor's arguments and diffusers' own bookkeeping keys."""
+        arguments = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        return (*arguments, "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+    @classmethod
     def from_t2i(cls, t2i_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:
         """A T2V model holding every weight of a T2I model; the new temporal layers keep their zero init."""
         if isinstance(t2i_model_or_path, (str, Path)):
@@ -641,9 +648,9 @@ def check_patchable(height: int, width: int, patch_size: int, downsample: int | 
 
         unit = "latents" if downsample is None else f"pixels (VAE downsampling {downsample} x patch size {patch_size})"
         raise GentronError(
-            f"{height}x{width} {unit} do not split into {patch_size}x{patch_size} patches: each side must be a "
-            f"multiple of {multiple}",
-            f"use sides that are multiples of {multiple}, e.g. {nearest(height)}x{nearest(width)}",
+            f"{height}x{width} {unit} (height x width) do not split into {patch_size}x{patch_size} patches: each side "
+            f"must be a multiple of {multiple}",
+            f"use sides that are multiples of {multiple}, e.g. height {nearest(height)} and width {nearest(width)}",
         )
 
 

@@ -90,7 +90,8 @@ class SamplingPipeline:
         `negative_prompt`, else the empty caption the model saw in training (encoded now by replaced encoders)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        reporter.log(f"loading model {folder.path}")
+        step = folder.record.step
+        reporter.log(f"loading model {folder.path}" + (f" (training step {step})" if step is not None else ""))
         model = folder.load_model().to(torch_device).eval().requires_grad_(False)
         encoders = load_text_encoders(folder, model, text_encoders or {}, torch_device, torch_dtype)
         loaded_vae = load_model_vae(folder, model, vae, torch_device, torch_dtype, reporter)

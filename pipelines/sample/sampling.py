@@ -11,6 +11,7 @@ round differently for other batch shapes). Bit-for-bit regeneration therefore re
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ import torch
 from pipelines.defaults import DEFAULT_MFG_SCALE
 from pipelines.diffusion.objective import make_objective
 from pipelines.diffusion.schedulers import SAMPLERS
-from pipelines.errors import GentronError
+from pipelines.errors import GentronError, require
+from pipelines.locking import folder_lock
+from pipelines.model.gentron import check_patchable
 from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
@@ -49,19 +52,55 @@ class SampleConfig:
     cfg_scale: float = 7.5  # lT, text guidance
     mfg_scale: float | None = None  # lM, motion guidance: DEFAULT_MFG_SCALE for videos; images use 1.0
     frames: int | None = None  # 1 = image; default: the frames the model was trained on
-    resolution: int | None = None  # pixels, square; default: the training resolution
+    resolution: int | None = None  # pixels, a square: width = height = resolution (instead of width and height)
+    width: int | None = None  # pixels; default: the training size recorded in the model folder
+    height: int | None = None
     fps: float | None = None  # of the written videos; default: the training clips' frame rate
     seed: int = 0
     batch_size: int = 4
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # compute precision (autocast): fp32, bf16, fp16; auto = bf16 on cuda, fp32 on cpu
     negative_prompt: str | None = None  # replaces the empty caption as the unconditional text
-    text_encoders: dict[str, str] = field(
-        default_factory=dict
-    )  # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
+    # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
+    text_encoders: dict[str, str] = field(default_factory=dict)
     vae: str | None = None  # instead of the recorded VAE
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
+    # this process samples the batches b with b % world_size == rank (training's evaluation, spread over its ranks)
+    rank: int = 0
+    world_size: int = 1
+
+    def check(self) -> None:
+        """Every setting that cannot take effect is refused here, before anything is loaded."""
+        require(bool(self.prompts), "no prompts given", "pass --prompt TEXT or --prompts FILE (one prompt a line)")
+        require(
+            Path(self.out).suffix.lower() not in outputs.FILE_SUFFIXES,
+            f"--out {self.out} names a file, but it is the folder the samples and their sidecars are written to",
+            f"pass a folder, e.g. --out {Path(self.out).with_suffix('')}",
+        )
+        require(
+            self.steps >= 1 and self.batch_size >= 1,
+            f"--steps and --batch-size must be at least 1, got {self.steps} and {self.batch_size}",
+        )
+        last_seed = self.seed + self.start_index + len(self.prompts) - 1
+        require(
+            0 <= self.seed and last_seed < 2**63,
+            f"--seed must be in [0, 2^63) for every prompt's seed (seed + prompt index), got {self.seed}",
+            "pass a smaller non-negative seed",
+        )
+        for name in ("frames", "resolution", "width", "height"):
+            value = getattr(self, name)
+            require(
+                value is None or value >= 1,
+                f"--{name} must be at least 1, got {value}",
+                f"leave --{name} out to use the model's training {'frames' if name == 'frames' else 'size'}",
+            )
+        require(self.fps is None or self.fps > 0, f"--fps must be positive, got {self.fps}")
+        require(0 <= self.rank < self.world_size, f"rank {self.rank} is not one of {self.world_size} processes")
+        require(not (self.grid and self.world_size > 1), "a contact sheet needs every sample in one process")
+        for name in ("cfg_scale", "mfg_scale"):
+            value = getattr(self, name)
+            require(value is None or math.isfinite(value), f"{name} must be a number, got {value}")
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -131,21 +170,21 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         raise GentronError(
             f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images"
         )
+    width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
     if scheduler not in SAMPLERS:
         raise GentronError(f"unknown scheduler {scheduler!r}", f"use one of {', '.join(SAMPLERS)}")
     # refuses a sampler of another objective
     objective.scheduler(scheduler, learned_sigma=bool(folder.config.get("learn_sigma", True)))
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise GentronError(f"--steps and --batch-size must be at least 1, got {cfg.steps} and {cfg.batch_size}")
     return {
         "steps": cfg.steps,
         "scheduler": scheduler,
         "cfg_scale": cfg.cfg_scale,
         "mfg_scale": mfg,
         "frames": frames,
-        "resolution": cfg.resolution if cfg.resolution is not None else folder.record.resolution,
+        "width": width,
+        "height": height,
         "fps": cfg.fps if cfg.fps is not None else folder.record.fps,
         "batch_size": cfg.batch_size,
         "device": str(device),
@@ -156,17 +195,31 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
     }
 
 
+def sample_size(cfg: SampleConfig, folder: ModelFolder) -> tuple[int, int]:
+    """(width, height) in pixels: --width/--height, or the --resolution square, else the training size recorded in the
+    model folder (the main bucket's). A size the model cannot patchify is refused with the nearest that it can."""
+    if cfg.resolution is not None and (cfg.width is not None or cfg.height is not None):
+        raise GentronError(
+            f"--resolution {cfg.resolution} (a square) and --width/--height both give the size",
+            "pass --width W --height H, or --resolution S for S x S",
+        )
+    record = folder.record
+    width = cfg.width if cfg.width is not None else cfg.resolution if cfg.resolution is not None else record.width
+    height = cfg.height if cfg.height is not None else cfg.resolution if cfg.resolution is not None else record.height
+    check_patchable(height, width, int(folder.config.get("patch_size", 2)), record.vae.downsample)
+    return width, height
+
+
 def generation_of(settings: dict) -> Generation:
-    """The generation core's settings of a sidecar's settings."""
-    side = settings["resolution"]
+    """The generation core's settings of a sidecar's settings (a sidecar of before --width/--height: its square)."""
     return Generation(
         steps=settings["steps"],
         scheduler=settings["scheduler"],
         cfg_scale=settings["cfg_scale"],
         mfg_scale=settings["mfg_scale"],
         frames=settings["frames"],
-        height=side,
-        width=side,
+        height=settings.get("height", settings.get("resolution")),
+        width=settings.get("width", settings.get("resolution")),
     )
 
 
@@ -193,23 +246,49 @@ def sample(
 
     `pipe`: a SamplingPipeline already loaded from cfg.model (training's evaluation keeps one and swaps in the
     EMA weights it exported), else one is loaded here."""
-    if not cfg.prompts:
-        raise GentronError("no prompts given", "pass --prompt TEXT or --prompts FILE (one prompt a line)")
+    cfg.check()
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
+    trained = folder.record.trained_sizes
+    if (settings["frames"], settings["height"], settings["width"]) not in trained and not (
+        settings["frames"] == 1 and any((h, w) == (settings["height"], settings["width"]) for _, h, w in trained)
+    ):
+        sizes = ", ".join(f"{w}x{h}" + (f"x{t}" if t > 1 else "") for t, h, w in trained)
+        reporter.log(
+            f"note: sampling at {settings['width']}x{settings['height']}"
+            + (f"x{settings['frames']}" if settings["frames"] > 1 else "")
+            + f", a size the model was not trained at (it was at {sizes}; width x height x frames)"
+        )
     pipe = pipe if pipe is not None else load_pipeline(cfg, folder, reporter)
-    generation = generation_of(settings)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_record = {"path": str(folder.path.resolve()), "weights_sha256": weights_sha256(folder.path)}
+    model_record = {
+        "path": str(folder.path.resolve()),
+        "weights_sha256": weights_sha256(folder.path),
+        "step": folder.record.step,
+    }
+    # two runs writing one folder would mix their files (ranks of one evaluation write their own shares)
+    with folder_lock(out, "samples folder", cfg.rank, cfg.world_size):
+        samples, all_frames = _write_samples(cfg, pipe, settings, model_record, reporter)
+        grid_files: list[Path] = []
+        if cfg.grid:
+            grid_files = outputs.write_sample(out, "grid", outputs.contact_sheet(all_frames), settings["fps"])
+    return SampleResult(samples, grid_files, time.perf_counter() - start, settings)
 
+
+def _write_samples(
+    cfg: SampleConfig, pipe: SamplingPipeline, settings: dict, model_record: dict, reporter: Reporter
+) -> tuple[list[SampleOutput], list[np.ndarray]]:
+    """Generate the prompts batch by batch and write each output with its sidecar; the frames too for a grid."""
+    out, generation = Path(cfg.out), generation_of(settings)
     samples: list[SampleOutput] = []
     all_frames: list[np.ndarray] = []
     indices = list(range(cfg.start_index, cfg.start_index + len(cfg.prompts)))
-    with reporter.task("prompts", total=len(cfg.prompts), unit="prompt") as task:
-        for begin in range(0, len(indices), cfg.batch_size):
-            batch = indices[begin : begin + cfg.batch_size]
+    batches = [indices[b : b + cfg.batch_size] for b in range(0, len(indices), cfg.batch_size)]
+    mine = batches[cfg.rank :: cfg.world_size]  # batch for batch as one process samples them: the same pixels
+    with reporter.task("prompts", total=sum(map(len, mine)), unit="prompt") as task:
+        for batch in mine:
             prompts = [cfg.prompts[i - cfg.start_index] for i in batch]
             seeds = [sample_seed(cfg.seed, i) for i in batch]
             generated = pipe.generate(prompts, seeds, generation, reporter)
@@ -237,12 +316,7 @@ def sample(
                 if cfg.grid:
                     all_frames.append(frames)
             task.advance(len(batch))
-
-    grid_files: list[Path] = []
-    if cfg.grid:
-        sheet = outputs.contact_sheet(all_frames)
-        grid_files = outputs.write_sample(out, "grid", sheet, settings["fps"])
-    return SampleResult(samples, grid_files, time.perf_counter() - start, settings)
+    return samples, all_frames
 
 
 # --------------------------------------------------------------------------- regenerating from a sidecar
@@ -261,6 +335,9 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            # sidecars of before --width/--height record the square's side
+            **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
+            resolution=None if "width" in settings else settings["resolution"],
             text_encoders=dict(settings["text_encoders"]),
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
@@ -276,7 +353,6 @@ _SIDECAR_SETTINGS = (
     "cfg_scale",
     "mfg_scale",
     "frames",
-    "resolution",
     "fps",
     "batch_size",
     "device",

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipelines.errors import GentronError
+from pipelines.errors import GentronError, require
+from pipelines.evaluate.metrics import MetricOptions
 from pipelines.files import read_json
 
 STAGES = ("t2i", "t2v")
 ON_NAN = ("stop", "skip")
-EVAL_PROBES = ("toy",)  # as pipelines.evaluate.evaluator.PROBES (not imported here: it loads torch)
 LOG_TO = ("none", "tensorboard")
+BUCKET_BATCH = ("fixed", "tokens")  # as pipelines.data.bucket_plan.BUCKET_BATCH (not imported here: numpy)
 
 # Named presets of training settings (`gentron train --recipe NAME`): the settings each one gives, per stage. Options
 # given beside a recipe win; the run's config.json records the recipe's name and every value that took effect. The
@@ -55,6 +57,7 @@ class TrainConfig:
     steps: int = 400_000
     global_batch: int = 256  # samples per optimizer step over all processes
     grad_accum: int = 1  # micro-batch = global_batch / (grad_accum * world size)
+    bucket_batch: str = "fixed"  # fixed: every bucket the global batch; tokens: scaled to the reference bucket's tokens
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -98,6 +101,8 @@ class TrainConfig:
     eval_steps: int = 25  # sampler steps of the evaluation samples
     eval_cfg: float = 7.5  # their classifier-free guidance scale
     log_to: str = "none"  # none, or tensorboard (event files in RUN/tensorboard)
+    # torchrun: minutes a rank waits for the others in one collective (a checkpoint, an evaluation) before failing
+    process_group_timeout: int = 30
     recipe: str | None = None  # the named preset (RECIPES) the settings started from; its values are the fields'
 
     @staticmethod
@@ -138,31 +143,74 @@ class TrainConfig:
 
     @staticmethod
     def from_json(path: str | Path) -> TrainConfig:
+        """The settings of RUN/config.json (names and types checked here, values by `check`)."""
         path = Path(path)
         data = read_json(path, "run config", "pass RUN/config.json of an earlier run")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: f.type for f in fields(TrainConfig)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise GentronError(f"{path}: unknown settings {unknown}", f"valid settings: {', '.join(sorted(known))}")
+        for name, value in data.items():
+            require(
+                _has_type(value, known[name]),
+                f"{path}: {name} must be {known[name].replace('|', 'or')}, got {value!r}",
+                f"fix {name} in {path}, or give it as an option",
+            )
         return TrainConfig(**data)
 
     def check(self) -> None:
-        if self.stage not in STAGES:
-            raise GentronError(f"unknown stage {self.stage!r}", "use --stage t2i or --stage t2v")
+        """Every setting that cannot take effect is refused here, once, for the options and --config alike."""
+        require(self.stage in STAGES, f"unknown stage {self.stage!r}", "use --stage t2i or --stage t2v")
         if self.recipe is not None:
             recipe_settings(self.recipe, self.stage)  # a known recipe
+        require(
+            bool(self.image_data or self.video_data),
+            "no training data given",
+            "pass --image-data and/or --video-data (folders of encoded shards)",
+        )
+        require(bool(str(self.output).strip()), "no run folder given", "pass --out RUN_FOLDER")
         self.objective_config(latent_shape=(1, 1)).check()
-        if self.on_nan not in ON_NAN:
-            raise GentronError(f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
-        if not self.image_data and not self.video_data:
-            raise GentronError(
-                "no training data given", "pass --image-data and/or --video-data (folders of encoded shards)"
-            )
+        require(self.on_nan in ON_NAN, f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
+        require(
+            self.bucket_batch in BUCKET_BATCH,
+            f"unknown --bucket-batch {self.bucket_batch!r}",
+            f"use {' or '.join(BUCKET_BATCH)}",
+        )
+        for name in ("steps", "global_batch", "grad_accum", "frames", "shuffle_buffer", "checkpoint_every"):
+            _require_at_least(self, name, 1)
+        for name in ("log_every", "preview_count", "preview_steps", "eval_steps"):
+            _require_at_least(self, name, 1)
+        _require_at_least(self, "process_group_timeout", 1)
+        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "preview_every", "eval_every"):
+            _require_at_least(self, name, 0)
+        require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}", "pass a non-negative seed")
+        require(
+            math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "pass e.g. 1e-4"
+        )
+        require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be 0 or more, got {self.weight_decay}",
+        )
+        for name in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        require(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            f"--max-grad-norm must be 0 (no clipping) or a positive norm, got {self.max_grad_norm}",
+            "pass e.g. --max-grad-norm 1.0, or 0 to train without clipping",
+        )
+        require(
+            0 <= self.ema_decay < 1,
+            f"--ema-decay must be in [0, 1), got {self.ema_decay}: the exported EMA model would not follow training",
+            "pass e.g. --ema-decay 0.9999 (0 exports the raw weights)",
+        )
         for name in ("text_dropout", "p_motion_free"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise GentronError(f"{name} must be in [0, 1], got {getattr(self, name)}", "pass a probability")
-        if self.steps < 1 or self.global_batch < 1 or self.grad_accum < 1:
-            raise GentronError("steps, global batch and gradient accumulation must be positive", "check the options")
+            require(
+                0.0 <= getattr(self, name) <= 1.0,
+                f"{name} must be in [0, 1], got {getattr(self, name)}",
+                "pass a probability",
+            )
+        for name in ("preview_cfg", "eval_cfg"):
+            require(math.isfinite(getattr(self, name)), f"{name} must be a number, got {getattr(self, name)}")
         self.check_logging()
 
     def check_logging(self) -> None:
@@ -192,21 +240,12 @@ class TrainConfig:
                     "--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)",
                     "pass --eval-prompts prompts.txt",
                 )
-            if not metrics:
-                raise GentronError(
-                    "--eval-every needs a metric",
-                    "pass --eval-clip NAME_OR_PATH, --eval-reference REF --eval-inception WEIGHTS, and/or "
-                    "--eval-probe toy",
-                )
-            if bool(self.eval_reference) != bool(self.eval_inception):
-                raise GentronError(
-                    "FID needs both --eval-reference and --eval-inception",
-                    "pass --eval-reference FOLDER_OR_NPZ --eval-inception pt_inception-2015-12-05-6726825d.pth",
-                )
-            if self.eval_probe and self.eval_probe not in EVAL_PROBES:
-                raise GentronError(
-                    f"unknown --eval-probe {self.eval_probe!r}", f"use --eval-probe {' or '.join(EVAL_PROBES)}"
-                )
+            MetricOptions(
+                self.eval_clip or None,
+                self.eval_reference or None,
+                self.eval_inception or None,
+                self.eval_probe or None,
+            ).check(prefix="--eval-")
             if self.checkpoint_every < 1 or self.eval_every % self.checkpoint_every:
                 raise GentronError(
                     f"--eval-every {self.eval_every} is not a multiple of --checkpoint-every {self.checkpoint_every}: "
@@ -224,3 +263,25 @@ class TrainConfig:
                 'install the extra: pip install -c constraints.txt -e ".[tensorboard]" (or pip install -c '
                 "constraints.txt tensorboard)",
             )
+
+
+def _require_at_least(config: TrainConfig, name: str, low: int) -> None:
+    value = getattr(config, name)
+    require(
+        value >= low,
+        f"--{name.replace('_', '-')} must be {'positive' if low == 1 else '0 or more'}, got {value}",
+        f"pass --{name.replace('_', '-')} {max(low, 1)} or more"
+        if low == 1
+        else f"pass --{name.replace('_', '-')} 0 or more",
+    )
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as "int", "str | None" (bool is not an int here)."""
+    allowed = tuple(t for name in annotation.split("|") for t in _TYPES[name.strip()])
+    if isinstance(value, bool) and bool not in allowed:
+        return False
+    return isinstance(value, allowed)

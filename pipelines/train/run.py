@@ -3,8 +3,10 @@ work of one step (`forward_backward`, `update`) and of a checkpoint step (`save`
 
 from __future__ import annotations
 
+import math
+import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from pipelines.diffusion.objective import Objective
 from pipelines.files import atomic_write_json
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
-from pipelines.model_folder import PipelineRecord, export_model
+from pipelines.model_folder import EXPORTED_EMA, EXPORTED_RAW, PipelineRecord, export_model, exported_step
 from pipelines.progress import Reporter
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
@@ -69,9 +71,9 @@ class Run:
     evaluator: TrainingEvaluator | None = None  # --eval-every (rank 0)
     board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
 
-    def forward_backward(self, batches) -> tuple[float, float, float]:
+    def forward_backward(self, batches) -> tuple[float, float, float, int]:
         """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free
-        share)."""
+        share, the step's samples over all ranks: its bucket's batch)."""
         cfg, d = self.config, self.d
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
@@ -95,8 +97,9 @@ class Run:
                 loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        return float(all_mean(total, d)), float(full_tensor(grad_norm)), motion_free_share
+        # max_grad_norm 0 trains without clipping (the norm is still measured and logged)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+        return float(all_mean(total, d)), float(full_tensor(grad_norm)), motion_free_share, int(batch["step_batch"])
 
     def _note_failures(self, failures: list[dict]) -> None:
         known = {(f["shard"], f["key"], f["field"]) for f in self.load_failures}
@@ -127,8 +130,7 @@ class Run:
         self.ema.update(self.model)
 
     def save(self) -> Path | None:
-        """Checkpoint and exported models (collective under FSDP; rank 0 writes)."""
-
+        """Checkpoint, then the exported models (collective under FSDP; rank 0 writes)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         raw, averaged = full_model_state(self.model), self.ema.full_state()
@@ -144,19 +146,44 @@ class Run:
             path = ckpt.save_checkpoint(
                 self.folder, self.step, raw, averaged, trainer_state, info, self.config.keep_checkpoints
             )
-            scheduler = self.objective.scheduler(learned_sigma=self.model_cfg["learn_sigma"])
-            for weights, name in ((averaged, "model"), (raw, "model_raw")):
-                export_model(
-                    self.model_cfg,
-                    weights,
-                    self.folder / name,
-                    self.pipeline,
-                    self.empty_caption,
-                    scheduler,
-                )
-            plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
+            self._export(raw, averaged)
         barrier(self.d)
         return path
+
+    def _export(self, raw: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> None:
+        """RUN/model (EMA) and RUN/model_raw, recording this step; and the loss plot."""
+        scheduler = self.objective.scheduler(learned_sigma=self.model_cfg["learn_sigma"])
+        record = replace(self.pipeline, step=self.step)
+        for weights, name in ((averaged, "model"), (raw, "model_raw")):
+            export_model(self.model_cfg, weights, self.folder / name, record, self.empty_caption, scheduler)
+        plot_loss(self.folder / "metrics.jsonl", self.folder / "loss.png")
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any rank raised `flag` (every rank gets the same answer, so all stop at the same step)."""
+        if self.d.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.d.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def repair_export(self, reporter: Reporter) -> None:
+        """A run killed between its checkpoint and the export of that step leaves model/ or model_raw/ at an earlier
+        step (or missing, or a temporary folder behind): export the restored step again (rank 0 writes)."""
+        stale = []
+        if self.d.main and self.step > 0:
+            for name in (EXPORTED_EMA, EXPORTED_RAW):
+                for leftover in self.folder.glob(f".{name}.*"):  # an export's temporary or old folder
+                    shutil.rmtree(leftover, ignore_errors=True)
+                stale += [name] if exported_step(self.folder / name) != self.step else []
+        flag = [bool(stale)]
+        if self.d.world > 1:
+            dist.broadcast_object_list(flag, src=0)
+        if flag[0]:  # collective under FSDP: every rank gathers the weights
+            raw, averaged = full_model_state(self.model), self.ema.full_state()
+            if self.d.main:
+                reporter.log(f"{', '.join(stale)} lagged the checkpoint of step {self.step}: exported it again")
+                self._export(raw, averaged)
+            barrier(self.d)
 
     def preview(self) -> list[Path]:
         """Preview samples of the EMA model (gathered on every rank, rendered on rank 0)."""
@@ -172,12 +199,13 @@ class Run:
         return files
 
     def evaluate(self, reporter: Reporter) -> dict | None:
-        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, sampled and scored on
-        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to
-        metrics.jsonl."""
+        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, each rank sampling its
+        share of the prompts, right after they were exported at this step's checkpoint), score them on rank 0 and
+        append {"step", "eval"} to metrics.jsonl."""
         averaged, record = self.ema.full_state(), None
-        if self.evaluator is not None:
-            record = self.evaluator.evaluate(averaged, self.step)
+        if self.evaluator is not None:  # every rank samples its share; rank 0 scores
+            record = self.evaluator.evaluate(averaged, self.step, sync=lambda: barrier(self.d))
+        if record is not None:
             self.metrics.write({"step": self.step, "eval": record})
             plot_eval(self.folder / "metrics.jsonl", self.folder / "eval.png")
             if self.board is not None:
@@ -210,7 +238,8 @@ class Run:
             if self.board is not None:
                 self.board.flush()
 
-    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
+    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float, samples: int) -> None:
+        """`samples`: the step's batch over all ranks (its bucket's)."""
         if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
             self.metrics.write(
                 {
@@ -218,7 +247,7 @@ class Run:
                     "loss": loss,
                     "lr": lr_at(self.step - 1, self.config),
                     "grad_norm": grad_norm,
-                    "samples_per_s": self.config.global_batch / seconds,
+                    "samples_per_s": samples / seconds,
                     "seconds": seconds,
                     "memory_mb": peak_memory_mb(self.d),
                     "motion_free": motion_free,
@@ -234,6 +263,6 @@ class Run:
                         "train/loss": loss,
                         "train/lr": lr_at(self.step - 1, self.config),
                         "train/grad_norm": grad_norm,
-                        "train/samples_per_s": self.config.global_batch / seconds,
+                        "train/samples_per_s": samples / seconds,
                     },
                 )
