@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from gentron_cli.commands.prep import OLD_OUT_HELP, RANK_HELP, WORLD_HELP, StageCommand
+from gentron_cli.commands.prep import RANK_HELP, WORLD_HELP
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, output_folder, run_command
+from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 from pipelines.defaults import (
@@ -35,14 +35,11 @@ def _report(result: StageResult, output: Path) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("encode-latents", cls=StageCommand)
+    @app.command("encode-latents")
     def encode_latents_command(
         input: Path = typer.Argument(..., help="Folder of shards with mp4 clips and/or jpg/png images."),
-        out: Path | None = typer.Option(
-            None,
-            "--out",
-            "-o",
-            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Folder for the output shards (same names as the input shards); rerun to resume."
         ),
         vae: str = typer.Option(
             DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."
@@ -66,18 +63,15 @@ def register(app: typer.Typer) -> None:
             + NAMED_BUCKETS
             + ") or W x H sizes: 64x32,32x64,48x48 (sides multiples of the VAE's downsampling).",
         ),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
-
-        output = output_folder(out, old_output)
 
         def body():
             from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
 
             cfg = EncodeLatentsConfig(
                 input,
-                output,
+                out,
                 vae=vae,
                 resolution=resolution,
                 flip=flip,
@@ -89,18 +83,15 @@ def register(app: typer.Typer) -> None:
                 verify=verify,
                 buckets=buckets,
             )
-            _report(encode_latents(cfg, RichReporter()), output)
+            _report(encode_latents(cfg, RichReporter()), out)
 
         run_command(body)
 
-    @app.command("encode-text", cls=StageCommand)
+    @app.command("encode-text")
     def encode_text_command(
         input: Path = typer.Argument(..., help="Folder of shards with txt captions."),
-        out: Path | None = typer.Option(
-            None,
-            "--out",
-            "-o",
-            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Folder for the output shards (same names as the input shards); rerun to resume."
         ),
         clip: str = typer.Option(
             DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."
@@ -132,18 +123,15 @@ def register(app: typer.Typer) -> None:
         rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
         world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16), and the empty caption once."""
-
-        output = output_folder(out, old_output)
 
         def body():
             from pipelines.encode.text import EncodeTextConfig, encode_text
 
             cfg = EncodeTextConfig(
                 input,
-                output,
+                out,
                 clip=clip,
                 t5=t5,
                 encoders=encoders,
@@ -157,6 +145,6 @@ def register(app: typer.Typer) -> None:
                 world_size=world_size,
                 verify=verify,
             )
-            _report(encode_text(cfg, RichReporter()), output)
+            _report(encode_text(cfg, RichReporter()), out)
 
         run_command(body)

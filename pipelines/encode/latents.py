@@ -266,7 +266,7 @@ def encode_latents(
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
     cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text)  # recorded as parsed
     sizes = parse_buckets(cfg.buckets).sizes(cfg.resolution)  # refuses a budget the set cannot use
-    jobs = start_shard_stage(cfg, RESUME, batch_hint=4, upgrade=lambda previous: {"buckets": SQUARE} | previous)
+    jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
     if vae is None:
         vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
         reporter.log(
