@@ -39,7 +39,14 @@ from pipelines.model.configs import (
     text_inputs_from_data,
 )
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays
-from pipelines.model_folder import DataRecord, ModelFolder, PipelineRecord, VAERecord, check_weights
+from pipelines.model_folder import (
+    ConditioningRecord,
+    DataRecord,
+    ModelFolder,
+    PipelineRecord,
+    VAERecord,
+    check_weights,
+)
 from pipelines.progress import Reporter
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
@@ -143,6 +150,8 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
         if objective.config.name == "flow" and "learn_sigma" not in spec:
             text["learn_sigma"] = False  # a velocity model has no variance to learn
         cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
+        if config.condition_frames:
+            cfg["frame_conditioning"] = True
         model = GenTronTransformer.from_config(cfg)
     objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -186,6 +195,9 @@ def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) ->
     if becomes_video:
         reporter.log(f"initialising T2V from the T2I model {folder.path}: temporal layers start at zero")
         model = GenTronTransformer.from_t2i(model, **temporal)
+    if config.condition_frames and not model.config.frame_conditioning:
+        reporter.log(f"adding frame conditioning to the T2V model {folder.path}: its condition channels start at zero")
+        model = GenTronTransformer.from_t2v(model)
     return model
 
 
@@ -206,7 +218,21 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
             )
         if len(unmirrored) == len(sources):
             changes["flip"] = False
+    spec = config.condition_spec()
+    if spec is not None:  # the probabilities as they take effect
+        changes |= {"p_condition": spec.p, "condition_dropout": spec.dropout}
     return replace(config, **changes) if changes else config
+
+
+def check_condition_frames(config: TrainConfig, latent_shape: tuple[int, ...]) -> None:
+    """--condition-frames needs clips of enough latent frames that some are left to generate."""
+    spec = config.condition_spec()
+    if spec is not None and latent_shape[0] < spec.min_frames():
+        raise GentronError(
+            f"--condition-frames {spec.frames} gives {spec.min_frames() - 1} latent frame(s), but the training clips "
+            f"have {latent_shape[0]}: nothing would be left to generate",
+            f"train on clips of at least {spec.min_frames()} latent frames",
+        )
 
 
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
@@ -274,6 +300,9 @@ def pipeline_record(
             fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
+        conditioning=None
+        if (spec := config.condition_spec()) is None
+        else ConditioningRecord(frames=spec.frames, p=spec.p, dropout=spec.dropout, noise=spec.noise),
     )
 
 
@@ -306,6 +335,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
             f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there"
         )
     data = load_data(config, reporter)
+    check_condition_frames(config, data.latent_shape)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
@@ -373,6 +403,7 @@ def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dis
         buffer_size=config.shuffle_buffer,
         frames=config.frames,
         text_fields=text_fields_for(model_cfg, data.sources),
+        condition=config.condition_spec(),
     )
     return TrainStream(
         spec,
