@@ -25,6 +25,9 @@ from typing import Any, BinaryIO
 
 from pipelines.errors import GentronError, storage_error
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
+
 
 def temp_path(path: str | Path) -> Path:
     """The temporary name `path` is written under first (hidden, per process)."""
@@ -35,6 +38,25 @@ def temp_path(path: str | Path) -> Path:
 def disk_error(path: Path, exc: OSError) -> Exception:
     """A storage fault the user can fix as one message naming `path`; any other OSError unchanged."""
     return storage_error(exc, path) or exc
+
+
+@contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Writers that report a full disk without an errno (safetensors' and torch's serialisers) raise their own
+    errors: while the file system holding `path` is full, any error of the block is the "disk full" GentronError.
+    OSErrors a user can fix are mapped as everywhere (`disk_error`)."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(path, exc) from None
+    except Exception as exc:
+        stats = os.statvfs(Path(path).parent)
+        if stats.f_bavail * stats.f_frsize < FULL_DISK_BYTES:
+            raise GentronError(
+                f"disk full while writing {path} ({type(exc).__name__}: {exc})",
+                "free some space, then rerun the same command: finished work is kept",
+            ) from None
+        raise
 
 
 def quietly(cleanup: Callable[[], Any]) -> None:

@@ -27,14 +27,13 @@ from safetensors.torch import load_file
 from pipelines.data.schema import EMPTY_CAPTION_FILE
 from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir, atomic_write_json, file_sha256, read_json
+from pipelines.files import PICKLE_SUFFIXES, atomic_dir, atomic_write_json, file_sha256, read_json, storage_errors
 from pipelines.model.legacy import upgrade_pipeline_record
 
 EXPORTED_EMA, EXPORTED_RAW = "model", "model_raw"  # a run folder's exported models (EMA and raw weights)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained(safe_serialization=True) writes
 PIPELINE_FILE = "pipeline.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
 DEFAULT_FPS = 4.0  # the paper's clips; what a record without a frame rate means
 MODEL_HINT = "pass a model folder exported by `gentron train` (RUN/model), or re-export it"
 _RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, naming the VAE and text encoders)"
@@ -311,7 +310,7 @@ def export_model(
 
     model = GenTronTransformer.from_config(config)
     model.load_state_dict(weights, strict=True)
-    with atomic_dir(Path(folder)) as tmp:
+    with atomic_dir(Path(folder)) as tmp, storage_errors(Path(folder)):
         model.save_pretrained(tmp, safe_serialization=True)
         record.write(tmp)
         if empty_caption is not None:

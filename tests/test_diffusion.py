@@ -9,26 +9,18 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from tiny import perturbed, random_text, tiny_model
 from torch.distributions import Normal, kl_divergence
 
 from pipelines.diffusion import SAMPLERS, GaussianDiffusion, ObjectiveConfig, make_objective, make_scheduler, sample
 from pipelines.diffusion.gaussian import channel_dim
 from pipelines.errors import GentronError
-from pipelines.model.conditioning import TextCondition
 
 
 def dit_alphas_cumprod() -> np.ndarray:
     """DiT's linear schedule, computed the way DiT does (float64 numpy)."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     return np.cumprod(1.0 - betas)
-
-
-def random_text(batch: int, generator: torch.Generator) -> TextCondition:
-    return TextCondition(
-        tokens={"clip": torch.randn(batch, 5, 16, generator=generator)},
-        masks={"clip": torch.ones(batch, 5, dtype=torch.bool)},
-        pooled={"clip": torch.randn(batch, 16, generator=generator)},
-    )
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -189,7 +181,9 @@ def test_training_loss_without_learned_sigma(video):
     t = torch.tensor([5, 900])
     motion_free = torch.tensor([True, False]) if video else None
     model = LeafOutput(shape)
-    losses = diffusion.training_loss(model, x0, t, random_text(2, generator), motion_free=motion_free, noise=noise)
+    losses = diffusion.training_loss(
+        model, x0, t, random_text(2, seed=0, width=16, encoders=("clip",)), motion_free=motion_free, noise=noise
+    )
     x_in, t_in, mf_in = model.calls[0]
     assert torch.allclose(x_in, diffusion.q_sample(x0, t, noise))
     assert torch.equal(t_in, t) and mf_in is motion_free
@@ -211,7 +205,7 @@ def test_learned_sigma_loss_trains_variance_not_mean_through_vlb(video):
     out_shape = list(shape)
     out_shape[channel_dim] *= 2
     model = LeafOutput(tuple(out_shape))
-    text = random_text(2, generator)
+    text = random_text(2, seed=0, width=16, encoders=("clip",))
 
     losses = diffusion.training_loss(model, x0, t, text, noise=noise)
     eps, v = model.output.detach().split(4, dim=channel_dim)
@@ -273,7 +267,7 @@ def test_oracle_model_ends_at_x0_on_the_training_grid(objective_name, name, step
     generator = torch.Generator().manual_seed(4)
     x0 = torch.randn(2, 3, 4, 8, 8, generator=generator).clamp(-2, 2)
     noise = torch.randn(x0.shape, generator=generator)
-    text = random_text(2, generator)
+    text = random_text(2, seed=0, width=16, encoders=("clip",))
     oracle = Oracle(objective, x0)
     out = sample(
         oracle,
@@ -318,7 +312,7 @@ def test_ddpm_adds_no_noise_on_its_final_step(steps, v):
         oracle,
         make_scheduler("ddpm", objective, learned_sigma=True),
         torch.randn(x0.shape, generator=generator),
-        random_text(2, generator),
+        random_text(2, seed=0, width=16, encoders=("clip",)),
         steps=steps,
         cfg_scale=1.0,
         generator=torch.Generator().manual_seed(0),
@@ -385,7 +379,7 @@ def test_min_snr_weights_the_epsilon_loss():
     def model(x, t, text, motion_free=None):
         return torch.zeros_like(x)  # eps = 0: mse = mean(noise^2)
 
-    text = random_text(4, torch.Generator().manual_seed(2))
+    text = random_text(4, seed=2, width=16, encoders=("clip",))
     weighted, unweighted = objective.loss(model, x0, t, text, noise=noise), plain.loss(model, x0, t, text, noise=noise)
     alpha_bar = plain.diffusion.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
@@ -405,7 +399,7 @@ def test_flow_loss_is_the_velocity_error():
         seen["x"], seen["t"] = x, timestep
         return torch.zeros_like(x)
 
-    loss = objective.loss(model, x0, t, random_text(3, torch.Generator().manual_seed(2)), noise=noise)
+    loss = objective.loss(model, x0, t, random_text(3, seed=2, width=16, encoders=("clip",)), noise=noise)
     sigma = (t / 1000).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(seen["x"], (1 - sigma) * x0 + sigma * noise)
     assert torch.equal(seen["t"], t)
@@ -431,7 +425,7 @@ def test_ddpm_uses_the_learned_variance():
     GaussianDiffusion()
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn(2, 3, 4, 4, 4, generator=generator)  # video: T = 3, C = 4
-    text = random_text(2, generator)
+    text = random_text(2, seed=0, width=16, encoders=("clip",))
 
     def shrinking_model(v: float | None):
         def model(x, timestep, text, motion_free=None):
@@ -458,7 +452,7 @@ def test_ddpm_uses_the_learned_variance():
 def test_ddpm_per_sample_generators():
     """With one generator per sample, a sample's stochastic steps do not depend on its batch neighbours."""
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(8))
-    text = random_text(2, torch.Generator().manual_seed(9))
+    text = random_text(2, seed=9, width=16, encoders=("clip",))
     scheduler = make_scheduler("ddpm")
 
     def elementwise_model(x, timestep, text, motion_free=None):
@@ -479,7 +473,7 @@ def test_bad_sampler_settings_are_user_errors():
     with pytest.raises(GentronError, match="does not apply"):
         make_scheduler("ddim", make_objective(ObjectiveConfig(name="flow")))
     noise = torch.zeros(1, 4, 4, 4)
-    text = random_text(1, torch.Generator().manual_seed(0))
+    text = random_text(1, seed=0, width=16, encoders=("clip",))
     for steps in (0, 1001):
         with pytest.raises(GentronError, match="between 1 and 1000"):
             sample(lambda x, t, c, motion_free=None: x, make_scheduler("ddim"), noise, text, steps=steps, cfg_scale=1.0)
@@ -488,28 +482,7 @@ def test_bad_sampler_settings_are_user_errors():
 @pytest.fixture(scope="module")
 def tiny_video_model():
     """The real T/2 video model (learned sigma) with every weight perturbed away from its zero init."""
-    from pipelines.model.configs import model_config
-    from pipelines.model.gentron import GenTronTransformer
-
-    torch.manual_seed(0)
-    model = GenTronTransformer.from_config(model_config("T/2", temporal=True)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def tiny_model_text(batch: int, seed: int) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
-    clip_tokens = torch.randn(batch, 4, 32, generator=g)
-    clip_pooled = torch.randn(batch, 32, generator=g)
-    t5_tokens = torch.randn(batch, 5, 32, generator=g)
-    return TextCondition(
-        tokens={"clip": clip_tokens, "t5": t5_tokens},
-        masks={"clip": torch.ones(batch, 4, dtype=torch.bool), "t5": torch.ones(batch, 5, dtype=torch.bool)},
-        pooled={"clip": clip_pooled},
-    )
+    return perturbed(tiny_model(temporal=True), std=0.05)
 
 
 def epsilon_half(model):
@@ -519,7 +492,7 @@ def epsilon_half(model):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_samplers_with_the_real_model_are_seeded(tiny_video_model, name):
-    text, uncond = tiny_model_text(2, 0), tiny_model_text(2, 1)
+    text, uncond = random_text(2, 0, clip_len=4, t5_len=5), random_text(2, 1, clip_len=4, t5_len=5)
     objective = make_objective(ObjectiveConfig(name="flow" if name == "euler" else "ddpm"))
     learned_sigma = tiny_video_model.config.learn_sigma and name != "euler"
     model = tiny_video_model if learned_sigma == tiny_video_model.config.learn_sigma else epsilon_half(tiny_video_model)

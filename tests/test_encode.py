@@ -21,15 +21,9 @@ from pipelines.data.shards import ShardWriter, iter_shard, list_shards
 from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
 from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
-from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model.vae import load_vae
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_encoders(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 def _frames(t, h, w, seed):
@@ -135,7 +129,7 @@ def test_encode_latents_pixel_round_trip_flip_and_failures(tmp_path):
         assert latent["crop"]["source_size"] == list(source.shape[1:3])
 
 
-def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
+def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny_encoders):
     samples = [
         ("c0", _sample("clip", 0, h=16, w=16)),
         ("i1", _sample("png", 1, h=16, w=16)),
@@ -143,9 +137,11 @@ def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
     ]
     inp = _write_shards(tmp_path / "in", [samples])
     out = tmp_path / "out"
-    res = encode_latents(EncodeLatentsConfig(inp, out, vae=str(tiny["vae"]), resolution=16, batch_size=3, device="cpu"))
+    res = encode_latents(
+        EncodeLatentsConfig(inp, out, vae=str(tiny_encoders["vae"]), resolution=16, batch_size=3, device="cpu")
+    )
     assert res.samples_out == 3
-    vae = load_vae(str(tiny["vae"]), device="cpu")
+    vae = load_vae(str(tiny_encoders["vae"]), device="cpu")
     for _key, fields in _read(out)["000000.tar"]:
         frames = (
             media.decode_clip(fields[schema.VIDEO])
@@ -165,7 +161,9 @@ def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
         latent = schema.decode_json(fields[schema.META])["latent"]
         assert (latent["channels"], latent["downsample"], latent["scaling_factor"]) == (4, 8, vae.scaling_factor)
     with pytest.raises(Exception) as err:
-        encode_latents(EncodeLatentsConfig(inp, tmp_path / "x", vae=str(tiny["vae"]), resolution=20, device="cpu"))
+        encode_latents(
+            EncodeLatentsConfig(inp, tmp_path / "x", vae=str(tiny_encoders["vae"]), resolution=20, device="cpu")
+        )
     assert "multiple of the VAE's downsampling factor 8" in str(err.value)
 
 
@@ -173,7 +171,7 @@ def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny):
 # encode-text
 
 
-def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, tiny):
+def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, tiny_encoders):
     long_caption = " ".join(["photo"] * 120)  # over 77 CLIP tokens and 120 bytes
     captions = {
         "k0": "a red car at night",
@@ -191,7 +189,7 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     shard1 = [("k6", _sample("none", 6, "two people in a park")), ("bad", bad), ("nocap", no_caption)]
     inp = _write_shards(tmp_path / "in", [shard0, shard1])
     out = tmp_path / "out"
-    encoders = TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), device="cpu")
+    encoders = TextEncoders(clip=str(tiny_encoders["clip"]), t5=str(tiny_encoders["t5"]), device="cpu")
     res = encode_text(EncodeTextConfig(inp, out, batch_size=2), encoders=encoders)
     assert (res.samples_in, res.samples_out, res.failed) == (9, 5, 4)
     assert res.summary["failures_by_reason"] == {"caption_not_utf8": 1, "empty_caption": 2, "no_caption": 1}
@@ -213,7 +211,7 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
         text = schema.decode_json(fields[schema.META])["text"]
         assert text["tokens"] == {"clip": len(direct["clip"]), "t5": len(direct["t5"])}
         assert text["truncated"] == (["clip", "t5"] if key == "k4" else [])
-        assert text["clip"]["name"] == str(tiny["clip"]) and text["t5"]["max_length"] == 120
+        assert text["clip"]["name"] == str(tiny_encoders["clip"]) and text["t5"]["max_length"] == 120
 
     empty = out / schema.EMPTY_CAPTION_FILE
     with np.load(empty) as stored:
@@ -227,7 +225,7 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     assert (res2.done, res2.skipped) == (1, 1)
     assert (empty.stat().st_ino, empty.stat().st_mtime_ns) == before  # written once per folder
     assert not list(out.glob(".*tmp*"))
-    t5_only = TextEncoders(clip=None, t5=str(tiny["t5"]), device="cpu")
+    t5_only = TextEncoders(clip=None, t5=str(tiny_encoders["t5"]), device="cpu")
     with pytest.raises(Exception) as err:  # the folder was made with other encoders (its options record says so)
         encode_text(EncodeTextConfig(inp, out, encoders="t5"), encoders=t5_only)
     assert "different options (encoders)" in str(err.value)
@@ -236,12 +234,12 @@ def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, t
     assert "empty_caption.npz" in str(err.value)
 
 
-def test_encode_text_carries_latent_fields_of_a_chained_stage(tmp_path, tiny):
+def test_encode_text_carries_latent_fields_of_a_chained_stage(tmp_path, tiny_encoders):
     inp = _write_shards(tmp_path / "in", [[("c0", _sample("clip", 0)), ("i1", _sample("png", 1))]])
     latents = tmp_path / "latents"
     encode_latents(EncodeLatentsConfig(inp, latents, vae="pixel", resolution=16))
     out = tmp_path / "text"
-    encode_text(EncodeTextConfig(latents, out, clip=str(tiny["clip"]), encoders="clip", device="cpu"))
+    encode_text(EncodeTextConfig(latents, out, clip=str(tiny_encoders["clip"]), encoders="clip", device="cpu"))
     _assert_input_fields_carried(latents, out)
     for _, fields in _read(out)["000000.tar"]:
         meta = schema.decode_json(fields[schema.META])
@@ -266,7 +264,7 @@ def _cli_app():
     return app
 
 
-def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny):
+def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny_encoders):
     runner = CliRunner()
     result = runner.invoke(
         _cli_app(), ["encode-latents", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--vae", "pixel"]
@@ -298,9 +296,9 @@ def test_cli_runs_and_errors_are_one_clear_message(tmp_path, tiny):
         "--out",
         str(tmp_path / "o3"),
         "--clip",
-        str(tiny["clip"]),
+        str(tiny_encoders["clip"]),
         "--t5",
-        str(tiny["t5"]),
+        str(tiny_encoders["t5"]),
         "--device",
         "cpu",
     ]

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from tiny import TINY_SPEC
 from train_data import sample_fields, write_empty_caption
 from typer.testing import CliRunner
 
@@ -31,7 +32,6 @@ from pipelines.train.evaluation import TrainingEvaluator
 from pipelines.train.metrics import read_metrics
 from pipelines.train.trainer import TrainConfig, train
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 IMAGE_PROMPTS = "a red square in the top left\n# a comment\na blue square in the bottom right\n"
 VIDEO_PROMPTS = "a green square moving left\na yellow square moving up\n"
 EVAL_KEYS = {"samples", "seconds"}
@@ -124,7 +124,7 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
         "--out",
         run,
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         4,
         "--global-batch",
@@ -264,7 +264,7 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         stage="t2v",
         image_data=str(setup["images"]),
         video_data=str(setup["videos"]),
-        model=TINY,
+        model=TINY_SPEC,
         steps=4,
         global_batch=4,
         lr=3e-3,
@@ -373,7 +373,7 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path, setup, extra, mes
         "--out",
         tmp_path / "run",
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         2,
         "--global-batch",
@@ -403,7 +403,7 @@ def test_log_to_tensorboard_without_the_package_names_the_extra(tmp_path, setup,
         "--out",
         tmp_path / "run",
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         1,
         "--log-to",
@@ -441,7 +441,7 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
         TrainConfig(
             output=str(run),
             image_data=str(data),
-            model=TINY,
+            model=TINY_SPEC,
             steps=2,
             global_batch=4,
             checkpoint_every=2,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import perturbed, random_text, tiny_model
 
 from pipelines.diffusion import guided_prediction, make_scheduler, sample
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 
 BATCH, FRAMES, CHANNELS, SIZE = 2, 3, 4, 8
@@ -19,28 +19,12 @@ def randomised_tiny_model(temporal: bool, learn_sigma: bool = True) -> GenTronTr
     """The T/2 model in float64 with every weight perturbed, so zero-initialised paths (adaLN-Zero,
     TempSelfAttn, cross-attention and final projections) all contribute to the output. float64 keeps
     batched-versus-separate rounding far below the tolerances, so the comparisons are tight."""
-    torch.manual_seed(0)
-    model = (
-        GenTronTransformer.from_config(model_config("T/2", temporal=temporal, learn_sigma=learn_sigma)).double().eval()
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return perturbed(tiny_model(temporal=temporal, learn_sigma=learn_sigma).double(), std=0.2)
 
 
 def tiny_text(batch: int, seed: int) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
-    clip_tokens = torch.randn(batch, 6, 32, generator=g)
-    clip_pooled = torch.randn(batch, 32, generator=g)
-    t5_tokens = torch.randn(batch, 7, 32, generator=g)
-    text = TextCondition(
-        tokens={"clip": clip_tokens, "t5": t5_tokens},
-        masks={"clip": torch.ones(batch, 6, dtype=torch.bool), "t5": torch.arange(7).expand(batch, 7) < 5},
-        pooled={"clip": clip_pooled},
-    )
-    return text.to(dtype=torch.float64)
+    """Random CLIP and T5 text (5 of 7 T5 tokens valid) in float64, as the model runs here."""
+    return random_text(batch, seed, clip_len=6, t5_len=7, t5_valid=[5] * batch).to(dtype=torch.float64)
 
 
 class CountingModel:

@@ -9,6 +9,7 @@ import os
 import pathlib
 
 import pytest
+from tiny import TINY_SPEC
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -297,8 +298,6 @@ def test_every_command_a_message_names_exists():
 
 # --------------------------------------------------------------------------- training and model folders
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
-
 
 def _train_config(tmp_path, images, **kw):
     from pipelines.train.trainer import TrainConfig
@@ -306,7 +305,7 @@ def _train_config(tmp_path, images, **kw):
     defaults = dict(
         output=str(tmp_path / "run"),
         image_data=str(images),
-        model=TINY,
+        model=TINY_SPEC,
         steps=2,
         global_batch=4,
         lr=1e-3,
@@ -500,7 +499,7 @@ def test_a_second_train_into_a_run_folder_is_refused_naming_the_holder(tmp_path,
             "--image-data",
             str(images),
             "--model",
-            TINY,
+            TINY_SPEC,
             "-o",
             str(run),
             "--steps",

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_SPEC
 from train_data import sample_fields
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
@@ -26,7 +27,6 @@ from pipelines.model.tiny import TINY_LLM_DIM, build_tiny_llm, build_tiny_t5
 
 CAPTIONS = ["a cat", "a dog running on the beach at sunset, filmed from a drone", "ünïcödé 🙂"]
 TEXT_FIELDS = (schema.CLIP_TOKENS, schema.CLIP_POOLED, schema.T5_TOKENS)
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,24 @@ def test_padding_is_right_and_masked_and_long_captions_are_cut(llm):
     assert (cond.tokens["llm"][~cond.masks["llm"]] == 0).all()
 
 
+def test_a_tokenizer_without_bos_still_encodes_the_empty_caption(tmp_path):
+    """Qwen2's tokenizer adds no BOS: "" tokenizes to nothing. The empty caption (the unconditional text of guidance)
+    and any caption that tokenizes to nothing are read as their EOS token alone; other captions are unchanged."""
+    folder = build_tiny_llm(tmp_path / "qwen-like", seed=4, add_bos=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("")["input_ids"] == [] and tokenizer.bos_token_id not in tokenizer("a red fox")["input_ids"]
+    encoders = TextEncoders(llm=str(folder), device="cpu")
+    empty, caption = encoders.encode(["", CAPTIONS[0]])
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        eos = model(input_ids=torch.tensor([[tokenizer.eos_token_id]]), output_hidden_states=True).hidden_states[-1]
+    assert empty["llm"].shape == (1, TINY_LLM_DIM)
+    np.testing.assert_allclose(empty["llm"].astype(np.float32), eos[0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        caption["llm"].astype(np.float32), direct_states(folder, CAPTIONS[0], -1), atol=2e-3, rtol=2e-3
+    )
+
+
 def test_refuses_what_is_not_a_decoder_only_model(tmp_path, llm):
     with pytest.raises(GentronError, match="not a decoder-only language model"):
         TextEncoders(llm=str(build_tiny_t5(tmp_path / "t5")), device="cpu")
@@ -122,7 +140,7 @@ def test_t2i_trains_and_samples_with_the_llm_alone(tmp_path, llm):
         "--out",
         run,
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         2,
         "--global-batch",

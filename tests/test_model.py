@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import perturbed, random_text, tiny_model
 
 from pipelines.errors import GentronError
 from pipelines.model import GenTronTransformer, TextCondition, model_config
@@ -15,33 +16,12 @@ TEXT_DIM = 32  # T/2 pairs with 32-d tiny text encoders
 
 
 def tiny(**overrides) -> GenTronTransformer:
-    torch.manual_seed(0)
-    return GenTronTransformer.from_config(model_config("T/2", **overrides)).eval()
-
-
-def randomize(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> torch.nn.Module:
-    """Non-zero weights everywhere (zero-init layers included) so equivalences are not trivially 0 == 0."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model
+    return tiny_model(**overrides).eval()
 
 
 def make_text(batch: int, seed: int = 0, clip_len: int = 5, t5_len: int = 7) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    clip_mask = torch.ones(batch, clip_len, dtype=torch.bool)
-    t5_mask = torch.ones(batch, t5_len, dtype=torch.bool)
-    t5_mask[0, -2:] = False  # sample 0 has a shorter T5 caption
-    # drawn in this order: CLIP tokens, CLIP pooled, T5 tokens
-    clip_tokens = torch.randn(batch, clip_len, TEXT_DIM, generator=g)
-    clip_pooled = torch.randn(batch, TEXT_DIM, generator=g)
-    t5_tokens = torch.randn(batch, t5_len, TEXT_DIM, generator=g)
-    return TextCondition(
-        tokens={"clip": clip_tokens, "t5": t5_tokens},
-        masks={"clip": clip_mask, "t5": t5_mask},
-        pooled={"clip": clip_pooled},
-    )
+    """Random text; sample 0 has a shorter T5 caption (two padding tokens)."""
+    return random_text(batch, seed, clip_len, t5_len, t5_valid=[t5_len - 2] + [t5_len] * (batch - 1))
 
 
 def changed(text: TextCondition, part: str, name: str, value) -> TextCondition:
@@ -89,7 +69,7 @@ def test_init_predicts_zero_and_every_block_is_identity():
 
 
 def test_t2v_from_t2i_is_t2i_per_frame(tmp_path):
-    t2i = randomize(tiny())
+    t2i = perturbed(tiny())
     t2v = GenTronTransformer.from_t2i(t2i).eval()
     assert t2v.config.temporal and not t2i.config.temporal
     t2i_state, t2v_state = t2i.state_dict(), t2v.state_dict()
@@ -122,7 +102,7 @@ def test_from_t2i_rejects_overrides_that_change_shared_weights():
 
 @pytest.fixture(scope="module")
 def video_model() -> GenTronTransformer:
-    model = randomize(tiny(temporal=True), seed=3)
+    model = perturbed(tiny(temporal=True), seed=3)
     with torch.no_grad():  # sharper temporal attention, so frame positions visibly matter
         for block in model.blocks:
             block.temporal_attn.qkv.weight.mul_(5)
@@ -199,7 +179,7 @@ def test_identical_frames_still_know_their_index(video_model):
 
 
 def test_padding_tokens_do_not_change_output_but_text_does():
-    model = randomize(tiny(), seed=4)
+    model = perturbed(tiny(), seed=4)
     x, t, text = inputs()
     g = torch.Generator().manual_seed(9)
     padded = TextCondition(
@@ -225,7 +205,7 @@ def test_padding_tokens_do_not_change_output_but_text_does():
 
 
 def test_caption_without_tokens_gives_finite_output_independent_of_garbage():
-    model = randomize(tiny(), seed=5)
+    model = perturbed(tiny(), seed=5)
     x, t, text = inputs()
     empty = TextCondition(text.tokens, {name: torch.zeros_like(m) for name, m in text.masks.items()}, text.pooled)
     other = TextCondition({"clip": text.tokens["clip"] * -3, "t5": text.tokens["t5"] * 5}, empty.masks, text.pooled)
@@ -237,7 +217,7 @@ def test_caption_without_tokens_gives_finite_output_independent_of_garbage():
 
 def test_adaln_mode_uses_every_encoder_through_the_pooled_vector():
     """adaLN with CLIP and T5 reads CLIP's pooled vector and T5's token mean (the old code dropped T5 silently)."""
-    model = randomize(tiny(text_conditioning="adaln"), seed=6)
+    model = perturbed(tiny(text_conditioning="adaln"), seed=6)
     assert model.blocks[0].cross_attn is None and not model.token_embedders
     assert set(model.pooled_embedders) == {"clip", "t5"}
     assert required_text_arrays(model.config) == ("clip_pooled", "t5")
@@ -260,7 +240,7 @@ def test_adaln_refuses_an_encoder_it_would_not_read():
 
 
 def test_t5_only_pools_the_masked_mean_of_t5_tokens():
-    model = randomize(tiny(text_inputs={"t5": {"dim": TEXT_DIM}}, text_conditioning="adaln"), seed=7)
+    model = perturbed(tiny(text_inputs={"t5": {"dim": TEXT_DIM}}, text_conditioning="adaln"), seed=7)
     x, t, text = inputs()
     t5_only = TextCondition(tokens={"t5": text.tokens["t5"]}, masks={"t5": text.masks["t5"]})
     padded_garbage = TextCondition(tokens={"t5": text.tokens["t5"].clone()}, masks={"t5": text.masks["t5"]})
@@ -275,7 +255,7 @@ def test_t5_only_pools_the_masked_mean_of_t5_tokens():
 def test_three_encoders_of_different_widths_cross_attention():
     """Any set of named encoders: each gets its own projection, and every one shapes the output."""
     inputs_ = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}, "llm": {"dim": 24}}
-    model = randomize(tiny(text_inputs=inputs_), seed=13)
+    model = perturbed(tiny(text_inputs=inputs_), seed=13)
     assert model.config.text_inputs["llm"] == {
         "dim": 24,
         "pooled": False,
@@ -304,7 +284,7 @@ def test_text_mismatch_is_a_clear_error():
 
 
 def test_resolutions_non_square_and_learned_sigma():
-    model = randomize(tiny(), seed=8)
+    model = perturbed(tiny(), seed=8)
     _, t, text = inputs()
     with torch.no_grad():
         for h, w in [(8, 12), (16, 16), (32, 32)]:
@@ -320,7 +300,7 @@ def test_resolutions_non_square_and_learned_sigma():
 
 
 def test_temporal_model_accepts_images_as_one_frame():
-    model = randomize(tiny(temporal=True), seed=9)
+    model = perturbed(tiny(temporal=True), seed=9)
     x, t, text = inputs()
     with torch.no_grad():
         image = model(x, t, text)
@@ -349,7 +329,7 @@ def test_config_exposes_what_other_stages_read():
 
 
 def test_save_and_load_give_identical_outputs(tmp_path):
-    model = randomize(tiny(temporal=True), seed=10)
+    model = perturbed(tiny(temporal=True), seed=10)
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "config.json").is_file()
     assert list((tmp_path / "m").glob("*.safetensors"))
@@ -361,7 +341,7 @@ def test_save_and_load_give_identical_outputs(tmp_path):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    model = randomize(tiny(temporal=True), seed=11).train()
+    model = perturbed(tiny(temporal=True), seed=11).train()
     x, t, text = inputs(frames=3)
     mf = torch.tensor([True, False])
 
@@ -394,7 +374,7 @@ def test_meta_parameter_count_equals_real(overrides):
 
 
 def test_bf16_autocast_runs_and_stays_close_to_float32():
-    model = randomize(tiny(temporal=True), seed=12)
+    model = perturbed(tiny(temporal=True), seed=12)
     x, t, text = inputs(frames=2)
     text.masks["clip"][1] = False  # one caption without tokens: the -inf bias must not give NaN in bf16
     mf = torch.tensor([True, False])
@@ -423,7 +403,7 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     assert text_fields_for(cfg, [source]) == (schema.CLIP_POOLED, schema.T5_TOKENS)
     with pytest.raises(GentronError, match="t5.npy"):
         text_fields_for(cfg, [SimpleNamespace(text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS), folder="data")])
-    model = randomize(GenTronTransformer.from_config(cfg))
+    model = perturbed(GenTronTransformer.from_config(cfg))
     x, t, text = inputs()
     with pytest.raises(GentronError, match="'t5'"):
         model(x, t, changed(text, "tokens", "t5", None))

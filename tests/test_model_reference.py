@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import perturbed, random_text, tiny_model
 
-from pipelines.model import GenTronTransformer, TextCondition, model_config
+from pipelines.model import GenTronTransformer, TextCondition
 from pipelines.model.gentron import rope_cos_sin, sincos_1d, sincos_2d
 
 TEXT_DIM = 32
@@ -23,27 +24,11 @@ C = 4
 
 
 def random_model(temporal: bool) -> GenTronTransformer:
-    torch.manual_seed(0)
-    model = GenTronTransformer.from_config(model_config("T/2", depth=2, temporal=temporal))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():  # zero-init layers too, so no branch is trivially zero
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.train()
+    return perturbed(tiny_model(depth=2, temporal=temporal), seed=3).train()  # zero-init layers too: no trivial branch
 
 
 def text_for(batch: int) -> TextCondition:
-    g = torch.Generator().manual_seed(5)
-    clip_mask = torch.ones(batch, 5, dtype=torch.bool)
-    t5_mask = torch.arange(7).expand(batch, 7) < torch.randint(2, 8, (batch, 1), generator=g)
-    return TextCondition(
-        tokens={
-            "clip": torch.randn(batch, 5, TEXT_DIM, generator=g),
-            "t5": torch.randn(batch, 7, TEXT_DIM, generator=g),
-        },
-        masks={"clip": clip_mask, "t5": t5_mask},
-        pooled={"clip": torch.randn(batch, TEXT_DIM, generator=g)},
-    )
+    return random_text(batch, seed=5, t5_valid=[7, 2, 5, 3][:batch])
 
 
 def attention(q, k, v, bias=None):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import perturbed
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -27,7 +28,6 @@ from pipelines.diffusion.objective import make_scheduler
 from pipelines.model.configs import model_config
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model.text_encoders import TextEncoders
-from pipelines.model.tiny import build_tiny_encoders
 from pipelines.model_folder import export_model
 from pipelines.sample import outputs
 from pipelines.sample.pipeline import Generation, SamplingPipeline
@@ -39,15 +39,6 @@ runner = CliRunner()
 VIDEO_FRAMES, VIDEO_RES = 4, 16  # pixel VAE: latents are the 16x16 frames themselves
 TRAINED_STEPS = 7  # what the exported folders record as their training step
 IMAGE_RES = 32  # tiny 8x VAE: 4 x 4 x 4 latents
-
-
-def perturbed_model(config: dict, seed: int) -> GenTronTransformer:
-    torch.manual_seed(seed)
-    model = GenTronTransformer.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def export_tiny_model(
@@ -75,25 +66,20 @@ def export_tiny_model(
     shard_meta = {"latent": latent_meta, "text": text.metadata(), "prep": {"fps": 4.0}}
     pipeline = pipeline_record(TrainConfig(stage=stage), config, shard_meta, latent_shape, trained_with)
     pipeline = replace(pipeline, step=TRAINED_STEPS)
-    model = perturbed_model(config, seed)
+    model = perturbed(GenTronTransformer.from_config(config), seed)
     scheduler = trained_with.scheduler(learned_sigma=config["learn_sigma"])
     export_model(config, model.state_dict(), folder / "run" / "model", pipeline, empty_path, scheduler)
     return folder / "run"
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory) -> dict[str, Path]:
-    return build_tiny_encoders(tmp_path_factory.mktemp("encoders"), seed=0)
+def video_run(tmp_path_factory, tiny_encoders) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("video"), tiny_encoders, "t2v", "pixel")
 
 
 @pytest.fixture(scope="module")
-def video_run(tmp_path_factory, encoders) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("video"), encoders, "t2v", "pixel")
-
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory, encoders) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("image"), encoders, "t2i", "tiny")
+def image_run(tmp_path_factory, tiny_encoders) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("image"), tiny_encoders, "t2i", "tiny")
 
 
 def run_cli(*args: str):
@@ -231,12 +217,12 @@ def test_cli_video_outputs_grid_and_sidecar_regeneration(video_run, tmp_path):
     assert read_mp4(again / "0001_a-blue-car.mp4").shape == read_mp4(out / "0001_a-blue-car.mp4").shape
 
 
-def test_the_sampler_follows_the_recorded_objective(tmp_path, encoders, image_run):
+def test_the_sampler_follows_the_recorded_objective(tmp_path, tiny_encoders, image_run):
     """A flow model samples with its Euler flow scheduler and its recorded shift, refuses DDPM samplers; a model
     folder from before objectives were recorded samples as DDPM (ddim)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow_run = export_tiny_model(tmp_path / "flow", encoders, "t2i", "tiny", objective="flow")
+    flow_run = export_tiny_model(tmp_path / "flow", tiny_encoders, "t2i", "tiny", objective="flow")
     saved = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_run / "model" / "scheduler")
     assert saved.config.shift == 2.0
     result = run_cli("--model", flow_run, "--prompt", "a red circle", "--out", tmp_path / "flow-out", "--steps", 3)

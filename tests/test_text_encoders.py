@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from pipelines.errors import GentronError
@@ -18,29 +19,27 @@ CAPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"clip": build_tiny_clip(root / "clip", seed=0), "t5": build_tiny_t5(root / "t5", seed=1)}
+def encoders(tiny_encoders):
+    return TextEncoders(
+        clip=str(tiny_encoders["clip"]), t5=str(tiny_encoders["t5"]), settings={"t5": {"max_length": 40}}, device="cpu"
+    )
 
 
-@pytest.fixture(scope="module")
-def encoders(tiny):
-    return TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), settings={"t5": {"max_length": 40}}, device="cpu")
-
-
-def test_tiny_encoders_are_deterministic_per_seed(tmp_path, tiny):
+def test_tiny_encoders_are_deterministic_per_seed(tmp_path, tiny_encoders):
     for name, build, seed in (("clip", build_tiny_clip, 0), ("t5", build_tiny_t5, 1)):
         same, other = build(tmp_path / f"{name}_same", seed=seed), build(tmp_path / f"{name}_other", seed=seed + 10)
         for file in ("model.safetensors", "config.json"):
-            assert (same / file).read_bytes() == (tiny[name] / file).read_bytes()
-        assert (other / "model.safetensors").read_bytes() != (tiny[name] / "model.safetensors").read_bytes()
-    assert (tmp_path / "clip_same" / "tokenizer.json").read_bytes() == (tiny["clip"] / "tokenizer.json").read_bytes()
+            assert (same / file).read_bytes() == (tiny_encoders[name] / file).read_bytes()
+        assert (other / "model.safetensors").read_bytes() != (tiny_encoders[name] / "model.safetensors").read_bytes()
+    assert (tmp_path / "clip_same" / "tokenizer.json").read_bytes() == (
+        tiny_encoders["clip"] / "tokenizer.json"
+    ).read_bytes()
 
 
-def test_clip_tokens_equal_direct_calls_and_padding_is_dropped(tiny, encoders):
+def test_clip_tokens_equal_direct_calls_and_padding_is_dropped(tiny_encoders, encoders):
     out = encoders.encode(CAPTIONS)
-    tokenizer = AutoTokenizer.from_pretrained(tiny["clip"])
-    model = CLIPTextModel.from_pretrained(tiny["clip"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoders["clip"])
+    model = CLIPTextModel.from_pretrained(tiny_encoders["clip"]).eval()
     with torch.no_grad():
         padded = tokenizer(CAPTIONS, padding="max_length", max_length=77, return_tensors="pt")
         padded_states = model(input_ids=padded.input_ids).last_hidden_state.numpy()
@@ -60,10 +59,10 @@ def test_clip_tokens_equal_direct_calls_and_padding_is_dropped(tiny, encoders):
     assert padded.attention_mask[0].sum() < 77  # the batch really was padded
 
 
-def test_t5_tokens_equal_a_run_padded_to_max_length(tiny, encoders):
+def test_t5_tokens_equal_a_run_padded_to_max_length(tiny_encoders, encoders):
     out = encoders.encode(CAPTIONS)
-    tokenizer = AutoTokenizer.from_pretrained(tiny["t5"])
-    model = T5EncoderModel.from_pretrained(tiny["t5"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoders["t5"])
+    model = T5EncoderModel.from_pretrained(tiny_encoders["t5"]).eval()
     batch = tokenizer(CAPTIONS, padding="max_length", max_length=40, truncation=True, return_tensors="pt")
     with torch.no_grad():
         states = model(**batch).last_hidden_state.numpy()
@@ -87,12 +86,12 @@ def test_truncation_is_reported_exactly_at_the_limit(encoders):
     np.testing.assert_array_equal(cut["clip_pooled"], cut["clip"][-1])  # EOS kept at the end of a cut caption
 
 
-def test_dims_metadata_selection_and_collate(tiny, encoders):
+def test_dims_metadata_selection_and_collate(tiny_encoders, encoders):
     assert encoders.text_inputs == {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}
     meta = encoders.metadata()
-    assert meta["encoders"] == ["clip", "t5"] and meta["clip"]["name"] == str(tiny["clip"])
+    assert meta["encoders"] == ["clip", "t5"] and meta["clip"]["name"] == str(tiny_encoders["clip"])
     assert (meta["clip"]["max_length"], meta["t5"]["max_length"], meta["t5"]["dim"]) == (77, 40, 32)
-    t5_only = TextEncoders(clip=None, t5=str(tiny["t5"]), settings={"t5": {"max_length": 40}}, device="cpu")
+    t5_only = TextEncoders(clip=None, t5=str(tiny_encoders["t5"]), settings={"t5": {"max_length": 40}}, device="cpu")
     assert t5_only.text_inputs == {"t5": {"dim": 32}} and set(t5_only.encode(["a"])[0]) == {"t5"}
     np.testing.assert_array_equal(t5_only.encode(CAPTIONS)[1]["t5"], encoders.encode(CAPTIONS)[1]["t5"])
     cond = TextCondition.collate(encoders.encode(CAPTIONS))
@@ -109,15 +108,15 @@ def test_dims_metadata_selection_and_collate(tiny, encoders):
         TextEncoders(clip=None, t5=None)
 
 
-def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
+def test_loading_errors_name_the_model(tmp_path, tiny_encoders, monkeypatch):
     with pytest.raises(GentronError) as err:
         TextEncoders(clip=str(tmp_path / "missing_clip"), t5=None)
     assert "missing_clip" in err.value.message and "not found" in err.value.message
     with pytest.raises(GentronError) as err:
         TextEncoders(
-            clip=str(tiny["t5"]), t5=None
+            clip=str(tiny_encoders["t5"]), t5=None
         )  # a T5 folder given as CLIP would otherwise load with random weights
-    assert "'t5'" in err.value.message and str(tiny["t5"]) in err.value.message
+    assert "'t5'" in err.value.message and str(tiny_encoders["t5"]) in err.value.message
     with pytest.raises(GentronError) as err:
         TextEncoders(clip="open_clip:ViT-L-14:openai", t5=None)  # open_clip is not installed here (no CPU torchvision)
     assert "open_clip" in err.value.message and "openclip" in err.value.hint
@@ -129,16 +128,31 @@ def test_loading_errors_name_the_model(tmp_path, tiny, monkeypatch):
     assert "'no-such-owner/no-such-t5' not found locally and could not be downloaded" in err.value.message
 
 
-def test_loading_draws_no_weight_bar_and_restores_the_hook(tiny, capfd):
+def test_loading_draws_no_weight_bar_and_restores_the_hook(tiny_encoders, capfd):
     """transformers' "Loading weights" tqdm bar would tear the Rich progress display of encode-text."""
     from transformers.utils import logging as hf_logging
 
     capfd.readouterr()
-    TextEncoders(clip=str(tiny["clip"]), t5=str(tiny["t5"]), device="cpu")
+    TextEncoders(clip=str(tiny_encoders["clip"]), t5=str(tiny_encoders["t5"]), device="cpu")
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
     # the hook is ours only while loading: a direct transformers call still draws its bar
     previous = hf_logging.set_tqdm_hook(None)
     assert previous is None
-    T5EncoderModel.from_pretrained(str(tiny["t5"]))
+    T5EncoderModel.from_pretrained(str(tiny_encoders["t5"]))
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_weights_stored_as_a_pickle_are_refused_by_name(tmp_path, tiny_encoders):
+    """A folder whose weights are a pickle (pytorch_model.bin) can run code when loaded: one message, no load."""
+    import shutil
+
+    folder = tmp_path / "pickled-clip"
+    shutil.copytree(tiny_encoders["clip"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(GentronError) as err:
+        TextEncoders(clip=str(folder), t5=None, device="cpu")
+    assert "pytorch_model.bin" in err.value.message and "pickle" in err.value.message
+    assert str(folder) in err.value.message

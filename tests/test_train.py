@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import TINY_SPEC
 from train_data import truncate, write_dataset
 from typer.testing import CliRunner
 
@@ -38,8 +39,6 @@ from pipelines.train.trainer import train
 
 runner = CliRunner()
 
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -53,7 +52,7 @@ def base(tmp_path, images, **kw) -> TrainConfig:
     defaults = dict(
         output=str(tmp_path / "run"),
         image_data=str(images),
-        model=TINY,
+        model=TINY_SPEC,
         steps=8,
         global_batch=4,
         lr=3e-3,
@@ -331,6 +330,30 @@ def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tm
     assert len(named) == 2 and "000000.tar" in named[0] and "non_finite" in named[0]  # once per run
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_message(tmp_path, monkeypatch):
+    """safetensors and torch.save report a full disk in their own exceptions, without an errno: while the file
+    system is full, the failed save is the "disk full" message, and the previous checkpoint stays."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {}, {"step": 1}, keep=3)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
+    with pytest.raises(GentronError) as err:
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+    assert "disk full while writing" in err.value.message and "step_0000002" in err.value.message
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
+    # with space left, the same failure is a bug of its own and keeps its type and traceback
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1 << 20, f_frsize=4096))
+    with pytest.raises(SafetensorError):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"w": torch.zeros(2)}, {}, {"step": 2}, keep=1)
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(
         tmp_path, 1, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"x": torch.zeros(1)}, {"step": 1}, keep=3
@@ -474,7 +497,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_
     (not the last periodic one), one line says so, the exit code is 143, and the same command continues."""
     images, _ = data
     run = tmp_path / "preempted"
-    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY, "--steps", "40"]
+    args = ["train", "--image-data", str(images), "--out", str(run), "--model", TINY_SPEC, "--steps", "40"]
     args += ["--global-batch", "4", "--lr", "3e-3", "--num-workers", "0", "--checkpoint-every", "1000"]
     args += ["--log-every", "1", "--ema-decay", "0.9"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -493,7 +516,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_
     assert json.loads((run / "model" / "pipeline.json").read_text())["step"] == int(saved.name[5:])
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
-    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=40, checkpoint_every=40))
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=40, checkpoint_every=40)
+    )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 41))
     np.testing.assert_allclose([logged[s] for s in range(1, 41)], whole.losses, rtol=1e-5, atol=1e-6)
@@ -552,7 +577,7 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
         "--out",
         str(run),
         "--model",
-        TINY,
+        TINY_SPEC,
         "--steps",
         "80",
         "--global-batch",
@@ -582,7 +607,9 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     assert killed_at is not None and killed_at.name != "step_0000080"  # killed mid-run
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
-    whole = train(base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY, steps=80, checkpoint_every=80))
+    whole = train(
+        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=80, checkpoint_every=80)
+    )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 81))
     np.testing.assert_allclose([logged[s] for s in range(1, 81)], whole.losses, rtol=1e-5, atol=1e-6)

@@ -52,7 +52,11 @@ def sample_command(
     resolution: int | None = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
     fps: float | None = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
     seed: int = typer.Option(0, help="Base seed; prompt i uses seed + i."),
-    batch_size: int = typer.Option(4, help="Prompts sampled together (does not change results)."),
+    batch_size: int = typer.Option(
+        4,
+        help="Prompts sampled together. A prompt's output depends on its batch only up to float rounding; the batch "
+        "is recorded in each sidecar so --from-sidecar regenerates it bit for bit.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="Precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     negative_prompt: str | None = typer.Option(None, help="Unconditional text instead of the empty caption."),

@@ -32,6 +32,7 @@ from pipelines.defaults import (
     DEFAULT_T5_MAX_LENGTH,
 )
 from pipelines.errors import GentronError
+from pipelines.files import PICKLE_SUFFIXES
 from pipelines.model.conditioning import pooled_array
 
 CLIP_MAX_LENGTH = 77  # CLIP's context length
@@ -120,6 +121,14 @@ def load_pretrained(
         ):
             subfolder = default_subfolder
         where = folder / subfolder if subfolder else folder
+        pickles = sorted(p.name for p in where.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(where.glob("*.safetensors")):
+            raise GentronError(
+                f"the {what} in {where} holds its weights as a pickle ({', '.join(pickles)}), which can run code when "
+                "loaded: gentron loads weights from safetensors only",
+                "convert the weights to safetensors where you trust them (save_pretrained(..., "
+                "safe_serialization=True)), or pass another folder",
+            )
         try:
             with _no_weight_loading_bar():
                 return load(
@@ -357,6 +366,8 @@ class LlmTextEncoder:
                     "pass a language model whose tokenizer defines one",
                 )
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        end = self.tokenizer.eos_token_id
+        self.end_token = end if end is not None else self.tokenizer.pad_token_id
         self.model = load_pretrained(
             AutoModel.from_pretrained, spec, what, default_subfolder="text_encoder", dtype=dtype
         )
@@ -379,7 +390,12 @@ class LlmTextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> EncoderOutput:
-        batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "longest")
+        ids = self.tokenizer(captions, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        truncated = [len(x) > self.max_length for x in ids]
+        # A tokenizer that adds no BOS (Qwen2's) gives the empty caption no token at all, and a model cannot read
+        # nothing: such a caption is read as the end of a text, its EOS token alone.
+        ids = [x[: self.max_length] or [self.end_token] for x in ids]
+        batch = self.tokenizer.pad({"input_ids": ids}, padding="longest", return_tensors="pt")
         mask = batch["attention_mask"]
         out = self.model(
             input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True

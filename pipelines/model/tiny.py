@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-# Widths match pipelines.model.configs.TINY_TEXT_DIMS, which the "T/2" model size expects.
+# Widths match pipelines.model.configs.TINY_TEXT_INPUTS, which the "T/2" model size expects.
 TINY_CLIP_DIM = 32
 TINY_T5_DIM = 32
 TINY_LLM_DIM = 24  # unlike the others, so a test can tell the LLM's width from theirs
@@ -125,9 +125,10 @@ def build_tiny_t5(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_llm(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+def build_tiny_llm(folder: str | Path, seed: int = 0, vocab_size: int = 512, add_bos: bool = True) -> Path:
     """A Llama-style decoder-only language model (2 layers, 24 wide, grouped-query attention) and a fast BPE
-    tokenizer that adds BOS as Llama's does and has no padding token (as Llama's), saved to `folder`."""
+    tokenizer that adds BOS as Llama's does (`add_bos=False`: none, as Qwen2's) and has no padding token (as
+    Llama's), saved to `folder`."""
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
@@ -135,7 +136,8 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, vocab_size: int = 512) -> 
     bos, eos = "<s>", "</s>"
     bpe = _byte_level_bpe(vocab_size, [bos, eos])
     bos_id, eos_id = bpe.token_to_id(bos), bpe.token_to_id(eos)
-    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    if add_bos:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, model_max_length=64).save_pretrained(
         folder
     )

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipelines.errors import GentronError
-from pipelines.files import atomic_dir, atomic_write_json
+from pipelines.files import atomic_dir, atomic_write_json, storage_errors
 
 CHECKPOINTS = "checkpoints"
 STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -66,7 +66,7 @@ def save_checkpoint(
 ) -> Path:
     """Write step `step`'s training state atomically, then delete all but the newest `keep` checkpoints."""
     final = Path(run_dir) / CHECKPOINTS / step_dir_name(step)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, storage_errors(final):
         save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
         save_file(_contiguous(ema_state), str(tmp / "ema.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
