@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import inputs, randomize, tiny
+from test_model import inputs, tiny
+from tiny import perturbed
 
 from pipelines.diffusion import make_objective
 from pipelines.diffusion.guidance import guided_prediction
@@ -33,7 +34,7 @@ def condition(x: torch.Tensor, name: str, seed: int = 5) -> FrameCondition:
 
 def conditioned(seed: int = 3) -> GenTronTransformer:
     """A frame-conditioned model with non-zero weights everywhere (its condition channels included)."""
-    return randomize(GenTronTransformer.from_t2v(tiny(temporal=True)), seed=seed).eval()
+    return perturbed(GenTronTransformer.from_t2v(tiny(temporal=True)), seed=seed).eval()
 
 
 # ----------------------------------------------------------------------------- the condition
@@ -65,7 +66,7 @@ def test_frame_condition_zeroes_frames_not_given_and_builds_mask_and_latent_chan
 
 
 def test_a_model_widened_from_t2v_is_bit_identical_until_it_trains():
-    t2v = randomize(tiny(temporal=True))
+    t2v = perturbed(tiny(temporal=True))
     widened = GenTronTransformer.from_t2v(t2v).eval()
     new = set(widened.state_dict()) - set(t2v.state_dict())
     assert new == {"x_embedder.condition_proj.weight"} and all(is_condition_parameter(k) for k in new)
@@ -95,7 +96,7 @@ def test_a_model_widened_from_t2v_is_bit_identical_until_it_trains():
 
 
 def test_from_t2v_saved_and_loaded_and_refusals(tmp_path):
-    t2v = randomize(tiny(temporal=True))
+    t2v = perturbed(tiny(temporal=True))
     t2v.save_pretrained(tmp_path / "t2v")
     from_disk = GenTronTransformer.from_t2v(tmp_path / "t2v").eval()
     x, t, text = inputs(frames=FRAMES)

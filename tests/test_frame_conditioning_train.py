@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, base, losses
+from test_train import base, losses
+from tiny import TINY_SPEC as TINY
 from train_data import write_dataset
 from typer.testing import CliRunner
 
