@@ -48,6 +48,27 @@ def sample_command(
         "--mfg",
         help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images.",
     ),
+    image: list[Path] | None = typer.Option(
+        None,
+        "--image",
+        help="Image-to-video (a model trained with --condition-frames): the video's first frame, resized and cropped "
+        "to the sample's size as prep does. One for every prompt, or one per prompt (repeat, in the prompts' order).",
+    ),
+    video: list[Path] | None = typer.Option(
+        None,
+        "--video",
+        help="Continuation: the video starts with this clip's last --continue K latent frames (read at the model's "
+        "frame rate). One for every prompt, or one per prompt.",
+    ),
+    continue_frames: int | None = typer.Option(
+        None, "--continue", help="With --video: how many of its last latent frames the new video keeps."
+    ),
+    last_image: list[Path] | None = typer.Option(
+        None, "--last-image", help="The video's last frame (a model trained with first-last); one, or one per prompt."
+    ),
+    condition_scale: float = typer.Option(
+        1.0, "--condition-scale", help="Guidance scale lC on the given frames (1 = off; other values cost a branch)."
+    ),
     frames: int | None = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
     resolution: int | None = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
     fps: float | None = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
@@ -71,7 +92,8 @@ def sample_command(
     vae: str | None = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
     grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
 ) -> None:
-    """Generate images (T2I) or videos (T2V) from a trained model; a JSON sidecar beside each output."""
+    """Generate images (T2I) or videos (T2V, image-to-video, continuation) from a trained model; a JSON sidecar
+    beside each output."""
 
     def body() -> None:
         from pipelines.sample.sampling import SampleConfig, read_prompts_file, resample_from_sidecar, sample
@@ -120,6 +142,11 @@ def sample_command(
             text_encoders=text_encoders,
             vae=vae,
             grid=grid,
+            images=list(image or []),
+            videos=list(video or []),
+            continue_frames=continue_frames,
+            last_images=list(last_image or []),
+            condition_scale=condition_scale,
         )
         show_result(sample(config, reporter))
 

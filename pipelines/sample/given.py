@@ -1,0 +1,162 @@
+"""The frames a video is given at sampling (`gentron sample --image`, `--video --continue K`, `--last-image`).
+
+Each given picture is read as prep reads its data (pipelines/data/image.py `load_image`: upright 8-bit RGB) and
+resized and center-cropped to the sample's size by prep's own `resize_image`; a video's frames are read at the
+model's training frame rate by prep's reader (pipelines/data/video.py), each resized and cropped the same way.
+`encode_given` turns them into the latent frames the model keeps (a `FrameCondition`): the first picture, or the
+video's last K frames, become the first latent frames; the last picture the last latent frame.
+
+What was given is recorded per sample (`GivenFrames.record`: the sources with their sha256, the latent and output
+frames) beside a lossless film strip of the prepared frames (`stem.given.png`), which `gentron eval` compares
+with the generated frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.data.image import load_image, resize_image
+from pipelines.data.video import ClipPlan, plan_clips, probe_video, read_clips, rotate_frames
+from pipelines.errors import BadSample, GentronError
+from pipelines.files import file_sha256
+from pipelines.model.conditioning import FrameCondition
+from pipelines.model.vae import VAE
+
+GIVEN_SUFFIX = ".given.png"  # the film strip of a sample's given frames, beside its outputs
+
+
+@dataclass(frozen=True)
+class GivenSources:
+    """What one sample is given, as the user named it."""
+
+    image: Path | None = None  # the first frame
+    video: Path | None = None  # a video whose last `continue_frames` latent frames start the sample
+    continue_frames: int | None = None
+    last_image: Path | None = None  # the last frame
+
+    @property
+    def empty(self) -> bool:
+        return self.image is None and self.video is None and self.last_image is None
+
+
+@dataclass
+class GivenFrames:
+    """The prepared pixels one sample is given: `start` (F, H, W, 3) uint8, its first frames (an image: F = 1), and
+    `last` (H, W, 3), its last frame; either may be None. `sources`: what they were read from."""
+
+    start: np.ndarray | None
+    last: np.ndarray | None
+    sources: dict = field(default_factory=dict)
+
+    def strip_frames(self) -> np.ndarray:
+        """(F [+ 1], H, W, 3): the given frames in order (the start frames, then the last one)."""
+        parts = ([self.start] if self.start is not None else []) + ([self.last[None]] if self.last is not None else [])
+        return np.concatenate(parts)
+
+    def output_frames(self, frames: int) -> list[int]:
+        """The indices of the output video's frames (of `frames`) that show the given ones (a VAE that encodes each
+        frame alone: one frame per latent frame)."""
+        start = list(range(len(self.start))) if self.start is not None else []
+        return start + ([frames - 1] if self.last is not None else [])
+
+    def record(self, frames: int, latent_frames: list[int], file: str) -> dict:
+        """The sidecar's `given`: sources, which latent and output frames were given, and the strip file."""
+        return {
+            "sources": self.sources,
+            "latent_frames": latent_frames,
+            "frames": self.output_frames(frames),
+            "start_frames": 0 if self.start is None else len(self.start),
+            "last": self.last is not None,
+            "file": file,
+        }
+
+
+def _source(path: Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise GentronError(f"{what} not found: {path}", f"pass an existing file to {what}")
+    return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def read_image(path: Path, size: int, option: str = "--image") -> np.ndarray:
+    """A picture as prep reads it (upright 8-bit RGB), its short side resized to `size` and center-cropped square."""
+    try:
+        pixels = load_image(path).pixels
+    except BadSample as err:
+        raise GentronError(
+            f"{option} {path}: cannot read the image ({err.detail})", "pass a PNG or JPEG picture"
+        ) from None
+    return resize_image(pixels, size, crop=True)[0]
+
+
+def read_video_end(path: Path, count: int, fps: float, size: int) -> np.ndarray:
+    """The last `count` frames of a video at `fps` (the frame on screen at each time of a timeline at that rate, as
+    prep picks them), each resized and center-cropped like a picture: (count, size, size, 3) uint8."""
+    hint = "pass a video file PyAV reads (mp4, webm, mkv, ...)"
+    try:
+        info = probe_video(path)
+        span = info.end_time - info.times[0]
+        timeline = int(np.floor(span * fps - 1e-9)) + 1 if span > 0 else 1
+        if timeline < count:
+            raise GentronError(
+                f"--video {path} has {timeline} frame(s) at the model's {fps:g} FPS, but --continue {count} needs "
+                f"{count}",
+                f"pass a longer video, or --continue {max(1, timeline)}",
+            )
+        selections = plan_clips(info, ClipPlan(timeline_fps=fps, frames=timeline, frame_stride=1, max_clips=1))
+        (_, frames, _) = next(read_clips(path, info, selections))
+    except BadSample as err:
+        raise GentronError(f"--video {path}: cannot read the video ({err.reason}: {err.detail})", hint) from None
+    frames = rotate_frames(frames, info.rotation)[-count:]
+    return np.stack([resize_image(np.ascontiguousarray(f), size, crop=True)[0] for f in frames])
+
+
+def read_given(sources: GivenSources, size: int, fps: float) -> GivenFrames:
+    """The frames `sources` name, prepared for a sample of `size` x `size` pixels (videos read at `fps`)."""
+    start, last, record = None, None, {}
+    if sources.image is not None:
+        record["image"] = _source(sources.image, "--image")
+        start = read_image(sources.image, size)[None]
+    if sources.video is not None:
+        record["video"] = _source(sources.video, "--video") | {"continue": sources.continue_frames}
+        start = read_video_end(sources.video, sources.continue_frames, fps, size)
+    if sources.last_image is not None:
+        record["last_image"] = _source(sources.last_image, "--last-image")
+        last = read_image(sources.last_image, size, "--last-image")
+    return GivenFrames(start, last, record)
+
+
+def given_latent_frames(given: GivenFrames, latent_frames: int) -> list[int]:
+    """Which of a video's `latent_frames` latent frames `given` fills (a VAE that encodes each frame alone)."""
+    start = list(range(len(given.start))) if given.start is not None else []
+    indices = start + ([latent_frames - 1] if given.last is not None else [])
+    if len(set(indices)) != len(indices) or len(indices) >= latent_frames:
+        raise GentronError(
+            f"{len(indices)} given frame(s) leave nothing to generate in a video of {latent_frames} latent frames",
+            "give fewer frames (a smaller --continue), or sample more --frames",
+        )
+    return indices
+
+
+@torch.no_grad()
+def encode_given(vae: VAE, given: list[GivenFrames], latent_shape: tuple[int, ...]) -> FrameCondition:
+    """The latent frames a batch of videos of `latent_shape` (T, C, h, w) keeps: each sample's given frames encoded
+    by the VAE (its posterior mean) at their latent frames, zeros elsewhere."""
+    latents = torch.zeros(len(given), *latent_shape)
+    mask = torch.zeros(len(given), latent_shape[0], dtype=torch.bool)
+    for b, frames in enumerate(given):
+        indices = given_latent_frames(frames, latent_shape[0])
+        mean, _ = vae.encode(frames.strip_frames())
+        if tuple(mean.shape[1:]) != tuple(latent_shape[1:]):
+            raise GentronError(
+                f"the given frames encode to latents {tuple(mean.shape[1:])}, the video's are "
+                f"{tuple(latent_shape[1:])}",
+                "give pictures of the sample's size (they are resized to it; is the VAE the model's?)",
+            )
+        latents[b, indices] = mean.float()
+        mask[b, indices] = True
+    return FrameCondition(mask, latents)
