@@ -190,3 +190,87 @@ def test_a_model_without_frame_conditioning_refuses_given_frames(t2v_run, tmp_pa
     result = run_cli("--model", t2v_run, "--prompt", "x", "--image", tmp_path / "a.png", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "it was not trained with frame conditioning" in result.text, result.text
     assert "loading model" not in result.text
+
+
+# --------------------------------------------------------------------------- gentron eval --given
+
+
+def ssim_by_hand(a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """SSIM written out position by position (Wang et al. 2004), for comparison with the vectorised one."""
+    offsets = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(offsets**2) / (2 * sigma**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for c in range(3):
+        x, y = a[..., c].astype(np.float64), b[..., c].astype(np.float64)
+        for i in range(x.shape[0] - size + 1):
+            for j in range(x.shape[1] - size + 1):
+                px, py = x[i : i + size, j : j + size], y[i : i + size, j : j + size]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cov = (w * (px - mx) * (py - my)).sum()
+                values.append(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_psnr_and_ssim_against_their_formulas():
+    from pipelines.evaluate.fidelity import PSNR_IDENTICAL, given_fidelity, psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(14, 15, 3), dtype=np.uint8)
+    noisy = np.clip(a + rng.normal(0, 10, a.shape), 0, 255).astype(np.uint8)
+    noisier = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(float) - noisy) ** 2)
+    assert psnr(a, noisy) == pytest.approx(10 * np.log10(255**2 / mse))
+    assert psnr(a, a) == PSNR_IDENTICAL and ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, noisy) == pytest.approx(ssim_by_hand(a, noisy), rel=1e-9)
+    assert ssim(a, noisier) == pytest.approx(ssim_by_hand(a, noisier), rel=1e-9)
+    assert 0 < ssim(a, noisier) < ssim(a, noisy) < 1
+    assert ssim(noisy, a) == pytest.approx(ssim(a, noisy))
+    video = np.stack([noisy, noisier, a])
+    scores = given_fidelity(video, np.stack([a, a]), [0, 2])
+    assert scores["first_frame_psnr"] == psnr(noisy, a) and scores["first_frame_ssim"] == ssim(noisy, a)
+    assert scores["psnr"] == pytest.approx((psnr(noisy, a) + PSNR_IDENTICAL) / 2)
+
+
+def test_eval_given_reports_how_videos_keep_their_frames(i2v_run, tmp_path):
+    from pipelines.evaluate.fidelity import PSNR_IDENTICAL, psnr, ssim
+    from pipelines.model.tiny_eval import build_tiny_clip_model
+
+    picture(tmp_path / "a.png", 16, 16, seed=3)
+    out = tmp_path / "out"
+    args = ["--model", i2v_run, "--prompt", "a red fox", "--prompt", "a cat", "--image", tmp_path / "a.png"]
+    assert run_cli(*args, "--out", out, "--steps", 2).exit_code == 0
+    plain = tmp_path / "plain"  # a folder without given frames is refused by --given
+    assert run_cli("--model", i2v_run, "--prompt", "x", "--out", plain, "--steps", 1).exit_code == 0
+    from typer.testing import CliRunner
+
+    from gentron_cli.main import app
+
+    refused = CliRunner().invoke(app, ["eval", str(plain), "--given"])
+    assert refused.exit_code == 2 and "no sample in" in refused.output
+    # the pixel VAE keeps the first frame exactly; spoil the recorded given frame of sample 1 to see a finite PSNR
+    record = sidecar(out, 1)
+    strip_path = out / record["given"]["file"]
+    spoiled = outputs.read_frame_strip(strip_path, 1)[0].copy()
+    spoiled[::2] //= 2
+    outputs.write_png(strip_path, spoiled)
+    clip = build_tiny_clip_model(tmp_path / "clip")
+    result = CliRunner().invoke(app, ["eval", str(out), "--given", "--clip", str(clip)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "first frame PSNR" in result.output and "CLIP image similarity" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    per_sample = {s["sample"]: s["given"] for s in metrics["per_sample"]}
+    first, second = per_sample[sorted(per_sample)[0]], per_sample[sorted(per_sample)[1]]
+    assert first["first_frame_psnr"] == PSNR_IDENTICAL and first["first_frame_ssim"] == pytest.approx(1.0)
+    video = strip_of(out, record)
+    assert second["first_frame_psnr"] == pytest.approx(psnr(video[0], spoiled))
+    assert second["first_frame_ssim"] == pytest.approx(ssim(video[0], spoiled))
+    assert -1 <= first["clip_image_similarity"] <= 1 and second["frames"] == [0]
+    summary = metrics["given"]
+    assert summary["videos"] == 2
+    assert summary["first_frame_psnr"] == pytest.approx((PSNR_IDENTICAL + second["first_frame_psnr"]) / 2)
+    assert summary["clip_image_similarity"] == pytest.approx(
+        (first["clip_image_similarity"] + second["clip_image_similarity"]) / 2
+    )
