@@ -93,26 +93,32 @@ def read_image(path: Path, size: int, option: str = "--image") -> np.ndarray:
     return resize_image(pixels, size, crop=True)[0]
 
 
-def read_video_end(path: Path, count: int, fps: float, size: int) -> np.ndarray:
-    """The last `count` frames of a video at `fps` (the frame on screen at each time of a timeline at that rate, as
-    prep picks them), each resized and center-cropped like a picture: (count, size, size, 3) uint8."""
+def read_video_frames(path: Path, fps: float) -> np.ndarray:
+    """Every frame of a video at `fps`: the frame on screen at each time of a timeline at that rate, as prep picks
+    clip frames, turned upright; (T, H, W, 3) uint8 at the video's own size."""
     hint = "pass a video file PyAV reads (mp4, webm, mkv, ...)"
     try:
         info = probe_video(path)
         span = info.end_time - info.times[0]
         timeline = int(np.floor(span * fps - 1e-9)) + 1 if span > 0 else 1
-        if timeline < count:
-            raise GentronError(
-                f"--video {path} has {timeline} frame(s) at the model's {fps:g} FPS, but --continue {count} needs "
-                f"{count}",
-                f"pass a longer video, or --continue {max(1, timeline)}",
-            )
         selections = plan_clips(info, ClipPlan(timeline_fps=fps, frames=timeline, frame_stride=1, max_clips=1))
         (_, frames, _) = next(read_clips(path, info, selections))
     except BadSample as err:
-        raise GentronError(f"--video {path}: cannot read the video ({err.reason}: {err.detail})", hint) from None
-    frames = rotate_frames(frames, info.rotation)[-count:]
-    return np.stack([resize_image(np.ascontiguousarray(f), size, crop=True)[0] for f in frames])
+        raise GentronError(f"{path}: cannot read the video ({err.reason}: {err.detail})", hint) from None
+    return rotate_frames(frames, info.rotation)
+
+
+def read_video_end(path: Path, count: int, fps: float, size: int) -> np.ndarray:
+    """The last `count` frames of a video at `fps` (`read_video_frames`), each resized and center-cropped like a
+    picture: (count, size, size, 3) uint8."""
+    frames = read_video_frames(path, fps)
+    if len(frames) < count:
+        raise GentronError(
+            f"--video {path} has {len(frames)} frame(s) at the model's {fps:g} FPS, but --continue {count} needs "
+            f"{count}",
+            f"pass a longer video, or --continue {len(frames)}",
+        )
+    return np.stack([resize_image(np.ascontiguousarray(f), size, crop=True)[0] for f in frames[-count:]])
 
 
 def read_given(sources: GivenSources, size: int, fps: float) -> GivenFrames:
