@@ -336,3 +336,30 @@ def probe_samples(samples: Sequence[np.ndarray], prompts: Sequence[str]) -> Prob
     for sample, prompt in zip(samples, prompts, strict=True):
         tally.add(probe_sample(sample, prompt))
     return tally
+
+
+# --------------------------------------------------------------------------- videos given their first frames
+
+# How far (a fraction of the frame side) the first generated frame's object may be from where the last given frame
+# shows it and still "start where the image is": about two frames of the toy's motion at the clips' 4 FPS.
+START_TOLERANCE = 0.1
+
+
+def starts_where_given(frames: np.ndarray, given: int = 1, tolerance: float = START_TOLERANCE) -> bool:
+    """Whether a video given its first `given` frames goes on from them: the object of its first generated frame
+    (index `given`) within `tolerance` of the frame side of the object of the last given one."""
+    before, after = object_centre(frames[given - 1]), object_centre(frames[given])
+    if before is None or after is None:
+        return False
+    return float(np.hypot(after[0] - before[0], after[1] - before[1])) <= tolerance
+
+
+def probe_given_video(frames: np.ndarray, caption: str, given: int = 1, with_shape: bool | None = None) -> dict:
+    """The probe of a video given its first `given` frames: colour (and shape) of the frames it generated, the
+    direction and axis from the last given frame to the last frame (the motion it makes or carries on), and whether
+    it starts where the given frames end."""
+    scores = probe_video(frames[given:], caption, with_shape)
+    seen, want = direction_of(frames[given - 1 :]), parse_caption(caption)["direction"]
+    return {**scores, "direction": seen == want, "axis": axis_of(seen) == axis_of(want)} | {
+        "start": starts_where_given(frames, given)
+    }
