@@ -241,7 +241,7 @@ def test_eval_given_reports_how_videos_keep_their_frames(i2v_run, tmp_path):
     picture(tmp_path / "a.png", 16, 16, seed=3)
     out = tmp_path / "out"
     args = ["--model", i2v_run, "--prompt", "a red fox", "--prompt", "a cat", "--image", tmp_path / "a.png"]
-    assert run_cli(*args, "--out", out, "--steps", 2).exit_code == 0
+    assert run_cli(*args, "--out", out, "--steps", 2, "--batch-size", 1).exit_code == 0  # two batches
     plain = tmp_path / "plain"  # a folder without given frames is refused by --given
     assert run_cli("--model", i2v_run, "--prompt", "x", "--out", plain, "--steps", 1).exit_code == 0
     from typer.testing import CliRunner

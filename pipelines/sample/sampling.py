@@ -345,8 +345,8 @@ def _write_samples(
                     strip = outputs.write_png(
                         out / f"{stem}{GIVEN_SUFFIX}", outputs.film_strip(given[k].strip_frames())
                     )
-                    indices = given_latent_frames(given[k], generated.latents.shape[1])
-                    record["given"] = given[k].record(len(frames), indices, strip.name)
+                    latent_frames = given_latent_frames(given[k], generated.latents.shape[1])
+                    record["given"] = given[k].record(len(frames), latent_frames, strip.name)
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))
                 if cfg.grid:
