@@ -11,9 +11,11 @@ included):
 
 - image-to-video: `gentron sample --image FIRST.png` (the probe video's first frame, 64 px, which sampling resizes to
   the model's 32 px as prep does) with the caption "a COLOUR SHAPE moving DIRECTION". The toy probe reads the
-  pixels: the colour and shape the generated frames show (most of frames 1-7), whether the first generated frame
-  starts where the image is (its object's centre within START_TOLERANCE of the image's, 0.1 of the frame: about two
-  frames of the toy's motion) and whether the object moves in the asked direction from the first frame to the last.
+  pixels (pipelines/evaluate/probe.py probe_given_video, against the 0.053 of the frame the toy shape travels per clip
+  frame): the colour and shape the generated frames show (most of frames 1-7), whether the first generated frame
+  starts where the image is (its object's centre within two frames' travel of the image's) and whether one object
+  moves steadily in the asked direction from the first frame to the last (at least 40 % of the way it should, less
+  across, no jump over four frames' travel).
 - continuation: `gentron sample --video START.mp4 --continue 2` (the probe video's first two frames at 4 FPS) with the
   caption that agrees with their motion: colour and shape kept, and the motion they show carried on (direction from
   the last given frame to the last frame), with the speed ratio (generated per-frame travel over the given one) beside.
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_learning as learning
 
 from pipelines.data.media import encode_h264
-from pipelines.evaluate.probe import object_centre, probe_given_video, probe_video
+from pipelines.evaluate.probe import clip_step, object_centre, probe_given_video, probe_video
 from pipelines.sample.outputs import write_png
 
 CONFIG = "flow"  # the learning benchmark's recipe candidate
@@ -114,14 +116,20 @@ def travel(frames: np.ndarray) -> list[float]:
     return steps
 
 
+def step() -> float:
+    """How far the toy shape travels between two frames of the benchmark's clips (a fraction of the frame)."""
+    toy = learning.DATA
+    return clip_step(toy.square, learning.FRAME_STRIDE, int(toy.video_seconds * toy.video_fps))
+
+
 def score_i2v(prompt: str, frames: np.ndarray) -> dict[str, bool]:
     """Given frame 0: colour and shape of the generated frames 1.., a start at the image, the asked direction."""
-    return probe_given_video(frames, prompt, given=1, with_shape=True)
+    return probe_given_video(frames, prompt, given=1, step=step(), with_shape=True)
 
 
 def score_continuation(prompt: str, frames: np.ndarray) -> dict[str, bool]:
     """Given frames 0 and 1: colour and shape of frames 2.., the motion carried on from frame 1 to the last."""
-    return probe_given_video(frames, prompt, given=2, with_shape=True)
+    return probe_given_video(frames, prompt, given=2, step=step(), with_shape=True)
 
 
 def speed_ratio(frames: np.ndarray) -> float | None:

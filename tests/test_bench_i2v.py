@@ -73,6 +73,12 @@ def test_ground_truth_scores_perfectly_and_each_fault_fails_its_attribute(probe)
     red = clips["a red circle moving up"].copy()
     red[1:] = red[1:][..., [2, 1, 0]]  # the generated frames blue
     assert not bench.score_i2v("a red circle moving up", red)["color"]
+    noise = np.random.default_rng(0).integers(0, 256, size=clip.shape, dtype=np.uint8)
+    noisy = np.concatenate([clip[:1], noise[1:]])  # an untrained model: noise after the given frame
+    assert not any(bench.score_i2v(prompt, noisy)[k] for k in ("start", "direction", "axis"))
+    frozen = np.concatenate([clip[:2], np.repeat(clip[1:2], len(clip) - 2, axis=0)])  # stops after the given frames
+    assert not bench.score_continuation(prompt, frozen)["direction"]
+    assert bench.score_continuation(prompt, frozen)["start"]
     squares = clips["a blue square moving left"]
     assert not bench.score_i2v("a blue triangle moving left", squares)["shape"]
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gentron_cli.main import app
 from pipelines.data.shards import summarize
-from pipelines.evaluate.probe import probe_given_video, probe_image, probe_video
+from pipelines.evaluate.probe import clip_step, probe_given_video, probe_image, probe_video
 from pipelines.sample.outputs import read_frame_strip
 
 
@@ -63,7 +63,8 @@ def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
         frames = read_frame_strip(strip, 4)
         given = np.asarray(Image.open(out / "samples/i2v" / record["given"]["file"]).convert("RGB"))
         np.testing.assert_array_equal(frames[0], given)
-        for k, ok in probe_given_video(frames, record["prompt"]).items():
+        step = clip_step(0.375, 15, 48)  # the smoke quickstart's squares, every 15th of 2 s at 24 FPS
+        for k, ok in probe_given_video(frames, record["prompt"], 1, step).items():
             i2v_hits[k] += ok
     i2v_row = next(r for r in report.split("<tr>") if r.startswith("<td>Image-to-video, given the first frame"))
     assert all(f"({i2v_hits[k]}/16" in i2v_row for k in i2v_hits), (i2v_row, i2v_hits)

@@ -29,6 +29,7 @@ from pipelines.evaluate.probe import (
     DIRECTIONS,
     PLACES,
     ProbeTally,
+    clip_step,
     image_caption,
     probe_given_video,
     probe_sample,
@@ -270,6 +271,11 @@ def _video_prompts() -> list[str]:
     return [video_caption(c, d) for c in COLORS for d in DIRECTIONS]
 
 
+def _step(cfg: QuickstartConfig) -> float:
+    """How far the toy square travels between two frames of the quickstart's clips."""
+    return clip_step(cfg.toy.square, cfg.frame_stride, int(cfg.toy.video_seconds * cfg.toy.video_fps))
+
+
 def _first_frames(cfg: QuickstartConfig, videos: Path, out: Path) -> list[Path]:
     """For each video prompt, the first frame of the first toy video of its colour and direction, as a PNG."""
     from pipelines.sample.given import read_video_frames
@@ -342,7 +348,9 @@ def _sample_and_probe(
     for s in list_samples(out):  # as `gentron eval` reads them: a video's exact frames, not the lossy MP4/GIF
         pixels = s.read_pixels()
         firsts.setdefault(s.prompt, pixels)
-        tally.add(probe_given_video(pixels, s.prompt) if first_frames else probe_sample(pixels, s.prompt))
+        tally.add(
+            probe_given_video(pixels, s.prompt, 1, _step(cfg)) if first_frames else probe_sample(pixels, s.prompt)
+        )
     return tally, list(firsts.values())
 
 
