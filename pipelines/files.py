@@ -172,8 +172,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, final)
+
+
+def replace_folder(complete: Path, final: Path) -> None:
+    """Put the complete folder `complete` (beside `final`) in the place of `final`, whether or not it exists."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # two renames: `final` is missing only between them, never half-written
-    os.replace(tmp, final)
+    os.replace(complete, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -400,7 +400,7 @@ def test_errors_exit_2_with_one_clear_message(toy, clip_model, inception, tmp_pa
         inception,
         says=f"FID reference not found: {tmp_path / 'no-ref'}",
     )
-    fails(folder, "--probe", "coco", says="unknown probe 'coco'")
+    fails(folder, "--probe", "coco", says="unknown --probe 'coco'")
 
     # a sample without a sidecar, and a prompt the toy probe cannot read
     orphan = write_samples(tmp_path / "orphan", [toy["images"][0], ("a photo of a cat", toy["images"][1][1])])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -28,9 +29,10 @@ from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 from pipelines.model.tiny_eval import build_tiny_clip_model, build_tiny_fid_inception
 from pipelines.train import config as train_config
+from pipelines.train.config import TrainConfig
 from pipelines.train.evaluation import TrainingEvaluator
 from pipelines.train.metrics import read_metrics
-from pipelines.train.trainer import TrainConfig, train
+from pipelines.train.trainer import train
 
 IMAGE_PROMPTS = "a red square in the top left\n# a comment\na blue square in the bottom right\n"
 VIDEO_PROMPTS = "a green square moving left\na yellow square moving up\n"
@@ -286,11 +288,11 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
     evaluate = TrainingEvaluator.evaluate
     calls = []
 
-    def killed_at_step_2(self, weights, step):
+    def killed_at_step_2(self, weights, step, **kwargs):
         calls.append(step)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return evaluate(self, weights, step)
+        return evaluate(self, weights, step, **kwargs)
 
     monkeypatch.setattr(TrainingEvaluator, "evaluate", killed_at_step_2)
     cut = tmp_path / "cut"
@@ -470,3 +472,43 @@ def test_previews_are_what_gentron_sample_makes_of_the_same_prompts(tmp_path):
     preview = np.asarray(Image.open(run / "previews" / "step_0000002.png").convert("RGB"))
     grid = np.asarray(Image.open(result.grid_files[0]).convert("RGB"))
     assert preview.shape == grid.shape and np.array_equal(preview, grid)
+
+
+def test_evaluation_is_spread_over_ranks_and_equals_one_process(tmp_path, setup):
+    """Under torchrun every rank samples its share of the evaluation prompts (whole batches, as one process forms
+    them), rank 0 scores: the same samples, pixel for pixel, and the same metrics as one process."""
+    import torch.multiprocessing as mp
+    from train_data import free_port, rank_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "".join(f"a {c} square in the {p}\n" for c in ("red", "blue") for p in ("top left", "bottom right"))
+    )
+    config = TrainConfig(
+        image_data=str(setup["images"]),
+        model=TINY_SPEC,
+        steps=2,
+        global_batch=4,
+        num_workers=0,
+        checkpoint_every=2,
+        eval_every=2,
+        eval_prompts=str(prompts),
+        eval_probe="toy",
+        eval_steps=2,
+        output=str(tmp_path / "single"),
+    )
+    train(config)
+    mp.spawn(rank_main, args=(2, [free_port()], [replace(config, output=str(tmp_path / "ranks"))]), nprocs=2, join=True)
+    single, ranks = (eval_lines(tmp_path / run) for run in ("single", "ranks"))
+    assert len(single) == len(ranks) == 1 and single[0]["eval"]["samples"] == ranks[0]["eval"]["samples"] == 4
+    drop = {"seconds"}
+    assert {k: v for k, v in single[0]["eval"].items() if k not in drop} == {
+        k: v for k, v in ranks[0]["eval"].items() if k not in drop
+    }
+
+    def pixels(run):
+        folder = tmp_path / run / "eval" / "step_0000002"
+        return {p.name: json.loads(p.read_text())["pixels_sha256"] for p in folder.glob("0*.json")}
+
+    assert len(pixels("single")) == 4 and pixels("single") == pixels("ranks")
+    assert not list((tmp_path / "ranks" / "eval").glob(".*"))  # the staging folder became step_0000002

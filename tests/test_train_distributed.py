@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from train_data import write_dataset
+from train_data import free_port, rank_main, write_dataset
 
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.metrics import read_metrics
 from pipelines.train.trainer import TrainConfig, train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, ports: list[int], configs: list[TrainConfig]) -> None:
-    """One torchrun-like process: the same `train` call as a single process, with RANK/WORLD_SIZE set."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    for port, config in zip(ports, configs):
-        os.environ["MASTER_PORT"] = str(port)
-        train(config)
 
 
 def losses(run) -> list[float]:
@@ -57,7 +40,7 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
     single = train(config)
     ddp = replace(config, output=str(tmp_path / "ddp"))
     fsdp = replace(config, output=str(tmp_path / "fsdp"), fsdp=True, grad_accum=2)  # micro-batch 1 per rank
-    mp.spawn(_rank_main, args=(2, [free_port(), free_port()], [ddp, fsdp]), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, [free_port(), free_port()], [ddp, fsdp]), nprocs=2, join=True)
     for run in ("ddp", "fsdp"):
         np.testing.assert_allclose(losses(tmp_path / run), single.losses, rtol=2e-4, atol=1e-5, err_msg=run)
         assert ckpt.latest_checkpoint(tmp_path / run).name == "step_0000005"

@@ -125,3 +125,27 @@ def truncate(path: str | Path, keep_fraction: float = 0.6) -> None:
     path = Path(path)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, ports: list[int], configs: list) -> None:
+    """One torchrun-like process (for torch.multiprocessing.spawn): the same `train` call as a single process, with
+    RANK/WORLD_SIZE set, once per config."""
+    import os
+
+    import torch
+
+    from pipelines.train.trainer import train
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    for port, config in zip(ports, configs):
+        os.environ["MASTER_PORT"] = str(port)
+        train(config)

@@ -182,6 +182,12 @@ def register(app: typer.Typer) -> None:
             help="none, or tensorboard: loss, learning rate, throughput, evaluation metrics and previews as event "
             "files in RUN/tensorboard (needs the tensorboard extra).",
         ),
+        process_group_timeout: int = typer.Option(
+            _D.process_group_timeout,
+            "--process-group-timeout",
+            help="torchrun: minutes a rank waits for the others in one collective (a checkpoint, an evaluation) "
+            "before the run fails.",
+        ),
     ) -> None:
         """Train GenTron on encoded shards (one process, or torchrun for DDP/FSDP: same command)."""
         # options typed on the command line override --config (compared by name: typer vendors its own click)

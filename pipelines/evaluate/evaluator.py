@@ -36,8 +36,9 @@ from pipelines.data import schema
 from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
-from pipelines.errors import BadSample, GentronError, require_dir
+from pipelines.errors import BadSample, GentronError, require, require_dir
 from pipelines.evaluate.fidelity import given_fidelity
+from pipelines.evaluate.metrics import MetricOptions
 from pipelines.evaluate.probe import ProbeTally, parse_caption, probe_sample
 from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
 from pipelines.model.fid_inception import FIDInceptionV3, load_fid_inception
@@ -47,7 +48,6 @@ from pipelines.sample import outputs
 
 METRICS_FILE = "metrics.json"
 METRICS_VERSION = 1
-PROBES = ("toy",)
 GRID_STEM = "grid"  # `gentron sample --grid`'s contact sheet: no sidecar, not a sample
 STRIP_SUFFIX = ".frames.png"
 SAMPLES_HINT = "pass a folder written by `gentron sample` (an output and a .json sidecar per prompt)"
@@ -511,35 +511,22 @@ class EvalConfig:
     device: str = "auto"
     batch_size: int = 32
 
+    def check(self) -> None:
+        """The option errors, before anything is read or loaded."""
+        MetricOptions(self.clip, self.reference, self.inception, self.probe, self.given).check()
+        require(
+            self.save_reference is None or (self.reference is not None and not Path(self.reference).is_file()),
+            "--save-reference saves statistics computed from a reference folder",
+            "pass --reference IMAGE_FOLDER_OR_SHARDS with it (an .npz reference is already saved)",
+        )
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+
 
 @dataclass
 class EvalResult:
     metrics: dict  # what the JSON file holds
     out: Path
     seconds: float
-
-
-def check_config(cfg: EvalConfig) -> None:
-    """The option errors, before anything is read or loaded."""
-    if cfg.clip is None and cfg.reference is None and cfg.inception is None and cfg.probe is None and not cfg.given:
-        raise GentronError(
-            "no metric asked for",
-            "pass --clip NAME_OR_PATH, --reference REF --inception WEIGHTS, --probe toy and/or --given",
-        )
-    if (cfg.reference is None) != (cfg.inception is None):
-        raise GentronError(
-            "FID needs both --reference and --inception",
-            "pass --reference FOLDER_OR_SHARDS_OR_NPZ --inception pt_inception-2015-12-05-6726825d.pth",
-        )
-    if cfg.save_reference is not None and (cfg.reference is None or Path(cfg.reference).is_file()):
-        raise GentronError(
-            "--save-reference saves statistics computed from a reference folder",
-            "pass --reference IMAGE_FOLDER_OR_SHARDS with it (an .npz reference is already saved)",
-        )
-    if cfg.probe is not None and cfg.probe not in PROBES:
-        raise GentronError(f"unknown probe {cfg.probe!r}", f"use --probe {' or '.join(PROBES)}")
-    if cfg.batch_size < 1:
-        raise GentronError(f"--batch-size must be at least 1, got {cfg.batch_size}")
 
 
 def check_toy_prompts(samples: Sequence[SampleFile]) -> None:
@@ -629,7 +616,7 @@ def summarize_given(scores: Sequence[dict]) -> dict:
 def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult:
     """Score every sample of cfg.samples with the asked metrics; write and return the metrics."""
     start = time.perf_counter()
-    check_config(cfg)
+    cfg.check()
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.samples) / METRICS_FILE
     samples = list_samples(cfg.samples, skip=[out])
     if cfg.probe == "toy":

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 import torch
 
 from pipelines.errors import GentronError
-from pipelines.model.gentron import text_inputs_of
 
 LEGACY_TEXT_KEYS = ("text_encoders", "clip_dim", "clip_pooled_dim", "t5_dim")
 _LEGACY_DEFAULTS = {"text_encoders": "clip+t5", "clip_dim": 768, "clip_pooled_dim": 768, "t5_dim": 4096}
@@ -62,7 +61,7 @@ def upgrade_state_dict(weights: dict[str, torch.Tensor], config: Mapping) -> dic
     """Weights of an earlier version renamed for `upgrade_config(config)`'s model; current weights unchanged."""
     if not any(k.startswith(("clip_embedder.", "t5_embedder.", "pooled_embedder.")) for k in weights):
         return weights
-    pooled_by = "clip" if "clip" in text_inputs_of(upgrade_config(config)) else "t5"
+    pooled_by = "clip" if "clip" in upgrade_config(config)["text_inputs"] else "t5"
     renames = _LEGACY_MODULES | {"pooled_embedder.": f"pooled_embedders.{pooled_by}."}
     out = {}
     for key, value in weights.items():

@@ -67,6 +67,9 @@ class SampleConfig:
     vae: str | None = None  # instead of the recorded VAE
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
+    # this process samples the batches b with b % world_size == rank (training's evaluation, spread over its ranks)
+    rank: int = 0
+    world_size: int = 1
     # given frames (a frame-conditioned model): one path for every prompt, or one per prompt
     images: list[Path] = field(default_factory=list)  # --image: the first frame
     videos: list[Path] = field(default_factory=list)  # --video: its last `continue_frames` latent frames start it
@@ -100,6 +103,8 @@ class SampleConfig:
                 f"leave --{name} out to use the model's training {name}",
             )
         require(self.fps is None or self.fps > 0, f"--fps must be positive, got {self.fps}")
+        require(0 <= self.rank < self.world_size, f"rank {self.rank} is not one of {self.world_size} processes")
+        require(not (self.grid and self.world_size > 1), "a contact sheet needs every sample in one process")
         for name in ("cfg_scale", "mfg_scale", "condition_scale"):
             value = getattr(self, name)
             require(value is None or math.isfinite(value), f"{name} must be a number, got {value}")
@@ -299,7 +304,8 @@ def sample(
         "weights_sha256": weights_sha256(folder.path),
         "step": folder.record.step,
     }
-    with folder_lock(out, "samples folder"):  # two runs writing one folder would mix their files
+    # two runs writing one folder would mix their files (ranks of one evaluation write their own shares)
+    with folder_lock(out, "samples folder", cfg.rank, cfg.world_size):
         samples, all_frames = _write_samples(cfg, pipe, settings, model_record, reporter)
         grid_files: list[Path] = []
         if cfg.grid:
@@ -315,9 +321,10 @@ def _write_samples(
     samples: list[SampleOutput] = []
     all_frames: list[np.ndarray] = []
     indices = list(range(cfg.start_index, cfg.start_index + len(cfg.prompts)))
-    with reporter.task("prompts", total=len(cfg.prompts), unit="prompt") as task:
-        for begin in range(0, len(indices), cfg.batch_size):
-            batch = indices[begin : begin + cfg.batch_size]
+    batches = [indices[b : b + cfg.batch_size] for b in range(0, len(indices), cfg.batch_size)]
+    mine = batches[cfg.rank :: cfg.world_size]  # batch for batch as one process samples them: the same pixels
+    with reporter.task("prompts", total=sum(map(len, mine)), unit="prompt") as task:
+        for batch in mine:
             prompts = [cfg.prompts[i - cfg.start_index] for i in batch]
             seeds = [sample_seed(cfg.seed, i) for i in batch]
             given = given_frames(cfg, batch, settings, pipe) if cfg.given_anything else None

@@ -8,13 +8,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipelines.errors import GentronError, require
+from pipelines.evaluate.metrics import MetricOptions
 from pipelines.files import read_json
 
 STAGES = ("t2i", "t2v")
 CONDITION_FRAMES = ("first", "prefix", "first-last")  # as pipelines.data.loader.CONDITION_FRAMES (no torch here)
 DEFAULT_P_CONDITION = 0.9  # one model keeps doing text-to-video on the rest
 ON_NAN = ("stop", "skip")
-EVAL_PROBES = ("toy",)  # as pipelines.evaluate.evaluator.PROBES (not imported here: it loads torch)
 LOG_TO = ("none", "tensorboard")
 
 
@@ -82,6 +82,8 @@ class TrainConfig:
     eval_steps: int = 25  # sampler steps of the evaluation samples
     eval_cfg: float = 7.5  # their classifier-free guidance scale
     log_to: str = "none"  # none, or tensorboard (event files in RUN/tensorboard)
+    # torchrun: minutes a rank waits for the others in one collective (a checkpoint, an evaluation) before failing
+    process_group_timeout: int = 30
 
     def objective_config(self, latent_shape: tuple[int, ...]):
         """The training objective of this run for latents of `latent_shape` ((C, h, w) or (T, C, h, w))."""
@@ -145,6 +147,7 @@ class TrainConfig:
             _require_at_least(self, name, 1)
         for name in ("log_every", "preview_count", "preview_steps", "eval_steps"):
             _require_at_least(self, name, 1)
+        _require_at_least(self, "process_group_timeout", 1)
         for name in ("warmup_steps", "num_workers", "keep_checkpoints", "preview_every", "eval_every"):
             _require_at_least(self, name, 0)
         require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}", "pass a non-negative seed")
@@ -259,21 +262,12 @@ class TrainConfig:
                     "--eval-every needs --eval-prompts FILE (the prompts to sample, one a line)",
                     "pass --eval-prompts prompts.txt",
                 )
-            if not metrics:
-                raise GentronError(
-                    "--eval-every needs a metric",
-                    "pass --eval-clip NAME_OR_PATH, --eval-reference REF --eval-inception WEIGHTS, and/or "
-                    "--eval-probe toy",
-                )
-            if bool(self.eval_reference) != bool(self.eval_inception):
-                raise GentronError(
-                    "FID needs both --eval-reference and --eval-inception",
-                    "pass --eval-reference FOLDER_OR_NPZ --eval-inception pt_inception-2015-12-05-6726825d.pth",
-                )
-            if self.eval_probe and self.eval_probe not in EVAL_PROBES:
-                raise GentronError(
-                    f"unknown --eval-probe {self.eval_probe!r}", f"use --eval-probe {' or '.join(EVAL_PROBES)}"
-                )
+            MetricOptions(
+                self.eval_clip or None,
+                self.eval_reference or None,
+                self.eval_inception or None,
+                self.eval_probe or None,
+            ).check(prefix="--eval-")
             if self.checkpoint_every < 1 or self.eval_every % self.checkpoint_every:
                 raise GentronError(
                     f"--eval-every {self.eval_every} is not a multiple of --checkpoint-every {self.checkpoint_every}: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,9 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+def setup_distributed(timeout_minutes: int = 30) -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); a collective that waits longer
+    than `timeout_minutes` for a rank fails."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -43,7 +45,9 @@ def setup_distributed() -> Dist:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timedelta(minutes=timeout_minutes)
+        )
     rank = dist.get_rank() if world > 1 else 0
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 

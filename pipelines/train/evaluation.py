@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from pipelines.evaluate.evaluator import (
     summarize_clip_scores,
 )
 from pipelines.evaluate.probe import parse_caption, probe_samples
-from pipelines.files import atomic_dir, file_sha256
+from pipelines.files import file_sha256, replace_folder
 from pipelines.model.fid_inception import load_fid_inception
 from pipelines.model.text_encoders import OPEN_CLIP_PREFIX, load_pretrained
 from pipelines.model_folder import PipelineRecord
@@ -91,9 +92,12 @@ class TrainingEvaluator:
         record: PipelineRecord,
         device: torch.device,
         reporter: Reporter = NullReporter(),
+        rank: int = 0,
+        world_size: int = 1,
     ):
-
+        """Every rank samples its share of the prompts; rank 0 also loads the metric models and scores."""
         self.config, self.run_dir, self.device = config, Path(run_dir), device
+        self.rank, self.world_size = rank, world_size
         self.prompts = read_prompts_file(Path(config.eval_prompts))
         if config.eval_probe == "toy":
             for prompt in self.prompts:
@@ -111,9 +115,9 @@ class TrainingEvaluator:
                 "write more prompts into --eval-prompts",
             )
         check_sampling_models(record)
-        self.scorer = ClipScorer(config.eval_clip, device) if config.eval_clip else None
+        self.scorer = ClipScorer(config.eval_clip, device) if config.eval_clip and rank == 0 else None
         self.network = self.reference = None
-        if config.eval_inception:
+        if config.eval_inception and rank == 0:
             self.network = load_fid_inception(Path(config.eval_inception), device)
             if not Path(config.eval_reference).exists():
                 raise GentronError(
@@ -141,21 +145,30 @@ class TrainingEvaluator:
         )
 
     @torch.no_grad()
-    def evaluate(self, weights: dict[str, torch.Tensor], step: int) -> dict:
+    def evaluate(self, weights: dict[str, torch.Tensor], step: int, sync: Callable[[], None] = lambda: None) -> dict:
         """Sample the prompts with `weights` (the EMA weights exported at `step`) and score them: the record of
-        metrics.jsonl's "eval"."""
-
+        metrics.jsonl's "eval" on rank 0 (None on the others). Each rank samples its share of the prompt batches
+        into one folder (as one process samples them, batch for batch); `sync` waits for every rank."""
         start = time.perf_counter()
+        final = self.run_dir / EVAL_DIR / ckpt.step_dir_name(step)
+        staging = final.with_name(f".{final.name}.partial")
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        sync()
         devices = [self.device] if self.device.type == "cuda" else []
         # loading a model draws initial weights: keep training's RNG untouched
         with torch.random.fork_rng(devices=devices):
-            cfg = self.sample_config(self.run_dir / EVAL_DIR / ckpt.step_dir_name(step))
+            cfg = self.sample_config(final)
             if self.pipe is None:
                 self.pipe = load_pipeline(cfg)
             self.pipe.model.load_state_dict(weights)
-            with atomic_dir(cfg.out) as tmp:
-                sample(replace(cfg, out=tmp), pipe=self.pipe)
-            record = self.score(cfg.out)
+            sample(replace(cfg, out=staging, rank=self.rank, world_size=self.world_size), pipe=self.pipe)
+        sync()
+        if self.rank != 0:
+            return None
+        replace_folder(staging, final)
+        record = self.score(final)
         self.prune()
         record |= {"samples": len(self.prompts), "seconds": time.perf_counter() - start}
         return record

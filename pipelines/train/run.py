@@ -210,12 +210,13 @@ class Run:
         return files
 
     def evaluate(self, reporter: Reporter) -> dict | None:
-        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, sampled and scored on
-        rank 0, right after they were exported at this step's checkpoint) and append {"step", "eval"} to
-        metrics.jsonl."""
+        """--eval-every: sample the eval prompts with the EMA weights (gathered on every rank, each rank sampling its
+        share of the prompts, right after they were exported at this step's checkpoint), score them on rank 0 and
+        append {"step", "eval"} to metrics.jsonl."""
         averaged, record = self.ema.full_state(), None
-        if self.evaluator is not None:
-            record = self.evaluator.evaluate(averaged, self.step)
+        if self.evaluator is not None:  # every rank samples its share; rank 0 scores
+            record = self.evaluator.evaluate(averaged, self.step, sync=lambda: barrier(self.d))
+        if record is not None:
             self.metrics.write({"step": self.step, "eval": record})
             plot_eval(self.folder / "metrics.jsonl", self.folder / "eval.png")
             if self.board is not None:

@@ -84,6 +84,7 @@ RESUMABLE_CHANGES = {
     "eval_steps",
     "eval_cfg",
     "log_to",
+    "process_group_timeout",
 }
 
 
@@ -378,7 +379,9 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         sources=data.sources,
         load_failures=load_failures,
         **counters,
-        evaluator=TrainingEvaluator(config, folder, record, d.device, reporter) if main and config.eval_every else None,
+        evaluator=TrainingEvaluator(config, folder, record, d.device, reporter, d.rank, d.world)
+        if config.eval_every
+        else None,
         board=TensorBoardLog(folder / "tensorboard", resume_step=step)
         if main and config.log_to == "tensorboard"
         else None,

@@ -49,7 +49,7 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
     if config.init:  # a run folder stands for its exported model, as in `gentron sample --model`
         absolute["init"] = str(find_model_folder(Path(absolute["init"]), option="--init").resolve())
     config = replace(config, **absolute)
-    d = setup_distributed()
+    d = setup_distributed(config.process_group_timeout)
     try:
         with StopRequest() as stop:
             if not d.main:
