@@ -296,6 +296,12 @@ def sample(
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
+    trained = folder.record.conditioning
+    if cfg.condition_scale != 1.0 and trained is not None and trained.p >= 1.0 and trained.dropout == 0.0:
+        reporter.log(
+            f"warning: --condition-scale {cfg.condition_scale} guides against the model without its given frames, "
+            "which it never saw in training (--p-condition 1, no --condition-dropout): that branch is untrained"
+        )
     pipe = pipe if pipe is not None else load_pipeline(cfg, folder, reporter)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
