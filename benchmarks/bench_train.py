@@ -82,7 +82,7 @@ def child_loader(args) -> dict:
     spec = StreamSpec(
         stage="t2i",
         seed=0,
-        micro_batch=args.batch,
+        global_batch=args.batch,
         text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS),
     )
     it = iter(

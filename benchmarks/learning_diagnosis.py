@@ -50,16 +50,15 @@ def main() -> None:
     empty, _ = load_empty_caption([source.folder])
     fields = tuple(schema.text_field(name) for name in required_text_arrays(model.config))
     stream = TrainStream(
-        StreamSpec(stage="t2i", seed=1, micro_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields),
+        StreamSpec(stage="t2i", seed=1, global_batch=args.samples, text_dropout=0.0, flip=False, text_fields=fields),
         source,
         None,
         empty,
         collate_text=TextCondition.collate,
     )
-    streams = stream._streams()
-    batch = stream.make_batch(range(args.samples), streams)
+    batch = stream.make_batch(0)
     x0, noise, text = batch["x0"], batch["noise"], batch_text(batch)
-    captions = [stream.read_field(source, streams[0].ref_at(i), schema.CAPTION).decode() for i in range(args.samples)]
+    captions = [stream.read_field(source, stream.locate(0, i)[1], schema.CAPTION).decode() for i in range(args.samples)]
     n = objective.config.num_timesteps
     for lo, hi in RANGES:
         t = torch.full((args.samples,), (lo + hi) / 2 * n)

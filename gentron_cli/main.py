@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Modules under gentron_cli/commands/, in the order a user runs them.
-COMMAND_MODULES = ("quickstart", "prep", "encode", "train", "sample", "eval", "info", "stats")
+COMMAND_MODULES = ("quickstart", "prep", "encode", "buckets", "train", "sample", "eval", "info", "stats")
 
 for _name in COMMAND_MODULES:
     # Command modules import the library lazily, inside their commands, so `gentron --help` stays fast.

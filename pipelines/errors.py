@@ -80,16 +80,22 @@ def require(ok: bool, message: str, hint: str | None = None) -> None:
 
 
 class BadSample(Exception):
-    """One input item cannot be used. Pipelines catch it, record `reason` in the stats, and go on."""
+    """One input item cannot be used. Pipelines catch it, record `reason` in the stats, and go on.
 
-    def __init__(self, reason: str, detail: str = "", field: str | None = None):
+    `transient`: the cause may pass without the item changing (an I/O or permission error, a timeout): a stage
+    redoes a shard with such failures on its next run. Otherwise (corrupt, too short, no caption) the item is
+    lost until it is fixed.
+    """
+
+    def __init__(self, reason: str, detail: str = "", field: str | None = None, transient: bool = False):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason  # short, stable category used for counting (e.g. "corrupt", "too_short")
         self.detail = detail
         self.field = field  # the item's field at fault, when one is (e.g. "latent_mean.npy")
+        self.transient = transient
 
     def __reduce__(self):
-        return (type(self), (self.reason, self.detail, self.field))
+        return (type(self), (self.reason, self.detail, self.field, self.transient))
 
 
 def require_dir(path, what: str, hint: str | None = None):

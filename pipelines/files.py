@@ -6,7 +6,9 @@ the final one (`.NAME.tmp-PID`, which folder listings skip), flush it to disk, t
 place (atomic on POSIX). A storage fault (disk full, read-only, no permission) becomes one
 GentronError naming the path; the temporary file is removed.
 
-`file_sha256` is the one file digest (shards, source videos, weights, the FID network).
+`file_sha256` is the one file digest (shards, source videos, weights, the FID network). `read_input`,
+`readable_file` and `unreadable`: reading an input item, where a failure is that item's (a BadSample naming
+the file, transient or not), never the run's.
 
 Its own module, below `data/` and everything else (it imports only `pipelines.errors`), so that every
 layer can use it without importing the shard format.
@@ -14,16 +16,18 @@ layer can use it without importing the shard format.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipelines.errors import GentronError, storage_error
+from pipelines.errors import BadSample, GentronError, storage_error
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that can run code when loaded
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
@@ -38,6 +42,52 @@ def temp_path(path: str | Path) -> Path:
 def disk_error(path: Path, exc: OSError) -> Exception:
     """A storage fault the user can fix as one message naming `path`; any other OSError unchanged."""
     return storage_error(exc, path) or exc
+
+
+# errno -> (reason, transient, what to do), for an input item that cannot be read
+_READ_ERRORS = {
+    errno.EACCES: ("permission_denied", True, "make it readable by this user; the next run retries it"),
+    errno.EPERM: ("permission_denied", True, "make it readable by this user; the next run retries it"),
+    errno.ENOENT: ("missing_file", False, "check the path (a broken symlink, a file moved or deleted)"),
+    errno.ELOOP: ("symlink_loop", False, "a symlink that points (through others) back to itself: fix or remove it"),
+    errno.EISDIR: ("not_a_file", False, "a folder where a file is expected: rename or remove it"),
+}
+
+
+def unreadable(path: str | Path, exc: OSError, what: str = "file") -> BadSample:
+    """The BadSample for an input item whose `what` (file, caption) could not be read, naming `path` and the fix.
+
+    Permission and I/O errors (a network filesystem hiccup, a timeout) are transient: the stage redoes the shard
+    on its next run. A missing file, a symlink loop, a folder are not.
+    """
+    reason, transient, fix = _READ_ERRORS.get(
+        exc.errno, ("read_error", True, "an I/O error; check the storage, the next run retries it")
+    )
+    return BadSample(reason, f"{what} {path}: {exc.strerror or exc} ({fix})", transient=transient)
+
+
+def readable_file(path: str | Path, what: str = "file") -> Path:
+    """`path` if it is a regular file (through symlinks), else the BadSample that says what it is instead. A
+    device or a FIFO named like a picture is not read: reading one can block or never end."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise unreadable(path, exc, what) from None
+    if stat.S_ISDIR(mode):
+        raise BadSample("not_a_file", f"{what} {path} is a folder (rename or remove it)")
+    if not stat.S_ISREG(mode):
+        raise BadSample("not_a_file", f"{what} {path} is a device, FIFO or socket, not a file (remove it)")
+    return path
+
+
+def read_input(path: str | Path, what: str = "file") -> bytes:
+    """The bytes of an input item's file; a BadSample naming it when it cannot be read (see `unreadable`)."""
+    path = readable_file(path, what)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise unreadable(path, exc, what) from None
 
 
 @contextmanager
@@ -76,6 +126,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _create_new(path: Path) -> int:
+    """A descriptor of a new file at `path`, never through a symlink (O_EXCL: a name already there, a symlink
+    planted in a shared folder included, is not opened). A leftover of this name (a killed run whose process id
+    came round again) is removed first: unlinking removes the name, never what a symlink points to."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            raise GentronError(
+                f"{path} is a folder; gentron writes a temporary file of that name", f"remove the folder {path}"
+            ) from None
+        return os.open(path, flags, 0o666)
+
+
 class CommitOnSuccess:
     """Context manager of a writer with `commit()` and `abort()`: committed on success, aborted on any exception."""
 
@@ -98,7 +165,7 @@ class AtomicFile(CommitOnSuccess):
         self.path = Path(path)
         self.tmp_path = temp_path(self.path)
         try:
-            self.file: BinaryIO = open(self.tmp_path, "wb")
+            self.file: BinaryIO = os.fdopen(_create_new(self.tmp_path), "wb")
         except OSError as exc:
             raise disk_error(self.tmp_path, exc) from None
 

@@ -57,10 +57,12 @@ class VAERecord:
 class DataRecord:
     """The training latents' geometry."""
 
-    latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w)
+    latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w): the default size (the bucket with the most samples)
     frames: int  # 1 for a T2I model
     resolution: int | None  # pixels of the training data's side, as the encode stage recorded it
     fps: float | None  # of the training clips
+    # the latent shapes of every training bucket, when there were several (pipelines/data/bucket_plan.py); None: one
+    buckets: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,27 @@ class PipelineRecord:
     @property
     def resolution(self) -> int:
         """The pixel side the model was trained at: the latents' side times the VAE's downsampling."""
+        return self.width
+
+    @property
+    def width(self) -> int:
+        """The default sample width in pixels: the training latents' (the main bucket's) times the downsampling."""
         if self.vae.downsample:
             return int(self.data.latent_shape[-1]) * int(self.vae.downsample)
         return int(self.data.resolution)
+
+    @property
+    def height(self) -> int:
+        if self.vae.downsample:
+            return int(self.data.latent_shape[-2]) * int(self.vae.downsample)
+        return int(self.data.resolution)
+
+    @property
+    def trained_sizes(self) -> list[tuple[int, int, int]]:
+        """(frames, height, width) in pixels of every training bucket (one when the data had one size)."""
+        shapes = self.data.buckets or (self.data.latent_shape,)
+        scale = int(self.vae.downsample or 1)
+        return [(int(s[0]) if len(s) == 4 else 1, int(s[-2]) * scale, int(s[-1]) * scale) for s in shapes]
 
     @property
     def fps(self) -> float:
@@ -116,6 +136,10 @@ class PipelineRecord:
         record = asdict(self)
         record["objective"] = self.objective.record()
         record["data"]["latent_shape"] = list(self.data.latent_shape)
+        if self.data.buckets is None:
+            del record["data"]["buckets"]  # a model of one size: pipeline.json as before buckets
+        else:
+            record["data"]["buckets"] = [list(shape) for shape in self.data.buckets]
         return record
 
     @staticmethod
@@ -137,6 +161,7 @@ class PipelineRecord:
                 frames=int(data["frames"]),
                 resolution=data.get("resolution"),
                 fps=data.get("fps"),
+                buckets=tuple(tuple(int(n) for n in s) for s in data["buckets"]) if data.get("buckets") else None,
             ),
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),
             shard_metadata=dict(record.get("shard_metadata") or {}),

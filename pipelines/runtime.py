@@ -1,4 +1,5 @@
-"""Settings of the running process that gentron applies at start-up (the `gentron` command and the benchmarks)."""
+"""Settings of the running process that gentron applies at start-up (the `gentron` command and the benchmarks)
+and while a stage runs (`StopRequest`: what SIGTERM does)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,31 @@ _TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of giving it
 _TOP_PAD = 256 << 20  # grow the heap in large steps (address space; pages are only touched when used)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived in a `StopRequest(at_once=True)` block. A KeyboardInterrupt, so that every cleanup Ctrl-C
+    runs also runs for it and no `except Exception` on its way swallows it; the block's owner turns it into
+    `errors.Preempted` once it has cleaned up."""
+
+
 class StopRequest:
     """Notes SIGTERM instead of dying of it, for the duration of a `with` block in the main thread.
 
     Schedulers (Slurm, Kubernetes) send SIGTERM some time before SIGKILL. A long loop checks `requested` between
-    units of work (a training step, a shard), saves what it has and raises `errors.Preempted`. Outside the main
-    thread, where Python cannot install handlers, it does nothing (SIGTERM keeps its default action).
+    units of work (a training step), saves what it has and raises `errors.Preempted`. With `at_once`, SIGTERM
+    instead raises `Terminated` where the main thread is, as Ctrl-C does: for work whose unfinished unit is
+    cheap to drop and may be long to finish (a data stage's shard). Outside the main thread, where Python cannot
+    install handlers, it does nothing (SIGTERM keeps its default action).
     """
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.requested = False
+        self.at_once = at_once
         self._previous = None
 
     def _note(self, signum, frame) -> None:
-        self.requested = True
+        first, self.requested = not self.requested, True
+        if self.at_once and first:  # a second SIGTERM must not cut short the cleanup the first one started
+            raise Terminated()
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

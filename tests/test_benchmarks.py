@@ -141,6 +141,7 @@ def test_run_all_knows_every_benchmark_but_the_learning_one():
         "results.py",
         "run_all.py",
         "bench_learning.py",
+        "bench_learning_aspects.py",
         "learning_diagnosis.py",
     }
     assert scripts == on_disk
@@ -149,7 +150,7 @@ def test_run_all_knows_every_benchmark_but_the_learning_one():
 # --------------------------------------------------------------------------- each benchmark's smoke mode
 
 
-@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep"])
+@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep", "buckets"])
 def test_benchmark_smoke_mode_ends_with_a_well_formed_json_line(name, capsys):
     module = _load(f"bench_{name}")
     threads = torch.get_num_threads()
@@ -166,6 +167,7 @@ def test_benchmark_smoke_mode_ends_with_a_well_formed_json_line(name, capsys):
         "model": {"t2i_ours_over_pixart.threads1": "<= 0.9", "t2v_ours_over_latte.threads1": "<= 0.7"},
         "sample": {"mfg_batched_over_separate.T/2.threads1": "<= 1.0"},
         "prep": {"prep_1_worker_over_raw_decode": ">= 0.5", "prep_2_workers_over_1": ">= 1.8"},
+        "buckets": {"bucketed_over_fixed_per_token": "<= 1.05"},
     }
     assert obj["goals"] == expected_goals.get(name, {})
 
@@ -291,3 +293,15 @@ def test_gpu_check_without_a_gpu_says_skipped(capsys):
     obj = _last_json_line(capsys.readouterr().out)
     _assert_well_formed(obj, "gpu_check")
     assert "no CUDA GPU" in obj["skipped"]
+
+
+def test_prep_memory_smoke_mode_reads_each_runs_peak_from_a_fresh_process(capsys):
+    module = _load("bench_prep")
+    module.main(["--memory", "--smoke"])
+    obj = _last_json_line(capsys.readouterr().out)
+    _assert_well_formed(obj, "prep_memory")
+    rows = obj["figures"]["by_length"]
+    assert [row["minutes"] for row in rows] == list(module.SMOKE_MEMORY_MINUTES)
+    assert rows[-1]["clips"] > rows[0]["clips"] > 0  # a clip per timeline frame: more for the longer video
+    assert all(row["stage_peak_mb"] > 20 and row["decode_child_peak_mb"] > 20 for row in rows)  # real processes
+    assert obj["goals"] == module.MEMORY_GOALS and set(obj["ratios"]) == set(module.MEMORY_GOALS)

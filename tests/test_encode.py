@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import typer
+from test_shards import tar_with_a_duplicate
 from typer.testing import CliRunner
 
 from gentron_cli.commands import encode as encode_commands
 from pipelines.data import media, schema
+from pipelines.data.runner import ShardJob
 from pipelines.data.shards import ShardWriter, iter_shard, list_shards
-from pipelines.encode.latents import CenterCropResize, EncodeLatentsConfig, encode_latents
+from pipelines.encode.latents import CoverCrop, EncodeLatentsConfig, encode_latents
 from pipelines.encode.text import EncodeTextConfig, encode_text
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.vae import load_vae
@@ -120,7 +122,7 @@ def test_encode_latents_pixel_round_trip_flip_and_failures(tmp_path):
         elif key == "c5":
             expected = source[:, 4:20, :]
         else:
-            expected = CenterCropResize(16)(source)[0]
+            expected = CoverCrop.square(16)(source)[0]
         np.testing.assert_array_equal(pixel.decode(torch.from_numpy(mean)), expected)
         np.testing.assert_array_equal(pixel.decode(torch.from_numpy(flip_mean)), expected[:, :, ::-1])
         latent = schema.decode_json(fields[schema.META])["latent"]
@@ -388,3 +390,134 @@ def test_rank_split_covers_every_shard_once(tmp_path):
     for a, b in zip(list_shards(out), list_shards(single)):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert all(json.loads((out / f"{s:06d}.stats.json").read_text())["samples_out"] == 2 for s in range(5))
+
+
+# --------------------------------------------------------------------------- hostile cases
+
+
+class _Log:
+    """A reporter that keeps the stage's messages."""
+
+    def __init__(self):
+        from pipelines.progress import NullReporter
+
+        self._null, self.lines = NullReporter(), []
+
+    def task(self, *args, **kwargs):
+        return self._null.task(*args, **kwargs)
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_encode_text_records_a_duplicate_key_in_its_stats(tmp_path):
+    from pipelines.data.shards import ShardStats
+    from pipelines.encode.text import TextShardEncoder
+
+    tar_with_a_duplicate(tmp_path / "000000.tar")
+
+    class Encoders:
+        def metadata(self):
+            return {}
+
+        def encode_captions(self, texts):
+            raise AssertionError("not reached: batch size is larger than the shard")
+
+    stats = ShardStats("000000")
+    encoder = TextShardEncoder(Encoders(), batch_size=64)
+    encoder._encode_batch = lambda batch, writer, stats, tick: None
+    encoder(ShardJob("000000", tmp_path / "000000.tar"), None, stats, lambda n=1, **_: None)
+    assert [(f.key, f.reason) for f in stats.failures] == [("a", "duplicate_key"), ("c", "duplicate_key")]
+    assert stats.samples_in == 5
+
+
+# --------------------------------------------------------------------------- encode-latents upscaling a small clip
+
+
+def test_encode_latents_counts_and_says_when_it_upscales_a_small_source(tmp_path):
+    import numpy as np
+
+    from pipelines.data import media, schema
+    from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
+
+    (tmp_path / "in").mkdir()
+    with ShardWriter(tmp_path / "in" / "000000.tar") as writer:
+        for key, side in (("small", 8), ("big", 16)):
+            frames = np.full((2, side, side, 3), 100, np.uint8)
+            writer.write(key, {schema.VIDEO: media.encode_clip(frames, fps=4), schema.CAPTION: b"a clip"})
+    log = _Log()
+    result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16), log)
+    assert result.summary["counters"]["upscaled_samples"] == 1
+    assert any("1 of 2 samples" in m and "upscaled" in m for m in log.lines)
+
+
+def test_an_input_shard_that_could_not_be_read_is_made_again_on_the_next_run(tmp_path, monkeypatch):
+    import errno
+    import tarfile
+
+    inp = _write_shards(tmp_path / "in", [[(f"s{i}", _sample("png", i)) for i in range(2)] for _ in range(2)])
+    config = EncodeLatentsConfig(inp, tmp_path / "out", vae="pixel", resolution=16)
+    real_open = tarfile.open
+
+    def hiccup(name=None, *args, **kwargs):  # the network filesystem fails once on the second input shard
+        if str(name).endswith("000001.tar"):
+            raise OSError(errno.EIO, "Input/output error", str(name))
+        return real_open(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile, "open", hiccup)
+        first = encode_latents(config)
+    ((failure),) = first.summary["failures_by_reason"].items()
+    assert failure == ("read_error", 1) and first.summary["shards_to_redo"] == ["000001"]
+    assert first.samples_in == 2  # the unreadable shard is one failure, not a sample
+    again = encode_latents(config)
+    assert (again.skipped, again.done, again.failed) == (1, 1, 0)
+    reference = encode_latents(EncodeLatentsConfig(inp, tmp_path / "reference", vae="pixel", resolution=16))
+    assert reference.failed == 0
+    assert _read(tmp_path / "out") == _read(tmp_path / "reference")
+
+
+def test_input_keys_with_folders_come_out_as_they_went_in(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "in").mkdir()
+    with ShardWriter(tmp_path / "in" / "000000.tar") as writer:  # as a WebDataset writer with folders makes them
+        for key in ("cats/0001", "dogs/0001", "dogs/0002"):
+            writer.write(key, _sample("png", len(key)))
+    result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16))
+    assert result.failed == 0 and result.samples_out == 3
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False)]
+    assert keys == ["cats/0001", "dogs/0001", "dogs/0002"]
+
+
+def test_a_shard_the_stage_before_made_again_is_encoded_again(tmp_path, monkeypatch):
+    """prep-images redoes a shard that held a transient failure; encode-latents then sees its input changed and
+    encodes that shard again (and only it): the chain ends as if nothing had failed."""
+    from PIL import Image
+
+    from pipelines.prep.images import PrepImagesConfig, prep_images
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_frames(1, 24, 24, i)[0]).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"image {i}")
+    prep = PrepImagesConfig(src, tmp_path / "prep", size=16, shard_size=2)
+    encode = EncodeLatentsConfig(tmp_path / "prep", tmp_path / "latents", vae="pixel", resolution=16)
+    real_read = Path.read_bytes
+
+    def hiccup(self):  # the network filesystem fails on one image, once
+        if self == src / "3.png":
+            raise OSError(5, "Input/output error", str(self))
+        return real_read(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_bytes", hiccup)
+        assert prep_images(prep).summary["shards_to_redo"] == ["000001"]
+    assert encode_latents(encode).samples_out == 3  # encoded what there was
+    assert prep_images(prep).done == 1  # the cause passed: prep makes shard 000001 again
+    again = encode_latents(encode)
+    assert (again.skipped, again.done, again.samples_out) == (1, 1, 2)
+    prep_images(PrepImagesConfig(src, tmp_path / "prep_ref", size=16, shard_size=2))
+    encode_latents(EncodeLatentsConfig(tmp_path / "prep_ref", tmp_path / "latents_ref", vae="pixel", resolution=16))
+    assert _read(tmp_path / "latents") == _read(tmp_path / "latents_ref")

@@ -28,6 +28,7 @@ from pipelines.model.fid_inception import load_fid_inception
 from pipelines.model.text_encoders import TextEncoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 from pipelines.model.tiny_eval import build_tiny_clip_model, build_tiny_fid_inception
+from pipelines.model_folder import PipelineRecord
 from pipelines.train import config as train_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.evaluation import TrainingEvaluator
@@ -36,7 +37,7 @@ from pipelines.train.trainer import train
 
 IMAGE_PROMPTS = "a red square in the top left\n# a comment\na blue square in the bottom right\n"
 VIDEO_PROMPTS = "a green square moving left\na yellow square moving up\n"
-EVAL_KEYS = {"samples", "seconds"}
+EVAL_KEYS = {"samples", "size", "seconds"}
 HAS_TENSORBOARD = (
     importlib.util.find_spec("tensorboard") is not None
 )  # in the test extra; its checks are skipped without it
@@ -172,6 +173,8 @@ def test_evaluation_tensorboard_and_run_page_of_a_t2i_run(tmp_path, setup):
     for r in evals:
         e = r["eval"]
         assert set(e) == {"clip_score", "fid", "probe_color", "probe_place"} | EVAL_KEYS and e["samples"] == 2
+        record = PipelineRecord.read(run / "model")
+        assert e["size"] == f"{record.width}x{record.height}"  # sampled at the stated size: the training size
         assert 0 < e["clip_score"] <= 100 and np.isfinite(e["fid"]) and e["fid"] >= 0
         assert all(e[k] in (0.0, 0.5, 1.0) for k in ("probe_color", "probe_place"))  # rates over 2 samples
     assert [(r["step"], "eval" in r) for r in records] == [
@@ -310,8 +313,9 @@ def test_a_killed_t2v_run_resumes_exactly_with_evaluation_on(tmp_path, setup, mo
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         else:
-            values = {k: v for k, v in a["eval"].items() if k != "seconds"}
-            assert values == pytest.approx({k: v for k, v in b["eval"].items() if k != "seconds"}, rel=1e-5)
+            assert a["eval"]["size"] == b["eval"]["size"]
+            values, expected = ({k: v for k, v in r["eval"].items() if k not in ("seconds", "size")} for r in (a, b))
+            assert values == pytest.approx(expected, rel=1e-5)
             assert set(values) == {
                 "clip_score",
                 "temporal_consistency",

@@ -44,23 +44,23 @@ def data(tmp_path_factory):
     )
 
 
-def stream_of(images, videos, condition: ConditionSpec, micro_batch: int = 8, p_motion_free: float = 0.0, start=0):
+def stream_of(images, videos, condition: ConditionSpec, batch: int = 8, p_motion_free: float = 0.0, start_step=0):
     sources = [None if f is None else index_source(f, kind) for f, kind in ((images, "image"), (videos, "video"))]
     empty, _ = load_empty_caption([f for f in (images, videos) if f is not None])
     spec = StreamSpec(
         stage="t2v",
         seed=3,
-        micro_batch=micro_batch,
+        global_batch=batch,
         p_motion_free=p_motion_free,
         frames=5,
         text_fields=TEXT_FIELDS,
         condition=condition,
     )
-    return TrainStream(spec, *sources, empty, start, collate_text=TextCondition.collate)
+    return TrainStream(spec, *sources, empty, start_step, collate_text=TextCondition.collate)
 
 
 def first_batch(stream: TrainStream) -> dict:
-    return stream.make_batch(stream.micro_batch_indices(0), stream._streams())
+    return stream.make_batch(stream.start_step)
 
 
 # ----------------------------------------------------------------------------- the draws
@@ -70,7 +70,7 @@ def first_batch(stream: TrainStream) -> dict:
 def test_condition_draws_give_the_asked_frames_hide_some_and_never_move_on_resume(data, frames):
     images, videos = data
     spec = ConditionSpec(frames=frames, p=0.7, dropout=0.3, noise=0.2)
-    stream = stream_of(None, videos, spec, micro_batch=64)
+    stream = stream_of(None, videos, spec, batch=64)
     batch = first_batch(stream)
     x0, shown, loss_frames = batch["x0"], batch["condition_mask"], batch["loss_frames"]
     drawn = ~loss_frames
@@ -96,7 +96,7 @@ def test_condition_draws_give_the_asked_frames_hide_some_and_never_move_on_resum
     offset = (latents - x0)[shown]
     assert 0 < offset.std() < 0.2
     # each sample's draw depends on the seed and its index only: a stream started later draws the same
-    later = stream_of(None, videos, spec, micro_batch=8, start=40)
+    later = stream_of(None, videos, spec, batch=8, start_step=5)  # samples 40 .. 47
     again = first_batch(later)
     for key in ("condition_mask", "condition_latents", "loss_frames"):
         assert torch.equal(again[key], batch[key][40:48]), key
@@ -150,14 +150,14 @@ def test_image_to_video_training_starts_at_the_t2v_model_and_learns(tmp_path, da
     spec = StreamSpec(
         stage="t2v",
         seed=cfg.seed,
-        micro_batch=cfg.global_batch,
+        global_batch=cfg.global_batch,
         text_dropout=0.0,
         buffer_size=cfg.shuffle_buffer,
         text_fields=TEXT_FIELDS,
         condition=cfg.condition_spec(),
     )
     stream = TrainStream(spec, None, source, empty, collate_text=TextCondition.collate)
-    batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
+    batch = stream.make_batch(0)
     assert bool(batch["condition_mask"][:, 0].all()) and not batch["condition_mask"][:, 1:].any()
     model = GenTronTransformer.from_pretrained(str(t2v.run_dir / "model_raw"))
     objective = make_objective()

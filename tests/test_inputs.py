@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -82,3 +84,14 @@ def test_user_errors_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json")
     with pytest.raises(GentronError, match="cannot read manifest .*bad.jsonl"):
         discover_inputs(tmp_path / "bad.jsonl", VIDEO_EXTENSIONS)
+
+
+def test_odd_folder_entries_are_listed_for_prep_to_name_and_captions_read_as_text_files_are(tmp_path):
+    _touch(tmp_path / "a.mp4", "line one\r\nline two\rthree")
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop2.mp4")  # a symlink loop: listing must not stop on it
+    (tmp_path / "loop2.mp4").symlink_to(tmp_path / "loop.mp4")
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "folder.mp4").mkdir()  # a folder is not an item
+    items = discover_inputs(tmp_path, VIDEO_EXTENSIONS)
+    assert [i.source for i in items] == ["a.mp4", "fifo.mp4", "loop.mp4", "loop2.mp4"]
+    assert items[0].read_caption() == "line one\nline two\nthree"  # universal newlines, as before

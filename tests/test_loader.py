@@ -27,13 +27,14 @@ def data(tmp_path_factory):
 
 
 def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5):
+    """`micro`: samples per rank and step; `start`: the first step."""
     img = index_source(images, "image") if images else None
     vid = index_source(videos, "video") if videos else None
     empty, _ = load_empty_caption([(img or vid).folder])
     spec = StreamSpec(
         stage=stage,
         seed=7,
-        micro_batch=micro,
+        global_batch=micro * world,
         p_motion_free=p,
         text_dropout=dropout,
         buffer_size=buffer,
@@ -41,8 +42,17 @@ def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=
         text_fields=TEXT,
     )
     return TrainStream(
-        spec, img, vid, empty, start_index=start, rank=rank, world_size=world, collate_text=TextCondition.collate
+        spec, img, vid, empty, start_step=start, rank=rank, world_size=world, collate_text=TextCondition.collate
     )
+
+
+def sample_at(stream, i):
+    """Global sample i of a one-bucket stream (step i // batch, position i % batch)."""
+    return stream.load_sample(*divmod(i, stream.spec.global_batch))
+
+
+def locate_at(stream, i):
+    return stream.locate(*divmod(i, stream.spec.global_batch))
 
 
 def binomial_ok(count: int, n: int, p: float) -> bool:
@@ -52,10 +62,9 @@ def binomial_ok(count: int, n: int, p: float) -> bool:
 def test_motion_free_probability_and_pseudo_videos_repeat_the_image(data):
     images, videos = data
     stream = make_stream(images, videos, p=0.3)
-    streams = stream._streams()
     n, mf, pseudo = 1500, 0, 0
     for i in range(n):
-        s = stream.load_sample(i, streams)
+        s = sample_at(stream, i)
         mf += s["motion_free"]
         if s["pseudo_video"]:
             pseudo += 1
@@ -74,8 +83,7 @@ def test_motion_free_probability_and_pseudo_videos_repeat_the_image(data):
 def test_video_only_t2v_applies_the_motion_free_mask_to_real_clips(data):
     _, videos = data
     stream = make_stream(None, videos, p=0.6)
-    streams = stream._streams()
-    flags = [stream.load_sample(i, streams) for i in range(800)]
+    flags = [sample_at(stream, i) for i in range(800)]
     assert binomial_ok(sum(f["motion_free"] for f in flags), 800, 0.6)
     assert not any(f["pseudo_video"] for f in flags)
 
@@ -83,9 +91,8 @@ def test_video_only_t2v_applies_the_motion_free_mask_to_real_clips(data):
 def test_text_dropout_uses_the_empty_caption_at_its_rate(data):
     images, _ = data
     stream = make_stream(images, None, stage="t2i", dropout=0.25)
-    streams = stream._streams()
     empty = stream.empty_caption["clip_pooled"]
-    dropped = sum(np.array_equal(stream.load_sample(i, streams)["text"]["clip_pooled"], empty) for i in range(1000))
+    dropped = sum(np.array_equal(sample_at(stream, i)["text"]["clip_pooled"], empty) for i in range(1000))
     assert binomial_ok(dropped, 1000, 0.25), dropped
 
 
@@ -94,10 +101,8 @@ def test_timestep_draws_are_uniform_per_sample_and_mapped_by_the_objective(data)
     from pipelines.diffusion import ObjectiveConfig, make_objective
 
     images, videos = data
-    stream = make_stream(images, videos)
-    draws = torch.cat(
-        [stream.make_batch(range(i, i + 50), stream._streams())["timestep_draw"] for i in range(0, 400, 50)]
-    )
+    stream = make_stream(images, videos, micro=50)
+    draws = torch.cat([stream.make_batch(step)["timestep_draw"] for step in range(8)])
     assert draws.dtype == torch.float64 and 0 <= draws.min() and draws.max() < 1
     assert binomial_ok(int((draws >= 0.5).sum()), 400, 0.5)
     uniform, shifted = (
@@ -106,15 +111,14 @@ def test_timestep_draws_are_uniform_per_sample_and_mapped_by_the_objective(data)
     )
     assert binomial_ok(int((uniform.timesteps(draws) >= 500).sum()), 400, 0.5)
     assert binomial_ok(int((shifted.timesteps(draws) >= 500).sum()), 400, NormalDist().cdf(0.5 / 0.6))
-    again = stream.make_batch(range(100, 150), stream._streams())["timestep_draw"]
-    assert torch.equal(again, draws[100:150])  # a function of (seed, sample index) alone
+    again = make_stream(images, videos, micro=25).make_batch(4)["timestep_draw"]
+    assert torch.equal(again, draws[100:125])  # a function of (seed, sample index) alone
 
 
 def test_each_epoch_is_a_fresh_permutation_of_all_samples(data):
     images, _ = data
-    stream = make_stream(images, None, stage="t2i")
-    image_stream = stream._streams()[0]
-    epochs = [[image_stream.ref_at(e * 12 + k).key for k in range(12)] for e in range(3)]
+    stream = make_stream(images, None, stage="t2i", micro=12)
+    epochs = [[locate_at(stream, e * 12 + k)[1].key for k in range(12)] for e in range(3)]
     for keys in epochs:
         assert sorted(keys) == sorted(f"image_{i}" for i in range(12))
     assert epochs[0] != epochs[1] != epochs[2]
@@ -133,7 +137,7 @@ def test_ranks_split_the_global_batch_and_resume_skips_exactly(data):
     for b, r0, r1 in zip(whole, rank0, rank1):
         for key in ("index", "x0", "noise", "timestep_draw", "motion_free", "text.pooled.clip"):
             assert torch.equal(b[key], torch.cat([r0[key], r1[key]])), key
-    resumed = _batches(make_stream(images, videos, micro=4, start=8), 1)[0]
+    resumed = _batches(make_stream(images, videos, micro=4, start=2), 1)[0]
     for key in ("index", "x0", "noise", "timestep_draw", "motion_free"):
         assert torch.equal(resumed[key], whole[2][key]), key
 
@@ -195,7 +199,7 @@ def test_a_sample_unreadable_after_indexing_gets_zero_weight_instead_of_a_crash(
         f.seek(offset)
         f.write(b"garbage!")
     batch = _batches(stream, 1)[0]
-    keys = [stream.locate(int(i), stream._streams())[1].key for i in batch["index"]]
+    keys = [locate_at(stream, int(i))[1].key for i in batch["index"]]
     expected = torch.tensor([0.0 if k == "image_2" else 1.0 for k in keys])
     assert torch.equal(batch["weight"], expected) and expected.sum() == 3
     assert batch["x0"].shape == (4, 3, 8, 8)
@@ -204,11 +208,10 @@ def test_a_sample_unreadable_after_indexing_gets_zero_weight_instead_of_a_crash(
 def test_t2i_mixes_images_and_single_frames_of_clips_by_their_counts(data):
     images, videos = data
     stream = make_stream(images, videos, stage="t2i")
-    streams = stream._streams()
     n, from_images = 600, 0
     for i in range(n):
-        source, ref, motion_free = stream.locate(i, streams)
-        latent = stream.load_sample(i, streams)["latent"]
+        source, ref, motion_free = locate_at(stream, i)
+        latent = sample_at(stream, i)["latent"]
         assert latent.shape == (3, 8, 8) and not motion_free
         k = int(ref.key.split("_")[1])
         if source.kind == "image":

@@ -276,7 +276,7 @@ def test_text_mismatch_is_a_clear_error():
         model(x, t, changed(text, "tokens", "t5", torch.zeros(2, 7, 16)))
     with pytest.raises(GentronError, match="reads the text array 'clip_pooled'"):
         model(x, t, changed(text, "pooled", "clip", None))
-    with pytest.raises(GentronError, match="7x8 latents do not split into 2x2 patches"):
+    with pytest.raises(GentronError, match=r"7x8 latents \(height x width\) do not split into 2x2 patches"):
         model(torch.zeros(2, C, 7, 8), t, text)
 
 
@@ -419,3 +419,45 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
     }
     with pytest.raises(GentronError, match="names text inputs bert"):
         text_inputs_from_data({"text_inputs": {"bert": {}}}, empty)
+
+
+def test_a_model_at_its_training_size_is_bit_identical_to_before_buckets():
+    """tests/fixtures/model_reference: outputs computed by the code before any grid and frame count were trained
+    (tests/fixtures/make_model_reference.py). At one thread, as recorded (kernels round differently with more)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "fixtures" / "model_reference"
+    ref = load_file(str(folder / "reference.safetensors"))
+    model = GenTronTransformer.from_pretrained(folder).eval()
+    text = TextCondition(
+        tokens={"clip": ref["clip_tokens"], "t5": ref["t5_tokens"]},
+        masks={"clip": ref["clip_mask"], "t5": ref["t5_mask"]},
+        pooled={"clip": ref["clip_pooled"]},
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            video = model(ref["video"], ref["timestep"], text, motion_free=ref["motion_free"])
+            image = model(ref["image"], ref["timestep"], text)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(video, ref["video_output"]) and torch.equal(image, ref["image_output"])
+
+
+def test_position_embedding_of_any_grid_against_the_formula():
+    """DiT's 2-D sin-cos table, written out independently: token (r, c) of a grid_h x grid_w grid gets
+    [sin r w_k, cos r w_k, sin c w_k, cos c w_k], w_k = 10000^(-k / (D/4))."""
+    import numpy as np
+
+    dim = 32
+    for grid_h, grid_w in [(3, 5), (5, 3), (1, 7), (4, 4)]:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+        rows = []
+        for n in range(grid_h * grid_w):
+            r, c = divmod(n, grid_w)
+            rows.append(np.concatenate([np.sin(r * omega), np.cos(r * omega), np.sin(c * omega), np.cos(c * omega)]))
+        table = sincos_2d(dim, grid_h, grid_w, torch.device("cpu"))
+        np.testing.assert_allclose(table.numpy(), np.stack(rows).astype(np.float32), rtol=0, atol=1e-6)

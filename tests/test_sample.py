@@ -494,7 +494,8 @@ def test_errors_exit_2_with_a_clear_message(video_run, image_run, tmp_path):
     assert result.exit_code == 2 and "width 48" in result.text and "trained with width 32" in result.text
 
     result = run_cli("--model", video_run, "--prompt", "x", "--resolution", 15, "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "15x15 pixels" in result.text and "e.g. 16x16" in result.text
+    message = " ".join(result.text.split())
+    assert result.exit_code == 2 and "15x15 pixels" in message and "height 16 and width 16" in message
 
     not_sidecar = tmp_path / "notes.json"
     not_sidecar.write_text("{}")

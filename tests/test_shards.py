@@ -1,16 +1,27 @@
 """The shard contract: deterministic atomic writing, reading, stats, resume, rank and worker split."""
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import webdataset as wds
+from held import env_with_tests_on_path, wait_for
+from typer.testing import CliRunner
 
+from gentron_cli.main import app
 from pipelines.data import schema
 from pipelines.data.runner import ShardJob, resolve_rank, run_shard_jobs
-from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name
+from pipelines.data.shards import ShardWriter, iter_shard, list_shards, shard_name, verify_folder
 from pipelines.errors import BadSample, GentronError
+from pipelines.progress import NullReporter
 
 
 def _samples(n, offset=0):
@@ -88,7 +99,7 @@ def _job_fn(job, writer, stats, tick):
     for i in job.payload:
         stats.samples_in += 1
         if i % 4 == 3:
-            stats.fail(f"item_{i}", "too_short", "test")
+            stats.fail(f"item_{i}", BadSample("too_short", "test"))
         else:
             writer.write(f"item_{i}", {"txt": str(i).encode()})
         tick(1)
@@ -210,3 +221,247 @@ def test_progress_total_counts_only_this_ranks_unfinished_items(tmp_path):
     assert totals == [15, 10]
     run_shard_jobs(_jobs(40, 5), tmp_path / "unknown", _job_fn, reporter=Rep())  # jobs without counts
     assert totals[-1] is None
+
+
+# --------------------------------------------------------------------------- hostile cases: damaged folders, faults
+
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "1000"}  # no path folded mid-word in the CLI's messages
+
+
+def _text_fn(job, writer, stats, tick):
+    for i in job.payload:
+        stats.samples_in += 1
+        writer.write(f"item_{i}", {"txt": f"caption {i}".encode() * 20})
+        tick(1)
+
+
+def _text_jobs(shards=3, per_shard=4):
+    return [
+        ShardJob(shard_name(k), list(range(k * per_shard, (k + 1) * per_shard)), items=per_shard) for k in range(shards)
+    ]
+
+
+class _Log(NullReporter):
+    """A reporter that keeps the stage's messages."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+# --------------------------------------------------------------------------- a damaged output folder
+
+
+def test_rerun_redoes_a_missing_a_truncated_and_a_garbled_shard_byte_identically(tmp_path):
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    reference = {p.name: p.read_bytes() for p in list_shards(out)}
+    (out / "000000.tar").unlink()
+    data = (out / "000001.tar").read_bytes()
+    (out / "000001.tar").write_bytes(data[: len(data) // 2])
+    (out / "000002.stats.json").write_text("{ not json")
+    log = _Log()
+    result = run_shard_jobs(_text_jobs(), out, _text_fn, reporter=log)
+    assert (result.done, result.skipped) == (3, 0)
+    assert {p.name: p.read_bytes() for p in list_shards(out)} == reference
+    said = "\n".join(log.lines)
+    assert (
+        "000000.tar is missing" in said
+        and "000001.tar has" in said
+        and "000002" in said
+        and "stats file is damaged" in said
+    )
+    stats = json.loads((out / "000000.stats.json").read_text())
+    assert stats["tar_size"] == len(reference["000000.tar"]) and len(stats["tar_sha256"]) == 64
+
+
+def test_verify_redoes_a_tampered_shard_of_the_right_size_and_stats_verify_names_it(tmp_path):
+
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    reference = (out / "000001.tar").read_bytes()
+    tampered = bytearray(reference)
+    tampered[700] ^= 0xFF  # inside the first member's data: same size, other content
+    (out / "000001.tar").write_bytes(bytes(tampered))
+
+    result = runner.invoke(app, ["stats", str(out), "--verify"], env=WIDE)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "000001" in result.output and "sha256" in result.output
+    assert [name for name, _ in verify_folder(out)] == ["000001"]
+
+    assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 0  # a plain rerun trusts the size
+    assert run_shard_jobs(_text_jobs(), out, _text_fn, verify=True).done == 1
+    assert (out / "000001.tar").read_bytes() == reference
+    assert runner.invoke(app, ["stats", str(out), "--verify"], env=WIDE).exit_code == 0
+
+
+def test_stats_of_a_folder_with_a_garbled_stats_file_names_it_instead_of_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    run_shard_jobs(_text_jobs(), out, _text_fn)
+    (out / "000002.stats.json").write_bytes(b"\xff\xfe garbage")
+    result = runner.invoke(app, ["stats", str(out)], env=WIDE)
+    assert result.exit_code == 0 and "000002.stats.json" in result.output and "damaged" in result.output
+
+
+# --------------------------------------------------------------------------- storage faults
+
+
+class _FullDisk:
+    """A file on a full disk: every write and the flush on close fail with ENOSPC."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def tell(self):
+        return 0
+
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    flush = close
+
+
+def test_disk_full_gives_the_stages_message_not_a_second_error_from_cleanup(tmp_path):
+    def fill_disk(job, writer, stats, tick):
+        writer._file.file = writer._tar.fileobj = _FullDisk()  # the disk fills up under the writer (its AtomicFile)
+        writer.write("k", {"txt": b"x" * 10_000})
+
+    with pytest.raises(GentronError) as err:
+        run_shard_jobs(_text_jobs(1), tmp_path / "out", fill_disk)
+    assert "disk full while writing" in err.value.message and "000000.tar" in err.value.message
+    assert (
+        err.value.__context__ is None
+        or not isinstance(err.value.__context__, OSError)
+        or err.value.__suppress_context__
+    )
+    assert not list((tmp_path / "out").glob(".000000.tar.tmp-*"))
+
+
+def tar_with_a_duplicate(path: pathlib.Path) -> None:
+    """Members a.txt, a.json, b.txt, a.txt: `a` twice, the second time after `b`; and c.txt, c.json, c.txt."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in [
+            ("a.txt", b"first a"),
+            ("a.json", b"{}"),
+            ("b.txt", b"b"),
+            ("a.txt", b"second a"),
+            ("c.txt", b"first c"),
+            ("c.json", b"{}"),
+            ("c.txt", b"second c"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_key_twice_in_one_input_shard_is_recorded_as_duplicate_key_not_merged(tmp_path):
+    from pipelines.data.shards import iter_shard
+
+    tar_with_a_duplicate(tmp_path / "in.tar")
+    found = []
+    samples = list(iter_shard(tmp_path / "in.tar", on_skip=lambda key, bad: found.append((key, bad.reason))))
+    assert [(k, f["txt"]) for k, f in samples] == [("a", b"first a"), ("b", b"b"), ("c", b"first c")]
+    assert found == [("a", "duplicate_key"), ("c", "duplicate_key")]
+
+
+def test_sigterm_stops_a_stage_with_worker_processes_keeping_finished_shards_with_exit_143(tmp_path):
+    """What Slurm does before it kills a job: SIGTERM to every process of it. The worker processes ignore it; the
+    stage stops as on Ctrl-C, keeps its finished shards, says so in one line and exits with 143."""
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    code = (
+        "import functools\n"
+        "from held import held_text_shard\n"
+        "from gentron_cli.reporting import run_command\n"
+        "from pipelines.data.runner import ShardJob, run_shard_jobs\n"
+        "jobs = [ShardJob(f'{k:06d}', list(range(4 * k, 4 * k + 4))) for k in range(3)]\n"
+        f"fn = functools.partial(held_text_shard, {str(markers)!r}, ('000002',))\n"
+        f"run_command(lambda: run_shard_jobs(jobs, {str(out)!r}, fn, workers=2))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env_with_tests_on_path(),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # shard 000002 is held; the other worker finishes 000000 and 000001
+        wait_for(
+            lambda: (
+                (markers / "000002.started").exists()
+                and len(list(out.glob("*.stats.json"))) == 2
+                or proc.poll() is not None
+            ),
+            what="two finished shards",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "preempted: SIGTERM stopped shards" in stderr and "Traceback" not in stderr, stderr
+    assert [p.name for p in list_shards(out)] == ["000000.tar", "000001.tar"]
+    wait_for(lambda: not subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout, 60, "the end")
+    assert run_shard_jobs(_text_jobs(), out, _text_fn).done == 1  # a rerun makes only the shard that was stopped
+
+
+def _tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> pathlib.Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_keys_keep_their_folders_as_webdataset_defines_them(tmp_path):
+    members = [("cats/0001.txt", b"a cat"), ("cats/0001.json", b"{}"), ("dogs/0001.txt", b"a dog")]
+    members += [("./birds/a.b/0001.txt", b"a bird"), ("0001.txt", b"no folder")]
+    path = _tar(tmp_path / "in.tar", members)
+    theirs = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
+    ours = [key for key, _ in iter_shard(path)]
+    assert ours == theirs == ["cats/0001", "dogs/0001", "./birds/a.b/0001", "0001"]  # none dropped as a duplicate
+    with ShardWriter(tmp_path / "out.tar") as writer:  # and a stage writes them back as they were
+        for key, fields in iter_shard(path):
+            writer.write(key, fields)
+    assert [key for key, _ in iter_shard(tmp_path / "out.tar")] == theirs
+
+
+def test_a_key_that_would_unpack_outside_its_folder_is_skipped_and_named(tmp_path):
+    path = _tar(tmp_path / "in.tar", [("../evil.txt", b"x"), ("/etc/evil.txt", b"x"), ("good.txt", b"y")])
+    skipped = []
+    kept = [key for key, _ in iter_shard(path, on_skip=lambda key, bad: skipped.append((key, bad.reason)))]
+    assert kept == ["good"] and skipped == [("../evil", "bad_key"), ("/etc/evil", "bad_key")]
+    for key in ("../evil", "/etc/evil", "a//b", "a/b.c", "a\\b"):
+        with pytest.raises(ValueError, match="invalid sample key"), ShardWriter(tmp_path / "x.tar") as writer:
+            writer.write(key, {"txt": b"x"})
+
+
+def test_a_group_of_samples_that_fails_halfway_leaves_the_shard_as_if_never_started(tmp_path):
+    samples = dict(_samples(4))
+    keys = list(samples)
+    with ShardWriter(tmp_path / "cut.tar") as writer:
+        writer.write(keys[0], samples[keys[0]])
+        with pytest.raises(BadSample), writer.all_or_none():  # written as made, then the source fails
+            writer.write(keys[1], samples[keys[1]] | {"big.bin": bytes(50_000)})
+            writer.write(keys[2], samples[keys[2]])
+            raise BadSample("corrupt", "the third clip of a video")
+        writer.write(keys[3], samples[keys[3]])
+        with writer.all_or_none():
+            writer.write(keys[1], samples[keys[1]])  # its key is free again
+    with ShardWriter(tmp_path / "plain.tar") as plain:
+        for key in (keys[0], keys[3], keys[1]):
+            plain.write(key, samples[key])
+    data = (tmp_path / "cut.tar").read_bytes()
+    assert data == (tmp_path / "plain.tar").read_bytes()
+    assert (writer.size, writer.sha256) == (len(data), hashlib.sha256(data).hexdigest())  # what the stats record

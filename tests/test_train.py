@@ -243,7 +243,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     spec = StreamSpec(
         stage="t2v",
         seed=cfg.seed,
-        micro_batch=cfg.global_batch,
+        global_batch=cfg.global_batch,
         p_motion_free=1.0,
         text_dropout=0.0,
         frames=3,
@@ -251,7 +251,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
         text_fields=(schema.CLIP_POOLED, schema.CLIP_TOKENS, schema.T5_TOKENS),
     )
     stream = TrainStream(spec, source, None, empty, collate_text=TextCondition.collate)
-    batch = stream.make_batch(stream.micro_batch_indices(0), stream._streams())
+    batch = stream.make_batch(0)
     assert bool(batch["pseudo_video"].all())
     model = GenTronTransformer.from_pretrained(str(t2i.run_dir / "model_raw"))
     b, t = batch["x0"].shape[:2]
@@ -290,10 +290,10 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, 
     forward_backward = Run.forward_backward
 
     def diverging(self, batches):
-        loss, grad_norm, motion_free = forward_backward(self, batches)
-        return (
-            (float("nan"), float("nan"), motion_free) if self.step + 1 == nan_step else (loss, grad_norm, motion_free)
-        )
+        loss, grad_norm, motion_free, step_batch = forward_backward(self, batches)
+        if self.step + 1 == nan_step:
+            loss, grad_norm = float("nan"), float("nan")
+        return loss, grad_norm, motion_free, step_batch
 
     monkeypatch.setattr(Run, "forward_backward", diverging)
     with pytest.raises(GentronError, match="loss became nan") as err:

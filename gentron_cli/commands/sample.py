@@ -70,7 +70,13 @@ def sample_command(
         1.0, "--condition-scale", help="Guidance scale lC on the given frames (1 = off; other values cost a branch)."
     ),
     frames: int | None = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
-    resolution: int | None = typer.Option(None, help="Square size in pixels. Default: the training resolution."),
+    width: int | None = typer.Option(
+        None, help="Width in pixels. Default: the training size recorded in the model folder."
+    ),
+    height: int | None = typer.Option(
+        None, help="Height in pixels. Default: the training size recorded in the model folder."
+    ),
+    resolution: int | None = typer.Option(None, help="A square of this side in pixels (instead of --width/--height)."),
     fps: float | None = typer.Option(None, help="Frame rate of written videos. Default: the training clips' rate."),
     seed: int = typer.Option(0, help="Base seed; prompt i uses seed + i."),
     batch_size: int = typer.Option(
@@ -133,6 +139,8 @@ def sample_command(
             mfg_scale=mfg,
             frames=frames,
             resolution=resolution,
+            width=width,
+            height=height,
             fps=fps,
             seed=seed,
             batch_size=batch_size,

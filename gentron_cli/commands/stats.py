@@ -25,6 +25,9 @@ def print_summary(summary: dict, title: str, console: Console | None = None) -> 
         table.add_row(name.replace("_", " "), str(summary[name]))
     for reason, n in summary["failures_by_reason"].items():
         table.add_row(f"  failed: {reason}", str(n))
+    if summary.get("transient"):  # stats of earlier versions have no such count
+        table.add_row("  of which may pass (redone next run)", str(summary["transient"]))
+        table.add_row("  shards to redo", ", ".join(summary.get("shards_to_redo", [])))
     for name, n in summary["counters"].items():
         table.add_row(name.replace("_", " "), str(n))
     for name in summary.get("unreadable_stats", []):

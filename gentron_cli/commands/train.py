@@ -53,6 +53,13 @@ def register(app: typer.Typer) -> None:
         grad_accum: int = typer.Option(
             _D.grad_accum, "--grad-accum", help="Micro-batches per step; micro-batch = global / (accum x processes)."
         ),
+        bucket_batch: str = typer.Option(
+            _D.bucket_batch,
+            "--bucket-batch",
+            help="Data of several sizes trains in buckets, one latent shape per batch (`gentron buckets` shows them). "
+            "fixed: every bucket's batch is the global batch; tokens: scaled per bucket so a step holds about the "
+            "tokens of a global batch of the bucket with the most samples.",
+        ),
         lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
         weight_decay: float = typer.Option(_D.weight_decay, help="AdamW weight decay."),
         warmup_steps: int = typer.Option(_D.warmup_steps, help="Linear learning-rate warm-up steps."),

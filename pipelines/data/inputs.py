@@ -12,12 +12,14 @@ them are stable. Captions of folder items are read lazily (in the worker that ha
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.data.schema import make_key
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import read_input
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -37,15 +39,16 @@ class InputItem:
     end: float | None = None
 
     def read_caption(self) -> str:
-        """The caption, stripped; BadSample("missing_caption") when absent or empty."""
+        """The caption, stripped; BadSample("missing_caption") when absent or empty, and those of `read_input` for
+        a caption file that cannot be read (a folder, a device, a symlink loop, no permission, an I/O error)."""
         text = self.caption
-        if text is None and self.caption_file is not None:
+        if text is None and self.caption_file is not None and os.path.lexists(self.caption_file):
+            data = read_input(self.caption_file, "caption")
             try:
-                text = self.caption_file.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not caption text
-            except FileNotFoundError:
-                text = None
+                text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not caption text
             except UnicodeDecodeError as exc:
                 raise BadSample("caption_not_utf8", f"{self.caption_file}: byte {exc.start} is not UTF-8") from exc
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text files are read
         text = (text or "").lstrip("\ufeff").strip()
         if not text:
             raise BadSample("missing_caption", f"no caption for {self.source}")
@@ -90,13 +93,10 @@ def discover_inputs(
 
 def _folder_items(folder: Path, extensions: tuple[str, ...]) -> list[InputItem]:
     wanted = {e.lower() for e in extensions}
-    # a broken symlink is kept: prep reports it as missing_file instead of dropping it without a word
+    # Everything with a wanted name but a folder is kept: a broken symlink, a symlink loop, a device or FIFO is
+    # reported by prep (missing_file, symlink_loop, not_a_file) instead of dropped without a word.
     paths = sorted(
-        (
-            p
-            for p in folder.rglob("*")
-            if p.suffix.lower() in wanted and (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
-        ),
+        (p for p in folder.rglob("*") if p.suffix.lower() in wanted and not p.name.startswith(".") and not p.is_dir()),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     items = []
@@ -104,10 +104,18 @@ def _folder_items(folder: Path, extensions: tuple[str, ...]) -> list[InputItem]:
         rel = p.relative_to(folder).as_posix()
         items.append(
             InputItem(
-                path=p.resolve(), source=rel, key=make_key(rel.rsplit(".", 1)[0]), caption_file=p.with_suffix(".txt")
+                path=_resolved(p), source=rel, key=make_key(rel.rsplit(".", 1)[0]), caption_file=p.with_suffix(".txt")
             )
         )
     return items
+
+
+def _resolved(path: Path) -> Path:
+    """The absolute path without symlinks; a symlink loop stays as it is (prep reports it)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop from ..."
+        return path.absolute()
 
 
 def read_manifest(path: Path):

@@ -1,6 +1,7 @@
 """Training data: encoded shards -> micro-batches of latents, noise, timesteps and text.
 
-The data stream is a pure function of (seed, global sample index i):
+The data stream is a pure function of (seed, step), and each sample's random draws of (seed, global sample
+index i):
 
 - At start each source folder is indexed once: tar headers only (offsets, sizes, npy shapes and dtypes),
   so bad samples (missing field, wrong latent shape or dtype, duplicate key, truncated tar) are found,
@@ -8,19 +9,24 @@ The data stream is a pure function of (seed, global sample index i):
   values, a text width other than the empty caption's, bytes damaged later) is checked on every array
   when a sample is read: the sample gets zero weight in its batch and is named in the batch's
   `failures` (shard, key, field, reason), which training logs and records in data_stats.json.
-- Each source is an endless stream: epoch e is a seeded shard permutation read through a seeded
-  shuffle buffer; position n is entry n % N of epoch n // N.
+- Every batch holds one latent shape, a bucket (pipelines/data/bucket_plan.py): step s draws its bucket
+  with a seeded draw, the same on every rank; the step's global batch is that bucket's batch size, and
+  its samples have the global indices that follow the earlier steps'.
+- The samples of a bucket come from pools (its images, its clips), each an endless stream: epoch e is a
+  seeded shard permutation read through a seeded shuffle buffer; position n is entry n % N of epoch n // N.
 - In T2V, sample i is motion-free with probability p (a seeded draw); a motion-free sample takes the
-  next image (repeated into a pseudo-video) when images are given, else the next clip with the
-  temporal mask off. Image/video positions are counts of earlier draws (computed by blocks).
+  next image of the bucket's size (repeated into a pseudo-video of the bucket's frames) when there are
+  images, else the next clip with the temporal mask off. Pool positions are counts of earlier draws
+  (computed by chunks of steps).
 - Everything random about sample i (latent draw, flip, text dropout, noise, timestep, frame) comes
   from a generator seeded by (seed, purpose, i).
 - Frame conditioning (T2V with `ConditionSpec`): whether sample i is given frames, which latent frames, whether
   they are hidden from the model (condition dropout) and the noise on them are drawn the same way
   (`condition_draw`); a batch then carries the given frames' mask and latents and the frames its loss covers.
 
-So resume only needs the number of samples consumed, and rank r / worker w read just their own
-samples: micro-batch k of rank r holds indices start + k * micro * world + r * micro + [0, micro).
+So resume only needs the step, and rank r / worker w read just their own samples: micro-step m of step s
+on rank r holds the step's samples m * micro * world + r * micro + [0, micro), micro = batch / (accum * world).
+With one bucket this is the plain stream: micro-batch k of rank r holds indices k * micro * world + r * micro.
 """
 
 from __future__ import annotations
@@ -37,12 +43,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data import schema
-from pipelines.data.shards import ShardDamaged, list_shards, scan_shard
+from pipelines.data.bucket_plan import BucketPlan, StepSchedule, UniformDraws, plan_buckets
+from pipelines.data.shards import Failure, ShardDamaged, list_shards, scan_shard
 from pipelines.errors import BadSample, GentronError, require_dir
 from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
-_SHUFFLE, _MOTION_FREE, _LATENT, _FLIP, _DROPOUT, _NOISE, _TIMESTEP, _FRAME, _MIX = range(9)
+_SHUFFLE, _MOTION_FREE, _LATENT, _FLIP, _DROPOUT, _NOISE, _TIMESTEP, _FRAME, _MIX, _BUCKET = range(10)
 _CONDITION, _CONDITION_NOISE = 100, 101  # frame conditioning (its own range: the draws above are unchanged)
 
 
@@ -56,20 +63,12 @@ def sample_rng(seed: int, purpose: int, index: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class SampleRef:
-    """Where one valid sample's fields live: shard, key, {field: (offset, size)} in the tar."""
+    """Where one valid sample's fields live: shard, key, {field: (offset, size)} in the tar; its latent shape."""
 
     shard: int
     key: str
     fields: dict
-
-
-@dataclass
-class Failure:
-    shard: str
-    key: str
-    reason: str
-    detail: str = ""
-    field: str = ""  # the sample's field at fault, when one is
+    shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -81,7 +80,7 @@ class Source:
     shards: list[Path]
     refs: list[SampleRef]
     shard_of_ref: np.ndarray  # ref -> shard index, for the per-epoch shard permutation
-    latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w)
+    latent_shape: tuple[int, ...]  # the most common one: (C, h, w) or (T, C, h, w); samples may have others
     has_flip: bool
     text_fields: tuple[str, ...]  # text arrays every sample has
     metadata: dict  # the "json" of the first usable sample
@@ -104,14 +103,14 @@ def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, bool]], Failure | None]:
-    """[(key, {field: (offset, size)}, duplicate)] of the complete samples, from tar headers only
+def _scan_tar(path: Path) -> tuple[list[tuple[str, dict, BadSample | None]], Failure | None]:
+    """[(key, {field: (offset, size)}, problem)] of the complete samples, from tar headers only
     (`scan_shard`), and the damage if any: the samples before it are complete and kept."""
-    samples: list[tuple[str, dict, bool]] = []
+    samples: list[tuple[str, dict, BadSample | None]] = []
     try:
         samples.extend(scan_shard(path, read=False))
     except ShardDamaged as damage:
-        return samples, Failure(path.name, damage.key or "?", damage.reason, damage.detail)
+        return samples, Failure(damage.key or "?", damage.reason, damage.detail, shard=path.name)
     return samples, None
 
 
@@ -136,32 +135,30 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             if damage is not None:
                 failures.append(damage)
             with open(path, "rb") as f:
-                for key, fields, duplicate in pending:
-                    if duplicate:
-                        failures.append(
-                            Failure(
-                                path.name,
-                                key,
-                                "duplicate_key",
-                                f"a second sample with key {key!r} in {path.name}; the first one is kept",
-                            )
-                        )
+                for key, fields, problem in pending:
+                    if problem is not None:  # a duplicate key, a key no shard may hold
+                        failures.append(Failure.of(key, problem, shard=path.name))
                         continue
                     try:
                         found.append((s, key, fields, _check_sample(f, fields, kind)))
                     except BadSample as err:
-                        failures.append(Failure(path.name, key, err.reason, err.detail, err.field or ""))
+                        failures.append(Failure.of(key, err, shard=path.name))
             task.advance(1)
-    # the folder's latent size is the most common one; samples of another size are skipped
+    # latents of any size are kept (each size is a bucket); the channels are the most common ones
     shapes = Counter(shape for *_, shape in found)
     shape = shapes.most_common(1)[0][0] if shapes else None
     refs: list[SampleRef] = []
     text_fields: set[str] | None = None
     has_flip, metadata = True, {}
     for s, key, fields, sample_shape in found:
-        if sample_shape != shape:
+        if sample_shape[-3] != shape[-3]:
             failures.append(
-                Failure(shards[s].name, key, "wrong_latent_shape", f"{sample_shape}, the folder's latents are {shape}")
+                Failure(
+                    key,
+                    "wrong_latent_shape",
+                    f"{sample_shape}: {sample_shape[-3]} channels, the folder's latents have {shape[-3]}",
+                    shard=shards[s].name,
+                )
             )
             continue
         present = set(schema.text_fields_in(fields))
@@ -170,11 +167,11 @@ def index_source(folder: str | Path, kind: str, reporter: Reporter = NullReporte
             metadata = _read_json(shards[s], fields[schema.META]) if schema.META in fields else {}
         if not text_fields <= present:
             failures.append(
-                Failure(shards[s].name, key, "missing_field", f"text embeddings {sorted(text_fields - present)}")
+                Failure(key, "missing_field", f"text embeddings {sorted(text_fields - present)}", shard=shards[s].name)
             )
             continue
         has_flip &= schema.LATENT_FLIP_MEAN in fields and schema.LATENT_FLIP_STD in fields
-        refs.append(SampleRef(s, key, fields))
+        refs.append(SampleRef(s, key, fields, tuple(int(n) for n in sample_shape)))
     for failure in failures[:20]:
         reporter.log(f"skipped {kind} sample {failure.shard}/{failure.key}: {failure.reason} {failure.detail}".rstrip())
     if len(failures) > 20:
@@ -255,12 +252,15 @@ def check_array(array: np.ndarray, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- the stream
 
 
-def epoch_order(source: Source, seed: int, epoch: int, buffer_size: int, source_id: int) -> np.ndarray:
-    """Ref indices of one epoch: seeded shard permutation, then a seeded shuffle buffer."""
-    rng = sample_rng(seed, _SHUFFLE, (source_id << 32) + epoch)
-    shard_perm = rng.permutation(len(source.shards))
-    # refs are stored in shard order: shard s owns refs [bounds[s], bounds[s + 1])
-    bounds = np.searchsorted(source.shard_of_ref, np.arange(len(source.shards) + 1))
+def epoch_order(
+    shard_of_ref: np.ndarray, num_shards: int, seed: int, epoch: int, buffer_size: int, stream_id: int
+) -> np.ndarray:
+    """Positions in a pool of refs (`shard_of_ref`: their shards, ascending) for one epoch: a seeded shard
+    permutation, then a seeded shuffle buffer."""
+    rng = sample_rng(seed, _SHUFFLE, (stream_id << 32) + epoch)
+    shard_perm = rng.permutation(num_shards)
+    # refs are in shard order: shard s owns positions [bounds[s], bounds[s + 1])
+    bounds = np.searchsorted(shard_of_ref, np.arange(num_shards + 1))
     incoming = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in shard_perm])
     out = np.empty_like(incoming)
     buffer: list[int] = []
@@ -277,49 +277,33 @@ def epoch_order(source: Source, seed: int, epoch: int, buffer_size: int, source_
     return out
 
 
-class SourceStream:
-    """Endless shuffled stream over one source: `ref_at(position)`; caches the current epoch."""
+class PoolStream:
+    """Endless shuffled stream over one pool of a source's refs: `ref_at(position)`; caches the current epoch."""
 
-    def __init__(self, source: Source, seed: int, buffer_size: int, source_id: int):
-        self.source, self.seed, self.buffer_size, self.source_id = source, seed, buffer_size, source_id
+    def __init__(self, source: Source, ref_ids: np.ndarray, seed: int, buffer_size: int, stream_id: int):
+        self.source, self.ref_ids = source, ref_ids
+        self.seed, self.buffer_size, self.stream_id = seed, buffer_size, stream_id
+        self.shard_of_ref = source.shard_of_ref[ref_ids]
         self._epoch, self._order = -1, None
 
     def ref_at(self, position: int) -> SampleRef:
-        epoch, k = divmod(position, len(self.source))
+        epoch, k = divmod(position, len(self.ref_ids))
         if epoch != self._epoch:
-            self._epoch, self._order = (
-                epoch,
-                epoch_order(self.source, self.seed, epoch, self.buffer_size, self.source_id),
+            self._epoch = epoch
+            self._order = epoch_order(
+                self.shard_of_ref, len(self.source.shards), self.seed, epoch, self.buffer_size, self.stream_id
             )
-        return self.source.refs[int(self._order[k])]
+        return self.source.refs[int(self.ref_ids[int(self._order[k])])]
 
 
-class CoinSchedule:
-    """Seeded per-sample coin flips (motion-free, image-or-clip) with the count of heads before any index.
-
-    Drawn by blocks so the count before index i costs i / BLOCK generator calls, not i.
-    """
-
-    BLOCK = 4096
-
-    def __init__(self, seed: int, purpose: int, p: float):
-        self.seed, self.purpose, self.p = seed, purpose, p
-        self._before = [0]  # motion-free samples before block b
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def _draws(self, block: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != block:
-            self._cache = (block, sample_rng(self.seed, self.purpose, block).random(self.BLOCK) < self.p)
-        return self._cache[1]
-
-    def at(self, index: int) -> tuple[bool, int]:
-        """(heads at `index`, heads before `index`)."""
-        block, k = divmod(index, self.BLOCK)
-        while len(self._before) <= block:
-            b = len(self._before) - 1
-            self._before.append(self._before[-1] + int(self._draws(b).sum()))
-        draws = self._draws(block)
-        return bool(draws[k]), self._before[block] + int(draws[:k].sum())
+def fit_latent(latent: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A latent of a merged bucket cut to its bucket's shape: the first frames, the center rows and columns."""
+    if latent.shape == tuple(shape):
+        return latent
+    h, w = latent.shape[-2:]
+    top, left = (h - shape[-2]) // 2, (w - shape[-1]) // 2
+    cut = latent[..., top : top + shape[-2], left : left + shape[-1]]
+    return np.ascontiguousarray(cut[: shape[0]] if len(shape) == 4 else cut)
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -386,13 +370,33 @@ def condition_batch(spec: ConditionSpec, seed: int, indices, x0: torch.Tensor) -
     return {"condition_mask": shown, "condition_latents": latents, "loss_frames": ~drawn}
 
 
+def stream_plan(spec: StreamSpec, images: Source | None, videos: Source | None, world_size: int = 1) -> BucketPlan:
+    """The buckets of a stream (pipelines/data/bucket_plan.py), pixel sizes stated from the shard metadata."""
+    primary = images if images is not None else videos
+    downsample = (primary.metadata.get("latent") or {}).get("downsample") if primary is not None else None
+    return plan_buckets(
+        spec.stage,
+        images,
+        videos,
+        spec.global_batch,
+        spec.grad_accum * world_size,
+        spec.bucket_batch,
+        spec.frames,
+        spec.p_motion_free,
+        spec.patch_size,
+        downsample if isinstance(downsample, int) else None,
+    )
+
+
 @dataclass
 class StreamSpec:
     """What the stream yields; identical on every rank and worker (part of the run config)."""
 
     stage: str  # "t2i" or "t2v"
     seed: int
-    micro_batch: int
+    global_batch: int  # samples per step over all processes (per bucket with bucket_batch "tokens")
+    grad_accum: int = 1
+    bucket_batch: str = "fixed"  # "fixed" or "tokens" (pipelines/data/bucket_plan.py)
     p_motion_free: float = 0.0
     condition: ConditionSpec | None = None  # t2v: frame conditioning (None: off)
     text_dropout: float = 0.1
@@ -400,20 +404,11 @@ class StreamSpec:
     buffer_size: int = 1000
     frames: int = 8  # pseudo-video length when no clips give it
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
-
-
-def training_latent_shape(stage: str, frames: int, images: Source | None, videos: Source | None) -> tuple[int, ...]:
-    """The latent shape of one training sample: a clip's (T, C, h, w) for T2V, or an image's repeated over `frames`
-    (a still video) when there are no clips; (C, h, w) for T2I, which trains on images or on single frames of clips."""
-    if stage == "t2v" and videos is not None:
-        return tuple(videos.latent_shape)
-    if stage == "t2v":
-        return (frames, *images.latent_shape)
-    return tuple(images.latent_shape if images is not None else videos.latent_shape[1:])
+    patch_size: int | None = None  # only to state tokens in the bucket table
 
 
 class TrainStream(IterableDataset):
-    """Micro-batches for one rank, split across DataLoader workers (batch k -> worker k % workers)."""
+    """Micro-batches for one rank, split across DataLoader workers (micro-batch k -> worker k % workers)."""
 
     def __init__(
         self,
@@ -421,54 +416,61 @@ class TrainStream(IterableDataset):
         images: Source | None,
         videos: Source | None,
         empty_caption: dict[str, np.ndarray],
-        start_index: int = 0,
+        start_step: int = 0,
         rank: int = 0,
         world_size: int = 1,
         *,
         collate_text: Callable[[list[dict[str, np.ndarray]]], object],
+        plan: BucketPlan | None = None,
     ):
         """`collate_text`: batches the samples' text arrays (TextCondition.collate: the model's input type, given
-        by the trainer, so the data layer imports nothing of the model)."""
+        by the trainer, so the data layer imports nothing of the model). `plan`: the buckets, when the caller made
+        them already (`stream_plan` with the same spec)."""
         super().__init__()
         self.spec, self.images, self.videos, self.empty_caption = spec, images, videos, empty_caption
         self.collate_text = collate_text
-        self.start_index, self.rank, self.world_size = start_index, rank, world_size
-        self.latent_shape = training_latent_shape(spec.stage, spec.frames, images, videos)
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.plan: BucketPlan = plan or stream_plan(spec, images, videos, world_size)
+        self.latent_shape = tuple(self.plan.reference.shape)  # the reference bucket's (previews, the model's size)
         self._files: OrderedDict = OrderedDict()
+        self._state = None
 
-    # -- where sample i comes from
+    # -- where the samples of a step come from
 
-    def _streams(self):
-        seed, buf = self.spec.seed, self.spec.buffer_size
-        images = SourceStream(self.images, seed, buf, 0) if self.images is not None else None
-        videos = SourceStream(self.videos, seed, buf, 1) if self.videos is not None else None
-        if self.spec.stage == "t2v":
-            mix = CoinSchedule(seed, _MOTION_FREE, self.spec.p_motion_free)
-        elif images is not None and videos is not None:
-            mix = CoinSchedule(seed, _MIX, len(self.images) / (len(self.images) + len(self.videos)))
-        else:
-            mix = None
-        return images, videos, mix
+    def _schedule(self):
+        """(StepSchedule, pool streams), made on first use in each process (DataLoader workers make their own)."""
+        if self._state is None:
+            spec = self.spec
+            sources = {"image": self.images, "video": self.videos}
+            streams = [
+                PoolStream(sources[pool.kind], pool.ref_ids, spec.seed, spec.buffer_size, pool.stream_id)
+                for pool in self.plan.pools
+            ]
+            purpose = _MIX if spec.stage == "t2i" else _MOTION_FREE
+            schedule = StepSchedule(
+                self.plan,
+                lambda chunk: sample_rng(spec.seed, _BUCKET, chunk),
+                UniformDraws(lambda block: sample_rng(spec.seed, purpose, block)),
+            )
+            self._state = (schedule, streams)
+        return self._state
 
-    def locate(self, index: int, streams) -> tuple[Source, SampleRef, bool]:
-        """(source, ref, motion_free) of global sample `index`."""
-        images, videos, mix = streams
-        if self.spec.stage == "t2i":
-            if images is None:
-                return self.videos, videos.ref_at(index), False
-            if videos is None:
-                return self.images, images.ref_at(index), False
-            # images and single frames of clips, mixed in proportion to their sizes
-            take_image, images_before = mix.at(index)
-            if take_image:
-                return self.images, images.ref_at(images_before), False
-            return self.videos, videos.ref_at(index - images_before), False
-        if videos is None:
-            return self.images, images.ref_at(index), True
-        motion_free, before = mix.at(index)
-        if motion_free and images is not None:
-            return self.images, images.ref_at(before), True
-        return self.videos, videos.ref_at(index - before if images is not None else index), motion_free
+    def samples_before(self, step: int) -> int:
+        """Samples drawn by all ranks in steps 0 .. step-1."""
+        return self._schedule()[0].samples_before(step)
+
+    def bucket_of(self, step: int):
+        schedule, _ = self._schedule()
+        return self.plan.buckets[schedule.step(step).bucket]
+
+    def locate(self, step: int, j: int) -> tuple[Source, SampleRef, bool]:
+        """(source, ref, motion_free) of sample j of step `step`."""
+        schedule, streams = self._schedule()
+        bucket = self.plan.buckets[schedule.step(step).bucket]
+        kind, position, motion_free = schedule.members(step)[j]
+        pool = bucket.image_pool if kind == "image" else bucket.video_pool
+        stream = streams[pool]
+        return stream.source, stream.ref_at(position), motion_free
 
     # -- reading one sample
 
@@ -494,10 +496,13 @@ class TrainStream(IterableDataset):
             err.field = err.field or name
             raise
 
-    def load_sample(self, index: int, streams) -> dict:
-        """One training sample: x0 latent (float32), its text arrays, motion_free and pseudo-video flags."""
+    def load_sample(self, step: int, j: int) -> dict:
+        """Sample j of step `step`: x0 latent (float32) in the step's bucket shape, its text arrays, motion_free and
+        pseudo-video flags."""
         spec = self.spec
-        source, ref, motion_free = self.locate(index, streams)
+        shape = tuple(self.bucket_of(step).shape)
+        index = self.samples_before(step) + j
+        source, ref, motion_free = self.locate(step, j)
         flip = spec.flip and source.has_flip and sample_rng(spec.seed, _FLIP, index).random() < 0.5
         mean_field, std_field = (
             (schema.LATENT_FLIP_MEAN, schema.LATENT_FLIP_STD) if flip else (schema.LATENT_MEAN, schema.LATENT_STD)
@@ -509,10 +514,11 @@ class TrainStream(IterableDataset):
         if spec.stage == "t2i" and source.kind == "video":
             latent = latent[sample_rng(spec.seed, _FRAME, index).integers(latent.shape[0])]
         elif spec.stage == "t2v" and source.kind == "image":
-            latent = np.repeat(latent[None], self.latent_shape[0], axis=0)  # exact copies: a still video
+            latent = np.repeat(fit_latent(latent, shape[1:])[None], shape[0], axis=0)  # exact copies: a still video
             pseudo_video = True
-        if latent.shape != tuple(self.latent_shape):
-            raise BadSample("wrong_latent_shape", f"{latent.shape} != {tuple(self.latent_shape)}")
+        latent = fit_latent(latent, shape)
+        if latent.shape != shape:
+            raise BadSample("wrong_latent_shape", f"{latent.shape} != {shape}")
         dropped = sample_rng(spec.seed, _DROPOUT, index).random() < spec.text_dropout
         text = {}
         for name in spec.text_fields:
@@ -529,36 +535,33 @@ class TrainStream(IterableDataset):
 
     # -- batches
 
-    def micro_batch_indices(self, k: int) -> range:
-        """Global sample indices of this rank's k-th micro-batch."""
-        micro = self.spec.micro_batch
-        first = self.start_index + k * micro * self.world_size + self.rank * micro
+    def micro_batch_positions(self, step: int, micro_step: int) -> range:
+        """Positions in step `step`'s batch of this rank's micro-batch `micro_step`."""
+        micro = self.bucket_of(step).batch // (self.spec.grad_accum * self.world_size)
+        first = micro_step * micro * self.world_size + self.rank * micro
         return range(first, first + micro)
 
-    def _load_or_placeholder(self, index: int, streams) -> dict:
+    def _load_or_placeholder(self, step: int, j: int) -> dict:
         """A sample, or, when it turns out unusable once read (NaN, damaged bytes), a zero-weight placeholder
         carrying what was wrong (counted and named, not fatal: the rest of its batch trains)."""
         try:
-            return self.load_sample(index, streams)
+            return self.load_sample(step, j)
         except BadSample as err:
-            source, ref, _ = self.locate(index, streams)
-            failure = {
-                "kind": source.kind,
-                "shard": source.shards[ref.shard].name,
-                "key": ref.key,
-                "field": err.field or "",
-                "reason": err.reason,
-                "detail": err.detail,
-            }
+            source, ref, _ = self.locate(step, j)
+            failure = Failure.of(ref.key, err, shard=source.shards[ref.shard].name).as_dict() | {"kind": source.kind}
             text = {
                 schema.text_array_name(n): self.empty_caption[schema.text_array_name(n)] for n in self.spec.text_fields
             }
-            latent = np.zeros(self.latent_shape, dtype=np.float32)
+            latent = np.zeros(self.bucket_of(step).shape, dtype=np.float32)
             return {"latent": latent, "text": text, "motion_free": False, "pseudo_video": False, "unreadable": failure}
 
-    def make_batch(self, indices, streams) -> dict[str, torch.Tensor]:
-        """Collate samples into tensors (decoding, latent draw, noise and timesteps: all off the training loop)."""
-        samples = [self._load_or_placeholder(i, streams) for i in indices]
+    def make_batch(self, step: int, micro_step: int = 0) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch `micro_step` of step `step`, collated (decoding, latent draw, noise and
+        timesteps: all off the training loop)."""
+        positions = self.micro_batch_positions(step, micro_step)
+        first = self.samples_before(step)
+        indices = [first + j for j in positions]
+        samples = [self._load_or_placeholder(step, j) for j in positions]
         x0 = torch.from_numpy(np.stack([s["latent"] for s in samples]))
         noise = torch.from_numpy(
             np.stack(
@@ -574,7 +577,9 @@ class TrainStream(IterableDataset):
             "x0": x0,
             "noise": noise,
             "timestep_draw": timestep_draw,
-            "index": torch.tensor(list(indices)),
+            "index": torch.tensor(indices),
+            "step": step,
+            "step_batch": self.bucket_of(step).batch,  # samples of this step over all ranks
             "motion_free": torch.tensor([s["motion_free"] for s in samples]),
             "pseudo_video": torch.tensor([s["pseudo_video"] for s in samples]),
             "weight": torch.tensor([0.0 if "unreadable" in s else 1.0 for s in samples]),
@@ -588,11 +593,12 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        streams = self._streams()
         self._files = OrderedDict()  # this process's own open shards
+        self._state = None  # and its own schedule and streams
         k = worker
         while True:
-            yield self.make_batch(self.micro_batch_indices(k), streams)
+            step, micro_step = divmod(k, self.spec.grad_accum)
+            yield self.make_batch(self.start_step + step, micro_step)
             k += workers
 
 
@@ -629,10 +635,11 @@ def load_empty_caption(folders: list[Path]) -> tuple[dict[str, np.ndarray], Path
     )
 
 
-def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
-    """What indexing found (samples kept, every skipped sample with its reason) and, per kind, the samples
-    found unusable when read during training (`unreadable`: shard, key, field, reason, detail)."""
-    out = {}
+def data_stats(sources: list[Source], load_failures: list[dict] = (), plan: BucketPlan | None = None) -> dict:
+    """What indexing found (samples kept, every skipped sample with its reason), per kind the samples
+    found unusable when read during training (`unreadable`: shard, key, field, reason, detail), and the buckets
+    (`plan.table`: every bucket, and the samples merged or dropped with their reasons)."""
+    out = {"buckets": plan.table} if plan is not None else {}
     for src in sources:
         reasons: dict[str, int] = {}
         for f in src.failures:
@@ -643,7 +650,7 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
             "samples": len(src),
             "skipped": len(src.failures),
             "skipped_by_reason": reasons,
-            "failures": [vars(f) for f in src.failures],
+            "failures": [f.as_dict() for f in src.failures],
         }
         unreadable = [f for f in load_failures if f.get("kind") == src.kind]
         if unreadable:
@@ -652,3 +659,62 @@ def data_stats(sources: list[Source], load_failures: list[dict] = ()) -> dict:
                 "unreadable_by_reason": dict(Counter(f["reason"] for f in unreadable)),
             }
     return out
+
+
+def describe_buckets(
+    folders: list[str | Path],
+    stage: str | None = None,
+    global_batch: int = 256,
+    grad_accum: int = 1,
+    world_size: int = 1,
+    bucket_batch: str = "fixed",
+    p_motion_free: float = 0.5,
+    frames: int = 8,
+    patch_size: int | None = 2,
+) -> dict:
+    """`gentron buckets`: the data stats (`data_stats`, with the bucket table) a run with these settings would have,
+    from one folder of images and/or one of clips (each folder's kind read from its latents)."""
+    kinds: dict[str, Path] = {}
+    for folder in folders:
+        kind = folder_kind(folder)
+        if kind in kinds:
+            raise GentronError(
+                f"two folders of {kind}s: {kinds[kind]} and {folder}",
+                "pass one folder of images and/or one of clips (as `gentron train --image-data/--video-data`)",
+            )
+        kinds[kind] = Path(folder)
+    stage = stage or ("t2v" if "video" in kinds else "t2i")
+    if stage not in ("t2i", "t2v"):
+        raise GentronError(f"unknown stage {stage!r}", "use --stage t2i or --stage t2v")
+    images = index_source(kinds["image"], "image") if "image" in kinds else None
+    videos = index_source(kinds["video"], "video") if "video" in kinds else None
+    spec = StreamSpec(
+        stage=stage,
+        seed=0,
+        global_batch=global_batch,
+        grad_accum=grad_accum,
+        bucket_batch=bucket_batch,
+        p_motion_free=p_motion_free,
+        frames=frames,
+        patch_size=patch_size,
+    )
+    plan = stream_plan(spec, images, videos, world_size)
+    return data_stats([s for s in (images, videos) if s is not None], plan=plan)
+
+
+def folder_kind(folder: str | Path) -> str:
+    """ "image" or "video": what the latents of an encoded folder are, from the first sample's npy header."""
+    folder = require_dir(folder, "data folder", "pass a folder of encoded shards (`gentron encode-latents`)")
+    for shard in list_shards(folder):
+        pending, _ = _scan_tar(shard)
+        for _, fields, _ in pending:
+            if schema.LATENT_MEAN in fields:
+                with open(shard, "rb") as f:
+                    try:
+                        shape, _ = _npy_shape(f, fields[schema.LATENT_MEAN][0])
+                    except BadSample:
+                        continue
+                return "image" if len(shape) == 3 else "video"
+    raise GentronError(
+        f"no latents in {folder}", "pass a folder written by `gentron encode-latents` (then `gentron encode-text`)"
+    )

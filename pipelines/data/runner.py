@@ -8,11 +8,14 @@
   SLURM's environment).
 - `item_shard_jobs` / `input_shard_jobs`: a stage's list of output shards, from sorted input items
   (prep: `shard_size` items each) or one per input shard (encode: same names).
-- `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, tar present with
-  the recorded size, and with `verify` the recorded digest) are skipped, so a killed run resumes where it
-  was and a damaged shard is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
+- `run_shard_jobs`: the stage loop. Finished shards (stats file present and parsable, no transient failures,
+  tar present with the recorded size, with `verify` the recorded digest, and made from the input shard that
+  is there now) are skipped, so a killed run resumes where it was, and a damaged shard, or one whose input
+  the stage before made again, is made again; jobs are split across ranks (`jobs[rank::world_size]`) and
   across workers, the largest first (worker processes; or threads, for a stage whose work runs in child
-  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py).
+  processes of its own). One process writes a folder (share) at a time (pipelines/locking.py). SIGTERM stops
+  a run at once, as Ctrl-C does (pipelines/runtime.py StopRequest): the shards being written are dropped,
+  finished ones kept, and errors.Preempted says so (exit status 143 in the CLI).
 - `run_prep`: the prep stages' whole run (inputs, options record, shards).
 """
 
@@ -42,10 +45,11 @@ from pipelines.data.shards import (
     stats_path,
     summarize,
 )
-from pipelines.errors import GentronError, require_dir
+from pipelines.errors import BadSample, GentronError, Preempted, require_dir
 from pipelines.files import atomic_write_bytes, atomic_write_json, disk_error, read_json
 from pipelines.locking import folder_lock
 from pipelines.progress import NullReporter, Reporter
+from pipelines.runtime import StopRequest, Terminated
 
 # --------------------------------------------------------------------------------------------- options
 
@@ -133,6 +137,7 @@ class ShardJob:
     payload: Any
     items: int | None = None
     weight: float | None = None  # how much work, relatively (bytes of input): workers take the largest first
+    input_sha256: str | None = None  # the input shard's digest, as its stats record it: a change redoes the shard
 
 
 def item_shard_jobs(items: list, shard_size: int, config) -> list[ShardJob]:
@@ -163,23 +168,36 @@ def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
         raise GentronError(
             f"no shards (*.tar) in {input_dir}", "pass a folder of WebDataset shards written by a gentron stage"
         )
-    return [ShardJob(path.name[: -len(SHARD_SUFFIX)], path, items=_input_samples(path)) for path in shards]
+    return [_input_job(path) for path in shards]
 
 
-def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[ShardJob]:
+def start_shard_stage(
+    cfg, resume: ResumeOptions, batch_hint: int, upgrade: Callable[[dict], dict] | None = None
+) -> list[ShardJob]:
     """What a stage over another stage's shards (encode-latents, encode-text) does first: its jobs, a checked
-    `batch_size`, and its options record checked or written (a dtype of None records as "auto")."""
+    `batch_size`, and its options record checked or written (a dtype of None records as "auto"; `upgrade`: as
+    check_output_options)."""
     jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", f"pass --batch-size {batch_hint}")
-    check_output_options(Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file)
+    check_output_options(
+        Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file, upgrade
+    )
     return jobs
 
 
-def _input_samples(shard: Path) -> int | None:
-    """Samples in an input shard, from the stats file the stage that wrote it left beside it."""
+def _input_job(shard: Path) -> ShardJob:
+    """The job of one input shard: its samples and digest from the stats file the stage that wrote it left beside
+    it (None where there is none, or it is damaged: the stage reading the shard reports what is wrong with it)."""
     source = stats_path(shard.parent, shard.name[: -len(SHARD_SUFFIX)])
-    return ShardStats.load(source).samples_out if source.exists() else None
+    try:
+        stats = ShardStats.load(source) if source.exists() else None
+    except BadSample:
+        stats = None
+    name = shard.name[: -len(SHARD_SUFFIX)]
+    if stats is None:
+        return ShardJob(name, shard)
+    return ShardJob(name, shard, items=stats.samples_out, input_sha256=stats.tar_sha256)
 
 
 # --------------------------------------------------------------------------------------------- the stage loop
@@ -220,7 +238,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 def _run_one(fn: ShardFn, job: ShardJob, output_dir: Path, tick: Callable[[int], None]) -> ShardStats:
     for stale in output_dir.glob(f".{job.name}{SHARD_SUFFIX}.tmp-*"):
         stale.unlink(missing_ok=True)  # left by a killed run of this same job
-    stats = ShardStats(shard=job.name)
+    stats = ShardStats(shard=job.name, input_sha256=job.input_sha256)
     start = time.perf_counter()
     with ShardWriter(output_dir / f"{job.name}{SHARD_SUFFIX}") as writer:
         fn(job, writer, stats, tick)
@@ -238,9 +256,10 @@ _worker_queue: Any = None
 def _worker_init(q) -> None:
     global _worker_queue
     _worker_queue = q
-    # Ctrl-C reaches every process of the group: the parent handles it and terminates the workers,
-    # which would otherwise each print a KeyboardInterrupt traceback.
+    # Ctrl-C, and a scheduler's SIGTERM, reach every process of the group: the parent handles them and kills the
+    # workers, which would otherwise each print a KeyboardInterrupt traceback (or die mid-shard without a word).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The pool provides the parallelism; threads per worker would oversubscribe the cores. Set before
     # the stage's modules (and torch, if they use it) are imported in this fresh process.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -282,10 +301,17 @@ def run_shard_jobs(
     except OSError as exc:
         raise disk_error(output_dir, exc) from None
     rank, world_size = resolve_rank(rank, world_size)
-    with folder_lock(output_dir, "output folder", rank, world_size):
-        return _run_locked(
-            jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
-        )
+    try:
+        # SIGTERM (a scheduler's preemption notice) stops the run at once, as Ctrl-C does: finished shards are kept
+        with StopRequest(at_once=True), folder_lock(output_dir, "output folder", rank, world_size):
+            return _run_locked(
+                jobs[rank::world_size], output_dir, fn, workers, description, unit, reporter, verify, threads, on_stop
+            )
+    except Terminated:
+        raise Preempted(
+            f"SIGTERM stopped {description} in {output_dir}: finished shards are kept, those being written were "
+            "dropped; run the same command again to continue"
+        ) from None
 
 
 def _run_locked(
@@ -302,7 +328,7 @@ def _run_locked(
 ) -> StageResult:
     todo = []
     for job in mine:
-        damage = shard_damage(output_dir, job.name, verify)
+        damage = shard_damage(output_dir, job.name, verify, job.input_sha256)
         if damage is None:
             continue
         if damage != "not made yet":
@@ -335,6 +361,14 @@ def _run_locked(
     seconds = time.perf_counter() - start
     summary = summarize(output_dir)
     atomic_write_json(output_dir / SUMMARY_FILE, summary)
+    transient = [f for s in results for f in s.transient]
+    if transient:
+        reasons = ", ".join(sorted({f.reason for f in transient}))
+        reporter.log(
+            f"{len(transient)} items failed for a reason that may pass ({reasons}; each named in its shard's stats): "
+            f"their {len({s.shard for s in results if s.transient})} shards are kept for now and made again when "
+            "the same command runs again"
+        )
     if summary["samples_in"] > 0 and summary["samples_out"] == 0:  # the next stage would run on empty shards
         reasons = (
             ", ".join(f"{reason}: {n}" for reason, n in summary["failures_by_reason"].items()) or "no reason recorded"
@@ -375,7 +409,7 @@ def _run_pool(
     except BaseException:
         for p in list(getattr(pool, "_processes", {}).values()):
             # a KeyboardInterrupt must not wait for running shards; their temp files are cleaned on resume
-            p.terminate()
+            p.kill()  # SIGKILL: the workers ignore SIGTERM
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()

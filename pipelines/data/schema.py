@@ -1,7 +1,8 @@
 """The shard schema: every field name a stage writes or reads, and how each is encoded.
 
-WebDataset convention: a tar member `KEY.FIELD`, where KEY has no dots and FIELD may have several
-(`abc_0001.latent_mean.npy` is key `abc_0001`, field `latent_mean.npy`). Stages refer to fields only
+WebDataset convention: a tar member `KEY.FIELD`, where KEY is the member's name up to the first dot of its
+last part, folders included, and FIELD may have several dots (`abc_0001.latent_mean.npy` is key `abc_0001`,
+field `latent_mean.npy`; `cats/0001.jpg` is key `cats/0001`, field `jpg`). Stages refer to fields only
 through the names below, so no stage hard-codes another stage's field names.
 The table in docs/data-format.md documents the same schema for users.
 """
@@ -64,7 +65,7 @@ T5_TOKENS = text_field("t5")
 # an .npz holding arrays named like the TextCondition.collate inputs: "clip", "clip_pooled", "t5", ...
 EMPTY_CAPTION_FILE = "empty_caption.npz"
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_MEMBER_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, field) of a member name
 
 
 def make_key(*parts: str | int) -> str:
@@ -74,9 +75,29 @@ def make_key(*parts: str | int) -> str:
     return key or "_"
 
 
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member's name as WebDataset splits it (folders stay in the key); None for a name
+    without a field (no dot in its last part)."""
+    match = _MEMBER_RE.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
 def check_key(key: str) -> str:
-    if not _KEY_RE.match(key):
-        raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_' and '-' only (no dots)")
+    """A key a shard can hold: one `split_member` gives back (no dot in its last part), that stays inside its
+    folder when the tar is unpacked (no absolute path, no `..`, no empty part), without control characters.
+    Folders are allowed, as in WebDataset (`cats/0001`)."""
+    parts = key.split("/")
+    if (
+        not key
+        or "." in parts[-1]
+        or any(part in ("", "..") for part in parts)
+        or "\\" in key
+        or any(ord(c) < 32 or ord(c) == 127 for c in key)
+    ):
+        raise ValueError(
+            f"invalid sample key {key!r}: no dot in its last part, no empty, '..' or absolute part, no backslash or "
+            "control characters"
+        )
     return key
 
 

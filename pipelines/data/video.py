@@ -1,41 +1,35 @@
 """Reading videos for prep: probing, frame selection by timestamp, decoding, resizing, and a decode timeout.
 
-- `probe_video`: every frame's presentation timestamp from the demuxed packets, so selection is exact
+- `probe_video`: every presented frame's timestamp from the demuxed packets, so selection is exact
   for 29.97 fps, 25 fps and variable-frame-rate files alike, in one pass that also decodes the first
-  frame (for its rotation) and notes the keyframes.
+  frame (for its rotation) and notes the keyframes. Packets an edit list hides (a stream-copy cut's
+  pre-roll) are decoded but never presented: they are not on the timeline.
 - `plan_clips`: target times on a fixed timeline (24 FPS by default), grouped into clips; for each
   target time the source frame on screen at that time (last frame with pts <= t).
-- `read_clips`: PyAV, forward from the keyframe before the first needed frame to the last needed one,
-  seeking over spans no clip uses; frames matched by pts; only the frames clips use become RGB.
+- `plan_passes` (the seek planner): the stretches of the stream to decode, seeking over spans no clip uses;
+  `decode_frames`: the frames PyAV presents in those stretches, matched to the timeline by pts;
+  `read_clips`: each clip's frames from them (only the frames clips use become RGB).
 - `rotate_frames`: the display matrix's rotation (0/90/180/270, from `probe_video`) turns decoded frames upright.
-- `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in the decode child.
-- `IsolatedProcess`: runs a video's work in a child process that is killed when one step takes
-  longer than the timeout, so a decoder stuck in native code costs one video, not the run. One child
-  serves many videos (starting one costs about as much as preparing a small video).
+- `video_clips`: the whole work for one video (probe, select, decode, resize, encode), run in a decode child
+  (pipelines/data/isolated.py) so that a decoder stuck in native code costs one video, not the run.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipelines.data.buckets import assign
 from pipelines.data.media import encode_clip
 from pipelines.errors import BadSample
-from pipelines.files import file_sha256
+from pipelines.files import file_sha256, readable_file, unreadable
 
 # --------------------------------------------------------------------------------------------
 # Probing
@@ -109,16 +103,21 @@ def probe_video(path: str | Path) -> VideoInfo:
                 raise BadSample("no_video_stream", f"{path} has no video stream")
             stream = container.streams.video[0]
             stream.thread_count = 1  # one frame is decoded: threads would only add start-up and delay
-            pts, key_pts = [], []
+            pts, key_pts, hidden = [], [], 0
             first_frame = _FirstFrame(stream)
             for packet in container.demux(stream):
                 if packet.size <= 0 or (packet.pts is None and packet.dts is None):
+                    continue
+                first_frame.feed(packet)
+                if packet.is_discard:
+                    # Before the start of an edit list (the pre-roll a stream-copy cut keeps from the keyframe
+                    # before its cut): decoded to build later frames, never presented. Not on the timeline.
+                    hidden += 1
                     continue
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 pts.append(stamp)
                 if packet.is_keyframe:
                     key_pts.append(stamp)
-                first_frame.feed(packet)
             first_frame.feed(None)
             width, height = stream.codec_context.width, stream.codec_context.height
             sar = stream.sample_aspect_ratio
@@ -126,18 +125,21 @@ def probe_video(path: str | Path) -> VideoInfo:
             time_base = stream.time_base
             declared = stream.frames
     except av.error.FFmpegError as exc:
-        raise BadSample("corrupt", f"{path}: {exc}") from exc
+        raise _decode_failure(path, exc) from exc
     if not pts or not width or not height:
         raise BadSample("empty", f"{path} has a video stream without frames")
-    if declared and len(pts) < 0.95 * declared - 1:
-        raise BadSample("truncated", f"{path}: {len(pts)} of {declared} frames present")
+    if declared and len(pts) + hidden < 0.95 * declared - 1:
+        raise BadSample("truncated", f"{path}: {len(pts) + hidden} of {declared} frames present")
     if sar and sar.numerator and sar != 1:
         width = int(round(width * sar))
     rotation = _quarter_turns(path, first_frame.rotation)
     if rotation in (90, 270):  # a phone's portrait video is stored landscape: its display size is turned
         width, height = height, width
     unique = np.unique(np.asarray(pts, np.int64))
-    keyframes = np.unique(np.searchsorted(unique, np.asarray(key_pts, np.int64)))
+    if first_frame.pts is not None and first_frame.pts in unique:  # the timeline starts at the first frame shown
+        unique = unique[unique >= first_frame.pts]
+    key_pts = np.asarray(key_pts, np.int64)
+    keyframes = np.unique(np.searchsorted(unique, key_pts[key_pts >= unique[0]]))
     return VideoInfo(
         width=width,
         height=height,
@@ -150,23 +152,32 @@ def probe_video(path: str | Path) -> VideoInfo:
     )
 
 
-class _FirstFrame:
-    """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation.
+def _decode_failure(path: Path, exc: av.error.FFmpegError) -> BadSample:
+    """A damaged file is "corrupt"; an error reading it (permission, I/O) is the read error it is (transient)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return unreadable(path, exc, "video")
+    return BadSample("corrupt", f"{path}: {exc}")
 
-    The decoder returns frames as stored, unrotated. A packet that does not decode
-    counts as no rotation: the decode of the clips reports the damage.
+
+class _FirstFrame:
+    """Decodes the demuxed packets until the first frame comes out, for its display matrix's rotation and its pts.
+
+    The decoder returns frames as stored, unrotated, in display order: frames whose pts is below the first one's
+    are never presented (leading frames the decoder drops, such as those that refer to a picture before a cut).
+    A packet that does not decode counts as no rotation and no pts: the decode of the clips reports the damage.
     """
 
     def __init__(self, stream):
         self.stream = stream
         self.rotation: float | None = None
+        self.pts: int | None = None
 
     def feed(self, packet) -> None:  # None: flush the decoder at the end of the stream
         if self.rotation is not None:
             return
         try:
             for frame in self.stream.decode(packet):
-                self.rotation = float(frame.rotation)
+                self.rotation, self.pts = float(frame.rotation), frame.pts
                 return
         except (av.error.FFmpegError, ValueError):
             self.rotation = 0.0
@@ -203,10 +214,11 @@ class ClipPlan:
 
     Paper defaults: 24 FPS timeline, 8 frames every 6th (4 FPS, 2 s per clip); clips start every
     `clip_stride` timeline frames (default frames * frame_stride: consecutive, non-overlapping).
+    `frames` may list several lengths (1, 9, 17, 33): each clip position takes the longest that fits.
     """
 
     timeline_fps: float = 24.0
-    frames: int = 8
+    frames: int | tuple[int, ...] = 8
     frame_stride: int = 6
     clip_stride: int | None = None
     max_clips: int | None = None
@@ -216,13 +228,17 @@ class ClipPlan:
         return self.timeline_fps / self.frame_stride
 
     @property
-    def stride(self) -> int:
-        return self.clip_stride or self.frames * self.frame_stride
+    def lengths(self) -> tuple[int, ...]:
+        """The clip lengths, longest first."""
+        return tuple(sorted(set(self.frames), reverse=True)) if isinstance(self.frames, tuple) else (self.frames,)
 
-    @property
-    def span(self) -> int:
-        """Timeline frames from the first selected frame to the last, inclusive."""
-        return (self.frames - 1) * self.frame_stride + 1
+    def stride(self, frames: int) -> int:
+        """Timeline frames from the start of a clip of `frames` frames to the start of the next."""
+        return self.clip_stride or frames * self.frame_stride
+
+    def span(self, frames: int) -> int:
+        """Timeline frames from the first selected frame of a clip of `frames` frames to its last, inclusive."""
+        return (frames - 1) * self.frame_stride + 1
 
 
 @dataclass
@@ -249,17 +265,17 @@ def plan_clips(
     # Timestamps in coarse clocks (webm: 1 ms) are rounded; allow half a unit, never a large part of a frame.
     eps = min(float(info.time_base), 0.25 * info.frame_duration) if info.frame_duration > 0 else float(info.time_base)
     selections = []
-    offsets = np.arange(plan.frames) * plan.frame_stride
     clip_start = 0
-    while clip_start + plan.span <= n_timeline:
-        if plan.max_clips is not None and len(selections) >= plan.max_clips:
+    while plan.max_clips is None or len(selections) < plan.max_clips:
+        frames = next((n for n in plan.lengths if clip_start + plan.span(n) <= n_timeline), None)
+        if frames is None:
             break
-        targets = first + (clip_start + offsets) / plan.timeline_fps
+        targets = first + (clip_start + np.arange(frames) * plan.frame_stride) / plan.timeline_fps
         indices = pick_frames(times, targets, eps)
         if indices[0] < 0:  # start before the first frame cannot happen (t >= 0), kept as a guard
             break
         selections.append(ClipSelection(index=len(selections), timeline_times=targets, frame_indices=indices))
-        clip_start += plan.stride
+        clip_start += plan.stride(frames)
     return selections
 
 
@@ -297,72 +313,99 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 # Decoding the selected frames
 
 
+# A seek is worth it when it skips more than this many frames (a seek costs about one frame's decode).
+_SEEK_GAIN = 4
+
+
+def plan_passes(info: VideoInfo, selections: list[ClipSelection]) -> list[tuple[int, int]]:
+    """The seek planner: the stretches of the stream to decode, as (first, last) display indices, in order.
+
+    Each stretch is one forward pass, after a seek to the keyframe at or before `first` (none for a first stretch
+    at frame 0). A clip joins the stretch before it, unless the keyframe before its first frame that stretch does
+    not decode is more than _SEEK_GAIN frames past the stretch's end: then a seek skips the frames between.
+    """
+    passes: list[tuple[int, int]] = []
+    for selection in selections:
+        indices = [int(i) for i in selection.frame_indices]
+        if passes:
+            first, last = passes[-1]
+            upcoming = [i for i in indices if i > last]  # frames up to `last` are decoded by that stretch
+            if not upcoming or info.keyframe_before(upcoming[0]) <= last + _SEEK_GAIN:
+                passes[-1] = (first, max(last, *indices))
+                continue
+            indices = upcoming
+        passes.append((indices[0], max(indices)))
+    return passes
+
+
+class _LandedLate(Exception):
+    """A seek landed after the frame it was for (a container index that disagrees with the probe)."""
+
+
+def decode_frames(path: Path, info: VideoInfo, passes: list[tuple[int, int]]) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(display index, frame) for every frame the decoder presents in each stretch of `passes`, in order.
+
+    Frames are matched to the probe's timeline by pts. A seek that lands after the frame it was for falls back
+    to one pass from the start over everything left, without seeks. Stops where the stream ends.
+    """
+    index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+
+        def one_pass(first: int, last: int, seek: bool) -> Iterator[tuple[int, av.VideoFrame]]:
+            """Frames `first`..`last`; returns whether `last` was reached (False: the stream ended before)."""
+            if seek:
+                container.seek(int(info.pts[first]), stream=stream, backward=True, any_frame=False)
+            check_landing = seek and first > 0
+            for frame in container.decode(stream):
+                index = index_of_pts.get(frame.pts) if frame.pts is not None else None
+                if index is None:
+                    continue
+                if check_landing:
+                    check_landing = False
+                    if index > first:
+                        raise _LandedLate
+                yield index, frame
+                if index >= last:
+                    return True
+            return False
+
+        for number, (first, last) in enumerate(passes):
+            try:
+                reached = yield from one_pass(first, last, seek=number > 0 or first > 0)
+            except _LandedLate:
+                yield from one_pass(0, passes[-1][1], seek=True)
+                return
+            if not reached:
+                return
+
+
 def _decode_pyav(
     path: Path, info: VideoInfo, selections: list[ClipSelection]
 ) -> Iterator[tuple[ClipSelection, np.ndarray]]:
-    """Forward passes over the stream, frames matched by pts; only the frames a clip uses become RGB.
-
-    Decoding starts at the keyframe before the first needed frame and stops after the last one. Where the
-    next clip's first frame is past a keyframe well ahead (clips further apart than a keyframe interval),
-    a seek skips the frames between. A seek that lands after the frame it was for (a container index
-    that disagrees with the probe) falls back to one pass from the start, without seeks.
-    """
-    index_of_pts = {int(p): i for i, p in enumerate(info.pts)}
+    """Each clip's frames, in order, as the decoder presents the planned stretches; only the frames a clip uses
+    become RGB, and each is kept only until no later clip needs it."""
     wanted = {int(i) for s in selections for i in s.frame_indices}
-    pending = list(selections)
+    pending = deque(selections)
     decoded: dict[int, np.ndarray] = {}
     rgb = VideoReformatter()  # one swscale context for every frame (the same pixels as a new one per frame)
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_count = 1
-            start, may_seek = _first_missing(pending[0], decoded), True
-            seek = start > 0
-            while pending:
-                if seek:
-                    container.seek(int(info.pts[start]), stream=stream, backward=True, any_frame=False)
-                check_landing, jump = seek and start > 0, None
-                for frame in container.decode(stream):
-                    index = index_of_pts.get(frame.pts) if frame.pts is not None else None
-                    if index is None:
-                        continue
-                    if check_landing:
-                        check_landing = False
-                        if index > start:  # landed too late: decode everything from the start instead
-                            may_seek, jump = False, 0
-                            break
-                    if index in wanted and index not in decoded:
-                        decoded[index] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
-                    finished_one = False
-                    while pending and index >= pending[0].frame_indices.max():
-                        yield _take(pending.pop(0), decoded, path)
-                        finished_one = True
-                        if pending:  # overlapping clips share frames: drop only those no later clip needs
-                            needed_from = int(pending[0].frame_indices.min())
-                            for i in [i for i in decoded if i < needed_from]:
-                                del decoded[i]
-                    if not pending:
-                        return
-                    if finished_one and may_seek:
-                        upcoming = _first_missing(pending[0], decoded)
-                        if info.keyframe_before(upcoming) > index + _SEEK_GAIN:
-                            jump = upcoming  # nothing up to the next clip's keyframe is needed
-                            break
-                if jump is None:
-                    break  # the stream ended
-                start, seek = jump, True
+        for index, frame in decode_frames(path, info, plan_passes(info, selections)):
+            if index in wanted and index not in decoded:
+                decoded[index] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+            while pending and index >= pending[0].frame_indices.max():
+                yield _take(pending.popleft(), decoded, path)
+                if pending:  # overlapping clips share frames: drop only those no later clip needs
+                    needed_from = int(pending[0].frame_indices.min())
+                    for i in [i for i in decoded if i < needed_from]:
+                        del decoded[i]
+            if not pending:
+                return
     except av.error.FFmpegError as exc:
-        raise BadSample("corrupt", f"{path}: {exc}") from exc
+        raise _decode_failure(path, exc) from exc
     while pending:
-        yield _take(pending.pop(0), decoded, path)
-
-
-def _first_missing(selection: ClipSelection, decoded: dict[int, np.ndarray]) -> int:
-    return min(int(i) for i in selection.frame_indices if int(i) not in decoded)
-
-
-# A seek is worth it when it skips more than this many frames (a seek costs about one frame's decode).
-_SEEK_GAIN = 4
+        yield _take(pending.popleft(), decoded, path)
 
 
 def _take(selection: ClipSelection, decoded: dict[int, np.ndarray], path: Path) -> tuple[ClipSelection, np.ndarray]:
@@ -389,57 +432,68 @@ def read_clips(
 # --------------------------------------------------------------------------------------------
 # The work done for one video, in the decode child
 
-# Test hook: "SUBSTRING=SECONDS" makes the decode child sleep before handling a matching video
-# (how the tests simulate a decoder hang and slow videos). Unset in normal use.
-SLEEP_HOOK_ENV = "GENTRON_TEST_DECODE_SLEEP"
-
-
-def _test_sleep(path: Path) -> None:
-    hook = os.environ.get(SLEEP_HOOK_ENV)
-    if hook:
-        pattern, seconds = hook.rsplit("=", 1)
-        if pattern in path.name:
-            time.sleep(float(seconds))
-
 
 def video_clips(
-    path: Path, plan: ClipPlan, start: float | None, end: float | None, short_side: int, upscale: bool, qscale: int
+    path: Path,
+    plan: ClipPlan,
+    start: float | None,
+    end: float | None,
+    short_side: int,
+    upscale: bool,
+    qscale: int,
+    buckets: tuple[tuple[int, int], ...] | None = None,
 ) -> Iterator[tuple]:
     """("video", info) then ("clip", clip metadata, mp4 bytes) per clip. Runs in the decode child.
 
+    `buckets`: (width, height) sizes (pipelines/data/buckets.py); the video goes to the one nearest its aspect
+    ratio, resized to cover it and center-cropped (a video smaller than its bucket only with `upscale`).
+    None: short side resized to `short_side`, aspect kept.
     Defined here, not in pipelines.prep.videos, so that the child imports only what decoding needs.
     """
-    _test_sleep(path)
-    if not path.is_file():
-        raise BadSample("missing_file", f"{path} does not exist")
-    sha256 = file_sha256(path)
+    readable_file(path, "video")
+    try:
+        sha256 = file_sha256(path)
+    except OSError as exc:
+        raise unreadable(path, exc, "video") from exc
     info = probe_video(path)
     selections = plan_clips(info, plan, start, end)
     if not selections:
-        span = (plan.span - 1) / plan.timeline_fps + 1 / plan.timeline_fps
+        span = plan.span(min(plan.lengths)) / plan.timeline_fps
         have = (min(end, info.end_time - info.times[0]) if end is not None else info.end_time - info.times[0]) - (
             start or 0.0
         )
         raise BadSample("too_short", f"{path}: {max(have, 0):.3f} s usable, one clip needs {span:.3f} s")
-    width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
-    yield (
-        "video",
-        {
-            "source_sha256": sha256,
-            "source_fps": round(info.fps, 6),
-            "source_vfr": info.vfr,
-            "source_frames": len(info.pts),
-            "source_size": [info.width, info.height],  # as displayed: after the rotation
-            "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
-            "size": [width, height],
-            "upscaled": upscaled,
-        },
-    )
+    cut = assign(info.width, info.height, buckets) if buckets else None
+    if cut is None:
+        width, height, upscaled = output_size(info.width, info.height, short_side, upscale)
+    else:
+        (width, height), upscaled = cut.bucket, cut.upscaled
+        if upscaled and not upscale:
+            raise BadSample(
+                "too_small",
+                f"{path}: {info.width}x{info.height} is smaller than its bucket {width}x{height} "
+                "(--upscale enlarges it)",
+            )
+    video = {
+        "source_sha256": sha256,
+        "source_fps": round(info.fps, 6),
+        "source_vfr": info.vfr,
+        "source_frames": len(info.pts),
+        "source_size": [info.width, info.height],  # as displayed: after the rotation
+        "source_rotation": info.rotation,  # counter-clockwise degrees applied to the decoded frames
+        "size": [width, height],
+        "upscaled": upscaled,
+    }
+    yield ("video", video if cut is None else video | cut.record())
     times = info.times
     for selection, frames, decoder in read_clips(path, info, selections):
-        clip = encode_clip(
-            resize_frames(rotate_frames(frames, info.rotation), width, height), plan.clip_fps, qscale=qscale
-        )
+        upright = rotate_frames(frames, info.rotation)
+        if cut is None:
+            pixels = resize_frames(upright, width, height)
+        else:
+            left, top, right, bottom = cut.crop_box
+            pixels = np.ascontiguousarray(resize_frames(upright, *cut.resized)[:, top:bottom, left:right])
+        clip = encode_clip(pixels, plan.clip_fps, qscale=qscale)
         meta = {
             "clip_index": selection.index,
             "source_frame_indices": selection.frame_indices.tolist(),
@@ -448,157 +502,3 @@ def video_clips(
             "decoder": decoder,
         }
         yield ("clip", meta, clip)
-
-
-# --------------------------------------------------------------------------------------------
-# A child process per stream of work, killed on timeout
-
-
-def _child_entry(fd: int) -> None:
-    """Entry point of the child process: serve requests on the socket `fd`.
-
-    Ctrl-C reaches the whole process group: the parent handles it (and kills this child), so the child
-    ignores SIGINT (from its first line, see IsolatedProcess._start) and leaves quietly, without a
-    traceback, when the parent is gone. It leaves with os._exit: it holds nothing to flush, and tearing
-    down numpy and PyAV would cost the parent (waiting in `close`) up to 0.1 s per child.
-    """
-    try:
-        _child_main(Connection(fd))
-    except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError: the parent is gone
-        pass
-    os._exit(0)
-
-
-def _child_main(conn) -> None:
-    conn.send(("ready", None))
-    while True:
-        try:
-            fn, args = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone
-        try:
-            for item in fn(*args):
-                conn.send(("item", item))
-            conn.send(("end", None))
-        except BadSample as exc:
-            conn.send(("bad", (exc.reason, exc.detail)))
-        except (EOFError, OSError) as exc:
-            if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
-                return
-            conn.send(("bad", ("decode_error", f"{type(exc).__name__}: {exc}")))
-        except Exception as exc:  # an unexpected decoder failure is one bad video, not a dead run
-            conn.send(
-                ("bad", ("decode_error", f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3)[-400:]}"))
-            )
-
-
-class Stopped(Exception):
-    """The decode process was stopped on purpose (IsolatedProcess.stop: the run is ending), not a bad video."""
-
-
-class IsolatedProcess:
-    """Runs generator functions in one child process; a step slower than `timeout` seconds kills it.
-
-    `run(fn, *args)` yields what `fn(*args)` yields in the child. A timeout raises BadSample("timeout"),
-    a dead child BadSample("crashed"), a BadSample in the child is re-raised here. A killed child is
-    replaced by a fresh one on the next call. `fn` must be a module-level function.
-    The child is a plain `python -c` process (not multiprocessing's spawn, which would re-import the
-    parent's __main__, e.g. the whole CLI, in every child).
-    """
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._process: subprocess.Popen | None = None
-        self._conn = None
-        self._stopped = False  # by stop(): no new child, and a killed one is not a bad video
-
-    def _start(self) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        # SIGINT is ignored before anything is imported: a Ctrl-C while the child starts must not print a traceback
-        code = (
-            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-            f"from pipelines.data.video import _child_entry; _child_entry({child_sock.fileno()})"
-        )
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL
-        )
-        child_sock.close()
-        self._conn = Connection(parent_sock.detach())
-        # A child that cannot even start is a broken environment, not a bad video: fail loudly.
-        try:
-            ready = self._conn.poll(120) and self._conn.recv()[0] == "ready"
-        except (EOFError, OSError):
-            ready = False
-        if not ready:
-            self._kill()
-            raise RuntimeError("the decode process failed to start (see its error above)")
-
-    def _alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def run(self, fn: Callable[..., Iterator[Any]], *args) -> Iterator[Any]:
-        if self._stopped:
-            raise Stopped("the decode process was stopped")
-        if not self._alive():
-            self._kill()
-            self._start()
-        finished = False
-        try:
-            self._conn.send((fn, args))
-            while True:
-                if not self._conn.poll(self.timeout):
-                    raise BadSample(
-                        "timeout", f"no progress in {self.timeout:g} s (decoder stuck?); the decode process was killed"
-                    )
-                try:
-                    kind, payload = self._conn.recv()
-                except (EOFError, OSError) as exc:
-                    if self._stopped:
-                        raise Stopped("the decode process was stopped") from exc
-                    raise BadSample("crashed", f"the decode process died (exit code {self._process.wait()})") from exc
-                if kind == "item":
-                    yield payload
-                elif kind == "end":
-                    finished = True
-                    return
-                else:
-                    finished = True
-                    raise BadSample(*payload)
-        finally:
-            if not finished:
-                self._kill()  # stopped mid-stream (timeout, crash, consumer gave up): its state is unknown
-
-    def stop(self) -> None:
-        """Kill the child from another thread than the one running it: its `run` raises Stopped, and no
-        child is started again. Only signals the process; the running thread (or `close`) cleans up."""
-        self._stopped = True
-        process = self._process
-        if process is not None:
-            try:
-                process.kill()
-            except OSError:
-                pass  # already gone
-
-    def _kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-        if self._conn is not None:
-            self._conn.close()
-        self._process = self._conn = None
-
-    def close(self) -> None:
-        if self._alive():
-            self._conn.close()  # the child sees EOF and exits
-            self._conn = None
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill()
-
-    def __enter__(self) -> IsolatedProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -3,8 +3,11 @@
 Each input shard gives an output shard of the same name with the same samples in order, every field
 byte-identical, plus `latent_mean.npy` / `latent_std.npy` (float16, scaled; (T, C, h, w) for clips,
 (C, h, w) for images) and a "latent" section in the json. Frames are resized (short side) and
-center-cropped to a square of `resolution` first. With `flip` the mirrored frames are encoded too,
-since a latent cannot be flipped after encoding. Decoding runs in a thread ahead of the VAE.
+center-cropped to a square of `resolution` first; with `buckets` (pipelines/data/buckets.py) each sample is
+cut to the bucket nearest its aspect ratio at resolution x resolution pixels instead (resized to cover it,
+center-cropped; the bucket is recorded in the crop record), and a VAE call only takes samples of one size.
+With `flip` the mirrored frames are encoded too, since a latent cannot be flipped after encoding. Decoding
+runs in a thread ahead of the VAE.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,8 +25,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pipelines.data import media, schema
+from pipelines.data.buckets import SQUARE, assign, parse_buckets
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
-from pipelines.data.shards import ShardStats, ShardWriter, iter_shard
+from pipelines.data.shards import Failure, ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
 from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
 from pipelines.progress import NullReporter, Reporter
@@ -42,30 +46,37 @@ class EncodeLatentsConfig:
     rank: int | None = None  # default: torchrun's / SLURM's environment
     world_size: int | None = None
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
+    buckets: str = SQUARE  # "square", a named aspect-ratio set at resolution x resolution pixels, or "WxH,..."
 
 
 # ---------------------------------------------------------------------------------------------
 # Transformations, one job each
 
 
-class CenterCropResize:
-    """(T, H, W, 3) uint8 -> (T, S, S, 3) uint8: short side resized to S (antialiased bilinear), then center crop."""
+class CoverCrop:
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8 at the bucket nearest the frames' aspect ratio: resized to cover it
+    (antialiased bilinear, aspect kept), then center-cropped. One square bucket of side S: short side to S, then the
+    center square (the paper's). `record_bucket`: name the bucket in the crop record (not for the square)."""
 
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    def __init__(self, sizes: tuple[tuple[int, int], ...], record_bucket: bool):
+        self.sizes, self.record_bucket = sizes, record_bucket
+
+    @classmethod
+    def square(cls, side: int) -> CoverCrop:
+        return cls(((side, side),), record_bucket=False)
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, dict]:
         t, h, w, _ = frames.shape
-        s = self.resolution
-        scale = s / min(h, w)
-        rh, rw = max(s, round(h * scale)), max(s, round(w * scale))
+        cut = assign(w, h, self.sizes)
+        (rw, rh), (left, top, right, bottom) = cut.resized, cut.crop_box
         if (rh, rw) != (h, w):
             pixels = rearrange(torch.tensor(frames), "t h w c -> t c h w").float()
             pixels = F.interpolate(pixels, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
             frames = rearrange(pixels.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy()
-        top, left = (rh - s) // 2, (rw - s) // 2
         crop = {"mode": "center", "source_size": [h, w], "resized_size": [rh, rw], "top": top, "left": left}
-        return np.ascontiguousarray(frames[:, top : top + s, left : left + s]), crop
+        if self.record_bucket:
+            crop["bucket"] = list(cut.bucket)  # width, height
+        return np.ascontiguousarray(frames[:, top:bottom, left:right]), crop
 
 
 def decode_media(fields: dict[str, bytes]) -> tuple[np.ndarray, bool]:
@@ -132,38 +143,29 @@ class _Prepared:
     key: str
     fields: dict[str, bytes]
     meta: dict
-    frames: np.ndarray  # (T, S, S, 3) uint8
+    frames: np.ndarray  # (T, h, w, 3) uint8, cut to its bucket
     is_clip: bool
     crop: dict
 
 
-@dataclass
-class _Failed:
-    key: str
-    reason: str
-    detail: str
-
-
-def _prepare_shard(path: Path, crop: CenterCropResize) -> Iterator[_Prepared | _Failed]:
-    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a _Failed."""
-    duplicates: list[_Failed] = []  # reported by iter_shard while it reads on: yielded in the order found
+def _prepare_shard(path: Path, crop: CoverCrop) -> Iterator[_Prepared | Failure]:
+    """Decode and crop every sample of an input shard; a bad sample (or a damaged shard) becomes a Failure."""
+    skipped: list[Failure] = []  # reported by iter_shard while it reads on: yielded in the order found
     try:
-        for key, fields in iter_shard(
-            path, on_duplicate=lambda k, detail: duplicates.append(_Failed(k, "duplicate_key", detail))
-        ):
-            yield from duplicates
-            duplicates.clear()
+        for key, fields in iter_shard(path, on_skip=lambda k, bad: skipped.append(Failure.of(k, bad))):
+            yield from skipped
+            skipped.clear()
             try:
                 meta = schema.decode_json(fields[schema.META]) if schema.META in fields else {}
                 frames, is_clip = decode_media(fields)
                 frames, crop_info = crop(frames)
                 yield _Prepared(key, fields, meta, frames, is_clip, crop_info)
             except BadSample as bad:
-                yield _Failed(key, bad.reason, bad.detail)
-        yield from duplicates
+                yield Failure.of(key, bad)
+        yield from skipped
     except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-        yield from duplicates
-        yield _Failed(path.name, bad.reason, bad.detail)
+        yield from skipped
+        yield Failure.of(path.name, bad)
 
 
 class LatentShardEncoder:
@@ -171,18 +173,23 @@ class LatentShardEncoder:
 
     def __init__(self, vae: VAE, cfg: EncodeLatentsConfig):
         self.vae, self.cfg = vae, cfg
-        self.crop = CenterCropResize(cfg.resolution)
+        spec = parse_buckets(cfg.buckets)
+        self.square = spec.square
+        self.crop = CoverCrop(spec.sizes(cfg.resolution), record_bucket=not spec.square)
 
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Prepared] = []
         for item in prefetch(_prepare_shard(job.payload, self.crop), depth=2 * self.cfg.batch_size):
-            if isinstance(item, _Failed):
-                if item.reason != "bad_shard":
+            if isinstance(item, Failure):
+                if item.key != Path(job.payload).name:  # a sample, not the shard itself (damaged or unreadable)
                     stats.samples_in += 1
-                stats.fail(item.key, item.reason, item.detail)
+                stats.failures.append(item)
                 tick(1)
                 continue
             stats.samples_in += 1
+            if batch and batch[0].frames.shape[1:] != item.frames.shape[1:]:  # one VAE call takes one size
+                self._encode_batch(batch, writer, stats, tick)
+                batch = []
             batch.append(item)
             if len(batch) == self.cfg.batch_size:
                 self._encode_batch(batch, writer, stats, tick)
@@ -208,11 +215,17 @@ class LatentShardEncoder:
             if not item.is_clip:
                 arrays = {name: a[0] for name, a in arrays.items()}  # an image is (C, h, w)
             if not all(np.isfinite(a).all() for a in arrays.values()):
-                stats.fail(item.key, "non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32")
+                stats.fail(
+                    item.key,
+                    BadSample("non_finite_latent", "the VAE gave inf/nan (in float16); try --dtype bf16 or fp32"),
+                )
                 tick(1)
                 continue
-            if min(item.crop["source_size"]) < self.cfg.resolution:
-                stats.count("upscaled_samples")  # prep may have kept it small on purpose: said at the end of the stage
+            (h, w), (rh, rw) = item.crop["source_size"], item.crop["resized_size"]
+            if rh > h or rw > w:  # prep may have kept it small on purpose: said at the end of the stage
+                stats.count("upscaled_samples")
+            if self.square and isinstance(item.meta.get("prep"), dict) and "bucket" in item.meta["prep"]:
+                stats.count("bucketed_samples_cut_square")  # prep kept its aspect: said at the end of the stage
             meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, item.crop)}
             out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
             out[schema.META] = schema.encode_json(meta)
@@ -220,7 +233,8 @@ class LatentShardEncoder:
             tick(1)
 
     def _latent_meta(self, shape: tuple[int, ...], crop: dict) -> dict:
-        return {
+        buckets = {} if parse_buckets(self.cfg.buckets).square else {"buckets": self.cfg.buckets}
+        return buckets | {
             "vae": self.vae.name,
             "scaling_factor": self.vae.scaling_factor,
             "shift_factor": getattr(self.vae, "shift_factor", 0.0),
@@ -240,7 +254,7 @@ class LatentShardEncoder:
 
 RESUME = ResumeOptions(
     "_encode_latents.json",
-    must_match=("input_dir", "vae", "resolution", "flip", "dtype"),
+    must_match=("input_dir", "vae", "resolution", "flip", "dtype", "buckets"),
     may_differ=("output_dir", "batch_size", "device", "rank", "world_size", "verify"),
     paths=("input_dir",),
 )
@@ -250,7 +264,9 @@ def encode_latents(
     cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None
 ) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
+    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text)  # recorded as parsed
+    sizes = parse_buckets(cfg.buckets).sizes(cfg.resolution)  # refuses a budget the set cannot use
+    jobs = start_shard_stage(cfg, RESUME, batch_hint=4, upgrade=lambda previous: {"buckets": SQUARE} | previous)
     if vae is None:
         vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
         reporter.log(
@@ -261,6 +277,13 @@ def encode_latents(
         raise GentronError(
             f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
             f"pass --resolution {max(vae.downsample, cfg.resolution // vae.downsample * vae.downsample)}",
+        )
+    uneven = [f"{w}x{h}" for w, h in sizes if w % vae.downsample or h % vae.downsample]
+    if uneven:
+        raise GentronError(
+            f"--buckets {cfg.buckets}: {', '.join(uneven)} not a multiple of the VAE's downsampling factor "
+            f"{vae.downsample} on both sides",
+            f"use sizes whose sides are multiples of {vae.downsample} (the named sets use multiples of 16)",
         )
     result = run_shard_jobs(
         jobs,
@@ -273,12 +296,21 @@ def encode_latents(
         reporter=reporter,
         verify=cfg.verify,
     )
-    upscaled = result.summary["counters"].get("upscaled_samples", 0)
+    counters, size = result.summary["counters"], f"--resolution {cfg.resolution}"
+    if not parse_buckets(cfg.buckets).square:
+        size = f"their bucket (--buckets {cfg.buckets})"
+    upscaled = counters.get("upscaled_samples", 0)
     if upscaled:
         reporter.log(
             f"warning: {upscaled} of {result.summary['samples_out']} samples in {cfg.output_dir} were smaller than "
-            f"--resolution {cfg.resolution} "
-            "and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small unless "
-            "--upscale)"
+            f"{size} and were upscaled to it (counted as upscaled_samples; prep-videos keeps small sources small "
+            "unless --upscale)"
+        )
+    squared = counters.get("bucketed_samples_cut_square", 0)
+    if squared:
+        reporter.log(
+            f"warning: {squared} samples in {cfg.output_dir} were prepared in aspect-ratio buckets and were cut to "
+            f"the --resolution {cfg.resolution} square here (counted as bucketed_samples_cut_square); pass "
+            "encode-latents the --buckets of the prep stage to keep their aspect ratios"
         )
     return result

@@ -113,9 +113,9 @@ def write_empty_caption(encoders: TextEncoders, output_dir: Path) -> Path:
     return path
 
 
-def _count_duplicate(stats: ShardStats, key: str, detail: str, tick) -> None:
+def _count_skipped(stats: ShardStats, key: str, bad: BadSample, tick) -> None:
     stats.samples_in += 1
-    stats.fail(key, "duplicate_key", detail)
+    stats.fail(key, bad)
     tick(1)
 
 
@@ -137,21 +137,19 @@ class TextShardEncoder:
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Caption] = []
         try:
-            for key, fields in iter_shard(
-                job.payload, on_duplicate=lambda k, detail: _count_duplicate(stats, k, detail, tick)
-            ):
+            for key, fields in iter_shard(job.payload, on_skip=lambda k, bad: _count_skipped(stats, k, bad, tick)):
                 stats.samples_in += 1
                 try:
                     batch.append(self._read(key, fields))
                 except BadSample as bad:
-                    stats.fail(key, bad.reason, bad.detail)
+                    stats.fail(key, bad)
                     tick(1)
                     continue
                 if len(batch) == self.batch_size:
                     self._encode_batch(batch, writer, stats, tick)
                     batch = []
         except BadSample as bad:  # the tar itself is damaged: what was read before is kept
-            stats.fail(Path(job.payload).name, bad.reason, bad.detail)
+            stats.fail(Path(job.payload).name, bad)
         if batch:
             self._encode_batch(batch, writer, stats, tick)
 
@@ -170,7 +168,7 @@ class TextShardEncoder:
             try:
                 _check_finite(encoded.arrays)
             except BadSample as bad:
-                stats.fail(item.key, bad.reason, bad.detail)
+                stats.fail(item.key, bad)
                 tick(1)
                 continue
             for name in encoded.truncated:

@@ -743,9 +743,9 @@ def check_patchable(height: int, width: int, patch_size: int, downsample: int | 
 
         unit = "latents" if downsample is None else f"pixels (VAE downsampling {downsample} x patch size {patch_size})"
         raise GentronError(
-            f"{height}x{width} {unit} do not split into {patch_size}x{patch_size} patches: each side must be a "
-            f"multiple of {multiple}",
-            f"use sides that are multiples of {multiple}, e.g. {nearest(height)}x{nearest(width)}",
+            f"{height}x{width} {unit} (height x width) do not split into {patch_size}x{patch_size} patches: each side "
+            f"must be a multiple of {multiple}",
+            f"use sides that are multiples of {multiple}, e.g. height {nearest(height)} and width {nearest(width)}",
         )
 
 

@@ -2,7 +2,10 @@
 
 Each image is made upright 8-bit RGB, its short side resized to `size`, then center-cropped to a
 square (or kept at its aspect with `crop=False`); smaller images are upscaled to `size` (training needs
-one size). Images whose short side is below `min_size` are skipped ("too_small"; `min_size=0` keeps
+one size). With `buckets` (pipelines/data/buckets.py) an image goes to the bucket nearest its aspect ratio
+at a budget of size x size pixels instead, resized to cover it and center-cropped; its bucket, crop box and
+resized size are recorded in its metadata, and enlarged images are counted (upscaled_images) as in the
+square. Images whose short side is below `min_size` are skipped ("too_small"; `min_size=0` keeps
 every image); the default `min_size` never exceeds `size`. Shards are formed over the sorted inputs (`shard_size`
 images per shard); a bad image is counted and skipped.
 """
@@ -14,12 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
-from pipelines.data.image import load_image, resize_image
+from pipelines.data.buckets import SQUARE, assign, parse_buckets
+from pipelines.data.image import OTHER_IMAGE_EXTENSIONS, cover_crop, load_image, resize_image
 from pipelines.data.inputs import IMAGE_EXTENSIONS, InputItem
 from pipelines.data.media import encode_image
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
 from pipelines.errors import BadSample, GentronError
+from pipelines.files import read_input
 from pipelines.progress import NullReporter, Reporter
 
 
@@ -42,6 +47,7 @@ class PrepImagesConfig:
     path_column: str = "path"
     caption_column: str = "caption"
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
+    buckets: str = SQUARE  # "square", a named aspect-ratio set at size x size pixels, or "WxH,..." sizes
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
@@ -61,6 +67,7 @@ RESUME = ResumeOptions(
         "keep_uncaptioned",
         "path_column",
         "caption_column",
+        "buckets",
     ),
     may_differ=("output", "workers", "rank", "world_size", "verify"),
     paths=("input",),
@@ -83,6 +90,14 @@ def _validate(config: PrepImagesConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise GentronError(f"invalid option: {message}", message)
+    spec = parse_buckets(config.buckets)
+    if not spec.square:
+        if not config.crop:
+            raise GentronError(
+                f"--no-crop and --buckets {spec.text} ask for two things",
+                "drop --no-crop (buckets keep the aspect ratio up to the nearest bucket's), or drop --buckets",
+            )
+        spec.sizes(config.size)  # refuses a budget the set cannot use
 
 
 def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
@@ -93,7 +108,7 @@ def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> 
             key, fields = _prep_one(item, config, stats)
             writer.write(key, fields)
         except BadSample as exc:
-            stats.fail(item.key, exc.reason, exc.detail)
+            stats.fail(item.key, exc)
         tick(1)
 
 
@@ -105,18 +120,24 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
             raise
         caption = ""
         stats.count("uncaptioned_kept")
-    data = item.path.read_bytes() if item.path.is_file() else None
-    if data is None:
-        raise BadSample("missing_file", f"{item.path} does not exist")
-    loaded = load_image(item.path)
+    data = read_input(item.path, "image")
+    loaded = load_image(item.path, data)
     height, width = loaded.pixels.shape[:2]
     if min(width, height) < config.min_size:
         raise BadSample(
             "too_small",
             f"{item.path}: {width}x{height}, short side below --min-size {config.min_size} (--min-size 0 keeps it)",
         )
-    pixels, crop_box = resize_image(loaded.pixels, config.size, config.crop)
-    upscaled = min(width, height) < config.size
+    spec = parse_buckets(config.buckets)
+    bucket = None
+    if spec.square:
+        pixels, crop_box = resize_image(loaded.pixels, config.size, config.crop)
+        upscaled = min(width, height) < config.size
+    else:
+        bucket = assign(width, height, spec.sizes(config.size))
+        pixels, crop_box = cover_crop(loaded.pixels, bucket)
+        upscaled = bucket.upscaled
+        stats.count(f"bucket_{bucket.bucket[0]}x{bucket.bucket[1]}")
     stats.count("upscaled_images", int(upscaled))
     meta = {
         "source": item.source,
@@ -128,6 +149,11 @@ def _prep_one(item: InputItem, config: PrepImagesConfig, stats: ShardStats) -> t
         "crop_box": crop_box,
         "upscaled": upscaled,
     }
+    if bucket is not None:
+        meta |= bucket.record()
+    if loaded.color_profile is not None:  # absent for sRGB and untagged images: their metadata is unchanged
+        meta["color_profile"] = loaded.color_profile
+        stats.count("color_profiles_converted" if loaded.color_profile["converted_to_srgb"] else "color_profiles_kept")
     return item.key, {
         config.format: encode_image(pixels, config.format, config.quality),
         schema.CAPTION: schema.encode_caption(caption),
@@ -140,10 +166,11 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
     _validate(config)
     if config.min_size is None:  # images of the asked size itself must pass
         config = replace(config, min_size=min(DEFAULT_MIN_SIZE, config.size))
+    config = replace(config, buckets=parse_buckets(config.buckets).text)  # recorded as parsed
     return run_prep(
         config,
         _prep_shard,
-        IMAGE_EXTENSIONS,
+        IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS,  # those Pillow cannot read are counted, not left out
         config.output_options(),
         OPTIONS_FILE,
         "image",
@@ -153,9 +180,9 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
 
 
 def _upgrade_record(previous: dict) -> dict:
-    """An options record of before `upscale` was dropped (it meant min_size 0)."""
+    """An options record of before `upscale` was dropped (it meant min_size 0), or before `buckets` existed."""
     if "upscale" in previous:
         previous = dict(previous)
         if previous.pop("upscale"):
             previous["min_size"] = 0
-    return previous
+    return {"buckets": SQUARE} | previous  # made before --buckets: the square

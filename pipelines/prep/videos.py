@@ -1,7 +1,10 @@
 """`prep-videos`: raw videos + captions -> WebDataset shards of clips (key.mp4, key.txt, key.json).
 
 Each clip is `frames` frames taken every `frame_stride` frames of a `timeline_fps` timeline
-(paper: 8 frames at 4 FPS from a 24 FPS timeline, short side 512), selected by timestamp.
+(paper: 8 frames at 4 FPS from a 24 FPS timeline, short side 512), selected by timestamp; with several
+lengths (`frames=(1, 9, 17, 33)`) each clip position takes the longest that fits. Frames keep the aspect
+ratio (short side `short_side`), or with `buckets` (pipelines/data/buckets.py) are cut to the bucket
+nearest the video's aspect ratio at short_side x short_side pixels (bucket, crop box and sizes recorded).
 Shards are formed over the sorted input videos (`shard_size` videos per shard), so their contents
 are stable and a killed run resumes by skipping complete shards. Each video is decoded in a child
 process killed after `timeout` seconds without progress; a bad video is counted and skipped. Each
@@ -12,16 +15,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.data import schema
+from pipelines.data.buckets import SQUARE, parse_buckets
 from pipelines.data.inputs import VIDEO_EXTENSIONS, InputItem
+from pipelines.data.isolated import IsolatedProcess, Stopped
 from pipelines.data.media import clip_qscale
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_prep
 from pipelines.data.shards import ShardStats, ShardWriter
-from pipelines.data.video import SLEEP_HOOK_ENV, ClipPlan, IsolatedProcess, Stopped, video_clips  # noqa: F401 (SLEEP_HOOK_ENV: the tests' hook)
+from pipelines.data.video import ClipPlan, video_clips
 from pipelines.errors import BadSample, GentronError
 from pipelines.progress import NullReporter, Reporter
 
@@ -33,7 +40,7 @@ class PrepVideosConfig:
     short_side: int = 512
     upscale: bool = False  # resize sources smaller than short_side up (default: keep their size)
     timeline_fps: float = 24.0
-    frames: int = 8
+    frames: int | list[int] = 8  # frames per clip, or several lengths: each clip position takes the longest that fits
     frame_stride: int = 6  # clip fps = timeline_fps / frame_stride
     clip_stride: int | None = None  # timeline frames between clip starts; None: frames * frame_stride
     max_clips_per_video: int | None = None
@@ -52,10 +59,18 @@ class PrepVideosConfig:
     path_column: str = "path"
     caption_column: str = "caption"
     verify: bool = False  # also check the sha256 of finished output shards (redo damaged ones)
+    buckets: str = SQUARE  # "square": short side only, aspect kept; a named set or "WxH,...": cut to buckets
 
     @property
     def plan(self) -> ClipPlan:
-        return ClipPlan(self.timeline_fps, self.frames, self.frame_stride, self.clip_stride, self.max_clips_per_video)
+        frames = tuple(self.frames) if isinstance(self.frames, (list, tuple)) else self.frames
+        return ClipPlan(self.timeline_fps, frames, self.frame_stride, self.clip_stride, self.max_clips_per_video)
+
+    @property
+    def bucket_sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The (width, height) buckets, None for "square" (prep-videos' square keeps the aspect ratio)."""
+        spec = parse_buckets(self.buckets)
+        return None if spec.square else spec.sizes(self.short_side)
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
@@ -88,6 +103,7 @@ RESUME = ResumeOptions(
         "keep_uncaptioned",
         "path_column",
         "caption_column",
+        "buckets",
     ),
     may_differ=("output", "workers", "rank", "world_size", "timeout", "verify"),
     paths=("input",),
@@ -99,7 +115,7 @@ def _validate(config: PrepVideosConfig) -> None:
     checks = [
         (config.short_side >= 16, "--short-side must be at least 16"),
         (config.timeline_fps > 0, "--timeline-fps must be positive"),
-        (config.frames >= 1, "--frames must be at least 1"),
+        (all(n >= 1 for n in config.plan.lengths), "--frames must be at least 1"),
         (config.frame_stride >= 1, "--frame-stride must be at least 1"),
         (config.clip_stride is None or config.clip_stride >= 1, "--clip-stride must be at least 1 timeline frame"),
         (
@@ -118,6 +134,16 @@ def _validate(config: PrepVideosConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise GentronError(f"invalid option: {message}", message)
+    config.bucket_sizes  # noqa: B018 (refuses a --buckets the budget cannot use)
+
+
+def parse_frames(text: str) -> int | list[int]:
+    """`--frames`: "8" -> 8, "1,9,17,33" -> [1, 9, 17, 33] (several clip lengths)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise GentronError(f"--frames {text}: not a frame count or a list of them", "pass e.g. --frames 8 or 1,9,17,33")
+    counts = sorted({int(p) for p in parts})
+    return counts[0] if len(counts) == 1 else counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +169,7 @@ class DecodeChildren:
             with self._lock:
                 if self._stopped:
                     raise Stopped("the run is stopping")
-                child = self._local.child = IsolatedProcess(self.timeout)
+                child = self._local.child = IsolatedProcess(self.timeout, preload=("pipelines.data.video",))
                 self._children.append(child)
         return child
 
@@ -162,50 +188,86 @@ class DecodeChildren:
             child.close()
 
 
-_active: DecodeChildren | None = None  # the running prep_videos call's children (its worker threads share them)
+class VideoShardPrep:
+    """The per-shard function of the stage (a ShardFn), shared by its worker threads: it holds the run's decode
+    children and `work`, what a decode child runs for one video (`video_clips`; tests pass a slower one)."""
 
+    def __init__(self, config: PrepVideosConfig, work: Callable[..., Iterator[tuple]] = video_clips):
+        self.config, self.work = config, work
+        self.children = DecodeChildren(config.timeout)
 
-def _prep_shard(job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
-    config, items = job.payload
-    children = _active  # set by prep_videos for its whole run; its worker threads share it
-    for item in items:
-        stats.samples_in += 1
-        tick(1, clips=_prep_one(item, config, children.get(), writer, stats))
-    # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted as failed
-    children.get()
+    def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
+        _, items = job.payload
+        for item in items:
+            stats.samples_in += 1
+            tick(1, clips=_prep_one(item, self.config, self.work, self.children.get(), writer, stats))
+        # raises Stopped if the run was stopped meanwhile: a shard is never committed with a stopped video counted
+        # as failed
+        self.children.get()
 
 
 def _prep_one(
-    item: InputItem, config: PrepVideosConfig, child: IsolatedProcess, writer: ShardWriter, stats: ShardStats
+    item: InputItem,
+    config: PrepVideosConfig,
+    work: Callable[..., Iterator[tuple]],
+    child: IsolatedProcess,
+    writer: ShardWriter,
+    stats: ShardStats,
 ) -> int:
     """Write one video's clips; a bad video is recorded in the stats. Returns the number of clips written."""
     try:
         caption = item.read_caption()
     except BadSample as exc:
         if not (exc.reason == "missing_caption" and config.keep_uncaptioned):
-            stats.fail(item.key, exc.reason, exc.detail)
+            stats.fail(item.key, exc)
             return 0
         caption = ""
         stats.count("uncaptioned_kept")
     plan = config.plan
+    args = (item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale)
+    args += (config.bucket_sizes,)
+    clips, decoders, lengths = 0, Counter(), Counter()
     try:
-        # All of a video's clips or none: a video failing halfway is one clean failure.
-        messages = list(
-            child.run(
-                video_clips,
-                item.path,
-                plan,
-                item.start,
-                item.end,
-                config.short_side,
-                config.upscale,
-                config.effective_qscale,
-            )
-        )
+        # Each clip goes into the tar as soon as the child sends it (memory does not grow with the video's length);
+        # all of a video's clips or none: a video failing halfway is one clean failure.
+        with writer.all_or_none():
+            for message in child.run(work, *args):
+                if message[0] == "video":  # the first message: what the clips' metadata shares
+                    video = message[1]
+                    base = _video_meta(item, plan, video)
+                    continue
+                _, meta, clip = message
+                key = schema.make_key(item.key, f"{meta['clip_index']:04d}")
+                writer.write(
+                    key,
+                    {
+                        schema.VIDEO: clip,
+                        schema.CAPTION: schema.encode_caption(caption),
+                        schema.META: schema.encode_json({"prep": base | meta}),
+                    },
+                )
+                clips += 1
+                decoders[meta["decoder"]] += 1
+                lengths[len(meta["source_frame_indices"])] += 1
     except BadSample as exc:
-        stats.fail(item.key, exc.reason, exc.detail or str(item.path))
+        stats.fail(item.key, exc)
         return 0
-    video = messages[0][1]
+    for decoder, n in decoders.items():
+        stats.count(f"clips_{decoder}", n)
+    stats.count("source_frames", video["source_frames"])
+    stats.count("upscaled_videos", int(video["upscaled"]))
+    stats.count("vfr_videos", int(video["source_vfr"]))
+    stats.count("rotated_videos", int(video["source_rotation"] != 0))
+    if "bucket" in video:
+        stats.count(f"bucket_{video['bucket'][0]}x{video['bucket'][1]}", clips)
+    if len(plan.lengths) > 1:
+        for frames, n in sorted(lengths.items()):
+            stats.count(f"clips_of_{frames}_frames", n)
+    return clips
+
+
+def _video_meta(item: InputItem, plan: ClipPlan, video: dict) -> dict:
+    """The `prep` metadata every clip of one video shares."""
     base = {
         "source": item.source,
         "clip_fps": plan.clip_fps,
@@ -214,22 +276,7 @@ def _prep_one(
     } | video
     if item.start is not None or item.end is not None:
         base |= {"start": item.start, "end": item.end}
-    for _, meta, clip in messages[1:]:
-        key = schema.make_key(item.key, f"{meta['clip_index']:04d}")
-        writer.write(
-            key,
-            {
-                schema.VIDEO: clip,
-                schema.CAPTION: schema.encode_caption(caption),
-                schema.META: schema.encode_json({"prep": base | meta}),
-            },
-        )
-        stats.count(f"clips_{meta['decoder']}")
-    stats.count("source_frames", video["source_frames"])
-    stats.count("upscaled_videos", int(video["upscaled"]))
-    stats.count("vfr_videos", int(video["source_vfr"]))
-    stats.count("rotated_videos", int(video["source_rotation"] != 0))
-    return len(messages) - 1
+    return base
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,20 +308,28 @@ class _ClipRateTask:
         self.task.advance(n, clips=self.clips, **{"clips/s": round(rate, 2)}, **fields)
 
 
-def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -> StageResult:
-    """Prepare every video of `config.input` into clip shards under `config.output`."""
-    global _active
+def prep_videos(
+    config: PrepVideosConfig,
+    reporter: Reporter = NullReporter(),
+    *,
+    video_work: Callable[..., Iterator[tuple]] = video_clips,
+) -> StageResult:
+    """Prepare every video of `config.input` into clip shards under `config.output`.
+
+    `video_work`: what a decode child runs for one video (a module-level function with `video_clips`'s
+    arguments and messages); tests pass one that is slow or hangs on purpose.
+    """
     _validate(config)
-    if _active is not None:
-        raise GentronError(
-            "prep_videos is already running in this process", "run one prep-videos at a time per process"
-        )
-    children = _active = DecodeChildren(config.timeout)
+    lengths = sorted(config.plan.lengths)  # recorded as parsed: 8, or [1, 9, 17, 33]
+    config = replace(
+        config, buckets=parse_buckets(config.buckets).text, frames=lengths[0] if len(lengths) == 1 else lengths
+    )
+    prep_shard = VideoShardPrep(config, video_work)
     try:
         # Worker threads, not processes: the work is in the decode children; a worker only writes the tar.
         return run_prep(
             config,
-            _prep_shard,
+            prep_shard,
             VIDEO_EXTENSIONS,
             config.output_options(),
             OPTIONS_FILE,
@@ -282,16 +337,16 @@ def prep_videos(config: PrepVideosConfig, reporter: Reporter = NullReporter()) -
             _ClipRateReporter(reporter),
             upgrade=_upgrade_record,
             threads=True,
-            on_stop=children.stop,
+            on_stop=prep_shard.children.stop,
         )
     finally:
-        _active = None
-        children.close()
+        prep_shard.children.close()
 
 
 def _upgrade_record(previous: dict) -> dict:
-    """An options record of before `quality` became JPEG quality: its "quality" was the quantiser scale."""
+    """An options record of before `quality` became JPEG quality (its "quality" was the quantiser scale), or before
+    `buckets` existed."""
     if "qscale" not in previous and "quality" in previous:
         previous = dict(previous)
         previous["qscale"] = previous.pop("quality")
-    return previous
+    return {"buckets": SQUARE} | previous  # made before --buckets: the square

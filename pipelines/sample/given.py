@@ -1,7 +1,8 @@
 """The frames a video is given at sampling (`gentron sample --image`, `--video --continue K`, `--last-image`).
 
 Each given picture is read as prep reads its data (pipelines/data/image.py `load_image`: upright 8-bit RGB) and
-resized and center-cropped to the sample's size by prep's own `resize_image`; a video's frames are read at the
+resized to cover the sample's width x height and center-cropped by prep's own `fit` and `cover_crop` (as a bucket of
+`--buckets` is cut; a square when the sample is); a video's frames are read at the
 model's training frame rate by prep's reader (pipelines/data/video.py), each resized and cropped the same way.
 `encode_given` turns them into the latent frames the model keeps (a `FrameCondition`): the first picture, or the
 video's last K frames, become the first latent frames; the last picture the last latent frame.
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data.image import load_image, resize_image
+from pipelines.data.buckets import fit
+from pipelines.data.image import cover_crop, load_image
 from pipelines.data.video import ClipPlan, plan_clips, probe_video, read_clips, rotate_frames
 from pipelines.errors import BadSample, GentronError
 from pipelines.files import file_sha256
@@ -82,15 +84,20 @@ def _source(path: Path, what: str) -> dict:
     return {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
-def read_image(path: Path, size: int, option: str = "--image") -> np.ndarray:
-    """A picture as prep reads it (upright 8-bit RGB), its short side resized to `size` and center-cropped square."""
+def fit_frame(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A picture (H, W, 3) resized to cover `size` (width, height), aspect kept, then center-cropped: prep's cut."""
+    return cover_crop(pixels, fit(pixels.shape[1], pixels.shape[0], size))[0]
+
+
+def read_image(path: Path, size: tuple[int, int], option: str = "--image") -> np.ndarray:
+    """A picture as prep reads it (upright 8-bit RGB), cut to `size` (width, height) as prep cuts it."""
     try:
         pixels = load_image(path).pixels
     except BadSample as err:
         raise GentronError(
             f"{option} {path}: cannot read the image ({err.detail})", "pass a PNG or JPEG picture"
         ) from None
-    return resize_image(pixels, size, crop=True)[0]
+    return fit_frame(pixels, size)
 
 
 def read_video_frames(path: Path, fps: float) -> np.ndarray:
@@ -108,9 +115,9 @@ def read_video_frames(path: Path, fps: float) -> np.ndarray:
     return rotate_frames(frames, info.rotation)
 
 
-def read_video_end(path: Path, count: int, fps: float, size: int) -> np.ndarray:
-    """The last `count` frames of a video at `fps` (`read_video_frames`), each resized and center-cropped like a
-    picture: (count, size, size, 3) uint8."""
+def read_video_end(path: Path, count: int, fps: float, size: tuple[int, int]) -> np.ndarray:
+    """The last `count` frames of a video at `fps` (`read_video_frames`), each cut to `size` (width, height) like a
+    picture: (count, height, width, 3) uint8."""
     frames = read_video_frames(path, fps)
     if len(frames) < count:
         raise GentronError(
@@ -118,11 +125,11 @@ def read_video_end(path: Path, count: int, fps: float, size: int) -> np.ndarray:
             f"{count}",
             f"pass a longer video, or --continue {len(frames)}",
         )
-    return np.stack([resize_image(np.ascontiguousarray(f), size, crop=True)[0] for f in frames[-count:]])
+    return np.stack([fit_frame(np.ascontiguousarray(f), size) for f in frames[-count:]])
 
 
-def read_given(sources: GivenSources, size: int, fps: float) -> GivenFrames:
-    """The frames `sources` name, prepared for a sample of `size` x `size` pixels (videos read at `fps`)."""
+def read_given(sources: GivenSources, size: tuple[int, int], fps: float) -> GivenFrames:
+    """The frames `sources` name, prepared for a sample of `size` (width, height) pixels (videos read at `fps`)."""
     start, last, record = None, None, {}
     if sources.image is not None:
         record["image"] = _source(sources.image, "--image")

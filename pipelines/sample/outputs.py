@@ -78,13 +78,13 @@ def write_sample(folder: Path, stem: str, frames: np.ndarray, fps: float) -> lis
     ]
 
 
-def write_sheet(stem: Path, samples: np.ndarray, fps: float) -> list[Path]:
+def write_sheet(stem: Path, samples: np.ndarray | list[np.ndarray], fps: float) -> list[Path]:
     """Several samples in one picture (training previews): images (N, H, W, 3) as one contact sheet `stem.png`;
     videos (N, T, H, W, 3) as `stem.png`, one film strip per video (frames left to right, white gaps), and
-    `stem.gif`, the videos side by side."""
+    `stem.gif`, the videos side by side. A list of samples may hold several sizes (contact_sheet)."""
     stem = Path(stem)
     png, gif = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".gif")
-    if samples.ndim == 4:
+    if samples[0].ndim == 3:
         return [write_png(png, contact_sheet(list(samples)))]
     strips = [film_strip(video, gap=2) for video in samples]
     return [
@@ -107,19 +107,23 @@ def read_frame_strip(path: Path, num_frames: int) -> np.ndarray:
 
 
 def contact_sheet(samples: list[np.ndarray], columns: int | None = None, gap: int = 2, fill: int = 255) -> np.ndarray:
-    """Tile equal-sized samples into one grid (row major, gaps of `fill`, white by default); videos tile frame by frame.
+    """Tile samples into one grid (row major, gaps of `fill`, white by default); videos tile frame by frame.
 
-    samples: each (H, W, 3) or each (T, H, W, 3). Empty cells of the last row stay `fill`.
+    samples: each (H, W, 3) or each (T, H, W, 3). Samples of other sizes (buckets) sit top left in cells of the
+    largest size; a shorter video holds its last frame. Empty cells of the last row stay `fill`.
     """
     if not samples:
         raise ValueError("contact_sheet needs at least one sample")
     video = samples[0].ndim == 4
-    stack = np.stack([s if video else s[None] for s in samples])  # (n, T, H, W, 3)
-    n, t, h, w, c = stack.shape
+    clips = [s if video else s[None] for s in samples]  # each (T, H, W, 3)
+    n, c = len(clips), clips[0].shape[-1]
+    t, h, w = (max(clip.shape[axis] for clip in clips) for axis in (0, 1, 2))
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     cells = np.full((rows * columns, t, h + gap, w + gap, c), fill, dtype=np.uint8)
-    cells[:n, :, :h, :w] = stack
+    for cell, clip in zip(cells, clips):
+        cell[: len(clip), : clip.shape[1], : clip.shape[2]] = clip
+        cell[len(clip) :, : clip.shape[1], : clip.shape[2]] = clip[-1]
     sheet = rearrange(cells, "(r k) t h w c -> t (r h) (k w) c", r=rows, k=columns)
     sheet = sheet[:, : rows * (h + gap) - gap, : columns * (w + gap) - gap]  # no gap after the last row/column
     return sheet if video else sheet[0]

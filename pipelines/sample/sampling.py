@@ -29,6 +29,7 @@ from pipelines.diffusion.schedulers import SAMPLERS
 from pipelines.errors import GentronError, require
 from pipelines.files import file_sha256
 from pipelines.locking import folder_lock
+from pipelines.model.gentron import check_patchable
 from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
@@ -55,7 +56,9 @@ class SampleConfig:
     cfg_scale: float = 7.5  # lT, text guidance
     mfg_scale: float | None = None  # lM, motion guidance: DEFAULT_MFG_SCALE for videos; images use 1.0
     frames: int | None = None  # 1 = image; default: the frames the model was trained on
-    resolution: int | None = None  # pixels, square; default: the training resolution
+    resolution: int | None = None  # pixels, a square: width = height = resolution (instead of width and height)
+    width: int | None = None  # pixels; default: the training size recorded in the model folder
+    height: int | None = None
     fps: float | None = None  # of the written videos; default: the training clips' frame rate
     seed: int = 0
     batch_size: int = 4
@@ -95,12 +98,12 @@ class SampleConfig:
             f"--seed must be in [0, 2^63) for every prompt's seed (seed + prompt index), got {self.seed}",
             "pass a smaller non-negative seed",
         )
-        for name in ("frames", "resolution"):
+        for name in ("frames", "resolution", "width", "height"):
             value = getattr(self, name)
             require(
                 value is None or value >= 1,
                 f"--{name} must be at least 1, got {value}",
-                f"leave --{name} out to use the model's training {name}",
+                f"leave --{name} out to use the model's training {'frames' if name == 'frames' else 'size'}",
             )
         require(self.fps is None or self.fps > 0, f"--fps must be positive, got {self.fps}")
         require(0 <= self.rank < self.world_size, f"rank {self.rank} is not one of {self.world_size} processes")
@@ -226,6 +229,7 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
             "train one with `gentron train --stage t2v --condition-frames first|prefix|first-last`, or drop them",
         )
         require(frames > 1, "given frames need a video, but --frames is 1", "sample more --frames")
+    width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
     if scheduler not in SAMPLERS:
@@ -238,7 +242,8 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "cfg_scale": cfg.cfg_scale,
         "mfg_scale": mfg,
         "frames": frames,
-        "resolution": cfg.resolution if cfg.resolution is not None else folder.record.resolution,
+        "width": width,
+        "height": height,
         "fps": cfg.fps if cfg.fps is not None else folder.record.fps,
         "batch_size": cfg.batch_size,
         "device": str(device),
@@ -254,17 +259,31 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
     }
 
 
+def sample_size(cfg: SampleConfig, folder: ModelFolder) -> tuple[int, int]:
+    """(width, height) in pixels: --width/--height, or the --resolution square, else the training size recorded in the
+    model folder (the main bucket's). A size the model cannot patchify is refused with the nearest that it can."""
+    if cfg.resolution is not None and (cfg.width is not None or cfg.height is not None):
+        raise GentronError(
+            f"--resolution {cfg.resolution} (a square) and --width/--height both give the size",
+            "pass --width W --height H, or --resolution S for S x S",
+        )
+    record = folder.record
+    width = cfg.width if cfg.width is not None else cfg.resolution if cfg.resolution is not None else record.width
+    height = cfg.height if cfg.height is not None else cfg.resolution if cfg.resolution is not None else record.height
+    check_patchable(height, width, int(folder.config.get("patch_size", 2)), record.vae.downsample)
+    return width, height
+
+
 def generation_of(settings: dict) -> Generation:
-    """The generation core's settings of a sidecar's settings."""
-    side = settings["resolution"]
+    """The generation core's settings of a sidecar's settings (a sidecar of before --width/--height: its square)."""
     return Generation(
         steps=settings["steps"],
         scheduler=settings["scheduler"],
         cfg_scale=settings["cfg_scale"],
         mfg_scale=settings["mfg_scale"],
         frames=settings["frames"],
-        height=side,
-        width=side,
+        height=settings.get("height", settings.get("resolution")),
+        width=settings.get("width", settings.get("resolution")),
         condition_scale=settings.get("condition_scale", 1.0),
     )
 
@@ -296,11 +315,26 @@ def sample(
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
-    trained = folder.record.conditioning
-    if cfg.condition_scale != 1.0 and trained is not None and trained.p >= 1.0 and trained.dropout == 0.0:
+    conditioning = folder.record.conditioning
+    if (
+        cfg.condition_scale != 1.0
+        and conditioning is not None
+        and conditioning.p >= 1.0
+        and conditioning.dropout == 0.0
+    ):
         reporter.log(
             f"warning: --condition-scale {cfg.condition_scale} guides against the model without its given frames, "
             "which it never saw in training (--p-condition 1, no --condition-dropout): that branch is untrained"
+        )
+    trained = folder.record.trained_sizes
+    if (settings["frames"], settings["height"], settings["width"]) not in trained and not (
+        settings["frames"] == 1 and any((h, w) == (settings["height"], settings["width"]) for _, h, w in trained)
+    ):
+        sizes = ", ".join(f"{w}x{h}" + (f"x{t}" if t > 1 else "") for t, h, w in trained)
+        reporter.log(
+            f"note: sampling at {settings['width']}x{settings['height']}"
+            + (f"x{settings['frames']}" if settings["frames"] > 1 else "")
+            + f", a size the model was not trained at (it was at {sizes}; width x height x frames)"
         )
     pipe = pipe if pipe is not None else load_pipeline(cfg, folder, reporter)
     out = Path(cfg.out)
@@ -376,7 +410,7 @@ def given_frames(cfg: SampleConfig, batch: list[int], settings: dict, pipe: Samp
     for index in batch:
         sources = cfg.given_sources(index)
         if sources not in read:
-            read[sources] = read_given(sources, settings["resolution"], fps)
+            read[sources] = read_given(sources, (settings["width"], settings["height"]), fps)
     return [read[cfg.given_sources(index)] for index in batch]
 
 
@@ -408,6 +442,9 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            # sidecars of before --width/--height record the square's side
+            **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
+            resolution=None if "width" in settings else settings["resolution"],
             text_encoders=dict(settings["text_encoders"]),
             **{
                 k: [Path(p) for p in record["batch"][k]]
@@ -429,7 +466,6 @@ _SIDECAR_SETTINGS = (
     "cfg_scale",
     "mfg_scale",
     "frames",
-    "resolution",
     "fps",
     "batch_size",
     "device",

@@ -37,6 +37,9 @@ class ToyDataConfig:
     images_per_combo: int = 6  # defaults: 4 colours x 4 places x 6 = 96 images
     videos_per_combo: int = 6  # defaults: 4 colours x 4 directions x 6 = 96 videos
     image_size: int = 64  # written size; prep resizes down to the training size
+    # (width, height) of the images, taken in turn (image i of a combination and place: size i % len); () is
+    # image_size square. Shapes keep their proportions: their side is `square` of the shorter side.
+    image_sizes: tuple[tuple[int, int], ...] = ()
     video_size: int = 64
     video_seconds: float = 3.0
     video_fps: int = 24
@@ -68,16 +71,17 @@ class ToyDataConfig:
 # Drawing
 
 
-def shape_mask(shape: str, size: int, side: int, top_left: tuple[float, float]) -> np.ndarray:
-    """(size, size) bool mask of a shape whose bounding box has corner (y, x) (rounded) and side `side`.
+def shape_mask(shape: str, size: int, side: int, top_left: tuple[float, float], width: int | None = None) -> np.ndarray:
+    """(size, width or size) bool mask of a shape whose bounding box has corner (y, x) (rounded) and side `side`.
 
     A pixel belongs to the shape when its centre does; parts outside the frame are cut off."""
     y, x = (int(round(v)) for v in top_left)
-    mask = np.zeros((size, size), bool)
+    width = width or size
+    mask = np.zeros((size, width), bool)
     if shape == "square":
         mask[max(y, 0) : max(y + side, 0), max(x, 0) : max(x + side, 0)] = True
         return mask
-    rows, cols = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+    rows, cols = np.mgrid[0:size, 0:width] + 0.5  # pixel centres
     down, across = rows - y, cols - x  # position within the box, in pixels
     if shape == "circle":
         radius = side / 2
@@ -88,30 +92,42 @@ def shape_mask(shape: str, size: int, side: int, top_left: tuple[float, float]) 
 
 
 def _draw(
-    size: int, side: int, top_left: tuple[float, float], color: tuple[int, int, int], shape: str = "square"
+    size: int,
+    side: int,
+    top_left: tuple[float, float],
+    color: tuple[int, int, int],
+    shape: str = "square",
+    width: int | None = None,
 ) -> np.ndarray:
-    """A frame with one filled shape on the background."""
-    frame = np.zeros((size, size, 3), np.uint8)
+    """A frame (size rows, `width` or size columns) with one filled shape on the background."""
+    frame = np.zeros((size, width or size, 3), np.uint8)
     frame[:] = BACKGROUND
-    frame[shape_mask(shape, size, side, top_left)] = color
+    frame[shape_mask(shape, size, side, top_left, width)] = color
     return frame
 
 
-def _place_corner(place: str, size: int, side: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Top-left corner of the bounding box of a shape at the named place, jittered (see the module doc)."""
+def _place_corner(
+    place: str, size: int, side: int, rng: np.random.Generator, width: int | None = None
+) -> tuple[float, float]:
+    """Top-left corner of the bounding box of a shape at the named place in a frame of `size` rows and `width` (or
+    size) columns, jittered (see the module doc)."""
+    height, width = size, width or size
     if place in PLACES:  # the whole box inside the quadrant
-        half = size // 2
         vertical, horizontal = place.split()
-        y0 = 0 if vertical == "top" else half
-        x0 = 0 if horizontal == "left" else half
-        slack = max(half - side, 0)
-        return y0 + rng.integers(0, slack + 1), x0 + rng.integers(0, slack + 1)
+        y0 = 0 if vertical == "top" else height // 2
+        x0 = 0 if horizontal == "left" else width // 2
+        y_slack, x_slack = max(height // 2 - side, 0), max(width // 2 - side, 0)
+        return y0 + rng.integers(0, y_slack + 1), x0 + rng.integers(0, x_slack + 1)
     # A side: corner ranges that keep the box's centre (corner + side / 2) in the outer third along the
     # side's axis and within SIDE_BAND of the middle across it.
-    outer = (0, max(int(np.floor(size / 3 - side / 2)), 0))
-    middle = (int(np.ceil(size * (0.5 - SIDE_BAND) - side / 2)), int(np.floor(size * (0.5 + SIDE_BAND) - side / 2)))
+    along, across = (width, height) if place in ("left", "right") else (height, width)
+    outer = (0, max(int(np.floor(along / 3 - side / 2)), 0))
+    middle = (
+        int(np.ceil(across * (0.5 - SIDE_BAND) - side / 2)),
+        int(np.floor(across * (0.5 + SIDE_BAND) - side / 2)),
+    )
     if place in ("right", "bottom"):
-        outer = (size - side - outer[1], size - side)
+        outer = (along - side - outer[1], along - side)
     y_range, x_range = (middle, outer) if place in ("left", "right") else (outer, middle)
     return rng.integers(y_range[0], y_range[1] + 1), rng.integers(x_range[0], x_range[1] + 1)
 
@@ -126,11 +142,14 @@ def make_toy_dataset(root: str | Path, cfg: ToyDataConfig = ToyDataConfig()) -> 
     # File names keep the quickstart's "red_top_left_0" when the shape is always the square
     name = (lambda color, shape: color) if cfg.shapes == ("square",) else (lambda color, shape: f"{color}_{shape}")
 
-    side = int(cfg.image_size * cfg.square)
+    sizes = cfg.image_sizes or ((cfg.image_size, cfg.image_size),)
     for (color, shape), place, i in itertools.product(cfg.combos(), cfg.places, range(cfg.images_per_combo)):
         stem = f"{name(color, shape)}_{place.replace(' ', '_')}_{i}"
-        corner = _place_corner(place, cfg.image_size, side, rng)
-        Image.fromarray(_draw(cfg.image_size, side, corner, COLORS[color], shape)).save(image_dir / f"{stem}.png")
+        width, height = sizes[i % len(sizes)]
+        side = int(min(width, height) * cfg.square)
+        corner = _place_corner(place, height, side, rng, width)
+        picture = _draw(height, side, corner, COLORS[color], shape, width)
+        Image.fromarray(picture).save(image_dir / f"{stem}.png")
         (image_dir / f"{stem}.txt").write_text(image_caption(color, place, shape))
 
     side = int(cfg.video_size * cfg.square)

@@ -16,6 +16,7 @@ CONDITION_FRAMES = ("first", "prefix", "first-last")  # as pipelines.data.loader
 DEFAULT_P_CONDITION = 0.9  # one model keeps doing text-to-video on the rest
 ON_NAN = ("stop", "skip")
 LOG_TO = ("none", "tensorboard")
+BUCKET_BATCH = ("fixed", "tokens")  # as pipelines.data.bucket_plan.BUCKET_BATCH (not imported here: numpy)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     steps: int = 400_000
     global_batch: int = 256  # samples per optimizer step over all processes
     grad_accum: int = 1  # micro-batch = global_batch / (grad_accum * world size)
+    bucket_batch: str = "fixed"  # fixed: every bucket the global batch; tokens: scaled to the reference bucket's tokens
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -143,6 +145,11 @@ class TrainConfig:
         require(bool(str(self.output).strip()), "no run folder given", "pass --out RUN_FOLDER")
         self.objective_config(latent_shape=(1, 1)).check()
         require(self.on_nan in ON_NAN, f"unknown --on-nan {self.on_nan!r}", "use stop or skip")
+        require(
+            self.bucket_batch in BUCKET_BATCH,
+            f"unknown --bucket-batch {self.bucket_batch!r}",
+            f"use {' or '.join(BUCKET_BATCH)}",
+        )
         for name in ("steps", "global_batch", "grad_accum", "frames", "shuffle_buffer", "checkpoint_every"):
             _require_at_least(self, name, 1)
         for name in ("log_every", "preview_count", "preview_steps", "eval_steps"):

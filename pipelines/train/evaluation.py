@@ -163,14 +163,17 @@ class TrainingEvaluator:
             if self.pipe is None:
                 self.pipe = load_pipeline(cfg)
             self.pipe.model.load_state_dict(weights)
-            sample(replace(cfg, out=staging, rank=self.rank, world_size=self.world_size), pipe=self.pipe)
+            result = sample(replace(cfg, out=staging, rank=self.rank, world_size=self.world_size), pipe=self.pipe)
         sync()
         if self.rank != 0:
             return None
         replace_folder(staging, final)
         record = self.score(final)
         self.prune()
-        record |= {"samples": len(self.prompts), "seconds": time.perf_counter() - start}
+        settings = result.settings
+        frames = f"x{settings['frames']}" if settings["frames"] > 1 else ""
+        size = f"{settings['width']}x{settings['height']}{frames}"  # the stated size: width x height (x frames)
+        record |= {"samples": len(self.prompts), "size": size, "seconds": time.perf_counter() - start}
         return record
 
     def score(self, folder: Path) -> dict:

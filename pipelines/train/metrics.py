@@ -82,7 +82,7 @@ EVAL_LABELS = {
 }
 
 
-EVAL_SUMMARY_KEYS = ("samples", "seconds")  # what an eval record holds besides metric values
+EVAL_SUMMARY_KEYS = ("samples", "size", "seconds")  # what an eval record holds besides metric values
 
 
 def metric_values(record: dict) -> dict[str, float]:
@@ -141,6 +141,10 @@ class TensorBoardLog:
         for tag, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tag, float(value), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (the bucket table) in TensorBoard's text tab."""
+        self.writer.add_text(tag, text, step)
 
     def image(self, tag: str, path: str | Path, step: int) -> None:
         """A PNG file (a preview grid or film strip) as an image event."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.data import schema
 from pipelines.data.loader import TrainStream
 from pipelines.diffusion.objective import Objective
@@ -21,7 +23,8 @@ from pipelines.train.config import TrainConfig
 class Previewer:
     """Fixed preview prompts (the first samples' captions and stored embeddings) and seeds, sampled as `gentron sample`
     samples them (pipelines.sample.sampling.SamplingPipeline.generate_encoded: the objective's own sampler, its default
-    guidance, the VAE named in the shard metadata, loaded on first use)."""
+    guidance, the VAE named in the shard metadata, loaded on first use). Each prompt is sampled at the size of its
+    sample's bucket, stated in prompts.txt."""
 
     def __init__(
         self,
@@ -50,7 +53,15 @@ class Previewer:
             for r in refs
         ]
         self.empty = {schema.text_array_name(n): empty[schema.text_array_name(n)] for n in stream.spec.text_fields}
-        self.shape = tuple(stream.latent_shape)
+        shapes = {tuple(b.shape) for b in stream.plan.buckets}
+
+        def bucket_of(ref) -> tuple[int, ...]:  # the sample's own bucket, else (merged, dropped) the main one
+            shape = tuple(ref.shape[1:]) if config.stage == "t2i" and len(ref.shape) == 4 else tuple(ref.shape)
+            if config.stage == "t2v" and len(shape) == 3:  # a still: the clip bucket of its size with most frames
+                shape = max((s for s in shapes if s[1:] == shape), default=shape)
+            return shape if shape in shapes else tuple(stream.latent_shape)
+
+        self.shapes = [bucket_of(r) for r in refs]
         self.record, self.config, self.folder, self.objective = record, config, run_dir / "previews", objective
         # padded as sampling pads: to the encoders' recorded lengths (or the longest text, where none is recorded)
         self.text_lengths = {
@@ -81,19 +92,30 @@ class Previewer:
         """Sample the fixed prompts from their fixed seeds and write them (a contact sheet; videos also as a GIF)."""
 
         pipe = self.sampling_pipeline(model)
-        frames = self.shape[0] if len(self.shape) == 4 else 1
-        height, width = (side * pipe.vae.downsample for side in self.shape[-2:])
-        generation = Generation(
-            steps=self.config.preview_steps,
-            scheduler=None,
-            cfg_scale=self.config.preview_cfg,
-            mfg_scale=default_mfg_scale(frames),
-            frames=frames,
-            height=height,
-            width=width,
-        )
-        seeds = [sample_seed(self.config.seed, k) for k in range(len(self.arrays))]
-        generated = pipe.generate_encoded(self.arrays, seeds, generation)
+        outputs: list = [None] * len(self.arrays)
+        sizes = []
+        for shape in sorted(set(self.shapes)):  # one batch per size
+            which = [k for k, s in enumerate(self.shapes) if s == shape]
+            frames = shape[0] if len(shape) == 4 else 1
+            height, width = (side * pipe.vae.downsample for side in shape[-2:])
+            generation = Generation(
+                steps=self.config.preview_steps,
+                scheduler=None,
+                cfg_scale=self.config.preview_cfg,
+                mfg_scale=default_mfg_scale(frames),
+                frames=frames,
+                height=height,
+                width=width,
+            )
+            seeds = [sample_seed(self.config.seed, k) for k in which]
+            generated = pipe.generate_encoded([self.arrays[k] for k in which], seeds, generation)
+            for k, pixels in zip(which, generated.frames):
+                outputs[k] = pixels
+            sizes += [(k, f"{width}x{height}" + (f", {frames} frames" if frames > 1 else "")) for k in which]
+        size_of = dict(sizes)
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / "prompts.txt", "".join(f"{k}: {c}\n" for k, c in enumerate(self.captions)))
-        return write_sheet(self.folder / ckpt.step_dir_name(step), generated.frames, fps=self.record.fps)
+        atomic_write_text(
+            self.folder / "prompts.txt", "".join(f"{k} ({size_of[k]}): {c}\n" for k, c in enumerate(self.captions))
+        )
+        samples = np.stack(outputs) if len(set(self.shapes)) == 1 else outputs
+        return write_sheet(self.folder / ckpt.step_dir_name(step), samples, fps=self.record.fps)

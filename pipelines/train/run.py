@@ -80,9 +80,9 @@ class Run:
     evaluator: TrainingEvaluator | None = None  # --eval-every (rank 0)
     board: TensorBoardLog | None = None  # --log-to tensorboard (rank 0)
 
-    def forward_backward(self, batches) -> tuple[float, float, float]:
+    def forward_backward(self, batches) -> tuple[float, float, float, int]:
         """One step's gradients over `grad_accum` micro-batches: (mean loss over ranks, grad norm, motion-free
-        share)."""
+        share, the step's samples over all ranks: its bucket's batch)."""
         cfg, d = self.config, self.d
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not cfg.fsdp else nullcontext()
@@ -110,7 +110,7 @@ class Run:
             total += loss.detach() / cfg.grad_accum
         # max_grad_norm 0 trains without clipping (the norm is still measured and logged)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-        return float(all_mean(total, d)), float(full_tensor(grad_norm)), motion_free_share
+        return float(all_mean(total, d)), float(full_tensor(grad_norm)), motion_free_share, int(batch["step_batch"])
 
     def _note_failures(self, failures: list[dict]) -> None:
         known = {(f["shard"], f["key"], f["field"]) for f in self.load_failures}
@@ -249,7 +249,8 @@ class Run:
             if self.board is not None:
                 self.board.flush()
 
-    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float) -> None:
+    def log(self, loss: float, grad_norm: float, motion_free: float, seconds: float, samples: int) -> None:
+        """`samples`: the step's batch over all ranks (its bucket's)."""
         if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step in (1, self.config.steps)):
             self.metrics.write(
                 {
@@ -257,7 +258,7 @@ class Run:
                     "loss": loss,
                     "lr": lr_at(self.step - 1, self.config),
                     "grad_norm": grad_norm,
-                    "samples_per_s": self.config.global_batch / seconds,
+                    "samples_per_s": samples / seconds,
                     "seconds": seconds,
                     "memory_mb": peak_memory_mb(self.d),
                     "motion_free": motion_free,
@@ -273,6 +274,6 @@ class Run:
                         "train/loss": loss,
                         "train/lr": lr_at(self.step - 1, self.config),
                         "train/grad_norm": grad_norm,
-                        "train/samples_per_s": self.config.global_batch / seconds,
+                        "train/samples_per_s": samples / seconds,
                     },
                 )

@@ -229,7 +229,8 @@ def _previews(run_dir: Path) -> str:
     prompts = folder / "prompts.txt"
     if prompts.is_file():
         lines = prompts.read_text(encoding="utf-8", errors="replace").splitlines()
-        out.append("<ol start=0>" + "".join(f"<li>{escape(line.split(': ', 1)[-1])}</li>" for line in lines) + "</ol>")
+        # "k (W x H[, T frames]): caption": the size each prompt was sampled at, then the caption
+        out.append("<ol start=0>" + "".join(f"<li>{escape(line.split(' ', 1)[-1])}</li>" for line in lines) + "</ol>")
     return "\n".join(out)
 
 
@@ -239,7 +240,7 @@ def _data(run_dir: Path) -> str:
         return ""
     rows = []
     for kind, s in stats.items():
-        if not isinstance(s, dict):
+        if not isinstance(s, dict) or kind == "buckets":
             continue
         reasons = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("skipped_by_reason") or {}).items()) or "-"
         unreadable = ", ".join(f"{escape(r)}: {n}" for r, n in (s.get("unreadable_by_reason") or {}).items()) or "-"
@@ -269,6 +270,25 @@ def _data(run_dir: Path) -> str:
             rows,
         )
         + f"<p>every skipped sample with its shard, key and reason: {link(run_dir, run_dir / 'data_stats.json')}</p>"
+        + _buckets(stats.get("buckets"))
+    )
+
+
+def _buckets(table) -> str:
+    """The bucket table (pipelines/data/bucket_plan.py): what each batch shape holds, and what was merged or
+    dropped."""
+    if not isinstance(table, dict) or not table.get("buckets"):
+        return ""
+    from pipelines.data.bucket_plan import TABLE_COLUMNS, table_rows
+
+    rows, notes = table_rows(table)
+    cells = [[_cell(v, True) if i >= 2 else _cell(escape(v)) for i, v in enumerate(row)] for row in rows]
+    return (
+        f"\n<h3>Buckets ({escape(table['bucket_batch'])} batches, global batch {table['global_batch']})</h3>\n"
+        "<p>one latent shape per batch; sizes width x height, tokens per step, share of steps "
+        "(<code>gentron buckets</code> prints the same table)</p>\n"
+        + _table(list(TABLE_COLUMNS), cells)
+        + ("<ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>" if notes else "")
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from pipelines.data import schema
+from pipelines.data.bucket_plan import BucketPlan, table_markdown
 from pipelines.data.loader import (
     Source,
     StreamSpec,
@@ -23,7 +24,7 @@ from pipelines.data.loader import (
     index_source,
     load_empty_caption,
     make_loader,
-    training_latent_shape,
+    stream_plan,
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
@@ -90,26 +91,35 @@ RESUMABLE_CHANGES = {
 
 @dataclass
 class TrainingData:
-    """The indexed training data: image and/or clip shards, the empty caption, and the latent shape of a sample."""
+    """The indexed training data: image and/or clip shards, the empty caption, their buckets (one latent shape per
+    batch; pipelines/data/bucket_plan.py) and the latent shape of the reference bucket (the one with the most samples:
+    the model's default size, and what the noise shift is computed for)."""
 
     images: Source | None
     videos: Source | None
     empty: dict[str, np.ndarray]  # the empty caption's text arrays
     empty_path: Path
-    latent_shape: tuple[int, ...]  # (C, h, w) for T2I, (T, C, h, w) for T2V
+    spec: StreamSpec  # the stream's settings (text fields added once the model is known)
+    plan: BucketPlan
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, h, w) for T2I, (T, C, h, w) for T2V: the reference bucket's."""
+        return tuple(self.plan.reference.shape)
 
     @property
     def sources(self) -> list[Source]:
         return [s for s in (self.images, self.videos) if s is not None]
 
 
-def load_data(config: TrainConfig, reporter: Reporter) -> TrainingData:
+def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> TrainingData:
+    """Index the shards and group their samples into buckets (`world`: processes, which split every batch)."""
     images = index_source(config.image_data, "image", reporter) if config.image_data else None
     videos = index_source(config.video_data, "video", reporter) if config.video_data else None
-    if images is not None and videos is not None and tuple(videos.latent_shape[1:]) != tuple(images.latent_shape):
+    if images is not None and videos is not None and videos.latent_shape[1] != images.latent_shape[0]:
         raise GentronError(
-            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} differ in size",
-            "encode images and clips with the same VAE and resolution",
+            f"image latents {images.latent_shape} and clip latents {videos.latent_shape} have different channels",
+            "encode images and clips with the same VAE",
         )
     if config.stage == "t2v" and videos is None:
         reporter.log(
@@ -117,8 +127,33 @@ def load_data(config: TrainConfig, reporter: Reporter) -> TrainingData:
             "motion cannot be learnt from stills; pass --video-data (clips from `gentron encode-text`) to learn it"
         )
     empty, empty_path = load_empty_caption([s.folder for s in (images, videos) if s is not None])
-    shape = training_latent_shape(config.stage, config.frames, images, videos)
-    return TrainingData(images, videos, empty, empty_path, shape)
+    spec = StreamSpec(
+        stage=config.stage,
+        seed=config.seed,
+        global_batch=config.global_batch,
+        grad_accum=config.grad_accum,
+        bucket_batch=config.bucket_batch,
+        p_motion_free=config.p_motion_free,
+        text_dropout=config.text_dropout,
+        flip=config.flip,
+        buffer_size=config.shuffle_buffer,
+        frames=config.frames,
+        condition=config.condition_spec(),
+    )
+    return TrainingData(images, videos, empty, empty_path, spec, stream_plan(spec, images, videos, world))
+
+
+def bucket_summary(table: dict) -> str:
+    """One log line per bucket, merge and drop (the table itself goes to data_stats.json, the run page and
+    TensorBoard)."""
+    from pipelines.data.bucket_plan import table_rows
+
+    rows, notes = table_rows(table)
+    lines = [f"{len(rows)} buckets ({table['bucket_batch']} batches; `gentron buckets` shows the same table):"]
+    lines += [
+        f"  {r[0]} latents, {r[2]} frames: {r[3]} images, {r[4]} clips, batch {r[5]}, {r[7]} of the steps" for r in rows
+    ]
+    return "\n".join(lines + [f"  {n}" for n in notes])
 
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
@@ -161,8 +196,18 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
             f"the data's latents have {channels} channels but the model takes {cfg['in_channels']}",
             "use data encoded with the model's VAE",
         )
-    check_patchable(height, width, cfg["patch_size"])
+    check_patchable(height, width, cfg["patch_size"])  # the reference bucket: the model's size
     return model, cfg
+
+
+def with_patch_size(data: TrainingData, patch_size: int, world: int, reporter: Reporter) -> TrainingData:
+    """The data's buckets once the model's patch size is known: sizes that do not split into its patches are merged
+    into a bucket that fits inside them or dropped (as "not_patchable"), and the table states tokens."""
+    spec = replace(data.spec, patch_size=patch_size)
+    plan = stream_plan(spec, data.images, data.videos, world)
+    if len(plan.buckets) > 1 or plan.table["merged"] or plan.table["dropped"]:
+        reporter.log(bucket_summary(plan.table))
+    return replace(data, spec=spec, plan=plan)
 
 
 def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) -> GenTronTransformer:
@@ -225,14 +270,24 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
     return replace(config, **changes) if changes else config
 
 
-def check_condition_frames(config: TrainConfig, latent_shape: tuple[int, ...]) -> None:
-    """--condition-frames needs clips of enough latent frames that some are left to generate."""
+def check_condition_frames(config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter) -> None:
+    """--condition-frames needs clips of enough latent frames that some are left to generate: refused when no bucket
+    (latent shape (T, C, h, w)) has them, announced when some buckets are too short (their samples train T2V)."""
     spec = config.condition_spec()
-    if spec is not None and latent_shape[0] < spec.min_frames():
+    if spec is None:
+        return
+    short = [shape for shape in shapes if shape[0] < spec.min_frames()]
+    if len(short) == len(shapes):
         raise GentronError(
             f"--condition-frames {spec.frames} gives {spec.min_frames() - 1} latent frame(s), but the training clips "
-            f"have {latent_shape[0]}: nothing would be left to generate",
+            f"have {max(shape[0] for shape in shapes)}: nothing would be left to generate",
             f"train on clips of at least {spec.min_frames()} latent frames",
+        )
+    if short:
+        reporter.log(
+            f"note: --condition-frames {spec.frames}: the buckets of latent shape "
+            f"{', '.join(str(tuple(shape)) for shape in short)} have fewer than {spec.min_frames()} latent frames, "
+            "so their samples are given no frames (they train text-to-video)"
         )
 
 
@@ -271,10 +326,11 @@ def restore_checkpoint(path: Path, model, optimizer, ema: EMA, folder: Path, rep
 
 
 def pipeline_record(
-    config: TrainConfig, model_cfg: dict, meta: dict, latent_shape, objective: Objective
+    config: TrainConfig, model_cfg: dict, meta: dict, latent_shape, objective: Objective, buckets=None
 ) -> PipelineRecord:
     """What sampling needs besides the weights: objective, VAE, text encoders, data geometry (from the metadata `meta`
-    of the training data's first shard: the clips' when there are clips)."""
+    of the training data's first shard: the clips' when there are clips). `latent_shape`: the default size (the main
+    bucket's); `buckets`: every bucket's latent shape when there were several."""
     latent_meta = meta.get("latent", {}) if isinstance(meta.get("latent"), dict) else {}
     text_meta = meta.get("text", {}) if isinstance(meta.get("text"), dict) else {}
     prep_meta = meta.get("prep", {}) if isinstance(meta.get("prep"), dict) else {}
@@ -299,6 +355,7 @@ def pipeline_record(
             frames=int(latent_shape[0]) if config.stage == "t2v" else 1,
             resolution=resolution,
             fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
+            buckets=tuple(tuple(shape) for shape in buckets) if buckets and len(buckets) > 1 else None,
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
         conditioning=None
@@ -335,11 +392,12 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         raise GentronError(
             f"--resume: no checkpoint in {folder / ckpt.CHECKPOINTS}", "drop --resume to start a new run there"
         )
-    data = load_data(config, reporter)
-    check_condition_frames(config, data.latent_shape)
+    data = load_data(config, reporter, d.world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
+    data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
+    check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
         check_resume(folder, config)
@@ -349,15 +407,23 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     )
     ema = EMA(model, config.ema_decay)
     counters = restore_checkpoint(previous, model, optimizer, ema, folder, reporter) if previous is not None else {}
-    stream = open_stream(config, data, model_cfg, d, counters.get("samples_seen", 0))
+    if previous is not None:
+        check_resumed_buckets(folder, data.plan)
+    stream = open_stream(config, data, model_cfg, d, counters.get("step", 0))
     primary = data.videos if data.videos is not None else data.images
-    record = pipeline_record(config, model_cfg, primary.metadata, stream.latent_shape, objective)
+    record = pipeline_record(
+        config, model_cfg, primary.metadata, stream.latent_shape, objective, [b.shape for b in data.plan.buckets]
+    )
     load_failures = earlier_load_failures(folder) if previous is not None else []
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "config.json", asdict(config))
-        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures))
+        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
     main, step = d.main, counters.get("step", 0)
+    board = None
+    if main and config.log_to == "tensorboard":
+        board = TensorBoardLog(folder / "tensorboard", resume_step=step)
+        board.text("data/buckets", table_markdown(data.plan.table), step)
     return Run(
         config=config,
         d=d,
@@ -375,46 +441,53 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         if main and config.preview_every > 0
         else None,
         metrics=MetricsLog(folder / "metrics.jsonl", resume_step=step) if main else None,
-        skipped_samples=sum(s["skipped"] for s in data_stats(data.sources).values()),
+        skipped_samples=sum(len(s.failures) for s in data.sources),
         sources=data.sources,
         load_failures=load_failures,
         **counters,
         evaluator=TrainingEvaluator(config, folder, record, d.device, reporter, d.rank, d.world)
         if config.eval_every
         else None,
-        board=TensorBoardLog(folder / "tensorboard", resume_step=step)
-        if main and config.log_to == "tensorboard"
-        else None,
+        board=board,
     )
 
 
-def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dist, samples_seen: int) -> TrainStream:
-    """This rank's training stream, continuing after `samples_seen` samples (exact resume)."""
-    if config.global_batch % (config.grad_accum * d.world):
-        raise GentronError(
-            f"global batch {config.global_batch} is not divisible by gradient accumulation {config.grad_accum} x "
-            f"{d.world} processes",
-            "choose a global batch that is a multiple of grad_accum x world size",
-        )
-    spec = StreamSpec(
-        stage=config.stage,
-        seed=config.seed,
-        micro_batch=config.global_batch // (config.grad_accum * d.world),
-        p_motion_free=config.p_motion_free,
-        text_dropout=config.text_dropout,
-        flip=config.flip,
-        buffer_size=config.shuffle_buffer,
-        frames=config.frames,
-        text_fields=text_fields_for(model_cfg, data.sources),
-        condition=config.condition_spec(),
-    )
+def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dist, step: int) -> TrainStream:
+    """This rank's training stream, continuing at step `step` (exact resume)."""
+    spec = replace(data.spec, flip=config.flip, text_fields=text_fields_for(model_cfg, data.sources))
     return TrainStream(
         spec,
         data.images,
         data.videos,
         data.empty,
-        samples_seen,
+        step,
         rank=d.rank,
         world_size=d.world,
         collate_text=TextCondition.collate,
+        plan=data.plan,
+    )
+
+
+def check_resumed_buckets(folder: Path, plan: BucketPlan) -> None:
+    """A resumed run must draw the buckets and batch sizes it drew before (token-scaled batches are rounded to
+    gradient accumulation x processes, so changing those changes them)."""
+    try:
+        before = read_json(folder / "data_stats.json", "data statistics", "").get("buckets")
+    except GentronError:
+        return  # none, or damaged: nothing recorded to compare with
+    if not isinstance(before, dict):
+        return  # a run of before buckets: one bucket of the global batch, as now when the data is one shape
+    was = {tuple(r["shape"]): r["batch"] for r in before.get("buckets", [])}
+    now = {tuple(r["shape"]): r["batch"] for r in plan.table["buckets"]}
+    if was != now:
+        raise GentronError(
+            f"{folder} was trained with buckets {_bucket_list(was)}, this run would draw {_bucket_list(now)}",
+            "resume with the data, --global-batch, --grad-accum and number of processes of that run, or pass another "
+            "--out",
+        )
+
+
+def _bucket_list(batches: dict) -> str:
+    return ", ".join(
+        f"{s[-1]}x{s[-2]}" + (f"x{s[0]}f" if len(s) == 4 else "") + f" (batch {b})" for s, b in batches.items()
     )

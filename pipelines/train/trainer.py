@@ -76,12 +76,10 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter, stop: StopRequest) 
                 run.evaluate(reporter)
                 run.after_checkpoint()
             while run.step < config.steps:
-                loss, seconds = train_step(run, batches, reporter)
+                loss, seconds, samples = train_step(run, batches, reporter)
                 losses.append(loss)
                 checkpoint_step(run, reporter)
-                task.advance(
-                    1, loss=loss, samples_s=config.global_batch / seconds, milestone=run.step % config.log_every == 0
-                )
+                task.advance(1, loss=loss, samples_s=samples / seconds, milestone=run.step % config.log_every == 0)
                 if run.agree(stop.requested) and run.step < config.steps:
                     save_if_new(run, reporter, "SIGTERM")
                     raise Preempted(
@@ -98,12 +96,13 @@ def _train(config: TrainConfig, d: Dist, reporter: Reporter, stop: StopRequest) 
     return TrainResult(run.folder, run.step, losses, run.skipped_samples, run.skipped_steps)
 
 
-def train_step(run: Run, batches, reporter: Reporter) -> tuple[float, float]:
-    """One optimizer step (or a skipped one, with --on-nan skip): (loss, seconds)."""
+def train_step(run: Run, batches, reporter: Reporter) -> tuple[float, float, int]:
+    """One optimizer step (or a skipped one, with --on-nan skip): (loss, seconds, samples: the step's bucket's
+    batch)."""
     config, start = run.config, time.perf_counter()
-    loss, grad_norm, motion_free = run.forward_backward(batches)
+    loss, grad_norm, motion_free, samples = run.forward_backward(batches)
     run.report_new_failures(reporter)
-    run.samples_seen += config.global_batch
+    run.samples_seen += samples
     if math.isfinite(loss) and math.isfinite(grad_norm):
         run.update()
     elif config.on_nan == "skip":
@@ -119,8 +118,8 @@ def train_step(run: Run, batches, reporter: Reporter) -> tuple[float, float]:
         )
     run.step += 1
     seconds = time.perf_counter() - start
-    run.log(loss, grad_norm, motion_free, seconds)
-    return loss, seconds
+    run.log(loss, grad_norm, motion_free, seconds, samples)
+    return loss, seconds, samples
 
 
 def checkpoint_step(run: Run, reporter: Reporter) -> None:

@@ -1,0 +1,218 @@
+"""The learning benchmark's mixed-aspect variant: the same toy task (benchmarks/bench_learning.py) with images at
+1:1, 2:1 and 1:2 and clips of two lengths, trained in buckets, sampled and probed at every aspect and length.
+
+Data: the benchmark's toy images drawn at 64x64, 96x48 and 48x96 in turn (shapes keep their proportions; places
+are relative to the frame), cut by prep-images and encode-latents to the buckets 32x32, 48x24 and 24x48 (the pixel
+VAE: the latents are the pixels; 64, 72 and 72 tokens at patch 4); the benchmark's 3 s videos at 32 px cut by
+prep-videos into clips of 8 and 4 frames at 4 FPS (each video position takes the longest that fits: an 8-frame
+clip, then a 4-frame one). Training is the benchmark's flow recipe and steps, on the buckets; the T2V stage's
+pseudo-videos take the clip buckets' frame counts. Every image prompt is sampled at each aspect, every video
+prompt at each length, and the toy probe reads each sample (colour, shape, place; colour, shape, direction, axis).
+
+The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (seen pairs) and
+"flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
+of `bench_learning.py --only flow` at the same steps and threads) each seen-pair attribute also gets
+"...minus_square" = this aspect's rate minus the square run's, with the goal >= -0.05 (within 5 points), and the
+training minutes of both runs are compared (same training time).
+
+    python benchmarks/bench_learning_aspects.py --threads 1 --out /tmp/aspects --square-result /tmp/sq/learning.json
+    python benchmarks/bench_learning_aspects.py --smoke     # every stage, tiny: a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_learning as base  # noqa: E402  (the square benchmark: data, recipe, probe, scoring, CLI runner)
+
+ASPECTS = {"1:1": (32, 32), "2:1": (48, 24), "1:2": (24, 48)}  # bucket (width, height) in pixels
+BUCKETS = ",".join(f"{w}x{h}" for w, h in ASPECTS.values())
+LENGTHS = (8, 4)  # clip lengths in frames, longest first
+DATA = replace(base.DATA, image_sizes=((64, 64), (96, 48), (48, 96)))
+SMOKE_DATA = replace(base.SMOKE_DATA, image_sizes=DATA.image_sizes, images_per_combo=3)
+CONFIG = "flow"  # the benchmark's recipe
+TOLERANCE = 0.05  # each attribute within 5 points of the square run's
+
+
+def make_data(out: Path, toy, threads: int) -> dict[str, Path]:
+    """Toy media -> bucketed prep -> latents -> text embeddings, once per OUT folder (reused while the settings
+    match)."""
+    data, logs = out / "data", out / "logs"
+    recipe = {"toy": asdict(toy), "buckets": BUCKETS, "lengths": LENGTHS, "frame_stride": base.FRAME_STRIDE}
+    done = data / "done.json"
+    encoded = {"images": data / "images", "videos": data / "videos"}
+    if done.is_file() and json.loads(done.read_text()) == json.loads(json.dumps(recipe)):
+        base.log(f"reusing the data in {data}")
+        return encoded
+    shutil.rmtree(data, ignore_errors=True)
+    raw = base.make_toy_dataset(data / "raw", toy)
+    import torch
+
+    from pipelines.model.tiny import build_tiny_encoders
+
+    torch.set_num_threads(threads)
+    encoders = build_tiny_encoders(data / "encoders", seed=0)
+    run = base.gentron
+    images = ["--size", base.SIZE, "--min-size", base.SIZE, "--format", "png", "--buckets", BUCKETS]
+    run(["prep-images", raw["images"], "--out", data / "images-prep", *images], logs / "prep-images.log", threads)
+    frames = ",".join(str(n) for n in LENGTHS)
+    videos = ["--short-side", base.SIZE, "--frames", frames, "--frame-stride", base.FRAME_STRIDE]
+    run(["prep-videos", raw["videos"], "--out", data / "videos-prep", *videos], logs / "prep-videos.log", threads)
+    for kind in ("images", "videos"):
+        latents = ["--vae", "pixel", "--resolution", base.SIZE, "--buckets", BUCKETS]
+        prep, out_latents = data / f"{kind}-prep", data / f"{kind}-latents"
+        run(["encode-latents", prep, "--out", out_latents, *latents], logs / f"encode-latents-{kind}.log", threads)
+        text = ["--clip", encoders["clip"], "--t5", encoders["t5"]]
+        run(["encode-text", out_latents, "--out", encoded[kind], *text], logs / f"encode-text-{kind}.log", threads)
+    for kind in ("images", "videos"):  # the buckets, as `gentron buckets` prints them, in the log
+        run(["buckets", encoded[kind], "--global-batch", 32, "--patch-size", 4], logs / f"buckets-{kind}.log", threads)
+    done.write_text(json.dumps(recipe))
+    return encoded
+
+
+def train(name: str, data: dict[str, Path], out: Path, args) -> dict[str, float]:
+    """T2I on the image buckets, then T2V from it on the clip buckets (stills take their frame counts)."""
+    runs, logs = out / "runs" / name, out / "logs" / name
+    shutil.rmtree(runs, ignore_errors=True)
+    stage_flags = base.SMOKE_STAGE_FLAGS if args.smoke else base.STAGE_FLAGS
+    shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON)]
+    shared += [*shlex.split(base.CONFIGS[name]), "--bucket-batch", args.bucket_batch]
+    minutes = {}
+    t2i = ["train", "--stage", "t2i", "--out", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps]
+    minutes["t2i"] = base.gentron([*t2i, *shared, *shlex.split(stage_flags["t2i"])], logs / "t2i.log", args.threads)
+    t2v = ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", runs / "t2i" / "model"]
+    t2v += ["--video-data", data["videos"], "--image-data", data["images"], "--steps", args.t2v_steps]
+    minutes["t2v"] = base.gentron([*t2v, *shared, *shlex.split(stage_flags["t2v"])], logs / "t2v.log", args.threads)
+    return {stage: seconds / 60 for stage, seconds in minutes.items()}
+
+
+def sample_and_score(name: str, out: Path, args) -> dict[str, dict]:
+    """Every image prompt at each aspect, every video prompt at each length: {"t2i.2:1": groups, "t2v.4f": ...}."""
+    runs, samples, logs = out / "runs" / name, out / "samples" / name, out / "logs" / name
+    shutil.rmtree(samples, ignore_errors=True)
+    jobs = [("t2i", f"t2i.{aspect}", ["--width", w, "--height", h]) for aspect, (w, h) in ASPECTS.items()]
+    jobs += [("t2v", f"t2v.{n}f", ["--frames", n, "--mfg", args.mfg]) for n in LENGTHS]
+    scores = {}
+    for stage, key, size in jobs:
+        prompts = base.image_prompts() if stage == "t2i" else base.video_prompts()
+        prompts_file = samples / f"{stage}-prompts.txt"
+        prompts_file.parent.mkdir(parents=True, exist_ok=True)
+        prompts_file.write_text("\n".join(prompts) + "\n")
+        folder = samples / key
+        command = ["sample", "--model", runs / stage, "--prompts", prompts_file, "--out", folder, *size]
+        command += ["--steps", args.sample_steps, "--cfg", args.cfg, "--seed", 0, "--batch-size", 16, "--grid"]
+        base.gentron(command, logs / f"sample-{key}.log", args.threads)
+        read = base.read_samples(folder)
+        if len(read) != len(prompts):
+            raise SystemExit(f"{folder}: {len(read)} samples for {len(prompts)} prompts")
+        scores[key] = base.tally([(prompt, base.probe(prompt, pixels)) for prompt, pixels in read])
+    return scores
+
+
+def ratios_of(name: str, scores: dict[str, dict]) -> dict[str, float]:
+    out = {}
+    for key, groups in scores.items():
+        stage, where = key.split(".", 1)
+        attributes = base.IMAGE_ATTRIBUTES if stage == "t2i" else base.VIDEO_ATTRIBUTES
+        for group_name, group in groups.items():
+            if group.total:
+                prefix = f"{name}.{key}." + ("" if group_name == "seen" else "held_out.")
+                out.update({prefix + a: round(group.rate(a), 4) for a in attributes})
+    return out
+
+
+def against_square(ratios: dict[str, float], square: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """Per aspect and length, each seen-pair attribute minus the square run's, with the goal >= -TOLERANCE."""
+    differences, goals = {}, {}
+    for key, value in ratios.items():
+        name, stage, where, *rest = key.split(".")
+        if rest[0] == "held_out":
+            continue
+        reference = square["ratios"].get(f"{name}.{stage}.{rest[0]}")
+        if reference is not None:
+            differences[f"{key}.minus_square"] = round(value - reference, 4)
+            goals[f"{key}.minus_square"] = f">= {-TOLERANCE}"
+    return differences, goals
+
+
+def table(scores: dict[str, dict]) -> str:
+    columns = ("color", "shape", "place", "direction", "axis")
+    lines = [f"   {'':30}" + "".join(f"{c:>11}" for c in columns)]
+    for key, groups in scores.items():
+        attributes = base.IMAGE_ATTRIBUTES if key.startswith("t2i") else base.VIDEO_ATTRIBUTES
+        for group_name, group in groups.items():
+            row = f"{key}, {group_name.replace('_', '-')} ({group.total})"
+            cells = "".join(f"{group.rate(c):>11.2f}" if c in attributes else f"{'-':>11}" for c in columns)
+            lines.append(f"   {row:30}{cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument("--t2i-steps", type=int, default=2600)
+    parser.add_argument("--t2v-steps", type=int, default=250)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--mfg", type=float, default=1.2)
+    parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
+    parser.add_argument("--square-result", type=Path, help="learning.json of bench_learning.py --only flow")
+    parser.add_argument("--out", type=Path, help="work folder (default: a new temporary one); its data is reused")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps and sampling")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    if args.smoke:
+        args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
+    square = json.loads(args.square_result.read_text()) if args.square_result else None
+    out = args.out or Path(tempfile.mkdtemp(prefix="gentron-learning-aspects-"))
+    out.mkdir(parents=True, exist_ok=True)
+    base.log(f"mixed-aspect learning benchmark in {out}; {args.threads} thread(s)")
+    start = time.perf_counter()
+    data = make_data(out, SMOKE_DATA if args.smoke else DATA, args.threads)
+    figures = {"data_minutes": round((time.perf_counter() - start) / 60, 2)}
+    minutes = train(CONFIG, data, out, args)
+    scores = sample_and_score(CONFIG, out, args)
+    figures |= {f"{CONFIG}.{stage}_minutes": round(m, 2) for stage, m in minutes.items()}
+    ratios = ratios_of(CONFIG, scores)
+    goals = {}
+    if square is not None:
+        differences, goals = against_square(ratios, square)
+        ratios |= differences
+        for stage in ("t2i", "t2v"):
+            theirs = square["figures"].get(f"{CONFIG}.{stage}_minutes")
+            if theirs:
+                ratios[f"{CONFIG}.{stage}_minutes_over_square"] = round(minutes[stage] / theirs, 4)
+    print(f"== {CONFIG} on buckets {BUCKETS}, clips of {LENGTHS} frames ({args.bucket_batch} batches)")
+    print(f"   training: T2I {minutes['t2i']:.2f} min, T2V {minutes['t2v']:.2f} min")
+    print(table(scores), flush=True)
+    figures["total_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    met = {key: ratios.get(key) is not None and ratios[key] >= -TOLERANCE for key in goals}
+    result = {
+        "benchmark": "learning_aspects",
+        "ratios": ratios,
+        "goals": goals,
+        "met": met,
+        "figures": figures,
+        "threads": args.threads,
+    }
+    (out / "learning.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
