@@ -95,6 +95,22 @@ def test_image_to_video_from_an_image_of_another_size_keeps_it_and_regenerates(i
     assert again.exit_code == 0 and "pixels identical" in again.output, again.output
 
 
+def test_an_image_is_cut_to_a_non_square_sample_size_as_prep_cuts_a_bucket(i2v_run, tmp_path):
+    image = picture(tmp_path / "first.png", 40, 24, seed=3)  # 24 wide, 40 tall
+    out = tmp_path / "wide"
+    options = ["--image", tmp_path / "first.png", "--width", 24, "--height", 16, "--steps", 2]
+    result = run_cli("--model", i2v_run, "--prompt", "a red fox", "--out", out, *options)
+    assert result.exit_code == 0, result.output
+    record = sidecar(out)
+    assert (record["settings"]["width"], record["settings"]["height"]) == (24, 16)
+    # covering 24 x 16 needs no resize (the width already fits): the center 16 rows, rows 12 .. 27
+    frames = strip_of(out, record)
+    assert frames.shape[1:] == (16, 24, 3)
+    np.testing.assert_array_equal(frames[0], image[12:28])
+    again = run_cli("--from-sidecar", sorted(out.glob("0000_*.json"))[0], "--out", tmp_path / "again")
+    assert again.exit_code == 0 and "pixels identical" in again.output, again.output
+
+
 def test_continuation_keeps_the_last_k_frames_of_a_video(i2v_run, tmp_path):
     rng = np.random.default_rng(1)
     clip = np.repeat(rng.integers(0, 255, size=(6, 1, 1, 3), dtype=np.uint8), 20, axis=1).repeat(20, axis=2)

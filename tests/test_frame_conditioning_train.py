@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import base, losses
 from tiny import TINY_SPEC as TINY
-from train_data import write_dataset
+from train_data import write_buckets, write_dataset
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -24,11 +24,15 @@ from pipelines.data.loader import (
     load_empty_caption,
 )
 from pipelines.diffusion import make_objective
+from pipelines.errors import GentronError
 from pipelines.model.conditioning import FrameCondition, TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model_folder import ModelFolder
+from pipelines.progress import NullReporter
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import TrainConfig
 from pipelines.train.run import batch_frames, batch_text
+from pipelines.train.setup import check_condition_frames
 from pipelines.train.trainer import train
 
 runner = CliRunner()
@@ -122,6 +126,46 @@ def test_stills_and_one_frame_images_are_given_frames_only_when_frames_are_left(
     assert not given.any()
     given, _, _ = condition_draw(ConditionSpec(frames="first", p=1.0), 0, 0, 1)
     assert not given.any()
+
+
+def test_bucketed_batches_are_given_frames_at_their_own_bucket_and_short_buckets_none(tmp_path):
+    # clips of two buckets: 8x8 with 4 latent frames, 8x16 with 2 (too few for first-last: nothing left to generate)
+    videos = write_buckets(tmp_path / "vid", "video", [(8, 8, 8, 4), (8, 8, 16, 2)])
+    spec = ConditionSpec(frames="first-last", p=1.0)
+    stream = stream_of(None, videos, spec, batch=4)
+    seen = set()
+    for step in range(12):
+        batch = stream.make_batch(step)
+        x0, shown, loss_frames = batch["x0"], batch["condition_mask"], batch["loss_frames"]
+        frames = x0.shape[1]
+        seen.add(frames)
+        assert shown.shape == loss_frames.shape == x0.shape[:2] and batch["condition_latents"].shape == x0.shape
+        if frames == 4:  # every sample given its first and last latent frame, the loss on the two between
+            assert shown[:, [0, 3]].all() and not shown[:, 1:3].any()
+            assert torch.equal(loss_frames, ~shown)
+            assert torch.equal(batch["condition_latents"][:, [0, 3]], x0[:, [0, 3]])
+        else:  # a 2-frame bucket is given nothing and trains text-to-video on every frame
+            assert not shown.any() and loss_frames.all() and not batch["condition_latents"].any()
+    assert seen == {2, 4}
+
+
+def test_condition_frames_are_refused_when_no_bucket_has_frames_to_spare_and_announced_for_short_ones():
+    class Log(NullReporter):
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    config = TrainConfig(stage="t2v", condition_frames="first-last")
+    log = Log()
+    check_condition_frames(config, [(4, 3, 8, 8), (2, 3, 8, 16)], log)
+    assert len(log.lines) == 1 and "(2, 3, 8, 16)" in log.lines[0] and "given no frames" in log.lines[0]
+    check_condition_frames(config, [(4, 3, 8, 8)], log)
+    assert len(log.lines) == 1  # nothing to say when every bucket has frames to spare
+    with pytest.raises(GentronError, match="nothing would be left to generate"):
+        check_condition_frames(config, [(2, 3, 8, 8), (2, 3, 8, 16)], log)
+    check_condition_frames(TrainConfig(stage="t2v"), [(1, 3, 8, 8)], log)  # no conditioning: nothing to check
 
 
 # ----------------------------------------------------------------------------- training
