@@ -46,6 +46,7 @@ BENCHMARKS = {
     "sample": Benchmark("bench_sample.py"),  # batched CFG / MFG vs separate passes, T/2 and S/2 width, 1 and 2 threads
     "encode": Benchmark("bench_encode.py"),  # encode-latents / encode-text, share of time outside the model
     "train": Benchmark("bench_train.py"),  # activation checkpointing, loader vs training
+    "image_frames": Benchmark("bench_image_frames.py"),  # T2V step: images as one latent frame vs pseudo-videos
     "buckets": Benchmark("bench_buckets.py"),  # a bucketed training step vs a fixed-size one, per token
     "gpu_check": Benchmark("gpu_check.py", quick=()),  # skipped without a CUDA GPU; about 6 minutes with one
 }

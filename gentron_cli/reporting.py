@@ -7,7 +7,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
@@ -177,32 +176,3 @@ def run_command(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Finished work is kept; run the same command again to continue.")
         sys.exit(130)
-
-
-def deprecated(old: str, new: str) -> None:
-    """Say once that option `old` is an old spelling (it still works this release) and what replaces it."""
-    from rich.markup import escape
-
-    console.print(
-        f"[yellow]deprecated:[/] {escape(old)} will be removed in the next release; use {escape(new)}", highlight=False
-    )
-
-
-def output_folder(out: Path | None, positional: Path | None) -> Path:
-    """The output folder of a stage command: `--out OUT`, or the positional OUT of the last release (it still works
-    this release, with a deprecation message). Both, naming different folders, or neither: one message and exit 2."""
-    if positional is not None:
-        if out is not None and Path(out) != Path(positional):
-            _print_error(
-                GentronError(
-                    f"two output folders: {positional} (the deprecated second argument) and --out {out}",
-                    "give only --out OUT (the second argument is the old spelling of it)",
-                )
-            )
-            sys.exit(2)
-        deprecated(f"the output folder as second argument ({positional})", f"--out {positional} (or -o)")
-        return Path(positional)
-    if out is None:
-        _print_error(GentronError("no output folder given", "give it with --out OUT (or -o OUT)"))
-        sys.exit(2)
-    return Path(out)

@@ -2,6 +2,7 @@
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 PIXEL_VAE = "pixel"  # identity "VAE": pixels scaled to [-1, 1], for tiny runs
+PIXEL_VIDEO_VAE = "pixel-video"  # its video form: first frame alone, then every 4 frames packed into channels
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_T5 = "google/flan-t5-xxl"
 DEFAULT_T5_MAX_LENGTH = 120  # as PixArt-alpha

@@ -29,6 +29,7 @@ from pipelines.diffusion.objective import ObjectiveConfig
 from pipelines.errors import GentronError
 from pipelines.files import PICKLE_SUFFIXES, atomic_dir, atomic_write_json, file_sha256, read_json, storage_errors
 from pipelines.model.legacy import upgrade_pipeline_record
+from pipelines.model.vae import FrameRule
 
 EXPORTED_EMA, EXPORTED_RAW = "model", "model_raw"  # a run folder's exported models (EMA and raw weights)
 CONFIG_FILE = "config.json"
@@ -44,13 +45,26 @@ _RECORD_HINT = "export the model with `gentron train` (it writes pipeline.json, 
 
 @dataclass(frozen=True)
 class VAERecord:
-    """The VAE whose latents the model was trained on."""
+    """The VAE whose latents the model was trained on: what encode-latents recorded of it (pipelines/model/vae.py
+    `VAE.record`); records written before video VAEs hold the first five fields only (a per-frame SD-style VAE)."""
 
-    name: str  # hub name, folder or "pixel"
+    name: str  # hub name, folder, "pixel" or "pixel-video"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     channels: int | None = None  # latent channels
     downsample: int | None = None  # pixels per latent, per side
+    family: str | None = None  # sd, wan, cogvideox, hunyuanvideo, ltx, pixel, pixel-video
+    temporal_downsample: int = 1  # frames per latent frame after the first
+    frame_step: int | None = None  # clips of 1 + frame_step * k frames (None: temporal_downsample)
+    frame_rule: str | None = None  # "4k+1", "any"
+    causal: bool | None = None  # an image's latent equals the first latent frame of a clip starting with it
+    normalisation: dict | None = None  # {"formula", "shift", "scale"}: normalised = (z - shift) * scale per channel
+    decode_options: dict = field(default_factory=dict)  # what decoding passes besides the latents (LTX's timestep)
+
+    @property
+    def frames(self) -> FrameRule:
+        """The VAE's frame arithmetic (frames <-> latent frames), read without loading it."""
+        return FrameRule.from_record(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,10 @@ class DataRecord:
     """The training latents' geometry."""
 
     latent_shape: tuple[int, ...]  # (C, h, w) or (T, C, h, w): the default size (the bucket with the most samples)
-    frames: int  # 1 for a T2I model
+    frames: int  # pixel frames of a training clip (what its latent frames decode to); 1 for a T2I model
     resolution: int | None  # pixels of the training data's side, as the encode stage recorded it
     fps: float | None  # of the training clips
+    latent_frames: int | None = None  # T of latent_shape for T2V (records before video VAEs: equal to frames)
     # the latent shapes of every training bucket, when there were several (pipelines/data/bucket_plan.py); None: one
     buckets: tuple[tuple[int, ...], ...] | None = None
 
@@ -125,8 +140,11 @@ class PipelineRecord:
     def trained_sizes(self) -> list[tuple[int, int, int]]:
         """(frames, height, width) in pixels of every training bucket (one when the data had one size)."""
         shapes = self.data.buckets or (self.data.latent_shape,)
-        scale = int(self.vae.downsample or 1)
-        return [(int(s[0]) if len(s) == 4 else 1, int(s[-2]) * scale, int(s[-1]) * scale) for s in shapes]
+        scale, rule = int(self.vae.downsample or 1), self.vae.frames  # latent frames -> the frames they decode to
+        return [
+            (rule.decoded_frames(int(s[0])) if len(s) == 4 else 1, int(s[-2]) * scale, int(s[-1]) * scale)
+            for s in shapes
+        ]
 
     @property
     def fps(self) -> float:
@@ -161,6 +179,7 @@ class PipelineRecord:
                 frames=int(data["frames"]),
                 resolution=data.get("resolution"),
                 fps=data.get("fps"),
+                latent_frames=data.get("latent_frames"),
                 buckets=tuple(tuple(int(n) for n in s) for s in data["buckets"]) if data.get("buckets") else None,
             ),
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),

@@ -151,7 +151,7 @@ def test_run_all_knows_every_benchmark_but_the_learning_one():
 # --------------------------------------------------------------------------- each benchmark's smoke mode
 
 
-@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep", "buckets"])
+@pytest.mark.parametrize("name", ["model", "sample", "encode", "train", "prep", "image_frames", "buckets"])
 def test_benchmark_smoke_mode_ends_with_a_well_formed_json_line(name, capsys):
     module = _load(f"bench_{name}")
     threads = torch.get_num_threads()
@@ -168,6 +168,7 @@ def test_benchmark_smoke_mode_ends_with_a_well_formed_json_line(name, capsys):
         "model": {"t2i_ours_over_pixart.threads1": "<= 0.9", "t2v_ours_over_latte.threads1": "<= 0.7"},
         "sample": {"mfg_batched_over_separate.T/2.threads1": "<= 1.0"},
         "prep": {"prep_1_worker_over_raw_decode": ">= 0.5", "prep_2_workers_over_1": ">= 1.8"},
+        "encode": {"encode_latents_video_vae_over_bare_diffusers": ">= 0.9"},
         "buckets": {"bucketed_over_fixed_per_token": "<= 1.05"},
     }
     assert obj["goals"] == expected_goals.get(name, {})

@@ -228,9 +228,9 @@ def test_encode_latents_cuts_each_sample_to_its_bucket_one_size_per_vae_call(tmp
     class CountingVAE(PixelVAE):
         calls: list = []
 
-        def encode(self, frames):
-            self.calls.append(tuple(frames.shape))
-            return super().encode(frames)
+        def _encode_call(self, clips):  # (B, 1, H, W, 3): an image VAE sees frames alone
+            self.calls.append(tuple(clips.shape))
+            return super()._encode_call(clips)
 
     vae = CountingVAE()
     result = encode_latents(
@@ -241,7 +241,7 @@ def test_encode_latents_cuts_each_sample_to_its_bucket_one_size_per_vae_call(tmp
     )
     assert result.samples_out == 5 and result.failed == 0
     # one size per VAE call: neighbours of one size share a call, a new size starts the next, order kept
-    assert vae.calls == [(2, 16, 32, 3), (1, 32, 16, 3), (1, 24, 24, 3), (1, 32, 16, 3)]
+    assert vae.calls == [(2, 1, 16, 32, 3), (1, 1, 32, 16, 3), (1, 1, 24, 24, 3), (1, 1, 32, 16, 3)]
     out = _shard_samples(tmp_path / "out")
     assert list(out) == [f"s{k}" for k in range(5)]
     expected = {"s0": (32, 16), "s1": (32, 16), "s2": (16, 32), "s3": (24, 24), "s4": (16, 32)}

@@ -173,6 +173,28 @@ def test_encode_latents_tiny_vae_equals_direct_vae_calls(tmp_path, tiny_encoders
 # encode-text
 
 
+def test_a_relative_vae_folder_is_recorded_as_an_absolute_path(tmp_path, tiny_encoders, monkeypatch):
+    """Sampling reads the VAE from the record: a relative folder would name another folder from another working
+    folder."""
+    import shutil
+
+    shutil.copytree(tiny_encoders["vae"], tmp_path / "vaes" / "mine")
+    inp = _write_shards(tmp_path / "in", [[("i0", _sample("png", 0, h=16, w=16))]])
+    monkeypatch.chdir(tmp_path)
+    encode_latents(EncodeLatentsConfig(inp, tmp_path / "out", vae="vaes/mine", resolution=16, device="cpu"))
+    expected = str(tmp_path / "vaes" / "mine")
+    assert json.loads((tmp_path / "out" / "_encode_latents.json").read_text())["vae"] == expected
+    [(_key, fields)] = _read(tmp_path / "out")["000000.tar"]
+    assert json.loads(fields[schema.META])["latent"]["vae"] == expected
+    # the same relative folder given again resumes (one record, whatever the spelling)
+    assert (
+        encode_latents(
+            EncodeLatentsConfig(inp, tmp_path / "out", vae="./vaes/mine", resolution=16, device="cpu")
+        ).skipped
+        == 1
+    )
+
+
 def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, tiny_encoders):
     long_caption = " ".join(["photo"] * 120)  # over 77 CLIP tokens and 120 bytes
     captions = {

@@ -502,7 +502,7 @@ def test_evaluation_is_spread_over_ranks_and_equals_one_process(tmp_path, setup)
         output=str(tmp_path / "single"),
     )
     train(config)
-    mp.spawn(rank_main, args=(2, [free_port()], [replace(config, output=str(tmp_path / "ranks"))]), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, free_port(), [replace(config, output=str(tmp_path / "ranks"))]), nprocs=2, join=True)
     single, ranks = (eval_lines(tmp_path / run) for run in ("single", "ranks"))
     assert len(single) == len(ranks) == 1 and single[0]["eval"]["samples"] == ranks[0]["eval"]["samples"] == 4
     drop = {"seconds"}

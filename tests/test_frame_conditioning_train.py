@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_train import base, losses
+from test_train import losses
 from tiny import TINY_SPEC as TINY
-from train_data import write_buckets, write_dataset
+from train_data import train_config, write_buckets, write_dataset
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -173,8 +173,10 @@ def test_condition_frames_are_refused_when_no_bucket_has_frames_to_spare_and_ann
 
 def test_image_to_video_training_starts_at_the_t2v_model_and_learns(tmp_path, data):
     images, videos = data
-    t2v = train(base(tmp_path, images, output=str(tmp_path / "t2v"), stage="t2v", video_data=str(videos), steps=4))
-    cfg = base(
+    t2v = train(
+        train_config(tmp_path, images, output=str(tmp_path / "t2v"), stage="t2v", video_data=str(videos), steps=4)
+    )
+    cfg = train_config(
         tmp_path,
         images,
         output=str(tmp_path / "i2v"),
@@ -246,7 +248,7 @@ def test_interrupted_and_resumed_conditioned_run_equals_the_uninterrupted_one(tm
     from test_train import StopAt
 
     images, videos = data
-    cfg = base(
+    cfg = train_config(
         tmp_path,
         images,
         stage="t2v",
@@ -285,7 +287,7 @@ def test_interrupted_and_resumed_conditioned_run_equals_the_uninterrupted_one(tm
 def test_a_fresh_conditioned_model_trains_from_the_data_alone(tmp_path, data):
     images, videos = data
     run = train(
-        base(
+        train_config(
             tmp_path,
             images,
             stage="t2v",

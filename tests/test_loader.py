@@ -26,7 +26,9 @@ def data(tmp_path_factory):
     )
 
 
-def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5):
+def make_stream(
+    images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=0, rank=0, world=1, buffer=5, image_frames=None
+):
     """`micro`: samples per rank and step; `start`: the first step."""
     img = index_source(images, "image") if images else None
     vid = index_source(videos, "video") if videos else None
@@ -40,6 +42,7 @@ def make_stream(images, videos, stage="t2v", p=0.3, micro=4, dropout=0.0, start=
         buffer_size=buffer,
         frames=4,
         text_fields=TEXT,
+        **({"image_frames": image_frames} if image_frames else {}),
     )
     return TrainStream(
         spec, img, vid, empty, start_step=start, rank=rank, world_size=world, collate_text=TextCondition.collate
@@ -220,3 +223,55 @@ def test_t2i_mixes_images_and_single_frames_of_clips_by_their_counts(data):
         else:  # one of the clip's frames
             assert any(np.allclose(latent, pattern(k, shift=f).astype(np.float16)) for f in range(4))
     assert binomial_ok(from_images, n, 12 / 22), from_images
+
+
+def test_one_frame_images_fill_whole_steps_in_the_pseudo_video_order(data):
+    images, videos = data
+    one = _batches(make_stream(images, videos, p=0.3, micro=4, image_frames="one"), 200)
+    image_batches, image_latents = 0, []
+    for batch in one:
+        if batch["motion_free"].all():  # images only, each one latent frame under the motion-free mask
+            image_batches += 1
+            assert batch["x0"].shape == (4, 1, 3, 8, 8) and batch["pseudo_video"].all()
+            image_latents += list(batch["x0"][:, 0])
+        else:  # clips only, all moving
+            assert batch["x0"].shape == (4, 4, 3, 8, 8) and not batch["motion_free"].any()
+            assert not batch["pseudo_video"].any()
+    assert binomial_ok(image_batches, 200, 0.3), image_batches
+    # the images come in the order the pseudo-video stream reads them (positions are counts of earlier draws)
+    pseudo = make_stream(images, videos, p=0.3, micro=4)
+    firsts = [s["latent"][0] for s in (sample_at(pseudo, i) for i in range(300)) if s["pseudo_video"]]
+    assert len(firsts) > 30 and len(image_latents) > 30
+    for got, want in zip(image_latents, firsts):
+        assert torch.equal(got, torch.from_numpy(want))
+    resumed = _batches(make_stream(images, videos, p=0.3, micro=4, start=3, image_frames="one"), 2)
+    for key in ("index", "x0", "noise", "motion_free"):
+        assert torch.equal(resumed[0][key], one[3][key]) and torch.equal(resumed[1][key], one[4][key]), key
+
+
+def test_t2i_takes_the_first_latent_frame_of_clips_encoded_with_a_video_vae(tmp_path, data):
+    from train_data import sample_fields, write_empty_caption
+
+    from pipelines.data.shards import ShardWriter, shard_name
+
+    folder = tmp_path / "vid4x"
+    folder.mkdir()
+    with ShardWriter(folder / f"{shard_name(0)}.tar") as writer:
+        for i in range(4):
+            fields = sample_fields(i, "video", frames=3)
+            meta = schema.decode_json(fields[schema.META])
+            meta["latent"] |= {"family": "wan", "temporal_downsample": 4, "frame_step": 4}
+            writer.write(schema.make_key("video", i), fields | {schema.META: schema.encode_json(meta)})
+    write_empty_caption(folder)
+    stream = make_stream(None, folder, stage="t2i")
+    for i in range(40):
+        _, ref, _ = locate_at(stream, i)
+        k = int(ref.key.split("_")[1])
+        assert np.allclose(sample_at(stream, i)["latent"], pattern(k).astype(np.float16))  # frame 0 always
+    per_frame = make_stream(None, data[1], stage="t2i")  # an image VAE's clips: any frame
+    firsts = 0
+    for i in range(40):
+        _, ref, _ = locate_at(per_frame, i)
+        k = int(ref.key.split("_")[1])
+        firsts += np.allclose(sample_at(per_frame, i)["latent"], pattern(k).astype(np.float16))
+    assert firsts < 30

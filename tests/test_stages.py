@@ -1,5 +1,5 @@
 """The stage machinery every stage shares (pipelines/data/runner.py): the resume declarations, the options record,
-the one tar scanner as both its readers see a damaged shard, and the deprecated spellings of stage options."""
+the one tar scanner as both its readers see a damaged shard, and the stage commands' output folder option."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_an_option_missing_from_the_declaration_fails():
         WiderPrepImages("in", "out").output_options()
 
 
-def test_the_options_record_refuses_a_resume_with_other_options_and_upgrades_old_records(tmp_path):
+def test_the_options_record_refuses_a_resume_with_other_options(tmp_path):
     check_output_options(tmp_path / "out", {"size": 8}, "_x.json")
     check_output_options(tmp_path / "out", {"size": 8}, "_x.json")  # same options: resumes
     # nothing written yet (an earlier run stopped before its first shard): the new options are recorded
@@ -68,14 +68,12 @@ def test_the_options_record_refuses_a_resume_with_other_options_and_upgrades_old
     (tmp_path / "out" / "shard-000000.tar").write_bytes(b"")
     with pytest.raises(GentronError, match="different options .size."):
         check_output_options(tmp_path / "out", {"size": 8}, "_x.json")
-    # prep-videos folders recorded the quantiser scale as "quality"; today's record calls it qscale
-    (tmp_path / "v").mkdir()
-    config = prep_videos.PrepVideosConfig(tmp_path / "in", tmp_path / "v")
-    old = config.output_options()
-    old["quality"] = old.pop("qscale")
-    (tmp_path / "v" / prep_videos.OPTIONS_FILE).write_text(json.dumps(old))
-    check_output_options(tmp_path / "v", config.output_options(), prep_videos.OPTIONS_FILE, prep_videos._upgrade_record)
-    assert config.output_options()["qscale"] == 2  # --jpeg-quality 100 makes the clips --quality 2 made
+    # prep-videos records the quantiser scale its quality maps to, where the quality would be: what decides the bytes
+    record = prep_videos.PrepVideosConfig(tmp_path / "in", tmp_path / "v").output_options()
+    assert "quality" not in record and record["qscale"] == 2
+    assert list(record).index("qscale") == list(prep_videos.RESUME.must_match).index("quality")
+    assert prep_videos.PrepVideosConfig(tmp_path / "in", tmp_path / "v", quality=99).output_options() == record
+    assert prep_videos.PrepVideosConfig(tmp_path / "in", tmp_path / "v", quality=50).qscale == 17
 
 
 def _shard(path, n=3):
@@ -124,56 +122,6 @@ def _images(folder, n=2, side=40):
     return folder
 
 
-def test_old_option_spellings_of_prep_images_still_work_and_say_so(tmp_path):
-    src = _images(tmp_path / "in")
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        app,
-        [
-            "prep-images",
-            str(src),
-            str(out),
-            "--size",
-            "64",
-            "--quality",
-            "90",
-            "--upscale",
-            "--node-rank",
-            "0",
-            "--num-nodes",
-            "1",
-        ],
-        env={"COLUMNS": "200"},
-    )
-    assert result.exit_code == 0, result.output
-    for old, new in (
-        ("--quality", "--jpeg-quality"),
-        ("--upscale", "--min-size 0"),
-        ("--node-rank", "--rank"),
-        ("--num-nodes", "--world-size"),
-        ("second argument", f"--out {out}"),
-    ):
-        assert "deprecated:" in result.output and old in result.output and new in " ".join(result.output.split())
-    record = json.loads((out / prep_images.OPTIONS_FILE).read_text())
-    assert (record["quality"], record["min_size"]) == (90, 0)  # the 40 px images were kept, as --upscale did
-    assert json.loads((out / "_summary.json").read_text())["samples_out"] == 2
-
-
-def test_old_quality_of_prep_videos_is_the_quantiser_scale_with_a_deprecation(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(prep_videos, "prep_videos", lambda config, reporter: seen.append(config) or _NoResult())
-    runner = CliRunner()
-    result = runner.invoke(
-        app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--quality", "5"], env={"COLUMNS": "200"}
-    )
-    assert "deprecated:" in result.output and "--jpeg-quality" in result.output
-    assert seen[-1].effective_qscale == 5
-    runner.invoke(
-        app, ["prep-videos", str(tmp_path), "-o", str(tmp_path / "o"), "--jpeg-quality", "50"], env={"COLUMNS": "200"}
-    )
-    assert seen[-1].qscale is None and seen[-1].effective_qscale == 17  # 1..100, higher is better
-
-
 class _NoResult:
     summary = {
         "shards": 0,
@@ -220,7 +168,6 @@ def test_stage_commands_take_their_output_folder_as_out(command, stage_configs, 
     for flag in ("--out", "-o"):
         result = _invoke(command, tmp_path / "in", flag, tmp_path / flag)
         assert result.exit_code == 0, result.output
-        assert "deprecated" not in result.output
         assert Path(_output_of(stage_configs[-1])) == tmp_path / flag
     help_text = _invoke(command, "--help").text
     assert (
@@ -229,36 +176,11 @@ def test_stage_commands_take_their_output_folder_as_out(command, stage_configs, 
 
 
 @pytest.mark.parametrize("command", STAGE_COMMANDS)
-def test_the_positional_output_folder_still_works_and_says_so(command, stage_configs, tmp_path):
-    result = _invoke(command, tmp_path / "in", tmp_path / "old")
-    assert result.exit_code == 0, result.output
-    assert f"deprecated: the output folder as second argument ({tmp_path / 'old'}) will be removed" in result.text
-    assert f"use --out {tmp_path / 'old'}" in result.text
-    assert Path(_output_of(stage_configs[-1])) == tmp_path / "old"
-    same = _invoke(
-        command, tmp_path / "in", tmp_path / "old", "--out", tmp_path / "old"
-    )  # the same folder twice: no conflict
-    assert same.exit_code == 0 and "deprecated:" in same.output, same.output
-
-
-@pytest.mark.parametrize("command", STAGE_COMMANDS)
-def test_two_output_folders_or_none_are_refused_with_one_message(command, stage_configs, tmp_path):
-    both = _invoke(command, tmp_path / "in", tmp_path / "a", "--out", tmp_path / "b")
-    assert both.exit_code == 2 and isinstance(both.exception, SystemExit), both.output  # a clean exit, not an exception
-    assert (
-        f"error: two output folders: {tmp_path / 'a'} (the deprecated second argument) and --out {tmp_path / 'b'}"
-        in both.text
-    )
-    assert (
-        "fix: give only --out OUT" in both.text and "Traceback" not in both.output and "deprecated:" not in both.output
-    )
+def test_a_second_argument_or_no_out_is_refused_with_one_message(command, stage_configs, tmp_path):
+    extra = _invoke(command, tmp_path / "in", tmp_path / "a", "--out", tmp_path / "b")
+    assert extra.exit_code == 2 and "unexpected extra argument" in extra.text and "Traceback" not in extra.output
     neither = _invoke(command, tmp_path / "in")
-    assert neither.exit_code == 2 and isinstance(neither.exception, SystemExit), neither.output
-    assert (
-        "error: no output folder given" in neither.text
-        and "--out OUT" in neither.text
-        and "Traceback" not in neither.output
-    )
+    assert neither.exit_code == 2 and "Missing option '--out'" in neither.text and "Traceback" not in neither.output
     assert stage_configs == []  # nothing ran
 
 

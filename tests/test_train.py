@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tiny import TINY_SPEC
-from train_data import truncate, write_dataset
+from train_data import train_config, truncate, write_dataset
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -38,6 +38,7 @@ from pipelines.train.run import batch_text
 from pipelines.train.trainer import train
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "1000"}  # no path folded mid-word in the CLI's messages
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +47,6 @@ def data(tmp_path_factory):
     return write_dataset(root / "img", "image", samples=6, shards=2), write_dataset(
         root / "vid", "video", samples=6, shards=2
     )
-
-
-def base(tmp_path, images, **kw) -> TrainConfig:
-    defaults = dict(
-        output=str(tmp_path / "run"),
-        image_data=str(images),
-        model=TINY_SPEC,
-        steps=8,
-        global_batch=4,
-        lr=3e-3,
-        num_workers=0,
-        checkpoint_every=4,
-        log_every=1,
-        text_dropout=0.1,
-        ema_decay=0.9,
-    )
-    return TrainConfig(**(defaults | kw))
 
 
 def losses(run) -> dict[int, float]:
@@ -208,7 +192,9 @@ class StopAt(NullReporter):
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data):
     images, videos = data
-    cfg = base(tmp_path, images, stage="t2v", video_data=str(videos), steps=10, checkpoint_every=100, p_motion_free=0.5)
+    cfg = train_config(
+        tmp_path, images, stage="t2v", video_data=str(videos), steps=10, checkpoint_every=100, p_motion_free=0.5
+    )
     whole = train(replace(cfg, output=str(tmp_path / "whole")))
     with pytest.raises(KeyboardInterrupt):
         train(replace(cfg, output=str(tmp_path / "cut")), StopAt(4))
@@ -224,8 +210,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data
 
 def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     images, _ = data
-    t2i = train(base(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))
-    cfg = base(
+    t2i = train(train_config(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))
+    cfg = train_config(
         tmp_path,
         images,
         output=str(tmp_path / "t2v"),
@@ -273,7 +259,7 @@ def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
 def test_bad_data_is_skipped_and_counted_and_the_run_finishes(tmp_path):
     images = write_dataset(tmp_path / "bad", "image", samples=9, shards=3, bad={0: "wrong_shape", 4: "missing_field"})
     truncate(images / "000002.tar", 0.5)
-    result = train(base(tmp_path, images, steps=3))
+    result = train(train_config(tmp_path, images, steps=3))
     assert result.step == 3 and result.skipped_samples >= 3
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())["image"]
     assert stats["skipped_by_reason"]["wrong_latent_shape"] == 1 and stats["skipped_by_reason"]["missing_field"] == 1
@@ -285,7 +271,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact_or_is_skipped(tmp_path, 
     from pipelines.train.run import Run
 
     images = write_dataset(tmp_path / "data", "image", samples=16, shards=2)
-    cfg = base(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
+    cfg = train_config(tmp_path, images, steps=12, checkpoint_every=1, keep_checkpoints=2, text_dropout=0.0)
     nan_step = 5  # the loss of this step diverges (NaN data no longer can: such samples are skipped when read)
     forward_backward = Run.forward_backward
 
@@ -319,7 +305,9 @@ def test_a_nan_sample_is_skipped_and_named_while_the_rest_of_its_batch_trains(tm
 
     for on_nan in ("stop", "skip"):
         out = tmp_path / on_nan
-        result = train(base(tmp_path, images, output=str(out), steps=12, text_dropout=0.0, on_nan=on_nan), Log())
+        result = train(
+            train_config(tmp_path, images, output=str(out), steps=12, text_dropout=0.0, on_nan=on_nan), Log()
+        )
         assert result.step == 12 and result.skipped_steps == 0 and all(np.isfinite(result.losses))
         stats = json.loads((out / "data_stats.json").read_text())["image"]
         assert [(f["shard"], f["key"], f["field"], f["reason"]) for f in stats["unreadable"]] == [
@@ -434,7 +422,7 @@ def test_a_config_json_with_wrong_types_or_values_is_one_clear_message(tmp_path,
     """--config RUN/config.json is checked as the options are: types when read, values by the same check()."""
     images, _ = data
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(asdict(base(tmp_path, images)) | {field: value}))
+    config.write_text(json.dumps(asdict(train_config(tmp_path, images)) | {field: value}))
     result = runner.invoke(app, ["train", "--config", str(config)])
     said = " ".join(result.output.split())  # the console wraps long lines
     assert result.exit_code == 2, result.output
@@ -445,8 +433,8 @@ def test_max_grad_norm_zero_trains_without_clipping(tmp_path, data):
     """0 means no clipping (clip_grad_norm_ with 0 would zero every gradient): the same run with a norm far above the
     gradients' gives the same weights."""
     images, _ = data
-    unclipped = train(base(tmp_path / "a", images, steps=2, checkpoint_every=1, max_grad_norm=0.0))
-    loose = train(base(tmp_path / "b", images, steps=2, checkpoint_every=1, max_grad_norm=1e9))
+    unclipped = train(train_config(tmp_path / "a", images, steps=2, checkpoint_every=1, max_grad_norm=0.0))
+    loose = train(train_config(tmp_path / "b", images, steps=2, checkpoint_every=1, max_grad_norm=1e9))
     (first, a), (_, b) = (
         [ckpt.load_checkpoint(p)[0] for p in ckpt.list_checkpoints(r.run_dir)] for r in (unclipped, loose)
     )
@@ -463,7 +451,7 @@ def test_the_objective_is_recorded_with_the_model(tmp_path, data):
 
     images, _ = data
     result = train(
-        base(tmp_path, images, steps=2, objective="flow", timestep_sampling="logit-normal", noise_shift="auto")
+        train_config(tmp_path, images, steps=2, objective="flow", timestep_sampling="logit-normal", noise_shift="auto")
     )
     model = result.run_dir / "model"
     record = json.loads((model / "pipeline.json").read_text())["objective"]
@@ -479,16 +467,18 @@ def test_the_objective_is_recorded_with_the_model(tmp_path, data):
 
 def test_rerun_with_other_settings_is_refused(tmp_path, data):
     images, _ = data
-    train(base(tmp_path, images, steps=2, checkpoint_every=2))
+    train(train_config(tmp_path, images, steps=2, checkpoint_every=2))
     with pytest.raises(GentronError, match="other settings"):
-        train(base(tmp_path, images, steps=4, lr=1e-2))
-    assert train(base(tmp_path, images, steps=4)).step == 4  # more steps: continues
+        train(train_config(tmp_path, images, steps=4, lr=1e-2))
+    assert train(train_config(tmp_path, images, steps=4)).step == 4  # more steps: continues
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data):
     images, _ = data
-    plain = train(base(tmp_path, images, output=str(tmp_path / "plain"), steps=3))
-    recomputed = train(base(tmp_path, images, output=str(tmp_path / "gc"), steps=3, gradient_checkpointing=True))
+    plain = train(train_config(tmp_path, images, output=str(tmp_path / "plain"), steps=3))
+    recomputed = train(
+        train_config(tmp_path, images, output=str(tmp_path / "gc"), steps=3, gradient_checkpointing=True)
+    )
     np.testing.assert_allclose(recomputed.losses, plain.losses, rtol=1e-5)
 
 
@@ -517,7 +507,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143_then_the_rerun_continues_
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
     whole = train(
-        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=40, checkpoint_every=40)
+        train_config(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=40, checkpoint_every=40)
     )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 41))
@@ -528,7 +518,7 @@ def test_a_kill_during_the_final_export_is_repaired_by_the_rerun(tmp_path, data)
     """The last checkpoint is saved before model/ is exported: a kill between leaves model/ at an earlier step (or
     half a temporary folder). The rerun has nothing to train, exports the checkpoint's step again and cleans up."""
     images, _ = data
-    cfg = base(tmp_path, images, steps=4, checkpoint_every=2)
+    cfg = train_config(tmp_path, images, steps=4, checkpoint_every=2)
     train(cfg)
     run = Path(cfg.output)
     last = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
@@ -553,7 +543,7 @@ def test_config_json_from_another_folder_continues_the_same_run(tmp_path, data, 
     that run instead of starting a new one where the relative path would point."""
     images, _ = data
     monkeypatch.chdir(tmp_path)
-    train(base(tmp_path, images, output="relative-run", steps=2))
+    train(train_config(tmp_path, images, output="relative-run", steps=2))
     assert json.loads((tmp_path / "relative-run" / "config.json").read_text())["output"] == str(
         tmp_path / "relative-run"
     )
@@ -608,8 +598,111 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, data):
     result = runner.invoke(app, args)  # the same command: resumes
     assert result.exit_code == 0, result.output
     whole = train(
-        base(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=80, checkpoint_every=80)
+        train_config(tmp_path, images, output=str(tmp_path / "whole"), model=TINY_SPEC, steps=80, checkpoint_every=80)
     )
     logged = losses(run)
     assert sorted(logged) == list(range(1, 81))
     np.testing.assert_allclose([logged[s] for s in range(1, 81)], whole.losses, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- refused or announced settings
+
+
+class _Log(NullReporter):
+    """A reporter that keeps the stage's messages."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_resuming_onto_a_checkpoint_of_another_model_size_is_refused(tmp_path, tiny_run):
+    import shutil
+
+    from pipelines.train.trainer import train
+
+    images, run = tiny_run
+    shutil.copytree(run / "checkpoints", tmp_path / "run" / "checkpoints")  # a T/2 width-32 checkpoint
+    wider = '{"size": "T/2", "depth": 2, "hidden_size": 64, "mlp_dim": 64}'
+    with pytest.raises(GentronError) as err:
+        train(train_config(tmp_path, images, model=wider, steps=4, checkpoint_every=2))
+    assert "checkpoint" in err.value.message and "do not match the model config" in err.value.message
+
+
+def test_init_accepts_a_run_folder_and_records_the_model_trained(tmp_path, tiny_run):
+    from pipelines.train.trainer import train
+
+    images, run = tiny_run
+    result = train(train_config(tmp_path, images, steps=2, model=None, init=str(run)))
+    recorded = json.loads((result.run_dir / "config.json").read_text())
+    assert recorded["init"] == str((run / "model").resolve())
+    assert json.loads(recorded["model"])["hidden_size"] == 32 and json.loads(recorded["model"])["depth"] == 2
+
+
+def test_a_model_that_disagrees_with_the_init_model_is_refused(tmp_path, tiny_run):
+    images, run = tiny_run
+    args = [
+        "train",
+        "--image-data",
+        str(images),
+        "--init",
+        str(run),
+        "--model",
+        "XL/2",
+        "-o",
+        str(tmp_path / "r"),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+    ]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "disagrees with the --init model" in result.output and "depth 28" in result.output
+
+
+def test_flip_without_mirrored_latents_is_said_once_and_recorded_and_t2v_on_stills_warns(tmp_path, tiny_run):
+    from pipelines.train.trainer import train
+
+    images, _ = tiny_run
+    log = _Log()
+    result = train(train_config(tmp_path, images, steps=2, checkpoint_every=2, flip=True), log)
+    said = [m for m in log.lines if "--flip" in m]
+    assert len(said) == 1 and "encode-latents --flip" in said[0]
+    assert json.loads((result.run_dir / "config.json").read_text())["flip"] is False
+
+    log = _Log()
+    train(
+        train_config(
+            tmp_path, images, steps=2, checkpoint_every=2, output=str(tmp_path / "t2v"), stage="t2v", frames=2
+        ),
+        log,
+    )
+    assert any("motion cannot be learnt from stills" in m for m in log.lines)
+
+
+def test_a_second_train_into_a_run_folder_is_refused_naming_the_holder(tmp_path, tiny_run):
+    from pipelines.locking import folder_lock
+
+    images, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    with folder_lock(run):
+        args = [
+            "train",
+            "--image-data",
+            str(images),
+            "--model",
+            TINY_SPEC,
+            "-o",
+            str(run),
+            "--steps",
+            "1",
+            "--num-workers",
+            "0",
+        ]
+        result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert str(run) in result.output and f"process {os.getpid()}" in result.output

@@ -163,17 +163,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank: int, world: int, ports: list[int], configs: list) -> None:
+def rank_main(rank: int, world: int, port: int, configs: list) -> None:
     """One torchrun-like process (for torch.multiprocessing.spawn): the same `train` call as a single process, with
-    RANK/WORLD_SIZE set, once per config."""
+    RANK/WORLD_SIZE set, once per config. One config: `train` makes and ends the process group itself; several: they
+    share one group made here, as a script calling `train` in a loop would (no teardown and rebuild between runs)."""
     import os
 
     import torch
+    import torch.distributed as dist
 
     from pipelines.train.trainer import train
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    for port, config in zip(ports, configs):
-        os.environ["MASTER_PORT"] = str(port)
-        train(config)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    if len(configs) == 1:
+        train(configs[0])
+        assert not dist.is_initialized()  # train ended the group it made
+        return
+    dist.init_process_group("gloo")
+    try:
+        for config in configs:
+            train(config)
+            assert dist.is_initialized()  # the caller's group outlives each run
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_config(tmp_path, images, **kw):
+    """The tests' tiny T2I run on `images` into tmp_path/run (8 steps, checkpoints every 4); `kw` overrides."""
+    from tiny import TINY_SPEC
+
+    from pipelines.train.config import TrainConfig
+
+    defaults = dict(
+        output=str(tmp_path / "run"),
+        image_data=str(images),
+        model=TINY_SPEC,
+        steps=8,
+        global_batch=4,
+        lr=3e-3,
+        num_workers=0,
+        checkpoint_every=4,
+        log_every=1,
+        text_dropout=0.1,
+        ema_decay=0.9,
+    )
+    return TrainConfig(**(defaults | kw))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from gentron_cli.commands.prep import OLD_OUT_HELP, RANK_HELP, WORLD_HELP, StageCommand
+from gentron_cli.commands.prep import RANK_HELP, WORLD_HELP
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, output_folder, run_command
+from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 from pipelines.defaults import (
@@ -35,17 +35,16 @@ def _report(result: StageResult, output: Path) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("encode-latents", cls=StageCommand)
+    @app.command("encode-latents")
     def encode_latents_command(
         input: Path = typer.Argument(..., help="Folder of shards with mp4 clips and/or jpg/png images."),
-        out: Path | None = typer.Option(
-            None,
-            "--out",
-            "-o",
-            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Folder for the output shards (same names as the input shards); rerun to resume."
         ),
         vae: str = typer.Option(
-            DEFAULT_VAE, help="AutoencoderKL hub name or folder, NAME_OR_PATH:SUBFOLDER, or 'pixel'."
+            DEFAULT_VAE,
+            help="VAE hub name or folder (NAME_OR_PATH:SUBFOLDER): SD AutoencoderKL, Wan, CogVideoX, HunyuanVideo or "
+            "LTX-Video, picked from its config.json; or 'pixel' / 'pixel-video'.",
         ),
         resolution: int = typer.Option(
             512, help="Square training size: short side resized, then center-cropped (256: first T2I stage)."
@@ -54,6 +53,17 @@ def register(app: typer.Typer) -> None:
             False, "--flip/--no-flip", help="Also store latents of the mirrored frames (can't flip later)."
         ),
         batch_size: int = typer.Option(4, help="Samples per VAE call; a clip brings all its frames."),
+        frames_per_call: int | None = typer.Option(
+            None, help="At most this many frames per VAE call (a video VAE never splits a clip). Default: the batch."
+        ),
+        vae_slicing: bool = typer.Option(
+            False, "--vae-slicing/--no-vae-slicing", help="Run a call's samples through the VAE one at a time."
+        ),
+        vae_tiling: bool = typer.Option(
+            False,
+            "--vae-tiling/--no-vae-tiling",
+            help="Run large frames through the VAE in overlapping tiles (less memory; values change slightly).",
+        ),
         device: str = typer.Option("auto", help=_DEVICE_HELP),
         dtype: str = typer.Option("auto", help=_DTYPE_HELP),
         rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
@@ -66,22 +76,22 @@ def register(app: typer.Typer) -> None:
             + NAMED_BUCKETS
             + ") or W x H sizes: 64x32,32x64,48x48 (sides multiples of the VAE's downsampling).",
         ),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
-        """Encode clips and images into VAE latents (posterior mean and std, scaled, float16)."""
-
-        output = output_folder(out, old_output)
+        """Encode clips and images into VAE latents (posterior mean and std, normalised, float16)."""
 
         def body():
             from pipelines.encode.latents import EncodeLatentsConfig, encode_latents
 
             cfg = EncodeLatentsConfig(
                 input,
-                output,
+                out,
                 vae=vae,
                 resolution=resolution,
                 flip=flip,
                 batch_size=batch_size,
+                frames_per_call=frames_per_call,
+                vae_slicing=vae_slicing,
+                vae_tiling=vae_tiling,
                 device=device,
                 dtype=dtype,
                 rank=rank,
@@ -89,18 +99,15 @@ def register(app: typer.Typer) -> None:
                 verify=verify,
                 buckets=buckets,
             )
-            _report(encode_latents(cfg, RichReporter()), output)
+            _report(encode_latents(cfg, RichReporter()), out)
 
         run_command(body)
 
-    @app.command("encode-text", cls=StageCommand)
+    @app.command("encode-text")
     def encode_text_command(
         input: Path = typer.Argument(..., help="Folder of shards with txt captions."),
-        out: Path | None = typer.Option(
-            None,
-            "--out",
-            "-o",
-            help="Folder for the output shards (required; same names as the input shards); rerun to resume.",
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Folder for the output shards (same names as the input shards); rerun to resume."
         ),
         clip: str = typer.Option(
             DEFAULT_CLIP, help="CLIP text model: hub name, folder, NAME:SUBFOLDER or open_clip:ARCH:PRETRAINED."
@@ -132,18 +139,15 @@ def register(app: typer.Typer) -> None:
         rank: int | None = typer.Option(None, "--rank", help=RANK_HELP),
         world_size: int | None = typer.Option(None, "--world-size", help=WORLD_HELP),
         verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Encode captions with CLIP, T5 and/or an LLM (valid token states, float16), and the empty caption once."""
-
-        output = output_folder(out, old_output)
 
         def body():
             from pipelines.encode.text import EncodeTextConfig, encode_text
 
             cfg = EncodeTextConfig(
                 input,
-                output,
+                out,
                 clip=clip,
                 t5=t5,
                 encoders=encoders,
@@ -157,6 +161,6 @@ def register(app: typer.Typer) -> None:
                 world_size=world_size,
                 verify=verify,
             )
-            _report(encode_text(cfg, RichReporter()), output)
+            _report(encode_text(cfg, RichReporter()), out)
 
         run_command(body)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from typer.core import TyperCommand
 
 from gentron_cli.commands.stats import VERIFY_HELP, print_summary
-from gentron_cli.reporting import RichReporter, console, deprecated, output_folder, run_command
+from gentron_cli.reporting import RichReporter, console, run_command
 from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 
@@ -28,38 +27,16 @@ def _report(result: StageResult, output: Path, noun: str, out_noun: str) -> None
 _QUALITY_HELP = "JPEG quality of the stored pictures, 1 to 100 (best), the same scale for clips and images."
 RANK_HELP = "This process's share of the shards: its rank (default: torchrun/SLURM environment, else 0)."
 WORLD_HELP = "Processes splitting the shards (default: torchrun/SLURM environment, else 1)."
-OLD_OUT_HELP = "Deprecated: the output folder; use --out."
-
-
-class StageCommand(TyperCommand):
-    """A stage command whose usage line leaves out its hidden arguments (the deprecated positional OUT)."""
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        params = [p for p in self.get_params(ctx) if not (p.param_type_name == "argument" and p.hidden)]
-        return ([self.options_metavar] if self.options_metavar else []) + [
-            piece for p in params for piece in p.get_usage_pieces(ctx)
-        ]
-
-
-def _rank_options(rank, world_size, old_rank, old_world):
-    """--rank / --world-size, or their deprecated spellings --node-rank / --num-nodes."""
-    if old_rank is not None:
-        deprecated("--node-rank", "--rank")
-        rank = old_rank if rank is None else rank
-    if old_world is not None:
-        deprecated("--num-nodes", "--world-size")
-        world_size = old_world if world_size is None else world_size
-    return rank, world_size
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prep-videos", cls=StageCommand)
+    @app.command("prep-videos")
     def prep_videos_command(
         input: Path = typer.Argument(
             ..., help="Folder of videos with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."
         ),
-        out: Path | None = typer.Option(
-            None, "--out", "-o", help="Output folder for the clip shards (required; created; rerun to resume)."
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Output folder for the clip shards (created; rerun to resume)."
         ),
         short_side: int = typer.Option(512, help="Short side of the clips in pixels (aspect kept, sizes even)."),
         upscale: bool = typer.Option(
@@ -101,30 +78,13 @@ def register(app: typer.Typer) -> None:
             "its aspect ratio, resized to cover it and center-cropped (smaller videos are skipped unless --upscale): "
             "a named set at short-side x short-side pixels (" + NAMED_BUCKETS + ") or W x H sizes: 64x32,32x64,48x48.",
         ),
-        old_quality: int | None = typer.Option(
-            None, "--quality", hidden=True, help="Deprecated: the JPEG quantiser scale, 2 (best) to 31."
-        ),
-        old_node_rank: int | None = typer.Option(
-            None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."
-        ),
-        old_num_nodes: int | None = typer.Option(
-            None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."
-        ),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Cut videos into clips of FRAMES frames picked by timestamp, resized, as WebDataset shards."""
         from pipelines.prep.videos import PrepVideosConfig, parse_frames, prep_videos
 
-        output = output_folder(out, old_output)  # first: a refused command says only why
-        if old_quality is not None:
-            deprecated(
-                f"--quality {old_quality} (the JPEG quantiser scale, lower is better)",
-                "--jpeg-quality 1..100, higher is better (100: scale 2)",
-            )
-        rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepVideosConfig(
             input=input,
-            output=output,
+            output=out,
             short_side=short_side,
             upscale=upscale,
             timeline_fps=timeline_fps,
@@ -133,7 +93,6 @@ def register(app: typer.Typer) -> None:
             clip_stride=clip_stride,
             max_clips_per_video=max_clips_per_video,
             quality=jpeg_quality,
-            qscale=old_quality,
             shard_size=shard_size,
             workers=workers,
             rank=rank,
@@ -146,15 +105,15 @@ def register(app: typer.Typer) -> None:
             buckets=buckets,
         )
         result = run_command(lambda: prep_videos(config, RichReporter()))
-        _report(result, output, "videos", "clips")
+        _report(result, out, "videos", "clips")
 
-    @app.command("prep-images", cls=StageCommand)
+    @app.command("prep-images")
     def prep_images_command(
         input: Path = typer.Argument(
             ..., help="Folder of images with same-stem .txt captions, or a .csv/.jsonl/.parquet manifest."
         ),
-        out: Path | None = typer.Option(
-            None, "--out", "-o", help="Output folder for the image shards (required; created; rerun to resume)."
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Output folder for the image shards (created; rerun to resume)."
         ),
         size: int = typer.Option(512, help="Short side after resizing; the side of the square crop."),
         no_crop: bool = typer.Option(
@@ -184,40 +143,17 @@ def register(app: typer.Typer) -> None:
             + NAMED_BUCKETS
             + ") or W x H sizes: 64x32,32x64,48x48.",
         ),
-        old_quality: int | None = typer.Option(
-            None, "--quality", hidden=True, help="Deprecated spelling of --jpeg-quality."
-        ),
-        old_upscale: bool = typer.Option(False, "--upscale", hidden=True, help="Deprecated: --min-size 0."),
-        old_node_rank: int | None = typer.Option(
-            None, "--node-rank", hidden=True, help="Deprecated spelling of --rank."
-        ),
-        old_num_nodes: int | None = typer.Option(
-            None, "--num-nodes", hidden=True, help="Deprecated spelling of --world-size."
-        ),
-        old_output: Path | None = typer.Argument(None, hidden=True, show_default=False, help=OLD_OUT_HELP),
     ) -> None:
         """Resize and center-crop images (upright RGB) into WebDataset shards."""
         from pipelines.prep.images import PrepImagesConfig, prep_images
 
-        output = output_folder(out, old_output)  # first: a refused command says only why
-        quality = jpeg_quality
-        if old_quality is not None:
-            deprecated("--quality", "--jpeg-quality (the same scale: 1..100, higher is better)")
-            quality = old_quality
-        if old_upscale:
-            deprecated(
-                "--upscale on prep-images (it kept images below --min-size)",
-                "--min-size 0 (prep-images always resizes to --size)",
-            )
-            min_size = 0
-        rank, world_size = _rank_options(rank, world_size, old_node_rank, old_num_nodes)
         config = PrepImagesConfig(
             input=input,
-            output=output,
+            output=out,
             size=size,
             crop=not no_crop,
             format=image_format,
-            quality=quality,
+            quality=jpeg_quality,
             min_size=min_size,
             shard_size=shard_size,
             workers=workers,
@@ -230,4 +166,4 @@ def register(app: typer.Typer) -> None:
             buckets=buckets,
         )
         result = run_command(lambda: prep_images(config, RichReporter()))
-        _report(result, output, "images", "images")
+        _report(result, out, "images", "images")

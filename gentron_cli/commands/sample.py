@@ -96,6 +96,14 @@ def sample_command(
         "for several.",
     ),
     vae: str | None = typer.Option(None, help="VAE (hub name, path or 'pixel') instead of the recorded one."),
+    vae_slicing: bool = typer.Option(
+        False, "--vae-slicing/--no-vae-slicing", help="Decode a call's samples through the VAE one at a time."
+    ),
+    vae_tiling: bool = typer.Option(
+        False,
+        "--vae-tiling/--no-vae-tiling",
+        help="Decode large frames through the VAE in overlapping tiles (less memory; values change slightly).",
+    ),
     grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
 ) -> None:
     """Generate images (T2I) or videos (T2V, image-to-video, continuation) from a trained model; a JSON sidecar
@@ -149,6 +157,8 @@ def sample_command(
             negative_prompt=negative_prompt,
             text_encoders=text_encoders,
             vae=vae,
+            vae_slicing=vae_slicing,
+            vae_tiling=vae_tiling,
             grid=grid,
             images=list(image or []),
             videos=list(video or []),

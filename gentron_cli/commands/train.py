@@ -127,6 +127,12 @@ def register(app: typer.Typer) -> None:
         ),
         min_snr_gamma: float = typer.Option(_D.min_snr_gamma, help="min-snr: the gamma of min(SNR, gamma) / SNR."),
         frames: int = typer.Option(_D.frames, help="t2v without --video-data: frames of the pseudo-videos."),
+        image_frames: str = typer.Option(
+            _D.image_frames,
+            help="t2v: an image as the paper's pseudo-video (repeated over the clips' latent frames), or as one "
+            "latent frame (cheaper; micro-batches of images only); auto: pseudo-video with an image VAE, one with a "
+            "video VAE.",
+        ),
         flip: bool = typer.Option(
             _D.flip, "--flip/--no-flip", help="Use the stored mirrored latents half of the time."
         ),

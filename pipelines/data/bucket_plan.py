@@ -6,6 +6,10 @@ Every batch holds one latent shape (frames, height, width): no padding and no re
 - `plan_buckets` groups the indexed samples by latent shape. T2I: images and single frames of clips by their
   (C, h, w); T2V: clips by (T, C, h, w), and images (the motion-free pseudo-videos) join the clip buckets of
   their (C, h, w), taking those buckets' frame counts; T2V from images alone: (frames, C, h, w).
+  With `image_frames="one"` (T2V) an image is one latent frame instead of a pseudo-video: the images of each
+  clip bucket's size fill a bucket of their own, (1, C, h, w), all motion-free, drawn for a share
+  p_motion_free of the steps (split between such buckets by their samples / batch); clip buckets then hold
+  clips only, none motion-free (the paper's draw per sample becomes a draw per step).
 - Batch sizes: `fixed` (every bucket the global batch) or `tokens` (a bucket's batch scaled so its tokens per
   step stay near the global batch times the tokens of the reference bucket, rounded to a multiple of gradient
   accumulation x processes). The reference bucket has the most samples (on a tie the squarest, then the one
@@ -107,13 +111,16 @@ def plan_buckets(
     p_motion_free: float = 0.0,
     patch_size: int | None = None,
     downsample: int | None = None,
+    image_frames: str = "pseudo-video",
 ) -> BucketPlan:
     """The buckets of a run over indexed sources (pipelines/data/loader.py: Source; either may be None).
 
     `granule`: gradient accumulation x processes (every batch splits evenly into micro-batches).
     `patch_size`: the model's, when known: shapes that do not split into patches are no bucket of their own
     (merged into one that fits inside them, or dropped, as "not_patchable"); and tokens in the table.
-    `downsample`: to state pixel sizes in the table."""
+    `downsample`: to state pixel sizes in the table. `image_frames`: "pseudo-video" or "one" (T2V images as one
+    latent frame, in buckets of their own)."""
+    one_frame = stage == "t2v" and image_frames == "one"
     if bucket_batch not in BUCKET_BATCH:
         raise GentronError(f"unknown --bucket-batch {bucket_batch!r}", f"use {' or '.join(BUCKET_BATCH)}")
     if global_batch % granule:
@@ -132,7 +139,7 @@ def plan_buckets(
         supply = {k: len(video_groups[k]) for k in keys}
     else:  # T2V from stills alone: pseudo-videos of `frames` frames
         video_groups = {}
-        image_groups = {(frames, *k): ids for k, ids in image_groups.items()}
+        image_groups = {(frames, *k): ids for k, ids in image_groups.items()}  # `one` needs clips to differ from
         keys = sorted(image_groups)
         supply = {k: len(image_groups[k]) for k in keys}
 
@@ -231,12 +238,13 @@ def plan_buckets(
             )
         elif videos is not None:  # clips; motion-free samples are the stills of the size, else clips
             video_pool = video_pool_of[k]
+            with_images = image_pool_of.get(_spatial(k)) if not one_frame else None  # one frame: their own buckets
             bucket = Bucket(
                 k,
                 batch[k],
-                image_pool_of.get(_spatial(k)),
+                with_images,
                 video_pool,
-                head=p_motion_free,
+                head=0.0 if one_frame and image_pool_of else p_motion_free,
                 heads_motion_free=True,
                 all_motion_free=False,
                 samples=len(pools[video_pool].ref_ids),
@@ -254,7 +262,24 @@ def plan_buckets(
                 samples=len(pools[image_pool].ref_ids),
             )
         buckets.append(bucket)
+    if one_frame and videos is not None:  # images as one latent frame: buckets of their own, a share p of the steps
+        for spatial, pool in sorted(image_pool_of.items()):
+            shape = (1, *spatial)
+            positions_ratio = positions(reference) / positions(shape)
+            n = len(pools[pool].ref_ids)
+            if bucket_batch == "fixed":
+                size = global_batch
+            else:
+                size = max(granule, round(global_batch * positions_ratio / granule) * granule)
+            buckets.append(Bucket(shape, size, pool, None, 0.0, True, True, n))
     weights = np.array([b.samples / b.batch for b in buckets], dtype=np.float64)
+    stills = np.array([b.all_motion_free for b in buckets])
+    if one_frame and videos is not None and stills.any():
+        weights = np.where(
+            stills,
+            p_motion_free * weights / weights[stills].sum(),
+            (1 - p_motion_free) * weights / weights[~stills].sum(),
+        )
     for b, w in zip(buckets, weights / weights.sum()):
         b.share = float(w)
     plan = BucketPlan(buckets, pools)

@@ -17,7 +17,11 @@ index i):
 - In T2V, sample i is motion-free with probability p (a seeded draw); a motion-free sample takes the
   next image of the bucket's size (repeated into a pseudo-video of the bucket's frames) when there are
   images, else the next clip with the temporal mask off. Pool positions are counts of earlier draws
-  (computed by chunks of steps).
+  (computed by chunks of steps). With `image_frames="one"` an image is one latent frame under the same
+  mask instead of a pseudo-video: images then fill buckets of one latent frame of their own, drawn for a
+  share p of the steps (pipelines/data/bucket_plan.py), and clip steps hold clips only.
+- In T2I, a clip gives one latent frame: a random one, or its first with a video VAE (the only one that is
+  an image's kind of latent; the others each hold several frames).
 - Everything random about sample i (latent draw, flip, text dropout, noise, timestep, frame) comes
   from a generator seeded by (seed, purpose, i).
 - Frame conditioning (T2V with `ConditionSpec`): whether sample i is given frames, which latent frames, whether
@@ -385,6 +389,7 @@ def stream_plan(spec: StreamSpec, images: Source | None, videos: Source | None, 
         spec.p_motion_free,
         spec.patch_size,
         downsample if isinstance(downsample, int) else None,
+        spec.image_frames,
     )
 
 
@@ -402,9 +407,19 @@ class StreamSpec:
     text_dropout: float = 0.1
     flip: bool = True
     buffer_size: int = 1000
-    frames: int = 8  # pseudo-video length when no clips give it
+    frames: int = 8  # pseudo-video length (latent frames) when no clips give it
     text_fields: tuple[str, ...] = ()  # text arrays to load (the model's encoders)
     patch_size: int | None = None  # only to state tokens in the bucket table
+    image_frames: str = "pseudo-video"  # t2v: an image as the paper's pseudo-video, or as "one" latent frame
+
+
+IMAGE_FRAMES = ("pseudo-video", "one")
+
+
+def temporal_downsample(source: Source | None) -> int:
+    """How many frames a latent frame of the source's VAE holds (1 for image VAEs and older shards)."""
+    latent = source.metadata.get("latent") if source is not None else None
+    return int((latent or {}).get("temporal_downsample") or 1) if isinstance(latent, dict) else 1
 
 
 class TrainStream(IterableDataset):
@@ -432,6 +447,8 @@ class TrainStream(IterableDataset):
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.plan: BucketPlan = plan or stream_plan(spec, images, videos, world_size)
         self.latent_shape = tuple(self.plan.reference.shape)  # the reference bucket's (previews, the model's size)
+        # t2i from clips of a video VAE: their first latent frame (the others each hold several frames)
+        self.first_frame_only = temporal_downsample(videos) > 1
         self._files: OrderedDict = OrderedDict()
         self._state = None
 
@@ -512,9 +529,11 @@ class TrainStream(IterableDataset):
         latent = mean + std * sample_rng(spec.seed, _LATENT, index).standard_normal(mean.shape, dtype=np.float32)
         pseudo_video = False
         if spec.stage == "t2i" and source.kind == "video":
-            latent = latent[sample_rng(spec.seed, _FRAME, index).integers(latent.shape[0])]
+            frame = 0 if self.first_frame_only else sample_rng(spec.seed, _FRAME, index).integers(latent.shape[0])
+            latent = latent[frame]
         elif spec.stage == "t2v" and source.kind == "image":
-            latent = np.repeat(fit_latent(latent, shape[1:])[None], shape[0], axis=0)  # exact copies: a still video
+            # the paper's pseudo-video (exact copies: a still video), or one latent frame in a one-frame bucket
+            latent = np.repeat(fit_latent(latent, shape[1:])[None], shape[0], axis=0)
             pseudo_video = True
         latent = fit_latent(latent, shape)
         if latent.shape != shape:

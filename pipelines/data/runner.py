@@ -94,19 +94,15 @@ class ResumeOptions:
         return out
 
 
-def check_output_options(
-    output: Path, options: dict, options_file: str, upgrade: Callable[[dict], dict] | None = None
-) -> None:
+def check_output_options(output: Path, options: dict, options_file: str) -> None:
     """Refuse to resume into a folder made with different options (its shards would not match); record them
-    in a new folder. `upgrade`: turns a record written by an earlier version into today's names."""
+    in a new folder."""
     output = Path(output)
     path = output / options_file
     if output.exists() and not output.is_dir():
         raise GentronError(f"output {output} is a file", "pass a folder (it is created if missing)")
     if path.exists():
         previous = read_json(path, "options record", f"delete {path} to record the options of this run")
-        if upgrade is not None:
-            previous = upgrade(previous)
         if previous == options:
             return
         if _holds_output(output, options_file):
@@ -171,18 +167,13 @@ def input_shard_jobs(input_dir: Path, output_dir: Path) -> list[ShardJob]:
     return [_input_job(path) for path in shards]
 
 
-def start_shard_stage(
-    cfg, resume: ResumeOptions, batch_hint: int, upgrade: Callable[[dict], dict] | None = None
-) -> list[ShardJob]:
+def start_shard_stage(cfg, resume: ResumeOptions, batch_hint: int) -> list[ShardJob]:
     """What a stage over another stage's shards (encode-latents, encode-text) does first: its jobs, a checked
-    `batch_size`, and its options record checked or written (a dtype of None records as "auto"; `upgrade`: as
-    check_output_options)."""
+    `batch_size`, and its options record checked or written (a dtype of None records as "auto")."""
     jobs = input_shard_jobs(cfg.input_dir, cfg.output_dir)
     if cfg.batch_size < 1:
         raise GentronError(f"batch size must be at least 1, got {cfg.batch_size}", f"pass --batch-size {batch_hint}")
-    check_output_options(
-        Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file, upgrade
-    )
+    check_output_options(Path(cfg.output_dir), resume.record(cfg) | {"dtype": cfg.dtype or "auto"}, resume.record_file)
     return jobs
 
 
@@ -492,7 +483,6 @@ def run_prep(
     options_file: str,
     kind: str,
     reporter: Reporter,
-    upgrade: Callable[[dict], dict] | None = None,
     threads: bool = False,
     on_stop: Callable[[], None] | None = None,
 ) -> StageResult:
@@ -503,7 +493,7 @@ def run_prep(
         config.input, extensions, path_column=config.path_column, caption_column=config.caption_column, what=f"{kind}s"
     )
     output = Path(config.output)
-    check_output_options(output, options, options_file, upgrade)
+    check_output_options(output, options, options_file)
     rank, world_size = resolve_rank(config.rank, config.world_size)
     jobs = item_shard_jobs(items, config.shard_size, config)
     reporter.log(

@@ -1,13 +1,15 @@
 """`gentron encode-latents`: clips and images -> VAE posterior mean and std, stored beside every input field.
 
 Each input shard gives an output shard of the same name with the same samples in order, every field
-byte-identical, plus `latent_mean.npy` / `latent_std.npy` (float16, scaled; (T, C, h, w) for clips,
-(C, h, w) for images) and a "latent" section in the json. Frames are resized (short side) and
-center-cropped to a square of `resolution` first; with `buckets` (pipelines/data/buckets.py) each sample is
-cut to the bucket nearest its aspect ratio at resolution x resolution pixels instead (resized to cover it,
-center-cropped; the bucket is recorded in the crop record), and a VAE call only takes samples of one size.
-With `flip` the mirrored frames are encoded too, since a latent cannot be flipped after encoding. Decoding
-runs in a thread ahead of the VAE.
+byte-identical, plus `latent_mean.npy` / `latent_std.npy` (float16, normalised the VAE family's way;
+(t, C, h, w) for clips, t latent frames, (C, h, w) for images: one latent frame) and a "latent" section in the
+json recording the VAE (family, ratios, frame rule, normalisation, memory options). Frames are resized (short
+side) and center-cropped to a square of `resolution` first; with `buckets` (pipelines/data/buckets.py) each
+sample is cut to the bucket nearest its aspect ratio at resolution x resolution pixels instead (resized to cover
+it, center-cropped; the bucket is recorded in the crop record), and a VAE call only takes samples of one size.
+A clip whose frame count breaks a video VAE's frame rule is refused with the `prep-videos --frames` to use
+(nothing is truncated). With `flip` the mirrored frames are encoded too, since a latent cannot be flipped after
+encoding. Decoding runs in a thread ahead of the VAE.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pipelines.data.buckets import SQUARE, assign, parse_buckets
 from pipelines.data.runner import ResumeOptions, ShardJob, StageResult, run_shard_jobs, start_shard_stage
 from pipelines.data.shards import Failure, ShardStats, ShardWriter, iter_shard
 from pipelines.errors import BadSample, GentronError
-from pipelines.model.vae import DEFAULT_VAE, VAE, load_vae
+from pipelines.model.text_encoders import absolute_model_spec
+from pipelines.model.vae import DEFAULT_VAE, PIXEL, PIXEL_VIDEO, VAE, FrameRule, load_vae
 from pipelines.progress import NullReporter, Reporter
 
 
@@ -41,6 +44,9 @@ class EncodeLatentsConfig:
     resolution: int = 512  # square training size; 256 for the first T2I stage
     flip: bool = False  # also store the latents of the horizontally mirrored frames
     batch_size: int = 4  # samples per VAE call (a clip brings all its frames)
+    frames_per_call: int | None = None  # at most this many frames per VAE call (a video VAE never splits a clip)
+    vae_slicing: bool = False  # the VAE runs a call's samples one at a time (less memory, same values)
+    vae_tiling: bool = False  # the VAE runs large frames in overlapping tiles (less memory, values change slightly)
     device: str | None = None  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: str | None = None  # auto: bf16 on GPU, fp32 on CPU
     rank: int | None = None  # default: torchrun's / SLURM's environment
@@ -176,10 +182,17 @@ class LatentShardEncoder:
         spec = parse_buckets(cfg.buckets)
         self.square = spec.square
         self.crop = CoverCrop(spec.sizes(cfg.resolution), record_bucket=not spec.square)
+        self.vae_record = vae.record() | {"frames_per_call": cfg.frames_per_call}
 
     def __call__(self, job: ShardJob, writer: ShardWriter, stats: ShardStats, tick) -> None:
         batch: list[_Prepared] = []
+        rule = self.vae.frame_rule
         for item in prefetch(_prepare_shard(job.payload, self.crop), depth=2 * self.cfg.batch_size):
+            if isinstance(item, _Prepared) and item.is_clip and not rule.ok(len(item.frames)):
+                try:
+                    rule.check(len(item.frames), f"clip {item.key}", self.vae.name)
+                except GentronError as err:
+                    item = Failure(item.key, "frames_break_vae_rule", f"{err.message}; {err.hint}")
             if isinstance(item, Failure):
                 if item.key != Path(job.payload).name:  # a sample, not the shard itself (damaged or unreadable)
                     stats.samples_in += 1
@@ -198,22 +211,18 @@ class LatentShardEncoder:
             self._encode_batch(batch, writer, stats, tick)
 
     def _encode_batch(self, batch: list[_Prepared], writer: ShardWriter, stats: ShardStats, tick) -> None:
-        frames = np.concatenate([item.frames for item in batch])
+        clips = [item.frames for item in batch]
         if self.cfg.flip:
-            frames = np.concatenate([frames, frames[:, :, ::-1]])  # mirror along W
-        mean, std = self.vae.encode(frames)
-        mean, std = mean.numpy().astype(np.float16), std.numpy().astype(np.float16)
-        n = sum(len(item.frames) for item in batch)
-        start = 0
-        for item in batch:
-            rows = slice(start, start + len(item.frames))
-            start += len(item.frames)
-            arrays = {schema.LATENT_MEAN: mean[rows], schema.LATENT_STD: std[rows]}
+            clips += [np.ascontiguousarray(frames[:, :, ::-1]) for frames in clips]  # mirrored along W
+        encoded = self.vae.encode_clips(clips, self.cfg.frames_per_call)
+        for k, item in enumerate(batch):
+            mean, std = (a.numpy().astype(np.float16) for a in encoded[k])
+            arrays = {schema.LATENT_MEAN: mean, schema.LATENT_STD: std}
             if self.cfg.flip:
-                flipped = slice(rows.start + n, rows.stop + n)
-                arrays |= {schema.LATENT_FLIP_MEAN: mean[flipped], schema.LATENT_FLIP_STD: std[flipped]}
+                flip_mean, flip_std = (a.numpy().astype(np.float16) for a in encoded[k + len(batch)])
+                arrays |= {schema.LATENT_FLIP_MEAN: flip_mean, schema.LATENT_FLIP_STD: flip_std}
             if not item.is_clip:
-                arrays = {name: a[0] for name, a in arrays.items()}  # an image is (C, h, w)
+                arrays = {name: a[0] for name, a in arrays.items()}  # an image is one latent frame: (C, h, w)
             if not all(np.isfinite(a).all() for a in arrays.values()):
                 stats.fail(
                     item.key,
@@ -226,26 +235,49 @@ class LatentShardEncoder:
                 stats.count("upscaled_samples")
             if self.square and isinstance(item.meta.get("prep"), dict) and "bucket" in item.meta["prep"]:
                 stats.count("bucketed_samples_cut_square")  # prep kept its aspect: said at the end of the stage
-            meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, item.crop)}
+            meta = item.meta | {"latent": self._latent_meta(arrays[schema.LATENT_MEAN].shape, len(item.frames), item)}
             out = dict(item.fields) | {name: schema.encode_npy(a) for name, a in arrays.items()}
             out[schema.META] = schema.encode_json(meta)
             writer.write(item.key, out)
             tick(1)
 
-    def _latent_meta(self, shape: tuple[int, ...], crop: dict) -> dict:
-        buckets = {} if parse_buckets(self.cfg.buckets).square else {"buckets": self.cfg.buckets}
-        return buckets | {
-            "vae": self.vae.name,
-            "scaling_factor": self.vae.scaling_factor,
-            "shift_factor": getattr(self.vae, "shift_factor", 0.0),
-            "shape": list(shape),
-            "channels": self.vae.latent_channels,
-            "downsample": self.vae.downsample,
-            "resolution": self.cfg.resolution,
-            "crop": crop,
-            "flip": self.cfg.flip,
-            "dtype": "float16",
-        }
+    def _latent_meta(self, shape: tuple[int, ...], frames: int, item: _Prepared) -> dict:
+        latent_frames = shape[0] if item.is_clip else 1
+        buckets = {} if self.square else {"buckets": self.cfg.buckets}
+        return (
+            self.vae_record
+            | buckets
+            | {
+                "shape": list(shape),
+                "frames": frames,  # pixel frames in; they decode back to decoded_frames
+                "latent_frames": latent_frames,
+                "decoded_frames": self.vae.frame_rule.decoded_frames(latent_frames),
+                "resolution": self.cfg.resolution,
+                "crop": item.crop,
+                "flip": self.cfg.flip,
+                "dtype": "float16",
+            }
+        )
+
+
+def check_first_clip(jobs: list[ShardJob], rule: FrameRule, vae: str) -> None:
+    """Refuse the stage at once when the first clip of the first pending shard breaks the VAE's frame rule (clips
+    of a folder come from one `prep-videos --frames`, so all of them would): one message naming the shard, the rule
+    and the `--frames` to use. A lone odd clip later on is skipped and named in the stats instead."""
+    if not jobs or rule.step == 1:
+        return
+    try:
+        for key, fields in iter_shard(jobs[0].payload):
+            if schema.VIDEO not in fields:
+                continue
+            try:
+                frames = len(media.decode_clip(fields[schema.VIDEO]))
+            except BadSample:
+                continue  # a damaged clip is the shard loop's to report
+            rule.check(frames, f"clip {key} in {jobs[0].payload}", vae)
+            return
+    except BadSample:
+        return  # a damaged shard: reported by the shard loop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +286,8 @@ class LatentShardEncoder:
 
 RESUME = ResumeOptions(
     "_encode_latents.json",
-    must_match=("input_dir", "vae", "resolution", "flip", "dtype", "buckets"),
-    may_differ=("output_dir", "batch_size", "device", "rank", "world_size", "verify"),
+    must_match=("input_dir", "vae", "resolution", "flip", "dtype", "vae_tiling", "buckets"),
+    may_differ=("output_dir", "batch_size", "frames_per_call", "vae_slicing", "device", "rank", "world_size", "verify"),
     paths=("input_dir",),
 )
 
@@ -264,15 +296,19 @@ def encode_latents(
     cfg: EncodeLatentsConfig, reporter: Reporter = NullReporter(), vae: VAE | None = None
 ) -> StageResult:
     """Encode every pending input shard; finished shards are skipped (resume). `vae`: an already loaded one."""
-    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text)  # recorded as parsed
+    # recorded as parsed; a VAE folder as an absolute path (sampling loads it from any working folder)
+    vae_spec = cfg.vae if cfg.vae in (PIXEL, PIXEL_VIDEO) else absolute_model_spec(cfg.vae)
+    cfg = replace(cfg, buckets=parse_buckets(cfg.buckets).text, vae=vae_spec)
     sizes = parse_buckets(cfg.buckets).sizes(cfg.resolution)  # refuses a budget the set cannot use
-    jobs = start_shard_stage(cfg, RESUME, batch_hint=4, upgrade=lambda previous: {"buckets": SQUARE} | previous)
-    if vae is None:
-        vae = load_vae(cfg.vae, cfg.device, cfg.dtype)
-        reporter.log(
-            f"VAE {vae.name}: {vae.latent_channels} channels, {vae.downsample}x downsampling, scaling factor "
-            f"{vae.scaling_factor}"
+    jobs = start_shard_stage(cfg, RESUME, batch_hint=4)
+    if cfg.frames_per_call is not None and cfg.frames_per_call < 1:
+        raise GentronError(
+            f"frames per VAE call must be at least 1, got {cfg.frames_per_call}",
+            "pass --frames-per-call 16, or leave it out",
         )
+    if vae is None:
+        vae = load_vae(cfg.vae, cfg.device, cfg.dtype, slicing=cfg.vae_slicing, tiling=cfg.vae_tiling)
+        reporter.log(vae.describe())
     if cfg.resolution < 1 or cfg.resolution % vae.downsample:
         raise GentronError(
             f"resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}",
@@ -285,6 +321,7 @@ def encode_latents(
             f"{vae.downsample} on both sides",
             f"use sizes whose sides are multiples of {vae.downsample} (the named sets use multiples of 16)",
         )
+    check_first_clip(jobs, vae.frame_rule, vae.name)
     result = run_shard_jobs(
         jobs,
         cfg.output_dir,

@@ -41,6 +41,13 @@ DEFAULT_SIZE = "XL/2"
 TINY_TEXT_INPUTS = {"clip": {"dim": 32, "pooled_dim": 32}, "t5": {"dim": 32}}  # "pooled" by text_conditioning
 
 
+def patch_size_for(downsample: int, named: int = 2) -> int:
+    """The patch size a new model takes when its config does not say: the size's own (2, the paper's: a token
+    covers 16 x 16 pixels through SD's 8x VAE), or 1 with a VAE compressing space more than 8x (Wan 2.2 16x,
+    LTX-Video 32x), so a token covers no more than 16 (LTX: 32) pixels."""
+    return max(1, min(named, 16 // max(1, downsample)))
+
+
 def model_arguments() -> list[str]:
     """Names a config may set: the arguments of GenTronTransformer."""
     return [name for name in GenTronTransformer.config_keys() if not name.startswith("_")]

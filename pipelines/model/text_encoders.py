@@ -84,6 +84,15 @@ def split_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def absolute_model_spec(spec: str) -> str:
+    """A local "PATH[:SUBFOLDER]" with PATH made absolute (a record of it then means the same folder from anywhere);
+    hub names as given."""
+    name, subfolder = split_model_spec(spec)
+    if not looks_local(name):
+        return spec
+    return str(Path(name).expanduser().resolve()) + (f":{subfolder}" if subfolder else "")
+
+
 def looks_local(name_or_path: str) -> bool:
     """A path, not a hub name ("owner/name" has at most one slash and never starts with / . or ~)."""
     return (

@@ -200,3 +200,77 @@ def build_tiny_encoders(folder: str | Path, seed: int = 0, vae_downsample: int =
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+TINY_VIDEO_VAE_FAMILIES = ("wan", "wan2.2", "cogvideox", "hunyuanvideo", "ltx")
+
+
+def build_tiny_video_vae(folder: str | Path, family: str, seed: int = 0) -> Path:
+    """A tiny random video VAE of `family` (one of TINY_VIDEO_VAE_FAMILIES), 8x in space (Wan 2.2 16x, as the real
+    one) and 4x in time (LTX 8x), saved to `folder` in the diffusers layout. Its normalisation is made non-trivial
+    (random per-channel mean and std, scaling factors other than 1), so a test can tell a normalised latent from a
+    raw one."""
+    import diffusers
+
+    if family not in TINY_VIDEO_VAE_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_VIDEO_VAE_FAMILIES}, got {family!r}")
+    generator = torch.Generator().manual_seed(seed + 1000)
+
+    def channel_stats(n: int) -> tuple[list[float], list[float]]:
+        mean = (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5).tolist()
+        std = (0.5 + torch.rand(n, generator=generator, dtype=torch.float64)).tolist()
+        return mean, std
+
+    with _seeded(seed):
+        if family in ("wan", "wan2.2"):
+            # Wan 2.2 TI2V folds 2x2 pixels into channels first (patch_size 2): 12 channels in and out
+            channels = 12 if family == "wan2.2" else 16
+            mean, std = channel_stats(channels)
+            vae = diffusers.AutoencoderKLWan(
+                base_dim=3 if family == "wan" else 4,
+                z_dim=channels,
+                dim_mult=[1, 1, 1, 1],
+                num_res_blocks=1,
+                temperal_downsample=[False, True, True],
+                latents_mean=mean,
+                latents_std=std,
+                **(
+                    {"patch_size": 2, "in_channels": 12, "out_channels": 12, "is_residual": True}
+                    if channels == 12
+                    else {}
+                ),
+            )
+        elif family == "cogvideox":
+            vae = diffusers.AutoencoderKLCogVideoX(
+                block_out_channels=(8, 8, 8, 8),
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=2,
+                temporal_compression_ratio=4,
+            )
+        elif family == "hunyuanvideo":
+            vae = diffusers.AutoencoderKLHunyuanVideo(
+                latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4
+            )
+        else:  # LTX: three space-time scalings (8x, 8x); timestep-conditioned decoding, as LTX-Video 0.9.1+
+            vae = diffusers.AutoencoderKLLTXVideo(
+                latent_channels=8,
+                block_out_channels=(8,) * 4,
+                decoder_block_out_channels=(8,) * 4,
+                layers_per_block=(1,) * 5,
+                decoder_layers_per_block=(1,) * 5,
+                spatio_temporal_scaling=(True, True, True, False),
+                decoder_spatio_temporal_scaling=(True, True, True, False),
+                decoder_inject_noise=(False,) * 5,
+                upsample_residual=(False,) * 4,
+                upsample_factor=(1,) * 4,
+                timestep_conditioning=True,
+                patch_size=1,
+                patch_size_t=1,
+                scaling_factor=0.75,
+            )
+            mean, std = channel_stats(8)
+            vae.latents_mean.copy_(torch.tensor(mean))
+            vae.latents_std.copy_(torch.tensor(std))
+    vae.save_pretrained(folder)
+    return Path(folder)

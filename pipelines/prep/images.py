@@ -175,14 +175,4 @@ def prep_images(config: PrepImagesConfig, reporter: Reporter = NullReporter()) -
         OPTIONS_FILE,
         "image",
         reporter,
-        upgrade=_upgrade_record,
     )
-
-
-def _upgrade_record(previous: dict) -> dict:
-    """An options record of before `upscale` was dropped (it meant min_size 0), or before `buckets` existed."""
-    if "upscale" in previous:
-        previous = dict(previous)
-        if previous.pop("upscale"):
-            previous["min_size"] = 0
-    return {"buckets": SQUARE} | previous  # made before --buckets: the square

@@ -47,9 +47,6 @@ class PrepVideosConfig:
     quality: int = (
         100  # JPEG quality of the stored clips, 1 .. 100 (best), as for images (pipelines/data/media.py: clip_qscale)
     )
-    qscale: int | None = (
-        None  # the Motion-JPEG quantiser scale itself (2 best .. 31) instead of `quality` (what --quality was)
-    )
     shard_size: int = 64  # source videos per shard
     workers: int = 1
     rank: int | None = None  # this process's share of the shards; None: from torchrun/SLURM environment, else 0
@@ -74,16 +71,15 @@ class PrepVideosConfig:
 
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
+        # the quantiser scale in the place of the quality: it decides the bytes (qualities 99 and 100 make the same
+        # clips)
         record = RESUME.record(self)
-        del record["quality"]
-        record["qscale"] = (
-            self.effective_qscale
-        )  # what decides the bytes (quality 100 and qscale 2 make the same clips)
-        return record
+        return {("qscale" if k == "quality" else k): (self.qscale if k == "quality" else v) for k, v in record.items()}
 
     @property
-    def effective_qscale(self) -> int:
-        return self.qscale if self.qscale is not None else clip_qscale(self.quality)
+    def qscale(self) -> int:
+        """The Motion-JPEG quantiser scale (2 best .. 31) of `quality`."""
+        return clip_qscale(self.quality)
 
 
 RESUME = ResumeOptions(
@@ -98,7 +94,6 @@ RESUME = ResumeOptions(
         "clip_stride",
         "max_clips_per_video",
         "quality",
-        "qscale",
         "shard_size",
         "keep_uncaptioned",
         "path_column",
@@ -123,10 +118,6 @@ def _validate(config: PrepVideosConfig) -> None:
             "--max-clips-per-video must be at least 1",
         ),
         (1 <= config.quality <= 100, "--jpeg-quality must be in [1, 100]"),
-        (
-            config.qscale is None or 2 <= config.qscale <= 31,
-            "the JPEG quantiser scale (--quality, deprecated) must be in [2, 31]",
-        ),
         (config.shard_size >= 1, "--shard-size must be at least 1"),
         (config.workers >= 1, "--workers must be at least 1"),
         (config.timeout > 0, "--timeout must be positive"),
@@ -224,7 +215,7 @@ def _prep_one(
         caption = ""
         stats.count("uncaptioned_kept")
     plan = config.plan
-    args = (item.path, plan, item.start, item.end, config.short_side, config.upscale, config.effective_qscale)
+    args = (item.path, plan, item.start, item.end, config.short_side, config.upscale, config.qscale)
     args += (config.bucket_sizes,)
     clips, decoders, lengths = 0, Counter(), Counter()
     try:
@@ -335,18 +326,8 @@ def prep_videos(
             OPTIONS_FILE,
             "video",
             _ClipRateReporter(reporter),
-            upgrade=_upgrade_record,
             threads=True,
             on_stop=prep_shard.children.stop,
         )
     finally:
         prep_shard.children.close()
-
-
-def _upgrade_record(previous: dict) -> dict:
-    """An options record of before `quality` became JPEG quality (its "quality" was the quantiser scale), or before
-    `buckets` existed."""
-    if "qscale" not in previous and "quality" in previous:
-        previous = dict(previous)
-        previous["qscale"] = previous.pop("quality")
-    return {"buckets": SQUARE} | previous  # made before --buckets: the square

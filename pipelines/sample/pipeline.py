@@ -25,7 +25,7 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays, text_inputs_of
 from pipelines.model.text_encoders import ENCODERS, TextEncoders, resolve_device, resolve_dtype
-from pipelines.model.vae import VAE, load_vae
+from pipelines.model.vae import VAE, Normalisation, load_vae
 from pipelines.model_folder import ModelFolder
 from pipelines.progress import NullReporter, Reporter
 from pipelines.sample.given import GivenFrames, encode_given
@@ -86,17 +86,22 @@ class SamplingPipeline:
         vae: str | None = None,
         negative_prompt: str | None = None,
         reporter: Reporter = NullReporter(),
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
     ) -> SamplingPipeline:
         """The pipeline of an exported model folder: its model, and the text encoders and VAE its pipeline.json names
-        unless `text_encoders` ({name: hub name or path}) or `vae` replace them; the unconditional text is
-        `negative_prompt`, else the empty caption the model saw in training (encoded now by replaced encoders)."""
+        unless `text_encoders` ({name: hub name or path}) or `vae` replace them (`vae_slicing`, `vae_tiling`: the
+        VAE's memory savers); the unconditional text is `negative_prompt`, else the empty caption the model saw in
+        training (encoded now by replaced encoders)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         step = folder.record.step
         reporter.log(f"loading model {folder.path}" + (f" (training step {step})" if step is not None else ""))
         model = folder.load_model().to(torch_device).eval().requires_grad_(False)
         encoders = load_text_encoders(folder, model, text_encoders or {}, torch_device, torch_dtype)
-        loaded_vae = load_model_vae(folder, model, vae, torch_device, torch_dtype, reporter)
+        loaded_vae = load_model_vae(
+            folder, model, vae, torch_device, torch_dtype, reporter, slicing=vae_slicing, tiling=vae_tiling
+        )
         if negative_prompt is not None:
             uncond = encoders.encode([negative_prompt])[0]
         elif not text_encoders:
@@ -115,11 +120,16 @@ class SamplingPipeline:
         return TextCondition.collate(arrays, lengths=self.text_lengths).to(self.device)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, ...]:
-        """The latent shape ([T,] C, h, w) of a sample of `frames` frames of height x width pixels."""
+        """The latent shape ([T,] C, h, w) of a sample of `frames` frames of height x width pixels: T latent frames
+        through the VAE's frame rule (a video VAE refuses a frame count it cannot decode back)."""
         downsample = self.vae.downsample
         check_patchable(height, width, self.model.config.patch_size, downsample)
         image = (self.model.config.in_channels, height // downsample, width // downsample)
-        return image if frames == 1 else (frames, *image)
+        if frames == 1:
+            return image
+        rule = self.vae.frame_rule
+        rule.check(frames, f"--frames {frames}", self.vae.name, option="gentron sample --frames")
+        return (rule.latent_frames(frames), *image)
 
     @torch.no_grad()
     def generate(
@@ -183,13 +193,13 @@ class SamplingPipeline:
         return Generated(latents=latents, frames=self.decode(latents))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """(B, C, h, w) -> (B, H, W, 3) uint8; videos (B, T, C, h, w) -> (B, T, H, W, 3).
+        """(B, C, h, w) -> (B, H, W, 3) uint8; videos (B, t, C, h, w) -> (B, T, H, W, 3), T the frames the t latent
+        frames decode to (the VAE's frame rule).
 
         One sample at a time, so VAE memory is bounded by one video's frames whatever the batch size.
         """
         video = latents.ndim == 5
-        frames = [self.vae.decode(x if video else x[None]) for x in latents]
-        return np.stack([f if video else f[0] for f in frames])
+        return np.stack([self.vae.decode_clips(x[None])[0] if video else self.vae.decode(x[None])[0] for x in latents])
 
 
 def load_text_encoders(
@@ -234,17 +244,35 @@ def load_model_vae(
     device: torch.device,
     dtype: torch.dtype,
     reporter: Reporter,
+    slicing: bool = False,
+    tiling: bool = False,
 ) -> VAE:
-    """The VAE recorded in pipeline.json unless overridden; its latent channels checked against the model."""
+    """The VAE recorded in pipeline.json unless overridden, decoding through its family's adapter; its latent channels
+    and frame rule checked against the model's training data, its normalisation compared with the recorded one."""
     recorded = folder.record.vae
-    vae = load_vae(override or recorded.name, device=device, dtype=dtype)
+    vae = load_vae(override or recorded.name, device=device, dtype=dtype, slicing=slicing, tiling=tiling)
+    hint = f"pass --vae with the VAE the model was trained with (recorded in pipeline.json: {recorded.name})"
     if vae.latent_channels != model.config.in_channels:
         raise GentronError(
             f"the VAE {vae.name} has {vae.latent_channels} latent channels but the model takes "
             f"{model.config.in_channels}",
-            f"pass --vae with the VAE the model was trained with (recorded in pipeline.json: {recorded.name})",
+            hint,
         )
-    if override is None and abs(vae.scaling_factor - recorded.scaling_factor) > 1e-6:
+    trained = recorded.frames
+    if model.config.temporal and vae.frame_rule != trained:
+        raise GentronError(
+            f"the VAE {vae.name} lays out time as {vae.frame_rule.temporal} frames per latent frame (clips of "
+            f"{vae.frame_rule.describe()} frames), but the model was trained on latents of {trained.temporal} "
+            f"(clips of {trained.describe()} frames)",
+            hint,
+        )
+    if recorded.normalisation is not None:
+        if not vae.normalisation.close_to(Normalisation.from_record(recorded.normalisation)):
+            reporter.log(
+                f"warning: the VAE {vae.name} normalises its latents ({vae.normalisation.formula}) with other values "
+                "than the model's training data: decoded pixels will be off"
+            )
+    elif override is None and abs(vae.scaling_factor - recorded.scaling_factor) > 1e-6:
         reporter.log(
             f"warning: VAE scaling factor {vae.scaling_factor} differs from the recorded {recorded.scaling_factor}"
         )

@@ -68,6 +68,8 @@ class SampleConfig:
     # encoder name -> model, instead of the recorded one (--clip, --t5, --text-encoder)
     text_encoders: dict[str, str] = field(default_factory=dict)
     vae: str | None = None  # instead of the recorded VAE
+    vae_slicing: bool = False  # the VAE decodes a call's samples one at a time (less memory)
+    vae_tiling: bool = False  # the VAE decodes large frames in overlapping tiles (less memory; values change slightly)
     grid: bool = False  # also write one contact sheet of all prompts
     start_index: int = 0  # index of the first prompt: names the files and offsets the seeds
     # this process samples the batches b with b % world_size == rank (training's evaluation, spread over its ranks)
@@ -251,6 +253,8 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "negative_prompt": cfg.negative_prompt,
         "text_encoders": dict(cfg.text_encoders),
         "vae": cfg.vae,
+        "vae_slicing": cfg.vae_slicing,
+        "vae_tiling": cfg.vae_tiling,
         **(
             {"condition_scale": cfg.condition_scale, "continue_frames": cfg.continue_frames}
             if cfg.given_anything
@@ -301,6 +305,8 @@ def load_pipeline(
         vae=cfg.vae,
         negative_prompt=cfg.negative_prompt,
         reporter=reporter,
+        vae_slicing=cfg.vae_slicing,
+        vae_tiling=cfg.vae_tiling,
     )
 
 
@@ -442,6 +448,7 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             seed=int(record["seed"]),
             start_index=int(record["batch"]["start_index"]),
             **{k: settings[k] for k in _SIDECAR_SETTINGS},
+            **{k: settings[k] for k in _SIDECAR_NEWER_SETTINGS if k in settings},  # older sidecars: their defaults
             # sidecars of before --width/--height record the square's side
             **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
             resolution=None if "width" in settings else settings["resolution"],
@@ -473,6 +480,7 @@ _SIDECAR_SETTINGS = (
     "negative_prompt",
     "vae",
 )
+_SIDECAR_NEWER_SETTINGS = ("vae_slicing", "vae_tiling")
 
 
 def resample_from_sidecar(

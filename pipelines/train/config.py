@@ -16,6 +16,7 @@ CONDITION_FRAMES = ("first", "prefix", "first-last")  # as pipelines.data.loader
 DEFAULT_P_CONDITION = 0.9  # one model keeps doing text-to-video on the rest
 ON_NAN = ("stop", "skip")
 LOG_TO = ("none", "tensorboard")
+IMAGE_FRAMES = ("auto", "pseudo-video", "one")  # as pipelines.data.loader.IMAGE_FRAMES, plus auto
 BUCKET_BATCH = ("fixed", "tokens")  # as pipelines.data.bucket_plan.BUCKET_BATCH (not imported here: numpy)
 
 
@@ -57,7 +58,8 @@ class TrainConfig:
     noise_shift: str = "none"  # resolution shift of the noise: none, auto (from the latent size and frames) or a number
     loss_weighting: str = "none"  # ddpm: none or min-snr
     min_snr_gamma: float = 5.0
-    frames: int = 8  # t2v without clips: pseudo-video length
+    frames: int = 8  # t2v without clips: pseudo-video length in frames (latent frames through the data's VAE)
+    image_frames: str = "auto"  # t2v: an image as the paper's pseudo-video, or "one" latent frame; auto: by the VAE
     flip: bool = True  # use the stored mirrored latents half of the time, when present
     shuffle_buffer: int = 1000
     num_workers: int = 2
@@ -176,6 +178,11 @@ class TrainConfig:
             0 <= self.ema_decay < 1,
             f"--ema-decay must be in [0, 1), got {self.ema_decay}: the exported EMA model would not follow training",
             "pass e.g. --ema-decay 0.9999 (0 exports the raw weights)",
+        )
+        require(
+            self.image_frames in IMAGE_FRAMES,
+            f"unknown --image-frames {self.image_frames!r}",
+            f"use one of {', '.join(IMAGE_FRAMES)}",
         )
         for name in ("text_dropout", "p_motion_free"):
             require(

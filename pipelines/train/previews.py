@@ -96,7 +96,8 @@ class Previewer:
         sizes = []
         for shape in sorted(set(self.shapes)):  # one batch per size
             which = [k for k, s in enumerate(self.shapes) if s == shape]
-            frames = shape[0] if len(shape) == 4 else 1
+            # pixel frames: what the latent frames decode to
+            frames = self.record.vae.frames.decoded_frames(shape[0]) if len(shape) == 4 else 1
             height, width = (side * pipe.vae.downsample for side in shape[-2:])
             generation = Generation(
                 steps=self.config.preview_steps,

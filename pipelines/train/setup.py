@@ -25,6 +25,7 @@ from pipelines.data.loader import (
     load_empty_caption,
     make_loader,
     stream_plan,
+    temporal_downsample,
 )
 from pipelines.diffusion.objective import Objective, make_objective
 from pipelines.errors import GentronError
@@ -37,9 +38,11 @@ from pipelines.model.configs import (
     init_conflicts,
     model_config,
     model_spec,
+    patch_size_for,
     text_inputs_from_data,
 )
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays
+from pipelines.model.vae import FrameRule
 from pipelines.model_folder import (
     ConditioningRecord,
     DataRecord,
@@ -121,12 +124,20 @@ def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> Traini
             f"image latents {images.latent_shape} and clip latents {videos.latent_shape} have different channels",
             "encode images and clips with the same VAE",
         )
+    if images is not None and videos is not None:
+        check_same_vae(images, videos)
     if config.stage == "t2v" and videos is None:
         reporter.log(
             "warning: --stage t2v without --video-data trains on still images repeated as videos only: "
             "motion cannot be learnt from stills; pass --video-data (clips from `gentron encode-text`) to learn it"
         )
     empty, empty_path = load_empty_caption([s.folder for s in (images, videos) if s is not None])
+    frames = config.frames  # t2v without clips: the pseudo-videos' frames, as latent frames of the data's VAE
+    if config.stage == "t2v" and videos is None:
+        vae = vae_metadata(images)
+        rule = FrameRule.from_record(vae)
+        rule.check(config.frames, f"--frames {config.frames}", vae.get("vae", "of the data"), option="--frames")
+        frames = rule.latent_frames(config.frames)
     spec = StreamSpec(
         stage=config.stage,
         seed=config.seed,
@@ -137,10 +148,21 @@ def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> Traini
         text_dropout=config.text_dropout,
         flip=config.flip,
         buffer_size=config.shuffle_buffer,
-        frames=config.frames,
+        frames=frames,
+        image_frames=image_frames_used(config, [s for s in (images, videos) if s is not None]),
         condition=config.condition_spec(),
     )
     return TrainingData(images, videos, empty, empty_path, spec, stream_plan(spec, images, videos, world))
+
+
+def image_frames_used(config: TrainConfig, sources: list[Source]) -> str:
+    """--image-frames as it takes effect: auto is pseudo-videos with an image VAE, one latent frame with a video
+    VAE."""
+    if config.stage == "t2v" and not config.video_data:
+        return "pseudo-video"  # T2V from stills alone: --frames long pseudo-videos, with any VAE
+    if config.image_frames != "auto":
+        return config.image_frames
+    return "one" if any(temporal_downsample(s) > 1 for s in sources) else "pseudo-video"
 
 
 def bucket_summary(table: dict) -> str:
@@ -154,6 +176,24 @@ def bucket_summary(table: dict) -> str:
         f"  {r[0]} latents, {r[2]} frames: {r[3]} images, {r[4]} clips, batch {r[5]}, {r[7]} of the steps" for r in rows
     ]
     return "\n".join(lines + [f"  {n}" for n in notes])
+
+
+def vae_metadata(source: Source) -> dict:
+    """What encode-latents recorded of the source's VAE (the latent section of its first sample)."""
+    latent = source.metadata.get("latent")
+    return latent if isinstance(latent, dict) else {}
+
+
+def check_same_vae(images: Source, videos: Source) -> None:
+    """Images and clips trained together must come from one VAE: one family, time layout and normalisation."""
+    vae = {"image": vae_metadata(images), "clip": vae_metadata(videos)}
+    if any(vae["image"].get(k) != vae["clip"].get(k) for k in ("family", "temporal_downsample", "normalisation")):
+        raise GentronError(
+            f"the image latents in {images.folder} were encoded with the VAE {vae['image'].get('vae')} "
+            f"({vae['image'].get('family', '?')}) and the clip latents in {videos.folder} with "
+            f"{vae['clip'].get('vae')} ({vae['clip'].get('family', '?')}), whose latents differ",
+            "encode images and clips with the same VAE (`gentron encode-latents --vae`)",
+        )
 
 
 def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...]:
@@ -174,7 +214,8 @@ def text_fields_for(model_config: dict, sources: list[Source]) -> tuple[str, ...
 
 
 def build_model(config: TrainConfig, data: TrainingData, objective: Objective, reporter: Reporter):
-    """The model to train and its config: from --init (T2I -> T2V when needed) or a fresh config sized to the data."""
+    """The model to train and its config: from --init (T2I -> T2V when needed) or a fresh config sized to the data
+    (latent channels; patch size 1 when the VAE compresses space more than 8x, unless --model sets one)."""
     channels, height, width = data.latent_shape[-3:]
     if config.init:
         model = init_model(config, objective, reporter)
@@ -185,6 +226,13 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
         text = {"text_inputs": text_inputs_from_data(spec, widths)}
         if objective.config.name == "flow" and "learn_sigma" not in spec:
             text["learn_sigma"] = False  # a velocity model has no variance to learn
+        downsample = vae_metadata(data.sources[0]).get("downsample")
+        if "patch_size" not in spec and downsample and patch_size_for(int(downsample)) != 2:
+            text["patch_size"] = patch_size_for(int(downsample))  # a VAE compressing space more than 8x
+            reporter.log(
+                f"patch size {text['patch_size']} for latents {int(downsample)}x smaller than the pixels "
+                "(--model patch_size sets another)"
+            )
         cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
         if config.condition_frames:
             cfg["frame_conditioning"] = True
@@ -250,6 +298,15 @@ def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) ->
 def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], reporter: Reporter) -> TrainConfig:
     """The run's settings as they take effect (recorded in RUN/config.json): a setting that cannot is said once."""
     changes = {}
+    if config.image_frames == "auto":
+        changes["image_frames"] = image_frames_used(config, sources)
+    elif config.stage != "t2v" or not config.image_data:
+        reporter.log(
+            f"--image-frames {config.image_frames} applies to --stage t2v with --image-data: it changes nothing"
+        )
+    elif config.image_frames == "one" and not config.video_data:
+        reporter.log("--image-frames one applies to --stage t2v with --video-data: stills alone train as pseudo-videos")
+        changes["image_frames"] = "pseudo-video"
     if config.init:
         changes["model"] = architecture_spec(model_cfg)  # the --init model's architecture, not the --model default
     elif config.model is None:
@@ -338,23 +395,28 @@ def pipeline_record(
     downsample = latent_meta.get("downsample")
     if downsample is None and isinstance(resolution, (int, float)) and resolution:
         downsample = int(resolution) // latent_shape[-1]
+    recorded = {k: latent_meta[k] for k in _VAE_RECORD_FIELDS if k in latent_meta}  # family, ratios, normalisation
+    vae = VAERecord(
+        name=latent_meta.get("vae", "pixel"),
+        scaling_factor=latent_meta.get("scaling_factor", 1.0),
+        shift_factor=latent_meta.get("shift_factor", 0.0),
+        channels=int(latent_shape[-3]),
+        downsample=downsample,
+        **recorded,
+    )
+    latent_frames = int(latent_shape[0]) if config.stage == "t2v" else 1
     return PipelineRecord(
         stage=config.stage,
         objective=objective.config,
-        vae=VAERecord(
-            name=latent_meta.get("vae", "pixel"),
-            scaling_factor=latent_meta.get("scaling_factor", 1.0),
-            shift_factor=latent_meta.get("shift_factor", 0.0),
-            channels=int(latent_shape[-3]),
-            downsample=downsample,
-        ),
+        vae=vae,
         # the shard metadata's text section (encoders, their models and settings), and what the model reads
         text_encoders={**text_meta, "used": list(model_cfg["text_inputs"]), "inputs": model_cfg["text_inputs"]},
         data=DataRecord(
             latent_shape=tuple(latent_shape),
-            frames=int(latent_shape[0]) if config.stage == "t2v" else 1,
+            frames=vae.frames.decoded_frames(latent_frames),  # what the latent frames decode to
             resolution=resolution,
             fps=prep_meta.get("fps", prep_meta.get("clip_fps")),
+            latent_frames=latent_frames,
             buckets=tuple(tuple(shape) for shape in buckets) if buckets and len(buckets) > 1 else None,
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
@@ -362,6 +424,17 @@ def pipeline_record(
         if (spec := config.condition_spec()) is None
         else ConditioningRecord(frames=spec.frames, p=spec.p, dropout=spec.dropout, noise=spec.noise),
     )
+
+
+_VAE_RECORD_FIELDS = (
+    "family",
+    "temporal_downsample",
+    "frame_step",
+    "frame_rule",
+    "causal",
+    "normalisation",
+    "decode_options",
+)
 
 
 def earlier_load_failures(folder: Path) -> list[dict]:

@@ -49,6 +49,7 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
     if config.init:  # a run folder stands for its exported model, as in `gentron sample --model`
         absolute["init"] = str(find_model_folder(Path(absolute["init"]), option="--init").resolve())
     config = replace(config, **absolute)
+    owns_process_group = not dist.is_initialized()  # a caller's process group outlives this run
     d = setup_distributed(config.process_group_timeout)
     try:
         with StopRequest() as stop:
@@ -59,7 +60,7 @@ def train(config: TrainConfig, reporter: Reporter = NullReporter()) -> TrainResu
             with folder_lock(folder, "run folder"):  # a second `train` into it would interleave its checkpoints
                 return _train(config, d, reporter, stop)
     finally:
-        if d.world > 1 and dist.is_initialized():
+        if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
