@@ -57,14 +57,21 @@ def sample_command(
     video: list[Path] | None = typer.Option(
         None,
         "--video",
-        help="Continuation: the video starts with this clip's last --continue K latent frames (read at the model's "
+        help="Continuation: the video starts with this clip's last --continue K frames (read at the model's "
         "frame rate). One for every prompt, or one per prompt.",
     ),
     continue_frames: int | None = typer.Option(
-        None, "--continue", help="With --video: how many of its last latent frames the new video keeps."
+        None,
+        "--continue",
+        help="With --video: how many of its last frames the new video keeps: K latent frames with a VAE that encodes "
+        "each frame alone; with a video VAE K must be a clip length it takes (4k+1 for Wan) and gives 1 + (K-1)/4 "
+        "latent frames.",
     ),
     last_image: list[Path] | None = typer.Option(
-        None, "--last-image", help="The video's last frame (a model trained with first-last); one, or one per prompt."
+        None,
+        "--last-image",
+        help="The video's last frame (a model trained with first-last; not with a VAE compressing time); one, or one "
+        "per prompt.",
     ),
     condition_scale: float = typer.Option(
         1.0, "--condition-scale", help="Guidance scale lC on the given frames (1 = off; other values cost a branch)."

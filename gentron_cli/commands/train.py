@@ -81,8 +81,10 @@ def register(app: typer.Typer) -> None:
             _D.condition_frames,
             "--condition-frames",
             help="t2v frame conditioning: the latent frames a sample is given and keeps, first (image-to-video), "
-            "prefix (continuation: the first k, k from 1 to half the clip) or first-last; the loss covers the others. "
-            "The condition channels of a T2V --init model start at zero.",
+            "prefix (continuation: the first k latent frames, k from 1 to half the clip) or first-last; the loss "
+            "covers the others. Counted in latent frames: with a causal video VAE the first frame is its own latent "
+            "frame and each later one holds several frames (first-last is refused there). The condition channels of "
+            "a T2V --init model start at zero.",
         ),
         p_condition: float | None = typer.Option(
             _D.p_condition,

@@ -4,8 +4,11 @@ Each given picture is read as prep reads its data (pipelines/data/image.py `load
 resized to cover the sample's width x height and center-cropped by prep's own `fit` and `cover_crop` (as a bucket of
 `--buckets` is cut; a square when the sample is); a video's frames are read at the
 model's training frame rate by prep's reader (pipelines/data/video.py), each resized and cropped the same way.
-`encode_given` turns them into the latent frames the model keeps (a `FrameCondition`): the first picture, or the
-video's last K frames, become the first latent frames; the last picture the last latent frame.
+`encode_given` turns them into the latent frames the model keeps (a `FrameCondition`) through the VAE's frame rule:
+the first picture, or the video's last K frames encoded as one clip, become the first latent frames (with a causal
+video VAE, the first frame alone and then every `temporal` frames: 1 + (K - 1) / temporal latent frames, so K must be
+a clip length the VAE takes); the last picture the last latent frame, with a VAE that encodes each frame alone only
+(a video VAE's last latent frame holds several frames, which one picture cannot give).
 
 What was given is recorded per sample (`GivenFrames.record`: the sources with their sha256, the latent and output
 frames) beside a lossless film strip of the prepared frames (`stem.given.png`), which `gentron eval` compares
@@ -26,7 +29,7 @@ from pipelines.data.video import ClipPlan, plan_clips, probe_video, read_clips, 
 from pipelines.errors import BadSample, GentronError
 from pipelines.files import file_sha256
 from pipelines.model.conditioning import FrameCondition
-from pipelines.model.vae import VAE
+from pipelines.model.vae import VAE, FrameRule
 
 GIVEN_SUFFIX = ".given.png"  # the film strip of a sample's given frames, beside its outputs
 
@@ -36,7 +39,7 @@ class GivenSources:
     """What one sample is given, as the user named it."""
 
     image: Path | None = None  # the first frame
-    video: Path | None = None  # a video whose last `continue_frames` latent frames start the sample
+    video: Path | None = None  # a video whose last `continue_frames` frames start the sample
     continue_frames: int | None = None
     last_image: Path | None = None  # the last frame
 
@@ -60,8 +63,8 @@ class GivenFrames:
         return np.concatenate(parts)
 
     def output_frames(self, frames: int) -> list[int]:
-        """The indices of the output video's frames (of `frames`) that show the given ones (a VAE that encodes each
-        frame alone: one frame per latent frame)."""
+        """The indices of the output video's frames (of `frames`) that show the given ones: the start frames open it
+        (with any VAE: a video VAE's first latent frames decode to exactly those frames), the last frame ends it."""
         start = list(range(len(self.start))) if self.start is not None else []
         return start + ([frames - 1] if self.last is not None else [])
 
@@ -143,13 +146,31 @@ def read_given(sources: GivenSources, size: tuple[int, int], fps: float) -> Give
     return GivenFrames(start, last, record)
 
 
-def given_latent_frames(given: GivenFrames, latent_frames: int) -> list[int]:
-    """Which of a video's `latent_frames` latent frames `given` fills (a VAE that encodes each frame alone)."""
-    start = list(range(len(given.start))) if given.start is not None else []
+def check_given_rule(rule: FrameRule, vae: str, start_frames: int | None, last: bool) -> None:
+    """Given frames through a VAE's frame rule (`vae`: its name, for the message): `start_frames` given frames (an
+    image: 1, `--video --continue K`: K) must be a clip length it takes, and a last picture needs a VAE that encodes
+    each frame alone. GentronError naming the option and the fix otherwise."""
+    if start_frames is not None:
+        rule.check(start_frames, f"--continue {start_frames}", vae, option="--continue")
+    if last and rule.temporal > 1:
+        raise GentronError(
+            f"--last-image gives one frame, but the VAE {vae} packs {rule.temporal} frames into each latent frame "
+            "after the first, so a video's last latent frame cannot be made from one picture",
+            "drop --last-image (--image and --video --continue K work with this VAE), or use a model trained on the "
+            "latents of a VAE that encodes each frame alone",
+        )
+
+
+def given_latent_frames(given: GivenFrames, latent_frames: int, rule: FrameRule, vae: str) -> list[int]:
+    """Which of a video's `latent_frames` latent frames `given` fills, through the VAE's frame `rule`: K start frames
+    are its first rule.latent_frames(K) latent frames, the last picture its last latent frame."""
+    check_given_rule(rule, vae, None if given.start is None else len(given.start), given.last is not None)
+    start = list(range(rule.latent_frames(len(given.start)))) if given.start is not None else []
     indices = start + ([latent_frames - 1] if given.last is not None else [])
     if len(set(indices)) != len(indices) or len(indices) >= latent_frames:
         raise GentronError(
-            f"{len(indices)} given frame(s) leave nothing to generate in a video of {latent_frames} latent frames",
+            f"{len(indices)} given latent frame(s) leave nothing to generate in a video of {latent_frames} latent "
+            "frames",
             "give fewer frames (a smaller --continue), or sample more --frames",
         )
     return indices
@@ -162,8 +183,10 @@ def encode_given(vae: VAE, given: list[GivenFrames], latent_shape: tuple[int, ..
     latents = torch.zeros(len(given), *latent_shape)
     mask = torch.zeros(len(given), latent_shape[0], dtype=torch.bool)
     for b, frames in enumerate(given):
-        indices = given_latent_frames(frames, latent_shape[0])
-        mean, _ = vae.encode(frames.strip_frames())
+        indices = given_latent_frames(frames, latent_shape[0], vae.frame_rule, vae.name)
+        parts = [] if frames.start is None else [vae.encode_clips([frames.start])[0][0]]  # one clip: K frames
+        parts += [] if frames.last is None else [vae.encode(frames.last[None])[0]]  # one picture: one latent frame
+        mean = torch.cat(parts)
         if tuple(mean.shape[1:]) != tuple(latent_shape[1:]):
             raise GentronError(
                 f"the given frames encode to latents {tuple(mean.shape[1:])}, the video's are "

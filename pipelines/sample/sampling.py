@@ -34,7 +34,14 @@ from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
 from pipelines.sample import outputs
-from pipelines.sample.given import GIVEN_SUFFIX, GivenFrames, GivenSources, given_latent_frames, read_given
+from pipelines.sample.given import (
+    GIVEN_SUFFIX,
+    GivenFrames,
+    GivenSources,
+    check_given_rule,
+    given_latent_frames,
+    read_given,
+)
 from pipelines.sample.pipeline import Generation, SamplingPipeline
 
 SIDECAR_VERSION = 1
@@ -77,7 +84,7 @@ class SampleConfig:
     world_size: int = 1
     # given frames (a frame-conditioned model): one path for every prompt, or one per prompt
     images: list[Path] = field(default_factory=list)  # --image: the first frame
-    videos: list[Path] = field(default_factory=list)  # --video: its last `continue_frames` latent frames start it
+    videos: list[Path] = field(default_factory=list)  # --video: its last `continue_frames` frames start it
     continue_frames: int | None = None  # --continue K
     last_images: list[Path] = field(default_factory=list)  # --last-image: the last frame
     condition_scale: float = 1.0  # lC, guidance on the given frames
@@ -231,6 +238,7 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
             "train one with `gentron train --stage t2v --condition-frames first|prefix|first-last`, or drop them",
         )
         require(frames > 1, "given frames need a video, but --frames is 1", "sample more --frames")
+        check_given_rule(folder.record.vae.frames, folder.record.vae.name, cfg.continue_frames, bool(cfg.last_images))
     width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
@@ -398,7 +406,9 @@ def _write_samples(
                     strip = outputs.write_png(
                         out / f"{stem}{GIVEN_SUFFIX}", outputs.film_strip(given[k].strip_frames())
                     )
-                    latent_frames = given_latent_frames(given[k], generated.latents.shape[1])
+                    latent_frames = given_latent_frames(
+                        given[k], generated.latents.shape[1], pipe.vae.frame_rule, pipe.vae.name
+                    )
                     record["given"] = given[k].record(len(frames), latent_frames, strip.name)
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))

@@ -327,12 +327,25 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
     return replace(config, **changes) if changes else config
 
 
-def check_condition_frames(config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter) -> None:
+def check_condition_frames(
+    config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter, sources: list[Source] | None = None
+) -> None:
     """--condition-frames needs clips of enough latent frames that some are left to generate: refused when no bucket
-    (latent shape (T, C, h, w)) has them, announced when some buckets are too short (their samples train T2V)."""
+    (latent shape (T, C, h, w)) has them, announced when some buckets are too short (their samples train T2V).
+    first-last is refused on the latents of a VAE compressing time (`sources`' VAE): their last latent frame holds
+    several frames, which sampling's one --last-image picture cannot give."""
     spec = config.condition_spec()
     if spec is None:
         return
+    temporal = max((temporal_downsample(s) for s in sources or ()), default=1)
+    if spec.frames == "first-last" and temporal > 1:
+        raise GentronError(
+            f"--condition-frames first-last: the training latents come from a VAE that packs {temporal} frames into "
+            "each latent frame after the first, so the last latent frame is not one picture and sampling could not "
+            "give it (--last-image is one frame)",
+            "use --condition-frames first or prefix (they count latent frames: with a causal video VAE the first "
+            "frame is its own latent frame), or encode the data with a VAE that encodes each frame alone",
+        )
     short = [shape for shape in shapes if shape[0] < spec.min_frames()]
     if len(short) == len(shapes):
         raise GentronError(
@@ -470,7 +483,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
     data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
-    check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter)
+    check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter, data.sources)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
         check_resume(folder, config)
