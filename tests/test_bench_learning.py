@@ -3,6 +3,7 @@ training)."""
 
 import importlib.util
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines.data.media import decode_clip
-from pipelines.evaluate.probe import SIDES, parse_caption
+from pipelines.evaluate.probe import RELATIONS, SIDES, parse_caption, parse_pair_caption
 from pipelines.sample.outputs import output_stem, write_sample, write_sidecar
-from pipelines.toy.data import ToyDataConfig, make_toy_dataset
+from pipelines.toy.data import ToyDataConfig, draw_pair, make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +178,168 @@ def test_the_diagnosis_regeneration_ends_at_x0_with_an_oracle_velocity_and_follo
     both = lambda x, timestep, text: oracle(x0 if text == "text" else other)(x, timestep, text)  # noqa: E731
     out = diagnosis.regenerate(both, x0, noise, "text", "empty", 0.5, 1000, steps=1, cfg=2.0)
     assert torch.allclose(out, 2.0 * x0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- two objects
+
+
+def _pair_truth(prompts: list[str], swap_held_out: bool = False) -> dict[str, np.ndarray]:
+    """Each two-object prompt drawn as the generator draws it, at the training size; with swap_held_out, prompts of a
+    held-out pair get the classic failure instead: each colour on the other's shape."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for prompt in prompts:
+        want = parse_pair_caption(prompt)
+        first, second = want["first"], want["second"]
+        if swap_held_out and bench.is_pair_held_out(prompt):
+            first, second = (first[0], second[1]), (second[0], first[1])
+        out[prompt] = _resize(draw_pair(first, want["relation"], second, bench.PAIR_DATA, rng))
+    return out
+
+
+def test_pair_prompts_cover_every_relation_and_name_each_held_out_pair_both_ways():
+    prompts = bench.pair_prompts()
+    assert len(prompts) == len(set(prompts)) == 96 and prompts == bench.pair_prompts()  # fixed
+    held = [p for p in prompts if bench.is_pair_held_out(p)]
+    assert len(held) == 32
+    seen_pairs = set(bench.PAIR_DATA.combos())
+    for prompt in prompts:
+        want = parse_pair_caption(prompt)
+        named = {want["first"], want["second"]}
+        assert len(named & set(bench.PAIR_HELD_OUT)) == (1 if prompt in held else 0)
+        assert len(named & seen_pairs) == (1 if prompt in held else 2)
+    for pair in bench.PAIR_HELD_OUT:
+        for relation in RELATIONS:
+            firsts = [p for p in held if parse_pair_caption(p)["relation"] == relation]
+            assert sum(parse_pair_caption(p)["first"] == pair for p in firsts) == 2
+            assert sum(parse_pair_caption(p)["second"] == pair for p in firsts) == 2
+    relations = Counter(parse_pair_caption(p)["relation"] for p in prompts if p not in held)
+    assert relations == {r: 16 for r in RELATIONS}
+    assert bench.PAIR_DATA.images == 4000 and set(bench.PAIR_DATA.held_out) == set(bench.PAIR_HELD_OUT)
+
+
+def test_pair_ground_truth_scores_perfectly_and_a_binding_swap_is_caught(tmp_path):
+    prompts = bench.pair_prompts()
+    held = [p for p in prompts if bench.is_pair_held_out(p)]
+    # held-out prompts whose two asked shapes differ; where they are the same, a swap changes nothing
+    differ = sum(parse_pair_caption(p)["first"][1] != parse_pair_caption(p)["second"][1] for p in held)
+    assert 16 <= differ < 32
+    for name, truth in (("right", _pair_truth(prompts)), ("swapped", _pair_truth(prompts, swap_held_out=True))):
+        _write_samples(tmp_path / name, prompts, truth)
+        read = bench.read_samples(tmp_path / name)
+        assert [p for p, _ in read] == prompts
+        groups = bench.tally([(p, bench.probe(p, f)) for p, f in read], is_held=bench.is_pair_held_out)
+        assert (groups["seen"].total, groups["held_out"].total) == (64, 32)
+        ratios = bench.ratios_of("flow", "pairs", groups, bench.PAIR_COLUMNS)
+        assert ratios["flow.pairs.colors"] == ratios["flow.pairs.binding"] == ratios["flow.pairs.all"] == 1.0
+        assert ratios["flow.pairs.relation"] == ratios["flow.pairs.held_out.relation"] == 1.0
+        assert ratios["flow.pairs.swapped"] == 0.0 and ratios["flow.pairs.held_out.colors"] == 1.0
+        swapped = differ if name == "swapped" else 0
+        assert dict(groups["held_out"].hits) == {
+            "colors": 32,
+            "binding": 32 - swapped,
+            "relation": 32,
+            "all": 32 - swapped,
+            "swapped": swapped,
+        }
+        result = bench.summary(
+            ratios, {}, candidate="flow", threads=1, goals=bench.PAIR_GOALS, benchmark="learning-pairs"
+        )
+        assert result["benchmark"] == "learning-pairs" and set(result["goals"]) == {
+            f"flow.{k}" for k in bench.PAIR_GOALS
+        }
+        assert result["met"]["flow.pairs.held_out.all"] is (name == "right")
+        assert result["met"]["flow.pairs.all"] is True
+
+
+def test_figures_over_seeds_are_the_mean_with_the_lowest_and_highest():
+    mean, spread = bench.over_seeds([{"a": 0.5, "b": 1.0}, {"a": 0.75, "b": 1.0, "c": 0.1}, {"a": 1.0, "b": 0.25}])
+    assert mean == {"a": 0.75, "b": 0.75} and spread == {"a": [0.5, 1.0], "b": [0.25, 1.0]}  # c: not in every seed
+    assert bench._cell([0.5]) == "0.50" and bench._cell([0.5, 1.0]) == "0.75 (0.50-1.00)"
+    result = bench.summary(mean, {}, candidate="x", threads=1, spread=spread, seeds=[0, 1, 2])
+    assert result["spread"] == spread and result["seeds"] == [0, 1, 2]
+
+
+def _load_diagnosis():
+    spec = importlib.util.spec_from_file_location("learning_diagnosis", ROOT / "benchmarks" / "learning_diagnosis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_diagnosis_reads_the_cross_attention_each_block_computes(tmp_path):
+    """cross_attention_probs: probabilities over real tokens only, and the very ones the module's output is made of
+    (its output projection of probabilities times values)."""
+    import torch
+    from einops import rearrange
+
+    from pipelines.model.conditioning import TextCondition
+    from pipelines.model.configs import model_config
+    from pipelines.model.gentron import GenTronTransformer
+
+    diagnosis = _load_diagnosis()
+    torch.manual_seed(0)
+    model = GenTronTransformer.from_config(model_config("T/2", in_channels=3, patch_size=4, learn_sigma=False))
+    for p in model.parameters():  # away from the zero init, so attention and outputs are not trivial
+        torch.nn.init.normal_(p, std=0.2)
+    rng = np.random.default_rng(0)
+    text = TextCondition.collate(
+        [
+            {"clip": rng.normal(size=(n, 32)), "clip_pooled": rng.normal(size=32), "t5": rng.normal(size=(n + 2, 32))}
+            for n in (3, 5)
+        ]
+    )
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300.0, 800.0])
+    seen = []
+    handle = model.blocks[1].cross_attn.register_forward_hook(lambda m, i, o: seen.append((i[1], o)))
+    probs = diagnosis.cross_attention_probs(model, x, t, text)
+    handle.remove()
+    assert len(probs) == len(model.blocks) and probs[0].shape == (2, 4, 16, 5 + 7)
+    mask = torch.cat([text.mask("clip"), text.mask("t5")], dim=1)  # the model's token order: clip, then t5
+    for p in probs:
+        assert torch.allclose(p.sum(dim=-1), torch.ones(2, 4, 16), atol=1e-5)
+        assert (p[0][..., ~mask[0]] == 0).all() and (p[0][..., mask[0]] > 0).all()
+    module = model.blocks[1].cross_attn
+    text_tokens, output = seen[0]
+    _, v = rearrange(module.kv(text_tokens), "b l (two h d) -> two b h l d", two=2, h=module.num_heads)
+    rebuilt = module.proj(rearrange(probs[1] @ v, "b h n d -> b n (h d)"))
+    assert torch.allclose(rebuilt, output, atol=1e-4)
+
+
+def test_the_diagnosis_finds_each_word_among_the_tokens_of_every_encoder(tmp_path):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    from pipelines.model.tiny import build_tiny_clip
+
+    diagnosis = _load_diagnosis()
+    clip = AutoTokenizer.from_pretrained(build_tiny_clip(tmp_path / "clip"))
+    byt5 = ByT5Tokenizer()
+    caption = "a yellow triangle above a red square"
+    for word, index in (("yellow", 1), ("red", 5), ("square", 6)):
+        start = caption.index(f" {word}") + 1
+        ids = clip(caption)["input_ids"]
+        found = diagnosis.word_tokens(clip, caption, start, start + len(word))
+        assert clip.decode([ids[j] for j in found]).strip() == word
+        assert diagnosis.word_tokens(byt5, caption, start, start + len(word)) == list(range(start, start + len(word)))
+
+        class Encoders:
+            def get(self, name):
+                return type("E", (), {"tokenizer": {"clip": clip, "t5": byt5}[name]})
+
+        lengths = {"clip": 20, "t5": 50}
+        both = diagnosis.caption_word_tokens(Encoders(), ["clip", "t5"], lengths, caption, index)
+        assert both == found + [20 + j for j in range(start, start + len(word))]
+
+
+def test_the_benchmark_recipe_is_the_small_data_preset():
+    """The learning benchmark's candidate (COMMON, the flow configuration and each stage's flags, last flag wins) sets
+    what `gentron train --recipe small-data` sets: the preset the quickstart uses is the one the benchmark measures."""
+    from pipelines.train.config import recipe_settings
+
+    for stage in ("t2i", "t2v"):
+        words = [*bench.COMMON.split(), *bench.CONFIGS["flow"].split(), *bench.STAGE_FLAGS[stage].split()]
+        words.remove("--no-flip")  # the one flag without a value
+        flags = dict(zip(words[::2], words[1::2]))  # a later flag overrides an earlier one, as for the CLI
+        for key, value in recipe_settings("small-data", stage).items():
+            given = flags[f"--{key.replace('_', '-')}"]
+            assert given == str(value) if isinstance(value, str) else float(given) == value, (stage, key, given)

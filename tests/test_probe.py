@@ -2,6 +2,7 @@
 
 import hashlib
 import itertools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,26 +10,35 @@ from PIL import Image
 
 from pipelines.data.media import decode_clip
 from pipelines.evaluate.probe import (
+    BACKGROUND,
     CHANCE,
     COLORS,
     DIRECTIONS,
+    INVERSE_RELATION,
     PLACES,
+    RELATIONS,
     SHAPES,
     SIDE_BAND,
     SIDES,
     centroid,
     direction_of,
     image_caption,
+    is_pair_caption,
     largest_component,
     object_centre,
+    pair_caption,
     parse_caption,
+    parse_pair_caption,
     place_of,
     probe_image,
+    probe_pair,
     probe_video,
+    read_pair,
+    relation_of,
     shape_of,
     video_caption,
 )
-from pipelines.toy.data import ToyDataConfig, make_toy_dataset
+from pipelines.toy.data import PairDataConfig, ToyDataConfig, draw_pair, make_pair_dataset, make_toy_dataset
 
 SMALL = ToyDataConfig(images_per_combo=1, videos_per_combo=1, video_seconds=1.0)
 HELD_OUT = (("red", "triangle"), ("blue", "circle"))
@@ -305,3 +315,136 @@ def test_largest_component_is_four_connected():
     mask[2, 3:6] = True  # a bridge from the block to the strip, which also reaches (3, 3) but not (4, 4)
     assert largest_component(mask).sum() == 9 + 3 + 8 + 1
     assert not largest_component(np.zeros((4, 4), bool)).any()
+
+
+# --------------------------------------------------------------------------- two objects
+
+PAIRS = PairDataConfig(images=96, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pair_images(tmp_path_factory):
+    folder = make_pair_dataset(tmp_path_factory.mktemp("pairs"), PAIRS)
+    return [
+        (path.name, np.asarray(Image.open(path)), path.with_suffix(".txt").read_text())
+        for path in sorted(folder.glob("*.png"))
+    ]
+
+
+def _swap_shapes(caption: dict) -> str:
+    (c1, s1), (c2, s2) = caption["first"], caption["second"]
+    return pair_caption((c1, s2), caption["relation"], (c2, s1))
+
+
+def test_pair_captions_parse_back_and_name_each_scene_both_ways():
+    for first, second in itertools.permutations([("red", "circle"), ("blue", "square"), ("yellow", "triangle")], 2):
+        for relation in RELATIONS:
+            caption = pair_caption(first, relation, second)
+            assert parse_pair_caption(caption) == {"first": first, "relation": relation, "second": second}
+            assert is_pair_caption(caption) and not is_pair_caption(image_caption(first[0], "left", first[1]))
+    assert pair_caption(("red", "circle"), "left of", ("blue", "square")) == "a red circle to the left of a blue square"
+    assert pair_caption(("red", "circle"), "below", ("blue", "square")) == "a red circle below a blue square"
+    assert {INVERSE_RELATION[INVERSE_RELATION[r]] for r in RELATIONS} == set(RELATIONS)
+    for bad in (
+        "a red circle to the left of a red square",  # one colour: the reader could not tell the objects apart
+        "a red circle left of a blue square",
+        "a red circle beside a blue square",
+        "a red circle to the left of a purple square",
+        "a red circle to the left of",
+    ):
+        with pytest.raises(ValueError):
+            parse_pair_caption(bad)
+
+
+def test_pair_dataset_draws_what_its_captions_say_without_the_held_out_pairs(pair_images):
+    assert len(pair_images) == PAIRS.images
+    shown, relations, colours_per_image = set(), set(), []
+    for name, pixels, caption in pair_images:
+        want = parse_pair_caption(caption)
+        shown |= {want["first"], want["second"]}
+        relations.add(want["relation"])
+        drawn = {tuple(int(v) for v in p) for p in np.unique(pixels.reshape(-1, 3), axis=0)} - {BACKGROUND}
+        colours_per_image.append(drawn == {COLORS[want["first"][0]], COLORS[want["second"][0]]})
+        # the relation's axis parts the two boxes with the gap; both lie inside the frame
+        first, second = (np.all(pixels == COLORS[want[k][0]], axis=-1) for k in ("first", "second"))
+        (t1, b1, l1, r1), (t2, b2, l2, r2) = (
+            (ys.min(), ys.max(), xs.min(), xs.max()) for ys, xs in (np.nonzero(first), np.nonzero(second))
+        )
+        apart = {"left of": l2 - r1, "right of": l1 - r2, "above": t2 - b1, "below": t1 - b2}[want["relation"]]
+        assert apart >= PAIRS.gap * PAIRS.image_size, (name, caption)
+    assert all(colours_per_image)
+    assert relations == set(RELATIONS)
+    assert shown == set(PAIRS.combos()) and not shown & set(PAIRS.held_out)
+    assert {("yellow", "triangle"), ("blue", "circle")} == set(PAIRS.held_out)
+
+
+def test_pair_dataset_captions_one_layout_from_either_object(pair_images):
+    """Both phrasings occur: each relation names a fair share of the scenes (a scene's two captions are equally
+    likely), and a scene reads right under either caption."""
+    written = Counter(parse_pair_caption(c)["relation"] for _, _, c in pair_images)
+    assert set(written) == set(RELATIONS) and min(written.values()) >= len(pair_images) // 8, written
+    # the same scene drawn under its two captions reads the same
+    rng = np.random.default_rng(0)
+    a = draw_pair(("red", "circle"), "left of", ("blue", "square"), PAIRS, rng)
+    probe_of_inverse = probe_pair(a, "a blue square to the right of a red circle")
+    assert probe_of_inverse == {"colors": True, "binding": True, "relation": True, "all": True, "swapped": False}
+
+
+def test_pair_probe_reads_every_ground_truth_image_at_32px_and_with_noise(pair_images):
+    rng = np.random.default_rng(3)
+    for name, pixels, caption in pair_images:
+        for variant_name, variant in _variants(pixels, rng).items():
+            scores = probe_pair(variant, caption)
+            assert scores == {"colors": True, "binding": True, "relation": True, "all": True, "swapped": False}, (
+                name,
+                caption,
+                variant_name,
+            )
+
+
+def test_pair_probe_marks_exactly_what_a_wrong_prompt_changes(pair_images):
+    rng = np.random.default_rng(4)
+    for name, pixels, caption in pair_images[::4]:
+        image = _noisy(_resize(pixels, 32), rng)
+        want = parse_pair_caption(caption)
+        (c1, s1), (c2, s2) = want["first"], want["second"]
+        for relation in RELATIONS:  # only the asked relation reads true
+            asked = pair_caption(want["first"], relation, want["second"])
+            assert probe_pair(image, asked)["relation"] == (relation == want["relation"]), (name, asked)
+        # each colour asked on the other's shape: binding fails, and it is the classic swap when the shapes differ
+        swapped = probe_pair(image, _swap_shapes(want))
+        if s1 != s2:
+            assert swapped == {"colors": True, "binding": False, "relation": True, "all": False, "swapped": True}
+        # a colour that is not drawn: no object of it, so nothing about it holds
+        absent = next(c for c in COLORS if c not in (c1, c2))
+        missing = probe_pair(image, pair_caption((absent, s1), want["relation"], want["second"]))
+        assert missing == {"colors": False, "binding": False, "relation": False, "all": False, "swapped": False}
+        # the mirror caption of the scene is as right as its own
+        mirror = pair_caption(want["second"], INVERSE_RELATION[want["relation"]], want["first"])
+        assert probe_pair(image, mirror)["all"], (name, mirror)
+
+
+def test_pair_probe_ignores_specks_and_reads_relations_of_centres():
+    rng = np.random.default_rng(5)
+    for _ in range(20):  # an untrained model's sample: clipped Gaussian noise holds no object of any colour
+        noise = ((np.clip(rng.normal(0, 1, (32, 32, 3)), -1, 1) + 1) * 127.5).round().astype(np.uint8)
+        assert probe_pair(noise, "a red circle to the left of a blue square")["colors"] is False
+    assert relation_of((0.5, 0.2), (0.5, 0.8)) == "left of" and relation_of((0.5, 0.8), (0.5, 0.2)) == "right of"
+    assert relation_of((0.2, 0.5), (0.8, 0.55)) == "above" and relation_of((0.8, 0.4), (0.2, 0.5)) == "below"
+    assert relation_of((0.5, 0.5), (0.5, 0.5)) is None
+    # the scene's layout puts the centres apart along the relation's axis more than across it
+    for relation in RELATIONS:
+        image = draw_pair(("green", "triangle"), relation, ("red", "square"), PAIRS, rng)
+        seen = read_pair(image, ("green", "red"))
+        assert seen["green"][0] == "triangle" and seen["red"][0] == "square"
+        assert relation_of(seen["green"][1], seen["red"][1]) == relation
+
+
+def test_pair_config_checks_its_values():
+    with pytest.raises(ValueError):
+        PairDataConfig(square=0.5)  # two boxes and the gap do not fit
+    with pytest.raises(ValueError):
+        PairDataConfig(held_out=(("red", "hexagon"),))
+    with pytest.raises(ValueError):
+        PairDataConfig(shapes=("square",), held_out=(("green", "square"), ("blue", "square"), ("yellow", "square")))
+    assert len(PairDataConfig().combos()) == 10

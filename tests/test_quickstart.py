@@ -30,6 +30,10 @@ def test_quickstart_smoke_runs_every_stage_and_scores_what_it_wrote(tmp_path):
         assert (out / f"runs/{run}/model/config.json").is_file() and (out / f"runs/{run}/loss.png").is_file()
     assert json.loads((out / "runs/t2v/model/config.json").read_text())["temporal"] is True
     assert json.loads((out / "runs/i2v/model/config.json").read_text())["frame_conditioning"] is True
+    for run in ("t2i", "t2v", "i2v"):  # every stage trains with the small-data recipe (objective, timesteps, shift)
+        settings = json.loads((out / f"runs/{run}/config.json").read_text())
+        assert settings["recipe"] == "small-data" and settings["objective"] == "flow", settings
+        assert (settings["timestep_sampling"], settings["noise_shift"]) == ("logit-normal", "auto")
 
     # the report's figures are the probe's verdicts on the files it points to
     report = (out / "index.html").read_text()

@@ -32,7 +32,7 @@ from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
 from pipelines.train import checkpoint as ckpt
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import TrainConfig, recipe_settings
 from pipelines.train.metrics import read_metrics
 from pipelines.train.run import batch_text
 from pipelines.train.trainer import train
@@ -463,6 +463,39 @@ def test_the_objective_is_recorded_with_the_model(tmp_path, data):
     )
     assert json.loads((model / "config.json").read_text())["learn_sigma"] is False
     assert all(np.isfinite(result.losses))
+
+
+def test_a_recipe_sets_its_settings_per_stage_and_options_beside_it_win(tmp_path, data):
+    images, videos = data
+    run = tmp_path / "recipe"
+    common = ["--model", TINY_SPEC, "--num-workers", "0", "--log-every", "1", "--checkpoint-every", "2"]
+    args = ["train", "--recipe", "small-data", "--image-data", str(images), "--out", str(run), "--steps", "2"]
+    result = runner.invoke(app, args + common + ["--global-batch", "4", "--lr", "5e-4"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())
+    t2i = recipe_settings("small-data", "t2i")
+    assert saved["recipe"] == "small-data" and saved["objective"] == "flow" and t2i["objective"] == "flow"
+    assert {k: saved[k] for k in ("timestep_sampling", "noise_shift", "warmup_steps", "ema_decay")} == {
+        "timestep_sampling": "logit-normal",
+        "noise_shift": "auto",
+        "warmup_steps": t2i["warmup_steps"],
+        "ema_decay": t2i["ema_decay"],
+    }
+    assert saved["lr"] == 5e-4 and saved["global_batch"] == 4  # given beside the recipe: they win
+    assert read_metrics(run / "metrics.jsonl")[0]["lr"] == pytest.approx(5e-4 / t2i["warmup_steps"])  # its warm-up
+    assert json.loads((run / "model" / "pipeline.json").read_text())["objective"]["name"] == "flow"
+    # the recorded settings repeat the run without naming the recipe again
+    result = runner.invoke(app, ["train", "--config", str(run / "config.json"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert ckpt.latest_checkpoint(run).name == "step_0000003"
+    # T2V gets the recipe's T2V settings; without a recipe the defaults stay the paper's
+    t2v = TrainConfig.from_recipe("small-data", stage="t2v", video_data=str(videos), steps=5)
+    assert t2v.p_motion_free == 0.25 and t2v.ema_decay == 0.9 and t2v.global_batch == 8 and t2v.steps == 5
+    assert (t2v.lr, t2v.objective, t2v.recipe) == (recipe_settings("small-data", "t2v")["lr"], "flow", "small-data")
+    paper = TrainConfig()
+    assert (paper.objective, paper.timestep_sampling, paper.lr, paper.recipe) == ("ddpm", "uniform", 1e-4, None)
+    result = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "x"), "--recipe", "big-data"] + common)
+    assert result.exit_code == 2 and "unknown recipe 'big-data'" in result.output, result.output
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, data):

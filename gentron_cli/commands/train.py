@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from gentron_cli.reporting import RichReporter, console, run_command
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import RECIPES, TrainConfig, recipe_settings
 
 _D = TrainConfig()  # defaults shown in --help
 
@@ -197,6 +197,20 @@ def register(app: typer.Typer) -> None:
             help="none, or tensorboard: loss, learning rate, throughput, evaluation metrics and previews as event "
             "files in RUN/tensorboard (needs the tensorboard extra).",
         ),
+        recipe: str | None = typer.Option(
+            _D.recipe,
+            "--recipe",
+            help="A named preset of training settings for the stage, which options given here override: "
+            + "; ".join(
+                f"{name}: "
+                + ", ".join(f"{k}={v}" for k, v in recipe_settings(name, "t2i").items())
+                + " (t2i), "
+                + ", ".join(f"{k}={v}" for k, v in recipe_settings(name, "t2v").items())
+                + " (t2v)"
+                for name in RECIPES
+            )
+            + ". Without it the defaults are the paper's.",
+        ),
         process_group_timeout: int = typer.Option(
             _D.process_group_timeout,
             "--process-group-timeout",
@@ -220,9 +234,11 @@ def register(app: typer.Typer) -> None:
             names = {f.name for f in fields(TrainConfig)}
             values = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if k in names}
             if config is None:  # defaults of the options are the dataclass defaults
-                values = {
-                    k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k in names
-                } | values
+                base = replace(
+                    base, **{k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k in names}
+                )
+            if "recipe" in values:  # a recipe named here: its settings over the defaults or --config, options over it
+                base = replace(base, **recipe_settings(values["recipe"], values.get("stage", base.stage)))
             cfg = replace(base, **values)
             result = train(cfg, RichReporter())
             console.print(

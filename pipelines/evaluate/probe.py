@@ -6,6 +6,9 @@ determines what a correct sample looks like, so `probe_image` / `probe_video` sc
 any learned model: colour, shape, place (quadrant or side) and direction of motion. `ProbeTally` counts the
 scores of many samples; `gentron eval --probe toy`, the quickstart and training's evaluation use it.
 
+Two-object scenes ("a red circle to the left of a blue square") test composition: `probe_pair` finds each asked
+colour's object, reads its shape and compares the relation of their centres with the caption's (see "Two objects").
+
 - shapes are drawn filled, each within the same square bounding box: the square fills it, the circle is
   inscribed in it, the triangle is isosceles, pointing up, its base the box's bottom side;
 - a quadrant place ("top left") puts the whole shape inside that quarter of the frame;
@@ -393,3 +396,132 @@ def probe_given_video(
         "axis": any(ok for d, ok in steady.items() if axis_of(d) == axis_of(want)),
         "start": starts_where_given(frames, given, step),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Two objects
+#
+# "a red circle to the left of a blue square": two shapes of different colours, the first named one placed relative to
+# the second. Both objects share one bounding-box size and do not touch; along the relation's axis the boxes are apart,
+# across it each centre is near the middle, so the relation of their centres is unambiguous (pipelines/toy/data.py).
+# A scene has two captions, one per object named first ("... to the left of ..." / "... to the right of ...").
+
+RELATIONS = ("left of", "right of", "above", "below")
+_RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# The least area of an object, as a fraction of the frame: a drawn one covers 6 % (triangle) to 12 % (square); the
+# largest blob of one hue in an untrained model's samples (clipped Gaussian noise) is about 1.5 %, at most 2.6 %.
+MIN_OBJECT_AREA = 0.03
+PAIR_ATTRIBUTES = ("colors", "binding", "relation", "all")
+# Chance of each when the shapes and the relation are guessed (colour presence has no meaningful guess).
+PAIR_CHANCE = {"binding": 1 / len(SHAPES) ** 2, "relation": 1 / len(RELATIONS), "all": 1 / (len(SHAPES) ** 2 * 4)}
+
+
+def pair_caption(first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+    """'a red circle to the left of a blue square' from ("red", "circle"), "left of", ("blue", "square")."""
+    return f"a {first[0]} {first[1]} {_RELATION_PHRASES[relation]} a {second[0]} {second[1]}"
+
+
+def parse_pair_caption(caption: str) -> dict:
+    """{"first": (colour, shape), "relation": ..., "second": (colour, shape)} of a two-object caption; ValueError
+    otherwise, also when both objects have one colour (the reader tells the objects apart by colour)."""
+    words = caption.split()
+    phrase = " ".join(words[3:-3])
+    relation = next((r for r, p in _RELATION_PHRASES.items() if p == phrase), None)
+    if (
+        len(words) < 7
+        or words[0] != "a"
+        or words[-3] != "a"
+        or relation is None
+        or words[1] not in COLORS
+        or words[-2] not in COLORS
+        or words[2] not in SHAPES
+        or words[-1] not in SHAPES
+        or words[1] == words[-2]
+    ):
+        raise ValueError(f"not a two-object toy caption: {caption!r}")
+    return {"first": (words[1], words[2]), "relation": relation, "second": (words[-2], words[-1])}
+
+
+def is_pair_caption(caption: str) -> bool:
+    try:
+        parse_pair_caption(caption)
+    except ValueError:
+        return False
+    return True
+
+
+def palette_labels(frame: np.ndarray) -> np.ndarray:
+    """(H, W) index into COLORS (in its order) of each pixel, -1 for background.
+
+    Only pixels at least half as far from the background as the frame's objects typically are (their 90th
+    percentile) get a colour of their own: the hue of a faint edge pixel under noise is a guess. That colour is the
+    palette colour of nearest hue (cosine of RGB vectors, so a dimmed edge keeps its colour). Fainter foreground
+    within two pixels of labelled ones then takes their label: the soft edge stays with its object, and the objects
+    never touch (see the module doc)."""
+    distance = _distance(frame)
+    labels = np.full(frame.shape[:2], -1, np.int64)
+    foreground = distance > 60.0
+    if foreground.sum() == 0:
+        return labels
+    core = distance > max(60.0, np.percentile(distance[foreground], 90) / 2)
+    palette = np.array(list(COLORS.values()), np.float32)
+    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
+    hue = frame.astype(np.float32) / np.maximum(distance, 1e-6)[..., None]
+    labels[core] = (hue[core] @ palette.T).argmax(axis=1)
+    for _ in range(2):  # grow each label one pixel into unlabelled foreground (ties: the later colour)
+        grown = labels.copy()
+        for index in range(len(COLORS)):
+            reach = _grow(labels == index) & (labels == -1) & foreground
+            grown[reach] = index
+        labels = grown
+    return labels
+
+
+def color_layer(frame: np.ndarray, color: str, labels: np.ndarray | None = None) -> np.ndarray:
+    """The frame with only the pixels of one palette colour kept (the rest background): one object to read."""
+    labels = palette_labels(frame) if labels is None else labels
+    out = np.empty_like(frame)
+    out[:] = BACKGROUND
+    keep = labels == list(COLORS).index(color)
+    out[keep] = frame[keep]
+    return out
+
+
+def relation_of(a: tuple[float, float], b: tuple[float, float]) -> str | None:
+    """Where centre a (y, x) lies relative to centre b: along the axis they are further apart on; None if equal."""
+    dy, dx = a[0] - b[0], a[1] - b[1]
+    if dy == dx == 0:
+        return None
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def read_pair(image: np.ndarray, colors: tuple[str, str]) -> dict[str, tuple[str | None, tuple[float, float] | None]]:
+    """{colour: (shape, centre)} of the object drawn in each of two colours ((None, None) for a missing one)."""
+    labels = palette_labels(image)
+    out = {}
+    for color in colors:
+        layer = color_layer(image, color, labels)
+        mask = object_mask(layer)
+        if mask is None or mask.sum() < MIN_OBJECT_AREA * mask.size:  # a speck of that colour is no object
+            out[color] = (None, None)
+        else:
+            out[color] = (shape_of(layer), object_centre(layer))
+    return out
+
+
+def probe_pair(image: np.ndarray, caption: str) -> dict[str, bool]:
+    """A two-object caption against an image: both colours present ("colors"), each colour on its asked shape
+    ("binding"), their centres in the asked relation ("relation"), all three ("all"), and the classic binding
+    failure ("swapped": two different asked shapes drawn in each other's colour)."""
+    want = parse_pair_caption(caption)
+    (first_color, first_shape), (second_color, second_shape) = want["first"], want["second"]
+    seen = read_pair(image, (first_color, second_color))
+    (got_first, first_centre), (got_second, second_centre) = seen[first_color], seen[second_color]
+    colors = first_centre is not None and second_centre is not None
+    binding = colors and got_first == first_shape and got_second == second_shape
+    relation = colors and relation_of(first_centre, second_centre) == want["relation"]
+    swapped = colors and first_shape != second_shape and (got_first, got_second) == (second_shape, first_shape)
+    return {"colors": colors, "binding": binding, "relation": relation, "all": binding and relation, "swapped": swapped}

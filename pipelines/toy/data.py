@@ -7,6 +7,10 @@ grammar, the drawing rules and the probe that reads samples back are in pipeline
 
 The quickstart uses the defaults: squares only, at the four quadrants. `ToyDataConfig` also offers circles
 and triangles, side places, and colour-shape pairs held out of the data (to test composition).
+
+Two-object images (`PairDataConfig`, `make_pair_dataset`): two shapes of different colours, one left of, right of,
+above or below the other ("a red circle to the left of a blue square"); each scene is captioned from either object,
+so both phrasings of a layout occur; colour-shape pairs can be held out of every image.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from pipelines.evaluate.probe import (
     COLORS,
     DIRECTIONS,
     PLACES,
+    RELATIONS,
     SHAPES,
     SIDE_BAND,
     SIDES,
     image_caption,
+    pair_caption,
     video_caption,
 )
 
@@ -170,3 +176,84 @@ def make_toy_dataset(root: str | Path, cfg: ToyDataConfig = ToyDataConfig()) -> 
         (video_dir / f"{stem}.mp4").write_bytes(encode_h264(np.stack(frames), cfg.video_fps, crf=12))
         (video_dir / f"{stem}.txt").write_text(video_caption(color, direction, shape))
     return {"images": image_dir, "videos": video_dir}
+
+
+# ---------------------------------------------------------------------------------------------
+# Two objects
+
+
+@dataclass(frozen=True)
+class PairDataConfig:
+    images: int = 4000
+    image_size: int = 64  # written size; prep resizes down to the training size
+    square: float = 0.34375  # side of each shape's bounding box as a fraction of the frame (22 of 64 pixels)
+    gap: float = 0.1  # least space between the two boxes along the relation's axis, as a fraction of the frame
+    cross_jitter: float = 0.125  # largest offset of each centre from the middle across the relation's axis
+    shapes: tuple[str, ...] = SHAPES
+    held_out: tuple[tuple[str, str], ...] = (("yellow", "triangle"), ("blue", "circle"))  # never drawn
+    seed: int = 0
+
+    def __post_init__(self):
+        ToyDataConfig(shapes=self.shapes, held_out=self.held_out)  # the same checks of shapes and held-out pairs
+        if not (0 < self.square and 2 * self.square + self.gap <= 1):
+            raise ValueError(
+                f"two boxes of side {self.square} with a gap of {self.gap} do not fit in the frame: need "
+                "2 * square + gap <= 1"
+            )
+        if len({c for c, _ in self.combos()}) < 2:
+            raise ValueError("two-object scenes need colour-shape pairs of at least two colours")
+
+    def combos(self) -> list[tuple[str, str]]:
+        """The (colour, shape) pairs the scenes draw: all of them but the held-out ones, colour-major."""
+        return ToyDataConfig(shapes=self.shapes, held_out=self.held_out).combos()
+
+
+def pair_corners(relation: str, size: int, side: int, cfg: PairDataConfig, rng: np.random.Generator):
+    """Top-left corners (y, x) of the boxes of the first and second object of `relation` ("first left of second").
+
+    Along the relation's axis the centres are between square + gap and 1 - square of the frame apart (both boxes
+    inside it), their midpoint anywhere that allows; across it each centre is within cross_jitter of the middle."""
+    s = side / size
+    apart = rng.uniform(s + cfg.gap, 1 - s)
+    middle = 0.5 + rng.uniform(-1, 1) * (1 - s - apart) / 2
+    low, high = middle - apart / 2, middle + apart / 2  # centres along the axis, as fractions
+    along = (low, high) if relation in ("left of", "above") else (high, low)
+    across = 0.5 + rng.uniform(-cfg.cross_jitter, cfg.cross_jitter, size=2)
+    corners = []
+    for a, c in zip(along, across):
+        y, x = (c, a) if relation in ("left of", "right of") else (a, c)
+        corners.append((y * size - side / 2, x * size - side / 2))
+    return corners
+
+
+def draw_pair(
+    first: tuple[str, str], relation: str, second: tuple[str, str], cfg: PairDataConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """An (image_size, image_size, 3) frame of the scene "a <first> <relation> a <second>" (any pairs, held-out ones
+    too: the generator leaves those out, a test may draw them), laid out by `pair_corners`."""
+    side = int(cfg.image_size * cfg.square)
+    frame = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    frame[:] = BACKGROUND
+    for (color, shape), corner in zip((first, second), pair_corners(relation, cfg.image_size, side, cfg, rng)):
+        frame[shape_mask(shape, cfg.image_size, side, corner)] = COLORS[color]
+    return frame
+
+
+def make_pair_dataset(root: str | Path, cfg: PairDataConfig = PairDataConfig()) -> Path:
+    """Write cfg.images two-object images (pair_00000.png + .txt) to root/images; returns that folder.
+
+    Each image: a first colour-shape pair, a second of another colour, a relation, all uniform; deterministic for
+    cfg.seed. A scene and its mirror caption ("B right of A" for "A left of B") are equally likely."""
+    image_dir = Path(root) / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    combos = cfg.combos()
+    for i in range(cfg.images):
+        first = combos[rng.integers(len(combos))]
+        others = [c for c in combos if c[0] != first[0]]
+        second = others[rng.integers(len(others))]
+        relation = RELATIONS[rng.integers(len(RELATIONS))]
+        stem = f"pair_{i:05d}"
+        Image.fromarray(draw_pair(first, relation, second, cfg, rng)).save(image_dir / f"{stem}.png")
+        (image_dir / f"{stem}.txt").write_text(pair_caption(first, relation, second))
+    return image_dir

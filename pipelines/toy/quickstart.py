@@ -53,12 +53,11 @@ class QuickstartConfig:
     frame_stride: int = 23  # on the 24 FPS timeline: 4 frames spanning the 3 s toy video, edge to edge
     clip_stride: int | None = None  # one clip per video
     model: str = QUICKSTART_MODEL
-    # the small-data recipe (README, "A recipe for small data"), both stages
-    objective: str = "flow"
-    timestep_sampling: str = "logit-normal"
-    noise_shift: str = "auto"  # sqrt(frames x h x w) / 16: none for the 16 px images, 2 for the 4-frame clips
+    # `gentron train --recipe small-data` (README, "A recipe for small data") for every stage: rectified flow,
+    # logit-normal timesteps, the noise shift (sqrt(frames x h x w) / 16: none for the 16 px images, 2 for the 4-frame
+    # clips), a warm-up; the quickstart's own steps, batches, learning rate and EMA below win over the recipe's
+    recipe: str = "small-data"
     lr: float = 1e-3
-    warmup_steps: int = 50
     t2i_steps: int = 500
     t2i_batch: int = 64
     t2v_steps: int = 250
@@ -184,10 +183,6 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     common = dict(
         model=cfg.model,
         lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        objective=cfg.objective,
-        timestep_sampling=cfg.timestep_sampling,
-        noise_shift=cfg.noise_shift,
         flip=False,
         seed=cfg.seed,
         num_workers=cfg.workers,
@@ -197,7 +192,8 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     )
     with stage(6, "train t2i"):
         t2i = train(
-            TrainConfig(
+            TrainConfig.from_recipe(
+                cfg.recipe,
                 output=str(out / "runs/t2i"),
                 stage="t2i",
                 image_data=str(out / "data/images"),
@@ -210,7 +206,8 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
         )
     with stage(7, "train t2v (from t2i, joint image/video, motion-free)"):
         t2v = train(
-            TrainConfig(
+            TrainConfig.from_recipe(
+                cfg.recipe,
                 output=str(out / "runs/t2v"),
                 stage="t2v",
                 init=str(Path(t2i.run_dir) / "model"),
@@ -227,7 +224,8 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
         )
     with stage(8, "train i2v (from t2v, given the first frame)"):
         i2v = train(
-            TrainConfig(
+            TrainConfig.from_recipe(  # the t2v model's recipe: the objective it was trained with
+                cfg.recipe,
                 output=str(out / "runs/i2v"),
                 stage="t2v",
                 init=str(Path(t2v.run_dir) / "model"),
