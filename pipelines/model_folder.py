@@ -81,6 +81,18 @@ class DataRecord:
 
 
 @dataclass(frozen=True)
+class ConditioningRecord:
+    """How a frame-conditioned model (image-to-video, continuation) was trained to be given latent frames
+    (pipelines/data/loader.py ConditionSpec): which frames, the share of samples given them, the share of those
+    hidden (condition dropout) and the largest noise std on the given latents."""
+
+    frames: str  # first, prefix or first-last
+    p: float = 1.0
+    dropout: float = 0.0
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
 class PipelineRecord:
     """What sampling needs besides the weights; written by training as pipeline.json."""
 
@@ -94,6 +106,7 @@ class PipelineRecord:
     empty_caption: str = EMPTY_CAPTION_FILE
     shard_metadata: dict = field(default_factory=dict)  # the first training shard's latent, text and prep metadata
     step: int | None = None  # the training step whose weights the folder holds (None: written before it was recorded)
+    conditioning: ConditioningRecord | None = None  # frame conditioning (None: a model that is given no frames)
 
     @property
     def encoder_names(self) -> list[str]:
@@ -172,6 +185,7 @@ class PipelineRecord:
             empty_caption=str(record.get("empty_caption", EMPTY_CAPTION_FILE)),
             shard_metadata=dict(record.get("shard_metadata") or {}),
             step=None if record.get("step") is None else int(record["step"]),
+            conditioning=ConditioningRecord(**record["conditioning"]) if record.get("conditioning") else None,
         )
 
     @staticmethod

@@ -136,12 +136,13 @@ def test_run_all_collects_each_json_line_and_shows_skips_and_failures(tmp_path, 
 def test_run_all_knows_every_benchmark_but_the_learning_one():
     run_all = _load("run_all")
     scripts = {b.script for b in run_all.BENCHMARKS.values()}
-    # the learning benchmark and its diagnosis run for minutes to hours: they are run on their own
+    # the learning benchmark, its variants (aspects, image-to-video) and its diagnosis run for hours: on their own
     on_disk = {p.name for p in BENCHMARKS.glob("*.py")} - {
         "results.py",
         "run_all.py",
         "bench_learning.py",
         "bench_learning_aspects.py",
+        "bench_i2v.py",
         "learning_diagnosis.py",
     }
     assert scripts == on_disk

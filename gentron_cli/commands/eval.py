@@ -50,6 +50,14 @@ def metrics_table(metrics: dict) -> Table:
                 f"{probe['hits'][attribute]}/{probe['counts'][attribute]}"
                 + (f" (chance {chance:.0%})" if chance is not None else ""),
             )
+    if "given" in metrics:
+        given = metrics["given"]
+        over = f"{given['videos']} videos"
+        table.add_row("given frames: first frame PSNR (dB)", _number(given["first_frame_psnr"]), over)
+        table.add_row("given frames: first frame SSIM", _number(given["first_frame_ssim"], 4), over)
+        table.add_row("given frames: mean PSNR / SSIM", f"{_number(given['psnr'])} / {_number(given['ssim'], 4)}", over)
+        if given["clip_image_similarity"] is not None:
+            table.add_row("given frames: CLIP image similarity", _number(given["clip_image_similarity"], 4), over)
     return table
 
 
@@ -79,12 +87,19 @@ def eval_command(
     probe: str | None = typer.Option(
         None, help="'toy': the quickstart's colour / place / motion probe, for samples of toy prompts."
     ),
+    given: bool = typer.Option(
+        False,
+        "--given",
+        help="Videos given frames (gentron sample --image/--video/--last-image): PSNR and SSIM of the first given "
+        "frame (and the mean over all), and with --clip the CLIP image similarity of it to each generated frame.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(
         32, help="Images per forward pass of CLIP and Inception (results equal up to float rounding)."
     ),
 ) -> None:
-    """Measure samples: CLIP score (and temporal consistency of videos), FID against reference images, the toy probe."""
+    """Measure samples: CLIP score (and temporal consistency of videos), FID against reference images, the toy probe,
+    how videos keep the frames they were given."""
 
     def body() -> None:
         from pipelines.evaluate.evaluator import EvalConfig, evaluate
@@ -97,6 +112,7 @@ def eval_command(
             inception=inception,
             save_reference=save_reference,
             probe=probe,
+            given=given,
             device=device,
             batch_size=batch_size,
         )

@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole method end to end on a built-in toy dataset (CPU, no downloads, about ten minutes).
 
-        Makes captioned images and videos, preps and encodes them, trains T2I then T2V, samples, checks
-        that the samples follow their prompts, and writes the report page OUT/index.html.
+        Makes captioned images and videos, preps and encodes them, trains T2I, then T2V, then image-to-video,
+        samples, checks that the samples follow their prompts, and writes the report page OUT/index.html.
         """
 
         def body():
@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
                 ("T2I", result.t2i),
                 ("T2V, CFG only", result.t2v_cfg),
                 ("T2V, motion-free guidance", result.t2v_mfg),
+                ("image-to-video", result.i2v),
             ):
                 rates = ", ".join(f"{a} {score.rate(a):.0%}" for a in score.hits)
                 console.print(f"{name}: {rates}  (of {max(score.counts.values(), default=0)} samples)")

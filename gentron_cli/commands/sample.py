@@ -48,6 +48,34 @@ def sample_command(
         "--mfg",
         help=f"Motion guidance scale lM for videos (1 = off); default {DEFAULT_MFG_SCALE} for videos, 1 for images.",
     ),
+    image: list[Path] | None = typer.Option(
+        None,
+        "--image",
+        help="Image-to-video (a model trained with --condition-frames): the video's first frame, resized and cropped "
+        "to the sample's size as prep does. One for every prompt, or one per prompt (repeat, in the prompts' order).",
+    ),
+    video: list[Path] | None = typer.Option(
+        None,
+        "--video",
+        help="Continuation: the video starts with this clip's last --continue K frames (read at the model's "
+        "frame rate). One for every prompt, or one per prompt.",
+    ),
+    continue_frames: int | None = typer.Option(
+        None,
+        "--continue",
+        help="With --video: how many of its last frames the new video keeps: K latent frames with a VAE that encodes "
+        "each frame alone; with a video VAE K must be a clip length it takes (4k+1 for Wan) and gives 1 + (K-1)/4 "
+        "latent frames.",
+    ),
+    last_image: list[Path] | None = typer.Option(
+        None,
+        "--last-image",
+        help="The video's last frame (a model trained with first-last; not with a VAE compressing time); one, or one "
+        "per prompt.",
+    ),
+    condition_scale: float = typer.Option(
+        1.0, "--condition-scale", help="Guidance scale lC on the given frames (1 = off; other values cost a branch)."
+    ),
     frames: int | None = typer.Option(None, help="Frames; 1 = image. Default: the frames the model was trained on."),
     width: int | None = typer.Option(
         None, help="Width in pixels. Default: the training size recorded in the model folder."
@@ -85,7 +113,8 @@ def sample_command(
     ),
     grid: bool = typer.Option(False, "--grid", help="Also write one contact sheet of all prompts."),
 ) -> None:
-    """Generate images (T2I) or videos (T2V) from a trained model; a JSON sidecar beside each output."""
+    """Generate images (T2I) or videos (T2V, image-to-video, continuation) from a trained model; a JSON sidecar
+    beside each output."""
 
     def body() -> None:
         from pipelines.sample.sampling import SampleConfig, read_prompts_file, resample_from_sidecar, sample
@@ -138,6 +167,11 @@ def sample_command(
             vae_slicing=vae_slicing,
             vae_tiling=vae_tiling,
             grid=grid,
+            images=list(image or []),
+            videos=list(video or []),
+            continue_frames=continue_frames,
+            last_images=list(last_image or []),
+            condition_scale=condition_scale,
         )
         show_result(sample(config, reporter))
 

@@ -77,6 +77,32 @@ def register(app: typer.Typer) -> None:
             help="t2v: probability of a motion-free sample (an image as a still video, or a clip with temporal "
             "attention off).",
         ),
+        condition_frames: str | None = typer.Option(
+            _D.condition_frames,
+            "--condition-frames",
+            help="t2v frame conditioning: the latent frames a sample is given and keeps, first (image-to-video), "
+            "prefix (continuation: the first k latent frames, k from 1 to half the clip) or first-last; the loss "
+            "covers the others. Counted in latent frames: with a causal video VAE the first frame is its own latent "
+            "frame and each later one holds several frames (first-last is refused there). The condition channels of "
+            "a T2V --init model start at zero.",
+        ),
+        p_condition: float | None = typer.Option(
+            _D.p_condition,
+            "--p-condition",
+            help="With --condition-frames: share of samples given frames (default 0.9); the rest train text-to-video.",
+        ),
+        condition_dropout: float | None = typer.Option(
+            _D.condition_dropout,
+            "--condition-dropout",
+            help="With --condition-frames: share of conditioned samples whose frames are hidden while the loss stays "
+            "on the same frames (condition guidance's unconditional branch); default 0.",
+        ),
+        condition_noise: float = typer.Option(
+            _D.condition_noise,
+            "--condition-noise",
+            help="With --condition-frames: noise on the given latents, std drawn per sample from [0, this); recorded "
+            "with the model.",
+        ),
         objective: str = typer.Option(
             _D.objective,
             help="Training objective: ddpm (epsilon prediction, as in the paper) or flow (rectified flow: velocity "

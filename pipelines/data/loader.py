@@ -24,6 +24,9 @@ index i):
   an image's kind of latent; the others each hold several frames).
 - Everything random about sample i (latent draw, flip, text dropout, noise, timestep, frame) comes
   from a generator seeded by (seed, purpose, i).
+- Frame conditioning (T2V with `ConditionSpec`): whether sample i is given frames, which latent frames, whether
+  they are hidden from the model (condition dropout) and the noise on them are drawn the same way
+  (`condition_draw`); a batch then carries the given frames' mask and latents and the frames its loss covers.
 
 So resume only needs the step, and rank r / worker w read just their own samples: micro-step m of step s
 on rank r holds the step's samples m * micro * world + r * micro + [0, micro), micro = batch / (accum * world).
@@ -51,6 +54,7 @@ from pipelines.progress import NullReporter, Reporter
 
 # Purposes of the per-sample generators (any distinct constants).
 _SHUFFLE, _MOTION_FREE, _LATENT, _FLIP, _DROPOUT, _NOISE, _TIMESTEP, _FRAME, _MIX, _BUCKET = range(10)
+_CONDITION, _CONDITION_NOISE = 100, 101  # frame conditioning (its own range: the draws above are unchanged)
 
 
 def sample_rng(seed: int, purpose: int, index: int) -> np.random.Generator:
@@ -309,6 +313,67 @@ def fit_latent(latent: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------- the dataset
 
 
+CONDITION_FRAMES = ("first", "prefix", "first-last")
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """Frame conditioning in T2V training: which latent frames a sample is given (it keeps them and is trained on
+    the others).
+
+    frames: "first" (image-to-video), "prefix" (continuation: the first k latent frames, k drawn uniformly from 1
+      to half the clip's latent frames, rounded up) or "first-last" (the first and the last latent frame).
+    p: the share of samples given frames; the others train text-to-video on every frame.
+    dropout: the share of those whose given frames are hidden from the model (mask and latents zero) while the
+      loss stays on the same frames: the unconditional branch of condition guidance.
+    noise: noise on the given latents (CogVideoX's augmentation): a sample's standard deviation is drawn uniformly
+      from [0, noise).
+    """
+
+    frames: str
+    p: float = 0.9
+    dropout: float = 0.0
+    noise: float = 0.0
+
+    def min_frames(self) -> int:
+        """Latent frames a clip needs so that some are left to generate."""
+        return 3 if self.frames == "first-last" else 2
+
+
+def condition_draw(spec: ConditionSpec, seed: int, index: int, frames: int) -> tuple[np.ndarray, bool, float]:
+    """(given (frames,) bool, hidden, noise std) of sample `index` with `frames` latent frames: a function of the
+    seed and the index only. Too short a clip (a one-frame image) is given nothing."""
+    take, size, hide, level = sample_rng(seed, _CONDITION, index).random(4)
+    given = np.zeros(frames, dtype=bool)
+    if take >= spec.p or frames < spec.min_frames():
+        return given, False, 0.0
+    if spec.frames == "first":
+        given[0] = True
+    elif spec.frames == "prefix":
+        given[: 1 + int(size * ((frames + 1) // 2))] = True
+    elif spec.frames == "first-last":
+        given[[0, -1]] = True
+    else:
+        raise ValueError(f"unknown condition frames {spec.frames!r}; use one of {CONDITION_FRAMES}")
+    return given, bool(hide < spec.dropout), float(level * spec.noise)
+
+
+def condition_batch(spec: ConditionSpec, seed: int, indices, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The frame conditioning of a batch of video latents x0 (B, T, C, H, W): "condition_mask" (B, T), the frames
+    the model is given; "condition_latents" (B, T, C, H, W), their latents (noised when asked; zeros elsewhere);
+    "loss_frames" (B, T), the frames its loss covers (those not drawn as given, hidden or not)."""
+    draws = [condition_draw(spec, seed, i, x0.shape[1]) for i in indices]
+    drawn = torch.from_numpy(np.stack([given for given, _, _ in draws]))
+    shown = drawn & ~torch.tensor([hidden for _, hidden, _ in draws])[:, None]
+    latents = x0.clone()
+    for k, (i, (given, _, level)) in enumerate(zip(indices, draws)):
+        if level > 0 and given.any():
+            noise = sample_rng(seed, _CONDITION_NOISE, i).standard_normal(x0.shape[1:], dtype=np.float32)
+            latents[k] += level * torch.from_numpy(noise)
+    latents *= shown[:, :, None, None, None].to(latents.dtype)
+    return {"condition_mask": shown, "condition_latents": latents, "loss_frames": ~drawn}
+
+
 def stream_plan(spec: StreamSpec, images: Source | None, videos: Source | None, world_size: int = 1) -> BucketPlan:
     """The buckets of a stream (pipelines/data/bucket_plan.py), pixel sizes stated from the shard metadata."""
     primary = images if images is not None else videos
@@ -338,6 +403,7 @@ class StreamSpec:
     grad_accum: int = 1
     bucket_batch: str = "fixed"  # "fixed" or "tokens" (pipelines/data/bucket_plan.py)
     p_motion_free: float = 0.0
+    condition: ConditionSpec | None = None  # t2v: frame conditioning (None: off)
     text_dropout: float = 0.1
     flip: bool = True
     buffer_size: int = 1000
@@ -539,6 +605,8 @@ class TrainStream(IterableDataset):
             "failures": [s["unreadable"] for s in samples if "unreadable" in s],  # what made a weight 0
         }
         batch.update(text.flat("text."))  # "text.tokens.clip", "text.masks.clip", "text.pooled.clip", ...
+        if self.spec.condition is not None:
+            batch.update(condition_batch(self.spec.condition, self.spec.seed, indices, x0))
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

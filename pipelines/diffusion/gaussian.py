@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
-from pipelines.model.conditioning import TextCondition
+from pipelines.model.conditioning import FrameCondition, TextCondition
 
-Model = Callable[..., torch.Tensor]  # model(x, timestep, text, motion_free=None) -> prediction
+Model = Callable[..., torch.Tensor]  # model(x, timestep, text, motion_free=None[, frames=None]) -> prediction
 
 
 def channel_dim(x: torch.Tensor) -> int:
@@ -46,6 +46,21 @@ def split_prediction(output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every axis but the batch."""
     return x.flatten(1).mean(dim=1)
+
+
+def mean_over(x: torch.Tensor, loss_frames: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of a video batch (B, T, ...) over the frames `loss_frames` (B, T) marks (the frames a
+    frame-conditioned model must generate); None: over everything (`mean_flat`)."""
+    if loss_frames is None:
+        return mean_flat(x)
+    weight = loss_frames.to(device=x.device, dtype=x.dtype)
+    return (x.flatten(2).mean(dim=2) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+
+def call_model(model: Model, x, t, text, motion_free=None, frames: FrameCondition | None = None) -> torch.Tensor:
+    """model(x, t, text, motion_free=...), with frames=... only when frames are given (models that take none need
+    not know the argument)."""
+    return model(x, t, text, motion_free=motion_free, **({"frames": frames} if frames is not None else {}))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -138,9 +153,15 @@ class GaussianDiffusion:
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
     def vlb_terms(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+        loss_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample L_t of the variational bound, in bits per dimension.
+        """Per-sample L_t of the variational bound, in bits per dimension (over `loss_frames` only, see `mean_over`).
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, the decoder NLL -log p(x_0 | x_1) at t = 0.
         p's log-variance interpolates between the posterior's and beta_t with frac = (v + 1) / 2 (IDDPM).
@@ -157,9 +178,9 @@ class GaussianDiffusion:
         frac = (var_values + 1.0) / 2.0
         model_log_variance = frac * max_log + (1.0 - frac) * min_log
 
-        kl = mean_flat(normal_kl(true_mean, min_log, model_mean, model_log_variance)) / math.log(2.0)
-        decoder_nll = -mean_flat(
-            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
+        kl = mean_over(normal_kl(true_mean, min_log, model_mean, model_log_variance), loss_frames) / math.log(2.0)
+        decoder_nll = -mean_over(
+            discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance), loss_frames
         ) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
@@ -172,6 +193,8 @@ class GaussianDiffusion:
         motion_free: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         min_snr_gamma: float | None = None,
+        frames: FrameCondition | None = None,
+        loss_frames: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses, each (B,): loss = w * mse + vlb; vlb is zero when the model does not learn sigma.
 
@@ -179,17 +202,21 @@ class GaussianDiffusion:
         head; the mean is trained by the MSE alone (IDDPM's hybrid loss, as in DiT). w = 1, or with
         `min_snr_gamma` w = min(SNR_t, gamma) / SNR_t (min-SNR-gamma for epsilon prediction, Hang et al. 2023):
         the low-noise steps, whose epsilon error is cheap to lower and says little about the sample, weigh less.
+        `frames`: the frames a frame-conditioned model is given; `loss_frames` (B, T): the frames the losses
+        average over (the ones it must generate), None: every frame.
         """
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, t, text, motion_free=motion_free).float()
+        output = call_model(model, x_t, t, text, motion_free, frames).float()
         eps, var_values = split_prediction(output, x0)
-        mse = mean_flat((noise.float() - eps) ** 2)
+        mse = mean_over((noise.float() - eps) ** 2, loss_frames)
         weighted = mse if min_snr_gamma is None else mse * (self.snr(t).clamp(max=min_snr_gamma) / self.snr(t))
         if var_values is None:
             vlb = torch.zeros_like(mse)
         else:
             # scaled by T/1000 as in IDDPM/DiT: the term estimates one step of the bound, not the sum
-            vlb = self.vlb_terms(x0.float(), x_t.float(), t, eps.detach(), var_values) * (self.num_timesteps / 1000.0)
+            vlb = self.vlb_terms(x0.float(), x_t.float(), t, eps.detach(), var_values, loss_frames) * (
+                self.num_timesteps / 1000.0
+            )
         return {"loss": weighted + vlb, "mse": mse, "vlb": vlb}

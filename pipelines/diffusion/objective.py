@@ -28,10 +28,10 @@ from statistics import NormalDist
 
 import torch
 
-from pipelines.diffusion.gaussian import GaussianDiffusion, Model, mean_flat, split_prediction
+from pipelines.diffusion.gaussian import GaussianDiffusion, Model, call_model, mean_over, split_prediction
 from pipelines.diffusion.schedulers import DDPM_SAMPLERS, FLOW_SAMPLERS, ddpm_family_scheduler, flow_scheduler
 from pipelines.errors import GentronError
-from pipelines.model.conditioning import TextCondition
+from pipelines.model.conditioning import FrameCondition, TextCondition
 
 OBJECTIVES = ("ddpm", "flow")
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
@@ -163,8 +163,17 @@ class Objective(ABC):
         text: TextCondition,
         motion_free: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        frames: FrameCondition | None = None,
+        loss_frames: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses (B,): "loss" (what is minimised), "mse" and "vlb"."""
+        """Per-sample losses (B,): "loss" (what is minimised), "mse" and "vlb". `frames`: the frames a
+        frame-conditioned model is given; `loss_frames` (B, T) bool: the frames the losses average over (those it
+        must generate; None: all)."""
+
+    @abstractmethod
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: `x0` noised with `noise` to training timestep `t` ((B,) or a scalar), the forward process of the loss
+        (sampling keeps given frames on it)."""
 
     @abstractmethod
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
@@ -202,12 +211,24 @@ class DDPMObjective(Objective):
         n = self.config.num_timesteps
         return min(int(self.fraction(u) * n), n - 1)
 
-    def loss(self, model, x0, t, text, motion_free=None, noise=None):
+    def loss(self, model, x0, t, text, motion_free=None, noise=None, frames=None, loss_frames=None):
         c = self.config
         gamma = c.min_snr_gamma if c.loss_weighting == "min-snr" else None
         return self.diffusion.training_loss(
-            model, x0, t, text, motion_free=motion_free, noise=noise, min_snr_gamma=gamma
+            model,
+            x0,
+            t,
+            text,
+            motion_free=motion_free,
+            noise=noise,
+            min_snr_gamma=gamma,
+            frames=frames,
+            loss_frames=loss_frames,
         )
+
+    def noised(self, x0, noise, t):
+        t = torch.as_tensor(t, device=x0.device).reshape(-1).expand(x0.shape[0])
+        return self.diffusion.q_sample(x0, (t.round() if t.is_floating_point() else t).long(), noise)
 
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
         return ddpm_family_scheduler(self._check_sampler(name or self.default_sampler), self.diffusion, learned_sigma)
@@ -234,17 +255,21 @@ class FlowObjective(Objective):
                 "or use --objective ddpm",
             )
 
-    def loss(self, model, x0, t, text, motion_free=None, noise=None):
+    def loss(self, model, x0, t, text, motion_free=None, noise=None, frames=None, loss_frames=None):
         if noise is None:
             noise = torch.randn_like(x0)
-        sigma = (t.float() / self.config.num_timesteps).reshape(-1, *([1] * (x0.ndim - 1)))
-        x_t = (1.0 - sigma) * x0 + sigma * noise
-        output = model(x_t, t, text, motion_free=motion_free).float()
+        x_t = self.noised(x0, noise, t)
+        output = call_model(model, x_t, t, text, motion_free, frames).float()
         velocity, var_values = split_prediction(output, x0)
         if var_values is not None:
             self.check_model(True)
-        mse = mean_flat(((noise - x0).float() - velocity) ** 2)
+        mse = mean_over(((noise - x0).float() - velocity) ** 2, loss_frames)
         return {"loss": mse, "mse": mse, "vlb": torch.zeros_like(mse)}
+
+    def noised(self, x0, noise, t):
+        t = torch.as_tensor(t, device=x0.device).reshape(-1).expand(x0.shape[0])
+        sigma = (t.float() / self.config.num_timesteps).reshape(-1, *([1] * (x0.ndim - 1)))
+        return (1.0 - sigma) * x0 + sigma * noise
 
     def scheduler(self, name: str | None = None, learned_sigma: bool = False):
         self._check_sampler(name or self.default_sampler)

@@ -13,6 +13,11 @@ or (T, H, W, 3) for a video.
   fitted to the FID Inception-v3 pool features (`pipelines.model.fid_inception`) of the samples' frames
   and of reference images (an image folder, prep-images / prep-videos shards, or cached `.npz` statistics).
 - The toy probe (`pipelines.evaluate.probe`), for samples of toy captions.
+- Given frames (`--given`, videos sampled with `gentron sample --image / --video / --last-image`): PSNR and SSIM
+  of each video's first given frame, and their means over all its given frames, against the prepared frames its
+  sidecar names (`pipelines.evaluate.fidelity`); with a CLIP model also the CLIP image similarity of the first
+  given frame to each generated frame (the mean cosine of their image embeddings), in the spirit of VBench's I2V
+  subject consistency.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pipelines.data.inputs import IMAGE_EXTENSIONS
 from pipelines.data.media import decode_clip, decode_image
 from pipelines.data.shards import iter_shard, list_shards
 from pipelines.errors import BadSample, GentronError, require, require_dir
+from pipelines.evaluate.fidelity import given_fidelity
 from pipelines.evaluate.metrics import MetricOptions
 from pipelines.evaluate.probe import ProbeTally, parse_caption, probe_sample
 from pipelines.files import atomic_write_bytes, atomic_write_json, file_sha256
@@ -61,6 +67,8 @@ class SampleFile:
     sidecar: Path
     pixels_path: Path  # the .png of an image, the lossless .frames.png film strip of a video
     frames: int  # 1 for an image
+    given: dict | None = None  # the sidecar's record of the frames a video was given (gentron sample --image ...)
+    given_path: Path | None = None  # the lossless strip of those frames
 
     def read_pixels(self) -> np.ndarray:
         """(H, W, 3) for an image, (T, H, W, 3) for a video; uint8 RGB."""
@@ -73,6 +81,16 @@ class SampleFile:
             raise GentronError(
                 f"cannot read sample {self.pixels_path} ({self.frames} frames, as {self.sidecar.name} says): {exc}",
                 "regenerate the sample with `gentron sample`, or remove it and its sidecar",
+            ) from None
+
+    def read_given(self) -> np.ndarray:
+        """(G, H, W, 3): the prepared frames the video was given, in the order of `given["frames"]`."""
+        try:
+            return outputs.read_frame_strip(self.given_path, len(self.given["frames"]))
+        except (OSError, ValueError) as exc:
+            raise GentronError(
+                f"cannot read the given frames {self.given_path} (named in {self.sidecar.name}): {exc}",
+                "regenerate the sample with `gentron sample`",
             ) from None
 
 
@@ -110,7 +128,14 @@ def _sample_from_sidecar(folder: Path, path: Path, record: dict) -> SampleFile:
             )
     if not (folder / pixels).is_file():
         raise GentronError(f"sample file {folder / pixels} (listed in {path.name}) not found", hint)
-    return SampleFile(path.stem, record["prompt"], path, folder / pixels, frames)
+    given = record.get("given")
+    if given is not None:
+        if not isinstance(given, dict) or not isinstance(given.get("file"), str) or not given.get("frames"):
+            raise GentronError(f"{path} has a malformed record of its given frames ({given!r})", hint)
+        if not (folder / given["file"]).is_file():
+            raise GentronError(f"given frames {folder / given['file']} (named in {path.name}) not found", hint)
+    given_path = folder / given["file"] if given is not None else None
+    return SampleFile(path.stem, record["prompt"], path, folder / pixels, frames, given, given_path)
 
 
 def list_samples(folder: str | Path, skip: Iterable[Path] = ()) -> list[SampleFile]:
@@ -131,6 +156,8 @@ def list_samples(folder: str | Path, skip: Iterable[Path] = ()) -> list[SampleFi
             continue
         samples.append(_sample_from_sidecar(folder, path, record))
         listed.update(str(f) for f in record["files"])
+        if samples[-1].given is not None:  # the strip of the frames a video was given
+            listed.add(samples[-1].given["file"])
     orphans = [p for p in media if p.name not in listed and _media_stem(p.name) != GRID_STEM]
     if orphans:
         raise GentronError(
@@ -480,12 +507,13 @@ class EvalConfig:
     inception: Path | None = None  # FID Inception-v3 weights file
     save_reference: Path | None = None  # write the reference's statistics here (.npz)
     probe: str | None = None  # "toy"
+    given: bool = False  # how videos keep the frames they were given (PSNR, SSIM; CLIP image similarity with clip)
     device: str = "auto"
     batch_size: int = 32
 
     def check(self) -> None:
         """The option errors, before anything is read or loaded."""
-        MetricOptions(self.clip, self.reference, self.inception, self.probe).check()
+        MetricOptions(self.clip, self.reference, self.inception, self.probe, self.given).check()
         require(
             self.save_reference is None or (self.reference is not None and not Path(self.reference).is_file()),
             "--save-reference saves statistics computed from a reference folder",
@@ -519,6 +547,7 @@ class _Scores:
 
     per_sample: list[dict]
     clip: list[SampleClipScore] = field(default_factory=list)
+    given: list[dict] = field(default_factory=list)
     moments: FeatureMoments | None = None
     probe: ProbeTally = field(default_factory=ProbeTally)
 
@@ -530,6 +559,7 @@ def _score_samples(
     probe: str | None,
     batch_size: int,
     reporter: Reporter,
+    given: bool = False,
 ) -> _Scores:
     """One pass over the samples, `batch_size` at a time, so memory holds one chunk's pixels whatever the folder's
     size."""
@@ -553,8 +583,34 @@ def _score_samples(
                 for record, sample, p in zip(records, chunk, pixels):
                     record["probe"] = probe_sample(p, sample.prompt)
                     scores.probe.add(record["probe"])
+            if given:
+                for record, sample, p in zip(records, chunk, pixels):
+                    if sample.given is not None:
+                        record["given"] = given_scores(sample, p, scorer)
+                        scores.given.append(record["given"])
             task.advance(len(chunk))
     return scores
+
+
+def given_scores(sample: SampleFile, video: np.ndarray, scorer: ClipScorer | None) -> dict:
+    """How a video keeps the frames it was given (`fidelity.given_fidelity`), and with a CLIP model the mean CLIP
+    image similarity of its first given frame to each frame it generated."""
+    frames = [int(i) for i in sample.given["frames"]]
+    given = sample.read_given()
+    scores = given_fidelity(video, given, frames)
+    if scorer is not None:
+        generated = [f for i, f in enumerate(video) if i not in frames]
+        embeddings = scorer.image_embeddings([given[0], *generated])
+        scores["clip_image_similarity"] = float((embeddings[1:] @ embeddings[0]).mean())
+    return scores
+
+
+def summarize_given(scores: Sequence[dict]) -> dict:
+    """Means over the videos that were given frames."""
+    keys = ("first_frame_psnr", "first_frame_ssim", "psnr", "ssim", "clip_image_similarity")
+    return {"videos": len(scores)} | {
+        key: float(np.mean([s[key] for s in scores])) if scores and key in scores[0] else None for key in keys
+    }
 
 
 def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult:
@@ -565,6 +621,11 @@ def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult
     samples = list_samples(cfg.samples, skip=[out])
     if cfg.probe == "toy":
         check_toy_prompts(samples)
+    if cfg.given and not any(s.given is not None for s in samples):
+        raise GentronError(
+            f"--given compares videos with the frames they were given, but no sample in {cfg.samples} was given any",
+            "sample with `gentron sample --image / --video --continue K / --last-image`, or drop --given",
+        )
     device = resolve_device(cfg.device)
 
     # the quick failures first (a missing file), then the slow loads
@@ -580,7 +641,7 @@ def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult
         if cfg.save_reference is not None:
             reporter.log(f"reference statistics saved to {save_statistics(cfg.save_reference, reference)}")
 
-    scores = _score_samples(samples, scorer, network, cfg.probe, cfg.batch_size, reporter)
+    scores = _score_samples(samples, scorer, network, cfg.probe, cfg.batch_size, reporter, cfg.given)
     videos = sum(s.frames > 1 for s in samples)
     metrics: dict = {
         "version": METRICS_VERSION,
@@ -596,6 +657,7 @@ def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult
             "reference": str(cfg.reference) if cfg.reference else None,
             "inception": str(cfg.inception) if cfg.inception else None,
             "probe": cfg.probe,
+            "given": cfg.given,
             "device": str(device),
             "batch_size": cfg.batch_size,
             "torch": torch.__version__,
@@ -622,6 +684,8 @@ def evaluate(cfg: EvalConfig, reporter: Reporter = NullReporter()) -> EvalResult
             )
     if cfg.probe == "toy":
         metrics["probe"] = {"kind": "toy", **scores.probe.record()}
+    if cfg.given:
+        metrics["given"] = summarize_given(scores.given)
     metrics["per_sample"] = scores.per_sample
     metrics["seconds"] = time.perf_counter() - start
     write_metrics(out, metrics)

@@ -19,15 +19,16 @@ class MetricOptions:
     reference: str | Path | None = None  # FID reference: image folder, shards, or .npz statistics
     inception: str | Path | None = None  # FID Inception-v3 weights file
     probe: str | None = None  # "toy"
+    given: bool = False  # gentron eval --given: how videos keep the frames they were given
 
     def check(self, prefix: str = "--") -> None:
         """At least one metric, FID's two inputs together, a known probe; `prefix` spells the options in messages
         ("--" for `gentron eval`, "--eval-" for `gentron train`)."""
         require(
-            any(v is not None for v in (self.clip, self.reference, self.inception, self.probe)),
+            self.given or any(v is not None for v in (self.clip, self.reference, self.inception, self.probe)),
             "no metric asked for" if prefix == "--" else f"{prefix}every needs a metric",
             f"pass {prefix}clip NAME_OR_PATH, {prefix}reference REF {prefix}inception WEIGHTS, "
-            f"and/or {prefix}probe toy",
+            f"{prefix}probe toy" + (" and/or --given" if prefix == "--" else ""),
         )
         require(
             (self.reference is None) == (self.inception is None),

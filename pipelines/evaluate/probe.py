@@ -341,6 +341,63 @@ def probe_samples(samples: Sequence[np.ndarray], prompts: Sequence[str]) -> Prob
     return tally
 
 
+# --------------------------------------------------------------------------- videos given their first frames
+
+# A video given its first frames is read against the distance its object travels per frame, `step` (a fraction of
+# the frame side; `clip_step` for toy clips): it starts where the given frames end when its first generated frame's
+# object is within START_STEPS steps of the last given one's; it moves in a direction when one object is seen in
+# every frame, travels at least MIN_TRAVEL of the distance it should along that direction (less across it), and
+# never jumps more than MAX_STEPS steps between two frames. (The foreground centroid of `direction_of` would call
+# noise after an edge-of-frame start a move toward the middle; a centre wandering over noise jumps.)
+START_STEPS, MAX_STEPS, MIN_TRAVEL = 2.0, 4.0, 0.4
+_UNIT = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+
+
+def clip_step(square: float, frame_stride: int, video_frames: int) -> float:
+    """How far a toy video's shape (a box of side `square` of the frame) travels between two frames of a clip taking
+    every `frame_stride`-th of its `video_frames` frames: it crosses the free width once over the video."""
+    return (1.0 - square) * frame_stride / (video_frames - 1)
+
+
+def starts_where_given(frames: np.ndarray, given: int, step: float) -> bool:
+    """Whether a video given its first `given` frames goes on from them: the object of its first generated frame
+    (index `given`) within START_STEPS steps of the object of the last given one."""
+    before, after = object_centre(frames[given - 1]), object_centre(frames[given])
+    if before is None or after is None:
+        return False
+    return float(np.hypot(after[0] - before[0], after[1] - before[1])) <= START_STEPS * step
+
+
+def moves(frames: np.ndarray, direction: str, step: float) -> bool:
+    """Whether one object moves steadily in `direction` through `frames`, about `step` a frame (see above)."""
+    centres = [object_centre(f) for f in frames]
+    if any(c is None for c in centres):
+        return False
+    path = np.asarray(centres)
+    unit = np.asarray(_UNIT[direction])
+    along = float((path[-1] - path[0]) @ unit)
+    across = float(abs((path[-1] - path[0]) @ unit[::-1]))
+    jumps = float(np.hypot(*np.diff(path, axis=0).T).max())
+    return along >= MIN_TRAVEL * step * (len(frames) - 1) and across < along and jumps <= MAX_STEPS * step
+
+
+def probe_given_video(
+    frames: np.ndarray, caption: str, given: int, step: float, with_shape: bool | None = None
+) -> dict[str, bool]:
+    """The probe of a video given its first `given` frames, its object travelling about `step` a frame: colour (and
+    shape) of the frames it generated; whether it moves as asked from the last given frame to the last one (`moves`:
+    the motion it makes or carries on) and along the asked axis; whether it starts where the given frames end."""
+    scores = probe_video(frames[given:], caption, with_shape)
+    want = parse_caption(caption)["direction"]
+    steady = {d: moves(frames[given - 1 :], d, step) for d in DIRECTIONS}
+    return {
+        **scores,
+        "direction": steady[want],
+        "axis": any(ok for d, ok in steady.items() if axis_of(d) == axis_of(want)),
+        "start": starts_where_given(frames, given, step),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Two objects
 #

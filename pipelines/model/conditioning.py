@@ -1,9 +1,13 @@
-"""The text conditioning a GenTron model takes: per text encoder, token states, masks and a pooled vector.
+"""What a GenTron model is conditioned on besides the timestep: text (`TextCondition`) and given frames
+(`FrameCondition`).
 
-Everything is keyed by the encoder's name ("clip", "t5", ...), the name its arrays carry in a
+Text: everything is keyed by the encoder's name ("clip", "t5", ...), the name its arrays carry in a
 shard (`clip.npy`, `clip_pooled.npy`) and in the model config's `text_inputs`.
 Encoders store only the valid tokens of each caption (see docs/data-format.md); `TextCondition.collate`
 pads them to a fixed length and builds the masks, so padding never changes the model's output.
+
+Frames: the latent frames a video must keep (image-to-video, continuation, first and last frame), as a mask
+over latent frames and the latents of the given ones; the model reads them as extra input channels.
 """
 
 from __future__ import annotations
@@ -162,3 +166,85 @@ def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
         return x
     pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
     return torch.cat([x, pad], dim=1)
+
+
+@dataclass
+class FrameCondition:
+    """The latent frames each video of a batch is given and must keep (image-to-video, continuation, first-last).
+
+    mask: (B, T) bool, True where latent frame t of sample b is given.
+    latents: (B, T, C, H, W): the given frames' latents, zeros at every other frame.
+
+    Frames are counted in latent frames: with a VAE that compresses time, a clip's first frame is a latent frame
+    of its own and every later latent frame stands for several frames. The model reads the condition as
+    1 + C input channels per latent frame, [mask | latents] (`channels`); a sample with no frame given reads
+    zeros there, which is exactly what a model without frame conditioning reads.
+    """
+
+    mask: torch.Tensor
+    latents: torch.Tensor
+
+    def __post_init__(self):
+        if self.mask.ndim != 2 or self.latents.ndim != 5 or tuple(self.latents.shape[:2]) != tuple(self.mask.shape):
+            raise ValueError(
+                f"a frame condition needs a (B, T) mask and (B, T, C, H, W) latents, got {tuple(self.mask.shape)} and "
+                f"{tuple(self.latents.shape)}"
+            )
+
+    @staticmethod
+    def given(latents: torch.Tensor, mask: torch.Tensor) -> FrameCondition:
+        """The frames of `latents` (B, T, C, H, W) where `mask` (B, T) is True; the others are zeroed."""
+        mask = mask.bool().to(latents.device)
+        return FrameCondition(mask, latents * mask[:, :, None, None, None].to(latents.dtype))
+
+    @staticmethod
+    def nothing(like: torch.Tensor) -> FrameCondition:
+        """No frame given, for latents shaped like `like` (B, T, C, H, W): a text-to-video sample."""
+        return FrameCondition(torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device), torch.zeros_like(like))
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def channels(self) -> torch.Tensor:
+        """(B, T, 1 + C, H, W): the mask as a constant plane, then the latents (the model's extra input channels)."""
+        plane = (
+            self.mask[:, :, None, None, None]
+            .to(self.latents.dtype)
+            .expand(*self.latents.shape[:2], 1, *self.latents.shape[3:])
+        )
+        return torch.cat([plane, self.latents], dim=2)
+
+    def spread(self) -> torch.Tensor:
+        """(B, T, C, H, W): every frame holding the latents of the nearest given frame (the earlier one of two as
+        near; zeros where nothing is given): what the frames of a motion-free sample read, as they cannot attend
+        to the given frames."""
+        frames = torch.arange(self.mask.shape[1], device=self.mask.device)
+        distance = (frames[:, None] - frames[None, :]).abs()  # (T, T): from frame t to frame j
+        far = torch.where(self.mask[:, None, :], distance[None], self.mask.shape[1])  # (B, T, T); not given: too far
+        nearest = far.argmin(dim=2)  # the first of the nearest
+        index = nearest[:, :, None, None, None].expand_as(self.latents)
+        return torch.gather(self.latents, 1, index)
+
+    def hidden(self) -> FrameCondition:
+        """The same batch with nothing given (the unconditional branch of condition guidance, condition dropout)."""
+        return FrameCondition.nothing(self.latents)
+
+    def keep(self, x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` (B, T, C, H, W) with its given frames replaced by `given` (default: the condition's latents)."""
+        source = self.latents if given is None else given
+        return torch.where(self.mask[:, :, None, None, None], source.to(x.dtype), x)
+
+    def to(self, device=None, dtype=None) -> FrameCondition:
+        return FrameCondition(self.mask.to(device), self.latents.to(device=device, dtype=dtype))
+
+    def index(self, idx) -> FrameCondition:
+        return FrameCondition(self.mask[idx], self.latents[idx])
+
+    def equal(self, other: FrameCondition) -> bool:
+        return torch.equal(self.mask, other.mask) and torch.equal(self.latents, other.latents)
+
+    @staticmethod
+    def cat(conds: Sequence[FrameCondition]) -> FrameCondition:
+        """Concatenate along the batch."""
+        return FrameCondition(torch.cat([c.mask for c in conds]), torch.cat([c.latents for c in conds]))

@@ -9,6 +9,13 @@ Conditioning (timestep + pooled text) and cross-attention are per sample, so the
 layout directly (cross-attention is per query token, so merging frames into the sequence is exact);
 spatial self-attention regroups to (B*T, N, D) and temporal attention to (B*N, T, D).
 
+Frame conditioning (image-to-video, continuation; `frame_conditioning=True`): the latents of the given frames
+and a mask of which latent frames are given enter as extra input channels through a widened patch embedding whose
+new weights start at zero (`from_t2v`), as Wan 2.1 I2V, CogVideoX-I2V and Open-Sora 2 condition. The frames of a
+motion-free sample attend only to themselves, so they cannot reach the given frames through TempSelfAttn: each of
+them reads the nearest given frame's latents in its own condition channels instead (its mask stays 0), and a
+still conditioned on its first frame can reproduce it.
+
 Text inputs are data: the config's `text_inputs` maps each text encoder's name to its widths and to
 whether its pooled vector joins the timestep in adaLN (`TextInput`); `required_text_arrays` is the one
 answer to "which text arrays does this model read", used by training, the data loader, sampling and
@@ -34,7 +41,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from pipelines.errors import GentronError
-from pipelines.model.conditioning import POOLED_SUFFIX, TextCondition, pooled_array
+from pipelines.model.conditioning import POOLED_SUFFIX, FrameCondition, TextCondition, pooled_array
 
 TEXT_CONDITIONINGS = ("cross_attention", "adaln")
 # CLIP-L (tokens and pooled vector) and T5-XXL (tokens), as in the paper
@@ -244,18 +251,34 @@ class TextProjection(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) latents -> (B, H/p * W/p, D) tokens by a strided convolution."""
+    """(B, C, H, W) latents -> (B, H/p * W/p, D) tokens by a strided convolution.
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+    With `condition_channels` the convolution is widened to read them too (frame conditioning). One convolution
+    over [latents | condition] is the sum of one over each group of channels, so the new channels get a weight
+    block of their own: started at zero and without a bias, the widened embedding gives the narrow one's tokens
+    bit for bit until it trains.
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, condition_channels: int = 0):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         nn.init.xavier_uniform_(self.proj.weight.view(hidden_size, -1))  # as a linear layer (DiT)
         nn.init.zeros_(self.proj.bias)
+        self.condition_proj = None
+        if condition_channels:
+            self.condition_proj = nn.Conv2d(
+                condition_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=False
+            )
+            nn.init.zeros_(self.condition_proj.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); condition (B, condition_channels, H, W) or None (nothing given: zeros, no change)."""
+        tokens = self.proj(x)
+        if condition is not None:
+            tokens = tokens + self.condition_proj(condition.to(tokens.dtype))
         # Contiguous (B, N, D): elementwise ops keep the strides they are given, so a transposed view here would
         # make the whole residual stream transposed and cost a copy in every LayerNorm and linear layer.
-        return rearrange(self.proj(x), "b d h w -> b (h w) d").contiguous()
+        return rearrange(tokens, "b d h w -> b (h w) d").contiguous()
 
 
 # --------------------------------------------------------------------------- attention
@@ -419,6 +442,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         text_inputs: dict | None = None,
         temporal: bool = False,
         frame_embedding: bool = True,
+        frame_conditioning: bool = False,
     ):
         super().__init__()
         _check_config(locals())
@@ -432,7 +456,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         cross_attention = text_conditioning == "cross_attention"
         inputs = text_inputs_of(self.config)
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        # frame conditioning: 1 + C more input channels, [mask | latents of the given frames] (FrameCondition)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, 1 + in_channels if frame_conditioning else 0)
         self.t_embedder = TimestepEmbedder(hidden_size)
         # Each encoder's tokens get their own projection to the model width; cross-attention reads them all,
         # concatenated.
@@ -508,13 +533,17 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         timestep: torch.Tensor,
         text: TextCondition,
         motion_free: torch.Tensor | None = None,
+        frames: FrameCondition | None = None,
     ) -> torch.Tensor:
         """Predict noise (and variance if learn_sigma) for latents x.
 
         x: (B, C, H, W) images or (B, T, C, H, W) videos; timestep: (B,); text: one entry per sample;
         motion_free: (B,) bool, True makes each frame of that sample attend only to itself in
-        TempSelfAttn. Returns x's layout with out_channels channels.
+        TempSelfAttn; frames: the latent frames each video is given (a model with frame_conditioning; None:
+        none). Returns x's layout with out_channels channels.
         """
+        if frames is not None:
+            self.check_frames(x, frames)
         # for TempSelfAttn: None (all move), or how many move, the first ones (GenTronBlock.temporal_attention)
         motion = None
         if self.config.temporal and motion_free is not None:
@@ -526,7 +555,13 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 if not torch.equal(order, torch.arange(len(flags))):  # run the batch in that order, then put it back
                     order = order.to(x.device)
                     t = timestep.expand(len(flags)) if timestep.ndim == 0 else timestep
-                    out = self(x[order], t[order], text.index(order), motion_free[order])
+                    out = self(
+                        x[order],
+                        t[order],
+                        text.index(order),
+                        motion_free[order],
+                        None if frames is None else frames.index(order),
+                    )
                     return out[torch.argsort(order)]
                 num_moving = int((~flags).sum())
                 motion = None if num_moving == len(flags) else num_moving
@@ -539,10 +574,18 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         check_patchable(height, width, p)
         grid_h, grid_w = height // p, width // p
 
-        tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
+        condition = None
+        if frames is not None and bool(frames.mask.any()):  # none given: zero channels, which add exactly nothing
+            if motion is not None:  # motion-free frames read the nearest given frame (they cannot attend to it)
+                still = motion_free.bool().to(x.device)
+                frames = FrameCondition(
+                    frames.mask, torch.where(still[:, None, None, None, None], frames.spread(), frames.latents)
+                )
+            condition = rearrange(frames.channels(), "b t c h w -> (b t) c h w")
+        tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"), condition)
         tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
         if self.frame_embedder is not None:
-            frames = self.frame_embedder(
+            frame_signal = self.frame_embedder(
                 sincos_1d(self.config.hidden_size, torch.arange(num_frames, device=x.device)).to(tokens.dtype)
             )
             moving = (
@@ -550,7 +593,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 if motion_free is None
                 else (~motion_free.bool()).to(tokens.dtype)
             )
-            tokens = tokens + rearrange(moving[:, None, None] * frames[None], "b t d -> (b t) 1 d")
+            tokens = tokens + rearrange(moving[:, None, None] * frame_signal[None], "b t d -> (b t) 1 d")
         tokens = rearrange(tokens, "(b t) n d -> b (t n) d", b=batch)
 
         text_tokens, text_mask, pooled = self.embed_text(text)
@@ -574,7 +617,21 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         out = rearrange(out, "b (t h w) (p q c) -> b t c (h p) (w q)", t=num_frames, h=grid_h, w=grid_w, p=p, q=p)
         return out if is_video else out[:, 0]
 
-    # ----------------------------------------------------------------------- T2I -> T2V
+    def check_frames(self, x: torch.Tensor, frames: FrameCondition) -> None:
+        """A frame condition needs a frame-conditioned model and latents of the video's own shape."""
+        if not self.config.frame_conditioning:
+            raise GentronError(
+                "this model has no frame conditioning (image-to-video, continuation): it cannot be given frames",
+                "sample without given frames, or use a model trained with --condition-frames",
+            )
+        if x.ndim != 5 or tuple(frames.latents.shape) != tuple(x.shape):
+            raise GentronError(
+                f"the given frames' latents {tuple(frames.latents.shape)} do not match the video latents "
+                f"{tuple(x.shape)}",
+                "give latents of the video's own shape, zeros at the frames that are not given",
+            )
+
+    # ----------------------------------------------------------------------- T2I -> T2V -> frame-conditioned
 
     @classmethod
     def config_keys(cls) -> tuple[str, ...]:
@@ -602,11 +659,44 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             raise GentronError(
                 f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings"
             ) from None
-        not_temporal = [k for k in missing if not is_temporal_parameter(k)]
+        not_temporal = [k for k in missing if not (is_temporal_parameter(k) or is_condition_parameter(k))]
         if unexpected or not_temporal:
             raise GentronError(
                 f"T2I weights do not match the T2V model (missing {not_temporal[:3]}, unexpected {unexpected[:3]})",
                 "override only temporal settings",
+            )
+        return model
+
+    @classmethod
+    def from_t2v(cls, t2v_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:
+        """A frame-conditioned model (image-to-video, continuation) holding every weight of a T2V model; the new
+        condition channels of its patch embedding start at zero, so it gives the T2V model's outputs, bit for bit,
+        until it trains."""
+        t2v = (
+            cls.from_pretrained(t2v_model_or_path) if isinstance(t2v_model_or_path, (str, Path)) else t2v_model_or_path
+        )
+        if not t2v.config.temporal:
+            raise GentronError(
+                "frame conditioning widens a T2V model, but this one has no temporal layers (a T2I model)",
+                "make it T2V first (GenTronTransformer.from_t2i; gentron train --stage t2v --init T2I_MODEL)",
+            )
+        config = {k: v for k, v in t2v.config.items() if not k.startswith("_")}
+        config.update(overrides, frame_conditioning=True)
+        model = cls(**config).to(t2v.device)
+        if model.dtype != t2v.dtype:
+            model = model.to(dtype=t2v.dtype)
+        try:
+            missing, unexpected = model.load_state_dict(t2v.state_dict(), strict=False)
+        except RuntimeError as err:  # shape mismatch: an override changed a shared layer
+            raise GentronError(
+                f"cannot add frame conditioning to this T2V model: {err}", "override no architecture setting"
+            ) from None
+        other = [k for k in missing if not is_condition_parameter(k)]
+        if unexpected or other:
+            raise GentronError(
+                f"T2V weights do not match the frame-conditioned model (missing {other[:3]}, unexpected "
+                f"{unexpected[:3]})",
+                "override no architecture setting",
             )
         return model
 
@@ -634,6 +724,11 @@ def is_temporal_parameter(name: str) -> bool:
     return ".temporal_" in name or name.startswith("frame_embedder.")
 
 
+def is_condition_parameter(name: str) -> bool:
+    """The weights frame conditioning adds to a T2V model: the patch embedding's condition channels."""
+    return name.startswith("x_embedder.condition_proj.")
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -655,7 +750,7 @@ def check_patchable(height: int, width: int, patch_size: int, downsample: int | 
 
 
 _POSITIVE_INTS = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")
-_BOOLS = ("learn_sigma", "temporal", "frame_embedding")
+_BOOLS = ("learn_sigma", "temporal", "frame_embedding", "frame_conditioning")
 
 
 def _check_config(args: dict) -> None:
@@ -672,6 +767,11 @@ def _check_config(args: dict) -> None:
             raise GentronError(
                 f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config"
             )
+    if args["frame_conditioning"] and not args["temporal"]:
+        raise GentronError(
+            "model config: frame_conditioning (given frames of a video) needs temporal layers, but temporal is false",
+            "set temporal to true (a T2V model), or frame_conditioning to false",
+        )
     hidden_size, num_heads, text_conditioning = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning"))
     if text_conditioning not in TEXT_CONDITIONINGS:
         raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")

@@ -28,6 +28,7 @@ from pipelines.model.text_encoders import ENCODERS, TextEncoders, resolve_device
 from pipelines.model.vae import VAE, Normalisation, load_vae
 from pipelines.model_folder import ModelFolder
 from pipelines.progress import NullReporter, Reporter
+from pipelines.sample.given import GivenFrames, encode_given
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Generation:
     frames: int  # 1 = an image
     height: int  # pixels
     width: int
+    condition_scale: float = 1.0  # lC, guidance on given frames (1.0: off)
 
 
 @dataclass
@@ -131,14 +133,19 @@ class SamplingPipeline:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], seeds: list[int], generation: Generation, reporter: Reporter = NullReporter()
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        generation: Generation,
+        reporter: Reporter = NullReporter(),
+        given: list[GivenFrames] | None = None,
     ) -> Generated:
-        """Sample one batch: prompt i starts from noise drawn with seeds[i]."""
+        """Sample one batch: prompt i starts from noise drawn with seeds[i] (and keeps the frames given[i])."""
         if self.text_encoders is None:
             raise GentronError(
                 "this sampling pipeline has no text encoder loaded", "pass encoded text (generate_encoded)"
             )
-        return self.generate_encoded(self.text_encoders.encode(prompts), seeds, generation, reporter)
+        return self.generate_encoded(self.text_encoders.encode(prompts), seeds, generation, reporter, given)
 
     @torch.no_grad()
     def generate_encoded(
@@ -147,12 +154,19 @@ class SamplingPipeline:
         seeds: list[int],
         generation: Generation,
         reporter: Reporter = NullReporter(),
+        given: list[GivenFrames] | None = None,
     ) -> Generated:
         """Sample one batch of encoded captions: sample i starts from noise drawn with its own CPU generator seeded
         with seeds[i], which also drives the stochastic sampler steps; the objective's scheduler, text and motion
-        guidance, autocast in the pipeline's dtype, then the VAE decode."""
+        guidance, autocast in the pipeline's dtype, then the VAE decode. `given`: per sample, the frames it is
+        given (a frame-conditioned model), kept and guided with the generation's condition scale."""
         g = generation
         shape = self.latent_shape(g.frames, g.height, g.width)
+        frames = None
+        if given is not None:
+            if len(shape) != 4:
+                raise GentronError("given frames need a video (--frames > 1)", "sample more than one frame")
+            frames = encode_given(self.vae, given, shape).to(self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators]).to(self.device)
         text = self.text_condition(text_arrays)
@@ -171,6 +185,9 @@ class SamplingPipeline:
                 mfg_scale=g.mfg_scale,
                 generator=generators,
                 reporter=reporter,
+                frames=frames,
+                condition_scale=g.condition_scale,
+                noised=self.objective.noised,
             )
         latents = latents.float()
         return Generated(latents=latents, frames=self.decode(latents))

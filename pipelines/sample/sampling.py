@@ -2,7 +2,9 @@
 
 Read top to bottom: settings (`SampleConfig`), the per-prompt seeding, and `sample`, which loads the model folder
 into a `SamplingPipeline` (pipeline.py, the generation core), writes the outputs and a JSON sidecar per output
-from which `resample_from_sidecar` regenerates the same pixels.
+from which `resample_from_sidecar` regenerates the same pixels. A frame-conditioned model can be given frames to
+keep (`--image`, `--video --continue K`, `--last-image`; pipelines/sample/given.py), one set for every prompt or
+one per prompt; each sample's sidecar records them and a strip of the prepared frames is written beside it.
 
 Reproducibility: every prompt gets its own seed (`seed + index`) and its own CPU generator (see pipeline.py), so a
 prompt's output does not depend on which other prompts share its batch, up to float rounding (matrix kernels
@@ -25,12 +27,21 @@ from pipelines.defaults import DEFAULT_MFG_SCALE
 from pipelines.diffusion.objective import make_objective
 from pipelines.diffusion.schedulers import SAMPLERS
 from pipelines.errors import GentronError, require
+from pipelines.files import file_sha256
 from pipelines.locking import folder_lock
 from pipelines.model.gentron import check_patchable
 from pipelines.model.text_encoders import DTYPES, resolve_device, resolve_dtype
 from pipelines.model_folder import ModelFolder, weights_sha256
 from pipelines.progress import NullReporter, Reporter
 from pipelines.sample import outputs
+from pipelines.sample.given import (
+    GIVEN_SUFFIX,
+    GivenFrames,
+    GivenSources,
+    check_given_rule,
+    given_latent_frames,
+    read_given,
+)
 from pipelines.sample.pipeline import Generation, SamplingPipeline
 
 SIDECAR_VERSION = 1
@@ -71,6 +82,12 @@ class SampleConfig:
     # this process samples the batches b with b % world_size == rank (training's evaluation, spread over its ranks)
     rank: int = 0
     world_size: int = 1
+    # given frames (a frame-conditioned model): one path for every prompt, or one per prompt
+    images: list[Path] = field(default_factory=list)  # --image: the first frame
+    videos: list[Path] = field(default_factory=list)  # --video: its last `continue_frames` frames start it
+    continue_frames: int | None = None  # --continue K
+    last_images: list[Path] = field(default_factory=list)  # --last-image: the last frame
+    condition_scale: float = 1.0  # lC, guidance on the given frames
 
     def check(self) -> None:
         """Every setting that cannot take effect is refused here, before anything is loaded."""
@@ -100,9 +117,50 @@ class SampleConfig:
         require(self.fps is None or self.fps > 0, f"--fps must be positive, got {self.fps}")
         require(0 <= self.rank < self.world_size, f"rank {self.rank} is not one of {self.world_size} processes")
         require(not (self.grid and self.world_size > 1), "a contact sheet needs every sample in one process")
-        for name in ("cfg_scale", "mfg_scale"):
+        for name in ("cfg_scale", "mfg_scale", "condition_scale"):
             value = getattr(self, name)
             require(value is None or math.isfinite(value), f"{name} must be a number, got {value}")
+        self.check_given()
+
+    def check_given(self) -> None:
+        """Given frames: one path for all prompts or one each; a start from an image or a video, not both."""
+        for option, paths in (("--image", self.images), ("--video", self.videos), ("--last-image", self.last_images)):
+            require(
+                len(paths) in (0, 1, len(self.prompts)),
+                f"{len(paths)} {option} for {len(self.prompts)} prompts",
+                f"give one {option} for every prompt, or one per prompt (in the prompts' order)",
+            )
+        require(
+            not (self.images and self.videos),
+            "--image and --video both give the first frames",
+            "pass one of them (--video CLIP --continue K continues a clip; --image starts from a picture)",
+        )
+        require(
+            bool(self.videos) == (self.continue_frames is not None),
+            "--video needs --continue K (the clip's last K latent frames start the video), and --continue a --video",
+            "pass both, e.g. --video clip.mp4 --continue 2",
+        )
+        require(
+            self.continue_frames is None or self.continue_frames >= 1,
+            f"--continue must be at least 1, got {self.continue_frames}",
+        )
+        require(
+            self.condition_scale == 1.0 or self.given_anything,
+            f"--condition-scale {self.condition_scale} guides on given frames, but none are given",
+            "pass --image, --video --continue K or --last-image, or drop --condition-scale",
+        )
+
+    @property
+    def given_anything(self) -> bool:
+        return bool(self.images or self.videos or self.last_images)
+
+    def given_sources(self, index: int) -> GivenSources:
+        """What the prompt of `index` (counted from start_index) is given."""
+
+        def pick(paths: list[Path]) -> Path | None:
+            return None if not paths else Path(paths[0] if len(paths) == 1 else paths[index - self.start_index])
+
+        return GivenSources(pick(self.images), pick(self.videos), self.continue_frames, pick(self.last_images))
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -172,6 +230,15 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         raise GentronError(
             f"motion-free guidance (--mfg {mfg}) needs a video (--frames > 1)", "use --mfg 1.0 for images"
         )
+    if cfg.given_anything:
+        require(
+            bool(folder.config.get("frame_conditioning", False)),
+            f"the model in {folder.path} cannot be given frames (--image, --video, --last-image): it was not trained "
+            "with frame conditioning",
+            "train one with `gentron train --stage t2v --condition-frames first|prefix|first-last`, or drop them",
+        )
+        require(frames > 1, "given frames need a video, but --frames is 1", "sample more --frames")
+        check_given_rule(folder.record.vae.frames, folder.record.vae.name, cfg.continue_frames, bool(cfg.last_images))
     width, height = sample_size(cfg, folder)
     objective = make_objective(folder.record.objective)
     scheduler = cfg.scheduler or objective.default_sampler
@@ -196,6 +263,11 @@ def resolved_settings(cfg: SampleConfig, folder: ModelFolder) -> dict:
         "vae": cfg.vae,
         "vae_slicing": cfg.vae_slicing,
         "vae_tiling": cfg.vae_tiling,
+        **(
+            {"condition_scale": cfg.condition_scale, "continue_frames": cfg.continue_frames}
+            if cfg.given_anything
+            else {}
+        ),
     }
 
 
@@ -224,6 +296,7 @@ def generation_of(settings: dict) -> Generation:
         frames=settings["frames"],
         height=settings.get("height", settings.get("resolution")),
         width=settings.get("width", settings.get("resolution")),
+        condition_scale=settings.get("condition_scale", 1.0),
     )
 
 
@@ -256,6 +329,17 @@ def sample(
     start = time.perf_counter()
     folder = pipe.folder if pipe is not None and pipe.folder is not None else ModelFolder(cfg.model)
     settings = resolved_settings(cfg, folder)
+    conditioning = folder.record.conditioning
+    if (
+        cfg.condition_scale != 1.0
+        and conditioning is not None
+        and conditioning.p >= 1.0
+        and conditioning.dropout == 0.0
+    ):
+        reporter.log(
+            f"warning: --condition-scale {cfg.condition_scale} guides against the model without its given frames, "
+            "which it never saw in training (--p-condition 1, no --condition-dropout): that branch is untrained"
+        )
     trained = folder.record.trained_sizes
     if (settings["frames"], settings["height"], settings["width"]) not in trained and not (
         settings["frames"] == 1 and any((h, w) == (settings["height"], settings["width"]) for _, h, w in trained)
@@ -297,8 +381,9 @@ def _write_samples(
         for batch in mine:
             prompts = [cfg.prompts[i - cfg.start_index] for i in batch]
             seeds = [sample_seed(cfg.seed, i) for i in batch]
-            generated = pipe.generate(prompts, seeds, generation, reporter)
-            for index, prompt, seed, frames in zip(batch, prompts, seeds, generated.frames):
+            given = given_frames(cfg, batch, settings, pipe) if cfg.given_anything else None
+            generated = pipe.generate(prompts, seeds, generation, reporter, given)
+            for k, (index, prompt, seed, frames) in enumerate(zip(batch, prompts, seeds, generated.frames)):
                 stem = outputs.output_stem(index, prompt)
                 files = outputs.write_sample(out, stem, frames, settings["fps"])
                 digest = outputs.pixels_sha256(frames)
@@ -310,19 +395,51 @@ def _write_samples(
                     "sample_seed": seed,
                     # float rounding depends on the batch a sample shares, so regenerating it bit for bit
                     # means sampling the same batch again
-                    "batch": {"start_index": batch[0], "prompts": prompts},
+                    "batch": {"start_index": batch[0], "prompts": prompts, **given_batch(cfg, batch)},
                     "model": model_record,
                     "settings": settings,
                     "files": [f.name for f in files],
                     "pixels_sha256": digest,
                     "environment": ENVIRONMENT,
                 }
+                if given is not None:  # what it was given, and a lossless strip of those frames beside it
+                    strip = outputs.write_png(
+                        out / f"{stem}{GIVEN_SUFFIX}", outputs.film_strip(given[k].strip_frames())
+                    )
+                    latent_frames = given_latent_frames(
+                        given[k], generated.latents.shape[1], pipe.vae.frame_rule, pipe.vae.name
+                    )
+                    record["given"] = given[k].record(len(frames), latent_frames, strip.name)
                 sidecar = outputs.write_sidecar(out / f"{stem}{outputs.SIDECAR_SUFFIX}", record)
                 samples.append(SampleOutput(index, prompt, seed, files, sidecar, digest))
                 if cfg.grid:
                     all_frames.append(frames)
             task.advance(len(batch))
     return samples, all_frames
+
+
+def given_frames(cfg: SampleConfig, batch: list[int], settings: dict, pipe: SamplingPipeline) -> list[GivenFrames]:
+    """The frames each prompt of `batch` is given, prepared at the sample's size (videos read at the model's training
+    frame rate); a source shared by several prompts is read once."""
+    fps = pipe.folder.record.fps if pipe.folder is not None else settings["fps"]
+    read: dict[GivenSources, GivenFrames] = {}
+    for index in batch:
+        sources = cfg.given_sources(index)
+        if sources not in read:
+            read[sources] = read_given(sources, (settings["width"], settings["height"]), fps)
+    return [read[cfg.given_sources(index)] for index in batch]
+
+
+def given_batch(cfg: SampleConfig, batch: list[int]) -> dict:
+    """The given sources of a batch's prompts, as a sidecar's batch records them (what regeneration gives again)."""
+    if not cfg.given_anything:
+        return {}
+    sources = [cfg.given_sources(index) for index in batch]
+    return {
+        name: [None if getattr(s, attribute) is None else str(Path(getattr(s, attribute)).resolve()) for s in sources]
+        for name, attribute in (("images", "image"), ("videos", "video"), ("last_images", "last_image"))
+        if getattr(cfg, name)
+    }
 
 
 # --------------------------------------------------------------------------- regenerating from a sidecar
@@ -346,6 +463,12 @@ def config_from_sidecar(path: Path, out: Path) -> tuple[SampleConfig, dict]:
             **({"width": settings["width"], "height": settings["height"]} if "width" in settings else {}),
             resolution=None if "width" in settings else settings["resolution"],
             text_encoders=dict(settings["text_encoders"]),
+            **{
+                k: [Path(p) for p in record["batch"][k]]
+                for k in ("images", "videos", "last_images")
+                if k in record["batch"]
+            },
+            **{k: settings[k] for k in ("condition_scale", "continue_frames") if k in settings},
         )
         if cfg.prompts[int(record["index"]) - cfg.start_index] != record["prompt"]:
             raise ValueError("the prompt is not in its recorded batch")
@@ -382,6 +505,9 @@ def resample_from_sidecar(
     current = weights_sha256(ModelFolder(cfg.model).path)
     if current != record["model"]["weights_sha256"]:
         reporter.log(f"warning: the weights in {cfg.model} changed since {path} was written; pixels will differ")
+    for option, source in (record.get("given") or {}).get("sources", {}).items():
+        if Path(source["path"]).is_file() and file_sha256(Path(source["path"])) != source["sha256"]:
+            reporter.log(f"warning: the {option} {source['path']} changed since {path} was written; pixels will differ")
     result = sample(cfg, reporter)
     target = next(s for s in result.samples if s.index == record["index"])
     return result, target.pixels_sha256 == record["pixels_sha256"]

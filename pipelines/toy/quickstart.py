@@ -3,7 +3,8 @@
 It runs the real stages, through the same library calls as the CLI commands:
 toy data (png/mp4 + txt) -> prep-images, prep-videos -> encode-latents (pixel VAE) -> encode-text (tiny
 CLIP + T5 built locally) -> train t2i -> train t2v (initialised from t2i, joint image/video, motion-free)
--> sample (images; videos with and without motion-free guidance) -> probe the samples -> index.html (the report).
+-> train i2v (initialised from t2v: given the first frame) -> sample (images; videos with and without motion-free
+guidance; videos given a first frame) -> probe the samples -> index.html (the report).
 
 Small images (16x16 pixels = 64 tokens), a 6-layer width-128 model and the small-data recipe of the README
 (rectified flow with logit-normal timesteps and the automatic noise shift, a learning rate above the paper's
@@ -28,7 +29,9 @@ from pipelines.evaluate.probe import (
     DIRECTIONS,
     PLACES,
     ProbeTally,
+    clip_step,
     image_caption,
+    probe_given_video,
     probe_sample,
     video_caption,
 )
@@ -50,7 +53,7 @@ class QuickstartConfig:
     frame_stride: int = 23  # on the 24 FPS timeline: 4 frames spanning the 3 s toy video, edge to edge
     clip_stride: int | None = None  # one clip per video
     model: str = QUICKSTART_MODEL
-    # `gentron train --recipe small-data` (README, "A recipe for small data") for both stages: rectified flow,
+    # `gentron train --recipe small-data` (README, "A recipe for small data") for every stage: rectified flow,
     # logit-normal timesteps, the noise shift (sqrt(frames x h x w) / 16: none for the 16 px images, 2 for the 4-frame
     # clips), a warm-up; the quickstart's own steps, batches, learning rate and EMA below win over the recipe's
     recipe: str = "small-data"
@@ -60,6 +63,9 @@ class QuickstartConfig:
     t2v_steps: int = 250
     t2v_batch: int = 16
     p_motion_free: float = 0.25  # t2v: share of motion-free samples (images as still videos)
+    i2v_steps: int = 150  # image-to-video: the t2v model given the first frame of 90 % of its samples
+    i2v_batch: int = 16
+    p_condition: float = 0.9
     ema_decay: float = 0.99
     t2v_ema_decay: float = 0.9  # motion is learnt late in 250 steps; a slower EMA still averages in weights from before
     sample_steps: int = 25
@@ -80,6 +86,8 @@ class QuickstartConfig:
             t2i_batch=8,
             t2v_steps=6,
             t2v_batch=4,
+            i2v_steps=4,
+            i2v_batch=4,
             sample_steps=3,
             samples_per_prompt=1,
         )
@@ -93,6 +101,7 @@ class QuickstartResult:
     t2v_cfg: ProbeTally
     t2v_mfg: ProbeTally
     report: Path
+    i2v: ProbeTally | None = None
 
     @property
     def passed(self) -> bool:
@@ -118,7 +127,7 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "quickstart.json", _jsonable(asdict(cfg)), sort_keys=False)
     timings: dict[str, float] = {}
-    steps = 9
+    steps = 10
 
     @contextmanager
     def stage(number: int, name: str):
@@ -213,7 +222,27 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
             ),
             reporter,
         )
-    with stage(8, "sample"):
+    with stage(8, "train i2v (from t2v, given the first frame)"):
+        i2v = train(
+            TrainConfig.from_recipe(  # the t2v model's recipe: the objective it was trained with
+                cfg.recipe,
+                output=str(out / "runs/i2v"),
+                stage="t2v",
+                init=str(Path(t2v.run_dir) / "model"),
+                video_data=str(out / "data/videos"),
+                image_data=str(out / "data/images"),
+                frames=cfg.frames,
+                p_motion_free=cfg.p_motion_free,
+                condition_frames="first",
+                p_condition=cfg.p_condition,
+                steps=cfg.i2v_steps,
+                global_batch=cfg.i2v_batch,
+                ema_decay=cfg.t2v_ema_decay,
+                **common,
+            ),
+            reporter,
+        )
+    with stage(9, "sample"):
         t2i_score, images = _sample_and_probe(
             cfg, Path(t2i.run_dir), out / "samples/t2i", _image_prompts(), None, reporter
         )
@@ -221,10 +250,15 @@ def quickstart(cfg: QuickstartConfig, reporter: Reporter = NullReporter()) -> Qu
         t2v_mfg, videos = _sample_and_probe(
             cfg, Path(t2v.run_dir), out / "samples/t2v-mfg", _video_prompts(), cfg.mfg_scale, reporter
         )
-    with stage(9, "report"):
+        firsts = _first_frames(cfg, raw["videos"], out / "samples/i2v-first")
+        i2v_score, _ = _sample_and_probe(
+            cfg, Path(i2v.run_dir), out / "samples/i2v", _video_prompts(), cfg.mfg_scale, reporter, firsts
+        )
+    with stage(10, "report"):
         write_png(out / "overview.png", overview(images, videos))
-        report = _write_report(cfg, out, timings, t2i_score, t2v_cfg, t2v_mfg, Path(t2i.run_dir), Path(t2v.run_dir))
-    return QuickstartResult(out, timings, t2i_score, t2v_cfg, t2v_mfg, report)
+        runs = {"t2i": Path(t2i.run_dir), "t2v": Path(t2v.run_dir), "i2v": Path(i2v.run_dir)}
+        report = _write_report(cfg, out, timings, t2i_score, t2v_cfg, t2v_mfg, i2v_score, runs)
+    return QuickstartResult(out, timings, t2i_score, t2v_cfg, t2v_mfg, report, i2v_score)
 
 
 def _image_prompts() -> list[str]:
@@ -233,6 +267,25 @@ def _image_prompts() -> list[str]:
 
 def _video_prompts() -> list[str]:
     return [video_caption(c, d) for c in COLORS for d in DIRECTIONS]
+
+
+def _step(cfg: QuickstartConfig) -> float:
+    """How far the toy square travels between two frames of the quickstart's clips."""
+    return clip_step(cfg.toy.square, cfg.frame_stride, int(cfg.toy.video_seconds * cfg.toy.video_fps))
+
+
+def _first_frames(cfg: QuickstartConfig, videos: Path, out: Path) -> list[Path]:
+    """For each video prompt, the first frame of the first toy video of its colour and direction, as a PNG."""
+    from pipelines.sample.given import read_video_frames
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for color in COLORS:
+        for direction in DIRECTIONS:
+            stem = f"{color}_{direction}_0"
+            first = read_video_frames(videos / f"{stem}.mp4", cfg.toy.video_fps / cfg.frame_stride)[0]
+            paths.append(write_png(out / f"{stem}.png", first))
+    return paths
 
 
 def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4) -> np.ndarray:
@@ -253,9 +306,16 @@ def overview(images: list[np.ndarray], videos: list[np.ndarray], scale: int = 4)
 
 
 def _sample_and_probe(
-    cfg: QuickstartConfig, run: Path, out: Path, prompts: list[str], mfg: float | None, reporter: Reporter
+    cfg: QuickstartConfig,
+    run: Path,
+    out: Path,
+    prompts: list[str],
+    mfg: float | None,
+    reporter: Reporter,
+    first_frames: list[Path] | None = None,
 ) -> tuple[ProbeTally, list[np.ndarray]]:
-    """Sample every prompt `samples_per_prompt` times and score the pixels with the toy probe.
+    """Sample every prompt `samples_per_prompt` times (given first_frames[i], when given) and score the pixels with the
+    toy probe.
 
     Returns the score and the exact pixels of each prompt's first sample."""
     from pipelines.evaluate.evaluator import list_samples
@@ -264,6 +324,7 @@ def _sample_and_probe(
     if out.exists():
         shutil.rmtree(out)  # samples are cheap to redo; stale ones would be scored otherwise
     asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    images = [f for f in first_frames for _ in range(cfg.samples_per_prompt)] if first_frames else []
     sample(
         SampleConfig(
             model=run,
@@ -276,6 +337,7 @@ def _sample_and_probe(
             batch_size=16,
             device="cpu",
             grid=True,
+            images=images,
         ),
         reporter,
     )
@@ -284,12 +346,14 @@ def _sample_and_probe(
     for s in list_samples(out):  # as `gentron eval` reads them: a video's exact frames, not the lossy MP4/GIF
         pixels = s.read_pixels()
         firsts.setdefault(s.prompt, pixels)
-        tally.add(probe_sample(pixels, s.prompt))
+        tally.add(
+            probe_given_video(pixels, s.prompt, 1, _step(cfg)) if first_frames else probe_sample(pixels, s.prompt)
+        )
     return tally, list(firsts.values())
 
 
 def _write_report(
-    cfg, out: Path, timings, t2i: ProbeTally, t2v_cfg: ProbeTally, t2v_mfg: ProbeTally, t2i_run: Path, t2v_run: Path
+    cfg, out: Path, timings, t2i: ProbeTally, t2v_cfg: ProbeTally, t2v_mfg: ProbeTally, i2v: ProbeTally, runs: dict
 ) -> Path:
     """OUT/index.html: the quickstart's page, built like a run page (pipelines/train/run_page.py) and linking both runs'
     pages."""
@@ -297,20 +361,23 @@ def _write_report(
 
     def cell(score: ProbeTally, attribute: str) -> str:
         hits, count = score.hits[attribute], score.counts[attribute]
-        return f"{score.rate(attribute):.0%} ({hits}/{count}; chance {CHANCE[attribute]:.0%})"
+        chance = f"; chance {CHANCE[attribute]:.0%}" if attribute in CHANCE else ""
+        return f"{score.rate(attribute):.0%} ({hits}/{count}{chance})"
 
     def row(name: str, score: ProbeTally) -> str:
         cells = [
             cell(score, "color"),
             cell(score, "place" if "place" in score.hits else "direction"),
             cell(score, "axis") if "axis" in score.hits else "-",
+            cell(score, "start") if "start" in score.hits else "-",
         ]
         return "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in [name, *cells]) + "</tr>"
 
     def image(path: Path, alt: str) -> str:
         return f'<a href="{href(out, path)}"><img class="preview" src="{href(out, path)}" alt="{escape(alt)}"></a>'
 
-    samples = {name: out / "samples" / name for name in ("t2i", "t2v-mfg", "t2v-cfg")}
+    t2i_run, t2v_run, i2v_run = runs["t2i"], runs["t2v"], runs["i2v"]
+    samples = {name: out / "samples" / name for name in ("t2i", "t2v-mfg", "t2v-cfg", "i2v")}
     verdict = "yes" if follows_prompts(t2i, t2v_mfg) else "no"
     body = [
         "<h1>gentron quickstart</h1>",
@@ -327,11 +394,16 @@ def _write_report(
         "(quadrant of the "
         "foreground's centre) and, for videos, its motion (centroid travel from first to last frame). The axis column "
         "counts videos "
-        "moving along the asked axis (horizontal or vertical) in either sense.</p>",
-        "<table><tr><th>samples</th><th>colour</th><th>place / direction</th><th>axis of motion</th></tr>",
+        "moving along the asked axis (horizontal or vertical) in either sense. Image-to-video samples are given the "
+        "first frame of a toy video of their colour and direction; their colour is read on the frames they generate, "
+        "and the last column counts those whose first generated frame starts where the given one is (object within "
+        "a tenth of the frame).</p>",
+        "<table><tr><th>samples</th><th>colour</th><th>place / direction</th><th>axis of motion</th>"
+        "<th>starts at the given frame</th></tr>",
         row("T2I images", t2i),
         row("T2V videos, CFG only (lM = 1)", t2v_cfg),
         row(f"T2V videos, motion-free guidance (lM = {cfg.mfg_scale})", t2v_mfg),
+        row(f"Image-to-video, given the first frame (lM = {cfg.mfg_scale})", i2v),
         "</table>",
         "<h2>Samples</h2>",
         f"<p>T2I, every prompt ({link(out, samples['t2i'] / 'grid.png')}):</p>",
@@ -343,13 +415,20 @@ def _write_report(
         f"<p>T2V without motion-free guidance ({link(out, samples['t2v-cfg'] / 'grid.gif')}, "
         f"{link(out, samples['t2v-cfg'] / 'grid.mp4')}):</p>",
         image(samples["t2v-cfg"] / "grid.frames.png", "T2V samples without motion-free guidance"),
+        "<p>Image-to-video (the T2V model trained on, given the first frame of 90 % of its samples), every prompt "
+        f"given the first frame of a toy video ({link(out, samples['i2v'] / 'grid.gif')}):</p>",
+        image(samples["i2v"] / "grid.frames.png", "image-to-video samples"),
         "<p>Each sample has its own file and a JSON sidecar that regenerates it (<code>gentron sample "
         "--from-sidecar</code>); "
         "<code>gentron eval FOLDER --probe toy</code> scores a sample folder again.</p>",
         "<h2>Training</h2>",
-        f"<p>Run pages: {link(out, t2i_run / PAGE, 'T2I run')}, {link(out, t2v_run / PAGE, 'T2V run')} (settings, "
-        "curves, previews, data, models).</p>",
-        image(t2i_run / "loss.png", "T2I loss") + " " + image(t2v_run / "loss.png", "T2V loss"),
+        f"<p>Run pages: {link(out, t2i_run / PAGE, 'T2I run')}, {link(out, t2v_run / PAGE, 'T2V run')}, "
+        f"{link(out, i2v_run / PAGE, 'image-to-video run')} (settings, curves, previews, data, models).</p>",
+        image(t2i_run / "loss.png", "T2I loss")
+        + " "
+        + image(t2v_run / "loss.png", "T2V loss")
+        + " "
+        + image(i2v_run / "loss.png", "image-to-video loss"),
         "<h2>Settings and timings</h2>",
         "<table><tr><th>stage</th><th>seconds</th></tr>"
         + "".join(

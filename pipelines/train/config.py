@@ -12,6 +12,8 @@ from pipelines.evaluate.metrics import MetricOptions
 from pipelines.files import read_json
 
 STAGES = ("t2i", "t2v")
+CONDITION_FRAMES = ("first", "prefix", "first-last")  # as pipelines.data.loader.CONDITION_FRAMES (no torch here)
+DEFAULT_P_CONDITION = 0.9  # one model keeps doing text-to-video on the rest
 ON_NAN = ("stop", "skip")
 LOG_TO = ("none", "tensorboard")
 IMAGE_FRAMES = ("auto", "pseudo-video", "one")  # as pipelines.data.loader.IMAGE_FRAMES, plus auto
@@ -68,6 +70,11 @@ class TrainConfig:
     ema_decay: float = 0.9999
     text_dropout: float = 0.1  # classifier-free guidance: probability of the empty caption
     p_motion_free: float = 0.5  # t2v: probability of a motion-free sample
+    # t2v frame conditioning (image-to-video, continuation; pipelines/data/loader.py ConditionSpec): None = off
+    condition_frames: str | None = None  # first, prefix or first-last (latent frames given)
+    p_condition: float | None = None  # share of samples given frames; None: DEFAULT_P_CONDITION with condition_frames
+    condition_dropout: float | None = None  # share of those whose frames are hidden (condition guidance); None: 0
+    condition_noise: float = 0.0  # largest std of the noise on the given latents
     objective: str = "ddpm"  # ddpm (the paper's) or flow (rectified flow); see pipelines/diffusion/objective.py
     timestep_sampling: str = "uniform"  # uniform (the paper's) or logit-normal
     timestep_location: float = 0.0  # logit-normal: t / T = sigmoid(location + scale * n), n ~ N(0, 1)
@@ -218,7 +225,62 @@ class TrainConfig:
             )
         for name in ("preview_cfg", "eval_cfg"):
             require(math.isfinite(getattr(self, name)), f"{name} must be a number, got {getattr(self, name)}")
+        self.check_conditioning()
         self.check_logging()
+
+    def check_conditioning(self) -> None:
+        """Frame conditioning is a T2V setting; its probabilities and noise only apply with --condition-frames."""
+        if self.condition_frames is None:
+            given = [
+                f"--{name.replace('_', '-')}"
+                for name, unset in (
+                    ("p_condition", self.p_condition is None),
+                    ("condition_dropout", self.condition_dropout is None),
+                    ("condition_noise", self.condition_noise == 0.0),
+                )
+                if not unset
+            ]
+            require(
+                not given,
+                f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with --condition-frames",
+                "add --condition-frames first|prefix|first-last (given frames), or drop them",
+            )
+            return
+        require(
+            self.condition_frames in CONDITION_FRAMES,
+            f"unknown --condition-frames {self.condition_frames!r}",
+            f"use one of {', '.join(CONDITION_FRAMES)}",
+        )
+        require(
+            self.stage == "t2v",
+            "--condition-frames gives a video some of its frames, but --stage is t2i",
+            "train the frame-conditioned model with --stage t2v (e.g. --init a T2V model)",
+        )
+        for name in ("p_condition", "condition_dropout"):
+            value = getattr(self, name)
+            require(
+                value is None or 0.0 <= value <= 1.0,
+                f"--{name.replace('_', '-')} must be in [0, 1], got {value}",
+                "pass a probability",
+            )
+        require(
+            math.isfinite(self.condition_noise) and self.condition_noise >= 0,
+            f"--condition-noise must be 0 or more, got {self.condition_noise}",
+            "pass e.g. --condition-noise 0.1, or 0 for clean given frames",
+        )
+
+    def condition_spec(self):
+        """The data stream's frame conditioning (pipelines.data.loader.ConditionSpec), or None."""
+        if self.condition_frames is None:
+            return None
+        from pipelines.data.loader import ConditionSpec  # here: importing torch would slow --help
+
+        return ConditionSpec(
+            frames=self.condition_frames,
+            p=DEFAULT_P_CONDITION if self.p_condition is None else self.p_condition,
+            dropout=self.condition_dropout or 0.0,
+            noise=self.condition_noise,
+        )
 
     def check_logging(self) -> None:
         """Evaluation and TensorBoard options that cannot take effect are refused (no file is read here)."""

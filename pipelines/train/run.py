@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from pipelines.data.loader import data_stats
 from pipelines.diffusion.objective import Objective
 from pipelines.files import atomic_write_json
-from pipelines.model.conditioning import TextCondition
+from pipelines.model.conditioning import FrameCondition, TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model_folder import EXPORTED_EMA, EXPORTED_RAW, PipelineRecord, export_model, exported_step
 from pipelines.progress import Reporter
@@ -33,6 +33,15 @@ from pipelines.train.run_page import write_run_page
 def batch_text(batch: dict[str, torch.Tensor], device=None) -> TextCondition:
     """The TextCondition of a collated batch (its "text.NAME" tensors; pipelines/data/loader.py)."""
     return TextCondition.from_flat(batch, "text.").to(device)
+
+
+def batch_frames(batch: dict[str, torch.Tensor], device=None) -> dict:
+    """The frame conditioning of a collated batch as the objective's loss takes it: {"frames", "loss_frames"}, or {}
+    when the run gives no frames (pipelines/data/loader.py condition_batch)."""
+    if "condition_mask" not in batch:
+        return {}
+    frames = FrameCondition(batch["condition_mask"].to(device), batch["condition_latents"].to(device))
+    return {"frames": frames, "loss_frames": batch["loss_frames"].to(device)}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -93,7 +102,9 @@ class Run:
             self.unreadable_samples += int((batch["weight"] == 0).sum())
             self._note_failures(batch["failures"])
             with sync, autocast:
-                per_sample = self.objective.loss(self.net, x0, t, text, motion_free=motion_free, noise=noise)["loss"]
+                per_sample = self.objective.loss(
+                    self.net, x0, t, text, motion_free=motion_free, noise=noise, **batch_frames(batch, d.device)
+                )["loss"]
                 loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum

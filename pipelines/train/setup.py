@@ -43,7 +43,14 @@ from pipelines.model.configs import (
 )
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays
 from pipelines.model.vae import FrameRule
-from pipelines.model_folder import DataRecord, ModelFolder, PipelineRecord, VAERecord, check_weights
+from pipelines.model_folder import (
+    ConditioningRecord,
+    DataRecord,
+    ModelFolder,
+    PipelineRecord,
+    VAERecord,
+    check_weights,
+)
 from pipelines.progress import Reporter
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
@@ -143,6 +150,7 @@ def load_data(config: TrainConfig, reporter: Reporter, world: int = 1) -> Traini
         buffer_size=config.shuffle_buffer,
         frames=frames,
         image_frames=image_frames_used(config, [s for s in (images, videos) if s is not None]),
+        condition=config.condition_spec(),
     )
     return TrainingData(images, videos, empty, empty_path, spec, stream_plan(spec, images, videos, world))
 
@@ -226,6 +234,8 @@ def build_model(config: TrainConfig, data: TrainingData, objective: Objective, r
                 "(--model patch_size sets another)"
             )
         cfg = model_config(spec, in_channels=int(channels), temporal=config.stage == "t2v", **text)
+        if config.condition_frames:
+            cfg["frame_conditioning"] = True
         model = GenTronTransformer.from_config(cfg)
     objective.check_model(bool(model.config.learn_sigma))
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -279,6 +289,9 @@ def init_model(config: TrainConfig, objective: Objective, reporter: Reporter) ->
     if becomes_video:
         reporter.log(f"initialising T2V from the T2I model {folder.path}: temporal layers start at zero")
         model = GenTronTransformer.from_t2i(model, **temporal)
+    if config.condition_frames and not model.config.frame_conditioning:
+        reporter.log(f"adding frame conditioning to the T2V model {folder.path}: its condition channels start at zero")
+        model = GenTronTransformer.from_t2v(model)
     return model
 
 
@@ -308,7 +321,44 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
             )
         if len(unmirrored) == len(sources):
             changes["flip"] = False
+    spec = config.condition_spec()
+    if spec is not None:  # the probabilities as they take effect
+        changes |= {"p_condition": spec.p, "condition_dropout": spec.dropout}
     return replace(config, **changes) if changes else config
+
+
+def check_condition_frames(
+    config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter, sources: list[Source] | None = None
+) -> None:
+    """--condition-frames needs clips of enough latent frames that some are left to generate: refused when no bucket
+    (latent shape (T, C, h, w)) has them, announced when some buckets are too short (their samples train T2V).
+    first-last is refused on the latents of a VAE compressing time (`sources`' VAE): their last latent frame holds
+    several frames, which sampling's one --last-image picture cannot give."""
+    spec = config.condition_spec()
+    if spec is None:
+        return
+    temporal = max((temporal_downsample(s) for s in sources or ()), default=1)
+    if spec.frames == "first-last" and temporal > 1:
+        raise GentronError(
+            f"--condition-frames first-last: the training latents come from a VAE that packs {temporal} frames into "
+            "each latent frame after the first, so the last latent frame is not one picture and sampling could not "
+            "give it (--last-image is one frame)",
+            "use --condition-frames first or prefix (they count latent frames: with a causal video VAE the first "
+            "frame is its own latent frame), or encode the data with a VAE that encodes each frame alone",
+        )
+    short = [shape for shape in shapes if shape[0] < spec.min_frames()]
+    if len(short) == len(shapes):
+        raise GentronError(
+            f"--condition-frames {spec.frames} gives {spec.min_frames() - 1} latent frame(s), but the training clips "
+            f"have {max(shape[0] for shape in shapes)}: nothing would be left to generate",
+            f"train on clips of at least {spec.min_frames()} latent frames",
+        )
+    if short:
+        reporter.log(
+            f"note: --condition-frames {spec.frames}: the buckets of latent shape "
+            f"{', '.join(str(tuple(shape)) for shape in short)} have fewer than {spec.min_frames()} latent frames, "
+            "so their samples are given no frames (they train text-to-video)"
+        )
 
 
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
@@ -383,6 +433,9 @@ def pipeline_record(
             buckets=tuple(tuple(shape) for shape in buckets) if buckets and len(buckets) > 1 else None,
         ),
         shard_metadata={"latent": latent_meta, "text": text_meta, "prep": prep_meta},
+        conditioning=None
+        if (spec := config.condition_spec()) is None
+        else ConditioningRecord(frames=spec.frames, p=spec.p, dropout=spec.dropout, noise=spec.noise),
     )
 
 
@@ -430,6 +483,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     objective = run_objective(config, data.latent_shape, reporter)
     model, model_cfg = build_model(config, data, objective, reporter)
     data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
+    check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter, data.sources)
     config = settings_used(config, model_cfg, data.sources, reporter)
     if previous is not None:
         check_resume(folder, config)
