@@ -195,6 +195,19 @@ def test_a_relative_vae_folder_is_recorded_as_an_absolute_path(tmp_path, tiny_en
     )
 
 
+def test_relative_text_encoder_folders_are_recorded_as_absolute_paths(tmp_path, tiny_encoders, monkeypatch):
+    import shutil
+
+    for name in ("clip", "t5"):
+        shutil.copytree(tiny_encoders[name], tmp_path / "enc" / name)
+    inp = _write_shards(tmp_path / "in", [[("i0", {"txt": b"a red square"})]])
+    monkeypatch.chdir(tmp_path)
+    encode_text(EncodeTextConfig(inp, tmp_path / "out", clip="enc/clip", t5="./enc/t5", device="cpu"))
+    [(_key, fields)] = _read(tmp_path / "out")["000000.tar"]
+    text = json.loads(fields[schema.META])["text"]
+    assert (text["clip"]["name"], text["t5"]["name"]) == (str(tmp_path / "enc" / "clip"), str(tmp_path / "enc" / "t5"))
+
+
 def test_encode_text_values_failures_counters_and_empty_caption_once(tmp_path, tiny_encoders):
     long_caption = " ".join(["photo"] * 120)  # over 77 CLIP tokens and 120 bytes
     captions = {

@@ -27,6 +27,7 @@ from pipelines.model.text_encoders import (
     DEFAULT_T5_MAX_LENGTH,
     ENCODERS,
     TextEncoders,
+    absolute_model_spec,
     parse_encoders,
 )
 from pipelines.progress import NullReporter, Reporter
@@ -74,7 +75,8 @@ def selected_encoders(cfg: EncodeTextConfig) -> dict[str, str]:
             raise GentronError(
                 f"the {name} encoder has no default model", f"pass --{name} NAME_OR_PATH (hub name or local folder)"
             )
-    return {name: models.get(name) or ENCODERS[name].default for name in names}
+    # a local folder as an absolute path: sampling reads the encoders from the shards' record
+    return {name: absolute_model_spec(models.get(name) or ENCODERS[name].default) for name in names}
 
 
 def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
