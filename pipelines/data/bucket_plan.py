@@ -65,7 +65,7 @@ class Bucket:
     @property
     def positions(self) -> int:
         """Latent positions of one sample (frames x rows x columns): tokens times the patch area."""
-        return math.prod(self.shape[:-3] or (1,)) * self.shape[-2] * self.shape[-1]
+        return _positions(self.shape)
 
 
 @dataclass
@@ -81,6 +81,16 @@ class BucketPlan:
 
 def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[-3:])
+
+
+def _positions(shape: tuple[int, ...]) -> int:
+    """Latent positions of one sample of `shape` (frames x rows x columns)."""
+    return math.prod(shape[:-3] or (1,)) * shape[-2] * shape[-1]
+
+
+def _patchable(shape: tuple[int, ...], patch_size: int | None) -> bool:
+    """Whether latents of `shape` split into the model's patches (any shape does when the patch size is unknown)."""
+    return patch_size is None or (shape[-1] % patch_size == 0 and shape[-2] % patch_size == 0)
 
 
 def _fits_inside(small: tuple[int, ...], large: tuple[int, ...]) -> bool:
@@ -120,7 +130,34 @@ def plan_buckets(
     (merged into one that fits inside them, or dropped, as "not_patchable"); and tokens in the table.
     `downsample`: to state pixel sizes in the table. `image_frames`: "pseudo-video" or "one" (T2V images as one
     latent frame, in buckets of their own)."""
-    one_frame = stage == "t2v" and image_frames == "one"
+    _check_batch_settings(bucket_batch, global_batch, granule)
+    image_groups, video_groups, supply = _samples_by_shape(stage, images, videos, frames)
+    reference = _reference(supply, patch_size)
+    batch = {k: _batch_of(k, reference, global_batch, granule, bucket_batch) for k in supply}
+    kept = [k for k in supply if _patchable(k, patch_size) and (k == reference or supply[k] >= batch[k])]
+    into, merged, dropped = _merge_or_drop(supply, batch, kept, image_groups, video_groups, patch_size)
+    clips = stage == "t2v" and videos is not None
+    if clips:  # T2V images join the clip buckets of their size
+        image_into, images_merged, images_dropped = _images_into_clip_sizes(image_groups, kept)
+        merged, dropped = merged + images_merged, dropped + images_dropped
+    else:
+        image_into = {k: into[k] for k in image_groups if k in into}
+    pools, image_pool_of, video_pool_of = _pools(_gather(image_groups, image_into), _gather(video_groups, into))
+    image_frame_buckets = clips and image_frames == "one"  # T2V images as one latent frame, in buckets of their own
+    buckets = _kept_buckets(
+        kept, batch, stage, clips, image_frame_buckets, p_motion_free, pools, image_pool_of, video_pool_of
+    )
+    if image_frame_buckets:
+        buckets += _image_frame_buckets(image_pool_of, pools, reference, global_batch, granule, bucket_batch)
+    for bucket, share in zip(buckets, _shares(buckets, p_motion_free, image_frame_buckets)):
+        bucket.share = share
+    plan = BucketPlan(buckets, pools)
+    plan.table = _table(plan, stage, global_batch, bucket_batch, reference, merged, dropped, patch_size, downsample)
+    return plan
+
+
+def _check_batch_settings(bucket_batch: str, global_batch: int, granule: int) -> None:
+    """Refuses an unknown --bucket-batch and a global batch that does not split into micro-batches."""
     if bucket_batch not in BUCKET_BATCH:
         raise GentronError(f"unknown --bucket-batch {bucket_batch!r}", f"use {' or '.join(BUCKET_BATCH)}")
     if global_batch % granule:
@@ -128,52 +165,64 @@ def plan_buckets(
             f"global batch {global_batch} is not divisible by gradient accumulation x processes ({granule})",
             "choose a global batch that is a multiple of grad_accum x world size",
         )
+
+
+def _samples_by_shape(stage: str, images, videos, frames: int) -> tuple[dict, dict, dict]:
+    """(image_groups, video_groups, supply): each source's sample ids by latent shape, and the samples of each
+    bucket shape, in shape order. T2I: images and one frame of each clip by (C, h, w); T2V: clips by their shape
+    (images, by theirs, join clip buckets later); T2V from stills alone: images as pseudo-videos of `frames`."""
     image_groups = _group(images, tuple)
     if stage == "t2i":
         video_groups = _group(videos, _spatial)  # one frame of each clip
         keys = sorted(set(image_groups) | set(video_groups))
         supply = {k: len(image_groups.get(k, ())) + len(video_groups.get(k, ())) for k in keys}
-    elif videos is not None:
+        return image_groups, video_groups, supply
+    if videos is not None:
         video_groups = _group(videos, tuple)
-        keys = sorted(video_groups)
-        supply = {k: len(video_groups[k]) for k in keys}
-    else:  # T2V from stills alone: pseudo-videos of `frames` frames
-        video_groups = {}
-        image_groups = {(frames, *k): ids for k, ids in image_groups.items()}  # `one` needs clips to differ from
-        keys = sorted(image_groups)
-        supply = {k: len(image_groups[k]) for k in keys}
+        return image_groups, video_groups, {k: len(video_groups[k]) for k in sorted(video_groups)}
+    # from stills alone, pseudo-videos even with image_frames="one" (one frame needs clips to differ from)
+    image_groups = {(frames, *k): ids for k, ids in image_groups.items()}
+    return image_groups, {}, {k: len(image_groups[k]) for k in sorted(image_groups)}
 
-    def positions(shape):
-        return math.prod(shape[:-3] or (1,)) * shape[-2] * shape[-1]
 
-    def patchable(shape) -> bool:
-        return patch_size is None or (shape[-1] % patch_size == 0 and shape[-2] % patch_size == 0)
-
-    candidates = [k for k in keys if patchable(k)]
+def _reference(supply: dict, patch_size: int | None) -> tuple[int, ...]:
+    """The reference shape: of those that split into patches, the one with the most samples; on a tie the
+    squarest, then the one with the most tokens. Refuses data with no such shape."""
+    candidates = [k for k in supply if _patchable(k, patch_size)]
     if not candidates:
-        sizes = ", ".join(_size(k) for k in keys)
+        sizes = ", ".join(_size(k) for k in supply)
         raise GentronError(
             f"no latent size of the data ({sizes}, width x height) splits into {patch_size}x{patch_size} patches",
             f"encode with sizes whose latent sides are multiples of {patch_size}",
         )
-    # the reference: most samples; on a tie the squarest, then the most tokens
-    reference = max(candidates, key=lambda k: (supply[k], -abs(math.log(k[-1] / k[-2])), positions(k)))
-    batch = {}
-    for k in keys:
-        if bucket_batch == "fixed":
-            batch[k] = global_batch
-        else:
-            batch[k] = max(granule, round(global_batch * positions(reference) / positions(k) / granule) * granule)
-    kept = [k for k in candidates if k == reference or supply[k] >= batch[k]]
+    return max(candidates, key=lambda k: (supply[k], -abs(math.log(k[-1] / k[-2])), _positions(k)))
+
+
+def _batch_of(shape, reference, global_batch: int, granule: int, bucket_batch: str) -> int:
+    """The batch of a bucket of `shape`: the global batch (`fixed`), or (`tokens`) the global batch scaled by the
+    reference's positions over the shape's, a multiple of `granule`."""
+    if bucket_batch == "fixed":
+        return global_batch
+    return _granule_multiple(global_batch * _positions(reference) / _positions(shape), granule)
+
+
+def _granule_multiple(samples: float, granule: int) -> int:
+    """`samples` rounded to a multiple of `granule`, at least one granule."""
+    return max(granule, round(samples / granule) * granule)
+
+
+def _merge_or_drop(supply, batch, kept, image_groups, video_groups, patch_size) -> tuple[dict, list, list]:
+    """(into, merged, dropped): the bucket each shape's samples go to (itself when kept, else the nearest kept
+    shape that fits inside it), and the records of the shapes merged and of those dropped (none fits)."""
     merged, dropped = [], []
     into = {k: k for k in kept}
-    for k in keys:
+    for k in supply:
         if k in into:
             continue
         target = _nearest_inside(k, kept)
         n_img, n_vid = len(image_groups.get(k, ())), len(video_groups.get(k, ()))
         record = {"shape": list(k), "images": n_img, "clips": n_vid, "samples": supply[k], "batch": batch[k]}
-        if patchable(k):
+        if _patchable(k, patch_size):
             reason, detail = "bucket_too_small", _too_small(k, supply[k], batch[k])
         else:
             reason = "not_patchable"
@@ -183,108 +232,111 @@ def plan_buckets(
         else:
             into[k] = target
             merged.append(record | {"into": list(target), "reason": reason})
-    # T2V with clips: images join the clip buckets of their size (the kept ones, or one that fits inside)
-    image_into: dict[tuple[int, ...], tuple[int, ...]] = {}
-    if stage == "t2v" and videos is not None:
-        sizes = sorted({_spatial(k) for k in kept})
-        for k, ids in sorted(image_groups.items()):
-            target = k if k in sizes else _nearest_inside(k, sizes)
-            record = {"shape": list(k), "images": len(ids), "clips": 0, "samples": len(ids)}
-            if target is None:
-                detail = f"no clip bucket of {_size(k)} or smaller to join as still videos"
-                dropped.append(record | {"reason": "no_clip_bucket", "detail": detail})
-            else:
-                image_into[k] = target
-                if target != k:
-                    merged.append(record | {"into": list(target), "reason": "no_clip_bucket"})
-    else:
-        image_into = {k: into[k] for k in image_groups if k in into}
+    return into, merged, dropped
 
-    # pools: per kept bucket (clips; T2I images), per image size (T2V images, shared by the clip lengths)
-    pools: list[Pool] = []
-    video_pool_of: dict[tuple[int, ...], int] = {}
-    image_pool_of: dict[tuple[int, ...], int] = {}
-    video_members: dict[tuple[int, ...], list[int]] = {}
-    for k, ids in video_groups.items():
+
+def _images_into_clip_sizes(image_groups, kept) -> tuple[dict, list, list]:
+    """T2V with clips: (image_into, merged, dropped): the clip-bucket size (C, h, w) each image shape joins (its own
+    when a kept clip bucket has it, else the nearest that fits inside), and the records of the image shapes merged
+    into a smaller size and of those dropped (no clip bucket fits)."""
+    image_into, merged, dropped = {}, [], []
+    sizes = sorted({_spatial(k) for k in kept})
+    for k, ids in sorted(image_groups.items()):
+        target = k if k in sizes else _nearest_inside(k, sizes)
+        record = {"shape": list(k), "images": len(ids), "clips": 0, "samples": len(ids)}
+        if target is None:
+            detail = f"no clip bucket of {_size(k)} or smaller to join as still videos"
+            dropped.append(record | {"reason": "no_clip_bucket", "detail": detail})
+        else:
+            image_into[k] = target
+            if target != k:
+                merged.append(record | {"into": list(target), "reason": "no_clip_bucket"})
+    return image_into, merged, dropped
+
+
+def _gather(groups, into) -> dict[tuple[int, ...], list[int]]:
+    """The sample ids each destination shape receives: the groups' ids by where `into` sends their shape (a shape it
+    does not list is dropped)."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for k, ids in groups.items():
         if k in into:
-            video_members.setdefault(into[k], []).extend(ids)
-    image_members: dict[tuple[int, ...], list[int]] = {}
-    for k, ids in image_groups.items():
-        if k in image_into:
-            image_members.setdefault(image_into[k], []).extend(ids)
-    for n, k in enumerate(sorted(image_members)):
-        image_pool_of[k] = len(pools)
-        pools.append(Pool("image", np.array(sorted(image_members[k]), dtype=np.int64), 2 * n))
-    for n, k in enumerate(sorted(video_members)):
-        video_pool_of[k] = len(pools)
-        pools.append(Pool("video", np.array(sorted(video_members[k]), dtype=np.int64), 1 + 2 * n))
+            members.setdefault(into[k], []).extend(ids)
+    return members
 
+
+def _pools(image_members, video_members) -> tuple[list[Pool], dict, dict]:
+    """(pools, image_pool_of, video_pool_of): one pool per destination shape, the images' first, each kind in shape
+    order (stream ids 0, 2, 4, ... for images, 1, 3, 5, ... for clips), and the pool index of each shape by kind.
+    Pools are per kept bucket (clips; T2I images), per image size (T2V images, shared by the clip lengths)."""
+    pools: list[Pool] = []
+    image_pool_of: dict[tuple[int, ...], int] = {}
+    video_pool_of: dict[tuple[int, ...], int] = {}
+    for kind, members, pool_of, first_stream in (
+        ("image", image_members, image_pool_of, 0),
+        ("video", video_members, video_pool_of, 1),
+    ):
+        for n, k in enumerate(sorted(members)):
+            pool_of[k] = len(pools)
+            pools.append(Pool(kind, np.array(sorted(members[k]), dtype=np.int64), first_stream + 2 * n))
+    return pools, image_pool_of, video_pool_of
+
+
+def _pool_size(pools: list[Pool], pool: int | None) -> int:
+    """Samples in pool `pool` (0 for no pool)."""
+    return len(pools[pool].ref_ids) if pool is not None else 0
+
+
+def _kept_buckets(
+    kept, batch, stage, clips, image_frame_buckets, p_motion_free, pools, image_pool_of, video_pool_of
+) -> list[Bucket]:
+    """The Bucket of each kept shape, its share not yet set. T2I: images and single frames of clips, mixed by their
+    counts. T2V with clips: clips, a share p_motion_free of the samples motion-free (the images of the size when
+    there are some, else clips; none when images have buckets of their own). T2V from stills: all motion-free."""
     buckets = []
     for k in kept:
-        if stage == "t2i":  # images and single frames of clips, mixed by their counts
+        if stage == "t2i":
             image_pool, video_pool = image_pool_of.get(k), video_pool_of.get(k)
-            n_img = len(pools[image_pool].ref_ids) if image_pool is not None else 0
-            n_vid = len(pools[video_pool].ref_ids) if video_pool is not None else 0
-            both = image_pool is not None and video_pool is not None
-            bucket = Bucket(
-                k,
-                batch[k],
-                image_pool,
-                video_pool,
-                head=n_img / (n_img + n_vid) if both else 0.0,
-                heads_motion_free=False,
-                all_motion_free=False,
-                samples=n_img + n_vid,
-            )
-        elif videos is not None:  # clips; motion-free samples are the stills of the size, else clips
+            n_img, n_vid = _pool_size(pools, image_pool), _pool_size(pools, video_pool)
+            head = n_img / (n_img + n_vid) if image_pool is not None and video_pool is not None else 0.0
+            heads_motion_free, all_motion_free, samples = False, False, n_img + n_vid
+        elif clips:
+            image_pool = image_pool_of.get(_spatial(k)) if not image_frame_buckets else None
             video_pool = video_pool_of[k]
-            with_images = image_pool_of.get(_spatial(k)) if not one_frame else None  # one frame: their own buckets
-            bucket = Bucket(
-                k,
-                batch[k],
-                with_images,
-                video_pool,
-                head=0.0 if one_frame and image_pool_of else p_motion_free,
-                heads_motion_free=True,
-                all_motion_free=False,
-                samples=len(pools[video_pool].ref_ids),
-            )
-        else:  # stills alone
-            image_pool = image_pool_of[k]
-            bucket = Bucket(
-                k,
-                batch[k],
-                image_pool,
-                None,
-                head=0.0,
-                heads_motion_free=True,
-                all_motion_free=True,
-                samples=len(pools[image_pool].ref_ids),
-            )
+            head = 0.0 if image_frame_buckets and image_pool_of else p_motion_free
+            heads_motion_free, all_motion_free, samples = True, False, _pool_size(pools, video_pool)
+        else:
+            image_pool, video_pool, head = image_pool_of[k], None, 0.0
+            heads_motion_free, all_motion_free, samples = True, True, _pool_size(pools, image_pool)
+        bucket = Bucket(k, batch[k], image_pool, video_pool, head, heads_motion_free, all_motion_free, samples)
         buckets.append(bucket)
-    if one_frame and videos is not None:  # images as one latent frame: buckets of their own, a share p of the steps
-        for spatial, pool in sorted(image_pool_of.items()):
-            shape = (1, *spatial)
-            positions_ratio = positions(reference) / positions(shape)
-            n = len(pools[pool].ref_ids)
-            if bucket_batch == "fixed":
-                size = global_batch
-            else:
-                size = max(granule, round(global_batch * positions_ratio / granule) * granule)
-            buckets.append(Bucket(shape, size, pool, None, 0.0, True, True, n))
+    return buckets
+
+
+def _image_frame_buckets(image_pool_of, pools, reference, global_batch, granule, bucket_batch) -> list[Bucket]:
+    """T2V with `image_frames="one"`: a bucket (1, C, h, w) per image size, its images all motion-free."""
+    buckets = []
+    for spatial, pool in sorted(image_pool_of.items()):
+        shape = (1, *spatial)
+        if bucket_batch == "fixed":
+            batch = global_batch
+        else:  # the ratio first, unlike _batch_of: the orders can round an exact .5 apart; plans stay as they were
+            batch = _granule_multiple(global_batch * (_positions(reference) / _positions(shape)), granule)
+        buckets.append(Bucket(shape, batch, pool, None, 0.0, True, True, _pool_size(pools, pool)))
+    return buckets
+
+
+def _shares(buckets: list[Bucket], p_motion_free: float, image_frame_buckets: bool) -> list[float]:
+    """Each bucket's share of the steps: proportional to samples / batch (every sample drawn at the same rate);
+    with image-frame buckets, those share p_motion_free of the steps and the clip buckets the rest."""
     weights = np.array([b.samples / b.batch for b in buckets], dtype=np.float64)
     stills = np.array([b.all_motion_free for b in buckets])
-    if one_frame and videos is not None and stills.any():
+    if image_frame_buckets and stills.any():
         weights = np.where(
             stills,
             p_motion_free * weights / weights[stills].sum(),
             (1 - p_motion_free) * weights / weights[~stills].sum(),
         )
-    for b, w in zip(buckets, weights / weights.sum()):
-        b.share = float(w)
-    plan = BucketPlan(buckets, pools)
-    plan.table = _table(plan, stage, global_batch, bucket_batch, reference, merged, dropped, patch_size, downsample)
-    return plan
+    return [float(w) for w in weights / weights.sum()]
 
 
 def _nearest_inside(shape, candidates):
@@ -306,8 +358,7 @@ def _table(plan, stage, global_batch, bucket_batch, reference, merged, dropped, 
     area = patch_size * patch_size if patch_size else None
     rows = []
     for b in plan.buckets:
-        n_img = len(plan.pools[b.image_pool].ref_ids) if b.image_pool is not None else 0
-        n_vid = len(plan.pools[b.video_pool].ref_ids) if b.video_pool is not None else 0
+        n_img, n_vid = _pool_size(plan.pools, b.image_pool), _pool_size(plan.pools, b.video_pool)
         row = {
             "shape": list(b.shape),
             "latent": _size(b.shape),
