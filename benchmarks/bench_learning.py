@@ -416,7 +416,7 @@ def encode_data(
     if done.is_file():
         stored = json.loads(done.read_text())
         encoded = {kind: Path(folder) for kind, folder in stored.pop("encoded", {}).items()}
-        if stored == json.loads(json.dumps(recipe)):
+        if encoded and stored == json.loads(json.dumps(recipe)):  # a record without "encoded": made again
             log(f"reusing the data in {data}")
             return encoded
     shutil.rmtree(data, ignore_errors=True)  # other settings, or an interrupted run: start over
