@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_train import StopAt, losses
-from train_data import write_buckets
+from train_data import train_config, write_buckets
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -19,10 +19,7 @@ from pipelines.errors import GentronError
 from pipelines.model_folder import PipelineRecord
 from pipelines.sample.sampling import SampleConfig, sample
 from pipelines.train import checkpoint as ckpt
-from pipelines.train.config import TrainConfig
 from pipelines.train.trainer import train
-
-TINY = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64}'
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +31,9 @@ def mixed(tmp_path_factory):
     return images, videos
 
 
-def config(tmp_path, images, **kw) -> TrainConfig:
-    defaults = dict(
-        output=str(tmp_path / "run"),
-        image_data=str(images),
-        model=TINY,
-        steps=8,
-        global_batch=4,
-        lr=3e-3,
-        num_workers=0,
-        checkpoint_every=100,
-        log_every=1,
-        text_dropout=0.1,
-        ema_decay=0.9,
-    )
-    return TrainConfig(**(defaults | kw))
-
-
 def test_a_killed_bucketed_run_resumes_exactly_and_reports_its_buckets(tmp_path, mixed):
     images, _ = mixed
-    cfg = config(tmp_path, images, log_to="tensorboard")
+    cfg = train_config(tmp_path, images, checkpoint_every=100, log_to="tensorboard")
     whole = train(replace(cfg, output=str(tmp_path / "whole")))
     with pytest.raises(KeyboardInterrupt):
         train(replace(cfg, output=str(tmp_path / "cut")), StopAt(3))
@@ -82,7 +62,7 @@ def test_a_killed_bucketed_run_resumes_exactly_and_reports_its_buckets(tmp_path,
 
 def test_token_batches_refuse_a_resume_that_would_change_them(tmp_path):
     images = write_buckets(tmp_path / "img", "image", [(10, 8, 8, 1), (6, 8, 16, 1)])
-    cfg = config(tmp_path, images, bucket_batch="tokens", global_batch=6, steps=2)
+    cfg = train_config(tmp_path, images, checkpoint_every=100, bucket_batch="tokens", global_batch=6, steps=2)
     first = train(cfg)
     table = json.loads((tmp_path / "run" / "data_stats.json").read_text())["buckets"]
     batches = {tuple(r["shape"]): r["batch"] for r in table["buckets"]}
@@ -105,7 +85,16 @@ def encoders(tmp_path_factory):
 def test_joint_bucketed_t2v_trains_and_samples_at_any_size(tmp_path, mixed, encoders):
     images, videos = mixed
     t2v = train(
-        config(tmp_path, images, stage="t2v", video_data=str(videos), p_motion_free=0.5, steps=4, global_batch=4)
+        train_config(
+            tmp_path,
+            images,
+            checkpoint_every=100,
+            stage="t2v",
+            video_data=str(videos),
+            p_motion_free=0.5,
+            steps=4,
+            global_batch=4,
+        )
     )
     assert t2v.step == 4 and all(np.isfinite(t2v.losses))
     record = PipelineRecord.read(t2v.run_dir / "model")

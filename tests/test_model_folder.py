@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import pytest
+from train_data import one_step_train_args
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -43,19 +44,7 @@ def _model_variant(tmp_path, run, name, edit=None) -> pathlib.Path:
 def test_a_bad_model_config_is_refused_by_name_when_loaded(tmp_path, tiny_run, name, edit, words):
     images, run = tiny_run
     folder = _model_variant(tmp_path, run, name, edit)
-    args = [
-        "train",
-        "--image-data",
-        str(images),
-        "--init",
-        str(folder),
-        "-o",
-        str(tmp_path / "r"),
-        "--steps",
-        "1",
-        "--num-workers",
-        "0",
-    ]
+    args = one_step_train_args(images, tmp_path / "r", "--init", str(folder))
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert words in result.output and str(folder) in result.output
@@ -83,19 +72,7 @@ def test_pickle_weights_are_refused_by_name_and_never_run(tmp_path, tiny_run):
             return (pathlib.Path.touch, (marker,))
 
     (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
-    args = [
-        "train",
-        "--image-data",
-        str(tiny_run[0]),
-        "--init",
-        str(folder),
-        "-o",
-        str(tmp_path / "r"),
-        "--steps",
-        "1",
-        "--num-workers",
-        "0",
-    ]
+    args = one_step_train_args(tiny_run[0], tmp_path / "r", "--init", str(folder))
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "diffusion_pytorch_model.bin" in result.output and "pickle" in result.output

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tiny import TINY_SPEC
-from train_data import train_config, truncate, write_dataset
+from train_data import one_step_train_args, train_config, truncate, write_dataset
 from typer.testing import CliRunner
 
 from gentron_cli.main import app
@@ -676,21 +676,7 @@ def test_init_accepts_a_run_folder_and_records_the_model_trained(tmp_path, tiny_
 
 def test_a_model_that_disagrees_with_the_init_model_is_refused(tmp_path, tiny_run):
     images, run = tiny_run
-    args = [
-        "train",
-        "--image-data",
-        str(images),
-        "--init",
-        str(run),
-        "--model",
-        "XL/2",
-        "-o",
-        str(tmp_path / "r"),
-        "--steps",
-        "1",
-        "--num-workers",
-        "0",
-    ]
+    args = one_step_train_args(images, tmp_path / "r", "--init", str(run), "--model", "XL/2")
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "disagrees with the --init model" in result.output and "depth 28" in result.output
@@ -723,19 +709,7 @@ def test_a_second_train_into_a_run_folder_is_refused_naming_the_holder(tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     with folder_lock(run):
-        args = [
-            "train",
-            "--image-data",
-            str(images),
-            "--model",
-            TINY_SPEC,
-            "-o",
-            str(run),
-            "--steps",
-            "1",
-            "--num-workers",
-            "0",
-        ]
+        args = one_step_train_args(images, run, "--model", TINY_SPEC)
         result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert str(run) in result.output and f"process {os.getpid()}" in result.output

@@ -212,3 +212,19 @@ def train_config(tmp_path, images, **kw):
         ema_decay=0.9,
     )
     return TrainConfig(**(defaults | kw))
+
+
+def one_step_train_args(images, out, *extra) -> list[str]:
+    """`gentron train` arguments for one step of a tiny run on `images` into `out`, then `extra`."""
+    return [
+        "train",
+        "--image-data",
+        str(images),
+        "-o",
+        str(out),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+        *map(str, extra),
+    ]
