@@ -501,15 +501,8 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         config, model_cfg, primary.metadata, stream.latent_shape, objective, [b.shape for b in data.plan.buckets]
     )
     load_failures = earlier_load_failures(folder) if previous is not None else []
-    if d.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "config.json", asdict(config))
-        atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
     main, step = d.main, counters.get("step", 0)
-    board = None
-    if main and config.log_to == "tensorboard":
-        board = TensorBoardLog(folder / "tensorboard", resume_step=step)
-        board.text("data/buckets", table_markdown(data.plan.table), step)
+    board = open_run_folder(config, data, d, step, load_failures)
     return Run(
         config=config,
         d=d,
@@ -536,6 +529,24 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
         else None,
         board=board,
     )
+
+
+def open_run_folder(
+    config: TrainConfig, data: TrainingData, d: Dist, step: int, load_failures: list
+) -> TensorBoardLog | None:
+    """Rank 0 writes the run's config.json and data_stats.json and opens its TensorBoard log (with the bucket table);
+    returns that log, if any."""
+    if not d.main:
+        return None
+    folder = Path(config.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "config.json", asdict(config))
+    atomic_write_json(folder / "data_stats.json", data_stats(data.sources, load_failures, data.plan))
+    if config.log_to != "tensorboard":
+        return None
+    board = TensorBoardLog(folder / "tensorboard", resume_step=step)
+    board.text("data/buckets", table_markdown(data.plan.table), step)
+    return board
 
 
 def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dist, step: int) -> TrainStream:
