@@ -402,6 +402,11 @@ def _run_pool(
             # a KeyboardInterrupt must not wait for running shards; their temp files are cleaned on resume
             p.kill()  # SIGKILL: the workers ignore SIGTERM
         pool.shutdown(wait=False, cancel_futures=True)
+        # let the executor's manager thread finish before the interpreter exits: on Python 3.11 its exit hook
+        # can race that thread closing its wake-up pipe and print an OSError traceback after our one message
+        manager = getattr(pool, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(timeout=10)
         raise
     pool.shutdown()
 
