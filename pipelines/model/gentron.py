@@ -29,7 +29,7 @@ import inspect
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -642,30 +642,17 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
     @classmethod
     def from_t2i(cls, t2i_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:
         """A T2V model holding every weight of a T2I model; the new temporal layers keep their zero init."""
-        if isinstance(t2i_model_or_path, (str, Path)):
-            t2i = cls.from_pretrained(t2i_model_or_path)
-        else:
-            t2i = t2i_model_or_path
-        config = {k: v for k, v in t2i.config.items() if not k.startswith("_")}
-        config.update(overrides, temporal=True)
-        model = cls(**config).to(t2i.device)
-        if (
-            model.dtype != t2i.dtype
-        ):  # only then: diffusers' to(dtype=...) warns about float32 modules even when there are none
-            model = model.to(dtype=t2i.dtype)
-        try:
-            missing, unexpected = model.load_state_dict(t2i.state_dict(), strict=False)
-        except RuntimeError as err:  # shape mismatch: an override changed a shared layer
-            raise GentronError(
-                f"cannot build a T2V model from this T2I model: {err}", "override only temporal settings"
-            ) from None
-        not_temporal = [k for k in missing if not (is_temporal_parameter(k) or is_condition_parameter(k))]
-        if unexpected or not_temporal:
-            raise GentronError(
-                f"T2I weights do not match the T2V model (missing {not_temporal[:3]}, unexpected {unexpected[:3]})",
-                "override only temporal settings",
-            )
-        return model
+        t2i = (
+            cls.from_pretrained(t2i_model_or_path) if isinstance(t2i_model_or_path, (str, Path)) else t2i_model_or_path
+        )
+        return cls._grown_from(
+            t2i,
+            {**overrides, "temporal": True},
+            lambda name: is_temporal_parameter(name) or is_condition_parameter(name),
+            "build a T2V model from this T2I model",
+            "T2I weights do not match the T2V model",
+            "override only temporal settings",
+        )
 
     @classmethod
     def from_t2v(cls, t2v_model_or_path: GenTronTransformer | str | Path, **overrides) -> GenTronTransformer:
@@ -680,24 +667,41 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 "frame conditioning widens a T2V model, but this one has no temporal layers (a T2I model)",
                 "make it T2V first (GenTronTransformer.from_t2i; gentron train --stage t2v --init T2I_MODEL)",
             )
-        config = {k: v for k, v in t2v.config.items() if not k.startswith("_")}
-        config.update(overrides, frame_conditioning=True)
-        model = cls(**config).to(t2v.device)
-        if model.dtype != t2v.dtype:
-            model = model.to(dtype=t2v.dtype)
+        return cls._grown_from(
+            t2v,
+            {**overrides, "frame_conditioning": True},
+            is_condition_parameter,
+            "add frame conditioning to this T2V model",
+            "T2V weights do not match the frame-conditioned model",
+            "override no architecture setting",
+        )
+
+    @classmethod
+    def _grown_from(
+        cls,
+        source: GenTronTransformer,
+        settings: dict,
+        is_new: Callable[[str], bool],
+        action: str,
+        mismatch: str,
+        hint: str,
+    ) -> GenTronTransformer:
+        """`source`'s config with `settings` over it, holding every weight of `source`; only parameters `is_new`
+        names may be missing from it (they keep their initialisation). A weight that does not fit is refused."""
+        config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+        config.update(settings)
+        model = cls(**config).to(source.device)
+        if (
+            model.dtype != source.dtype
+        ):  # only then: diffusers' to(dtype=...) warns about float32 modules even when none
+            model = model.to(dtype=source.dtype)
         try:
-            missing, unexpected = model.load_state_dict(t2v.state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
         except RuntimeError as err:  # shape mismatch: an override changed a shared layer
-            raise GentronError(
-                f"cannot add frame conditioning to this T2V model: {err}", "override no architecture setting"
-            ) from None
-        other = [k for k in missing if not is_condition_parameter(k)]
+            raise GentronError(f"cannot {action}: {err}", hint) from None
+        other = [k for k in missing if not is_new(k)]
         if unexpected or other:
-            raise GentronError(
-                f"T2V weights do not match the frame-conditioned model (missing {other[:3]}, unexpected "
-                f"{unexpected[:3]})",
-                "override no architecture setting",
-            )
+            raise GentronError(f"{mismatch} (missing {other[:3]}, unexpected {unexpected[:3]})", hint)
         return model
 
     # ----------------------------------------------------------------------- folders of earlier versions
