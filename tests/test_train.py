@@ -208,6 +208,30 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # EMA and optimizer state were restored
 
 
+def test_a_cooldown_branched_from_a_checkpoint_equals_the_uninterrupted_decay_run(tmp_path, data):
+    images, _ = data
+    cfg = train_config(tmp_path, images, steps=8, checkpoint_every=100, lr_decay=0.5)
+    whole = train(replace(cfg, output=str(tmp_path / "whole")))
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert lrs == pytest.approx([cfg.lr] * 4 + [cfg.lr * (8 - s) / 4 for s in range(4, 8)])  # falls over the last 4
+    train(replace(cfg, output=str(tmp_path / "branch"), steps=4, lr_decay=0.0))  # constant, a checkpoint at 4
+    branched = train(replace(cfg, output=str(tmp_path / "branch"), resume=True))  # the decay begins where it left
+    np.testing.assert_allclose(branched.losses, whole.losses[4:], rtol=1e-5, atol=1e-6)
+    a = GenTronTransformer.from_pretrained(str(tmp_path / "whole" / "model")).state_dict()
+    b = GenTronTransformer.from_pretrained(str(tmp_path / "branch" / "model")).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_decay_that_would_rewrite_steps_already_taken_is_refused(tmp_path, data):
+    images, _ = data
+    cfg = train_config(tmp_path, images, steps=4, checkpoint_every=100)
+    train(cfg)
+    with pytest.raises(GentronError) as err:  # over the last 6 of 8 steps: step 3 would have had 5/6 of the lr
+        train(replace(cfg, steps=8, lr_decay=0.75, resume=True))
+    assert "at step 4" in err.value.message and "step 3 would have been 0.0025, not 0.003" in err.value.message
+    assert "--steps 4 --lr-decay 0.0" in err.value.hint
+
+
 def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     images, _ = data
     t2i = train(train_config(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))

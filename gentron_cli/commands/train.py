@@ -63,6 +63,12 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
         weight_decay: float = typer.Option(_D.weight_decay, help="AdamW weight decay."),
         warmup_steps: int = typer.Option(_D.warmup_steps, help="Linear learning-rate warm-up steps."),
+        lr_decay: float = typer.Option(
+            _D.lr_decay,
+            "--lr-decay",
+            help="Share of the steps, at the end, over which the learning rate falls linearly to 0 (a cooldown); "
+            "0: constant, the paper's.",
+        ),
         max_grad_norm: float = typer.Option(
             _D.max_grad_norm, help="Gradient clipping norm; 0 trains without clipping."
         ),

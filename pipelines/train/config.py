@@ -66,6 +66,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 0
+    lr_decay: float = 0.0  # share of the steps, at the end, over which the lr falls linearly to 0 (0: constant)
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
     text_dropout: float = 0.1  # classifier-free guidance: probability of the empty caption
@@ -195,6 +196,11 @@ class TrainConfig:
         require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}", "pass a non-negative seed")
         require(
             math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "pass e.g. 1e-4"
+        )
+        require(
+            0 <= self.lr_decay <= 1,
+            f"--lr-decay must be a share of the steps in [0, 1], got {self.lr_decay}",
+            "pass e.g. --lr-decay 0.2 (the last 20 % of the steps), or 0 for a constant learning rate",
         )
         require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,

@@ -45,10 +45,20 @@ def batch_frames(batch: dict[str, torch.Tensor], device=None) -> dict:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to lr, then constant (the paper's recipe has no decay)."""
+    """Linear warm-up to lr, then constant (the paper's recipe has no decay); with --lr-decay, a linear fall to 0
+    over that share of the steps at the end (a cooldown, which can branch from any checkpoint taken before it)."""
+    factor = 1.0
     if config.warmup_steps > 0 and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    return config.lr
+        factor = (step + 1) / config.warmup_steps
+    decay = decay_steps(config)
+    if decay and step >= config.steps - decay:
+        factor = min(factor, (config.steps - step) / decay)
+    return config.lr * factor
+
+
+def decay_steps(config: TrainConfig) -> int:
+    """How many of the last steps the learning rate falls over (0: none)."""
+    return round(config.steps * config.lr_decay)
 
 
 @dataclass

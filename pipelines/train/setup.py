@@ -59,11 +59,12 @@ from pipelines.train.ema import EMA
 from pipelines.train.evaluation import TrainingEvaluator
 from pipelines.train.metrics import MetricsLog, TensorBoardLog
 from pipelines.train.previews import Previewer
-from pipelines.train.run import Run
+from pipelines.train.run import Run, decay_steps, lr_at
 
 # Fields that may change when a run is resumed; any other difference would break exact resume.
 RESUMABLE_CHANGES = {
     "steps",
+    "lr_decay",  # with steps: the schedule may change where the run has not reached (check_resumed_schedule)
     "checkpoint_every",
     "keep_checkpoints",
     "preview_every",
@@ -495,6 +496,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     counters = restore_checkpoint(previous, model, optimizer, ema, folder, reporter) if previous is not None else {}
     if previous is not None:
         check_resumed_buckets(folder, data.plan)
+        check_resumed_schedule(folder, config, counters["step"])
     stream = open_stream(config, data, model_cfg, d, counters.get("step", 0))
     primary = data.videos if data.videos is not None else data.images
     record = pipeline_record(
@@ -563,6 +565,23 @@ def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dis
         collate_text=TextCondition.collate,
         plan=data.plan,
     )
+
+
+def check_resumed_schedule(folder: Path, config: TrainConfig, step: int) -> None:
+    """--steps and --lr-decay may change on resume only where the run has not been: the learning rate of every step
+    taken must be the one the new settings give it (a cooldown branched from a checkpoint before it starts is exact)."""
+    stored = read_json(folder / "config.json", "run config", "delete it to start the run afresh, or pass another --out")
+    before = replace(config, steps=stored.get("steps", config.steps), lr_decay=stored.get("lr_decay", 0.0))
+    first = min(c.steps - decay_steps(c) for c in (before, config))  # warm-up and lr cannot change on resume
+    differ = [s for s in range(max(first, 0), step) if lr_at(s, before) != lr_at(s, config)]
+    if differ:
+        raise GentronError(
+            f"{folder} is at step {step}, but with --steps {config.steps} and --lr-decay {config.lr_decay} the "
+            f"learning rate of step {differ[0]} would have been {lr_at(differ[0], config):.3g}, not "
+            f"{lr_at(differ[0], before):.3g}",
+            f"continue with --steps {before.steps} --lr-decay {before.lr_decay}, or branch the decay from a checkpoint "
+            "taken before it starts",
+        )
 
 
 def check_resumed_buckets(folder: Path, plan: BucketPlan) -> None:
