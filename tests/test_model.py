@@ -215,61 +215,6 @@ def test_caption_without_tokens_gives_finite_output_independent_of_garbage():
         torch.testing.assert_close(model(x, t, other), out, rtol=1e-5, atol=1e-6)
 
 
-def swapped_tokens(text: TextCondition, name: str, i: int, j: int) -> TextCondition:
-    """`text` with tokens i and j of encoder `name` exchanged (both valid in every sample)."""
-    tokens = text.tokens[name].clone()
-    tokens[:, [i, j]] = tokens[:, [j, i]]
-    return changed(text, "tokens", name, tokens)
-
-
-def test_a_text_refiner_reads_word_order_ignores_padding_and_bounds_the_tokens():
-    plain = perturbed(tiny(), seed=4)
-    refined = tiny(text_refiner_depth=2)
-    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("text_refiner") for k in missing)
-    perturbed(refined.text_refiner, seed=7, std=0.5)  # peaked attention, so positions matter
-    x, t, text = inputs()
-    order = swapped_tokens(text, "clip", 1, 3)
-    with torch.no_grad():
-        out = plain(x, t, text)
-        # cross-attention alone is blind to the order of its keys: word order reaches it only through the encoders
-        torch.testing.assert_close(plain(x, t, order), out, rtol=1e-5, atol=1e-6)
-        trained = refined(x, t, text)
-        assert (refined(x, t, order) - trained).abs().max() > 1e-2  # the refiner's rotary positions see the order
-        padded = TextCondition(
-            tokens={n: torch.cat([v, 50 * torch.ones(2, 3, TEXT_DIM)], dim=1) for n, v in text.tokens.items()},
-            masks={n: torch.cat([m, torch.zeros(2, 3, dtype=torch.bool)], dim=1) for n, m in text.masks.items()},
-            pooled=text.pooled,
-        )
-        torch.testing.assert_close(refined(x, t, padded), trained, rtol=1e-5, atol=1e-6)
-        empty = TextCondition(text.tokens, {n: torch.zeros_like(m) for n, m in text.masks.items()}, text.pooled)
-        assert torch.isfinite(refined(x, t, empty)).all()
-        # whatever the scale of the encoders' features, cross-attention reads unit-variance tokens (plus LayerNorm's
-        # own scale and shift, 1 and 0 here)
-        torch.nn.init.ones_(refined.text_refiner_norm.weight)
-        torch.nn.init.zeros_(refined.text_refiner_norm.bias)
-        seen = {}
-        handle = refined.blocks[0].cross_attn.register_forward_hook(lambda mod, args, _: seen.update(text=args[1]))
-        loud = TextCondition({n: 1000 * v for n, v in text.tokens.items()}, text.masks, text.pooled)
-        refined(x, t, loud)
-        handle.remove()
-        torch.testing.assert_close(seen["text"].var(dim=-1, unbiased=False), torch.ones(seen["text"].shape[:2]))
-
-
-@pytest.mark.parametrize(
-    "overrides, words",
-    [
-        ({"text_refiner_depth": 2, "text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}}, "adaln"),
-        ({"text_refiner_depth": -1}, "0 or more"),
-        ({"text_refiner_depth": 1.5}, "whole number"),
-    ],
-)
-def test_a_text_refiner_that_cannot_take_effect_is_refused(overrides, words):
-    with pytest.raises(GentronError) as err:
-        tiny(**overrides)
-    assert "text_refiner_depth" in err.value.message and words in err.value.message
-
-
 def test_adaln_mode_uses_every_encoder_through_the_pooled_vector():
     """adaLN with CLIP and T5 reads CLIP's pooled vector and T5's token mean (the old code dropped T5 silently)."""
     model = perturbed(tiny(text_conditioning="adaln"), seed=6)
@@ -419,12 +364,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize(
     "overrides",
-    [
-        {},
-        {"temporal": True, "depth": 3},
-        {"text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}},
-        {"text_refiner_depth": 2},
-    ],
+    [{}, {"temporal": True, "depth": 3}, {"text_conditioning": "adaln", "text_inputs": {"t5": {"dim": 32}}}],
 )
 def test_meta_parameter_count_equals_real(overrides):
     config = model_config("T/2", **overrides)

@@ -124,7 +124,6 @@ ARCHITECTURE_KEYS = (
     "text_conditioning",
     "text_inputs",
     "frame_embedding",
-    "text_refiner_depth",
 )
 
 

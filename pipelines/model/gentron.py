@@ -293,17 +293,11 @@ class SelfAttention(nn.Module):
         self.qkv = xavier_linear(hidden_size, 3 * hidden_size)
         self.proj = zero_linear(hidden_size, hidden_size) if zero_out else xavier_linear(hidden_size, hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """bias: an additive attention bias (B, 1, 1, N), -inf for keys to ignore (a caption's padding)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
     def attend_to_self_only(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,27 +333,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class TextRefinerBlock(nn.Module):
-    """Our addition, beyond the paper (HunyuanVideo's token refiner is the model): pre-norm self-attention and MLP
-    over a caption's projected tokens, so a token can take in its neighbours ("circle" the "red" before it) before
-    image tokens read it. Both residuals start at zero: a refiner changes nothing until it trains."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_dim: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads, zero_out=True)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = MLP(hidden_size, mlp_dim)
-        nn.init.zeros_(self.mlp.fc2.weight)
-        nn.init.zeros_(self.mlp.fc2.bias)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (B, L, D) tokens; bias: (B, 1, 1, L), -inf at padding; rope: each token's place in its encoder's
-        caption."""
-        x = x + self.attn(self.norm1(x), rope=rope, bias=bias)
-        return x + self.mlp(self.norm2(x))
 
 
 # --------------------------------------------------------------------------- block
@@ -470,7 +443,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         temporal: bool = False,
         frame_embedding: bool = True,
         frame_conditioning: bool = False,
-        text_refiner_depth: int = 0,
     ):
         super().__init__()
         _check_config(locals())
@@ -497,15 +469,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         self.pooled_embedders = nn.ModuleDict(
             {name: TextProjection(spec.pooled_width, hidden_size) for name, spec in inputs.items() if spec.pooled}
         )
-        # text_refiner_depth > 0 (not the paper's): blocks over the projected tokens before cross-attention reads them
-        self.text_refiner = (
-            nn.ModuleList(TextRefinerBlock(hidden_size, num_heads, mlp_dim) for _ in range(text_refiner_depth))
-            if text_refiner_depth
-            else None
-        )
-        # the refined tokens reach every block's cross-attention unnormalised: bound them (without it, their norm grew
-        # 60-fold in 150 steps and training stalled)
-        self.text_refiner_norm = nn.LayerNorm(hidden_size, eps=1e-6) if text_refiner_depth else None
         self.blocks = nn.ModuleList(
             GenTronBlock(hidden_size, num_heads, mlp_dim, cross_attention, temporal) for _ in range(depth)
         )
@@ -548,14 +511,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             return None, None, pooled
         tokens = torch.cat([embedder(text.tokens[name]) for name, embedder in self.token_embedders.items()], dim=1)
         return tokens, torch.cat([text.mask(name) for name in self.token_embedders], dim=1), pooled
-
-    def text_positions(self, text: TextCondition, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables (L, head_dim) for the concatenated caption tokens: each token's index in its own encoder's
-        tokens (the refiner's sense of word order)."""
-        lengths = [text.tokens[name].shape[1] for name in self.token_embedders]
-        cos, sin = rope_cos_sin(max(lengths), self.config.hidden_size // self.config.num_heads, device)
-        index = torch.cat([torch.arange(n, device=device) for n in lengths])
-        return cos[index], sin[index]
 
     @staticmethod
     def cross_attention_inputs(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -646,11 +601,6 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         text_bias = None
         if text_tokens is not None:
             text_tokens, text_bias = self.cross_attention_inputs(text_tokens, text_mask)
-            if self.text_refiner is not None:
-                text_rope = self.text_positions(text, x.device)
-                for refiner_block in self.text_refiner:
-                    text_tokens = refiner_block(text_tokens, text_bias, text_rope)
-                text_tokens = self.text_refiner_norm(text_tokens)
 
         rope = None
         if self.config.temporal:
@@ -821,18 +771,6 @@ def _check_config(args: dict) -> None:
             raise GentronError(
                 f"model config: {name} must be true or false, got {args[name]!r}", f"fix {name} in the model config"
             )
-    depth = args["text_refiner_depth"]
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
-        raise GentronError(
-            f"model config: text_refiner_depth must be a whole number, 0 or more, got {depth!r}",
-            "fix text_refiner_depth in the model config (0: no refiner, the paper's)",
-        )
-    if depth and args["text_conditioning"] != "cross_attention":
-        raise GentronError(
-            f"model config: text_refiner_depth {depth} refines the tokens cross-attention reads, but text_conditioning "
-            f"is {args['text_conditioning']!r}",
-            "set text_refiner_depth to 0, or text_conditioning to cross_attention",
-        )
     if args["frame_conditioning"] and not args["temporal"]:
         raise GentronError(
             "model config: frame_conditioning (given frames of a video) needs temporal layers, but temporal is false",
