@@ -232,6 +232,14 @@ def test_a_decay_that_would_rewrite_steps_already_taken_is_refused(tmp_path, dat
     assert "--steps 4 --lr-decay 0.0" in err.value.hint
 
 
+def test_a_run_folder_without_its_config_still_resumes(tmp_path, data):
+    images, _ = data
+    cfg = train_config(tmp_path, images, steps=4, checkpoint_every=100)
+    train(cfg)
+    (tmp_path / "run" / "config.json").unlink()  # nothing to compare the settings with: resume as asked
+    assert train(replace(cfg, steps=6, resume=True)).step == 6
+
+
 def test_t2v_from_t2i_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path, data):
     images, _ = data
     t2i = train(train_config(tmp_path, images, output=str(tmp_path / "t2i"), steps=6, text_dropout=0.0))

@@ -362,11 +362,12 @@ def check_condition_frames(
         )
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> None:
-    """A run folder's stored config must agree with this one on everything that shapes the run."""
+def check_resume(run_dir: Path, config: TrainConfig) -> dict | None:
+    """A run folder's stored config must agree with this one on everything that shapes the run; returns it (None when
+    there is none)."""
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
-        return
+        return None
     stored = read_json(stored_path, "run config", "delete it to start the run afresh, or pass another --out")
     diffs = [
         k
@@ -379,6 +380,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
             f"{run_dir} holds a run with other settings ({detail})",
             f"to continue it: gentron train --config {stored_path}; to start a new run, pass another --out",
         )
+    return stored
 
 
 def restore_checkpoint(path: Path, model, optimizer, ema: EMA, folder: Path, reporter: Reporter) -> dict:
@@ -486,8 +488,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
     check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter, data.sources)
     config = settings_used(config, model_cfg, data.sources, reporter)
-    if previous is not None:
-        check_resume(folder, config)
+    stored = check_resume(folder, config) if previous is not None else None
     net = wrap_model(model, config, d)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
@@ -496,7 +497,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     counters = restore_checkpoint(previous, model, optimizer, ema, folder, reporter) if previous is not None else {}
     if previous is not None:
         check_resumed_buckets(folder, data.plan)
-        check_resumed_schedule(folder, config, counters["step"])
+        check_resumed_schedule(folder, stored, config, counters["step"])
     stream = open_stream(config, data, model_cfg, d, counters.get("step", 0))
     primary = data.videos if data.videos is not None else data.images
     record = pipeline_record(
@@ -567,10 +568,12 @@ def open_stream(config: TrainConfig, data: TrainingData, model_cfg: dict, d: Dis
     )
 
 
-def check_resumed_schedule(folder: Path, config: TrainConfig, step: int) -> None:
+def check_resumed_schedule(folder: Path, stored: dict | None, config: TrainConfig, step: int) -> None:
     """--steps and --lr-decay may change on resume only where the run has not been: the learning rate of every step
-    taken must be the one the new settings give it (a cooldown branched from a checkpoint before it starts is exact)."""
-    stored = read_json(folder / "config.json", "run config", "delete it to start the run afresh, or pass another --out")
+    taken must be the one the new settings give it (a cooldown branched from a checkpoint before it starts is exact).
+    `stored`: the run's stored config (check_resume's); without one there is nothing to compare."""
+    if stored is None:
+        return
     before = replace(config, steps=stored.get("steps", config.steps), lr_decay=stored.get("lr_decay", 0.0))
     first = min(c.steps - decay_steps(c) for c in (before, config))  # warm-up and lr cannot change on resume
     differ = [s for s in range(max(first, 0), step) if lr_at(s, before) != lr_at(s, config)]
