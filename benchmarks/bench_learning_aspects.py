@@ -1,14 +1,15 @@
 """The learning benchmark's mixed-aspect variant: the same toy task (benchmarks/bench_learning.py) with images at
 1:1, 2:1 and 1:2 and clips of two lengths, trained in buckets, sampled and probed at every aspect and length.
 
-Data: the benchmark's toy images drawn at 64x64, 96x48 and 48x96 in turn (shapes keep their proportions; places
-are relative to the frame), cut by prep-images and encode-latents to the buckets 32x32, 48x24 and 24x48 (the pixel
-VAE: the latents are the pixels; 64, 72 and 72 tokens at patch 4); the benchmark's 3 s videos at 32 px cut by
-prep-videos into clips of 8 and 4 frames at 4 FPS (each video position takes the longest that fits: an 8-frame
-clip, then a 4-frame one). Training is the benchmark's flow recipe and T2I steps, on the buckets, with 250 T2V
-steps per clip length (500); the T2V stage's pseudo-videos take the clip buckets' frame counts. Every image prompt
-is sampled at each aspect, every video prompt at each length, and the toy probe reads each sample (colour, shape,
-place; colour, shape, direction, axis).
+Data: the benchmark's toy images drawn at 64x64, 96x48 and 48x96 in turn (shapes keep their proportions and their
+share of the frame's area, 12 pixels across in every bucket; places are relative to the frame), cut by prep-images
+and encode-latents to the buckets 32x32, 48x24 and 24x48 (the pixel VAE: the latents are the pixels; 64, 72 and 72
+tokens at patch 4); the benchmark's videos at 32 px, 2 s and 1 s long in turn, cut by prep-videos into clips of 8
+and 4 frames at 4 FPS (each takes the longest length that fits: a 2 s video is one 8-frame clip, a 1 s video one
+4-frame clip; the shape crosses the frame in each). Training is the benchmark's flow recipe and T2I steps, on the
+buckets, with 250 T2V steps per clip length (500); the T2V stage's pseudo-videos take the clip buckets' frame
+counts. Every image prompt is sampled at each aspect, every video prompt at each length, and the toy probe reads
+each sample (colour, shape, place; colour, shape, direction, axis).
 
 The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (seen pairs) and
 "flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
@@ -41,8 +42,21 @@ import bench_learning as base  # noqa: E402  (the square benchmark: data, recipe
 ASPECTS = {"1:1": (32, 32), "2:1": (48, 24), "1:2": (24, 48)}  # bucket (width, height) in pixels
 BUCKETS = ",".join(f"{w}x{h}" for w, h in ASPECTS.values())
 LENGTHS = (8, 4)  # clip lengths in frames, longest first
-DATA = replace(base.DATA, image_sizes=((64, 64), (96, 48), (48, 96)))
-SMOKE_DATA = replace(base.SMOKE_DATA, image_sizes=DATA.image_sizes, images_per_combo=3)
+# Videos of 2 s and 1 s in turn, twice the square benchmark's number: each length gets as many clips as the square
+# run's one length, and each clip is a whole video (cut from a 3 s video, the 4-frame clips were its last second)
+DATA = replace(
+    base.DATA,
+    image_sizes=((64, 64), (96, 48), (48, 96)),
+    videos_per_combo=2 * base.DATA.videos_per_combo,
+    video_durations=(2.0, 1.0),
+)
+SMOKE_DATA = replace(
+    base.SMOKE_DATA,
+    image_sizes=DATA.image_sizes,
+    images_per_combo=3,
+    videos_per_combo=len(DATA.video_durations),
+    video_durations=DATA.video_durations,
+)
 CONFIG = "flow"  # the benchmark's recipe
 TOLERANCE = 0.05  # each attribute within 5 points of the square run's
 

@@ -37,10 +37,11 @@ base = aspects.base
 def toy(tmp_path_factory):
     cfg = ToyDataConfig(
         images_per_combo=3,
-        videos_per_combo=1,
+        videos_per_combo=len(aspects.DATA.video_durations),
         shapes=base.SHAPES,
         places=SIDES,
         image_sizes=aspects.DATA.image_sizes,
+        video_durations=aspects.DATA.video_durations,
     )
     return make_toy_dataset(tmp_path_factory.mktemp("toy"), cfg)
 
@@ -72,13 +73,19 @@ def test_every_aspect_and_length_of_the_ground_truth_scores_perfectly(tmp_path, 
         _write(tmp_path / aspect, samples)
         read = base.read_samples(tmp_path / aspect)
         scores[f"t2i.{aspect}"] = base.tally([(p, base.probe(p, x)) for p, x in read])
+    decoded = {path: decode_clip(path.read_bytes()) for path in sorted(toy["videos"].glob("*.mp4"))}
     for frames in aspects.LENGTHS:
         clips = {}
-        for path in sorted(toy["videos"].glob("*.mp4")):
-            clip = decode_clip(path.read_bytes())[: frames * base.FRAME_STRIDE : base.FRAME_STRIDE]
+        for path, video in decoded.items():
+            # each video is one clip, of the longest length that fits it, as prep-videos cuts it
+            fits = max(n for n in aspects.LENGTHS if (n - 1) * base.FRAME_STRIDE < len(video))
+            if fits != frames:
+                continue
+            clip = video[: frames * base.FRAME_STRIDE : base.FRAME_STRIDE]
             clips[path.with_suffix(".txt").read_text()] = np.stack(
                 [np.asarray(Image.fromarray(f).resize((32, 32), Image.BILINEAR)) for f in clip]
             )
+        assert len(clips) == 48  # 12 colour-shape pairs x 4 directions, each length
         _write(tmp_path / f"{frames}f", clips)
         read = base.read_samples(tmp_path / f"{frames}f")
         scores[f"t2v.{frames}f"] = base.tally([(p, base.probe(p, x)) for p, x in read])

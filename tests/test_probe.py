@@ -230,6 +230,35 @@ def test_shapes_share_one_bounding_box(tmp_path):
     assert boxes["triangle"][1] == side and boxes["triangle"][0] >= side - 1  # the apex row's centre is outside
 
 
+def test_a_shape_covers_the_same_share_of_the_frame_at_every_aspect(tmp_path):
+    sizes = ((64, 64), (96, 48), (48, 96), (128, 32))
+    cfg = ToyDataConfig(images_per_combo=len(sizes), videos_per_combo=0, places=SIDES, image_sizes=sizes)
+    dirs = make_toy_dataset(tmp_path, cfg)
+    shares = {}
+    for path, pixels, _caption in _images(dirs):
+        height, width = pixels.shape[:2]
+        ys, xs = np.nonzero(pixels.any(axis=-1))
+        box = (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        assert box[0] == box[1] <= min(width, height) // 2, path.name  # a square box, beside the frame's middle
+        shares.setdefault((width, height), set()).add(box[0] ** 2 / (width * height))
+    assert set(shares) == set(sizes) and all(len(s) == 1 for s in shares.values())
+    square = shares[(64, 64)].pop()
+    assert square == 0.375**2
+    for size in ((96, 48), (48, 96)):  # 1:2 and 2:1 keep the square frame's share, to the pixel
+        assert abs(shares[size].pop() - square) < 2 / 48
+    assert shares[(128, 32)].pop() == 16**2 / (128 * 32)  # 4:1: capped at half the short side
+
+
+def test_videos_take_their_durations_in_turn(tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr("pipelines.toy.data.encode_h264", lambda frames, fps, crf: written.append(len(frames)) or b"")
+    cfg = ToyDataConfig(images_per_combo=0, videos_per_combo=3, video_durations=(2.0, 0.5))
+    make_toy_dataset(tmp_path, cfg)
+    assert written == [48, 12, 48] * (len(COLORS) * len(DIRECTIONS))  # at 24 FPS, video i takes duration i % 2
+    with pytest.raises(ValueError, match="durations"):
+        ToyDataConfig(video_durations=(1.0, 0.0))
+
+
 def test_held_out_pairs_are_never_written(side_shapes):
     shown = {
         (parse_caption(c)["color"], parse_caption(c)["shape"])
@@ -298,6 +327,8 @@ def test_config_checks_its_values():
         ToyDataConfig(places=("middle",))
     with pytest.raises(ValueError):
         ToyDataConfig(held_out=(("red", "hexagon"),))
+    with pytest.raises(ValueError, match="square"):
+        ToyDataConfig(square=0.6)
     assert SIDE_SHAPES.combos()[:3] == [("red", "square"), ("red", "circle"), ("green", "square")]
 
 

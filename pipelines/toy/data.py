@@ -44,10 +44,13 @@ class ToyDataConfig:
     videos_per_combo: int = 6  # defaults: 4 colours x 4 directions x 6 = 96 videos
     image_size: int = 64  # written size; prep resizes down to the training size
     # (width, height) of the images, taken in turn (image i of a combination and place: size i % len); () is
-    # image_size square. Shapes keep their proportions: their side is `square` of the shorter side.
+    # image_size square. Shapes keep their proportions and their area share at every aspect (see object_side).
     image_sizes: tuple[tuple[int, int], ...] = ()
     video_size: int = 64
     video_seconds: float = 3.0
+    # durations of the videos in seconds, taken in turn (video i of a combination and direction: i % len); () is
+    # video_seconds for every video
+    video_durations: tuple[float, ...] = ()
     video_fps: int = 24
     square: float = 0.375  # side of each shape's bounding box as a fraction of the frame
     cross_jitter: float = 0.15  # videos: offset of the path from the frame's middle, as a fraction of the free space
@@ -61,6 +64,10 @@ class ToyDataConfig:
             unknown = [v for v in given if v not in known]
             if unknown or not given:
                 raise ValueError(f"toy {kind}s must be some of {known}, got {given}")
+        if not 0 < self.square <= 0.5:
+            raise ValueError(f"toy square is a shape's side over the frame's, in (0, 0.5], got {self.square}")
+        if any(not seconds > 0 for seconds in self.video_durations):
+            raise ValueError(f"toy video durations must be positive seconds, got {self.video_durations}")
         for pair in self.held_out:
             if len(pair) != 2 or pair[0] not in COLORS or pair[1] not in SHAPES:
                 raise ValueError(
@@ -75,6 +82,14 @@ class ToyDataConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Drawing
+
+
+def object_side(width: int, height: int, square: float) -> int:
+    """Side in pixels of a shape's bounding box in a width x height frame: `square` of the side of the square
+    frame of the same area, so that a shape covers the same share of the picture at every aspect ratio (taken of
+    the shorter side, a 2:1 frame's shape would be a quarter smaller in area share), and at most half the shorter
+    side, so that it fits beside the frame's middle."""
+    return min(int(np.sqrt(width * height) * square), min(width, height) // 2)
 
 
 def shape_mask(shape: str, size: int, side: int, top_left: tuple[float, float], width: int | None = None) -> np.ndarray:
@@ -152,17 +167,18 @@ def make_toy_dataset(root: str | Path, cfg: ToyDataConfig = ToyDataConfig()) -> 
     for (color, shape), place, i in itertools.product(cfg.combos(), cfg.places, range(cfg.images_per_combo)):
         stem = f"{name(color, shape)}_{place.replace(' ', '_')}_{i}"
         width, height = sizes[i % len(sizes)]
-        side = int(min(width, height) * cfg.square)
+        side = object_side(width, height, cfg.square)
         corner = _place_corner(place, height, side, rng, width)
         picture = _draw(height, side, corner, COLORS[color], shape, width)
         Image.fromarray(picture).save(image_dir / f"{stem}.png")
         (image_dir / f"{stem}.txt").write_text(image_caption(color, place, shape))
 
-    side = int(cfg.video_size * cfg.square)
-    n_frames = int(cfg.video_seconds * cfg.video_fps)
+    side = object_side(cfg.video_size, cfg.video_size, cfg.square)
+    durations = cfg.video_durations or (cfg.video_seconds,)
     travel = cfg.video_size - side  # the shape crosses the whole frame over the video
     for (color, shape), direction, i in itertools.product(cfg.combos(), DIRECTIONS, range(cfg.videos_per_combo)):
         stem = f"{name(color, shape)}_{direction}_{i}"
+        n_frames = int(durations[i % len(durations)] * cfg.video_fps)
         # The shape crosses the middle of the frame (jittered like the images' places), so a caption and a time
         # fix where it is: each frame is as narrow a target as an image.
         cross = travel / 2 + rng.uniform(-cfg.cross_jitter, cfg.cross_jitter) * travel
