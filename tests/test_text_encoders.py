@@ -1,14 +1,20 @@
 """Text encoders: stored valid tokens equal direct transformers calls; truncation; selection; loading errors."""
 
+import io
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import sample_fields
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+from typer.testing import CliRunner
 
+from gentron_cli.main import app
+from pipelines.data import schema
+from pipelines.data.shards import ShardWriter, iter_shard, shard_name
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.text_encoders import TextEncoders, parse_encoders
+from pipelines.model.text_encoders import ENCODERS, TextEncoders, parse_encoders
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 
 CAPTIONS = [
@@ -156,3 +162,64 @@ def test_weights_stored_as_a_pickle_are_refused_by_name(tmp_path, tiny_encoders)
         TextEncoders(clip=str(folder), t5=None, device="cpu")
     assert "pytorch_model.bin" in err.value.message and "pickle" in err.value.message
     assert str(folder) in err.value.message
+
+
+@pytest.mark.parametrize("layer", [0, 1, -2, -1, 2])
+def test_clip_layer_stores_that_hidden_state_through_the_final_norm(tiny_encoders, layer):
+    """--clip-layer (CLIP skip): each caption's tokens are final_layer_norm(hidden_states[layer]), computed here on
+    the caption alone; the pooled vector stays the last layer's; only a layer other than the last is recorded."""
+    clip = TextEncoders(clip=str(tiny_encoders["clip"]), settings={"clip": {"layer": layer}}, device="cpu")
+    out = clip.encode(CAPTIONS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoders["clip"])
+    model = CLIPTextModel.from_pretrained(tiny_encoders["clip"]).eval()
+    with torch.no_grad():
+        for caption, arrays in zip(CAPTIONS, out):
+            run = model(input_ids=torch.tensor([tokenizer(caption)["input_ids"]]), output_hidden_states=True)
+            norm = getattr(model, "text_model", model).final_layer_norm
+            expected = norm(run.hidden_states[layer])[0].numpy()
+            assert arrays["clip"].shape == expected.shape
+            np.testing.assert_allclose(arrays["clip"].astype(np.float32), expected, atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(
+                arrays["clip_pooled"].astype(np.float32), run.pooler_output[0].numpy(), atol=2e-3, rtol=2e-3
+            )
+    meta = clip.metadata()["clip"]
+    assert meta == {"name": str(tiny_encoders["clip"]), "max_length": 77, "dim": 32, "pooled_dim": 32} | (
+        {} if layer % 3 == 2 else {"layer": layer % 3}
+    )
+    last = TextEncoders(clip=str(tiny_encoders["clip"]), device="cpu").encode(CAPTIONS[:1])[0]["clip"]
+    assert np.array_equal(last, out[0]["clip"]) == (layer % 3 == 2)  # the default is the last layer, as before
+
+
+def test_clip_layer_is_refused_out_of_range_and_for_open_clip(tiny_encoders):
+    with pytest.raises(GentronError, match="--clip-layer 3 is out of range"):
+        TextEncoders(clip=str(tiny_encoders["clip"]), settings={"clip": {"layer": 3}}, device="cpu")
+    with pytest.raises(GentronError, match="not of open_clip"):  # refused before open_clip is needed
+        TextEncoders(clip="open_clip:ViT-L-14:openai", settings={"clip": {"layer": -2}}, device="cpu")
+
+
+def test_encode_text_clip_layer_is_recorded_and_rebuilt_alike_and_refused_where_clip_does_not_run(
+    tmp_path, tiny_encoders
+):
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    text_fields = (schema.CLIP_TOKENS, schema.CLIP_POOLED, schema.T5_TOKENS)
+    with ShardWriter(latents / f"{shard_name(0)}.tar") as writer:
+        for i in range(3):
+            writer.write(schema.make_key("image", i), sample_fields(i, "image", drop=text_fields))
+    clip, data = str(tiny_encoders["clip"]), tmp_path / "data"
+    common = ["encode-text", str(latents), "--clip", clip, "--device", "cpu"]
+    refused = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "no"), "--encoders", "t5", "--clip-layer", "0"])
+    assert refused.exit_code == 2 and "does not run" in refused.output
+    result = CliRunner().invoke(app, [*common, "--out", str(data), "--encoders", "clip", "--clip-layer", "-2"])
+    assert result.exit_code == 0, result.output
+    for _, fields in iter_shard(data / f"{shard_name(0)}.tar"):
+        recorded = schema.decode_json(fields[schema.META])["text"]["clip"]
+        assert recorded["layer"] == 1
+        # the settings sampling rebuilds the encoder with (pipelines.sample.pipeline.load_text_encoders) give the
+        # stored states again
+        settings = {k: recorded[k] for k in ENCODERS["clip"].settings if recorded.get(k) is not None}
+        again = TextEncoders(clip=clip, settings={"clip": settings}, device="cpu")
+        caption = fields[schema.CAPTION].decode()
+        stored = np.load(io.BytesIO(fields[schema.text_field("clip")]))
+        np.testing.assert_array_equal(stored, again.encode([caption])[0]["clip"])
+        assert not np.array_equal(stored, TextEncoders(clip=clip, device="cpu").encode([caption])[0]["clip"])

@@ -13,6 +13,7 @@ from pipelines.data.buckets import NAMED_BUCKETS
 from pipelines.data.runner import StageResult
 from pipelines.defaults import (
     DEFAULT_CLIP,
+    DEFAULT_CLIP_LAYER,
     DEFAULT_LLM_LAYER,
     DEFAULT_LLM_MAX_LENGTH,
     DEFAULT_T5,
@@ -22,6 +23,22 @@ from pipelines.defaults import (
 
 _DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."
 _DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16. Models load in this dtype."
+
+
+_ENCODER_SETTING_DEFAULTS = {
+    "clip": {"layer": DEFAULT_CLIP_LAYER},
+    "llm": {"layer": DEFAULT_LLM_LAYER, "max_length": DEFAULT_LLM_MAX_LENGTH},
+}
+
+
+def _encoder_settings(given: dict[str, dict]) -> dict[str, dict]:
+    """The encoder settings that differ from their defaults: encode-text refuses one for an encoder it does not
+    run, so such an option is never silently ignored."""
+    changed = {
+        name: {key: value for key, value in values.items() if value != _ENCODER_SETTING_DEFAULTS[name][key]}
+        for name, values in given.items()
+    }
+    return {name: values for name, values in changed.items() if values}
 
 
 def _report(result: StageResult, output: Path) -> None:
@@ -126,6 +143,11 @@ def register(app: typer.Typer) -> None:
             help="Decoder-only language model (Gemma, Llama, Qwen2, ...) as a text encoder: hub name or folder "
             "(NAME_OR_PATH:SUBFOLDER).",
         ),
+        clip_layer: int = typer.Option(
+            DEFAULT_CLIP_LAYER,
+            help="Which hidden states of CLIP to store, through its final norm: 0 = embeddings, -1 = last layer, "
+            "-2 = the one before (CLIP skip). The pooled vector is the last layer's.",
+        ),
         llm_layer: int = typer.Option(
             DEFAULT_LLM_LAYER,
             help="Which hidden states of the LLM to store: 0 = embeddings, -1 = last layer, -2 = the one before.",
@@ -153,7 +175,9 @@ def register(app: typer.Typer) -> None:
                 encoders=encoders,
                 t5_max_length=t5_max_length,
                 models={"llm": llm} if llm else {},
-                settings={"llm": {"layer": llm_layer, "max_length": llm_max_length}},
+                settings=_encoder_settings(
+                    {"clip": {"layer": clip_layer}, "llm": {"layer": llm_layer, "max_length": llm_max_length}}
+                ),
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,

@@ -80,9 +80,15 @@ def selected_encoders(cfg: EncodeTextConfig) -> dict[str, str]:
 
 
 def load_text_encoders(cfg: EncodeTextConfig) -> TextEncoders:
+    models = selected_encoders(cfg)
+    idle = sorted(set(cfg.settings) - set(models))
+    if idle:
+        raise GentronError(
+            f"settings are given for the {', '.join(idle)} encoder, which does not run ({', '.join(models)} do)",
+            f"add it to --encoders, or drop its options ({', '.join(f'--{n}-...' for n in idle)})",
+        )
     settings = {"t5": {"max_length": cfg.t5_max_length}}
     settings |= {name: settings.get(name, {}) | dict(values) for name, values in cfg.settings.items()}
-    models = selected_encoders(cfg)
     return TextEncoders(
         models, settings={n: v for n, v in settings.items() if n in models}, device=cfg.device, dtype=cfg.dtype
     )

@@ -26,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from pipelines.defaults import (
     DEFAULT_CLIP,
+    DEFAULT_CLIP_LAYER,
     DEFAULT_LLM_LAYER,
     DEFAULT_LLM_MAX_LENGTH,
     DEFAULT_T5,
@@ -226,9 +227,15 @@ def _load_text_model(
 
 
 class ClipTextEncoder:
-    """CLIP text tower (transformers CLIPTextModel): token states up to and including EOS, and pooler_output."""
+    """CLIP text tower (transformers CLIPTextModel): token states up to and including EOS, and pooler_output.
 
-    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
+    `layer` picks the token states as `LlmTextEncoder` does (0: the token and position embeddings; -1, the
+    default: the last layer; -2: the one before, "CLIP skip"), each through CLIP's final layer norm as diffusers'
+    `clip_skip` takes them; the pooled vector is always the last layer's. Only a layer other than the last is
+    recorded, so records of the default stay as they were.
+    """
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, layer: int = DEFAULT_CLIP_LAYER):
         from transformers import CLIPTextModel
 
         self.tokenizer, self.model = _load_text_model(
@@ -237,15 +244,21 @@ class ClipTextEncoder:
         self.device = device
         self.max_length = min(CLIP_MAX_LENGTH, self.model.config.max_position_embeddings)
         self.dim = self.pooled_dim = self.model.config.hidden_size
-        self.settings = {}
+        self.layer = _layer_index(layer, self.model.config.num_hidden_layers, spec, "--clip-layer")
+        last = self.layer == self.model.config.num_hidden_layers
+        self.settings = {} if last else {"layer": self.layer}
+        self.final_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 4 nests it
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> EncoderOutput:
         # Padded to the full context as CLIP was trained. Attention is causal, so the states of the
         # valid tokens do not depend on the padding after them; the tokenizer's mask counts them.
         batch, truncated = _tokenize_checked(self.tokenizer, captions, self.max_length, "max_length")
-        out = self.model(input_ids=batch["input_ids"].to(self.device))
-        hidden, pooled = out.last_hidden_state.float().cpu(), out.pooler_output.float().cpu()
+        out = self.model(input_ids=batch["input_ids"].to(self.device), output_hidden_states="layer" in self.settings)
+        hidden = out.last_hidden_state
+        if "layer" in self.settings:
+            hidden = self.final_norm(out.hidden_states[self.layer])
+        hidden, pooled = hidden.float().cpu(), out.pooler_output.float().cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         return EncoderOutput([hidden[i, :n] for i, n in enumerate(lengths)], pooled, truncated)
 
@@ -257,7 +270,12 @@ class OpenClipTextEncoder:
     the text projection, as transformers' pooler_output.
     """
 
-    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, layer: int = DEFAULT_CLIP_LAYER):
+        if layer != DEFAULT_CLIP_LAYER:
+            raise GentronError(
+                f"--clip-layer {layer} takes the layers of a transformers CLIP, not of open_clip's {spec}",
+                "drop --clip-layer, or pass a transformers CLIP such as openai/clip-vit-large-patch14",
+            )
         try:
             import open_clip
         except ImportError as exc:
@@ -384,14 +402,8 @@ class LlmTextEncoder:
         text_config = (
             self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         )
-        layers = text_config.num_hidden_layers
-        if not -(layers + 1) <= layer <= layers:
-            raise GentronError(
-                f"--llm-layer {layer} is out of range: {spec} has {layers} layers",
-                f"pass 0..{layers}, or -1 (the last) .. -{layers + 1}",
-            )
         self.device = device
-        self.layer = layer % (layers + 1)  # recorded as a non-negative index: the same layer whatever the sign given
+        self.layer = _layer_index(layer, text_config.num_hidden_layers, spec, "--llm-layer")
         self.max_length = min(max_length, getattr(text_config, "max_position_embeddings", None) or max_length)
         self.dim = text_config.hidden_size
         self.pooled_dim = None
@@ -411,6 +423,17 @@ class LlmTextEncoder:
         )
         hidden = out.hidden_states[self.layer].float().cpu()
         return EncoderOutput([hidden[i][mask[i].bool()] for i in range(len(captions))], None, truncated)
+
+
+def _layer_index(layer: int, layers: int, spec: str, option: str) -> int:
+    """`layer` of a model with `layers` layers as an index of transformers' `hidden_states` (0: the embeddings,
+    `layers`: the last), non-negative so that records name the same layer whatever the sign given."""
+    if not -(layers + 1) <= layer <= layers:
+        raise GentronError(
+            f"{option} {layer} is out of range: {spec} has {layers} layers",
+            f"pass 0..{layers}, or -1 (the last) .. -{layers + 1}",
+        )
+    return layer % (layers + 1)
 
 
 def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
@@ -433,9 +456,9 @@ def _load_tokenizer(load: Callable[..., T], spec: str, what: str) -> T:
 # The encoders gentron knows, by name
 
 
-def _load_clip(spec: str, device: torch.device, dtype: torch.dtype):
+def _load_clip(spec: str, device: torch.device, dtype: torch.dtype, layer: int = DEFAULT_CLIP_LAYER):
     cls = OpenClipTextEncoder if spec.startswith(OPEN_CLIP_PREFIX) else ClipTextEncoder
-    return cls(spec, device, dtype)
+    return cls(spec, device, dtype, layer=layer)
 
 
 @dataclass(frozen=True)
@@ -454,7 +477,7 @@ class EncoderKind:
 
 
 ENCODERS: dict[str, EncoderKind] = {
-    "clip": EncoderKind(_load_clip, "CLIP text encoder", DEFAULT_CLIP, (), CLIP_MAX_LENGTH),
+    "clip": EncoderKind(_load_clip, "CLIP text encoder", DEFAULT_CLIP, ("layer",), CLIP_MAX_LENGTH),
     "t5": EncoderKind(T5TextEncoder, "T5 encoder", DEFAULT_T5, ("max_length",), DEFAULT_T5_MAX_LENGTH),
     "llm": EncoderKind(
         LlmTextEncoder, "decoder-only language model", None, ("max_length", "layer"), DEFAULT_LLM_MAX_LENGTH
