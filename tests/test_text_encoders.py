@@ -1,6 +1,7 @@
 """Text encoders: stored valid tokens equal direct transformers calls; truncation; selection; loading errors."""
 
 import io
+
 import numpy as np
 import pytest
 import torch
