@@ -29,6 +29,7 @@ cross-attention on CLIP, T5 or both), the paper's Table 2 at this scale.
     python benchmarks/bench_learning.py --only ddpm,flow --benchmark one  # the paper's objective against ours
     python benchmarks/bench_learning.py --only flow --extra="--timestep-location 0.5"   # a recipe variation
     python benchmarks/bench_learning.py --ablation --seeds 0,1            # conditioning, side by side
+    python benchmarks/bench_learning.py --benchmark two --clip-layer 0 --model-overrides '{"text_inputs": {"clip": {}}}'
     python benchmarks/bench_learning.py --smoke                           # every stage, tiny: a few minutes
     python benchmarks/bench_learning.py --benchmark one --only flow --vae pixel-video   # T2V over 4x compressed time
     python benchmarks/bench_learning.py --benchmark one --only flow --vae pixel-video --t2i-from RUN/t2i \
@@ -52,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.defaults import DEFAULT_CLIP_LAYER
 from pipelines.evaluate.evaluator import list_samples
 from pipelines.evaluate.probe import (
     CHANCE,
@@ -407,10 +409,18 @@ def gentron(args: list[str], logfile: Path, threads: int) -> float:
 
 
 def encode_data(
-    data: Path, recipe: dict, write_raw, threads: int, vae: str = "pixel", frames: int = FRAMES
+    data: Path,
+    recipe: dict,
+    write_raw,
+    threads: int,
+    vae: str = "pixel",
+    frames: int = FRAMES,
+    clip_layer: int = DEFAULT_CLIP_LAYER,
 ) -> dict[str, Path]:
     """Raw media (write_raw(folder) -> {"images": dir[, "videos": dir]}) -> prep -> latents -> text embeddings into
     data/, once (reused while the recipe matches). Returns the encoded folder of each kind."""
+    if clip_layer != DEFAULT_CLIP_LAYER:  # recorded only when set, so data made before stays reusable
+        recipe = recipe | {"clip_layer": clip_layer}
     logs = data / "logs"
     done = data / "done.json"
     if done.is_file():
@@ -462,6 +472,8 @@ def encode_data(
                 encoders["clip"],
                 "--t5",
                 encoders["t5"],
+                "--clip-layer",
+                clip_layer,
             ],
             logs / f"encode-text-{kind}.log",
             threads,
@@ -470,14 +482,21 @@ def encode_data(
     return encoded
 
 
-def make_data(root: Path, toy: ToyDataConfig, threads: int, vae: str = "pixel") -> dict[str, Path]:
+def clip_layer_suffix(clip_layer: int) -> str:
+    """The data folder's suffix for CLIP states of another layer than the last (data of each layer kept apart)."""
+    return "" if clip_layer == DEFAULT_CLIP_LAYER else f"-clip-layer{clip_layer}"
+
+
+def make_data(
+    root: Path, toy: ToyDataConfig, threads: int, vae: str = "pixel", clip_layer: int = DEFAULT_CLIP_LAYER
+) -> dict[str, Path]:
     """The one-object benchmark's images and videos, encoded, in root/data (root/data-VAE for another VAE)."""
     frames = FRAMES_OF_VAE[vae]
     recipe = {"toy": asdict(toy), "size": SIZE, "frames": frames, "frame_stride": FRAME_STRIDE}
     if vae != "pixel":
         recipe["vae"] = vae
-    folder = root / ("data" if vae == "pixel" else f"data-{vae}")
-    return encode_data(folder, recipe, lambda raw: make_toy_dataset(raw, toy), threads, vae, frames)
+    folder = root / (("data" if vae == "pixel" else f"data-{vae}") + clip_layer_suffix(clip_layer))
+    return encode_data(folder, recipe, lambda raw: make_toy_dataset(raw, toy), threads, vae, frames, clip_layer)
 
 
 def singles_config(pairs: PairDataConfig, per_place: int) -> ToyDataConfig:
@@ -494,7 +513,9 @@ def singles_config(pairs: PairDataConfig, per_place: int) -> ToyDataConfig:
     )
 
 
-def make_pair_data(root: Path, pairs: PairDataConfig, singles: int, threads: int) -> dict[str, Path]:
+def make_pair_data(
+    root: Path, pairs: PairDataConfig, singles: int, threads: int, clip_layer: int = DEFAULT_CLIP_LAYER
+) -> dict[str, Path]:
     """The two-object benchmark's images (and `singles` one-object images per seen pair and side place beside them),
     encoded, in root/pair-data (root/pair-data-singles-N with singles)."""
     recipe = {"pairs": asdict(pairs), "singles": singles, "size": SIZE}
@@ -505,8 +526,8 @@ def make_pair_data(root: Path, pairs: PairDataConfig, singles: int, threads: int
             make_toy_dataset(raw, singles_config(pairs, singles))  # into the same images/ folder
         return {"images": images}
 
-    folder = root / ("pair-data" + (f"-singles-{singles}" if singles else ""))
-    return encode_data(folder, recipe, write_raw, threads)
+    folder = root / ("pair-data" + (f"-singles-{singles}" if singles else "") + clip_layer_suffix(clip_layer))
+    return encode_data(folder, recipe, write_raw, threads, clip_layer=clip_layer)
 
 
 def model_json(args) -> str:
@@ -731,6 +752,13 @@ def main() -> None:
         help="two objects: also train on this many one-object images per seen colour-shape pair and side place",
     )
     parser.add_argument(
+        "--clip-layer",
+        type=int,
+        default=DEFAULT_CLIP_LAYER,
+        help="encode-text --clip-layer of the data: which CLIP hidden states the model reads (0: the token "
+        "embeddings; data of each layer in its own folder)",
+    )
+    parser.add_argument(
         "--ablation", action="store_true", help="two objects, once per text conditioning (ABLATION), side by side"
     )
     parser.add_argument(
@@ -770,11 +798,10 @@ def main() -> None:
     for benchmark in benchmarks:
         start = time.perf_counter()
         if benchmark == "one":
-            data = make_data(data_root, SMOKE_DATA if args.smoke else DATA, args.threads, args.vae)
+            data = make_data(data_root, SMOKE_DATA if args.smoke else DATA, args.threads, args.vae, args.clip_layer)
         else:
-            data = make_pair_data(
-                data_root, SMOKE_PAIR_DATA if args.smoke else PAIR_DATA, args.pair_singles, args.threads
-            )
+            pairs = SMOKE_PAIR_DATA if args.smoke else PAIR_DATA
+            data = make_pair_data(data_root, pairs, args.pair_singles, args.threads, args.clip_layer)
         data_minutes = round((time.perf_counter() - start) / 60, 2)
         if args.ablation:
             result = run_ablation(names[-1], data, out, args, seeds)

@@ -2,6 +2,7 @@
 training)."""
 
 import importlib.util
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -343,3 +344,18 @@ def test_the_benchmark_recipe_is_the_small_data_preset():
         for key, value in recipe_settings("small-data", stage).items():
             given = flags[f"--{key.replace('_', '-')}"]
             assert given == str(value) if isinstance(value, str) else float(given) == value, (stage, key, given)
+
+
+def test_data_of_another_clip_layer_is_encoded_with_it_and_kept_apart(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "gentron", lambda args, logfile, threads: calls.append([str(a) for a in args]) or 0.0)
+    monkeypatch.setattr(bench, "make_pair_dataset", lambda raw, pairs: Path(raw) / "images")
+    last = bench.make_pair_data(tmp_path, bench.SMOKE_PAIR_DATA, 0, 1)
+    embeddings = bench.make_pair_data(tmp_path, bench.SMOKE_PAIR_DATA, 0, 1, clip_layer=0)
+    assert (last["images"].parent.name, embeddings["images"].parent.name) == ("pair-data", "pair-data-clip-layer0")
+    text = [c for c in calls if c[0] == "encode-text"]
+    assert [c[c.index("--clip-layer") + 1] for c in text] == ["-1", "0"]
+    recipes = [json.loads((d["images"].parent / "done.json").read_text()) for d in (last, embeddings)]
+    assert "clip_layer" not in recipes[0] and recipes[1]["clip_layer"] == 0  # data made before the option still fits
+    calls.clear()
+    assert bench.make_pair_data(tmp_path, bench.SMOKE_PAIR_DATA, 0, 1, clip_layer=0) == embeddings and not calls
