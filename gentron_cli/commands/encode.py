@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         clip_layer: int = typer.Option(
             DEFAULT_CLIP_LAYER,
             help="Which hidden states of CLIP to store, through its final norm: 0 = embeddings, -1 = last layer, "
-            "-2 = the one before (CLIP skip). The pooled vector is the last layer's.",
+            "-2 = the one before (CLIP skip). The pooled vector stays that of the last layer.",
         ),
         llm_layer: int = typer.Option(
             DEFAULT_LLM_LAYER,
