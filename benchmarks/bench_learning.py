@@ -418,9 +418,11 @@ def encode_data(
     clip_layer: int = DEFAULT_CLIP_LAYER,
 ) -> dict[str, Path]:
     """Raw media (write_raw(folder) -> {"images": dir[, "videos": dir]}) -> prep -> latents -> text embeddings into
-    data/, once (reused while the recipe matches). Returns the encoded folder of each kind."""
+    data/ (data-clip-layerK/ for CLIP states of another layer than the last, so data of each layer is kept apart),
+    once (reused while the recipe matches). Returns the encoded folder of each kind."""
     if clip_layer != DEFAULT_CLIP_LAYER:  # recorded only when set, so data made before stays reusable
         recipe = recipe | {"clip_layer": clip_layer}
+        data = data.with_name(f"{data.name}-clip-layer{clip_layer}")
     logs = data / "logs"
     done = data / "done.json"
     if done.is_file():
@@ -482,11 +484,6 @@ def encode_data(
     return encoded
 
 
-def clip_layer_suffix(clip_layer: int) -> str:
-    """The data folder's suffix for CLIP states of another layer than the last (data of each layer kept apart)."""
-    return "" if clip_layer == DEFAULT_CLIP_LAYER else f"-clip-layer{clip_layer}"
-
-
 def make_data(
     root: Path, toy: ToyDataConfig, threads: int, vae: str = "pixel", clip_layer: int = DEFAULT_CLIP_LAYER
 ) -> dict[str, Path]:
@@ -495,7 +492,7 @@ def make_data(
     recipe = {"toy": asdict(toy), "size": SIZE, "frames": frames, "frame_stride": FRAME_STRIDE}
     if vae != "pixel":
         recipe["vae"] = vae
-    folder = root / (("data" if vae == "pixel" else f"data-{vae}") + clip_layer_suffix(clip_layer))
+    folder = root / ("data" if vae == "pixel" else f"data-{vae}")
     return encode_data(folder, recipe, lambda raw: make_toy_dataset(raw, toy), threads, vae, frames, clip_layer)
 
 
@@ -526,7 +523,7 @@ def make_pair_data(
             make_toy_dataset(raw, singles_config(pairs, singles))  # into the same images/ folder
         return {"images": images}
 
-    folder = root / ("pair-data" + (f"-singles-{singles}" if singles else "") + clip_layer_suffix(clip_layer))
+    folder = root / ("pair-data" + (f"-singles-{singles}" if singles else ""))
     return encode_data(folder, recipe, write_raw, threads, clip_layer=clip_layer)
 
 
