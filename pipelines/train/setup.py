@@ -576,12 +576,12 @@ def check_resumed_schedule(folder: Path, stored: dict | None, config: TrainConfi
         return
     before = replace(config, steps=stored.get("steps", config.steps), lr_decay=stored.get("lr_decay", 0.0))
     first = min(c.steps - decay_steps(c) for c in (before, config))  # warm-up and lr cannot change on resume
-    differ = [s for s in range(max(first, 0), step) if lr_at(s, before) != lr_at(s, config)]
-    if differ:
+    differs = next((s for s in range(max(first, 0), step) if lr_at(s, before) != lr_at(s, config)), None)
+    if differs is not None:
         raise GentronError(
             f"{folder} is at step {step}, but with --steps {config.steps} and --lr-decay {config.lr_decay} the "
-            f"learning rate of step {differ[0]} would have been {lr_at(differ[0], config):.3g}, not "
-            f"{lr_at(differ[0], before):.3g}",
+            f"learning rate of step {differs} would have been {lr_at(differs, config):.3g}, not "
+            f"{lr_at(differs, before):.3g}",
             f"continue with --steps {before.steps} --lr-decay {before.lr_decay}, or branch the decay from a checkpoint "
             "taken before it starts",
         )
