@@ -15,7 +15,7 @@ from pipelines.data import schema
 from pipelines.data.shards import ShardWriter, iter_shard, shard_name
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
-from pipelines.model.text_encoders import ENCODERS, TextEncoders, parse_encoders
+from pipelines.model.text_encoders import TextEncoders, parse_encoders, recorded_settings
 from pipelines.model.tiny import build_tiny_clip, build_tiny_t5
 
 CAPTIONS = [
@@ -213,14 +213,13 @@ def test_encode_text_clip_layer_is_recorded_and_rebuilt_alike_and_refused_where_
     assert refused.exit_code == 2 and "does not run" in refused.output
     result = CliRunner().invoke(app, [*common, "--out", str(data), "--encoders", "clip", "--clip-layer", "-2"])
     assert result.exit_code == 0, result.output
+    last = TextEncoders(clip=clip, device="cpu")
     for _, fields in iter_shard(data / f"{shard_name(0)}.tar"):
         recorded = schema.decode_json(fields[schema.META])["text"]["clip"]
         assert recorded["layer"] == 1
-        # the settings sampling rebuilds the encoder with (pipelines.sample.pipeline.load_text_encoders) give the
-        # stored states again
-        settings = {k: recorded[k] for k in ENCODERS["clip"].settings if recorded.get(k) is not None}
-        again = TextEncoders(clip=clip, settings={"clip": settings}, device="cpu")
+        # the settings sampling rebuilds the encoder with from the record give the stored states again
+        again = TextEncoders(clip=clip, settings={"clip": recorded_settings("clip", recorded)}, device="cpu")
         caption = fields[schema.CAPTION].decode()
         stored = np.load(io.BytesIO(fields[schema.text_field("clip")]))
         np.testing.assert_array_equal(stored, again.encode([caption])[0]["clip"])
-        assert not np.array_equal(stored, TextEncoders(clip=clip, device="cpu").encode([caption])[0]["clip"])
+        assert not np.array_equal(stored, last.encode([caption])[0]["clip"])

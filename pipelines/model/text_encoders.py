@@ -483,6 +483,14 @@ ENCODERS: dict[str, EncoderKind] = {
         LlmTextEncoder, "decoder-only language model", None, ("max_length", "layer"), DEFAULT_LLM_MAX_LENGTH
     ),
 }
+
+
+def recorded_settings(name: str, recorded: Mapping) -> dict:
+    """The settings an encoder ran with, from its record (a shard's or pipeline.json's "text" entry), to load it
+    alike: those of `ENCODERS[name].settings` that the record holds."""
+    return {key: recorded[key] for key in ENCODERS[name].settings if recorded.get(key) is not None}
+
+
 ENCODER_NAMES = tuple(ENCODERS)
 DEFAULT_ENCODERS = ("clip", "t5")  # what encode-text runs when no encoder is chosen, as the paper
 

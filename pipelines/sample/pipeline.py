@@ -24,7 +24,7 @@ from pipelines.diffusion.samplers import sample as run_sampler
 from pipelines.errors import GentronError
 from pipelines.model.conditioning import TextCondition
 from pipelines.model.gentron import GenTronTransformer, check_patchable, required_text_arrays, text_inputs_of
-from pipelines.model.text_encoders import ENCODERS, TextEncoders, resolve_device, resolve_dtype
+from pipelines.model.text_encoders import ENCODERS, TextEncoders, recorded_settings, resolve_device, resolve_dtype
 from pipelines.model.vae import VAE, Normalisation, load_vae
 from pipelines.model_folder import ModelFolder
 from pipelines.progress import NullReporter, Reporter
@@ -222,7 +222,7 @@ def load_text_encoders(
                 f"the model reads the {name} encoder but its pipeline.json names none",
                 f"pass --text-encoder {name}=NAME_OR_PATH",
             )
-        settings[name] = {k: recorded[k] for k in ENCODERS[name].settings if recorded.get(k) is not None}
+        settings[name] = recorded_settings(name, recorded)
     encoders = TextEncoders(models, settings=settings, device=device, dtype=dtype)
     for name, widths in encoders.text_inputs.items():
         for key, width in widths.items():
