@@ -15,9 +15,12 @@ The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (se
 "flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
 of `bench_learning.py --only flow` at the same steps and threads) each seen-pair attribute also gets
 "...minus_square" = this aspect's rate minus the square run's, with the goal >= -0.05 (within 5 points), and the
-training minutes of both runs are compared (same training time).
+training minutes of both runs are compared (same training time). With --seeds each figure is the mean over the
+seeds' runs, with its spread (lowest, highest) beside it in the JSON; --t2i-from trains T2V only, from a T2I run
+made earlier on this benchmark's data (T2V variations with --t2v-extra).
 
     python benchmarks/bench_learning_aspects.py --threads 1 --out /tmp/aspects --square-result /tmp/sq/learning.json
+    python benchmarks/bench_learning_aspects.py --out /tmp/aspects --seeds 1 --t2i-from /tmp/aspects/runs/flow-seed0/t2i
     python benchmarks/bench_learning_aspects.py --smoke     # every stage, tiny: a few minutes
 """
 
@@ -97,25 +100,30 @@ def make_data(out: Path, toy, threads: int) -> dict[str, Path]:
     return encoded
 
 
-def train(name: str, data: dict[str, Path], out: Path, args) -> dict[str, float]:
-    """T2I on the image buckets, then T2V from it on the clip buckets (stills take their frame counts)."""
-    runs, logs = out / "runs" / name, out / "logs" / name
+def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple[dict[str, float], dict[str, Path]]:
+    """T2I on the image buckets (or --t2i-from's run), then T2V from it on the clip buckets (stills take their frame
+    counts), with training seed `seed`: each stage's minutes and run folder."""
+    runs, logs = out / "runs" / f"{name}-seed{seed}", out / "logs" / f"{name}-seed{seed}"
     shutil.rmtree(runs, ignore_errors=True)
     stage_flags = base.SMOKE_STAGE_FLAGS if args.smoke else base.STAGE_FLAGS
-    shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON)]
+    shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON), "--seed", seed]
     shared += [*shlex.split(base.CONFIGS[name]), "--bucket-batch", args.bucket_batch]
-    minutes = {}
-    t2i = ["train", "--stage", "t2i", "--out", runs / "t2i", "--image-data", data["images"], "--steps", args.t2i_steps]
-    minutes["t2i"] = base.gentron([*t2i, *shared, *shlex.split(stage_flags["t2i"])], logs / "t2i.log", args.threads)
-    t2v = ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", runs / "t2i" / "model"]
+    minutes = {"t2i": 0.0}
+    t2i_run = Path(args.t2i_from) if args.t2i_from else runs / "t2i"
+    if not args.t2i_from:
+        t2i = ["train", "--stage", "t2i", "--out", t2i_run, "--image-data", data["images"], "--steps", args.t2i_steps]
+        t2i += [*shared, *shlex.split(stage_flags["t2i"]), *shlex.split(args.t2i_extra)]
+        minutes["t2i"] = base.gentron(t2i, logs / "t2i.log", args.threads)
+    t2v = ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", t2i_run / "model"]
     t2v += ["--video-data", data["videos"], "--image-data", data["images"], "--steps", args.t2v_steps]
-    minutes["t2v"] = base.gentron([*t2v, *shared, *shlex.split(stage_flags["t2v"])], logs / "t2v.log", args.threads)
-    return {stage: seconds / 60 for stage, seconds in minutes.items()}
+    t2v += [*shared, *shlex.split(stage_flags["t2v"]), *shlex.split(args.t2v_extra)]
+    minutes["t2v"] = base.gentron(t2v, logs / "t2v.log", args.threads)
+    return {stage: seconds / 60 for stage, seconds in minutes.items()}, {"t2i": t2i_run, "t2v": runs / "t2v"}
 
 
-def sample_and_score(name: str, out: Path, args) -> dict[str, dict]:
-    """Every image prompt at each aspect, every video prompt at each length: {"t2i.2:1": groups, "t2v.4f": ...}."""
-    runs, samples, logs = out / "runs" / name, out / "samples" / name, out / "logs" / name
+def sample_and_score(runs: dict[str, Path], samples: Path, logs: Path, args) -> dict[str, dict]:
+    """Every image prompt at each aspect, every video prompt at each length, from each stage's run folder:
+    {"t2i.2:1": groups, "t2v.4f": ...}."""
     shutil.rmtree(samples, ignore_errors=True)
     jobs = [("t2i", f"t2i.{aspect}", ["--width", w, "--height", h]) for aspect, (w, h) in ASPECTS.items()]
     jobs += [("t2v", f"t2v.{n}f", ["--frames", n, "--mfg", args.mfg]) for n in LENGTHS]
@@ -126,7 +134,7 @@ def sample_and_score(name: str, out: Path, args) -> dict[str, dict]:
         prompts_file.parent.mkdir(parents=True, exist_ok=True)
         prompts_file.write_text("\n".join(prompts) + "\n")
         folder = samples / key
-        command = ["sample", "--model", runs / stage, "--prompts", prompts_file, "--out", folder, *size]
+        command = ["sample", "--model", runs[stage], "--prompts", prompts_file, "--out", folder, *size]
         command += ["--steps", args.sample_steps, "--cfg", args.cfg, "--seed", 0, "--batch-size", 16, "--grid"]
         base.gentron(command, logs / f"sample-{key}.log", args.threads)
         read = base.read_samples(folder)
@@ -188,6 +196,12 @@ def main() -> None:
         help="T2V steps; the default gives each clip length the square benchmark's 250 (measured: at 250 in all, "
         "shared by two lengths, the direction of motion was not learnt)",
     )
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; figures are their mean")
+    parser.add_argument("--t2i-extra", default="", help="flags appended to the T2I train call")
+    parser.add_argument("--t2v-extra", default="", help="flags appended to the T2V train call")
+    parser.add_argument(
+        "--t2i-from", type=Path, help="a T2I run folder trained earlier on this benchmark's data; T2V starts from it"
+    )
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--mfg", type=float, default=1.2)
@@ -206,21 +220,28 @@ def main() -> None:
     start = time.perf_counter()
     data = make_data(out, SMOKE_DATA if args.smoke else DATA, args.threads)
     figures = {"data_minutes": round((time.perf_counter() - start) / 60, 2)}
-    minutes = train(CONFIG, data, out, args)
-    scores = sample_and_score(CONFIG, out, args)
-    figures |= {f"{CONFIG}.{stage}_minutes": round(m, 2) for stage, m in minutes.items()}
-    ratios = ratios_of(CONFIG, scores)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    per_seed, minutes = [], []
+    for seed in seeds:
+        run_minutes, runs = train(CONFIG, data, out, args, seed)
+        name = f"{CONFIG}-seed{seed}"
+        scores = sample_and_score(runs, out / "samples" / name, out / "logs" / name, args)
+        per_seed.append(ratios_of(CONFIG, scores))
+        minutes.append(run_minutes)
+        figures |= {f"{CONFIG}.seed{seed}.{stage}_minutes": round(m, 2) for stage, m in run_minutes.items()}
+        print(f"== {CONFIG} on buckets {BUCKETS}, clips of {LENGTHS} frames ({args.bucket_batch} batches), seed {seed}")
+        print(f"   training: T2I {run_minutes['t2i']:.2f} min, T2V {run_minutes['t2v']:.2f} min")
+        print(table(scores), flush=True)
+    ratios, spread = base.over_seeds(per_seed)
     goals = {}
     if square is not None:
         differences, goals = against_square(ratios, square)
         ratios |= differences
         for stage in ("t2i", "t2v"):
             theirs = square["figures"].get(f"{CONFIG}.{stage}_minutes")
-            if theirs:
-                ratios[f"{CONFIG}.{stage}_minutes_over_square"] = round(minutes[stage] / theirs, 4)
-    print(f"== {CONFIG} on buckets {BUCKETS}, clips of {LENGTHS} frames ({args.bucket_batch} batches)")
-    print(f"   training: T2I {minutes['t2i']:.2f} min, T2V {minutes['t2v']:.2f} min")
-    print(table(scores), flush=True)
+            ours = sum(m[stage] for m in minutes) / len(minutes)
+            if theirs and ours:
+                ratios[f"{CONFIG}.{stage}_minutes_over_square"] = round(ours / theirs, 4)
     figures["total_minutes"] = round((time.perf_counter() - start) / 60, 2)
     met = {key: ratios.get(key) is not None and ratios[key] >= -TOLERANCE for key in goals}
     result = {
@@ -230,6 +251,8 @@ def main() -> None:
         "met": met,
         "figures": figures,
         "threads": args.threads,
+        "spread": spread,
+        "seeds": seeds,
     }
     (out / "learning.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
