@@ -109,7 +109,8 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
     """T2I on the image buckets (or --t2i-from's run), then T2V from it on the clip buckets (stills take their frame
     counts), with training seed `seed`: each stage's minutes and run folder."""
     runs, logs = out / "runs" / f"{name}-seed{seed}", out / "logs" / f"{name}-seed{seed}"
-    shutil.rmtree(runs, ignore_errors=True)
+    # a fresh run; with --t2i-from only its T2V (the T2I run given may be this seed's, from an earlier call)
+    shutil.rmtree(runs / "t2v" if args.t2i_from else runs, ignore_errors=True)
     stage_flags = base.SMOKE_STAGE_FLAGS if args.smoke else base.STAGE_FLAGS
     shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON), "--seed", seed]
     shared += [*shlex.split(base.CONFIGS[name]), "--bucket-batch", args.bucket_batch]
