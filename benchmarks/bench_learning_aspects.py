@@ -107,26 +107,22 @@ def make_data(out: Path, toy, threads: int) -> dict[str, Path]:
 
 def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple[dict[str, float], dict[str, Path]]:
     """T2I on the image buckets (or --t2i-from's run), then T2V from it on the clip buckets (stills take their frame
-    counts), with training seed `seed`: each stage's minutes and run folder."""
+    counts), with training seed `seed`, each stage as the square benchmark trains it (`base.train_stage`): each
+    stage's minutes and run folder."""
     runs, logs = out / "runs" / f"{name}-seed{seed}", out / "logs" / f"{name}-seed{seed}"
     # a fresh run; with --t2i-from only its T2V (the T2I run given may be this seed's, from an earlier call)
     shutil.rmtree(runs / "t2v" if args.t2i_from else runs, ignore_errors=True)
-    stage_flags = base.SMOKE_STAGE_FLAGS if args.smoke else base.STAGE_FLAGS
     shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON), "--seed", seed]
     shared += [*shlex.split(base.CONFIGS[name]), "--bucket-batch", args.bucket_batch]
-    minutes = {"t2i": 0.0}
+    # the T2V batch goes before --t2v-extra, so a variation can still change it
+    stage_args = argparse.Namespace(**vars(args), extra="")
+    stage_args.t2v_extra = " ".join([*([] if args.smoke else ["--global-batch", str(T2V_BATCH)]), args.t2v_extra])
     t2i_run = Path(args.t2i_from) if args.t2i_from else runs / "t2i"
+    minutes = {"t2i": 0.0}
     if not args.t2i_from:
-        t2i = ["train", "--stage", "t2i", "--out", t2i_run, "--image-data", data["images"], "--steps", args.t2i_steps]
-        t2i += [*shared, *shlex.split(stage_flags["t2i"]), *shlex.split(args.t2i_extra)]
-        minutes["t2i"] = base.gentron(t2i, logs / "t2i.log", args.threads)
-    t2v = ["train", "--stage", "t2v", "--out", runs / "t2v", "--init", t2i_run / "model"]
-    t2v += ["--video-data", data["videos"], "--image-data", data["images"], "--steps", args.t2v_steps]
-    t2v += [*shared, *shlex.split(stage_flags["t2v"])]
-    t2v += [] if args.smoke else ["--global-batch", T2V_BATCH]
-    t2v += shlex.split(args.t2v_extra)
-    minutes["t2v"] = base.gentron(t2v, logs / "t2v.log", args.threads)
-    return {stage: seconds / 60 for stage, seconds in minutes.items()}, {"t2i": t2i_run, "t2v": runs / "t2v"}
+        minutes["t2i"] = base.train_stage("t2i", runs, data, args.t2i_steps, shared, stage_args, logs)
+    minutes["t2v"] = base.train_stage("t2v", runs, data, args.t2v_steps, shared, stage_args, logs, t2i=t2i_run)
+    return minutes, {"t2i": t2i_run, "t2v": runs / "t2v"}
 
 
 def sample_and_score(runs: dict[str, Path], samples: Path, logs: Path, args) -> dict[str, dict]:
@@ -162,6 +158,13 @@ def ratios_of(name: str, scores: dict[str, dict]) -> dict[str, float]:
                 prefix = f"{name}.{key}." + ("" if group_name == "seen" else "held_out.")
                 out.update({prefix + a: round(group.rate(a), 4) for a in attributes})
     return out
+
+
+def stage_minutes(figures: dict, stage: str) -> float | None:
+    """A stage's training minutes in a learning JSON's figures, the mean over its seeds ("flow.seed1.t2v_minutes"; a
+    result of one unnamed seed has "flow.t2v_minutes"); None where it has none."""
+    values = [v for k, v in figures.items() if k.startswith(f"{CONFIG}.") and k.endswith(f".{stage}_minutes")]
+    return sum(values) / len(values) if values else None
 
 
 def against_square(ratios: dict[str, float], square: dict) -> tuple[dict[str, float], dict[str, str]]:
@@ -228,13 +231,12 @@ def main() -> None:
     data = make_data(out, SMOKE_DATA if args.smoke else DATA, args.threads)
     figures = {"data_minutes": round((time.perf_counter() - start) / 60, 2)}
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    per_seed, minutes = [], []
+    per_seed = []
     for seed in seeds:
         run_minutes, runs = train(CONFIG, data, out, args, seed)
         name = f"{CONFIG}-seed{seed}"
         scores = sample_and_score(runs, out / "samples" / name, out / "logs" / name, args)
         per_seed.append(ratios_of(CONFIG, scores))
-        minutes.append(run_minutes)
         figures |= {f"{CONFIG}.seed{seed}.{stage}_minutes": round(m, 2) for stage, m in run_minutes.items()}
         print(f"== {CONFIG} on buckets {BUCKETS}, clips of {LENGTHS} frames ({args.bucket_batch} batches), seed {seed}")
         print(f"   training: T2I {run_minutes['t2i']:.2f} min, T2V {run_minutes['t2v']:.2f} min")
@@ -245,8 +247,7 @@ def main() -> None:
         differences, goals = against_square(ratios, square)
         ratios |= differences
         for stage in ("t2i", "t2v"):
-            theirs = square["figures"].get(f"{CONFIG}.{stage}_minutes")
-            ours = sum(m[stage] for m in minutes) / len(minutes)
+            theirs, ours = stage_minutes(square["figures"], stage), stage_minutes(figures, stage)
             if theirs and ours:
                 ratios[f"{CONFIG}.{stage}_minutes_over_square"] = round(ours / theirs, 4)
     figures["total_minutes"] = round((time.perf_counter() - start) / 60, 2)

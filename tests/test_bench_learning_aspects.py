@@ -101,3 +101,10 @@ def test_each_attribute_is_compared_with_the_square_run():
     differences, goals = aspects.against_square(ratios, square)
     assert differences == {"flow.t2i.2:1.shape.minus_square": -0.1, "flow.t2v.4f.direction.minus_square": -0.01}
     assert goals == {key: ">= -0.05" for key in differences}  # held-out pairs are not compared
+
+
+def test_training_minutes_are_read_per_seed_or_from_a_one_seed_result():
+    per_seed = {"data_minutes": 3.0, "flow.seed0.t2v_minutes": 4.0, "flow.seed1.t2v_minutes": 6.0, "total_minutes": 30}
+    assert aspects.stage_minutes(per_seed, "t2v") == 5.0  # the mean over the seeds
+    assert aspects.stage_minutes({"flow.t2v_minutes": 18.12, "flow.t2i_minutes": 76.39}, "t2i") == 76.39
+    assert aspects.stage_minutes(per_seed, "t2i") is None
