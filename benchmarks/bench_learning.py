@@ -23,12 +23,15 @@ last configuration run, the recipe candidate, averaged over the seeds (--seeds; 
 highest seed beside the mean). Each benchmark ends with one JSON line on stdout, also written to OUT/<name>.json.
 --ablation runs the two-object benchmark once per text conditioning (cross-attention against adaLN-only, and
 cross-attention on CLIP, T5 or both), the paper's Table 2 at this scale.
+--samples-per-prompt K samples each prompt K times (each its own sample seed), so a rate's reading error shrinks;
+--rescore samples and scores again the runs an earlier call trained in OUT, without training.
 
     python benchmarks/bench_learning.py                                   # both benchmarks (hours on a CPU)
     python benchmarks/bench_learning.py --benchmark two --seeds 0,1 --threads 1 --out /tmp/learning
     python benchmarks/bench_learning.py --only ddpm,flow --benchmark one  # the paper's objective against ours
     python benchmarks/bench_learning.py --only flow --extra="--timestep-location 0.5"   # a recipe variation
     python benchmarks/bench_learning.py --ablation --seeds 0,1            # conditioning, side by side
+    python benchmarks/bench_learning.py --only flow --seeds 0,1 --out OUT --rescore --samples-per-prompt 3
     python benchmarks/bench_learning.py --benchmark two --clip-layer 0 --model-overrides '{"text_inputs": {"clip": {}}}'
     python benchmarks/bench_learning.py --smoke                           # every stage, tiny: a few minutes
     python benchmarks/bench_learning.py --benchmark one --only flow --vae pixel-video   # T2V over 4x compressed time
@@ -316,7 +319,9 @@ def _rows(
 
 
 def _minutes(minutes: list[dict[str, float]], stage: str) -> str:
-    values = [m[stage] for m in minutes]
+    values = [m[stage] for m in minutes if stage in m]
+    if not values:
+        return "- (rescored)"
     return f"{np.mean(values):.2f} min" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
 
 
@@ -555,7 +560,9 @@ def train_stage(
 def sample_and_score(
     model: Path, stage: str, prompts: list[str], samples: Path, logs: Path, args, is_held, guidance=()
 ) -> dict[str, GroupScore]:
-    """Sample every prompt with the stage's model folder `model` (seed 0) and tally the probe's verdicts."""
+    """Sample every prompt (--samples-per-prompt times) with the stage's model folder `model` (seed 0) and tally the
+    probe's verdicts."""
+    prompts = prompts * args.samples_per_prompt  # each copy its own sample seed (`gentron sample`: seed + index)
     prompts_file = samples / f"{stage}-prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(prompts) + "\n")
@@ -593,12 +600,20 @@ def run_config(
     benchmark: str, name: str, flags: str, data: dict[str, Path], out: Path, args, seed: int
 ) -> tuple[dict[str, dict[str, GroupScore]], dict[str, float]]:
     """Train (one object: t2i, then t2v from it; two objects: t2i), sample and probe, for one seed. Returns the scores
-    and the training minutes of each stage."""
+    and the training minutes of each stage (none with --rescore, which scores the runs already here)."""
     where = Path(benchmark) / name / f"seed{seed}"
     runs, samples, logs = out / "runs" / where, out / "samples" / where, out / "logs" / where
-    for stale in (runs, samples):  # a run folder would resume, stale samples would be scored
+    # a run folder would resume, stale samples would be scored; --rescore keeps the runs an earlier call trained here
+    for stale in (samples,) if args.rescore else (runs, samples):
         shutil.rmtree(stale, ignore_errors=True)
     shared = ["--model", model_json(args), *shlex.split(COMMON), "--seed", seed, *shlex.split(flags)]
+    t2i = Path(args.t2i_from) if args.t2i_from and benchmark == "one" else runs / "t2i"  # --t2i-from: trained earlier
+    if args.rescore:
+        for run in (t2i,) if benchmark == "two" else (t2i, runs / "t2v"):
+            if not (run / "model").is_dir():
+                raise SystemExit(f"--rescore: no trained model in {run}; run the benchmark there without it first")
+        if benchmark == "two":
+            return {"t2i": sample_and_score(t2i, "t2i", pair_prompts(), samples, logs, args, is_pair_held_out)}, {}
     if benchmark == "two":
         # scored on the way too (--score-at): the run continues from its checkpoint, as if uninterrupted
         minutes = {"t2i": 0.0}
@@ -622,9 +637,10 @@ def run_config(
                     flush=True,
                 )
         return scores, minutes
-    t2i = Path(args.t2i_from) if args.t2i_from else runs / "t2i"  # --t2i-from: a T2I run trained earlier
-    minutes = {"t2i": 0.0 if args.t2i_from else train_stage("t2i", runs, data, args.t2i_steps, shared, args, logs)}
-    minutes["t2v"] = train_stage("t2v", runs, data, args.t2v_steps, shared, args, logs, t2i=t2i)
+    minutes = {}
+    if not args.rescore:
+        minutes["t2i"] = 0.0 if args.t2i_from else train_stage("t2i", runs, data, args.t2i_steps, shared, args, logs)
+        minutes["t2v"] = train_stage("t2v", runs, data, args.t2v_steps, shared, args, logs, t2i=t2i)
     scores = {
         "t2i": sample_and_score(t2i, "t2i", image_prompts(), samples, logs, args, is_held_out),
         "t2v": sample_and_score(
@@ -724,6 +740,17 @@ def main() -> None:
         "--score-at", default="", help="two objects: also score the T2I model after these steps (comma-separated)"
     )
     parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="samples of each prompt, each with its own seed: every rate is over prompts x this (a smaller error)",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: sample and score again the runs an earlier call trained in OUT (same seeds); no minutes",
+    )
     parser.add_argument("--cfg", type=float, default=4.0, help="text guidance scale of the samples")
     parser.add_argument("--mfg", type=float, default=1.2, help="motion-free guidance scale of the video samples")
     parser.add_argument(
@@ -782,6 +809,10 @@ def main() -> None:
         json.loads(args.model_overrides or "{}")
     except ValueError as err:
         parser.error(f"--seeds takes whole numbers and --model-overrides a JSON object: {err}")
+    if args.samples_per_prompt < 1:
+        parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
+    if args.rescore and args.score_at:
+        parser.error("--score-at scores checkpoints on the way through training; --rescore trains nothing")
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
     out = args.out or Path(tempfile.mkdtemp(prefix="gentron-learning-"))

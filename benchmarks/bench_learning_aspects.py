@@ -18,7 +18,8 @@ of `bench_learning.py --only flow` at the same steps and threads) each seen-pair
 "...minus_square" = this aspect's rate minus the square run's, with the goal >= -0.05 (within 5 points), and the
 training minutes of both runs are compared (same training time). With --seeds each figure is the mean over the
 seeds' runs, with its spread (lowest, highest) beside it in the JSON; --t2i-from trains T2V only, from a T2I run
-made earlier on this benchmark's data (T2V variations with --t2v-extra).
+made earlier on this benchmark's data (T2V variations with --t2v-extra); --samples-per-prompt and --rescore work as
+in bench_learning.py.
 
     python benchmarks/bench_learning_aspects.py --threads 1 --out /tmp/aspects --square-result /tmp/sq/learning.json
     python benchmarks/bench_learning_aspects.py --out /tmp/aspects --seeds 1 --t2i-from /tmp/aspects/runs/flow-seed0/t2i
@@ -110,6 +111,12 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
     counts), with training seed `seed`, each stage as the square benchmark trains it (`base.train_stage`): each
     stage's minutes and run folder."""
     runs, logs = out / "runs" / f"{name}-seed{seed}", out / "logs" / f"{name}-seed{seed}"
+    t2i_run = Path(args.t2i_from) if args.t2i_from else runs / "t2i"
+    if args.rescore:  # the runs an earlier call trained here, as they are
+        for run in (t2i_run, runs / "t2v"):
+            if not (run / "model").is_dir():
+                raise SystemExit(f"--rescore: no trained model in {run}; run the benchmark there without it first")
+        return {}, {"t2i": t2i_run, "t2v": runs / "t2v"}
     # a fresh run; with --t2i-from only its T2V (the T2I run given may be this seed's, from an earlier call)
     shutil.rmtree(runs / "t2v" if args.t2i_from else runs, ignore_errors=True)
     shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON), "--seed", seed]
@@ -117,7 +124,6 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
     # the T2V batch goes before --t2v-extra, so a variation can still change it
     stage_args = argparse.Namespace(**vars(args), extra="")
     stage_args.t2v_extra = " ".join([*([] if args.smoke else ["--global-batch", str(T2V_BATCH)]), args.t2v_extra])
-    t2i_run = Path(args.t2i_from) if args.t2i_from else runs / "t2i"
     minutes = {"t2i": 0.0}
     if not args.t2i_from:
         minutes["t2i"] = base.train_stage("t2i", runs, data, args.t2i_steps, shared, stage_args, logs)
@@ -126,14 +132,14 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
 
 
 def sample_and_score(runs: dict[str, Path], samples: Path, logs: Path, args) -> dict[str, dict]:
-    """Every image prompt at each aspect, every video prompt at each length, from each stage's run folder:
-    {"t2i.2:1": groups, "t2v.4f": ...}."""
+    """Every image prompt at each aspect, every video prompt at each length (each --samples-per-prompt times, with
+    its own sample seed), from each stage's run folder: {"t2i.2:1": groups, "t2v.4f": ...}."""
     shutil.rmtree(samples, ignore_errors=True)
     jobs = [("t2i", f"t2i.{aspect}", ["--width", w, "--height", h]) for aspect, (w, h) in ASPECTS.items()]
     jobs += [("t2v", f"t2v.{n}f", ["--frames", n, "--mfg", args.mfg]) for n in LENGTHS]
     scores = {}
     for stage, key, size in jobs:
-        prompts = base.image_prompts() if stage == "t2i" else base.video_prompts()
+        prompts = (base.image_prompts() if stage == "t2i" else base.video_prompts()) * args.samples_per_prompt
         prompts_file = samples / f"{stage}-prompts.txt"
         prompts_file.parent.mkdir(parents=True, exist_ok=True)
         prompts_file.write_text("\n".join(prompts) + "\n")
@@ -213,6 +219,17 @@ def main() -> None:
         "--t2i-from", type=Path, help="a T2I run folder trained earlier on this benchmark's data; T2V starts from it"
     )
     parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="samples of each prompt, each with its own seed: every rate is over prompts x this (a smaller error)",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: sample and score again the runs an earlier call trained in OUT (same seeds); no minutes",
+    )
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--mfg", type=float, default=1.2)
     parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
@@ -221,6 +238,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps and sampling")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    if args.samples_per_prompt < 1:
+        parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
     square = json.loads(args.square_result.read_text()) if args.square_result else None
@@ -239,7 +258,8 @@ def main() -> None:
         per_seed.append(ratios_of(CONFIG, scores))
         figures |= {f"{CONFIG}.seed{seed}.{stage}_minutes": round(m, 2) for stage, m in run_minutes.items()}
         print(f"== {CONFIG} on buckets {BUCKETS}, clips of {LENGTHS} frames ({args.bucket_batch} batches), seed {seed}")
-        print(f"   training: T2I {run_minutes['t2i']:.2f} min, T2V {run_minutes['t2v']:.2f} min")
+        if run_minutes:  # none with --rescore
+            print(f"   training: T2I {run_minutes['t2i']:.2f} min, T2V {run_minutes['t2v']:.2f} min")
         print(table(scores), flush=True)
     ratios, spread = base.over_seeds(per_seed)
     goals = {}

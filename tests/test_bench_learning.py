@@ -1,6 +1,7 @@
 """The learning benchmark's scoring, on ground-truth "samples" written the way `gentron sample` writes them (no
 training)."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -359,3 +360,43 @@ def test_data_of_another_clip_layer_is_encoded_with_it_and_kept_apart(tmp_path, 
     assert "clip_layer" not in recipes[0] and recipes[1]["clip_layer"] == 0  # data made before the option still fits
     calls.clear()
     assert bench.make_pair_data(tmp_path, bench.SMOKE_PAIR_DATA, 0, 1, clip_layer=0) == embeddings and not calls
+
+
+def _args(**overrides):
+    """The benchmark's parsed options with their defaults (as `main` parses them), some overridden."""
+    defaults = dict(
+        rescore=False, samples_per_prompt=1, t2i_from=None, model_overrides="", smoke=False, vae="pixel",
+        sample_steps=25, cfg=4.0, mfg=1.2, threads=1, extra="", t2i_extra="", t2v_extra="", score_at=[],
+    )  # fmt: skip
+    return argparse.Namespace(**(defaults | overrides))
+
+
+def test_rescoring_trains_nothing_and_samples_each_prompt_as_often_as_asked(tmp_path, ground_truth, monkeypatch):
+    images, videos = ground_truth
+    commands = []
+
+    def fake_gentron(args, logfile, threads):  # `gentron sample` writes each line's ground truth
+        args = [str(a) for a in args]
+        commands.append(args)
+        if args[0] == "sample":
+            prompts = Path(args[args.index("--prompts") + 1]).read_text().splitlines()
+            truth = images if "t2i" in args[args.index("--model") + 1] else videos
+            _write_samples(Path(args[args.index("--out") + 1]), prompts, truth)
+        return 0.0
+
+    monkeypatch.setattr(bench, "gentron", fake_gentron)
+    runs = tmp_path / "runs" / "one" / "flow" / "seed3"
+    args = _args(rescore=True, samples_per_prompt=3)
+    with pytest.raises(SystemExit, match="no trained model"):
+        bench.run_config("one", "flow", bench.CONFIGS["flow"], {}, tmp_path, args, seed=3)
+    for stage in ("t2i", "t2v"):
+        (runs / stage / "model").mkdir(parents=True)
+    scores, minutes = bench.run_config("one", "flow", bench.CONFIGS["flow"], {}, tmp_path, args, seed=3)
+    assert [c[0] for c in commands] == ["sample", "sample"] and minutes == {}  # nothing trained, no minutes
+    assert (runs / "t2i" / "model").is_dir()  # the runs it scores are kept
+    prompts = (tmp_path / "samples" / "one" / "flow" / "seed3" / "t2i-prompts.txt").read_text().splitlines()
+    assert Counter(prompts) == {p: 3 for p in bench.image_prompts()}
+    assert len({c[c.index("--seed") + 1] for c in commands}) == 1  # one seed: each line's own is seed + index
+    for stage, groups in scores.items():
+        assert (groups["seen"].total, groups["held_out"].total) == (3 * 40, 3 * 8), stage
+        assert all(groups["seen"].rate(a) == 1.0 for a in groups["seen"].hits), stage

@@ -2,6 +2,7 @@
 and 1:2 cut to their buckets as prep cuts them, and clips of both lengths, score perfectly at every aspect; the
 comparison with a square run's result."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -108,3 +109,23 @@ def test_training_minutes_are_read_per_seed_or_from_a_one_seed_result():
     assert aspects.stage_minutes(per_seed, "t2v") == 5.0  # the mean over the seeds
     assert aspects.stage_minutes({"flow.t2v_minutes": 18.12, "flow.t2i_minutes": 76.39}, "t2i") == 76.39
     assert aspects.stage_minutes(per_seed, "t2i") is None
+
+
+def test_rescoring_keeps_the_runs_trained_before_and_trains_nothing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(base, "train_stage", lambda *a, **k: calls.append(a) or 1.0)
+    args = argparse.Namespace(
+        rescore=True, t2i_from=None, smoke=True, bucket_batch="fixed", t2v_extra="", t2i_steps=3, t2v_steps=3
+    )
+    runs = tmp_path / "runs" / "flow-seed4"
+    with pytest.raises(SystemExit, match="no trained model"):
+        aspects.train("flow", {}, tmp_path, args, seed=4)
+    for stage in ("t2i", "t2v"):
+        (runs / stage / "model").mkdir(parents=True)
+    minutes, found = aspects.train("flow", {}, tmp_path, args, seed=4)
+    assert (minutes, found, calls) == ({}, {"t2i": runs / "t2i", "t2v": runs / "t2v"}, [])
+    assert all((runs / stage / "model").is_dir() for stage in ("t2i", "t2v"))
+    args.rescore = False  # without it, the seed's runs start afresh: both stages trained
+    minutes, _ = aspects.train("flow", {}, tmp_path, args, seed=4)
+    assert [c[0] for c in calls] == ["t2i", "t2v"] and minutes == {"t2i": 1.0, "t2v": 1.0}
+    assert not runs.exists()
