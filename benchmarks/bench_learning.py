@@ -721,6 +721,26 @@ def _slug(variant: str) -> str:
     return variant.lower().replace(", ", "-").replace(" ", "-")
 
 
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """--samples-per-prompt and --rescore (also bench_learning_aspects.py's); check_scoring_options checks them."""
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="samples of each prompt, each with its own seed: every rate is over prompts x this (a smaller error)",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: sample and score again the runs an earlier call trained in OUT (same seeds); no minutes",
+    )
+
+
+def check_scoring_options(parser: argparse.ArgumentParser, args) -> None:
+    if args.samples_per_prompt < 1:
+        parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -740,17 +760,7 @@ def main() -> None:
         "--score-at", default="", help="two objects: also score the T2I model after these steps (comma-separated)"
     )
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument(
-        "--samples-per-prompt",
-        type=int,
-        default=1,
-        help="samples of each prompt, each with its own seed: every rate is over prompts x this (a smaller error)",
-    )
-    parser.add_argument(
-        "--rescore",
-        action="store_true",
-        help="no training: sample and score again the runs an earlier call trained in OUT (same seeds); no minutes",
-    )
+    add_scoring_options(parser)
     parser.add_argument("--cfg", type=float, default=4.0, help="text guidance scale of the samples")
     parser.add_argument("--mfg", type=float, default=1.2, help="motion-free guidance scale of the video samples")
     parser.add_argument(
@@ -809,8 +819,7 @@ def main() -> None:
         json.loads(args.model_overrides or "{}")
     except ValueError as err:
         parser.error(f"--seeds takes whole numbers and --model-overrides a JSON object: {err}")
-    if args.samples_per_prompt < 1:
-        parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
+    check_scoring_options(parser, args)
     if args.rescore and args.score_at:
         parser.error("--score-at scores checkpoints on the way through training; --rescore trains nothing")
     if args.smoke:

@@ -219,17 +219,7 @@ def main() -> None:
         "--t2i-from", type=Path, help="a T2I run folder trained earlier on this benchmark's data; T2V starts from it"
     )
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument(
-        "--samples-per-prompt",
-        type=int,
-        default=1,
-        help="samples of each prompt, each with its own seed: every rate is over prompts x this (a smaller error)",
-    )
-    parser.add_argument(
-        "--rescore",
-        action="store_true",
-        help="no training: sample and score again the runs an earlier call trained in OUT (same seeds); no minutes",
-    )
+    base.add_scoring_options(parser)
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--mfg", type=float, default=1.2)
     parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
@@ -238,8 +228,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps and sampling")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    if args.samples_per_prompt < 1:
-        parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
+    base.check_scoring_options(parser, args)
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
     square = json.loads(args.square_result.read_text()) if args.square_result else None
