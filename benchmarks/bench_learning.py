@@ -739,6 +739,8 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
 def check_scoring_options(parser: argparse.ArgumentParser, args) -> None:
     if args.samples_per_prompt < 1:
         parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
+    if args.rescore:
+        log("--rescore: nothing is trained; the training options (steps, extras, model overrides) take no effect")
 
 
 def main() -> None:
