@@ -558,42 +558,38 @@ def train_stage(
 
 
 def sample_and_score(
-    model: Path, stage: str, prompts: list[str], samples: Path, logs: Path, args, is_held, guidance=()
+    model: Path,
+    stage: str,
+    prompts: list[str],
+    samples: Path,
+    logs: Path,
+    args,
+    is_held=None,
+    sample_flags=(),
+    name: str | None = None,
 ) -> dict[str, GroupScore]:
-    """Sample every prompt (--samples-per-prompt times) with the stage's model folder `model` (seed 0) and tally the
-    probe's verdicts."""
+    """Sample every prompt (--samples-per-prompt times) with the stage's model folder `model` (seed 0) into
+    samples/NAME (default: the stage; sample_flags: guidance, size) and tally the probe's verdicts."""
+    name = name or stage
     prompts = prompts * args.samples_per_prompt  # each copy its own sample seed (`gentron sample`: seed + index)
     prompts_file = samples / f"{stage}-prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(prompts) + "\n")
     # the sampler is the model folder's own (DDIM for DDPM models, Euler for flow ones): no --scheduler
-    gentron(
-        [
-            "sample",
-            "--model",
-            model,
-            "--prompts",
-            prompts_file,
-            "--out",
-            samples / stage,
-            "--steps",
-            args.sample_steps,
-            "--cfg",
-            args.cfg,
-            *guidance,
-            "--seed",
-            0,
-            "--batch-size",
-            16,
-            "--grid",
-        ],
-        logs / f"sample-{stage}.log",
-        args.threads,
-    )
-    read = read_samples(samples / stage)
+    command = ["sample", "--model", model, "--prompts", prompts_file, "--out", samples / name, *sample_flags]
+    command += ["--steps", args.sample_steps, "--cfg", args.cfg, "--seed", 0, "--batch-size", 16, "--grid"]
+    gentron(command, logs / f"sample-{name}.log", args.threads)
+    read = read_samples(samples / name)
     if len(read) != len(prompts):
-        raise SystemExit(f"{samples / stage}: {len(read)} samples for {len(prompts)} prompts")
+        raise SystemExit(f"{samples / name}: {len(read)} samples for {len(prompts)} prompts")
     return tally([(prompt, probe(prompt, pixels)) for prompt, pixels in read], is_held=is_held)
+
+
+def require_trained(*runs: Path) -> None:
+    """--rescore scores models trained before: each run folder must hold its exported model."""
+    for run in runs:
+        if not (run / "model").is_dir():
+            raise SystemExit(f"--rescore: no trained model in {run}; run the benchmark there without it first")
 
 
 def run_config(
@@ -609,9 +605,7 @@ def run_config(
     shared = ["--model", model_json(args), *shlex.split(COMMON), "--seed", seed, *shlex.split(flags)]
     t2i = Path(args.t2i_from) if args.t2i_from and benchmark == "one" else runs / "t2i"  # --t2i-from: trained earlier
     if args.rescore:
-        for run in (t2i,) if benchmark == "two" else (t2i, runs / "t2v"):
-            if not (run / "model").is_dir():
-                raise SystemExit(f"--rescore: no trained model in {run}; run the benchmark there without it first")
+        require_trained(*((t2i,) if benchmark == "two" else (t2i, runs / "t2v")))
         if benchmark == "two":
             return {"t2i": sample_and_score(t2i, "t2i", pair_prompts(), samples, logs, args, is_pair_held_out)}, {}
     if benchmark == "two":
@@ -644,7 +638,7 @@ def run_config(
     scores = {
         "t2i": sample_and_score(t2i, "t2i", image_prompts(), samples, logs, args, is_held_out),
         "t2v": sample_and_score(
-            runs / "t2v", "t2v", video_prompts(), samples, logs, args, is_held_out, guidance=["--mfg", args.mfg]
+            runs / "t2v", "t2v", video_prompts(), samples, logs, args, is_held_out, sample_flags=["--mfg", args.mfg]
         ),
     }
     return scores, minutes

@@ -113,9 +113,7 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
     runs, logs = out / "runs" / f"{name}-seed{seed}", out / "logs" / f"{name}-seed{seed}"
     t2i_run = Path(args.t2i_from) if args.t2i_from else runs / "t2i"
     if args.rescore:  # the runs an earlier call trained here, as they are
-        for run in (t2i_run, runs / "t2v"):
-            if not (run / "model").is_dir():
-                raise SystemExit(f"--rescore: no trained model in {run}; run the benchmark there without it first")
+        base.require_trained(t2i_run, runs / "t2v")
         return {}, {"t2i": t2i_run, "t2v": runs / "t2v"}
     # a fresh run; with --t2i-from only its T2V (the T2I run given may be this seed's, from an earlier call)
     shutil.rmtree(runs / "t2v" if args.t2i_from else runs, ignore_errors=True)
@@ -137,21 +135,11 @@ def sample_and_score(runs: dict[str, Path], samples: Path, logs: Path, args) -> 
     shutil.rmtree(samples, ignore_errors=True)
     jobs = [("t2i", f"t2i.{aspect}", ["--width", w, "--height", h]) for aspect, (w, h) in ASPECTS.items()]
     jobs += [("t2v", f"t2v.{n}f", ["--frames", n, "--mfg", args.mfg]) for n in LENGTHS]
-    scores = {}
-    for stage, key, size in jobs:
-        prompts = (base.image_prompts() if stage == "t2i" else base.video_prompts()) * args.samples_per_prompt
-        prompts_file = samples / f"{stage}-prompts.txt"
-        prompts_file.parent.mkdir(parents=True, exist_ok=True)
-        prompts_file.write_text("\n".join(prompts) + "\n")
-        folder = samples / key
-        command = ["sample", "--model", runs[stage], "--prompts", prompts_file, "--out", folder, *size]
-        command += ["--steps", args.sample_steps, "--cfg", args.cfg, "--seed", 0, "--batch-size", 16, "--grid"]
-        base.gentron(command, logs / f"sample-{key}.log", args.threads)
-        read = base.read_samples(folder)
-        if len(read) != len(prompts):
-            raise SystemExit(f"{folder}: {len(read)} samples for {len(prompts)} prompts")
-        scores[key] = base.tally([(prompt, base.probe(prompt, pixels)) for prompt, pixels in read])
-    return scores
+    prompts = {"t2i": base.image_prompts(), "t2v": base.video_prompts()}
+    return {
+        key: base.sample_and_score(runs[stage], stage, prompts[stage], samples, logs, args, sample_flags=size, name=key)
+        for stage, key, size in jobs
+    }
 
 
 def ratios_of(name: str, scores: dict[str, dict]) -> dict[str, float]:
