@@ -96,7 +96,7 @@ VIDEO_LATENT_MODEL = '{"size": "T/2", "depth": 6, "hidden_size": 192, "mlp_dim":
 SMOKE_MODEL = '{"size": "T/2", "depth": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2, "patch_size": 4}'
 # Shared by every configuration and both stages; STAGE_FLAGS then set what differs between T2I and T2V. The seed
 # comes from --seeds.
-COMMON = "--lr 1e-3 --warmup-steps 50 --no-flip --num-workers 0 --checkpoint-every 200"
+COMMON = "--lr 1e-3 --warmup-steps 50 --no-flip --num-workers 0"  # checkpoints at the default cadence (1000 steps)
 # Small batches, many steps: shape is the last attribute learnt, and learnt with the images seen (T2I shape 42 %
 # after 57,600 images at batch 64, 73 % after the same images at batch 32, 100 % after 3400 steps at batch 32 with
 # lr 1e-3); batch 32 costs the same time per image on 2 CPU cores. A higher T2I learning rate gets there in fewer

@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -93,6 +94,43 @@ def test_caption_and_array_decoding_errors_are_bad_samples():
     assert e.value.reason == "caption_not_utf8"
     with pytest.raises(BadSample):
         schema.decode_npy(b"not an array")
+
+
+def _npy(array, version=None) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_decode_npy_reads_what_np_load_reads(version):
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((77, 32)).astype(np.float16),
+        np.asfortranarray(rng.standard_normal((3, 5))),
+        rng.standard_normal((2, 3, 4)).astype(">f4"),
+        np.array(3.5),
+        np.zeros((0, 4), dtype=np.int64),
+        np.array([True, False]),
+        np.array([1 + 2j]),
+    ]
+    for array in arrays:
+        data = _npy(array, version)
+        decoded, expected = schema.decode_npy(data), np.load(io.BytesIO(data), allow_pickle=False)
+        assert decoded.dtype == expected.dtype and decoded.shape == expected.shape
+        np.testing.assert_array_equal(decoded, expected)
+        assert decoded.flags.writeable and decoded.flags.c_contiguous == expected.flags.c_contiguous
+        decoded[...] = 0  # its own memory, not the buffer's
+        np.testing.assert_array_equal(schema.decode_npy(data), expected)
+
+
+def test_damaged_or_pickled_arrays_are_bad_samples():
+    data = _npy(np.arange(12, dtype=np.float32).reshape(3, 4))
+    header_end = data.index(b"\n") + 1
+    for damaged in (data[:-4], data[: header_end - 3], data[:9], _npy(np.array([{"a": 1}], dtype=object))):
+        with pytest.raises(BadSample) as err:
+            schema.decode_npy(damaged)
+        assert err.value.reason == "bad_array"
 
 
 def _job_fn(job, writer, stats, tick):

@@ -33,6 +33,7 @@ from pipelines.model.gentron import GenTronTransformer
 from pipelines.progress import NullReporter
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig, recipe_settings
+from pipelines.train.ema import EMA
 from pipelines.train.metrics import read_metrics
 from pipelines.train.run import batch_text
 from pipelines.train.trainer import train
@@ -206,6 +207,23 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, data
     a = GenTronTransformer.from_pretrained(str(tmp_path / "whole" / "model")).state_dict()
     b = GenTronTransformer.from_pretrained(str(tmp_path / "cut" / "model")).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # EMA and optimizer state were restored
+
+
+def test_the_ema_is_the_exponential_average_of_every_parameter():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema, decay = EMA(model, 0.9), 0.9
+    expected = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for n, p in model.named_parameters():
+            expected[n] = decay * expected[n] + (1 - decay) * p.detach().double()
+    for n in expected:
+        torch.testing.assert_close(ema.params[n].double(), expected[n], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ema.params["0.weight"], model[0].weight)  # an average, not a copy
 
 
 def test_a_cooldown_branched_from_a_checkpoint_equals_the_uninterrupted_decay_run(tmp_path, data):
