@@ -97,11 +97,8 @@ class Source:
 def _npy_shape(f, offset: int) -> tuple[tuple[int, ...], np.dtype]:
     f.seek(offset)
     head = f.read(256)
-    buf = io.BytesIO(head)
     try:
-        version = np.lib.format.read_magic(buf)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(buf)
+        shape, _, dtype = schema.read_npy_header(io.BytesIO(head))
     except Exception as exc:  # numpy raises several types for a damaged header
         raise BadSample("bad_array", str(exc)) from exc
     return tuple(shape), dtype

@@ -118,7 +118,7 @@ def decode_npy(data: bytes) -> np.ndarray:
             return np.load(io.BytesIO(data), allow_pickle=False)
         length_bytes = 2 if data[6] == 1 else 4
         start = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
-        shape, fortran_order, dtype = _npy_header(data[:start])
+        shape, fortran_order, dtype = _cached_npy_header(data[:start])
         if dtype.hasobject:
             raise ValueError("object arrays cannot be loaded when allow_pickle=False")
         flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start)
@@ -127,13 +127,16 @@ def decode_npy(data: bytes) -> np.ndarray:
         raise BadSample("bad_array", str(exc)) from exc
 
 
-@functools.lru_cache(maxsize=256)
-def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, Fortran order, dtype) of an .npy file's magic and header."""
-    stream = io.BytesIO(prefix)
+def read_npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an .npy file, read from its magic and header at the stream's position."""
     version = np.lib.format.read_magic(stream)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     return read(stream)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    return read_npy_header(io.BytesIO(prefix))
 
 
 def encode_json(obj: dict) -> bytes:
