@@ -14,7 +14,8 @@ video prompt at each length, and the toy probe reads each sample (colour, shape,
 
 The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (seen pairs) and
 "flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
-of `bench_learning.py --only flow` at the same steps and threads) each seen-pair attribute also gets
+of `bench_learning.py --benchmark one --only flow --t2i-steps 2600` at the same steps and threads; a result at
+other T2I steps is refused) each seen-pair attribute also gets
 "...minus_square" = this aspect's rate minus the square run's, with the goal >= -0.05 (within 5 points), and the
 training minutes of both runs are compared (same training time). With --seeds each figure is the mean over the
 seeds' runs, with its spread (lowest, highest) beside it in the JSON; --t2i-from trains T2V only, from a T2I run
@@ -187,6 +188,21 @@ def table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def check_square_steps(parser: argparse.ArgumentParser, square: dict | None, t2i_steps: int) -> None:
+    """The square run is the reference at the same training: refuse one trained at other T2I steps, and say so when
+    its learning.json (from before the steps were recorded) cannot tell."""
+    if square is None:
+        return
+    theirs = square.get("figures", {}).get("t2i_steps")
+    if theirs is None:
+        base.log(f"--square-result records no T2I steps: compare only a square run of {t2i_steps} T2I steps")
+    elif theirs != t2i_steps:
+        parser.error(
+            f"--square-result was trained with {theirs} T2I steps and this run takes {t2i_steps}: run "
+            f"bench_learning.py --benchmark one --only flow --t2i-steps {t2i_steps}, or pass --t2i-steps {theirs}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -211,7 +227,11 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--mfg", type=float, default=1.2)
     parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
-    parser.add_argument("--square-result", type=Path, help="learning.json of bench_learning.py --only flow")
+    parser.add_argument(
+        "--square-result",
+        type=Path,
+        help="learning.json of bench_learning.py --benchmark one --only flow at this run's --t2i-steps",
+    )
     parser.add_argument("--out", type=Path, help="work folder (default: a new temporary one); its data is reused")
     parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps and sampling")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -220,6 +240,7 @@ def main() -> None:
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2
     square = json.loads(args.square_result.read_text()) if args.square_result else None
+    check_square_steps(parser, square, args.t2i_steps)
     out = args.out or Path(tempfile.mkdtemp(prefix="gentron-learning-aspects-"))
     out.mkdir(parents=True, exist_ok=True)
     base.log(f"mixed-aspect learning benchmark in {out}; {args.threads} thread(s)")

@@ -104,6 +104,17 @@ def test_each_attribute_is_compared_with_the_square_run():
     assert goals == {key: ">= -0.05" for key in differences}  # held-out pairs are not compared
 
 
+def test_a_square_result_at_other_t2i_steps_is_refused(capsys):
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit) as exit_info:
+        aspects.check_square_steps(parser, {"figures": {"t2i_steps": 2000, "t2v_steps": 250}}, 2600)
+    assert exit_info.value.code == 2
+    assert "--square-result was trained with 2000 T2I steps and this run takes 2600" in capsys.readouterr().err
+    aspects.check_square_steps(parser, {"figures": {"t2i_steps": 2600}}, 2600)  # the same training: accepted
+    aspects.check_square_steps(parser, {"figures": {}}, 2600)  # from before the steps were recorded: announced
+    assert "records no T2I steps: compare only a square run of 2600 T2I steps" in capsys.readouterr().err
+
+
 def test_training_minutes_are_read_per_seed_or_from_a_one_seed_result():
     per_seed = {"data_minutes": 3.0, "flow.seed0.t2v_minutes": 4.0, "flow.seed1.t2v_minutes": 6.0, "total_minutes": 30}
     assert aspects.stage_minutes(per_seed, "t2v") == 5.0  # the mean over the seeds
