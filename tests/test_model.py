@@ -421,9 +421,12 @@ def test_train_and_the_model_ask_one_function_which_text_arrays_are_read():
         text_inputs_from_data({"text_inputs": {"bert": {}}}, empty)
 
 
-def test_a_model_at_its_training_size_is_bit_identical_to_before_buckets():
+def test_a_model_at_its_training_size_computes_what_it_did_before_buckets():
     """tests/fixtures/model_reference: outputs computed by the code before any grid and frame count were trained
-    (tests/fixtures/make_model_reference.py). At one thread, as recorded (kernels round differently with more)."""
+    (tests/fixtures/make_model_reference.py), at one thread as recorded. They were bit-identical on the CPU that
+    recorded them; another CPU's matmul kernels (another instruction set) round differently in the last bit, so the
+    outputs (about 10 in size) are compared to 1e-5. A changed path or position embedding moves them by far more
+    (the embedding itself is checked bit for bit against its formula below)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -444,7 +447,8 @@ def test_a_model_at_its_training_size_is_bit_identical_to_before_buckets():
             image = model(ref["image"], ref["timestep"], text)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(video, ref["video_output"]) and torch.equal(image, ref["image_output"])
+    torch.testing.assert_close(video, ref["video_output"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image, ref["image_output"], rtol=1e-5, atol=1e-5)
 
 
 def test_position_embedding_of_any_grid_against_the_formula():
