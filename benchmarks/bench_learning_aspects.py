@@ -14,7 +14,7 @@ video prompt at each length, and the toy probe reads each sample (colour, shape,
 
 The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (seen pairs) and
 "flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
-of `bench_learning.py --benchmark one --only flow --t2i-steps 2600` at the same steps and threads; a result at
+of `bench_learning.py --benchmark one --only flow` at the same T2I steps, 2000 by default, and threads; a result at
 other T2I steps is refused) each seen-pair attribute also gets
 "...minus_square" = this aspect's rate minus the square run's, with the goal >= -0.05 (within 5 points), and the
 training minutes of both runs are compared (same training time). With --seeds each figure is the mean over the
@@ -118,7 +118,7 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
         return {}, {"t2i": t2i_run, "t2v": runs / "t2v"}
     # a fresh run; with --t2i-from only its T2V (the T2I run given may be this seed's, from an earlier call)
     shutil.rmtree(runs / "t2v" if args.t2i_from else runs, ignore_errors=True)
-    shared = ["--model", base.SMOKE_MODEL if args.smoke else base.MODEL, *shlex.split(base.COMMON), "--seed", seed]
+    shared = ["--model", base.model_json(args), *shlex.split(base.COMMON), "--seed", seed]
     shared += [*shlex.split(base.CONFIGS[name]), "--bucket-batch", args.bucket_batch]
     # the T2V batch goes before --t2v-extra, so a variation can still change it
     stage_args = argparse.Namespace(**vars(args), extra="")
@@ -209,7 +209,12 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    parser.add_argument("--t2i-steps", type=int, default=2600)
+    parser.add_argument(
+        "--t2i-steps",
+        type=int,
+        default=base.T2I_STEPS["one"],
+        help="T2I steps (default: the square one-object benchmark's, so its default run is the reference)",
+    )
     parser.add_argument(
         "--t2v-steps",
         type=int,
@@ -228,6 +233,11 @@ def main() -> None:
     parser.add_argument("--mfg", type=float, default=1.2)
     parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
     parser.add_argument(
+        "--model-overrides",
+        default="",
+        help='JSON merged into the model config, e.g. \'{"position_encoding": "sincos+rope"}\'',
+    )
+    parser.add_argument(
         "--square-result",
         type=Path,
         help="learning.json of bench_learning.py --benchmark one --only flow at this run's --t2i-steps",
@@ -236,6 +246,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny data, model, steps and sampling")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    args.vae = "pixel"  # the data's VAE (base.model_json picks the model by it)
+    try:
+        json.loads(args.model_overrides or "{}")
+    except ValueError as err:
+        parser.error(f"--model-overrides takes a JSON object: {err}")
     base.check_scoring_options(parser, args)
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2

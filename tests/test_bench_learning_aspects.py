@@ -4,6 +4,7 @@ comparison with a square run's result."""
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -126,7 +127,15 @@ def test_rescoring_keeps_the_runs_trained_before_and_trains_nothing(tmp_path, mo
     calls = []
     monkeypatch.setattr(base, "train_stage", lambda *a, **k: calls.append(a) or 1.0)
     args = argparse.Namespace(
-        rescore=True, t2i_from=None, smoke=True, bucket_batch="fixed", t2v_extra="", t2i_steps=3, t2v_steps=3
+        rescore=True,
+        t2i_from=None,
+        smoke=True,
+        bucket_batch="fixed",
+        t2v_extra="",
+        t2i_steps=3,
+        t2v_steps=3,
+        vae="pixel",
+        model_overrides='{"position_encoding": "sincos+rope"}',
     )
     runs = tmp_path / "runs" / "flow-seed4"
     with pytest.raises(SystemExit, match="no trained model"):
@@ -139,4 +148,7 @@ def test_rescoring_keeps_the_runs_trained_before_and_trains_nothing(tmp_path, mo
     args.rescore = False  # without it, the seed's runs start afresh: both stages trained
     minutes, _ = aspects.train("flow", {}, tmp_path, args, seed=4)
     assert [c[0] for c in calls] == ["t2i", "t2v"] and minutes == {"t2i": 1.0, "t2v": 1.0}
+    for stage, _, _, _, shared, *_ in calls:  # --model-overrides reach both stages' model
+        model = json.loads(shared[shared.index("--model") + 1])
+        assert model["position_encoding"] == "sincos+rope" and model["depth"] == 2, stage
     assert not runs.exists()

@@ -465,3 +465,59 @@ def test_position_embedding_of_any_grid_against_the_formula():
             rows.append(np.concatenate([np.sin(r * omega), np.cos(r * omega), np.sin(c * omega), np.cos(c * omega)]))
         table = sincos_2d(dim, grid_h, grid_w, torch.device("cpu"))
         np.testing.assert_allclose(table.numpy(), np.stack(rows).astype(np.float32), rtol=0, atol=1e-6)
+
+
+def rotate_by_hand(x: torch.Tensor, row: int, col: int) -> torch.Tensor:
+    """2-D RoPE written out independently: pair k of x (head_dim d) is the complex number x[k] + i x[k + d/2]; pairs
+    k < d/4 turn by row * w_k, the others by col * w_(k - d/4), w_j = 10000^(-j / (d/4))."""
+    d = x.shape[-1]
+    quarter = d // 4
+    w = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angle = torch.cat([row * w, col * w])
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).float()
+
+
+def test_spatial_rope_turns_each_patch_by_its_row_and_column_and_scores_see_only_offsets():
+    from pipelines.model.gentron import apply_rope, rope_2d_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    for grid_h, grid_w in [(3, 5), (2, 6), (4, 4)]:
+        cos, sin = rope_2d_cos_sin(grid_h, grid_w, 16, torch.device("cpu"))
+        for n in range(grid_h * grid_w):
+            row, col = divmod(n, grid_w)
+            torch.testing.assert_close(apply_rope(q, cos[n], sin[n]), rotate_by_hand(q, row, col), atol=1e-5, rtol=0)
+
+    def score(grid_h, grid_w, a, b):
+        cos, sin = rope_2d_cos_sin(grid_h, grid_w, 16, torch.device("cpu"))
+        i, j = a[0] * grid_w + a[1], b[0] * grid_w + b[1]
+        return float(apply_rope(q, cos[i], sin[i]) @ apply_rope(k, cos[j], sin[j]))
+
+    # the same offset (+1 row, +2 columns) anywhere on any grid gives the same score; another offset another one
+    same = [score(3, 5, (0, 0), (1, 2)), score(3, 5, (1, 2), (2, 4)), score(2, 6, (0, 3), (1, 5))]
+    assert max(same) - min(same) < 1e-5
+    assert abs(score(3, 5, (0, 0), (2, 1)) - same[0]) > 1e-3
+
+
+def test_position_encoding_choices_take_effect_and_travel_with_the_model(tmp_path):
+    x, t, text = inputs(h=8, w=12)
+    base = perturbed(tiny(), seed=12)
+    outputs = {}
+    for encoding in ("sincos", "sincos+rope", "rope"):
+        model = tiny(position_encoding=encoding)
+        model.load_state_dict(base.state_dict())  # the same weights: only where a patch is told differs
+        with torch.no_grad():
+            outputs[encoding] = model(x, t, text)
+    assert torch.equal(outputs["sincos"], base(x, t, text))
+    assert not torch.allclose(outputs["sincos"], outputs["sincos+rope"], atol=1e-4)
+    assert not torch.allclose(outputs["sincos+rope"], outputs["rope"], atol=1e-4)
+    rope = perturbed(tiny(position_encoding="sincos+rope"), seed=13)
+    rope.save_pretrained(tmp_path / "m")
+    loaded = GenTronTransformer.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.position_encoding == "sincos+rope"
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, text), rope(x, t, text))
+    assert GenTronTransformer.from_t2i(rope).config.position_encoding == "sincos+rope"
+    with pytest.raises(GentronError, match="unknown position_encoding 'alibi'"):
+        tiny(position_encoding="alibi")

@@ -124,6 +124,7 @@ ARCHITECTURE_KEYS = (
     "text_conditioning",
     "text_inputs",
     "frame_embedding",
+    "position_encoding",
 )
 
 

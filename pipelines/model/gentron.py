@@ -44,6 +44,10 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import POOLED_SUFFIX, FrameCondition, TextCondition, pooled_array
 
 TEXT_CONDITIONINGS = ("cross_attention", "adaln")
+# Where a patch is: DiT's fixed 2-D sin-cos embedding added to the tokens (the paper's, the default); "sincos+rope"
+# also rotates the spatial self-attention's queries and keys by patch row and column (2-D RoPE), so their scores see
+# only relative offsets and what is learnt in one bucket's grid holds in every other; "rope" alone.
+POSITION_ENCODINGS = ("sincos", "sincos+rope", "rope")
 # CLIP-L (tokens and pooled vector) and T5-XXL (tokens), as in the paper
 DEFAULT_TEXT_INPUTS = {
     "clip": {"dim": 768, "pooled_dim": 768},
@@ -209,6 +213,22 @@ def rope_cos_sin(num_frames: int, head_dim: int, device: torch.device) -> tuple[
     return angles.cos(), angles.sin()
 
 
+def rope_2d_cos_sin(grid_h: int, grid_w: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (grid_h * grid_w, head_dim) for patch positions, rows major: half the rotation pairs turn with
+    the row, half with the column (each axis its own geometric frequencies), so attention scores depend only on
+    the offset between two patches, in patches, whatever the grid."""
+    pairs = head_dim // 2
+    row_pairs = pairs // 2
+    axis_freq = [
+        1.0 / 10000 ** (torch.arange(n, dtype=torch.float32, device=device) / n) for n in (row_pairs, pairs - row_pairs)
+    ]
+    rows = torch.arange(grid_h, dtype=torch.float32, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float32, device=device).repeat(grid_h)
+    angles = torch.cat([rows[:, None] * axis_freq[0][None], cols[:, None] * axis_freq[1][None]], dim=1)
+    angles = torch.cat([angles, angles], dim=1)  # apply_rope's half-split pairs (i, i + head_dim / 2)
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (..., T, head_dim) queries or keys by their frame index (half-split convention)."""
     first, second = x.chunk(2, dim=-1)
@@ -361,21 +381,23 @@ class GenTronBlock(nn.Module):
         text: torch.Tensor | None,
         text_bias: torch.Tensor | None,
         motion: int | torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        temporal_rope: tuple[torch.Tensor, torch.Tensor] | None,
         num_frames: int,
+        spatial_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, T*N, D); c: (B, D); motion: which samples are motion-free (see `temporal_attention`)."""
+        """x: (B, T*N, D); c: (B, D); motion: which samples are motion-free (see `temporal_attention`); the rotary
+        tables of TempSelfAttn (frame index) and of the spatial self-attention (patch row and column), or None."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
 
         h = rearrange(modulate(self.norm1(x), shift_msa, scale_msa), "b (t n) d -> (b t) n d", t=num_frames)
-        h = rearrange(self.attn(h), "(b t) n d -> b (t n) d", t=num_frames)
+        h = rearrange(self.attn(h, rope=spatial_rope), "(b t) n d -> b (t n) d", t=num_frames)
         x = gated_residual(x, gate_msa, h)
 
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), text, text_bias)
 
         if self.temporal_attn is not None:
-            x = x + self.temporal_attention(self.temporal_norm(x), motion, rope, num_frames)
+            x = x + self.temporal_attention(self.temporal_norm(x), motion, temporal_rope, num_frames)
 
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -443,6 +465,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         temporal: bool = False,
         frame_embedding: bool = True,
         frame_conditioning: bool = False,
+        position_encoding: str = "sincos",
     ):
         super().__init__()
         _check_config(locals())
@@ -583,7 +606,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 )
             condition = rearrange(frames.channels(), "b t c h w -> (b t) c h w")
         tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"), condition)
-        tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
+        if "sincos" in self.config.position_encoding.split("+"):
+            tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
         if self.frame_embedder is not None:
             frame_signal = self.frame_embedder(
                 sincos_1d(self.config.hidden_size, torch.arange(num_frames, device=x.device)).to(tokens.dtype)
@@ -602,12 +626,14 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         if text_tokens is not None:
             text_tokens, text_bias = self.cross_attention_inputs(text_tokens, text_mask)
 
-        rope = None
-        if self.config.temporal:
-            rope = rope_cos_sin(num_frames, self.config.hidden_size // self.config.num_heads, x.device)
+        head_dim = self.config.hidden_size // self.config.num_heads
+        temporal_rope = rope_cos_sin(num_frames, head_dim, x.device) if self.config.temporal else None
+        spatial_rope = None
+        if "rope" in self.config.position_encoding.split("+"):
+            spatial_rope = rope_2d_cos_sin(grid_h, grid_w, head_dim, x.device)
 
         for block in self.blocks:
-            args = (tokens, c, text_tokens, text_bias, motion, rope, num_frames)
+            args = (tokens, c, text_tokens, text_bias, motion, temporal_rope, num_frames, spatial_rope)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *args)
             else:
@@ -777,6 +803,10 @@ def _check_config(args: dict) -> None:
             "set temporal to true (a T2V model), or frame_conditioning to false",
         )
     hidden_size, num_heads, text_conditioning = (args[k] for k in ("hidden_size", "num_heads", "text_conditioning"))
+    if args["position_encoding"] not in POSITION_ENCODINGS:
+        raise GentronError(
+            f"unknown position_encoding {args['position_encoding']!r}", f"use one of {', '.join(POSITION_ENCODINGS)}"
+        )
     if text_conditioning not in TEXT_CONDITIONINGS:
         raise GentronError(f"unknown text_conditioning {text_conditioning!r}", f"use one of {TEXT_CONDITIONINGS}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2 or hidden_size % 4:

@@ -328,6 +328,20 @@ def settings_used(config: TrainConfig, model_cfg: dict, sources: list[Source], r
     return replace(config, **changes) if changes else config
 
 
+def suggest_relative_positions(
+    config: TrainConfig, model_cfg: dict, shapes: list[tuple[int, ...]], reporter: Reporter
+) -> None:
+    """A new model on buckets of several latent grids, with positions counted from the top-left corner only: say once
+    that 2-D RoPE (relative offsets, the same in every grid) learns shapes faster there (benchmarks/README.md)."""
+    grids = sorted({tuple(shape[-2:]) for shape in shapes})
+    if config.init is None and len(grids) > 1 and model_cfg["position_encoding"] == "sincos":
+        reporter.log(
+            f"note: {len(grids)} latent grids ({', '.join(f'{w}x{h}' for h, w in grids)}) train a model whose patches "
+            'know only their place from the top-left corner; --model \'{"position_encoding": "sincos+rope"}\' '
+            "also gives attention their offsets, the same in every grid, and learns shapes faster across buckets"
+        )
+
+
 def check_condition_frames(
     config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter, sources: list[Source] | None = None
 ) -> None:
@@ -487,6 +501,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     model, model_cfg = build_model(config, data, objective, reporter)
     data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
     check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter, data.sources)
+    suggest_relative_positions(config, model_cfg, [b.shape for b in data.plan.buckets], reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     stored = check_resume(folder, config) if previous is not None else None
     net = wrap_model(model, config, d)
