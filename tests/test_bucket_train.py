@@ -142,18 +142,12 @@ def test_joint_bucketed_t2v_trains_and_samples_at_any_size(tmp_path, mixed, enco
 
 
 def test_a_new_sincos_model_on_several_grids_is_told_of_relative_positions_once():
-    from pipelines.progress import NullReporter
+    from tiny import LogLines
+
     from pipelines.train.config import TrainConfig
     from pipelines.train.setup import suggest_relative_positions
 
-    class Log(NullReporter):
-        def __init__(self):
-            self.lines: list[str] = []
-
-        def log(self, message: str) -> None:
-            self.lines.append(message)
-
-    log, grids = Log(), [(3, 8, 8), (3, 8, 16), (3, 16, 8)]
+    log, grids = LogLines(), [(3, 8, 8), (3, 8, 16), (3, 16, 8)]
     suggest_relative_positions(TrainConfig(), {"position_encoding": "sincos"}, grids, log)
     assert len(log.lines) == 1 and "3 latent grids (8x8, 16x8, 8x16)" in log.lines[0] and "sincos+rope" in log.lines[0]
     # nothing to say: the model already has them, one grid only (frame counts aside), or an --init model's choice

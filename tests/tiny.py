@@ -49,3 +49,18 @@ def random_text(
         valid = torch.tensor(t5_valid if t5_valid is not None else [t5_len] * batch)
         masks["t5"] = torch.arange(t5_len).expand(batch, t5_len) < valid[:, None]
     return TextCondition(tokens=tokens, masks=masks, pooled=pooled)
+
+
+class LogLines:
+    """A reporter that keeps each logged line (`lines`) and shows no progress."""
+
+    def __init__(self):
+        from pipelines.progress import NullReporter
+
+        self._null, self.lines = NullReporter(), []
+
+    def task(self, *args, **kwargs):
+        return self._null.task(*args, **kwargs)
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
