@@ -6,7 +6,8 @@ three buckets of the same tokens per sample (16x16, 32x8, 8x32: 64 tokens at pat
 tokens on both sides and any difference is the buckets' own (the draw of a bucket per step, the pools, a
 position table per grid, batches of changing shape). Paired rounds: each round times STEPS steps of each run back
 to back, in alternating order, and the ratio is the median over rounds of each round's
-(bucketed seconds per token) / (fixed seconds per token) (benchmarks/results.py: paired_ratio).
+(bucketed seconds per token) / (fixed seconds per token) (benchmarks/results.py: paired_ratio). A third run, the
+bucketed one with `position_encoding` "sincos+rope", gives the cost of 2-D RoPE the same way (no goal).
 
     python benchmarks/bench_buckets.py [--rounds 7] [--steps 6] [--threads 1] [--batch 16]
     python benchmarks/bench_buckets.py --quick     # 5 rounds of 4 steps
@@ -34,8 +35,10 @@ SMOKE_MODEL = '{"size": "T/2", "depth": 2, "hidden_size": 32, "num_heads": 2, "m
 GOAL = "<= 1.05"
 
 
-def open_run(folder: Path, data: Path, args):
+def open_run(folder: Path, data: Path, args, **model_overrides):
     """A training run as `gentron train` starts it (pipelines/train/setup.py: start_run), and its batch iterator."""
+    import json
+
     from pipelines.progress import NullReporter
     from pipelines.train.config import TrainConfig
     from pipelines.train.distributed import Dist
@@ -44,7 +47,7 @@ def open_run(folder: Path, data: Path, args):
     config = TrainConfig(
         output=str(folder),
         image_data=str(data),
-        model=SMOKE_MODEL if args.smoke else MODEL,
+        model=json.dumps(json.loads(SMOKE_MODEL if args.smoke else MODEL) | model_overrides),
         steps=10**9,
         global_batch=args.batch,
         lr=1e-4,
@@ -111,14 +114,16 @@ def measure(args) -> tuple[dict[str, list[float]], dict[str, int]]:
         runs = {
             "fixed": open_run(work / "run_fixed", fixed_data, args),
             "buckets": open_run(work / "run_buckets", bucket_data, args),
+            # the same buckets with 2-D RoPE beside the sin-cos table (position_encoding, docs/model.md)
+            "rope": open_run(work / "run_rope", bucket_data, args, position_encoding="sincos+rope"),
         }
         shapes = {tuple(b.shape) for b in runs["buckets"][0].loader.dataset.plan.buckets}
         assert shapes == {(3, 16, 16), (3, 8, 32), (3, 32, 8)}, shapes
         for run, batches in runs.values():
             timed_steps(run, batches, args.warmup)
-        per_token = {"fixed": [], "buckets": []}
+        per_token = {name: [] for name in runs}
         for r in range(args.rounds):
-            order = ("fixed", "buckets") if r % 2 == 0 else ("buckets", "fixed")
+            order = tuple(runs) if r % 2 == 0 else tuple(reversed(runs))
             for name in order:
                 seconds, tokens = timed_steps(*runs[name], args.steps)
                 per_token[name].append(seconds / tokens)
@@ -138,21 +143,27 @@ def report(args, per_token: dict[str, list[float]], drawn: dict[str, int]) -> No
         f"model {SMOKE_MODEL if args.smoke else MODEL}, batch {args.batch} x 64 tokens, {args.threads} thread(s), "
         f"{args.rounds} rounds of {args.steps} steps"
     )
-    for name in ("fixed", "buckets"):
+    rope, rope_spread = paired_ratio(per_token["rope"], per_token["buckets"])
+    for name in ("fixed", "buckets", "rope"):
         micro = [1e6 * s for s in per_token[name]]
         print(f"{name:>8}: {min(micro):.2f} .. {max(micro):.2f} us per token ({tokens_per_step} tokens per step)")
     print(f"bucketed / fixed, per token: {value:.3f} (rounds {spread[0]:.3f} .. {spread[1]:.3f}); goal {GOAL}")
+    print(
+        f"sin-cos + RoPE / sin-cos, bucketed, per token: {rope:.3f} "
+        f"(rounds {rope_spread[0]:.3f} .. {rope_spread[1]:.3f})"
+    )
     print(f"steps per bucket in the bucketed run: {drawn}")
     figures = {
         "us_per_token": {k: [1e6 * s for s in v] for k, v in per_token.items()},
         "spread": spread,
+        "rope_spread": rope_spread,
         "tokens_per_step": tokens_per_step,
         "steps_per_bucket": drawn,
         "model": SMOKE_MODEL if args.smoke else MODEL,
         "rounds": args.rounds,
         "steps": args.steps,
     }
-    ratios = {"bucketed_over_fixed_per_token": value}
+    ratios = {"bucketed_over_fixed_per_token": value, "rope_over_sincos_per_token": rope}  # RoPE's cost: no goal
     emit(result("buckets", ratios, {"bucketed_over_fixed_per_token": GOAL}, figures, args.threads, smoke=args.smoke))
 
 
