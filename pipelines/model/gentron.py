@@ -230,7 +230,8 @@ def rope_2d_cos_sin(grid_h: int, grid_w: int, head_dim: int, device: torch.devic
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., T, head_dim) queries or keys by their frame index (half-split convention)."""
+    """Rotate (..., N, head_dim) queries or keys by their position: frame index (`rope_cos_sin`) or patch row and
+    column (`rope_2d_cos_sin`); half-split convention, pair i is (i, i + head_dim / 2)."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
