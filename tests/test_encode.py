@@ -14,6 +14,7 @@ import pytest
 import torch
 import typer
 from test_shards import tar_with_a_duplicate
+from tiny import LogLines
 from typer.testing import CliRunner
 
 from gentron_cli.commands import encode as encode_commands
@@ -430,21 +431,6 @@ def test_rank_split_covers_every_shard_once(tmp_path):
 # --------------------------------------------------------------------------- hostile cases
 
 
-class _Log:
-    """A reporter that keeps the stage's messages."""
-
-    def __init__(self):
-        from pipelines.progress import NullReporter
-
-        self._null, self.lines = NullReporter(), []
-
-    def task(self, *args, **kwargs):
-        return self._null.task(*args, **kwargs)
-
-    def log(self, message):
-        self.lines.append(message)
-
-
 def test_encode_text_records_a_duplicate_key_in_its_stats(tmp_path):
     from pipelines.data.shards import ShardStats
     from pipelines.encode.text import TextShardEncoder
@@ -480,7 +466,7 @@ def test_encode_latents_counts_and_says_when_it_upscales_a_small_source(tmp_path
         for key, side in (("small", 8), ("big", 16)):
             frames = np.full((2, side, side, 3), 100, np.uint8)
             writer.write(key, {schema.VIDEO: media.encode_clip(frames, fps=4), schema.CAPTION: b"a clip"})
-    log = _Log()
+    log = LogLines()
     result = encode_latents(EncodeLatentsConfig(tmp_path / "in", tmp_path / "out", vae="pixel", resolution=16), log)
     assert result.summary["counters"]["upscaled_samples"] == 1
     assert any("1 of 2 samples" in m and "upscaled" in m for m in log.lines)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_train import losses
 from tiny import TINY_SPEC as TINY
+from tiny import LogLines
 from train_data import train_config, write_buckets, write_dataset
 from typer.testing import CliRunner
 
@@ -28,7 +29,6 @@ from pipelines.errors import GentronError
 from pipelines.model.conditioning import FrameCondition, TextCondition
 from pipelines.model.gentron import GenTronTransformer
 from pipelines.model_folder import ModelFolder
-from pipelines.progress import NullReporter
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
 from pipelines.train.run import batch_frames, batch_text
@@ -150,15 +150,8 @@ def test_bucketed_batches_are_given_frames_at_their_own_bucket_and_short_buckets
 
 
 def test_condition_frames_are_refused_when_no_bucket_has_frames_to_spare_and_announced_for_short_ones():
-    class Log(NullReporter):
-        def __init__(self):
-            self.lines: list[str] = []
-
-        def log(self, message: str) -> None:
-            self.lines.append(message)
-
     config = TrainConfig(stage="t2v", condition_frames="first-last")
-    log = Log()
+    log = LogLines()
     check_condition_frames(config, [(4, 3, 8, 8), (2, 3, 8, 16)], log)
     assert len(log.lines) == 1 and "(2, 3, 8, 16)" in log.lines[0] and "given no frames" in log.lines[0]
     check_condition_frames(config, [(4, 3, 8, 8)], log)
