@@ -502,19 +502,24 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
         self.frame_embedder = zero_linear(hidden_size, hidden_size) if temporal and frame_embedding else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False
-        self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_embed_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------- inputs
 
     def position_embedding(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
         """(grid_h * grid_w, D) sin-cos embedding for this latent grid, computed once per shape and device."""
+        return self._position_table(
+            ("sincos", grid_h, grid_w, str(device)), lambda: sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
+        )
+
+    def _position_table(self, key: tuple, compute):
+        """A fixed position table (sin-cos embedding, rotary cos and sin), computed once per key."""
         if (
             torch.compiler.is_compiling()
         ):  # a cache filled inside a compiled graph would make it recompile; compiled, it is computed once anyway
-            return sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
-        key = (grid_h, grid_w, str(device))
+            return compute()
         if key not in self._pos_embed_cache:
-            self._pos_embed_cache[key] = sincos_2d(self.config.hidden_size, grid_h, grid_w, device)
+            self._pos_embed_cache[key] = compute()
         return self._pos_embed_cache[key]
 
     def embed_text(self, text: TextCondition) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -628,10 +633,15 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             text_tokens, text_bias = self.cross_attention_inputs(text_tokens, text_mask)
 
         head_dim = self.config.hidden_size // self.config.num_heads
-        temporal_rope = rope_cos_sin(num_frames, head_dim, x.device) if self.config.temporal else None
-        spatial_rope = None
+        temporal_rope = spatial_rope = None
+        if self.config.temporal:
+            temporal_rope = self._position_table(
+                ("frames", num_frames, str(x.device)), lambda: rope_cos_sin(num_frames, head_dim, x.device)
+            )
         if "rope" in self.config.position_encoding.split("+"):
-            spatial_rope = rope_2d_cos_sin(grid_h, grid_w, head_dim, x.device)
+            spatial_rope = self._position_table(
+                ("rope", grid_h, grid_w, str(x.device)), lambda: rope_2d_cos_sin(grid_h, grid_w, head_dim, x.device)
+            )
 
         for block in self.blocks:
             args = (tokens, c, text_tokens, text_bias, motion, temporal_rope, num_frames, spatial_rope)
