@@ -734,6 +734,17 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def json_object(text: str) -> str:
+    """--model-overrides: the text of a JSON object (merged into the model config as text, see model_json)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); give an object such as '{{\"depth\": 4}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give an object such as '{{\"depth\": 4}}'")
+    return text
+
+
 def check_scoring_options(parser: argparse.ArgumentParser, args) -> None:
     if args.samples_per_prompt < 1:
         parser.error(f"--samples-per-prompt must be 1 or more, got {args.samples_per_prompt}")
@@ -780,6 +791,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--model-overrides",
+        type=json_object,
         default="",
         help='JSON merged into the model config, e.g. \'{"text_conditioning": "adaln"}\'',
     )
@@ -820,9 +832,8 @@ def main() -> None:
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
         args.score_at = [int(s) for s in args.score_at.split(",") if s]
-        json.loads(args.model_overrides or "{}")
     except ValueError as err:
-        parser.error(f"--seeds takes whole numbers and --model-overrides a JSON object: {err}")
+        parser.error(f"--seeds and --score-at take comma-separated whole numbers: {err}")
     check_scoring_options(parser, args)
     if args.rescore and args.score_at:
         parser.error("--score-at scores checkpoints on the way through training; --rescore trains nothing")

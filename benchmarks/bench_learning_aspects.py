@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
     parser.add_argument(
         "--model-overrides",
+        type=base.json_object,
         default="",
         help='JSON merged into the model config, e.g. \'{"position_encoding": "sincos+rope"}\'',
     )
@@ -247,10 +248,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     args.vae = "pixel"  # the data's VAE (base.model_json picks the model by it)
-    try:
-        json.loads(args.model_overrides or "{}")
-    except ValueError as err:
-        parser.error(f"--model-overrides takes a JSON object: {err}")
     base.check_scoring_options(parser, args)
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2

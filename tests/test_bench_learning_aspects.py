@@ -152,3 +152,15 @@ def test_rescoring_keeps_the_runs_trained_before_and_trains_nothing(tmp_path, mo
         model = json.loads(shared[shared.index("--model") + 1])
         assert model["position_encoding"] == "sincos+rope" and model["depth"] == 2, stage
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("script", [aspects, base])
+@pytest.mark.parametrize("overrides", ['{"depth": 4', '["depth", 4]'])
+def test_model_overrides_that_are_not_a_json_object_are_refused(script, overrides, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script.__file__, "--smoke", "--model-overrides", overrides])
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before any work
+        script.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model-overrides" in err and "give an object such as" in err
+    assert base.json_object('{"position_encoding": "rope"}') == '{"position_encoding": "rope"}'

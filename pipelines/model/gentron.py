@@ -612,7 +612,8 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
                 )
             condition = rearrange(frames.channels(), "b t c h w -> (b t) c h w")
         tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"), condition)
-        if "sincos" in self.config.position_encoding.split("+"):
+        positions = self.config.position_encoding.split("+")  # "sincos", "rope" or both
+        if "sincos" in positions:
             tokens = tokens + self.position_embedding(grid_h, grid_w, x.device).to(tokens.dtype)
         if self.frame_embedder is not None:
             frame_signal = self.frame_embedder(
@@ -638,7 +639,7 @@ class GenTronTransformer(ModelMixin, ConfigMixin):
             temporal_rope = self._position_table(
                 ("frames", num_frames, str(x.device)), lambda: rope_cos_sin(num_frames, head_dim, x.device)
             )
-        if "rope" in self.config.position_encoding.split("+"):
+        if "rope" in positions:
             spatial_rope = self._position_table(
                 ("rope", grid_h, grid_w, str(x.device)), lambda: rope_2d_cos_sin(grid_h, grid_w, head_dim, x.device)
             )
