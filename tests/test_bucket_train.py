@@ -34,7 +34,15 @@ def mixed(tmp_path_factory):
 def test_a_killed_bucketed_run_resumes_exactly_and_reports_its_buckets(tmp_path, mixed):
     images, _ = mixed
     cfg = train_config(tmp_path, images, checkpoint_every=100, log_to="tensorboard")
-    whole = train(replace(cfg, output=str(tmp_path / "whole")))
+    from tiny import LogLines
+
+    log = LogLines()
+    whole = train(replace(cfg, output=str(tmp_path / "whole")), log)
+    # 8x16 and 16x8 latents hold twice the 8x8 ones' tokens at the same fixed batch: said once, at the start
+    assert [line for line in log.lines if "--bucket-batch tokens" in line] == [
+        "note: with --bucket-batch fixed a step of 8x8 latents trains on 50% of the tokens of a step of 16x8 latents; "
+        "--bucket-batch tokens scales each bucket's batch so every step holds about the same tokens"
+    ]
     with pytest.raises(KeyboardInterrupt):
         train(replace(cfg, output=str(tmp_path / "cut")), StopAt(3))
     resumed = train(replace(cfg, output=str(tmp_path / "cut"), resume=True))
@@ -155,3 +163,29 @@ def test_a_new_sincos_model_on_several_grids_is_told_of_relative_positions_once(
     suggest_relative_positions(TrainConfig(), {"position_encoding": "sincos"}, [(4, 3, 8, 8), (2, 3, 8, 8)], log)
     suggest_relative_positions(TrainConfig(init="t2i/model"), {"position_encoding": "sincos"}, grids, log)
     assert len(log.lines) == 1
+
+
+def test_fixed_batches_on_buckets_of_very_different_tokens_are_told_of_token_batches_once():
+    from tiny import LogLines
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.setup import suggest_token_batches
+
+    def table(*shapes):  # the plan's table as the trainer has it: latent width x height and frames per bucket
+        rows = [{"shape": list(s), "latent": f"{s[-1]}x{s[-2]}", "frames": s[0] if len(s) == 4 else 1} for s in shapes]
+        return {"buckets": rows}
+
+    log, clips = LogLines(), table((8, 4, 16, 16), (4, 4, 16, 16), (2, 4, 16, 16))
+    suggest_token_batches(TrainConfig(), clips, log)  # 2-frame clips: a quarter of an 8-frame step's tokens
+    assert log.lines == [
+        "note: with --bucket-batch fixed a step of 16x16 latents x 2 frames trains on 25% of the tokens of a step of "
+        "16x16 latents x 8 frames; --bucket-batch tokens scales each bucket's batch so every step holds about the same "
+        "tokens"
+    ]
+    # nothing to say: tokens batches already, one bucket, or aspect buckets of about one budget (64 against 72 tokens)
+    suggest_token_batches(TrainConfig(bucket_batch="tokens"), clips, log)
+    suggest_token_batches(TrainConfig(), table((4, 16, 16)), log)
+    suggest_token_batches(TrainConfig(), table((4, 16, 16), (4, 12, 24), (4, 24, 12)), log)
+    assert len(log.lines) == 1
+    suggest_token_batches(TrainConfig(), table((4, 16, 16), (4, 32, 32)), log)  # two resolutions: told
+    assert len(log.lines) == 2 and "25% of the tokens" in log.lines[1] and "of 16x16 latents trains" in log.lines[1]

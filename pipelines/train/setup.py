@@ -7,6 +7,7 @@ settings that take effect, restore a checkpoint, and open the data stream and th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -342,6 +343,32 @@ def suggest_relative_positions(
         )
 
 
+# Buckets whose samples differ this much in tokens make fixed batches uneven steps (clips of several lengths, or several
+# resolutions); the aspect buckets of one pixel budget stay within it and get no note
+UNEVEN_TOKENS = 1.5
+
+
+def suggest_token_batches(config: TrainConfig, table: dict, reporter: Reporter) -> None:
+    """Fixed batches on buckets (`table`: the plan's, as `gentron buckets` prints it) whose samples hold very different
+    tokens: say once that a step of the smallest trains on a fraction of the largest's tokens, and that --bucket-batch
+    tokens evens them (benchmarks/README.md, "Mixed aspects")."""
+    rows = table.get("buckets", [])
+    if config.bucket_batch != "fixed" or len(rows) < 2:
+        return
+    smallest = min(rows, key=lambda r: math.prod(r["shape"]))  # the same channels in every bucket
+    largest = max(rows, key=lambda r: math.prod(r["shape"]))
+    share = math.prod(smallest["shape"]) / math.prod(largest["shape"])
+    if share <= 1 / UNEVEN_TOKENS:
+        small, large = (
+            f"{r['latent']} latents" + (f" x {r['frames']} frames" if len(r["shape"]) == 4 else "")
+            for r in (smallest, largest)
+        )
+        reporter.log(
+            f"note: with --bucket-batch fixed a step of {small} trains on {share:.0%} of the tokens of a step of "
+            f"{large}; --bucket-batch tokens scales each bucket's batch so every step holds about the same tokens"
+        )
+
+
 def check_condition_frames(
     config: TrainConfig, shapes: list[tuple[int, ...]], reporter: Reporter, sources: list[Source] | None = None
 ) -> None:
@@ -502,6 +529,7 @@ def start_run(config: TrainConfig, d: Dist, reporter: Reporter) -> Run:
     data = with_patch_size(data, model_cfg["patch_size"], d.world, reporter)
     check_condition_frames(config, [b.shape for b in data.plan.buckets], reporter, data.sources)
     suggest_relative_positions(config, model_cfg, [b.shape for b in data.plan.buckets], reporter)
+    suggest_token_batches(config, data.plan.table, reporter)
     config = settings_used(config, model_cfg, data.sources, reporter)
     stored = check_resume(folder, config) if previous is not None else None
     net = wrap_model(model, config, d)
