@@ -6,11 +6,15 @@ of the frame's area, 12 pixels across in every bucket; places are relative to th
 encode-latents to the buckets 32x32, 48x24 and 24x48 (the pixel VAE: the latents are the pixels; 64, 72 and 72 tokens at
 patch 4); the benchmark's videos at 32 px, 2 s and 1 s long in turn, cut by prep-videos into clips of 8 and 4 frames at
 4 FPS (each takes the longest length that fits: a 2 s video is one 8-frame clip, a 1 s video one 4-frame clip; the shape
-crosses the frame in each). Training is the benchmark's flow recipe and T2I steps, on the buckets; T2V sees as many
-clips as the square run's (250 steps of 8) in 500 steps at batch 4, 250 per clip length (the T2V stage's pseudo-videos
-take the clip buckets' frame counts). T2I costs 5 % more than the square run's (the 2:1 and 1:2 buckets hold 72 tokens
-against 64) and T2V 25 % less (half the clips are 4 frames long). Every image prompt is sampled at each aspect, every
-video prompt at each length, and the toy probe reads each sample (colour, shape, place; colour, shape, direction, axis).
+crosses the frame in each). The model is the benchmark's with 2-D RoPE beside its sin-cos table (`position_encoding`
+"sincos+rope", which `gentron train` suggests for buckets of several grids; `--model-overrides '{"position_encoding":
+"sincos"}'` trains the paper's). Training is the benchmark's flow recipe and T2I steps, on the buckets, with tokens
+batches (`--bucket-batch tokens`: each bucket's batch holds about the reference bucket's tokens), so each stage trains
+on the square run's tokens: T2I 2000 steps of about 2048 tokens (batch 32 at 1:1, 28 at 2:1 and 1:2), T2V 500 steps
+of 32 frames (4 clips of 8 frames or 8 clips of 4), as many as the square run's 250 steps of 8 clips of 8 frames (the
+T2V stage's pseudo-videos take the clip buckets' frame counts). Every image prompt is sampled at each aspect, every
+video prompt at each length, and the toy probe reads each sample (colour, shape, place; colour, shape, direction,
+axis).
 
 The JSON line (also OUT/learning.json) holds per aspect "flow.t2i.2:1.shape" (seen pairs) and
 "flow.t2i.2:1.held_out.shape", and per length "flow.t2v.4f.direction". With --square-result (the learning.json
@@ -48,10 +52,15 @@ import bench_learning as base  # noqa: E402  (the square benchmark: data, recipe
 ASPECTS = {"1:1": (32, 32), "2:1": (48, 24), "1:2": (24, 48)}  # bucket (width, height) in pixels
 BUCKETS = ",".join(f"{w}x{h}" for w, h in ASPECTS.values())
 LENGTHS = (8, 4)  # clip lengths in frames, longest first
-# T2V sees as many clips as the square run (250 steps of 8 clips of 8 frames) in 500 steps of 4 clips, half of them 4
-# frames long (25 % fewer tokens), so each clip length gets 250 steps. From the same T2I model, video shape was
-# 92 / 88 % (8 / 4 frames) this way, and 75 / 72 % in 250 steps at the square run's batch of 8 (125 per length)
+# T2V at batch 4 for 8-frame clips (8 for 4-frame ones, tokens batches) sees the square run's frames (250 steps of 8
+# clips of 8 frames) in twice its steps. More steps per clip learn faster from the same T2I model: video shape
+# 92 / 88 % (8 / 4 frames) at batch 4 against 75 / 72 % at the square run's batch of 8; with fixed batches of 4 (a
+# quarter fewer frames) direction fell to 63-72 % on one seed of three, 100 % with tokens batches
 T2V_BATCH, T2V_STEPS = 4, 500
+BUCKET_BATCH = "tokens"  # each stage at the square run's tokens per step: the same training time
+# The model: the square benchmark's, with the positions `gentron train` suggests for buckets of several latent grids
+# (2-D RoPE beside the sin-cos table; with the table alone shape fell 9-27 points under the square run)
+POSITIONS = {"position_encoding": "sincos+rope"}
 # Videos of 2 s and 1 s in turn, twice the square benchmark's number: each length gets as many clips as the square
 # run's one length, and each clip is a whole video (cut from a 3 s video, the 4-frame clips were its last second)
 DATA = replace(
@@ -128,6 +137,11 @@ def train(name: str, data: dict[str, Path], out: Path, args, seed: int) -> tuple
         minutes["t2i"] = base.train_stage("t2i", runs, data, args.t2i_steps, shared, stage_args, logs)
     minutes["t2v"] = base.train_stage("t2v", runs, data, args.t2v_steps, shared, stage_args, logs, t2i=t2i_run)
     return minutes, {"t2i": t2i_run, "t2v": runs / "t2v"}
+
+
+def model_overrides(given: str) -> str:
+    """--model-overrides (a JSON object's text) over the benchmark's POSITIONS, as one JSON object's text."""
+    return json.dumps(POSITIONS | json.loads(given or "{}"))
 
 
 def sample_and_score(runs: dict[str, Path], samples: Path, logs: Path, args) -> dict[str, dict]:
@@ -219,7 +233,7 @@ def main() -> None:
         "--t2v-steps",
         type=int,
         default=T2V_STEPS,
-        help=f"T2V steps at batch {T2V_BATCH} (the default: the square benchmark's T2V clips, 250 steps per length)",
+        help=f"T2V steps at batch {T2V_BATCH} (the default: the square benchmark's T2V frames with tokens batches)",
     )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds; figures are their mean")
     parser.add_argument("--t2i-extra", default="", help="flags appended to the T2I train call")
@@ -231,12 +245,19 @@ def main() -> None:
     base.add_scoring_options(parser)
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--mfg", type=float, default=1.2)
-    parser.add_argument("--bucket-batch", default="fixed", choices=("fixed", "tokens"))
+    parser.add_argument(
+        "--bucket-batch",
+        default=BUCKET_BATCH,
+        choices=("fixed", "tokens"),
+        help="tokens (the default): each stage at the square run's tokens per step; fixed: every bucket's batch the "
+        "stage's global batch (T2I 5 %% more tokens than the square run, T2V 25 %% fewer)",
+    )
     parser.add_argument(
         "--model-overrides",
         type=base.json_object,
         default="",
-        help='JSON merged into the model config, e.g. \'{"position_encoding": "sincos+rope"}\'',
+        help="JSON merged into the model config, over this benchmark's 2-D RoPE positions: e.g. "
+        '\'{"position_encoding": "sincos"}\' for the paper\'s sin-cos table alone',
     )
     parser.add_argument(
         "--square-result",
@@ -248,6 +269,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     args.vae = "pixel"  # the data's VAE (base.model_json picks the model by it)
+    args.model_overrides = model_overrides(args.model_overrides)
     base.check_scoring_options(parser, args)
     if args.smoke:
         args.t2i_steps, args.t2v_steps, args.sample_steps = 3, 3, 2

@@ -164,3 +164,9 @@ def test_model_overrides_that_are_not_a_json_object_are_refused(script, override
     err = capsys.readouterr().err
     assert "argument --model-overrides" in err and "give an object such as" in err
     assert base.json_object('{"position_encoding": "rope"}') == '{"position_encoding": "rope"}'
+
+
+def test_the_benchmark_model_has_relative_positions_unless_overridden():
+    assert json.loads(aspects.model_overrides("")) == {"position_encoding": "sincos+rope"}
+    assert json.loads(aspects.model_overrides('{"depth": 4}')) == {"position_encoding": "sincos+rope", "depth": 4}
+    assert json.loads(aspects.model_overrides('{"position_encoding": "sincos"}')) == {"position_encoding": "sincos"}
