@@ -45,14 +45,19 @@ def escape(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def relative_to(run_dir: Path, path: Path) -> str:
+    """`path` inside the run folder, relative to it; either may be given relative to the working folder or absolute
+    (the trainer records its run folders absolute, `gentron quickstart`'s default folder is relative)."""
+    return Path(path).absolute().relative_to(Path(run_dir).absolute()).as_posix()
+
+
 def href(run_dir: Path, path: Path) -> str:
     """The relative, URL-quoted address of `path` (inside the run folder); folders end with a slash."""
-    rel = Path(path).relative_to(run_dir).as_posix()
-    return quote(rel) + ("/" if Path(path).is_dir() else "")
+    return quote(relative_to(run_dir, path)) + ("/" if Path(path).is_dir() else "")
 
 
 def link(run_dir: Path, path: Path, text: str | None = None) -> str:
-    label = text if text is not None else Path(path).relative_to(run_dir).as_posix()
+    label = text if text is not None else relative_to(run_dir, path)
     return f'<a href="{href(run_dir, path)}">{escape(label)}</a>'
 
 
