@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_learning as base  # noqa: E402  (the square benchmark: data, recipe, probe, scoring, CLI runner)
 
+from pipelines.train.config import BUCKET_BATCH  # noqa: E402  (gentron train's --bucket-batch choices)
+
 ASPECTS = {"1:1": (32, 32), "2:1": (48, 24), "1:2": (24, 48)}  # bucket (width, height) in pixels
 BUCKETS = ",".join(f"{w}x{h}" for w, h in ASPECTS.values())
 LENGTHS = (8, 4)  # clip lengths in frames, longest first
@@ -57,7 +59,7 @@ LENGTHS = (8, 4)  # clip lengths in frames, longest first
 # 92 / 88 % (8 / 4 frames) at batch 4 against 75 / 72 % at the square run's batch of 8; with fixed batches of 4 (a
 # quarter fewer frames) direction fell to 63-72 % on one seed of three, 100 % with tokens batches
 T2V_BATCH, T2V_STEPS = 4, 500
-BUCKET_BATCH = "tokens"  # each stage at the square run's tokens per step: the same training time
+DEFAULT_BUCKET_BATCH = "tokens"  # each stage at the square run's tokens per step: the same training time
 # The model: the square benchmark's, with the positions `gentron train` suggests for buckets of several latent grids
 # (2-D RoPE beside the sin-cos table; with the table alone shape fell 9-27 points under the square run)
 POSITIONS = {"position_encoding": "sincos+rope"}
@@ -247,8 +249,8 @@ def main() -> None:
     parser.add_argument("--mfg", type=float, default=1.2)
     parser.add_argument(
         "--bucket-batch",
-        default=BUCKET_BATCH,
-        choices=("fixed", "tokens"),
+        default=DEFAULT_BUCKET_BATCH,
+        choices=BUCKET_BATCH,
         help="tokens (the default): each stage at the square run's tokens per step; fixed: every bucket's batch the "
         "stage's global batch (T2I 5 %% more tokens than the square run, T2V 25 %% fewer)",
     )
